@@ -1,0 +1,43 @@
+# DiReDi fleet: every target does its own set-up, so `make demo` and `make test` work on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+SCENARIO ?= scenarios/digits-two-users.json
+RESULTS ?= results
+
+.PHONY: setup demo sim test test-fast bench lint format clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[cloud,device,dev]"
+	touch $(STAMP)
+
+# The main job. For now: the learning loop, simulated in-process on the two-user scenario.
+demo: setup
+	mkdir -p $(RESULTS)
+	$(BIN)/diredi sim --scenario $(SCENARIO) --out $(RESULTS)/sim.json --plot $(RESULTS)/sim.png
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: setup
+	$(BIN)/python -m bench.run_all
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache $(RESULTS)

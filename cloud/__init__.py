@@ -1,0 +1,1 @@
+"""The DiReDi cloud: ML (KD, RD update, export, gate), the simulation and the operator CLI."""

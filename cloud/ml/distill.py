@@ -1,0 +1,170 @@
+"""Training: the teacher on hard labels, KD into the student, and fine-tuning towards soft targets."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+
+from cloud.ml.data import Split
+
+Progress = Callable[[int, int], None]  # (done epochs, total epochs)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimiser settings of one training run."""
+
+    epochs: int
+    lr: float = 1e-3
+    batch_size: int = 64
+    weight_decay: float = 0.0
+
+
+@dataclass(frozen=True)
+class KDConfig:
+    """KD loss L = α·CE(y, S(x)) + (1−α)·τ²·KL(σ(T/τ) ‖ σ(S/τ)) of DESIGN §3 step 1."""
+
+    alpha: float = 0.3
+    tau: float = 4.0
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed torch for a run and return a generator for its batch order."""
+    torch.manual_seed(seed)
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    return gen
+
+
+def _batches(n: int, batch: int, gen: torch.Generator, mix: int = 0) -> list[torch.Tensor]:
+    """Index batches over n samples; with `mix` > 0, each batch gets as many indices from a second pool.
+
+    Indices of the second pool are offset by n, so a batch is half from each pool.
+    """
+    order = torch.randperm(n, generator=gen)
+    if not mix:
+        return list(order.split(batch))
+    half = max(1, batch // 2)
+    chunks = order.split(half)
+    extra = torch.randint(0, mix, (len(chunks), half), generator=gen) + n
+    return [torch.cat([c, e[: len(c)]]) for c, e in zip(chunks, extra, strict=True)]
+
+
+def _fit(
+    model: nn.Module,
+    n: int,
+    step: Callable[[torch.Tensor], torch.Tensor],
+    config: TrainConfig,
+    gen: torch.Generator,
+    progress: Progress | None,
+    mix: int = 0,
+) -> None:
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    model.train()
+    for epoch in range(config.epochs):
+        for idx in _batches(n, config.batch_size, gen, mix):
+            opt.zero_grad()
+            step(idx).backward()
+            opt.step()
+        if progress:
+            progress(epoch + 1, config.epochs)
+    model.eval()
+
+
+def train_classifier(
+    model: nn.Module,
+    data: Split,
+    config: TrainConfig,
+    *,
+    seed: int,
+    extra: Split | None = None,
+    progress: Progress | None = None,
+) -> nn.Module:
+    """Train `model` on hard labels (CE); with `extra`, half of every batch comes from it."""
+    gen = seed_everything(seed)
+    x = torch.from_numpy(np.concatenate([data.x, extra.x]) if extra else data.x)
+    y = torch.from_numpy(np.concatenate([data.y, extra.y]) if extra else data.y)
+
+    def step(idx: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(model(x[idx]), y[idx])
+
+    _fit(model, len(data), step, config, gen, progress, mix=len(extra) if extra else 0)
+    return model
+
+
+@torch.no_grad()
+def predict_proba(model: nn.Module, x: npt.NDArray[np.float32], tau: float = 1.0) -> npt.NDArray[np.float32]:
+    """Softmax of the model's logits at temperature `tau`."""
+    model.eval()
+    out: npt.NDArray[np.float32] = F.softmax(model(torch.from_numpy(x)) / tau, dim=1).numpy()
+    return out
+
+
+def finetune_to_targets(
+    model: nn.Module,
+    x: npt.NDArray[np.float32],
+    targets: npt.NDArray[np.float32],
+    weights: npt.NDArray[np.float32],
+    config: TrainConfig,
+    *,
+    seed: int,
+    progress: Progress | None = None,
+) -> nn.Module:
+    """A copy of `model` fine-tuned towards soft `targets` (KL at τ = 1), each sample weighted."""
+    tuned = copy.deepcopy(model)
+    gen = seed_everything(seed)
+    xt, pt, wt = torch.from_numpy(x), torch.from_numpy(targets), torch.from_numpy(weights)
+
+    def step(idx: torch.Tensor) -> torch.Tensor:
+        logp = F.log_softmax(tuned(xt[idx]), dim=1)
+        kl = (pt[idx] * (torch.log(pt[idx].clamp_min(1e-8)) - logp)).sum(dim=1)
+        return (wt[idx] * kl).sum() / wt[idx].sum()
+
+    _fit(tuned, len(x), step, config, gen, progress)
+    return tuned
+
+
+def distill(
+    student: nn.Module,
+    teacher: nn.Module,
+    data: Split,
+    config: TrainConfig,
+    kd: KDConfig,
+    *,
+    seed: int,
+    weights: npt.NDArray[np.float32] | None = None,
+    extra: Split | None = None,
+    progress: Progress | None = None,
+) -> nn.Module:
+    """KD of `teacher` into `student` (trained in place) on `data` (+ `extra`, half of every batch).
+
+    `data.y` are the hard labels of the α·CE term; `weights` weight each sample of `data`.
+    """
+    gen = seed_everything(seed)
+    x = torch.from_numpy(np.concatenate([data.x, extra.x]) if extra else data.x)
+    y = torch.from_numpy(np.concatenate([data.y, extra.y]) if extra else data.y)
+    w = np.ones(len(x), dtype=np.float32)
+    if weights is not None:
+        w[: len(data)] = weights
+    wt = torch.from_numpy(w)
+    with torch.no_grad():
+        teacher.eval()
+        soft = F.softmax(teacher(x) / kd.tau, dim=1)
+
+    def step(idx: torch.Tensor) -> torch.Tensor:
+        logits = student(x[idx])
+        ce = F.cross_entropy(logits, y[idx], reduction="none")
+        logq = F.log_softmax(logits / kd.tau, dim=1)
+        kl = (soft[idx] * (torch.log(soft[idx].clamp_min(1e-8)) - logq)).sum(dim=1)
+        loss = kd.alpha * ce + (1 - kd.alpha) * kd.tau**2 * kl
+        return (wt[idx] * loss).sum() / wt[idx].sum()
+
+    _fit(student, len(data), step, config, gen, progress, mix=len(extra) if extra else 0)
+    return student

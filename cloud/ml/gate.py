@@ -1,0 +1,72 @@
+"""The gate (DESIGN §3 step 7): a candidate edge model must carry the knowledge and keep the rest."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from cloud.ml.rd_update import RDConfig
+
+IntArray = npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True)
+class GateVerdict:
+    """The gate's decision, its reason, and the figures behind it."""
+
+    approved: bool
+    reason: str
+    changed_samples: int  # validation samples whose top-1 the knowledge changed
+    agreement: float | None  # candidate's agreement with top-1 of p* on those
+    untouched_samples: int
+    untouched_acc_parent: float | None
+    untouched_acc_candidate: float | None
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def gate(
+    *,
+    val_labels: IntArray,
+    parent_pred: IntArray,
+    candidate_pred: IntArray,
+    target_top1: IntArray,
+    teacher_top1: IntArray,
+    touched: set[int],
+    config: RDConfig,
+) -> GateVerdict:
+    """Approve a candidate when (a) it follows the knowledge and (b) untouched classes keep accuracy.
+
+    Predictions are the int8 models' top-1 on the presumed validation split; `touched` is read from
+    the knowledge (classes on either side of a top-1 it changed), never from a scenario.
+    """
+    changed = target_top1 != teacher_top1
+    agreement = float((candidate_pred[changed] == target_top1[changed]).mean()) if changed.any() else None
+    untouched = ~np.isin(val_labels, sorted(touched))
+    acc_parent = float((parent_pred[untouched] == val_labels[untouched]).mean()) if untouched.any() else None
+    acc_cand = float((candidate_pred[untouched] == val_labels[untouched]).mean()) if untouched.any() else None
+    reasons = []
+    if agreement is not None and agreement < config.agreement_min:
+        reasons.append(
+            f"agrees with the knowledge on {agreement:.1%} of {int(changed.sum())} changed validation "
+            f"samples, needs {config.agreement_min:.0%}"
+        )
+    if acc_parent is not None and acc_cand is not None and acc_parent - acc_cand > config.untouched_max_drop:
+        reasons.append(
+            f"untouched-class accuracy falls from {acc_parent:.1%} to {acc_cand:.1%} "
+            f"(limit {config.untouched_max_drop:.1%})"
+        )
+    approved = not reasons
+    reason = "; ".join(reasons) if reasons else "follows the knowledge and keeps untouched classes"
+    return GateVerdict(
+        approved=approved,
+        reason=reason,
+        changed_samples=int(changed.sum()),
+        agreement=agreement,
+        untouched_samples=int(untouched.sum()),
+        untouched_acc_parent=acc_parent,
+        untouched_acc_candidate=acc_cand,
+    )

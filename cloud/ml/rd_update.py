@@ -1,0 +1,136 @@
+"""The RD update (DESIGN §3 step 5): knowledge reports → robustly combined knowledge → soft targets p*."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from cloud.exceptions import KnowledgeError
+from wire import ArtifactManifest, ContractError, KnowledgeReport
+
+FloatArray = npt.NDArray[np.float32]
+ROBUST_MIN_REPORTS = 3  # the median needs three; below, a clipped mean
+
+
+@dataclass(frozen=True)
+class RDConfig:
+    """Knobs of the RD update, re-KD and gate; defaults from DESIGN §3, measured in the simulation."""
+
+    kappa: float = 5.0  # prior pseudo-counts on the diagonal of the preference map
+    theta: float = 0.3  # L1 change below which a transfer sample keeps the teacher's belief
+    beta: float = 4.0  # re-KD weight 1 + β·‖p* − p_T‖₁
+    delta_weight: float = 0.0  # share of the head-delta target in p (the rest from the map)
+    dp_threshold_sigmas: float = 2.0  # noisy DP counts below this many σ are treated as zero
+    agreement_min: float = 0.95  # gate (a)
+    untouched_max_drop: float = 0.010  # gate (b)
+
+
+@dataclass(frozen=True)
+class Knowledge:
+    """The combined knowledge of one cohort against one base model."""
+
+    base_model_id: str
+    preference: FloatArray  # C×C row-stochastic M̂
+    deltas: list[tuple[FloatArray, FloatArray]]  # usable (ΔW, Δb), one per report
+    report_count: int
+    sample_count: int
+
+
+def parse_reports(payloads: list[bytes]) -> list[KnowledgeReport]:
+    """Validate serialized reports; a bad one is a KnowledgeError naming its position and reason."""
+    reports = []
+    for i, payload in enumerate(payloads):
+        try:
+            reports.append(KnowledgeReport.from_bytes(payload))
+        except ContractError as exc:
+            raise KnowledgeError(f"report {i}: {exc}") from None
+    return reports
+
+
+def _normalized_map(report: KnowledgeReport, config: RDConfig) -> FloatArray:
+    counts = report.counts()
+    if report.privacy is not None:  # post-processing of DP noise costs no privacy
+        counts = np.where(counts > config.dp_threshold_sigmas * report.privacy.sigma_map, counts, 0.0)
+    counts = counts + config.kappa * np.eye(len(counts))
+    return (counts / counts.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def _robust_mean(stack: FloatArray) -> FloatArray:
+    """Coordinate-wise median over axis 0 with ≥ 3 entries, else the mean."""
+    if len(stack) >= ROBUST_MIN_REPORTS:
+        return np.median(stack, axis=0).astype(np.float32)
+    return stack.mean(axis=0).astype(np.float32)
+
+
+def _clip_norms(deltas: list[tuple[FloatArray, FloatArray]]) -> list[tuple[FloatArray, FloatArray]]:
+    """Clip every Δ to the median Δ norm, so one report cannot dominate a clipped mean."""
+    norms = [float(np.sqrt((w**2).sum() + (b**2).sum())) for w, b in deltas]
+    bound = float(np.median(norms))
+    scale = [min(1.0, bound / n) if n > 0 else 1.0 for n in norms]
+    return [(w * s, b * s) for (w, b), s in zip(deltas, scale, strict=True)]
+
+
+def combine_reports(reports: list[KnowledgeReport], base: ArtifactManifest, config: RDConfig) -> Knowledge:
+    """Combine one cohort's reports, all computed against `base`; refuse any that are not."""
+    if not reports:
+        raise KnowledgeError("no knowledge reports to combine")
+    for r in reports:
+        if r.base_model_id != base.model_id:
+            raise KnowledgeError(
+                f"report {r.msg_id} was computed against {r.base_model_id}, not {base.model_id}"
+            )
+        if (r.num_classes, r.feature_dim) != (base.num_classes, base.feature_dim):
+            raise KnowledgeError(f"report {r.msg_id} has the wrong shape for {base.model_id}")
+    maps = np.stack([_normalized_map(r, config) for r in reports])
+    combined = _robust_mean(maps)
+    combined /= combined.sum(axis=1, keepdims=True)
+    # A DP report's Δ is used only when it was sent (not when the whole budget went to the map).
+    deltas = [r.head_delta() for r in reports if r.privacy is None or r.privacy.sigma_delta is not None]
+    if 0 < len(deltas) < ROBUST_MIN_REPORTS:
+        deltas = _clip_norms(deltas)
+    return Knowledge(
+        base_model_id=base.model_id,
+        preference=combined,
+        deltas=deltas,
+        report_count=len(reports),
+        sample_count=sum(r.sample_count for r in reports),
+    )
+
+
+def _softmax(z: FloatArray) -> FloatArray:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def soft_targets(
+    knowledge: Knowledge,
+    p_teacher: FloatArray,
+    features: FloatArray,
+    head: tuple[FloatArray, FloatArray],
+    config: RDConfig,
+) -> tuple[FloatArray, FloatArray]:
+    """(p*, ‖p* − p_T‖₁) per sample: the teacher's belief moved by the user's difference beyond θ.
+
+    `features` are the int8 artifact's features of the same inputs, for the head-delta target.
+    """
+    p = p_teacher @ knowledge.preference
+    if knowledge.deltas and config.delta_weight > 0:
+        w, b = head
+        p_s = _softmax(features @ w.T + b)
+        diffs = np.stack([_softmax(features @ (w + dw).T + (b + db)) - p_s for dw, db in knowledge.deltas])
+        p_delta = np.clip(p_teacher + _robust_mean(diffs), 0.0, None)
+        p_delta /= np.maximum(p_delta.sum(axis=1, keepdims=True), 1e-12)
+        p = (1 - config.delta_weight) * p + config.delta_weight * p_delta
+    change = np.abs(p - p_teacher).sum(axis=1)
+    moved = change > config.theta
+    p_star = np.where(moved[:, None], p, p_teacher).astype(np.float32)
+    return p_star, np.where(moved, change, 0.0).astype(np.float32)
+
+
+def touched_classes(p_teacher: FloatArray, p_star: FloatArray) -> set[int]:
+    """Classes the knowledge touches: both sides of every top-1 it changes."""
+    before, after = p_teacher.argmax(axis=1), p_star.argmax(axis=1)
+    changed = before != after
+    return {int(c) for c in np.concatenate([before[changed], after[changed]])}

@@ -1,0 +1,113 @@
+"""Scenario files (DESIGN §3): the data split and the users of a simulation, validated on load."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cloud.exceptions import ScenarioError
+from wire.topics import DEVICE_ID_PATTERN
+
+MAX_SCENARIO_BYTES = 1024 * 1024
+
+
+class PresumedSplit(BaseModel):
+    """How the manufacturer's (presumed) pool is split into train, validation and test."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    test_fraction: float = Field(gt=0.0, lt=1.0)
+    val_fraction: float = Field(default=0.15, gt=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _leaves_training_data(self) -> Self:
+        if self.test_fraction + self.val_fraction > 0.8:
+            raise ValueError("test_fraction + val_fraction must leave at least 20% for training")
+        return self
+
+
+class UserSpec(BaseModel):
+    """One user: their preference (label_map), input noise, private pool sizes and device count."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(pattern=DEVICE_ID_PATTERN)
+    label_map: dict[int, int] = Field(default_factory=dict)
+    noise_std: float = Field(default=0.0, ge=0.0, le=100.0, allow_inf_nan=False)
+    private_train: int = Field(ge=1)
+    private_test: int = Field(ge=1)
+    devices: int = Field(default=1, ge=1, le=64)
+
+    @field_validator("label_map", mode="before")
+    @classmethod
+    def _keys_are_class_strings(cls, value: object) -> object:
+        if isinstance(value, dict):
+            for key, target in value.items():
+                if not (isinstance(key, str) and key.isdigit()) or isinstance(target, bool):
+                    raise ValueError(f"entry {key!r}: {target!r} must map a class like \"3\" to a class like 8")
+                if not isinstance(target, int):
+                    raise ValueError(f"entry {key!r} maps to {target!r}, not a class number")
+        return value
+
+
+class Scenario(BaseModel):
+    """A whole scenario file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=128)
+    dataset: Literal["digits"]
+    seed: int = Field(ge=0, le=2**32 - 1)
+    presumed: PresumedSplit
+    users: list[UserSpec] = Field(min_length=1, max_length=64)
+
+    @model_validator(mode="after")
+    def _unique_users(self) -> Self:
+        ids = [u.id for u in self.users]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"user ids must be unique, got {ids}")
+        return self
+
+    def check_against(self, num_classes: int, num_samples: int) -> None:
+        """Check class numbers and pool sizes against the dataset; raise ScenarioError naming the field."""
+        for i, user in enumerate(self.users):
+            for src, dst in user.label_map.items():
+                if not (0 <= src < num_classes and 0 <= dst < num_classes):
+                    raise ScenarioError(
+                        f"users.{i}.label_map: {src} -> {dst} is outside the dataset's classes 0..{num_classes - 1}"
+                    )
+        private = sum(u.devices * u.private_train + u.private_test for u in self.users)
+        if num_samples - private < num_samples // 4:
+            raise ScenarioError(
+                f"users: private pools take {private} of {num_samples} samples; "
+                f"at least {num_samples // 4} must stay presumed"
+            )
+
+
+def parse_scenario(text: str | bytes, source: str = "scenario") -> Scenario:
+    """Validate scenario JSON; one ScenarioError naming the first bad field."""
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ScenarioError(f"{source}: not valid JSON: {exc}") from None
+    try:
+        return Scenario.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise ScenarioError(f"{source}: {where}: {first['msg']}") from None
+
+
+def load_scenario(path: Path) -> Scenario:
+    """Read and validate a scenario file."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_SCENARIO_BYTES:
+            raise ScenarioError(f"{path}: {size} bytes is larger than {MAX_SCENARIO_BYTES}")
+        text = path.read_bytes()
+    except OSError as exc:
+        raise ScenarioError(f"{path}: cannot read: {exc.strerror}") from None
+    return parse_scenario(text, str(path))

@@ -1,0 +1,219 @@
+"""Runs the learning loop for every user of a scenario and measures it against its baselines.
+
+The devices here run the device package's own code (int8 runtime, RD, DP) and the cloud sees only
+their serialized knowledge reports; labels and samples stay on the simulated device.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from cloud.ml.cycle import CycleResult, EdgeLine, StageProgress, TrainingPlan, _silent, rd_cycle, train_line
+from cloud.ml.data import ScenarioData, Split, build_scenario_data, to_user_scenario
+from cloud.ml.distill import distill, train_classifier
+from cloud.ml.export import check_int8_accuracy, export_int8, float_file_bytes, weight_tensor_bytes
+from cloud.ml.nets import NetSpec, parameter_count
+from cloud.ml.rd_update import RDConfig
+from cloud.ml.scenario import Scenario, UserSpec
+from device_firmware_py.exceptions import NotEnoughSamplesError
+from device_firmware_py.privacy import DPConfig, PrivacyAccountant
+from device_firmware_py.rd import RDPolicy, extract_knowledge, softmax
+from device_firmware_py.runtime import Int8Model
+
+MIN_GAIN_FOR_GAP = 0.02  # DESIGN §3: gap_closed is null when the oracle gains less than this
+DP_BUDGET_EPSILON = 8.0
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """Everything the simulation can be tuned with; defaults are the product's defaults."""
+
+    plan: TrainingPlan = TrainingPlan()
+    rd: RDConfig = RDConfig()
+    policy: RDPolicy = RDPolicy()
+    dp: DPConfig = DPConfig()
+
+
+@dataclass
+class SimResult:
+    """The figures of one run, shaped as RESULT.json."""
+
+    scenario: str
+    users: list[dict[str, Any]]
+    int8: dict[str, float | int]
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"scenario": self.scenario, "users": self.users, "int8": self.int8, "timings_s": self.timings_s}
+
+
+def accuracy(model: Int8Model, data: Split, mask: np.ndarray | None = None) -> float:
+    """Top-1 accuracy of an int8 model, optionally on a subset."""
+    pred = model.predict(data.x)
+    hit = pred == data.y
+    return float(hit[mask].mean() if mask is not None else hit.mean())
+
+
+def _device_reports(
+    v1: Int8Model, user: UserSpec, pools: list[Split], policy: RDPolicy, dp: DPConfig | None, seed: int
+) -> list[bytes]:
+    """Each device of the user runs RD on its own private pool; those with too few samples send nothing."""
+    payloads = []
+    for k, pool in enumerate(pools):
+        accountant = PrivacyAccountant(DP_BUDGET_EPSILON, dp.delta) if dp else None
+        try:
+            report = extract_knowledge(
+                v1, pool.x, pool.y, device_id=f"{user.id}-d{k}", policy=policy, dp=dp, accountant=accountant, seed=seed + k
+            )
+        except NotEnoughSamplesError:
+            continue
+        payloads.append(report.to_bytes())
+    return payloads
+
+
+def _device_only_accuracy(v1: Int8Model, payloads: list[bytes], world: Split) -> float | None:
+    """Mean accuracy of each device's own fine-tuned head h+Δ on v1's int8 features."""
+    from wire import KnowledgeReport
+
+    feats = v1.run(world.x)[0]
+    w, b = v1.head()
+    accs = []
+    for payload in payloads:
+        dw, db = KnowledgeReport.from_bytes(payload).head_delta()
+        accs.append(float((softmax(feats @ (w + dw).T + (b + db)).argmax(axis=1) == world.y).mean()))
+    return float(np.mean(accs)) if accs else None
+
+
+def _raw_upload_line(base: EdgeLine, data: ScenarioData, raw: Split, plan: TrainingPlan, line: str) -> EdgeLine:
+    """The privacy-giving-up reference: the same cloud training fed raw private samples (half of every batch)."""
+    teacher = copy.deepcopy(base.teacher)
+    train_classifier(teacher, data.train, plan.teacher_finetune, seed=plan.seed + 2, extra=raw)
+    student = copy.deepcopy(base.student)
+    distill(student, teacher.eval(), data.train, plan.rekd, plan.kd, seed=plan.seed + 3, extra=raw)
+    artifact = export_int8(student.eval(), data.train.x, model_id=f"{line}.v2", line=line, version=2)
+    return EdgeLine(line, 2, teacher, student, artifact)
+
+
+def _simulate_user(
+    index: int, user_data: Any, data: ScenarioData, base: EdgeLine, spec: NetSpec, cfg: SimConfig, progress: StageProgress
+) -> tuple[dict[str, Any], dict[str, float]]:
+    user: UserSpec = user_data.spec
+    world: Split = user_data.world_test
+    timings: dict[str, float] = {}
+    v1 = base.artifact.load()
+    touched = set(user.label_map) | set(user.label_map.values())
+    untouched = ~np.isin(world.y, sorted(touched))
+
+    def stage(name: str) -> StageProgress:
+        return lambda s, d, t: progress(f"{user.id}: {name} {s}", d, t)
+
+    seed = cfg.plan.seed + 1000 * (index + 1)
+    payloads = _device_reports(v1, user, user_data.device_train, cfg.policy, None, seed)
+    started = time.perf_counter()
+    cycle = (
+        rd_cycle(base, payloads, data.train, data.val, cfg.plan, cfg.rd, line=user.id, progress=stage("DiReDi"))
+        if payloads
+        else None
+    )
+    knowledge_to_approved = time.perf_counter() - started
+    v2 = cycle.approved.artifact.load() if cycle and cycle.approved else v1
+
+    dp_payloads = _device_reports(v1, user, user_data.device_train, cfg.policy, cfg.dp, seed)
+    dp_cycle = (
+        rd_cycle(base, dp_payloads, data.train, data.val, cfg.plan, cfg.rd, line=f"{user.id}-dp", progress=stage("DP"))
+        if dp_payloads
+        else None
+    )
+    v2_dp = dp_cycle.approved.artifact.load() if dp_cycle and dp_cycle.approved else v1
+    timings["diredi_cycle"] = knowledge_to_approved
+
+    clock = time.perf_counter()
+    raw = Split(
+        x=np.concatenate([p.x for p in user_data.device_train]), y=np.concatenate([p.y for p in user_data.device_train])
+    )
+    raw_line = _raw_upload_line(base, data, raw, cfg.plan, f"{user.id}-raw")
+    timings["raw_upload"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    oracle_train = to_user_scenario(data.train, user, data.input_scale, np.random.default_rng([seed, 99]))
+    oracle = train_line(oracle_train, spec, cfg.plan, line=f"{user.id}-oracle", progress=stage("oracle"))
+    timings["oracle"] = time.perf_counter() - clock
+
+    acc_v1, acc_v2, acc_oracle = accuracy(v1, world), accuracy(v2, world), accuracy(oracle.artifact.load(), world)
+    gain = acc_oracle - acc_v1
+    per_report = max((len(p) for p in payloads), default=0)
+    samples_per_device = max(len(p) for p in user_data.device_train)
+    result = {
+        "id": user.id,
+        "devices": user.devices,
+        "reports": len(payloads),
+        "acc_v1": acc_v1,
+        "acc_local": _device_only_accuracy(v1, payloads, world),
+        "acc_v2": acc_v2,
+        "acc_raw": accuracy(raw_line.artifact.load(), world),
+        "acc_oracle": acc_oracle,
+        "acc_dp": accuracy(v2_dp, world),
+        "dp_epsilon": cfg.dp.epsilon,
+        "dp_delta": cfg.dp.delta,
+        "gap_closed": (acc_v2 - acc_v1) / gain if gain >= MIN_GAIN_FOR_GAP else None,
+        "untouched_acc_v1": accuracy(v1, world, untouched),
+        "untouched_acc_v2": accuracy(v2, world, untouched),
+        "knowledge_bytes": per_report,
+        "edge_weights_bytes": parameter_count(base.student) * 4,
+        # What the device would upload instead: its float32 inputs and one byte of label each.
+        "raw_private_bytes": samples_per_device * (spec.input_dim * 4 + 1),
+        "knowledge_to_approved_s": knowledge_to_approved if cycle else None,
+        "gate": _gate_summary(cycle),
+        "gate_dp": _gate_summary(dp_cycle),
+    }
+    return result, timings
+
+
+def _gate_summary(cycle: CycleResult | None) -> dict[str, Any]:
+    if cycle is None:
+        return {"outcome": "no-report", "reason": "no device had enough labelled samples"}
+    summary: dict[str, Any] = {"outcome": cycle.outcome, "reason": cycle.reason, "moved": cycle.moved_transfer_samples}
+    if cycle.verdict is not None:
+        summary.update(cycle.verdict.as_dict())
+    return summary
+
+
+def run_simulation(scenario: Scenario, cfg: SimConfig | None = None, progress: StageProgress = _silent) -> SimResult:
+    """The whole loop for every user of `scenario`, with every baseline of DESIGN §3."""
+    cfg = cfg or SimConfig()
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+    data = build_scenario_data(scenario)
+    spec = NetSpec(num_classes=data.num_classes)
+    plan = cfg.plan
+    if plan.seed == 0:
+        plan = TrainingPlan(**{**plan.__dict__, "seed": scenario.seed})
+        cfg = SimConfig(plan=plan, rd=cfg.rd, policy=cfg.policy, dp=cfg.dp)
+    timings["data"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    base = train_line(data.train, spec, plan, line="base", progress=lambda s, d, t: progress(f"cloud KD: {s}", d, t))
+    float_acc, int8_acc = check_int8_accuracy(base.artifact, base.student, data.test)
+    check_int8_accuracy(base.artifact, base.student, data.val)  # the export's own guard
+    timings["kd_and_export"] = time.perf_counter() - clock
+    int8 = {
+        "float_acc": float_acc,
+        "int8_acc": int8_acc,
+        "float_weight_bytes": parameter_count(base.student) * 4,
+        "int8_weight_bytes": weight_tensor_bytes(base.artifact.model),
+        "float_file_bytes": float_file_bytes(base.student),
+        "int8_file_bytes": len(base.artifact.model),
+    }
+    users = []
+    for i, user_data in enumerate(data.users):
+        clock = time.perf_counter()
+        result, user_timings = _simulate_user(i, user_data, data, base, spec, cfg, progress)
+        users.append(result)
+        timings.update({f"{user_data.spec.id}.{k}": v for k, v in user_timings.items()})
+        timings[f"{user_data.spec.id}.total"] = time.perf_counter() - clock
+    return SimResult(scenario=scenario.name, users=users, int8=int8, timings_s=timings)

@@ -1,0 +1,15 @@
+"""Size limits of DESIGN §2, per message kind, in bytes of the encoded payload."""
+
+from wire.topics import MessageKind
+
+KIB = 1024
+DEFAULT_MAX_PAYLOAD_BYTES = 16 * KIB
+MAX_PAYLOAD_BYTES: dict[MessageKind, int] = {
+    MessageKind.STATUS: 8 * KIB,
+    MessageKind.KNOWLEDGE: 256 * KIB,
+}
+
+
+def max_payload_bytes(kind: MessageKind) -> int:
+    """The largest payload accepted for `kind`."""
+    return MAX_PAYLOAD_BYTES.get(kind, DEFAULT_MAX_PAYLOAD_BYTES)

@@ -1,0 +1,51 @@
+"""MQTT topic builders and parsers: the only place a topic string is spelled."""
+
+import enum
+import re
+
+from wire.errors import ContractError
+
+DEVICE_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{2,62}$"
+_DEVICE_ID = re.compile(DEVICE_ID_PATTERN)
+_PREFIX = "diredi/v1/dev/"
+
+
+class MessageKind(enum.StrEnum):
+    """The topic suffixes of DESIGN §2; the value is the suffix after the device id."""
+
+    PRESENCE = "presence"
+    STATUS = "status"
+    KNOWLEDGE = "knowledge"
+    MODEL_ACK = "model/ack"
+    MODEL_DESIRED = "model/desired"
+    RECEIPT = "receipt"
+    CMD = "cmd"
+
+
+DEVICE_TO_CLOUD = frozenset(
+    {MessageKind.PRESENCE, MessageKind.STATUS, MessageKind.KNOWLEDGE, MessageKind.MODEL_ACK}
+)
+
+
+def check_device_id(device_id: str) -> str:
+    """Return `device_id` if it matches the contract's pattern, else raise ContractError."""
+    if not _DEVICE_ID.fullmatch(device_id):
+        raise ContractError(f"device_id {device_id!r} does not match {DEVICE_ID_PATTERN}")
+    return device_id
+
+
+def device_topic(device_id: str, kind: MessageKind) -> str:
+    """The topic of message `kind` for one device."""
+    return f"{_PREFIX}{check_device_id(device_id)}/{kind.value}"
+
+
+def parse_device_topic(topic: str) -> tuple[str, MessageKind]:
+    """Split a device topic into (device_id, kind); raise ContractError for any other topic."""
+    if not topic.startswith(_PREFIX):
+        raise ContractError(f"topic {topic!r} is not under {_PREFIX}")
+    device_id, _, suffix = topic[len(_PREFIX) :].partition("/")
+    try:
+        kind = MessageKind(suffix)
+    except ValueError:
+        raise ContractError(f"topic {topic!r} has an unknown suffix {suffix!r}") from None
+    return check_device_id(device_id), kind
