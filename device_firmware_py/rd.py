@@ -34,7 +34,8 @@ class RDPolicy:
 def softmax(z: FloatArray) -> FloatArray:
     """Row-wise softmax, stable for large logits."""
     e = np.exp(z - z.max(axis=1, keepdims=True))
-    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+    out: FloatArray = (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+    return out
 
 
 def preference_map(predicted: IntArray, labels: IntArray, num_classes: int) -> npt.NDArray[np.int32]:

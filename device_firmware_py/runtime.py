@@ -24,7 +24,8 @@ MAX_ARTIFACT_BYTES = 64 * 1024 * 1024
 def quantize(x: npt.ArrayLike, spec: TensorSpec) -> npt.NDArray[np.int8]:
     """Affine int8 quantization of float `x` with the tensor's scale and zero point."""
     q = np.round(np.asarray(x, dtype=np.float32) / spec.scale) + spec.zero_point
-    return np.clip(q, -128, 127).astype(np.int8)
+    out: npt.NDArray[np.int8] = np.clip(q, -128, 127).astype(np.int8)
+    return out
 
 
 def dequantize(q: npt.NDArray[np.int8], spec: TensorSpec) -> FloatArray:
@@ -97,7 +98,8 @@ class Int8Model:
 
     def predict(self, x: npt.ArrayLike) -> npt.NDArray[np.int64]:
         """Top-1 class per input."""
-        return np.argmax(self.run_int8(x)[1], axis=1).astype(np.int64)
+        top1: npt.NDArray[np.int64] = np.argmax(self.run_int8(x)[1], axis=1).astype(np.int64)
+        return top1
 
     def self_test(self) -> None:
         """Compare the manifest's probe outputs with this runtime's; raise ArtifactError on mismatch."""

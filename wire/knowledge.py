@@ -48,7 +48,7 @@ class PrivacyStatement(BaseModel):
 class KnowledgeReport(Envelope):
     """What a device reports after RD: the difference between its user and the manufacturer."""
 
-    schema_: Literal["diredi.knowledge/1"] = Field(KNOWLEDGE_SCHEMA, alias="schema")
+    schema_: Literal["diredi.knowledge/1"] = Field("diredi.knowledge/1", alias="schema")
     base_model_id: ModelId
     num_classes: int = Field(ge=2, le=MAX_CLASSES)
     feature_dim: int = Field(ge=1, le=65536)
@@ -76,7 +76,7 @@ class KnowledgeReport(Envelope):
                 raise ValueError(f"{name} has shape {arr.shape}, expected {shape}")
             if arr.dtype not in dtypes:
                 raise ValueError(f"{name} has dtype {arr.dtype}, expected one of {dtypes}")
-        counts = self.preference_map.to_numpy()
+        counts = self.preference_map.to_numpy().astype(np.float64)
         if self.privacy is None:
             if (counts < 0).any():
                 raise ValueError("preference_map has negative counts without DP")

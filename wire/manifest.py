@@ -39,7 +39,7 @@ class ArtifactManifest(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
-    schema_: Literal["diredi.manifest/1"] = Field(MANIFEST_SCHEMA, alias="schema")
+    schema_: Literal["diredi.manifest/1"] = Field("diredi.manifest/1", alias="schema")
     model_id: ModelId
     line: str = Field(min_length=1, max_length=128)
     version: int = Field(ge=1)

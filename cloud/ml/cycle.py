@@ -12,7 +12,15 @@ import numpy as np
 import torch
 
 from cloud.ml.data import Split
-from cloud.ml.distill import KDConfig, TrainConfig, distill, finetune_to_targets, predict_proba, train_classifier
+from cloud.ml.distill import (
+    KDConfig,
+    TrainConfig,
+    distill,
+    finetune_to_targets,
+    predict_proba,
+    seed_everything,
+    train_classifier,
+)
 from cloud.ml.export import EdgeArtifact, export_int8
 from cloud.ml.gate import GateVerdict, gate
 from cloud.ml.nets import NetSpec, Student, Teacher
@@ -33,7 +41,7 @@ class TrainingPlan:
     teacher: TrainConfig = TrainConfig(epochs=40)
     student: TrainConfig = TrainConfig(epochs=120)
     teacher_finetune: TrainConfig = TrainConfig(epochs=15, lr=5e-4)
-    rekd: TrainConfig = TrainConfig(epochs=60)
+    rekd: TrainConfig = TrainConfig(epochs=150)
     kd: KDConfig = KDConfig()
     seed: int = 0
 
@@ -86,10 +94,17 @@ def train_line(
     progress: StageProgress = _silent,
 ) -> EdgeLine:
     """Train a teacher and KD a student from scratch, then export the int8 edge model (version 1)."""
+    seed_everything(plan.seed)  # initial weights are drawn from torch's global generator
     teacher = Teacher(spec)
     train_classifier(
-        teacher, train, plan.teacher, seed=plan.seed, extra=extra, progress=lambda d, t: progress("teacher", d, t)
+        teacher,
+        train,
+        plan.teacher,
+        seed=plan.seed,
+        extra=extra,
+        progress=lambda d, t: progress("teacher", d, t),
     )
+    seed_everything(plan.seed + 1)
     student = Student(spec)
     distill(
         student,
@@ -152,7 +167,9 @@ def rd_cycle(
     moved = int((change > 0).sum())
     touched = touched_classes(p_t, p_star)
     if not touched:
-        return CycleResult("no-op", "the knowledge changes no decision on the transfer set", None, None, moved, timings)
+        return CycleResult(
+            "no-op", "the knowledge changes no decision on the transfer set", None, None, moved, timings
+        )
 
     weights = (1.0 + config.beta * change).astype(np.float32)
     teacher = finetune_to_targets(
@@ -182,7 +199,9 @@ def rd_cycle(
     line = line or parent.line
     version = parent.version + 1
     progress("export", 0, 1)
-    artifact = export_int8(student.eval(), transfer.x, model_id=model_id_for(line, version), line=line, version=version)
+    artifact = export_int8(
+        student.eval(), transfer.x, model_id=model_id_for(line, version), line=line, version=version
+    )
     progress("export", 1, 1)
     lap("export")
     candidate = EdgeLine(line, version, teacher.eval(), student, artifact)

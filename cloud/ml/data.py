@@ -109,13 +109,17 @@ def build_scenario_data(scenario: Scenario, dataset: Dataset | None = None) -> S
     presumed = order[cursor:]
     n_test = int(round(len(presumed) * scenario.presumed.test_fraction))
     n_val = int(round(len(presumed) * scenario.presumed.val_fraction))
-    test_idx, val_idx, train_idx = presumed[:n_test], presumed[n_test : n_test + n_val], presumed[n_test + n_val :]
+    test_idx, val_idx, train_idx = (
+        presumed[:n_test],
+        presumed[n_test : n_test + n_val],
+        presumed[n_test + n_val :],
+    )
 
     def pool(idx: IntArray) -> Split:
         return Split(x=(ds.inputs[idx] / ds.input_scale).astype(np.float32), y=ds.labels[idx])
 
     test = pool(test_idx)
-    users = []
+    users: list[UserData] = []
     for user, (device_idx, ptest_idx) in zip(scenario.users, private_idx, strict=True):
         user_rng = np.random.default_rng([scenario.seed, len(users)])
         devices = [to_user_scenario(pool(i), user, ds.input_scale, user_rng) for i in device_idx]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -15,6 +16,7 @@ from torch.nn import functional as F  # noqa: N812
 from cloud.ml.data import Split
 
 Progress = Callable[[int, int], None]  # (done epochs, total epochs)
+M = TypeVar("M", bound=nn.Module)
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,7 @@ class TrainConfig:
     lr: float = 1e-3
     batch_size: int = 64
     weight_decay: float = 0.0
+    backbone_lr_scale: float = 1.0  # for a Student: the backbone's learning rate relative to the head's
 
 
 @dataclass(frozen=True)
@@ -50,9 +53,9 @@ def _batches(n: int, batch: int, gen: torch.Generator, mix: int = 0) -> list[tor
     """
     order = torch.randperm(n, generator=gen)
     if not mix:
-        return list(order.split(batch))
+        return list(torch.split(order, batch))
     half = max(1, batch // 2)
-    chunks = order.split(half)
+    chunks = torch.split(order, half)
     extra = torch.randint(0, mix, (len(chunks), half), generator=gen) + n
     return [torch.cat([c, e[: len(c)]]) for c, e in zip(chunks, extra, strict=True)]
 
@@ -66,12 +69,21 @@ def _fit(
     progress: Progress | None,
     mix: int = 0,
 ) -> None:
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    backbone = getattr(model, "backbone", None)
+    if isinstance(backbone, nn.Module) and config.backbone_lr_scale != 1.0:
+        backbone_ids = {id(p) for p in backbone.parameters()}
+        groups: list[dict[str, Any]] = [
+            {"params": list(backbone.parameters()), "lr": config.lr * config.backbone_lr_scale},
+            {"params": [p for p in model.parameters() if id(p) not in backbone_ids]},
+        ]
+        opt = torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     model.train()
     for epoch in range(config.epochs):
         for idx in _batches(n, config.batch_size, gen, mix):
             opt.zero_grad()
-            step(idx).backward()
+            torch.autograd.backward(step(idx))
             opt.step()
         if progress:
             progress(epoch + 1, config.epochs)
@@ -79,14 +91,14 @@ def _fit(
 
 
 def train_classifier(
-    model: nn.Module,
+    model: M,
     data: Split,
     config: TrainConfig,
     *,
     seed: int,
     extra: Split | None = None,
     progress: Progress | None = None,
-) -> nn.Module:
+) -> M:
     """Train `model` on hard labels (CE); with `extra`, half of every batch comes from it."""
     gen = seed_everything(seed)
     x = torch.from_numpy(np.concatenate([data.x, extra.x]) if extra else data.x)
@@ -108,7 +120,7 @@ def predict_proba(model: nn.Module, x: npt.NDArray[np.float32], tau: float = 1.0
 
 
 def finetune_to_targets(
-    model: nn.Module,
+    model: M,
     x: npt.NDArray[np.float32],
     targets: npt.NDArray[np.float32],
     weights: npt.NDArray[np.float32],
@@ -116,7 +128,7 @@ def finetune_to_targets(
     *,
     seed: int,
     progress: Progress | None = None,
-) -> nn.Module:
+) -> M:
     """A copy of `model` fine-tuned towards soft `targets` (KL at τ = 1), each sample weighted."""
     tuned = copy.deepcopy(model)
     gen = seed_everything(seed)
@@ -132,7 +144,7 @@ def finetune_to_targets(
 
 
 def distill(
-    student: nn.Module,
+    student: M,
     teacher: nn.Module,
     data: Split,
     config: TrainConfig,
@@ -142,7 +154,7 @@ def distill(
     weights: npt.NDArray[np.float32] | None = None,
     extra: Split | None = None,
     progress: Progress | None = None,
-) -> nn.Module:
+) -> M:
     """KD of `teacher` into `student` (trained in place) on `data` (+ `extra`, half of every batch).
 
     `data.y` are the hard labels of the α·CE term; `weights` weight each sample of `data`.

@@ -8,7 +8,11 @@ import hashlib
 import io
 import logging
 import os
+import sys
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -48,22 +52,42 @@ class EdgeArtifact:
 
 
 @contextlib.contextmanager
-def _quiet() -> object:
-    """The converter prints progress to stdout and logs chattily; keep the CLI's own output readable."""
+def _quiet() -> Iterator[None]:
+    """Silence the converter, which prints progress and C++ logs straight to stdout and stderr.
+
+    File descriptors 1 and 2 are redirected to a temporary file; if the conversion fails, its tail
+    goes into the ExportError so nothing useful is lost.
+    """
     logging.getLogger().setLevel(logging.ERROR)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        yield
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                yield
+        except Exception as exc:
+            sink.seek(0)
+            tail = sink.read()[-2000:].decode(errors="replace")
+            raise ExportError(f"conversion failed: {exc}\n{tail}") from exc
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
 
 
 def _convert(student: Student, calibration: npt.NDArray[np.float32] | None, batch: int) -> bytes:
-    import litert_torch
-    from litert_torch.quantize import pt2e_quantizer, quant_config
-    from torchao.quantization.pt2e import quantize_pt2e
-
     module = TwoOutputs(copy.deepcopy(student)).eval()
     example = (torch.zeros(batch, student.spec.input_dim),)
     with _quiet():
+        import litert_torch
+        from litert_torch.quantize import pt2e_quantizer, quant_config
+        from torchao.quantization.pt2e import quantize_pt2e
+
         if calibration is None:
             return bytes(litert_torch.convert(module, example).model_content())
         quantizer = pt2e_quantizer.PT2EQuantizer().set_global(
@@ -80,11 +104,11 @@ def _convert(student: Student, calibration: npt.NDArray[np.float32] | None, batc
         return bytes(litert_torch.convert(quantized, example, quant_config=config).model_content())
 
 
-def _tensor_spec(details: dict[str, object], name: str) -> TensorSpec:
-    scale, zero_point = details["quantization"]  # type: ignore[misc]
+def _tensor_spec(details: dict[str, Any], name: str) -> TensorSpec:
+    scale, zero_point = details["quantization"]
     if details["dtype"] != np.int8 or not scale:
         raise ExportError(f"tensor {name!r} is not int8-quantized; the export must be fully int8")
-    shape = [int(s) for s in details["shape"]]  # type: ignore[attr-defined]
+    shape = [int(s) for s in details["shape"]]
     return TensorSpec(name=name, shape=shape, scale=float(scale), zero_point=int(zero_point))
 
 

@@ -37,7 +37,11 @@ class Teacher(nn.Module):
         )
         pooled = 64 * (spec.side // 2) ** 2
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(pooled, 128), nn.ReLU(), nn.Dropout(0.25), nn.Linear(128, spec.num_classes)
+            nn.Flatten(),
+            nn.Linear(pooled, 128),
+            nn.ReLU(),
+            nn.Dropout(0.25),
+            nn.Linear(128, spec.num_classes),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cloud.exceptions import KnowledgeError
+from device_firmware_py.rd import softmax
 from wire import ArtifactManifest, ContractError, KnowledgeReport
 
 FloatArray = npt.NDArray[np.float32]
@@ -21,8 +22,8 @@ class RDConfig:
     kappa: float = 5.0  # prior pseudo-counts on the diagonal of the preference map
     theta: float = 0.3  # L1 change below which a transfer sample keeps the teacher's belief
     beta: float = 4.0  # re-KD weight 1 + β·‖p* − p_T‖₁
-    delta_weight: float = 0.0  # share of the head-delta target in p (the rest from the map)
-    dp_threshold_sigmas: float = 2.0  # noisy DP counts below this many σ are treated as zero
+    delta_weight: float = 0.3  # share of the head-delta target in p (the rest from the map)
+    dp_threshold_sigmas: float = 3.0  # noisy DP counts below this many σ are treated as zero
     agreement_min: float = 0.95  # gate (a)
     untouched_max_drop: float = 0.010  # gate (b)
 
@@ -54,14 +55,16 @@ def _normalized_map(report: KnowledgeReport, config: RDConfig) -> FloatArray:
     if report.privacy is not None:  # post-processing of DP noise costs no privacy
         counts = np.where(counts > config.dp_threshold_sigmas * report.privacy.sigma_map, counts, 0.0)
     counts = counts + config.kappa * np.eye(len(counts))
-    return (counts / counts.sum(axis=1, keepdims=True)).astype(np.float32)
+    normalized: FloatArray = (counts / counts.sum(axis=1, keepdims=True)).astype(np.float32)
+    return normalized
 
 
 def _robust_mean(stack: FloatArray) -> FloatArray:
     """Coordinate-wise median over axis 0 with ≥ 3 entries, else the mean."""
-    if len(stack) >= ROBUST_MIN_REPORTS:
-        return np.median(stack, axis=0).astype(np.float32)
-    return stack.mean(axis=0).astype(np.float32)
+    center: FloatArray = (
+        np.median(stack, axis=0) if len(stack) >= ROBUST_MIN_REPORTS else stack.mean(axis=0)
+    ).astype(np.float32)
+    return center
 
 
 def _clip_norms(deltas: list[tuple[FloatArray, FloatArray]]) -> list[tuple[FloatArray, FloatArray]]:
@@ -99,11 +102,6 @@ def combine_reports(reports: list[KnowledgeReport], base: ArtifactManifest, conf
     )
 
 
-def _softmax(z: FloatArray) -> FloatArray:
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
-
-
 def soft_targets(
     knowledge: Knowledge,
     p_teacher: FloatArray,
@@ -118,8 +116,8 @@ def soft_targets(
     p = p_teacher @ knowledge.preference
     if knowledge.deltas and config.delta_weight > 0:
         w, b = head
-        p_s = _softmax(features @ w.T + b)
-        diffs = np.stack([_softmax(features @ (w + dw).T + (b + db)) - p_s for dw, db in knowledge.deltas])
+        p_s = softmax(features @ w.T + b)
+        diffs = np.stack([softmax(features @ (w + dw).T + (b + db)) - p_s for dw, db in knowledge.deltas])
         p_delta = np.clip(p_teacher + _robust_mean(diffs), 0.0, None)
         p_delta /= np.maximum(p_delta.sum(axis=1, keepdims=True), 1e-12)
         p = (1 - config.delta_weight) * p + config.delta_weight * p_delta

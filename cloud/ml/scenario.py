@@ -47,7 +47,7 @@ class UserSpec(BaseModel):
         if isinstance(value, dict):
             for key, target in value.items():
                 if not (isinstance(key, str) and key.isdigit()) or isinstance(target, bool):
-                    raise ValueError(f"entry {key!r}: {target!r} must map a class like \"3\" to a class like 8")
+                    raise ValueError(f'entry {key!r}: {target!r} must map a class like "3" to a class like 8')
                 if not isinstance(target, int):
                     raise ValueError(f"entry {key!r} maps to {target!r}, not a class number")
         return value
@@ -77,7 +77,8 @@ class Scenario(BaseModel):
             for src, dst in user.label_map.items():
                 if not (0 <= src < num_classes and 0 <= dst < num_classes):
                     raise ScenarioError(
-                        f"users.{i}.label_map: {src} -> {dst} is outside the dataset's classes 0..{num_classes - 1}"
+                        f"users.{i}.label_map: {src} -> {dst} is outside the dataset's classes "
+                        f"0..{num_classes - 1}"
                     )
         private = sum(u.devices * u.private_train + u.private_test for u in self.users)
         if num_samples - private < num_samples // 4:

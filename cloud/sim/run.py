@@ -49,7 +49,12 @@ class SimResult:
     timings_s: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"scenario": self.scenario, "users": self.users, "int8": self.int8, "timings_s": self.timings_s}
+        return {
+            "scenario": self.scenario,
+            "users": self.users,
+            "int8": self.int8,
+            "timings_s": self.timings_s,
+        }
 
 
 def accuracy(model: Int8Model, data: Split, mask: np.ndarray | None = None) -> float:
@@ -68,7 +73,14 @@ def _device_reports(
         accountant = PrivacyAccountant(DP_BUDGET_EPSILON, dp.delta) if dp else None
         try:
             report = extract_knowledge(
-                v1, pool.x, pool.y, device_id=f"{user.id}-d{k}", policy=policy, dp=dp, accountant=accountant, seed=seed + k
+                v1,
+                pool.x,
+                pool.y,
+                device_id=f"{user.id}-d{k}",
+                policy=policy,
+                dp=dp,
+                accountant=accountant,
+                seed=seed + k,
             )
         except NotEnoughSamplesError:
             continue
@@ -89,8 +101,13 @@ def _device_only_accuracy(v1: Int8Model, payloads: list[bytes], world: Split) ->
     return float(np.mean(accs)) if accs else None
 
 
-def _raw_upload_line(base: EdgeLine, data: ScenarioData, raw: Split, plan: TrainingPlan, line: str) -> EdgeLine:
-    """The privacy-giving-up reference: the same cloud training fed raw private samples (half of every batch)."""
+def _raw_upload_line(
+    base: EdgeLine, data: ScenarioData, raw: Split, plan: TrainingPlan, line: str
+) -> EdgeLine:
+    """The reference that gives up privacy: the same cloud training fed the raw private samples.
+
+    The raw samples make up half of every batch, in the teacher update and in the KD.
+    """
     teacher = copy.deepcopy(base.teacher)
     train_classifier(teacher, data.train, plan.teacher_finetune, seed=plan.seed + 2, extra=raw)
     student = copy.deepcopy(base.student)
@@ -100,7 +117,13 @@ def _raw_upload_line(base: EdgeLine, data: ScenarioData, raw: Split, plan: Train
 
 
 def _simulate_user(
-    index: int, user_data: Any, data: ScenarioData, base: EdgeLine, spec: NetSpec, cfg: SimConfig, progress: StageProgress
+    index: int,
+    user_data: Any,
+    data: ScenarioData,
+    base: EdgeLine,
+    spec: NetSpec,
+    cfg: SimConfig,
+    progress: StageProgress,
 ) -> tuple[dict[str, Any], dict[str, float]]:
     user: UserSpec = user_data.spec
     world: Split = user_data.world_test
@@ -116,7 +139,9 @@ def _simulate_user(
     payloads = _device_reports(v1, user, user_data.device_train, cfg.policy, None, seed)
     started = time.perf_counter()
     cycle = (
-        rd_cycle(base, payloads, data.train, data.val, cfg.plan, cfg.rd, line=user.id, progress=stage("DiReDi"))
+        rd_cycle(
+            base, payloads, data.train, data.val, cfg.plan, cfg.rd, line=user.id, progress=stage("DiReDi")
+        )
         if payloads
         else None
     )
@@ -125,7 +150,16 @@ def _simulate_user(
 
     dp_payloads = _device_reports(v1, user, user_data.device_train, cfg.policy, cfg.dp, seed)
     dp_cycle = (
-        rd_cycle(base, dp_payloads, data.train, data.val, cfg.plan, cfg.rd, line=f"{user.id}-dp", progress=stage("DP"))
+        rd_cycle(
+            base,
+            dp_payloads,
+            data.train,
+            data.val,
+            cfg.plan,
+            cfg.rd,
+            line=f"{user.id}-dp",
+            progress=stage("DP"),
+        )
         if dp_payloads
         else None
     )
@@ -134,7 +168,8 @@ def _simulate_user(
 
     clock = time.perf_counter()
     raw = Split(
-        x=np.concatenate([p.x for p in user_data.device_train]), y=np.concatenate([p.y for p in user_data.device_train])
+        x=np.concatenate([p.x for p in user_data.device_train]),
+        y=np.concatenate([p.y for p in user_data.device_train]),
     )
     raw_line = _raw_upload_line(base, data, raw, cfg.plan, f"{user.id}-raw")
     timings["raw_upload"] = time.perf_counter() - clock
@@ -144,7 +179,11 @@ def _simulate_user(
     oracle = train_line(oracle_train, spec, cfg.plan, line=f"{user.id}-oracle", progress=stage("oracle"))
     timings["oracle"] = time.perf_counter() - clock
 
-    acc_v1, acc_v2, acc_oracle = accuracy(v1, world), accuracy(v2, world), accuracy(oracle.artifact.load(), world)
+    acc_v1, acc_v2, acc_oracle = (
+        accuracy(v1, world),
+        accuracy(v2, world),
+        accuracy(oracle.artifact.load(), world),
+    )
     gain = acc_oracle - acc_v1
     per_report = max((len(p) for p in payloads), default=0)
     samples_per_device = max(len(p) for p in user_data.device_train)
@@ -177,13 +216,19 @@ def _simulate_user(
 def _gate_summary(cycle: CycleResult | None) -> dict[str, Any]:
     if cycle is None:
         return {"outcome": "no-report", "reason": "no device had enough labelled samples"}
-    summary: dict[str, Any] = {"outcome": cycle.outcome, "reason": cycle.reason, "moved": cycle.moved_transfer_samples}
+    summary: dict[str, Any] = {
+        "outcome": cycle.outcome,
+        "reason": cycle.reason,
+        "moved": cycle.moved_transfer_samples,
+    }
     if cycle.verdict is not None:
         summary.update(cycle.verdict.as_dict())
     return summary
 
 
-def run_simulation(scenario: Scenario, cfg: SimConfig | None = None, progress: StageProgress = _silent) -> SimResult:
+def run_simulation(
+    scenario: Scenario, cfg: SimConfig | None = None, progress: StageProgress = _silent
+) -> SimResult:
     """The whole loop for every user of `scenario`, with every baseline of DESIGN §3."""
     cfg = cfg or SimConfig()
     timings: dict[str, float] = {}
@@ -197,7 +242,9 @@ def run_simulation(scenario: Scenario, cfg: SimConfig | None = None, progress: S
     timings["data"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    base = train_line(data.train, spec, plan, line="base", progress=lambda s, d, t: progress(f"cloud KD: {s}", d, t))
+    base = train_line(
+        data.train, spec, plan, line="base", progress=lambda s, d, t: progress(f"cloud KD: {s}", d, t)
+    )
     float_acc, int8_acc = check_int8_accuracy(base.artifact, base.student, data.test)
     check_int8_accuracy(base.artifact, base.student, data.val)  # the export's own guard
     timings["kd_and_export"] = time.perf_counter() - clock

@@ -1,0 +1,1 @@
+"""The `diredi` command line."""

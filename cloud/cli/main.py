@@ -1,0 +1,67 @@
+"""`diredi`: the operator's command line."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+
+from cloud.exceptions import CloudError
+
+app = typer.Typer(
+    help="DiReDi fleet: keep edge models fitting their users without their data leaving the device."
+)
+console = Console()
+
+
+@app.callback()
+def _main() -> None:
+    """DiReDi fleet."""
+
+
+@app.command()
+def sim(
+    scenario: Annotated[Path, typer.Option(help="Scenario JSON file (DESIGN §3 format).")],
+    out: Annotated[Path | None, typer.Option(help="Write the results as JSON here.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write a PNG plot of the accuracies here.")] = None,
+) -> None:
+    """Run the DiReDi learning loop in-process for every user of a scenario and print the table."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    logging.getLogger().setLevel(logging.ERROR)
+    from cloud.ml.scenario import load_scenario
+    from cloud.sim.report import print_report, write_json, write_plot
+    from cloud.sim.run import run_simulation
+
+    try:
+        spec = load_scenario(scenario)
+        with Progress(
+            TextColumn("{task.description:<40}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        ) as bars:
+            tasks: dict[str, TaskID] = {}
+
+            def progress(stage: str, done: int, total: int) -> None:
+                if stage not in tasks:
+                    tasks[stage] = bars.add_task(stage, total=total)
+                bars.update(tasks[stage], completed=done, total=total)
+
+            result = run_simulation(spec, progress=progress)
+    except CloudError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    print_report(result, console)
+    if out:
+        write_json(result, out)
+        console.print(f"results written to {out}")
+    if plot:
+        write_plot(result, plot)
+        console.print(f"plot written to {plot}")

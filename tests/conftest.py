@@ -1,0 +1,60 @@
+"""Shared fixtures: a small scenario and a real, quickly trained base line exported to int8."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCENARIOS = ROOT / "scenarios"
+
+
+@pytest.fixture(scope="session")
+def small_scenario():  # type: ignore[no-untyped-def]
+    """Two users (one with a preference, one without), small private pools."""
+    from cloud.ml.scenario import parse_scenario
+
+    return parse_scenario(
+        """{"name": "small", "dataset": "digits", "seed": 3, "presumed": {"test_fraction": 0.25},
+            "users": [
+              {"id": "dana", "label_map": {"3": 8}, "private_train": 100, "private_test": 100},
+              {"id": "eve", "label_map": {}, "private_train": 100, "private_test": 100}]}"""
+    )
+
+
+@pytest.fixture(scope="session")
+def small_data(small_scenario):  # type: ignore[no-untyped-def]
+    from cloud.ml.data import build_scenario_data
+
+    return build_scenario_data(small_scenario)
+
+
+@pytest.fixture(scope="session")
+def fast_plan():  # type: ignore[no-untyped-def]
+    """Fewer epochs than the product's defaults: enough for a real, accurate model in seconds."""
+    from cloud.ml.cycle import TrainingPlan
+    from cloud.ml.distill import TrainConfig
+
+    return TrainingPlan(
+        teacher=TrainConfig(epochs=15),
+        student=TrainConfig(epochs=60),
+        teacher_finetune=TrainConfig(epochs=10, lr=5e-4),
+        rekd=TrainConfig(epochs=100),
+        seed=3,
+    )
+
+
+@pytest.fixture(scope="session")
+def base_line(small_data, fast_plan):  # type: ignore[no-untyped-def]
+    """A real teacher, student and int8 artifact (line 'base', version 1)."""
+    from cloud.ml.cycle import train_line
+    from cloud.ml.nets import NetSpec
+
+    return train_line(small_data.train, NetSpec(num_classes=small_data.num_classes), fast_plan, line="base")
+
+
+@pytest.fixture(scope="session")
+def base_model(base_line):  # type: ignore[no-untyped-def]
+    """The base artifact loaded in the device's int8 runtime."""
+    return base_line.artifact.load()
