@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -16,7 +17,8 @@ from cloud.exceptions import CloudError
 app = typer.Typer(
     help="DiReDi fleet: keep edge models fitting their users without their data leaving the device."
 )
-console = Console()
+# Off a terminal rich would wrap the tables at 80 columns; the sim table needs more.
+console = Console(width=None if sys.stdout.isatty() else 150)
 
 
 @app.callback()

@@ -67,7 +67,7 @@ def detail_table(result: SimResult) -> Table:
             f"{u['edge_weights_bytes']:,} (1/{u['edge_weights_bytes'] / max(u['knowledge_bytes'], 1):.0f})",
             f"{u['raw_private_bytes']:,} (1/{u['raw_private_bytes'] / max(u['knowledge_bytes'], 1):.1f})",
             "—" if seconds is None else f"{seconds:.1f} s",
-            f"{u['gate']['outcome']}: {u['gate']['reason']}",
+            u["gate"]["outcome"],
         )
     return table
 
@@ -94,6 +94,9 @@ def print_report(result: SimResult, console: Console) -> None:
     """All tables, then the stage timings."""
     console.print(accuracy_table(result))
     console.print(detail_table(result))
+    for u in result.users:
+        console.print(f"gate for {u['id']}: {u['gate']['outcome']}: {u['gate']['reason']}")
+        console.print(f"gate for {u['id']} with DP: {u['gate_dp']['outcome']}: {u['gate_dp']['reason']}")
     console.print(int8_table(result))
     total = sum(v for k, v in result.timings_s.items() if "." not in k or k.endswith(".total"))
     console.print(f"total {total:.1f} s: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings_s.items()))

@@ -1,0 +1,146 @@
+"""The RD cycle end to end on real models: device RD → knowledge bytes → RD update → re-KD → gate."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pytest
+
+from cloud.ml.cycle import rd_cycle
+from cloud.ml.rd_update import RDConfig
+from device_firmware_py.rd import extract_knowledge
+from wire import EncodedArray, KnowledgeReport
+
+if TYPE_CHECKING:
+    from cloud.ml.cycle import EdgeLine, TrainingPlan
+    from cloud.ml.data import ScenarioData, Split
+    from device_firmware_py.runtime import Int8Model
+
+pytestmark = pytest.mark.slow
+
+
+def world_accuracy(model: Int8Model, world: Split) -> float:
+    return float((model.predict(world.x) == world.y).mean())
+
+
+def report_bytes(model: Int8Model, pool: Split, device_id: str, seed: int = 0) -> bytes:
+    return extract_knowledge(model, pool.x, pool.y, device_id=device_id, seed=seed).to_bytes()
+
+
+def with_delta(payload: bytes, factor: float) -> bytes:
+    """The same report with its head delta multiplied by `factor` (a poisoned device)."""
+    report = KnowledgeReport.from_bytes(payload)
+    dw, db = report.head_delta()
+    return report.model_copy(
+        update={
+            "delta_weight": EncodedArray.from_numpy(dw * factor, "float16"),
+            "delta_bias": EncodedArray.from_numpy(db * factor, "float16"),
+        }
+    ).to_bytes()
+
+
+def test_preference_is_learned_and_approved(
+    base_line: EdgeLine, base_model: Int8Model, small_data: ScenarioData, fast_plan: TrainingPlan
+) -> None:
+    # Prepare: dana labels 3 as 8 on her device
+    dana = small_data.users[0]
+    payload = report_bytes(base_model, dana.device_train[0], "dana-d0")
+
+    # Execute
+    result = rd_cycle(base_line, [payload], small_data.train, small_data.val, fast_plan, RDConfig(), line="dana")
+
+    # Assert: approved, version 2 of her line, and far better on her world
+    assert result.outcome == "approved", result.reason
+    assert result.candidate is not None
+    assert result.candidate.model_id == "dana.v2"
+    assert result.verdict is not None and result.verdict.agreement is not None
+    assert result.verdict.agreement >= 0.95
+    v2 = result.candidate.artifact.load()
+    v2.self_test()
+    threes = dana.world_test.y == 8
+    assert world_accuracy(v2, dana.world_test) > world_accuracy(base_model, dana.world_test) + 0.05
+    assert (v2.predict(dana.world_test.x[threes]) == 8).mean() > 0.9
+
+
+def test_no_preference_is_a_no_op(
+    base_line: EdgeLine, base_model: Int8Model, small_data: ScenarioData, fast_plan: TrainingPlan
+) -> None:
+    # Prepare: eve agrees with the manufacturer
+    eve = small_data.users[1]
+    payload = report_bytes(base_model, eve.device_train[0], "eve-d0")
+
+    # Execute
+    result = rd_cycle(base_line, [payload], small_data.train, small_data.val, fast_plan, RDConfig(), line="eve")
+
+    # Assert
+    assert result.outcome == "no-op"
+    assert result.candidate is None
+    assert result.approved is None
+
+
+def test_same_inputs_give_the_same_model(
+    base_line: EdgeLine, base_model: Int8Model, small_data: ScenarioData, fast_plan: TrainingPlan
+) -> None:
+    # Prepare
+    payload = report_bytes(base_model, small_data.users[0].device_train[0], "dana-d0")
+
+    # Execute
+    first = rd_cycle(base_line, [payload], small_data.train, small_data.val, fast_plan, RDConfig(), line="dana")
+    second = rd_cycle(base_line, [payload], small_data.train, small_data.val, fast_plan, RDConfig(), line="dana")
+
+    # Assert: byte-identical artifacts
+    assert first.candidate is not None and second.candidate is not None
+    assert first.candidate.artifact.manifest.sha256 == second.candidate.artifact.manifest.sha256
+
+
+@pytest.mark.parametrize("factor", [50.0, -1.0], ids=["scaled-x50", "sign-flipped"])
+def test_one_poisoned_device_of_five_barely_moves_v2(
+    factor: float, base_line: EdgeLine, base_model: Int8Model, small_data: ScenarioData, fast_plan: TrainingPlan
+) -> None:
+    # Prepare: five devices of dana's cohort, each with its own 20-sample slice of her private data
+    dana = small_data.users[0]
+    pool = dana.device_train[0]
+    slices = np.array_split(np.arange(len(pool)), 5)
+    from cloud.ml.data import Split
+
+    clean = [report_bytes(base_model, Split(pool.x[s], pool.y[s]), f"dana-d{i}", seed=i) for i, s in enumerate(slices)]
+    poisoned = [*clean[:4], with_delta(clean[4], factor)]
+    config = RDConfig()
+
+    # Execute
+    clean_run = rd_cycle(base_line, clean, small_data.train, small_data.val, fast_plan, config, line="dana")
+    bad_run = rd_cycle(base_line, poisoned, small_data.train, small_data.val, fast_plan, config, line="dana")
+
+    # Assert: both approved, within one point of each other on dana's world
+    assert clean_run.approved is not None and bad_run.approved is not None, (clean_run.reason, bad_run.reason)
+    acc_clean = world_accuracy(clean_run.approved.artifact.load(), dana.world_test)
+    acc_bad = world_accuracy(bad_run.approved.artifact.load(), dana.world_test)
+    assert abs(acc_clean - acc_bad) <= 0.010
+
+
+def test_gate_refuses_knowledge_that_breaks_untouched_classes(
+    base_line: EdgeLine, base_model: Int8Model, small_data: ScenarioData, fast_plan: TrainingPlan
+) -> None:
+    # Prepare: a real 3→8 preference, plus a device claiming its user mixes up every other class
+    dana = small_data.users[0]
+    honest = KnowledgeReport.from_bytes(report_bytes(base_model, dana.device_train[0], "dana-d0"))
+    counts = np.full((10, 10), 12, dtype=np.int32)
+    counts[3] = 0
+    counts[3, 8] = 12
+    smeared = honest.model_copy(
+        update={
+            "preference_map": EncodedArray.from_numpy(counts, "int32"),
+            "sample_count": int(counts.sum()),
+        }
+    )
+
+    # Execute
+    result = rd_cycle(
+        base_line, [smeared.to_bytes()], small_data.train, small_data.val, fast_plan, RDConfig(), line="dana"
+    )
+
+    # Assert: a candidate was made, refused, and the reason names the untouched classes
+    assert result.outcome == "rejected"
+    assert result.approved is None
+    assert "untouched" in result.reason
