@@ -52,8 +52,9 @@ class DPConfig:
     map_share: float = 1.0
 
     def __post_init__(self) -> None:
-        if not (self.epsilon > 0 and 0 < self.delta < 1 and self.clip_norm > 0):
-            raise ValueError("DP needs epsilon > 0, 0 < delta < 1 and clip_norm > 0")
+        finite = all(math.isfinite(v) for v in (self.epsilon, self.delta, self.clip_norm, self.map_share))
+        if not (finite and self.epsilon > 0 and 0 < self.delta < 1 and self.clip_norm > 0):
+            raise ValueError("DP needs a finite epsilon > 0, 0 < delta < 1 and a finite clip_norm > 0")
         if not 0 < self.map_share <= 1:
             raise ValueError("map_share must be in (0, 1]")
 

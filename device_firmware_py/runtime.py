@@ -18,6 +18,7 @@ except ImportError:  # pragma: no cover - exercised only on devices without Lite
     from tflite_runtime.interpreter import Interpreter
 
 FloatArray = npt.NDArray[np.float32]
+_RUNTIME_ERRORS = (ValueError, RuntimeError, TypeError, KeyError, UnicodeDecodeError)
 MAX_ARTIFACT_BYTES = 64 * 1024 * 1024
 
 
@@ -39,13 +40,14 @@ class Int8Model:
     def __init__(self, model: bytes, manifest: ArtifactManifest) -> None:
         if len(model) != manifest.size or hashlib.sha256(model).hexdigest() != manifest.sha256:
             raise ArtifactError("artifact does not match its manifest (size or sha256)")
+        self.manifest = manifest
+        # A corrupt flatbuffer can fail anywhere in the interpreter's Python layer, with any of these.
         try:
             self._interpreter = Interpreter(model_content=model, num_threads=1)
             self._runner: Any = self._interpreter.get_signature_runner(manifest.signature)
-        except (ValueError, RuntimeError) as exc:
-            raise ArtifactError(f"artifact cannot be loaded: {exc}") from None
-        self.manifest = manifest
-        self._check_signature()
+            self._check_signature()
+        except _RUNTIME_ERRORS as exc:
+            raise ArtifactError(f"artifact cannot be loaded: {type(exc).__name__}: {exc}") from None
         self.batch = manifest.input.shape[0]
 
     @classmethod
@@ -85,7 +87,10 @@ class Int8Model:
             if len(chunk) < b:  # the exported graph has a fixed batch; pad the tail
                 chunk = np.concatenate([chunk, np.zeros((b - len(chunk), *chunk.shape[1:]), np.float32)])
             # Reshape to the model's exact input shape: the runner would silently resize otherwise.
-            out = self._runner(**{self.manifest.input.name: quantize(chunk, self.manifest.input)})
+            try:
+                out = self._runner(**{self.manifest.input.name: quantize(chunk, self.manifest.input)})
+            except _RUNTIME_ERRORS as exc:
+                raise ArtifactError(f"artifact failed to run: {type(exc).__name__}: {exc}") from None
             k = min(b, n - start)
             feats[start : start + k] = out[self.manifest.features.name][:k]
             logits[start : start + k] = out[self.manifest.logits.name][:k]

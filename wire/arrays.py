@@ -2,6 +2,7 @@
 
 import base64
 import binascii
+import math
 from typing import Literal, Self
 
 import numpy as np
@@ -27,19 +28,25 @@ class EncodedArray(BaseModel):
     def _check_size(self) -> Self:
         if any(d < 0 for d in self.shape):
             raise ValueError("shape has a negative dimension")
-        count = int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+        count = math.prod(self.shape)  # Python ints: no overflow, whatever the sender claims
         if count > MAX_ELEMENTS:
             raise ValueError(f"array of {count} elements exceeds {MAX_ELEMENTS}")
         expected = count * np.dtype(self.dtype).itemsize
-        # base64 length is fixed by the byte count; checking it avoids decoding oversized junk.
+        # The base64 length follows from the byte count; checking it first avoids decoding junk.
         if len(self.data) != 4 * ((expected + 2) // 3):
             raise ValueError(f"data does not hold {expected} bytes for shape {self.shape} of {self.dtype}")
+        try:
+            decoded = len(base64.b64decode(self.data, validate=True))
+        except binascii.Error as exc:
+            raise ValueError(f"data is not base64: {exc}") from None
+        if decoded != expected:
+            raise ValueError(f"data holds {decoded} bytes, {self.dtype}{self.shape} needs {expected}")
         return self
 
     @classmethod
     def from_numpy(cls, array: npt.ArrayLike, dtype: WireDType) -> "EncodedArray":
         """Encode `array` after casting it to `dtype`."""
-        arr = np.ascontiguousarray(np.asarray(array).astype(np.dtype(dtype).newbyteorder("<")))
+        arr = np.asarray(array).astype(np.dtype(dtype).newbyteorder("<"), order="C")
         return cls(dtype=dtype, shape=list(arr.shape), data=base64.b64encode(arr.tobytes()).decode("ascii"))
 
     def to_numpy(self, *, finite: bool = True) -> npt.NDArray[np.generic]:

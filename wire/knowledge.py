@@ -78,6 +78,8 @@ class KnowledgeReport(Envelope):
                 raise ValueError(f"{name} has dtype {arr.dtype}, expected one of {dtypes}")
         counts = self.preference_map.to_numpy().astype(np.float64)
         if self.privacy is None:
+            if self.preference_map.dtype != "int32":
+                raise ValueError("preference_map must be int32 counts without DP")
             if (counts < 0).any():
                 raise ValueError("preference_map has negative counts without DP")
             if not math.isclose(float(counts.sum()), self.sample_count):

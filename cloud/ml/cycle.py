@@ -39,9 +39,9 @@ class TrainingPlan:
     """Epochs and seeds of every training stage."""
 
     teacher: TrainConfig = TrainConfig(epochs=40)
-    student: TrainConfig = TrainConfig(epochs=120)
+    student: TrainConfig = TrainConfig(epochs=120, augment=True)
     teacher_finetune: TrainConfig = TrainConfig(epochs=15, lr=5e-4)
-    rekd: TrainConfig = TrainConfig(epochs=150)
+    rekd: TrainConfig = TrainConfig(epochs=150, augment=True)
     kd: KDConfig = KDConfig()
     seed: int = 0
 

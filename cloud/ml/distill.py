@@ -28,6 +28,10 @@ class TrainConfig:
     batch_size: int = 64
     weight_decay: float = 0.0
     backbone_lr_scale: float = 1.0  # for a Student: the backbone's learning rate relative to the head's
+    # KD only: each batch also gets a shifted, noisy copy, labelled by the teacher on the fly. More
+    # transfer data makes the student follow the teacher more closely on inputs it never saw.
+    augment: bool = False
+    augment_noise: float = 0.03  # Gaussian noise on the scaled inputs (0.03 ≈ half a digits pixel level)
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,15 @@ def seed_everything(seed: int) -> torch.Generator:
     gen = torch.Generator()
     gen.manual_seed(seed)
     return gen
+
+
+def augment(x: torch.Tensor, side: int, noise: float, gen: torch.Generator) -> torch.Tensor:
+    """A copy of flat square images shifted by up to one pixel each way, plus Gaussian noise."""
+    images = x.view(-1, 1, side, side)
+    padded = F.pad(images, (1, 1, 1, 1))
+    dy, dx = torch.randint(0, 3, (2,), generator=gen).tolist()
+    shifted = padded[:, :, dy : dy + side, dx : dx + side].reshape(x.shape)
+    return shifted + noise * torch.randn(shifted.shape, generator=gen)
 
 
 def _batches(n: int, batch: int, gen: torch.Generator, mix: int = 0) -> list[torch.Tensor]:
@@ -166,17 +179,24 @@ def distill(
     if weights is not None:
         w[: len(data)] = weights
     wt = torch.from_numpy(w)
+    teacher.eval()
     with torch.no_grad():
-        teacher.eval()
         soft = F.softmax(teacher(x) / kd.tau, dim=1)
+    side = int(round(x.shape[1] ** 0.5))
 
     def step(idx: torch.Tensor) -> torch.Tensor:
-        logits = student(x[idx])
-        ce = F.cross_entropy(logits, y[idx], reduction="none")
+        xb, yb, pb, wb = x[idx], y[idx], soft[idx], wt[idx]
+        if config.augment:
+            xa = augment(xb, side, config.augment_noise, gen)
+            with torch.no_grad():
+                pa = F.softmax(teacher(xa) / kd.tau, dim=1)
+            xb, yb, pb, wb = (torch.cat(pair) for pair in ((xb, xa), (yb, yb), (pb, pa), (wb, wb)))
+        logits = student(xb)
+        ce = F.cross_entropy(logits, yb, reduction="none")
         logq = F.log_softmax(logits / kd.tau, dim=1)
-        kl = (soft[idx] * (torch.log(soft[idx].clamp_min(1e-8)) - logq)).sum(dim=1)
+        kl = (pb * (torch.log(pb.clamp_min(1e-8)) - logq)).sum(dim=1)
         loss = kd.alpha * ce + (1 - kd.alpha) * kd.tau**2 * kl
-        return (wt[idx] * loss).sum() / wt[idx].sum()
+        return (wb * loss).sum() / wb.sum()
 
     _fit(student, len(data), step, config, gen, progress, mix=len(extra) if extra else 0)
     return student

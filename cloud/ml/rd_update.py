@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,21 +51,50 @@ def parse_reports(payloads: list[bytes]) -> list[KnowledgeReport]:
     return reports
 
 
-def _normalized_map(report: KnowledgeReport, config: RDConfig) -> FloatArray:
+def _clean_counts(report: KnowledgeReport, config: RDConfig) -> npt.NDArray[np.float64]:
     counts = report.counts()
     if report.privacy is not None:  # post-processing of DP noise costs no privacy
         counts = np.where(counts > config.dp_threshold_sigmas * report.privacy.sigma_map, counts, 0.0)
-    counts = counts + config.kappa * np.eye(len(counts))
-    normalized: FloatArray = (counts / counts.sum(axis=1, keepdims=True)).astype(np.float32)
-    return normalized
+    return counts
 
 
-def _robust_mean(stack: FloatArray) -> FloatArray:
+def _robust_mean(stack: npt.NDArray[np.floating], ignore_nan: bool = False) -> FloatArray:
     """Coordinate-wise median over axis 0 with ≥ 3 entries, else the mean."""
-    center: FloatArray = (
-        np.median(stack, axis=0) if len(stack) >= ROBUST_MIN_REPORTS else stack.mean(axis=0)
-    ).astype(np.float32)
-    return center
+    robust = len(stack) >= ROBUST_MIN_REPORTS
+    if ignore_nan:
+        center = np.nanmedian(stack, axis=0) if robust else np.nanmean(stack, axis=0)
+    else:
+        center = np.median(stack, axis=0) if robust else stack.mean(axis=0)
+    out: FloatArray = center.astype(np.float32)
+    return out
+
+
+def combine_maps(counts: list[npt.NDArray[np.float64]], kappa: float) -> FloatArray:
+    """The cohort's M̂ from its devices' count matrices, robust to a minority of bad devices.
+
+    Each report's rows are normalized to frequencies (a row without samples says nothing) and
+    combined coordinate-wise; the prior κ·I is then added once, against the cohort's evidence per
+    row (the sum of row counts, or the median × the number of reports from three reports up), so a
+    preference seen by many devices with a few samples each still counts as well as one device's.
+    With one report this is exactly rownormalize(counts + κI).
+    """
+    stack = np.stack(counts)
+    rows = stack.sum(axis=2)  # reports × C
+    with np.errstate(invalid="ignore", divide="ignore"):
+        freq = np.where(rows[:, :, None] > 0, stack / rows[:, :, None], np.nan)
+    with warnings.catch_warnings():  # a row no report has samples for is all-NaN: handled below
+        warnings.simplefilter("ignore", RuntimeWarning)
+        combined = _robust_mean(freq, ignore_nan=True).astype(np.float64)
+    c = stack.shape[1]
+    empty = np.isnan(combined).all(axis=1)
+    combined[empty] = np.eye(c)[empty]
+    combined = np.nan_to_num(combined, nan=0.0)
+    combined /= np.maximum(combined.sum(axis=1, keepdims=True), 1e-12)
+    evidence = np.median(rows, axis=0) * len(rows) if len(rows) >= ROBUST_MIN_REPORTS else rows.sum(axis=0)
+    evidence = np.where(empty, 0.0, evidence)
+    m_hat = evidence[:, None] * combined + kappa * np.eye(c)
+    out: FloatArray = (m_hat / m_hat.sum(axis=1, keepdims=True)).astype(np.float32)
+    return out
 
 
 def _clip_norms(deltas: list[tuple[FloatArray, FloatArray]]) -> list[tuple[FloatArray, FloatArray]]:
@@ -86,9 +116,7 @@ def combine_reports(reports: list[KnowledgeReport], base: ArtifactManifest, conf
             )
         if (r.num_classes, r.feature_dim) != (base.num_classes, base.feature_dim):
             raise KnowledgeError(f"report {r.msg_id} has the wrong shape for {base.model_id}")
-    maps = np.stack([_normalized_map(r, config) for r in reports])
-    combined = _robust_mean(maps)
-    combined /= combined.sum(axis=1, keepdims=True)
+    combined = combine_maps([_clean_counts(r, config) for r in reports], config.kappa)
     # A DP report's Δ is used only when it was sent (not when the whole budget went to the map).
     deltas = [r.head_delta() for r in reports if r.privacy is None or r.privacy.sigma_delta is not None]
     if 0 < len(deltas) < ROBUST_MIN_REPORTS:

@@ -48,7 +48,9 @@ def test_preference_is_learned_and_approved(
     payload = report_bytes(base_model, dana.device_train[0], "dana-d0")
 
     # Execute
-    result = rd_cycle(base_line, [payload], small_data.train, small_data.val, fast_plan, RDConfig(), line="dana")
+    result = rd_cycle(
+        base_line, [payload], small_data.train, small_data.val, fast_plan, RDConfig(), line="dana"
+    )
 
     # Assert: approved, version 2 of her line, and far better on her world
     assert result.outcome == "approved", result.reason
@@ -71,7 +73,9 @@ def test_no_preference_is_a_no_op(
     payload = report_bytes(base_model, eve.device_train[0], "eve-d0")
 
     # Execute
-    result = rd_cycle(base_line, [payload], small_data.train, small_data.val, fast_plan, RDConfig(), line="eve")
+    result = rd_cycle(
+        base_line, [payload], small_data.train, small_data.val, fast_plan, RDConfig(), line="eve"
+    )
 
     # Assert
     assert result.outcome == "no-op"
@@ -86,8 +90,12 @@ def test_same_inputs_give_the_same_model(
     payload = report_bytes(base_model, small_data.users[0].device_train[0], "dana-d0")
 
     # Execute
-    first = rd_cycle(base_line, [payload], small_data.train, small_data.val, fast_plan, RDConfig(), line="dana")
-    second = rd_cycle(base_line, [payload], small_data.train, small_data.val, fast_plan, RDConfig(), line="dana")
+    first = rd_cycle(
+        base_line, [payload], small_data.train, small_data.val, fast_plan, RDConfig(), line="dana"
+    )
+    second = rd_cycle(
+        base_line, [payload], small_data.train, small_data.val, fast_plan, RDConfig(), line="dana"
+    )
 
     # Assert: byte-identical artifacts
     assert first.candidate is not None and second.candidate is not None
@@ -96,7 +104,11 @@ def test_same_inputs_give_the_same_model(
 
 @pytest.mark.parametrize("factor", [50.0, -1.0], ids=["scaled-x50", "sign-flipped"])
 def test_one_poisoned_device_of_five_barely_moves_v2(
-    factor: float, base_line: EdgeLine, base_model: Int8Model, small_data: ScenarioData, fast_plan: TrainingPlan
+    factor: float,
+    base_line: EdgeLine,
+    base_model: Int8Model,
+    small_data: ScenarioData,
+    fast_plan: TrainingPlan,
 ) -> None:
     # Prepare: five devices of dana's cohort, each with its own 20-sample slice of her private data
     dana = small_data.users[0]
@@ -104,7 +116,10 @@ def test_one_poisoned_device_of_five_barely_moves_v2(
     slices = np.array_split(np.arange(len(pool)), 5)
     from cloud.ml.data import Split
 
-    clean = [report_bytes(base_model, Split(pool.x[s], pool.y[s]), f"dana-d{i}", seed=i) for i, s in enumerate(slices)]
+    clean = [
+        report_bytes(base_model, Split(pool.x[s], pool.y[s]), f"dana-d{i}", seed=i)
+        for i, s in enumerate(slices)
+    ]
     poisoned = [*clean[:4], with_delta(clean[4], factor)]
     config = RDConfig()
 
@@ -122,25 +137,21 @@ def test_one_poisoned_device_of_five_barely_moves_v2(
 def test_gate_refuses_knowledge_that_breaks_untouched_classes(
     base_line: EdgeLine, base_model: Int8Model, small_data: ScenarioData, fast_plan: TrainingPlan
 ) -> None:
-    # Prepare: a real 3→8 preference, plus a device claiming its user mixes up every other class
+    # Prepare: a real 3→8 preference from a device whose head delta is broken: it pushes every
+    # input towards class 0, which no label of the user supports
     dana = small_data.users[0]
     honest = KnowledgeReport.from_bytes(report_bytes(base_model, dana.device_train[0], "dana-d0"))
-    counts = np.full((10, 10), 12, dtype=np.int32)
-    counts[3] = 0
-    counts[3, 8] = 12
-    smeared = honest.model_copy(
-        update={
-            "preference_map": EncodedArray.from_numpy(counts, "int32"),
-            "sample_count": int(counts.sum()),
-        }
-    )
+    dw, db = honest.head_delta()
+    db[0] += 30.0
+    broken = honest.model_copy(update={"delta_bias": EncodedArray.from_numpy(db, "float16")})
 
     # Execute
     result = rd_cycle(
-        base_line, [smeared.to_bytes()], small_data.train, small_data.val, fast_plan, RDConfig(), line="dana"
+        base_line, [broken.to_bytes()], small_data.train, small_data.val, fast_plan, RDConfig(), line="dana"
     )
 
     # Assert: a candidate was made, refused, and the reason names the untouched classes
     assert result.outcome == "rejected"
     assert result.approved is None
+    assert result.candidate is not None
     assert "untouched" in result.reason

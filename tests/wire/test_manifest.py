@@ -1,0 +1,155 @@
+"""wire.ArtifactManifest.from_json: the real manifest round-trips; garbage is refused naming the field."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from wire import ArtifactManifest, ContractError
+
+if TYPE_CHECKING:
+    from cloud.ml.cycle import EdgeLine
+
+Doc = dict[str, Any]
+
+
+def manifest_doc(line: EdgeLine) -> Doc:
+    """The JSON document of the fixture's real manifest, as a dict to corrupt."""
+    doc: Doc = json.loads(line.artifact.manifest.to_json())
+    return doc
+
+
+def too_many_probes(doc: Doc) -> None:
+    doc["probes"] = [doc["probes"][0]] * 33
+
+
+def drop(field: str) -> Callable[[Doc], None]:
+    return lambda doc: doc.pop(field)
+
+
+def put(field: str, value: Any) -> Callable[[Doc], None]:
+    return lambda doc: doc.update({field: value})
+
+
+def put_in(parent: str, field: str, value: Any) -> Callable[[Doc], None]:
+    return lambda doc: doc[parent].update({field: value})
+
+
+def test_real_manifest_round_trips(base_line: EdgeLine) -> None:
+    # Prepare
+    manifest = base_line.artifact.manifest
+
+    # Execute
+    parsed = ArtifactManifest.from_json(manifest.to_json())
+
+    # Assert
+    assert parsed == manifest
+    assert json.loads(manifest.to_json())["schema"] == "diredi.manifest/1"
+
+
+def test_real_manifest_accepts_bytes(base_line: EdgeLine) -> None:
+    # Prepare
+    text = base_line.artifact.manifest.to_json()
+
+    # Execute
+    parsed = ArtifactManifest.from_json(text.encode())
+
+    # Assert
+    assert parsed == base_line.artifact.manifest
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "field"),
+    [
+        (put("sha256", "0" * 63), "sha256"),
+        (put("sha256", "A" * 64), "sha256"),
+        (put("sha256", "g" * 64), "sha256"),
+        (put("sha256", ""), "sha256"),
+        (put("size", 0), "size"),
+        (put("size", -1), "size"),
+        (put("size", "big"), "size"),
+        (drop("input"), "input"),
+        (drop("logits"), "logits"),
+        (drop("sha256"), "sha256"),
+        (drop("head_weight"), "head_weight"),
+        (too_many_probes, "probes"),
+        (put("schema", "diredi.manifest/2"), "schema"),
+        (put("format", "onnx"), "format"),
+        (put("version", 0), "version"),
+        (put("model_id", "bad id"), "model_id"),
+        (put("num_classes", 1), "num_classes"),
+        (put("unexpected", True), "unexpected"),
+        (put_in("input", "scale", 0.0), "input.scale"),
+        (put_in("input", "zero_point", 128), "input.zero_point"),
+        (put_in("features", "dtype", "float32"), "features.dtype"),
+        (put_in("logits", "shape", []), "logits.shape"),
+        (put_in("logits", "shape", [1, 1, 1, 1, 10]), "logits.shape"),
+    ],
+    ids=[
+        "sha-short",
+        "sha-uppercase",
+        "sha-not-hex",
+        "sha-empty",
+        "size-zero",
+        "size-negative",
+        "size-not-int",
+        "missing-input",
+        "missing-logits",
+        "missing-sha",
+        "missing-head",
+        "33-probes",
+        "schema",
+        "format",
+        "version-zero",
+        "model-id",
+        "one-class",
+        "extra-field",
+        "zero-scale",
+        "zero-point-range",
+        "float-tensor",
+        "rank-0",
+        "rank-5",
+    ],
+)
+def test_garbage_is_refused_naming_the_field(
+    base_line: EdgeLine, corrupt: Callable[[Doc], None], field: str
+) -> None:
+    # Prepare
+    doc = manifest_doc(base_line)
+    corrupt(doc)
+
+    # Execute / Assert
+    with pytest.raises(ContractError, match=rf"invalid manifest at {field}\b"):
+        ArtifactManifest.from_json(json.dumps(doc))
+
+
+def test_thirty_two_probes_are_accepted(base_line: EdgeLine) -> None:
+    # Prepare
+    doc = manifest_doc(base_line)
+    doc["probes"] = [doc["probes"][0]] * 32
+
+    # Execute
+    parsed = ArtifactManifest.from_json(json.dumps(doc))
+
+    # Assert
+    assert len(parsed.probes) == 32
+
+
+def test_bad_array_in_a_probe_is_refused_naming_it(base_line: EdgeLine) -> None:
+    # Prepare: the probe's logits lose one byte of data.
+    doc = manifest_doc(base_line)
+    doc["probes"][1]["logits"]["data"] = doc["probes"][1]["logits"]["data"][:-4]
+
+    # Execute / Assert
+    with pytest.raises(ContractError, match=r"invalid manifest at probes\.1\.logits"):
+        ArtifactManifest.from_json(json.dumps(doc))
+
+
+@pytest.mark.parametrize("text", ["", "{", "[]", "null", "not json"])
+def test_not_a_manifest_document_is_refused(text: str) -> None:
+    # Execute / Assert
+    with pytest.raises(ContractError, match="invalid manifest"):
+        ArtifactManifest.from_json(text)
