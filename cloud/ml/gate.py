@@ -54,7 +54,12 @@ def gate(
             f"agrees with the knowledge on {agreement:.1%} of {int(changed.sum())} changed validation "
             f"samples, needs {config.agreement_min:.0%}"
         )
-    if acc_parent is not None and acc_cand is not None and acc_parent - acc_cand > config.untouched_max_drop:
+    # The tolerance keeps a drop of exactly the limit (e.g. 2 of 200 samples) on the right side of it.
+    if (
+        acc_parent is not None
+        and acc_cand is not None
+        and acc_parent - acc_cand > config.untouched_max_drop + 1e-9
+    ):
         reasons.append(
             f"untouched-class accuracy falls from {acc_parent:.1%} to {acc_cand:.1%} "
             f"(limit {config.untouched_max_drop:.1%})"

@@ -98,9 +98,10 @@ def combine_maps(counts: list[npt.NDArray[np.float64]], kappa: float) -> FloatAr
 
 
 def _clip_norms(deltas: list[tuple[FloatArray, FloatArray]]) -> list[tuple[FloatArray, FloatArray]]:
-    """Clip every Δ to the median Δ norm, so one report cannot dominate a clipped mean."""
+    """Clip every Δ to the lower median of the Δ norms (with two reports: the smaller norm), so one
+    report cannot dominate a clipped mean."""
     norms = [float(np.sqrt((w**2).sum() + (b**2).sum())) for w, b in deltas]
-    bound = float(np.median(norms))
+    bound = sorted(norms)[(len(norms) - 1) // 2]
     scale = [min(1.0, bound / n) if n > 0 else 1.0 for n in norms]
     return [(w * s, b * s) for (w, b), s in zip(deltas, scale, strict=True)]
 

@@ -19,8 +19,8 @@ class PresumedSplit(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    test_fraction: float = Field(gt=0.0, lt=1.0)
-    val_fraction: float = Field(default=0.15, gt=0.0, lt=1.0)
+    test_fraction: float = Field(gt=0.0, lt=1.0, strict=True)
+    val_fraction: float = Field(default=0.15, gt=0.0, lt=1.0, strict=True)
 
     @model_validator(mode="after")
     def _leaves_training_data(self) -> Self:
@@ -36,10 +36,11 @@ class UserSpec(BaseModel):
 
     id: str = Field(pattern=DEVICE_ID_PATTERN)
     label_map: dict[int, int] = Field(default_factory=dict)
-    noise_std: float = Field(default=0.0, ge=0.0, le=100.0, allow_inf_nan=False)
-    private_train: int = Field(ge=1)
-    private_test: int = Field(ge=1)
-    devices: int = Field(default=1, ge=1, le=64)
+    # strict: a JSON string or boolean is a mistake in the file, not a number to coerce
+    noise_std: float = Field(default=0.0, ge=0.0, le=100.0, strict=True)
+    private_train: int = Field(ge=1, strict=True)
+    private_test: int = Field(ge=1, strict=True)
+    devices: int = Field(default=1, ge=1, le=64, strict=True)
 
     @field_validator("label_map", mode="before")
     @classmethod
@@ -60,16 +61,17 @@ class Scenario(BaseModel):
 
     name: str = Field(min_length=1, max_length=128)
     dataset: Literal["digits"]
-    seed: int = Field(ge=0, le=2**32 - 1)
+    seed: int = Field(ge=0, le=2**32 - 1, strict=True)
     presumed: PresumedSplit
     users: list[UserSpec] = Field(min_length=1, max_length=64)
 
-    @model_validator(mode="after")
-    def _unique_users(self) -> Self:
-        ids = [u.id for u in self.users]
+    @field_validator("users")
+    @classmethod
+    def _unique_users(cls, users: list[UserSpec]) -> list[UserSpec]:
+        ids = [u.id for u in users]
         if len(set(ids)) != len(ids):
             raise ValueError(f"user ids must be unique, got {ids}")
-        return self
+        return users
 
     def check_against(self, num_classes: int, num_samples: int) -> None:
         """Check class numbers and pool sizes against the dataset; raise ScenarioError naming the field."""
