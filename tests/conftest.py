@@ -44,7 +44,13 @@ def base_line(small_data, fast_plan):  # type: ignore[no-untyped-def]
     from cloud.ml.cycle import train_line
     from cloud.ml.nets import NetSpec
 
-    return train_line(small_data.train, NetSpec(num_classes=small_data.num_classes), fast_plan, line="base")
+    return train_line(
+        small_data.train,
+        NetSpec(num_classes=small_data.num_classes),
+        fast_plan,
+        line="base",
+        val=small_data.val,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from cloud.exceptions import ExportError
 from cloud.ml.data import Split
 from cloud.ml.distill import (
     KDConfig,
@@ -21,7 +22,7 @@ from cloud.ml.distill import (
     seed_everything,
     train_classifier,
 )
-from cloud.ml.export import EdgeArtifact, export_int8
+from cloud.ml.export import EdgeArtifact, check_int8_accuracy, export_int8
 from cloud.ml.gate import GateVerdict, gate
 from cloud.ml.nets import NetSpec, Student, Teacher
 from cloud.ml.rd_update import RDConfig, combine_reports, parse_reports, soft_targets, touched_classes
@@ -90,10 +91,14 @@ def train_line(
     plan: TrainingPlan,
     *,
     line: str,
+    val: Split,
     extra: Split | None = None,
     progress: StageProgress = _silent,
 ) -> EdgeLine:
-    """Train a teacher and KD a student from scratch, then export the int8 edge model (version 1)."""
+    """Train a teacher and KD a student from scratch, then export the int8 edge model (version 1).
+
+    Raises ExportError if the int8 model is more than 1.0 point less accurate than float on `val`.
+    """
     seed_everything(plan.seed)  # initial weights are drawn from torch's global generator
     teacher = Teacher(spec)
     train_classifier(
@@ -117,7 +122,8 @@ def train_line(
         progress=lambda d, t: progress("distill", d, t),
     )
     artifact = export_int8(student, train.x, model_id=model_id_for(line, 1), line=line, version=1)
-    return EdgeLine(line, 1, teacher.eval(), student.eval(), artifact)
+    check_int8_accuracy(artifact, student.eval(), val)
+    return EdgeLine(line, 1, teacher.eval(), student, artifact)
 
 
 @dataclass(frozen=True)
@@ -198,16 +204,20 @@ def rd_cycle(
     lap("rekd")
     line = line or parent.line
     version = parent.version + 1
+    p_t_val = predict_proba(parent.teacher, val.x)
+    p_star_val, _ = soft_targets(knowledge, p_t_val, runtime.run(val.x)[0], head, config)
     progress("export", 0, 1)
     artifact = export_int8(
         student.eval(), transfer.x, model_id=model_id_for(line, version), line=line, version=version
     )
+    try:  # the candidate's own labels are the knowledge's targets
+        check_int8_accuracy(artifact, student, Split(x=val.x, y=p_star_val.argmax(axis=1)))
+    except ExportError as exc:
+        return CycleResult("rejected", str(exc), None, None, moved, timings)
     progress("export", 1, 1)
     lap("export")
     candidate = EdgeLine(line, version, teacher.eval(), student, artifact)
 
-    p_t_val = predict_proba(parent.teacher, val.x)
-    p_star_val, _ = soft_targets(knowledge, p_t_val, runtime.run(val.x)[0], head, config)
     verdict = gate(
         val_labels=val.y,
         parent_pred=runtime.predict(val.x),

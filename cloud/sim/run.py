@@ -113,6 +113,7 @@ def _raw_upload_line(
     student = copy.deepcopy(base.student)
     distill(student, teacher.eval(), data.train, plan.rekd, plan.kd, seed=plan.seed + 3, extra=raw)
     artifact = export_int8(student.eval(), data.train.x, model_id=f"{line}.v2", line=line, version=2)
+    check_int8_accuracy(artifact, student, data.val)
     return EdgeLine(line, 2, teacher, student, artifact)
 
 
@@ -176,7 +177,10 @@ def _simulate_user(
 
     clock = time.perf_counter()
     oracle_train = to_user_scenario(data.train, user, data.input_scale, np.random.default_rng([seed, 99]))
-    oracle = train_line(oracle_train, spec, cfg.plan, line=f"{user.id}-oracle", progress=stage("oracle"))
+    oracle_val = to_user_scenario(data.val, user, data.input_scale, np.random.default_rng([seed, 98]))
+    oracle = train_line(
+        oracle_train, spec, cfg.plan, line=f"{user.id}-oracle", val=oracle_val, progress=stage("oracle")
+    )
     timings["oracle"] = time.perf_counter() - clock
 
     acc_v1, acc_v2, acc_oracle = (
@@ -243,10 +247,14 @@ def run_simulation(
 
     clock = time.perf_counter()
     base = train_line(
-        data.train, spec, plan, line="base", progress=lambda s, d, t: progress(f"cloud KD: {s}", d, t)
+        data.train,
+        spec,
+        plan,
+        line="base",
+        val=data.val,
+        progress=lambda s, d, t: progress(f"cloud KD: {s}", d, t),
     )
     float_acc, int8_acc = check_int8_accuracy(base.artifact, base.student, data.test)
-    check_int8_accuracy(base.artifact, base.student, data.val)  # the export's own guard
     timings["kd_and_export"] = time.perf_counter() - clock
     int8 = {
         "float_acc": float_acc,
