@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from device_firmware_py.exceptions import PrivacyBudgetExhaustedError
+from device_firmware_py.exceptions import PrivacyBudgetExhaustedError, PrivacyStateError
 
 MAP_SENSITIVITY = math.sqrt(2.0)
 
@@ -101,14 +101,28 @@ class PrivacyAccountant:
     """
 
     def __init__(self, budget_epsilon: float, delta: float, path: Path | None = None) -> None:
-        if budget_epsilon <= 0 or not 0 < delta < 1:
-            raise ValueError("budget_epsilon must be > 0 and 0 < delta < 1")
+        if not (math.isfinite(budget_epsilon) and budget_epsilon > 0 and 0 < delta < 1):
+            raise ValueError("budget_epsilon must be finite and > 0, and 0 < delta < 1")
         self.budget_epsilon = budget_epsilon
         self.delta = delta
         self._path = path
         self.spent_rho = 0.0
         if path is not None and path.exists():
-            self.spent_rho = float(json.loads(path.read_text())["spent_rho"])
+            self.spent_rho = self._load(path, delta)
+
+    @staticmethod
+    def _load(path: Path, delta: float) -> float:
+        """The ρ stored at `path`; PrivacyStateError if it is unreadable or for another δ."""
+        try:
+            state = json.loads(path.read_text())
+            spent, stored_delta = float(state["spent_rho"]), float(state["delta"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise PrivacyStateError(f"privacy state {path} is unreadable: {exc}") from None
+        if not (math.isfinite(spent) and spent >= 0):
+            raise PrivacyStateError(f"privacy state {path} holds an invalid spent ρ {spent}")
+        if stored_delta != delta:
+            raise PrivacyStateError(f"privacy state {path} was kept for δ={stored_delta}, not {delta}")
+        return spent
 
     @property
     def spent_epsilon(self) -> float:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from device_firmware_py.exceptions import NotEnoughSamplesError
+from device_firmware_py.exceptions import InvalidSamplesError, NotEnoughSamplesError
 from device_firmware_py.privacy import DPConfig, PrivacyAccountant, privatize
 from device_firmware_py.runtime import FloatArray, Int8Model
 from wire import EncodedArray, KnowledgeMetrics, KnowledgeReport, PrivacyStatement
@@ -81,42 +81,54 @@ def extract_knowledge(
     dp: DPConfig | None = None,
     accountant: PrivacyAccountant | None = None,
     seed: int = 0,
+    noise_rng: np.random.Generator | None = None,
 ) -> KnowledgeReport:
     """Run the int8 model on the private samples and return the knowledge report to publish.
 
-    Raises NotEnoughSamplesError below `min_samples`, PrivacyBudgetExhaustedError when DP is on and
-    the accountant's budget would be exceeded (nothing is spent then).
+    `seed` only picks the local hold-out. DP noise comes from `noise_rng`, by default a generator
+    seeded by the operating system: noise anyone could regenerate would protect nothing (only the
+    simulation passes a seeded one, to make its runs repeatable).
+
+    Raises NotEnoughSamplesError below `min_samples`, InvalidSamplesError for inputs and labels that
+    do not fit the model, PrivacyBudgetExhaustedError when DP is on and the accountant's budget
+    would be exceeded (nothing is spent then).
     """
     policy = policy or RDPolicy()
-    labels = np.asarray(labels, dtype=np.int64)
+    labels = np.asarray(labels)
     n = len(labels)
     if n < policy.min_samples:
         raise NotEnoughSamplesError(f"{n} labelled samples, RD needs at least {policy.min_samples}")
     manifest = model.manifest
     c = manifest.num_classes
-    if labels.min() < 0 or labels.max() >= c:
-        raise ValueError(f"labels must lie in [0, {c})")
+    if labels.ndim != 1 or labels.dtype.kind not in "iu" or labels.min() < 0 or labels.max() >= c:
+        raise InvalidSamplesError(f"labels must be a 1-D array of integers in [0, {c})")
+    labels = labels.astype(np.int64)
+    if len(inputs) != n:
+        raise InvalidSamplesError(f"{len(inputs)} inputs for {n} labels")
+    if dp is not None and accountant is not None and accountant.delta != dp.delta:
+        raise ValueError(f"the accountant tracks δ={accountant.delta}, the report would use δ={dp.delta}")
     features, logits = model.run(inputs)
     counts = preference_map(np.argmax(logits, axis=1), labels, c)
     w, b = model.head()
 
-    # Hold-out metrics from a fit on the rest; the reported Δ is then fitted on every sample.
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(n)
-    n_hold = int(round(n * policy.holdout_fraction))
-    hold, train = order[:n_hold], order[n_hold:]
-    dw, db = fit_head_delta(features[train], labels[train], w, b, policy)
-    metrics = KnowledgeMetrics(
-        holdout_size=n_hold,
-        holdout_acc_before=_accuracy(features[hold], labels[hold], w, b),
-        holdout_acc_after=_accuracy(features[hold], labels[hold], w + dw, b + db),
-    )
+    metrics = None
+    if dp is None:  # hold-out metrics from a fit on the rest; unnoised, so never sent under DP
+        order = np.random.default_rng(seed).permutation(n)
+        n_hold = int(round(n * policy.holdout_fraction))
+        hold, train = order[:n_hold], order[n_hold:]
+        dw, db = fit_head_delta(features[train], labels[train], w, b, policy)
+        metrics = KnowledgeMetrics(
+            holdout_size=n_hold,
+            holdout_acc_before=_accuracy(features[hold], labels[hold], w, b),
+            holdout_acc_after=_accuracy(features[hold], labels[hold], w + dw, b + db),
+        )
     dw, db = fit_head_delta(features, labels, w, b, policy)
 
     privacy = None
     map_out: npt.NDArray[np.float32] | npt.NDArray[np.int32] = counts
     if dp is not None:
         spent = accountant.charge(dp.rho) if accountant is not None else None
+        rng = noise_rng if noise_rng is not None else np.random.default_rng()
         map_out, dw, db = privatize(counts.astype(np.float64), dw, db, dp, rng)
         privacy = PrivacyStatement(
             epsilon=dp.epsilon,

@@ -10,7 +10,7 @@ import numpy as np
 import numpy.typing as npt
 
 from device_firmware_py.exceptions import ArtifactError
-from wire import ArtifactManifest, TensorSpec
+from wire import ArtifactManifest, ContractError, TensorSpec
 
 try:  # LiteRT is the runtime we ship; tflite-runtime (numpy<2) works where LiteRT has no wheel.
     from ai_edge_litert.interpreter import Interpreter
@@ -53,11 +53,17 @@ class Int8Model:
     @classmethod
     def from_files(cls, model_path: Path, manifest_path: Path) -> Int8Model:
         """Load an artifact and its manifest from disk, refusing oversized files before reading them."""
-        size = model_path.stat().st_size
-        if size > MAX_ARTIFACT_BYTES:
-            raise ArtifactError(f"artifact of {size} bytes exceeds {MAX_ARTIFACT_BYTES}")
-        manifest = ArtifactManifest.from_json(manifest_path.read_text())
-        return cls(model_path.read_bytes(), manifest)
+        try:
+            size = model_path.stat().st_size
+            if size > MAX_ARTIFACT_BYTES:
+                raise ArtifactError(f"artifact of {size} bytes exceeds {MAX_ARTIFACT_BYTES}")
+            manifest = ArtifactManifest.from_json(manifest_path.read_bytes())
+            model = model_path.read_bytes()
+        except OSError as exc:
+            raise ArtifactError(f"cannot read {exc.filename}: {exc.strerror}") from None
+        except ContractError as exc:
+            raise ArtifactError(str(exc)) from None
+        return cls(model, manifest)
 
     def _check_signature(self) -> None:
         inputs = self._runner.get_input_details()
@@ -78,7 +84,12 @@ class Int8Model:
 
     def run_int8(self, x: npt.ArrayLike) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.int8]]:
         """Raw int8 (features, logits) for a batch of float inputs, in the model's fixed batch size."""
-        xs = np.asarray(x, dtype=np.float32).reshape(-1, *self.manifest.input.shape[1:])
+        sample_shape = tuple(self.manifest.input.shape[1:])
+        xs = np.asarray(x, dtype=np.float32)
+        if xs.shape == sample_shape:
+            xs = xs[None]
+        if xs.shape[1:] != sample_shape:
+            raise ValueError(f"inputs of shape {xs.shape} do not fit the model's samples of {sample_shape}")
         n, b = xs.shape[0], self.batch
         feats = np.empty((n, *self.manifest.features.shape[1:]), dtype=np.int8)
         logits = np.empty((n, *self.manifest.logits.shape[1:]), dtype=np.int8)

@@ -9,11 +9,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from wire.arrays import EncodedArray
 from wire.common import Envelope, ModelId
-from wire.errors import ContractError
+from wire.errors import ContractError, describe
 from wire.limits import max_payload_bytes
 from wire.topics import MessageKind
 
-KNOWLEDGE_SCHEMA = "diredi.knowledge/1"
 MAX_CLASSES = 1000
 
 
@@ -58,7 +57,7 @@ class KnowledgeReport(Envelope):
     preference_map: EncodedArray
     delta_weight: EncodedArray  # C×D float16
     delta_bias: EncodedArray  # C float16
-    metrics: KnowledgeMetrics
+    metrics: KnowledgeMetrics | None  # None under DP: unnoised private metrics would leak
     privacy: PrivacyStatement | None = None
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
@@ -76,6 +75,8 @@ class KnowledgeReport(Envelope):
                 raise ValueError(f"{name} has shape {arr.shape}, expected {shape}")
             if arr.dtype not in dtypes:
                 raise ValueError(f"{name} has dtype {arr.dtype}, expected one of {dtypes}")
+        if self.privacy is not None and self.metrics is not None:
+            raise ValueError("a DP report must not carry unnoised metrics")
         counts = self.preference_map.to_numpy().astype(np.float64)
         if self.privacy is None:
             if self.preference_map.dtype != "int32":
@@ -112,6 +113,4 @@ class KnowledgeReport(Envelope):
         try:
             return cls.model_validate_json(payload)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "payload"
-            raise ContractError(f"invalid knowledge report at {where}: {first['msg']}") from None
+            raise ContractError(f"invalid knowledge report at {describe(exc)}") from None

@@ -1,15 +1,13 @@
 """The ArtifactManifest (DESIGN §2): what an exported int8 edge model is and how to check it."""
 
 from datetime import datetime
-from typing import Literal
+from typing import Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from wire.arrays import EncodedArray
 from wire.common import ModelId, utcnow
-from wire.errors import ContractError
-
-MANIFEST_SCHEMA = "diredi.manifest/1"
+from wire.errors import ContractError, describe
 
 
 class TensorSpec(BaseModel):
@@ -57,6 +55,30 @@ class ArtifactManifest(BaseModel):
     probes: list[ProbeOutput] = Field(max_length=32)
     created_at: datetime = Field(default_factory=utcnow)
 
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        c, d = self.num_classes, self.feature_dim
+        if self.features.shape[1:] != [d] or self.logits.shape[1:] != [c]:
+            raise ValueError(
+                f"output shapes {self.features.shape}, {self.logits.shape} do not fit D={d}, C={c}"
+            )
+        if not self.input.shape[0] == self.features.shape[0] == self.logits.shape[0]:
+            raise ValueError("input and outputs have different batch sizes")
+        for name, arr, shape in (
+            ("head_weight", self.head_weight, [c, d]),
+            ("head_bias", self.head_bias, [c]),
+        ):
+            if arr.dtype != "float32" or arr.shape != shape:
+                raise ValueError(f"{name} must be float32 of shape {shape}")
+            arr.to_numpy()  # finite
+        for i, probe in enumerate(self.probes):
+            shapes = (probe.input.shape, probe.features.shape, probe.logits.shape)
+            if shapes != (self.input.shape, self.features.shape, self.logits.shape):
+                raise ValueError(f"probe {i} does not have the model's tensor shapes")
+            if (probe.input.dtype, probe.features.dtype, probe.logits.dtype) != ("float32", "int8", "int8"):
+                raise ValueError(f"probe {i} must hold a float32 input and int8 outputs")
+        return self
+
     def to_json(self) -> str:
         """The manifest as JSON, as stored next to the artifact."""
         return self.model_dump_json(by_alias=True, indent=2)
@@ -67,6 +89,4 @@ class ArtifactManifest(BaseModel):
         try:
             return cls.model_validate_json(text)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "manifest"
-            raise ContractError(f"invalid manifest at {where}: {first['msg']}") from None
+            raise ContractError(f"invalid manifest at {describe(exc)}") from None

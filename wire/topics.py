@@ -22,11 +22,6 @@ class MessageKind(enum.StrEnum):
     CMD = "cmd"
 
 
-DEVICE_TO_CLOUD = frozenset(
-    {MessageKind.PRESENCE, MessageKind.STATUS, MessageKind.KNOWLEDGE, MessageKind.MODEL_ACK}
-)
-
-
 def check_device_id(device_id: str) -> str:
     """Return `device_id` if it matches the contract's pattern, else raise ContractError."""
     if not _DEVICE_ID.fullmatch(device_id):

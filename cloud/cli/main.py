@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -13,6 +12,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from cloud.exceptions import CloudError
+from device_firmware_py.exceptions import DeviceError
+from wire import ContractError
 
 app = typer.Typer(
     help="DiReDi fleet: keep edge models fitting their users without their data leaving the device."
@@ -26,6 +27,19 @@ def _main() -> None:
     """DiReDi fleet."""
 
 
+PLOT_SUFFIXES = {".png", ".svg", ".pdf"}
+
+
+def _check_output(path: Path, suffixes: set[str]) -> None:
+    """Refuse an output path before minutes of work rather than after."""
+    if path.suffix.lower() not in suffixes:
+        console.print(f"[red]error:[/red] {path}: the file name must end in one of {sorted(suffixes)}")
+        raise typer.Exit(2)
+    if not path.parent.is_dir():
+        console.print(f"[red]error:[/red] {path}: directory {path.parent} does not exist")
+        raise typer.Exit(2)
+
+
 @app.command()
 def sim(
     scenario: Annotated[Path, typer.Option(help="Scenario JSON file (DESIGN §3 format).")],
@@ -33,8 +47,10 @@ def sim(
     plot: Annotated[Path | None, typer.Option(help="Write a PNG plot of the accuracies here.")] = None,
 ) -> None:
     """Run the DiReDi learning loop in-process for every user of a scenario and print the table."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    logging.getLogger().setLevel(logging.ERROR)
+    logging.getLogger().setLevel(logging.ERROR)  # the converters log chattily at INFO/WARNING
+    for path, suffixes in ((out, {".json"}), (plot, PLOT_SUFFIXES)):
+        if path is not None:
+            _check_output(path, suffixes)
     from cloud.ml.scenario import load_scenario
     from cloud.sim.report import print_report, write_json, write_plot
     from cloud.sim.run import run_simulation
@@ -57,7 +73,7 @@ def sim(
                 bars.update(tasks[stage], completed=done, total=total)
 
             result = run_simulation(spec, progress=progress)
-    except CloudError as exc:
+    except (CloudError, DeviceError, ContractError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
     print_report(result, console)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -27,7 +27,6 @@ class TrainConfig:
     lr: float = 1e-3
     batch_size: int = 64
     weight_decay: float = 0.0
-    backbone_lr_scale: float = 1.0  # for a Student: the backbone's learning rate relative to the head's
     # KD only: each batch also gets a shifted, noisy copy, labelled by the teacher on the fly. More
     # transfer data makes the student follow the teacher more closely on inputs it never saw.
     augment: bool = False
@@ -82,16 +81,7 @@ def _fit(
     progress: Progress | None,
     mix: int = 0,
 ) -> None:
-    backbone = getattr(model, "backbone", None)
-    if isinstance(backbone, nn.Module) and config.backbone_lr_scale != 1.0:
-        backbone_ids = {id(p) for p in backbone.parameters()}
-        groups: list[dict[str, Any]] = [
-            {"params": list(backbone.parameters()), "lr": config.lr * config.backbone_lr_scale},
-            {"params": [p for p in model.parameters() if id(p) not in backbone_ids]},
-        ]
-        opt = torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
-    else:
-        opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     model.train()
     for epoch in range(config.epochs):
         for idx in _batches(n, config.batch_size, gen, mix):

@@ -6,7 +6,6 @@ import contextlib
 import copy
 import hashlib
 import io
-import logging
 import os
 import sys
 import tempfile
@@ -58,8 +57,6 @@ def _quiet() -> Iterator[None]:
     File descriptors 1 and 2 are redirected to a temporary file; if the conversion fails, its tail
     goes into the ExportError so nothing useful is lost.
     """
-    logging.getLogger().setLevel(logging.ERROR)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
@@ -188,11 +185,16 @@ def weight_tensor_bytes(model: bytes) -> int:
     return total
 
 
+def int8_accuracy(artifact: EdgeArtifact, student: Student, data: Split) -> tuple[float, float]:
+    """(float, int8) accuracy of the student and its artifact on `data`."""
+    with torch.no_grad():
+        float_acc = float((student(torch.from_numpy(data.x)).argmax(1).numpy() == data.y).mean())
+    return float_acc, float((artifact.load().predict(data.x) == data.y).mean())
+
+
 def check_int8_accuracy(artifact: EdgeArtifact, student: Student, val: Split) -> tuple[float, float]:
     """(float, int8) accuracy on `val`; ExportError if int8 loses more than 1.0 point."""
-    with torch.no_grad():
-        float_acc = float((student(torch.from_numpy(val.x)).argmax(1).numpy() == val.y).mean())
-    int8_acc = float((artifact.load().predict(val.x) == val.y).mean())
+    float_acc, int8_acc = int8_accuracy(artifact, student, val)
     if float_acc - int8_acc > MAX_INT8_DROP + 1e-9:  # exactly 1.0 point is within the limit
         raise ExportError(
             f"int8 accuracy {int8_acc:.4f} is {float_acc - int8_acc:.4f} below float {float_acc:.4f} "

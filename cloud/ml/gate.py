@@ -40,6 +40,8 @@ def gate(
 ) -> GateVerdict:
     """Approve a candidate when (a) it follows the knowledge and (b) untouched classes keep accuracy.
 
+    With no validation sample to check (a) on, there is no evidence for the candidate: refused.
+
     Predictions are the int8 models' top-1 on the presumed validation split; `touched` is read from
     the knowledge (classes on either side of a top-1 it changed), never from a scenario.
     """
@@ -49,7 +51,9 @@ def gate(
     acc_parent = float((parent_pred[untouched] == val_labels[untouched]).mean()) if untouched.any() else None
     acc_cand = float((candidate_pred[untouched] == val_labels[untouched]).mean()) if untouched.any() else None
     reasons = []
-    if agreement is not None and agreement < config.agreement_min:
+    if agreement is None:
+        reasons.append("no validation sample has a decision the knowledge changes, so none can be checked")
+    elif agreement < config.agreement_min:
         reasons.append(
             f"agrees with the knowledge on {agreement:.1%} of {int(changed.sum())} changed validation "
             f"samples, needs {config.agreement_min:.0%}"

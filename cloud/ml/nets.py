@@ -19,6 +19,7 @@ class NetSpec:
 
     @property
     def input_dim(self) -> int:
+        """Length of a flat input."""
         return self.side * self.side
 
 
@@ -71,6 +72,7 @@ class Student(nn.Module):
         return out
 
     def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(f(x), h(f(x)))."""
         feats = self.backbone(x)
         return feats, self.head(feats)
 

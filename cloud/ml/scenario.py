@@ -9,7 +9,7 @@ from typing import Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cloud.exceptions import ScenarioError
-from wire.topics import DEVICE_ID_PATTERN
+from wire.errors import describe
 
 MAX_SCENARIO_BYTES = 1024 * 1024
 
@@ -34,7 +34,8 @@ class UserSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    id: str = Field(pattern=DEVICE_ID_PATTERN)
+    # A device id's pattern, shortened: the simulation names the user's devices "<id>-d<k>".
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{2,55}$")
     label_map: dict[int, int] = Field(default_factory=dict)
     # strict: a JSON string or boolean is a mistake in the file, not a number to coerce
     noise_std: float = Field(default=0.0, ge=0.0, le=100.0, strict=True)
@@ -47,7 +48,10 @@ class UserSpec(BaseModel):
     def _keys_are_class_strings(cls, value: object) -> object:
         if isinstance(value, dict):
             for key, target in value.items():
-                if not (isinstance(key, str) and key.isdigit()) or isinstance(target, bool):
+                # canonical class numbers only: "03" and "3" would silently collapse into one entry
+                if not (isinstance(key, str) and key.isdigit() and str(int(key)) == key) or isinstance(
+                    target, bool
+                ):
                     raise ValueError(f'entry {key!r}: {target!r} must map a class like "3" to a class like 8')
                 if not isinstance(target, int):
                     raise ValueError(f"entry {key!r} maps to {target!r}, not a class number")
@@ -99,9 +103,7 @@ def parse_scenario(text: str | bytes, source: str = "scenario") -> Scenario:
     try:
         return Scenario.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise ScenarioError(f"{source}: {where}: {first['msg']}") from None
+        raise ScenarioError(f"{source}: {describe(exc)}") from None
 
 
 def load_scenario(path: Path) -> Scenario:

@@ -7,16 +7,26 @@ their serialized knowledge reports; labels and samples stay on the simulated dev
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from cloud.ml.cycle import CycleResult, EdgeLine, StageProgress, TrainingPlan, _silent, rd_cycle, train_line
-from cloud.ml.data import ScenarioData, Split, build_scenario_data, to_user_scenario
+from cloud.ml.cycle import (
+    CycleResult,
+    EdgeLine,
+    StageProgress,
+    TrainingPlan,
+    model_id_for,
+    rd_cycle,
+    silent,
+    train_line,
+)
+from cloud.ml.data import ScenarioData, Split, UserData, build_scenario_data, to_user_scenario
 from cloud.ml.distill import distill, train_classifier
-from cloud.ml.export import check_int8_accuracy, export_int8, float_file_bytes, weight_tensor_bytes
+from cloud.ml.export import export_int8, float_file_bytes, int8_accuracy, weight_tensor_bytes
 from cloud.ml.nets import NetSpec, parameter_count
 from cloud.ml.rd_update import RDConfig
 from cloud.ml.scenario import Scenario, UserSpec
@@ -24,6 +34,7 @@ from device_firmware_py.exceptions import NotEnoughSamplesError
 from device_firmware_py.privacy import DPConfig, PrivacyAccountant
 from device_firmware_py.rd import RDPolicy, extract_knowledge, softmax
 from device_firmware_py.runtime import Int8Model
+from wire import KnowledgeReport
 
 MIN_GAIN_FOR_GAP = 0.02  # DESIGN §3: gap_closed is null when the oracle gains less than this
 DP_BUDGET_EPSILON = 8.0
@@ -81,6 +92,8 @@ def _device_reports(
                 dp=dp,
                 accountant=accountant,
                 seed=seed + k,
+                # seeded DP noise only because this is a repeatable simulation; devices never do this
+                noise_rng=np.random.default_rng([seed, k, 7]),
             )
         except NotEnoughSamplesError:
             continue
@@ -90,8 +103,6 @@ def _device_reports(
 
 def _device_only_accuracy(v1: Int8Model, payloads: list[bytes], world: Split) -> float | None:
     """Mean accuracy of each device's own fine-tuned head h+Δ on v1's int8 features."""
-    from wire import KnowledgeReport
-
     feats = v1.run(world.x)[0]
     w, b = v1.head()
     accs = []
@@ -112,22 +123,20 @@ def _raw_upload_line(
     train_classifier(teacher, data.train, plan.teacher_finetune, seed=plan.seed + 2, extra=raw)
     student = copy.deepcopy(base.student)
     distill(student, teacher.eval(), data.train, plan.rekd, plan.kd, seed=plan.seed + 3, extra=raw)
-    artifact = export_int8(student.eval(), data.train.x, model_id=f"{line}.v2", line=line, version=2)
-    check_int8_accuracy(artifact, student, data.val)
+    artifact = export_int8(student.eval(), data.train.x, model_id=model_id_for(line, 2), line=line, version=2)
     return EdgeLine(line, 2, teacher, student, artifact)
 
 
 def _simulate_user(
     index: int,
-    user_data: Any,
+    user_data: UserData,
     data: ScenarioData,
     base: EdgeLine,
     spec: NetSpec,
     cfg: SimConfig,
     progress: StageProgress,
 ) -> tuple[dict[str, Any], dict[str, float]]:
-    user: UserSpec = user_data.spec
-    world: Split = user_data.world_test
+    user, world = user_data.spec, user_data.world_test
     timings: dict[str, float] = {}
     v1 = base.artifact.load()
     touched = set(user.label_map) | set(user.label_map.values())
@@ -177,9 +186,8 @@ def _simulate_user(
 
     clock = time.perf_counter()
     oracle_train = to_user_scenario(data.train, user, data.input_scale, np.random.default_rng([seed, 99]))
-    oracle_val = to_user_scenario(data.val, user, data.input_scale, np.random.default_rng([seed, 98]))
     oracle = train_line(
-        oracle_train, spec, cfg.plan, line=f"{user.id}-oracle", val=oracle_val, progress=stage("oracle")
+        oracle_train, spec, cfg.plan, line=f"{user.id}-oracle", val=None, progress=stage("oracle")
     )
     timings["oracle"] = time.perf_counter() - clock
 
@@ -210,7 +218,7 @@ def _simulate_user(
         "edge_weights_bytes": parameter_count(base.student) * 4,
         # What the device would upload instead: its float32 inputs and one byte of label each.
         "raw_private_bytes": samples_per_device * (spec.input_dim * 4 + 1),
-        "knowledge_to_approved_s": knowledge_to_approved if cycle else None,
+        "knowledge_to_approved_s": knowledge_to_approved if cycle and cycle.approved else None,
         "gate": _gate_summary(cycle),
         "gate_dp": _gate_summary(dp_cycle),
     }
@@ -231,18 +239,17 @@ def _gate_summary(cycle: CycleResult | None) -> dict[str, Any]:
 
 
 def run_simulation(
-    scenario: Scenario, cfg: SimConfig | None = None, progress: StageProgress = _silent
+    scenario: Scenario, cfg: SimConfig | None = None, progress: StageProgress = silent
 ) -> SimResult:
     """The whole loop for every user of `scenario`, with every baseline of DESIGN §3."""
     cfg = cfg or SimConfig()
+    # Every seed derives from the scenario's, so a scenario file fixes every figure of the run.
+    plan = dataclasses.replace(cfg.plan, seed=scenario.seed)
+    cfg = dataclasses.replace(cfg, plan=plan)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     data = build_scenario_data(scenario)
     spec = NetSpec(num_classes=data.num_classes)
-    plan = cfg.plan
-    if plan.seed == 0:
-        plan = TrainingPlan(**{**plan.__dict__, "seed": scenario.seed})
-        cfg = SimConfig(plan=plan, rd=cfg.rd, policy=cfg.policy, dp=cfg.dp)
     timings["data"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -254,7 +261,7 @@ def run_simulation(
         val=data.val,
         progress=lambda s, d, t: progress(f"cloud KD: {s}", d, t),
     )
-    float_acc, int8_acc = check_int8_accuracy(base.artifact, base.student, data.test)
+    float_acc, int8_acc = int8_accuracy(base.artifact, base.student, data.test)
     timings["kd_and_export"] = time.perf_counter() - clock
     int8 = {
         "float_acc": float_acc,

@@ -116,3 +116,26 @@ def test_sim_help_lists_its_options() -> None:
     assert result.exit_code == 0
     for option in ("--scenario", "--out", "--plot"):
         assert option in output
+
+
+@pytest.mark.parametrize(
+    ("option", "name", "reason"),
+    [
+        ("--plot", "result.gif", "must end in"),
+        ("--out", "result.txt", "must end in"),
+        ("--plot", "no/such.png", "does not exist"),
+    ],
+)
+def test_output_paths_are_checked_before_any_work(
+    option: str, name: str, reason: str, tmp_path: Path
+) -> None:
+    # Prepare
+    scenario = tmp_path / "scenario.json"
+    scenario.write_text("{}")  # never read: the output path is refused first
+
+    # Execute
+    result = CliRunner().invoke(app, ["sim", "--scenario", str(scenario), option, str(tmp_path / name)])
+
+    # Assert
+    assert result.exit_code == 2
+    assert reason in " ".join(result.output.split())

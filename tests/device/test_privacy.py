@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from device_firmware_py.exceptions import PrivacyBudgetExhaustedError
+from device_firmware_py.exceptions import PrivacyBudgetExhaustedError, PrivacyStateError
 from device_firmware_py.privacy import (
     MAP_SENSITIVITY,
     DPConfig,
@@ -371,3 +371,38 @@ def test_dp_report_with_a_head_delta_share(base_model: Int8Model, small_data: Sc
     assert report.privacy.clip_norm == 1.0
     assert np.linalg.norm(report.delta_weight.to_numpy()) > 0
     assert KnowledgeReport.from_bytes(report.to_bytes()) == report
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "not json",
+        '{"delta": 1e-5}',
+        '{"spent_rho": -1, "delta": 1e-5}',
+        '{"spent_rho": "NaN", "delta": 1e-5}',
+    ],
+    ids=["not-json", "missing-rho", "negative-rho", "nan-rho"],
+)
+def test_a_corrupt_privacy_state_is_refused(content: str, tmp_path: Path) -> None:
+    # Prepare
+    state = tmp_path / "privacy.json"
+    state.write_text(content)
+
+    # Execute / Assert: refusing is safe; starting from zero would forget what was spent
+    with pytest.raises(PrivacyStateError):
+        PrivacyAccountant(8.0, 1e-5, state)
+
+
+def test_a_privacy_state_kept_for_another_delta_is_refused(tmp_path: Path) -> None:
+    # Prepare
+    state = tmp_path / "privacy.json"
+    PrivacyAccountant(8.0, 1e-5, state).charge(0.1)
+
+    # Execute / Assert
+    with pytest.raises(PrivacyStateError, match="δ"):
+        PrivacyAccountant(8.0, 1e-6, state)
+
+
+def test_a_nan_budget_is_refused() -> None:
+    with pytest.raises(ValueError):
+        PrivacyAccountant(math.nan, 1e-5)

@@ -10,7 +10,8 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from device_firmware_py.exceptions import NotEnoughSamplesError
+from device_firmware_py.exceptions import InvalidSamplesError, NotEnoughSamplesError
+from device_firmware_py.privacy import DPConfig
 from device_firmware_py.rd import RDPolicy, extract_knowledge, fit_head_delta, preference_map, softmax
 from device_firmware_py.runtime import FloatArray, Int8Model
 from wire import KnowledgeReport
@@ -144,6 +145,7 @@ def test_extract_knowledge_reports_dana_preference(base_model: Int8Model, small_
     assert (report.num_classes, report.feature_dim) == (10, 64)
     assert counts[3].sum() >= 5
     assert counts[3, 8] > 0.5 * counts[3].sum()  # what the model calls 3, dana calls 8
+    assert report.metrics is not None
     assert report.metrics.holdout_size == 20
 
 
@@ -277,3 +279,61 @@ def test_report_contains_no_private_row_nor_its_features(
         "metrics",
         "privacy",
     }
+
+
+def test_dp_noise_cannot_be_regenerated_from_the_seed(
+    base_model: Int8Model, small_data: ScenarioData
+) -> None:
+    # Prepare
+    pool = dana_pool(small_data)
+    dp = DPConfig(epsilon=4.0)
+
+    # Execute: the same seed twice, noise from the OS
+    first = extract_knowledge(base_model, pool.x, pool.y, device_id="dana-d0", dp=dp, seed=1)
+    second = extract_knowledge(base_model, pool.x, pool.y, device_id="dana-d0", dp=dp, seed=1)
+
+    # Assert: different noise, and no unnoised metrics in a DP report
+    assert not np.array_equal(first.counts(), second.counts())
+    assert first.metrics is None and second.metrics is None
+
+
+def test_seeded_dp_noise_repeats_for_the_simulation(base_model: Int8Model, small_data: ScenarioData) -> None:
+    # Prepare
+    pool = dana_pool(small_data)
+    dp = DPConfig(epsilon=4.0)
+
+    # Execute
+    reports = [
+        extract_knowledge(
+            base_model, pool.x, pool.y, device_id="dana-d0", dp=dp, noise_rng=np.random.default_rng(9)
+        )
+        for _ in range(2)
+    ]
+
+    # Assert
+    np.testing.assert_array_equal(reports[0].counts(), reports[1].counts())
+
+
+@pytest.mark.parametrize("bad", ["fewer-inputs", "float-labels", "2d-labels"])
+def test_samples_that_do_not_fit_are_refused(
+    bad: str, base_model: Int8Model, small_data: ScenarioData
+) -> None:
+    # Prepare
+    pool = dana_pool(small_data)
+    x, y = pool.x, np.asarray(pool.y)
+    y_bad: npt.NDArray[np.generic] = y
+    if bad == "fewer-inputs":
+        x = x[:-1]
+    elif bad == "float-labels":
+        y_bad = y.astype(np.float64) + 0.5
+    else:
+        y_bad = np.stack([y, y], axis=1)
+
+    # Execute / Assert
+    with pytest.raises(InvalidSamplesError):
+        extract_knowledge(base_model, x, y_bad, device_id="dana-d0")  # type: ignore[arg-type]
+
+
+def test_inputs_of_the_wrong_width_are_refused(base_model: Int8Model) -> None:
+    with pytest.raises(ValueError, match="do not fit"):
+        base_model.run(np.zeros((3, 65), dtype=np.float32))

@@ -153,3 +153,45 @@ def test_not_a_manifest_document_is_refused(text: str) -> None:
     # Execute / Assert
     with pytest.raises(ContractError, match="invalid manifest"):
         ArtifactManifest.from_json(text)
+
+
+def _small_head(doc: Doc) -> None:
+    doc["head_weight"] = {"dtype": "float32", "shape": [2, 3], "data": "A" * 32}
+
+
+def _nan_bias(doc: Doc) -> None:
+    import base64
+
+    import numpy as np
+
+    doc["head_bias"]["data"] = base64.b64encode(np.full(10, np.nan, dtype="<f4").tobytes()).decode()
+
+
+def _probe_shape(doc: Doc) -> None:
+    doc["probes"][0]["input"] = {"dtype": "float32", "shape": [1, 2], "data": "AAAAAAAAAAA="}
+
+
+def _feature_dim(doc: Doc) -> None:
+    doc["feature_dim"] = 32
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "reason"),
+    [
+        (_small_head, "head_weight must be float32 of shape"),
+        (_nan_bias, "NaN or Inf"),
+        (_probe_shape, "probe 0 does not have the model's tensor shapes"),
+        (_feature_dim, "do not fit D=32"),
+    ],
+    ids=["head-shape", "nan-head", "probe-shape", "feature-dim"],
+)
+def test_fields_that_contradict_each_other_are_refused(
+    base_line: EdgeLine, corrupt: Callable[[Doc], None], reason: str
+) -> None:
+    # Prepare
+    doc = manifest_doc(base_line)
+    corrupt(doc)
+
+    # Execute / Assert
+    with pytest.raises(ContractError, match=reason):
+        ArtifactManifest.from_json(json.dumps(doc))

@@ -158,8 +158,8 @@ def test_untouched_accuracy_ignores_touched_classes() -> None:
     assert naive.untouched_samples == 220
 
 
-def test_no_changed_samples_is_no_reason_to_reject() -> None:
-    # Prepare: the knowledge changed nothing on validation
+def test_no_changed_validation_sample_means_no_evidence_and_is_refused() -> None:
+    # Prepare: the knowledge changed decisions on the transfer set but nothing on validation
     case = dana_case()
     case["target_top1"] = case["teacher_top1"].copy()
     case["candidate_pred"] = case["parent_pred"].copy()
@@ -170,7 +170,8 @@ def test_no_changed_samples_is_no_reason_to_reject() -> None:
     # Assert
     assert verdict.changed_samples == 0
     assert verdict.agreement is None
-    assert verdict.approved
+    assert not verdict.approved
+    assert "none can be checked" in verdict.reason
 
 
 def test_no_untouched_samples_gives_no_untouched_accuracy() -> None:

@@ -68,7 +68,9 @@ def make_report(
         preference_map=EncodedArray.from_numpy(counts_arr, "float32" if privacy else "int32"),
         delta_weight=EncodedArray.from_numpy(dw, "float16"),
         delta_bias=EncodedArray.from_numpy(db, "float16"),
-        metrics=KnowledgeMetrics(holdout_size=10, holdout_acc_before=0.5, holdout_acc_after=0.9),
+        metrics=None
+        if privacy
+        else KnowledgeMetrics(holdout_size=10, holdout_acc_before=0.5, holdout_acc_after=0.9),
         privacy=privacy,
     )
 
@@ -492,3 +494,18 @@ def test_one_wild_head_delta_of_five_does_not_move_targets(
     # Assert
     np.testing.assert_array_equal(p_star, p_t)
     assert (change == 0).all()
+
+
+def test_one_device_counts_once_however_often_it_reports(base_line: EdgeLine) -> None:
+    # Prepare: two honest devices agree on nothing moving; a third sends the same 3→8 report
+    # three times (redelivery, or a device trying to out-vote the median)
+    manifest = base_line.artifact.manifest
+    honest = [make_report(manifest.model_id, diagonal_counts(), device_id=f"dana-d{i}") for i in range(2)]
+    loud = make_report(manifest.model_id, preference_counts(20), device_id="mallory")
+
+    # Execute
+    knowledge = combine_reports([*honest, loud, loud, loud], manifest, RDConfig())
+
+    # Assert: three devices, three votes: the median outvotes mallory
+    assert knowledge.report_count == 3
+    assert knowledge.preference[3].argmax() == 3

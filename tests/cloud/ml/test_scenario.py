@@ -317,3 +317,21 @@ def test_check_against_accepts_private_pools_leaving_a_quarter() -> None:
 
     # Assert
     assert len(data.train) + len(data.val) + len(data.test) == 450
+
+
+def test_label_map_keys_must_be_canonical_class_numbers() -> None:
+    # Prepare: "03" and "3" would collapse into one entry and silently lose one mapping
+    doc = scenario(users=[user(label_map={"03": 8, "3": 9})])
+
+    # Execute / Assert
+    with pytest.raises(ScenarioError, match="label_map"):
+        parse_scenario(encode(doc))
+
+
+def test_user_ids_leave_room_for_device_suffixes() -> None:
+    # Prepare: the simulation names devices "<id>-d<k>", which must still be a device id (≤ 63)
+    doc = scenario(users=[user(id="a" * 57)])
+
+    # Execute / Assert
+    with pytest.raises(ScenarioError, match=r"users\.0\.id"):
+        parse_scenario(encode(doc))
