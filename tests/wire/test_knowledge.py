@@ -53,6 +53,8 @@ def make_report(**overrides: Any) -> KnowledgeReport:
         "metrics": KnowledgeMetrics(holdout_size=12, holdout_acc_before=0.5, holdout_acc_after=0.75),
     }
     fields.update(overrides)
+    if fields.get("privacy") is not None and "metrics" not in overrides:
+        fields["metrics"] = None  # a DP report carries no unnoised metrics
     return KnowledgeReport.model_validate(fields)
 
 
@@ -436,3 +438,16 @@ def test_any_json_value_in_a_valid_report_gives_a_report_or_a_contract_error(fie
 
     # Execute / Assert
     assert_report_or_contract_error(payload_of(doc))
+
+
+def test_a_dp_report_with_unnoised_metrics_is_refused() -> None:
+    # Prepare
+    privacy = PrivacyStatement(
+        epsilon=4.0, delta=1e-5, rho=0.3, sigma_map=1.3, sigma_delta=None, clip_norm=1.0, spent_epsilon=4.0
+    )
+    doc = json.loads(make_report(privacy=privacy).to_bytes())
+    doc["metrics"] = {"holdout_size": 12, "holdout_acc_before": 0.5, "holdout_acc_after": 0.75}
+
+    # Execute / Assert
+    with pytest.raises(ContractError, match="unnoised metrics"):
+        KnowledgeReport.from_bytes(payload_of(doc))
