@@ -25,7 +25,7 @@ class RDConfig:
     # confident decision moves ≥ 1.0, so θ < 1 only filters soft changes (measured: 0.7, not 0.3).
     theta: float = 0.7
     beta: float = 4.0  # re-KD weight 1 + β·‖p* − p_T‖₁
-    delta_weight: float = 0.3  # share of the head-delta target in p (the rest from the map)
+    delta_weight: float = 0.3  # how much of the head delta's per-sample change enters p_Δ
     dp_threshold_sigmas: float = 3.0  # noisy DP counts below this many σ are treated as zero
     agreement_min: float = 0.95  # gate (a)
     untouched_max_drop: float = 0.010  # gate (b)
@@ -154,16 +154,20 @@ def soft_targets(
 ) -> tuple[FloatArray, FloatArray]:
     """(p*, ‖p* − p_T‖₁) per sample: the teacher's belief moved by the user's difference beyond θ.
 
-    `features` are the int8 artifact's features of the same inputs, for the head-delta target.
+    The two parts of the knowledge compose: the head delta corrects the teacher's belief at input
+    level, `p_Δ = p_T + w·(p_S' − p_S)`, and the preference map then moves that belief at class
+    level, `p = p_Δ·M̂`. A head delta fitted on few samples can then soften the map's verdict only
+    by what it actually learned, never by a fixed share. `features` are the int8 artifact's
+    features of the same inputs.
     """
-    p = p_teacher @ knowledge.preference
+    p_in = p_teacher
     if knowledge.deltas and config.delta_weight > 0:
         w, b = head
         p_s = softmax(features @ w.T + b)
         diffs = np.stack([softmax(features @ (w + dw).T + (b + db)) - p_s for dw, db in knowledge.deltas])
-        p_delta = np.clip(p_teacher + _robust_mean(diffs), 0.0, None)
-        p_delta /= np.maximum(p_delta.sum(axis=1, keepdims=True), 1e-12)
-        p = (1 - config.delta_weight) * p + config.delta_weight * p_delta
+        p_in = np.clip(p_teacher + config.delta_weight * _robust_mean(diffs), 0.0, None)
+        p_in /= np.maximum(p_in.sum(axis=1, keepdims=True), 1e-12)
+    p = p_in @ knowledge.preference
     change = np.abs(p - p_teacher).sum(axis=1)
     moved = change > config.theta
     p_star = np.where(moved[:, None], p, p_teacher).astype(np.float32)

@@ -105,7 +105,7 @@ def test_same_inputs_give_the_same_model(
 
 COHORT = """{"name": "cohort", "dataset": "digits", "seed": 8,
   "presumed": {"test_fraction": 0.2, "val_fraction": 0.3},
-  "users": [{"id": "jo", "label_map": {"3": 8}, "private_train": 24, "private_test": 150, "devices": 5}]}"""
+  "users": [{"id": "joe", "label_map": {"3": 8}, "private_train": 40, "private_test": 150, "devices": 5}]}"""
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +129,7 @@ def cohort_base(cohort: ScenarioData, fast_plan: TrainingPlan) -> EdgeLine:
 def cohort_reports(cohort: ScenarioData, cohort_base: EdgeLine) -> list[bytes]:
     model = cohort_base.artifact.load()
     return [
-        report_bytes(model, pool, f"jo-d{i}", seed=i) for i, pool in enumerate(cohort.users[0].device_train)
+        report_bytes(model, pool, f"joe-d{i}", seed=i) for i, pool in enumerate(cohort.users[0].device_train)
     ]
 
 
@@ -137,7 +137,7 @@ def cohort_reports(cohort: ScenarioData, cohort_base: EdgeLine) -> list[bytes]:
 def clean_accuracy(
     cohort: ScenarioData, cohort_base: EdgeLine, cohort_reports: list[bytes], fast_plan: TrainingPlan
 ) -> float:
-    result = rd_cycle(cohort_base, cohort_reports, cohort.train, cohort.val, fast_plan, RDConfig(), line="jo")
+    result = rd_cycle(cohort_base, cohort_reports, cohort.train, cohort.val, fast_plan, RDConfig(), line="joe")
     assert result.approved is not None, result.reason
     return world_accuracy(result.approved.artifact.load(), cohort.users[0].world_test)
 
@@ -151,13 +151,13 @@ def test_one_poisoned_device_of_five_barely_moves_v2(
     clean_accuracy: float,
     fast_plan: TrainingPlan,
 ) -> None:
-    # Prepare: the fifth device of jo's cohort sends a poisoned head delta
+    # Prepare: the fifth device of joe's cohort sends a poisoned head delta
     poisoned = [*cohort_reports[:4], with_delta(cohort_reports[4], factor)]
 
     # Execute
-    result = rd_cycle(cohort_base, poisoned, cohort.train, cohort.val, fast_plan, RDConfig(), line="jo")
+    result = rd_cycle(cohort_base, poisoned, cohort.train, cohort.val, fast_plan, RDConfig(), line="joe")
 
-    # Assert: approved, within one point of the clean run on jo's world, and better than v1
+    # Assert: approved, within one point of the clean run on joe's world, and better than v1
     assert result.approved is not None, result.reason
     world = cohort.users[0].world_test
     acc_poisoned = world_accuracy(result.approved.artifact.load(), world)
