@@ -137,7 +137,9 @@ def cohort_reports(cohort: ScenarioData, cohort_base: EdgeLine) -> list[bytes]:
 def clean_accuracy(
     cohort: ScenarioData, cohort_base: EdgeLine, cohort_reports: list[bytes], fast_plan: TrainingPlan
 ) -> float:
-    result = rd_cycle(cohort_base, cohort_reports, cohort.train, cohort.val, fast_plan, RDConfig(), line="joe")
+    result = rd_cycle(
+        cohort_base, cohort_reports, cohort.train, cohort.val, fast_plan, RDConfig(), line="joe"
+    )
     assert result.approved is not None, result.reason
     return world_accuracy(result.approved.artifact.load(), cohort.users[0].world_test)
 
