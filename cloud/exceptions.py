@@ -15,3 +15,28 @@ class ExportError(CloudError):
 
 class KnowledgeError(CloudError):
     """Knowledge reports cannot be used: wrong base model, shape, or nothing usable."""
+
+
+class RegistryError(CloudError):
+    """A registry operation that cannot be done as asked."""
+
+
+class NotFoundError(RegistryError):
+    """The named row does not exist."""
+
+    def __init__(self, kind: str, key: object) -> None:
+        super().__init__(f"{kind} {key!s} not found")
+        self.kind = kind
+        self.key = key
+
+
+class ConflictError(RegistryError):
+    """The operation conflicts with the current state (a duplicate id, a wrong status)."""
+
+
+class ArtifactStoreError(CloudError):
+    """An artifact is missing, corrupt, or its address is not a sha256."""
+
+
+class SigningError(CloudError):
+    """A signing key is unusable or a signature does not verify."""

@@ -1,0 +1,339 @@
+"""The registry's tables (DESIGN §4) as SQLAlchemy 2 typed models; only migrations create the schema."""
+
+import enum
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Dialect,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    Uuid,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+# Named constraints, so migrations can drop and alter them on both SQLite and PostgreSQL.
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp stored in UTC and always read back timezone-aware (SQLite forgets the zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetimes are not stored; use an aware UTC datetime")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+JSONType = JSON().with_variant(JSONB(), "postgresql")
+
+
+def utcnow() -> datetime:
+    """The current time in UTC, timezone-aware."""
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    """Base of every registry table."""
+
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSONType}
+
+
+def _enum(cls: type[enum.Enum]) -> Enum:
+    # Stored as short strings with a CHECK, the same on both backends (no PostgreSQL ENUM types to migrate).
+    return Enum(
+        cls,
+        native_enum=False,
+        length=16,
+        values_callable=lambda e: [m.value for m in e],
+        validate_strings=True,
+        create_constraint=True,
+        name=cls.__name__.lower(),
+    )
+
+
+class Role(enum.StrEnum):
+    """Operator roles, in increasing power."""
+
+    viewer = "viewer"
+    operator = "operator"
+    admin = "admin"
+
+    @property
+    def rank(self) -> int:
+        return list(Role).index(self)
+
+
+class DeviceStatus(enum.StrEnum):
+    active = "active"
+    revoked = "revoked"
+
+
+class Presence(enum.StrEnum):
+    unknown = "unknown"
+    online = "online"
+    offline = "offline"
+
+
+class ModelKind(enum.StrEnum):
+    cloud = "cloud"
+    edge = "edge"
+
+
+class ModelStatus(enum.StrEnum):
+    candidate = "candidate"
+    approved = "approved"
+    rejected = "rejected"
+    retired = "retired"
+
+
+class KnowledgeStatus(enum.StrEnum):
+    received = "received"  # stored by the ingest, waiting for a job
+    consumed = "consumed"  # used by a job
+    discarded = "discarded"  # dropped by a job (stale base model, failed checks)
+
+
+class JobState(enum.StrEnum):
+    pending = "pending"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+class RolloutState(enum.StrEnum):
+    pending = "pending"
+    running = "running"
+    paused = "paused"
+    halted = "halted"
+    completed = "completed"
+    rolled_back = "rolled_back"
+
+
+class TargetState(enum.StrEnum):
+    pending = "pending"  # not yet offered
+    offered = "offered"  # DesiredModel published
+    installed = "installed"
+    failed = "failed"
+    rolled_back = "rolled_back"
+
+
+class Cohort(Base):
+    """A model line: the devices that share one cloud model and its edge models."""
+
+    __tablename__ = "cohort"
+
+    id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Device(Base):
+    """One provisioned device: its credential hash, cohort, models and presence."""
+
+    __tablename__ = "device"
+
+    id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    cohort_id: Mapped[str] = mapped_column(ForeignKey("cohort.id"), index=True)
+    credential_hash: Mapped[str] = mapped_column(String(64))
+    status: Mapped[DeviceStatus] = mapped_column(_enum(DeviceStatus), default=DeviceStatus.active)
+    labels: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    desired_model_id: Mapped[str | None] = mapped_column(ForeignKey("model.id"), index=True)
+    reported_model_id: Mapped[str | None] = mapped_column(ForeignKey("model.id"), index=True)
+    presence: Mapped[Presence] = mapped_column(_enum(Presence), default=Presence.unknown)
+    presence_conn: Mapped[str | None] = mapped_column(String(64))
+    last_seen: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    revoked_at: Mapped[datetime | None]
+
+    cohort: Mapped[Cohort] = relationship()
+
+
+class Model(Base):
+    """A cloud (teacher) or edge model of a line, with where it came from and whether it may ship."""
+
+    __tablename__ = "model"
+    __table_args__ = (UniqueConstraint("cohort_id", "kind", "version", name="uq_model_line_version"),)
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    cohort_id: Mapped[str] = mapped_column(ForeignKey("cohort.id"), index=True)
+    kind: Mapped[ModelKind] = mapped_column(_enum(ModelKind))
+    version: Mapped[int] = mapped_column(Integer)
+    parent_id: Mapped[str | None] = mapped_column(ForeignKey("model.id"))
+    teacher_id: Mapped[str | None] = mapped_column(ForeignKey("model.id"))
+    format: Mapped[str] = mapped_column(String(32))
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    manifest: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    status: Mapped[ModelStatus] = mapped_column(_enum(ModelStatus), default=ModelStatus.candidate, index=True)
+    status_reason: Mapped[str] = mapped_column(Text, default="")
+    job_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("job.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    decided_at: Mapped[datetime | None]
+
+
+class KnowledgeReport(Base):
+    """A device's RD knowledge report; the payload is kept for the pipeline and never served."""
+
+    __tablename__ = "knowledge_report"
+
+    msg_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("device.id"), index=True)
+    base_model_id: Mapped[str] = mapped_column(ForeignKey("model.id"), index=True)
+    schema: Mapped[str] = mapped_column(String(32))
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    sample_count: Mapped[int] = mapped_column(Integer)
+    dp_epsilon: Mapped[float | None] = mapped_column(Float)
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    status: Mapped[KnowledgeStatus] = mapped_column(
+        _enum(KnowledgeStatus), default=KnowledgeStatus.received, index=True
+    )
+    status_reason: Mapped[str] = mapped_column(Text, default="")
+    job_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("job.id"), index=True)
+    sent_at: Mapped[datetime]
+    received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    payload: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)
+
+
+class Job(Base):
+    """A unit of pipeline work, with its progress, outcome and the lease of the worker running it."""
+
+    __tablename__ = "job"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    type: Mapped[str] = mapped_column(String(32), index=True)
+    cohort_id: Mapped[str | None] = mapped_column(ForeignKey("cohort.id"), index=True)
+    state: Mapped[JobState] = mapped_column(_enum(JobState), default=JobState.pending, index=True)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    stage: Mapped[str] = mapped_column(String(64), default="")
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    result: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    error: Mapped[str] = mapped_column(Text, default="")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_until: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+
+class Rollout(Base):
+    """The staged delivery of one approved edge model to a cohort's devices."""
+
+    __tablename__ = "rollout"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    cohort_id: Mapped[str] = mapped_column(ForeignKey("cohort.id"), index=True)
+    model_id: Mapped[str] = mapped_column(ForeignKey("model.id"), index=True)
+    state: Mapped[RolloutState] = mapped_column(_enum(RolloutState), default=RolloutState.pending, index=True)
+    waves: Mapped[dict[str, Any]] = mapped_column(default=dict)  # the wave plan and halt thresholds
+    current_wave: Mapped[int] = mapped_column(Integer, default=0)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    created_by: Mapped[str] = mapped_column(String(128), default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    targets: Mapped[list["RolloutTarget"]] = relationship(back_populates="rollout")
+
+
+class RolloutTarget(Base):
+    """One device in a rollout: its wave and how far it got."""
+
+    __tablename__ = "rollout_target"
+
+    rollout_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("rollout.id"), primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("device.id"), primary_key=True, index=True)
+    wave: Mapped[int] = mapped_column(Integer)
+    state: Mapped[TargetState] = mapped_column(_enum(TargetState), default=TargetState.pending)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    rollout: Mapped[Rollout] = relationship(back_populates="targets")
+
+
+class Telemetry(Base):
+    """One status message of a device; a fast-growing time series, indexed by time and pruned."""
+
+    __tablename__ = "telemetry"
+    __table_args__ = (Index("ix_telemetry_device_at", "device_id", "at"),)
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    msg_id: Mapped[uuid.UUID] = mapped_column(Uuid, unique=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("device.id"))
+    at: Mapped[datetime] = mapped_column(index=True)
+    model_id: Mapped[str | None] = mapped_column(String(128))
+    uptime_s: Mapped[float | None] = mapped_column(Float)
+    inference_count: Mapped[int | None] = mapped_column(BigInteger)
+    latency_p50_ms: Mapped[float | None] = mapped_column(Float)
+    latency_p95_ms: Mapped[float | None] = mapped_column(Float)
+    mean_confidence: Mapped[float | None] = mapped_column(Float)
+    labelled_count: Mapped[int | None] = mapped_column(Integer)
+    accuracy: Mapped[float | None] = mapped_column(Float)
+    cpu_percent: Mapped[float | None] = mapped_column(Float)
+    mem_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    temp_c: Mapped[float | None] = mapped_column(Float)
+    class_histogram: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+
+
+class ApiKey(Base):
+    """An operator's bearer key: only its SHA-256 is stored (the key itself has 256 random bits)."""
+
+    __tablename__ = "api_key"
+
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)  # the public prefix of the key
+    name: Mapped[str] = mapped_column(String(128), default="")
+    role: Mapped[Role] = mapped_column(_enum(Role))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_used_at: Mapped[datetime | None]
+
+
+class AuditLog(Base):
+    """Who changed what, when: one row per mutating call."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(160))
+    action: Mapped[str] = mapped_column(String(64), index=True)
+    target: Mapped[str] = mapped_column(String(160), default="")
+    detail: Mapped[dict[str, Any]] = mapped_column(default=dict)

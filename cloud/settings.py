@@ -1,0 +1,52 @@
+"""The cloud's settings (DESIGN §5): one object, read from `DIREDI_*` environment variables or `.env`."""
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every deployable of the cloud (API, ingest, worker, CLI) reads this one object."""
+
+    model_config = SettingsConfigDict(env_prefix="DIREDI_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Path(".diredi")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL; default: SQLite at <data_dir>/registry.db"
+    )
+    artifact_dir: Path | None = Field(
+        None, description="content-addressed artifacts; default <data_dir>/artifacts"
+    )
+    signing_key_dir: Path | None = Field(
+        None, description="the cloud's Ed25519 keys; default <data_dir>/keys (owner-only)"
+    )
+    mqtt_url: str = "mqtt://127.0.0.1:1883"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    telemetry_retention_days: float = Field(7.0, gt=0, description="telemetry older than this is pruned")
+    api_max_body_bytes: int = Field(1 << 20, gt=0, description="requests with a larger body get 413")
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_database(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("sqlite", "postgresql")):
+            raise ValueError("database_url must be a sqlite:// or postgresql:// URL")
+        return url
+
+    @cached_property
+    def resolved_database_url(self) -> str:
+        """The database URL, defaulting to an SQLite file under the data directory."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'registry.db').resolve()}"
+
+    @cached_property
+    def resolved_artifact_dir(self) -> Path:
+        """Where the local artifact store keeps blobs."""
+        return self.artifact_dir or self.data_dir / "artifacts"
+
+    @cached_property
+    def resolved_signing_key_dir(self) -> Path:
+        """Where the cloud's signing keys live."""
+        return self.signing_key_dir or self.data_dir / "keys"
