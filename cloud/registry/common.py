@@ -1,0 +1,44 @@
+"""Helpers every registry module uses: pagination with totals, secrets and their hashes."""
+
+import hashlib
+import hmac
+import secrets
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+from sqlalchemy import Select, func, select
+from sqlalchemy.orm import Session
+
+T = TypeVar("T")
+
+
+def paginate(session: Session, statement: Select[T], *, limit: int, offset: int) -> tuple[Sequence[T], int]:
+    """One page of `statement`'s rows and the total number of rows it matches."""
+    total = session.scalar(select(func.count()).select_from(statement.order_by(None).subquery()))
+    rows = session.scalars(statement.limit(limit).offset(offset)).all()
+    return rows, int(total or 0)
+
+
+def new_secret() -> str:
+    """A credential with 256 random bits, URL-safe."""
+    return secrets.token_urlsafe(32)
+
+
+def hash_secret(secret: str) -> str:
+    """SHA-256 of a high-entropy secret: fast to check, and as safe as a slow hash for 256 random bits."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def secret_matches(secret: str, stored_hash: str) -> bool:
+    """Whether `secret` hashes to `stored_hash`, compared in constant time."""
+    return hmac.compare_digest(hash_secret(secret), stored_hash)
+
+
+def changed(row: Any, **values: Any) -> dict[str, Any]:
+    """Set attributes on `row`; return the ones whose value changed (for the audit log)."""
+    diff = {}
+    for name, value in values.items():
+        if getattr(row, name) != value:
+            diff[name] = value
+            setattr(row, name, value)
+    return diff

@@ -1,0 +1,169 @@
+"""Models of a line: registering cloud and edge models with their artifacts, versions, and approval."""
+
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import Select, func, select
+from sqlalchemy.orm import Session
+
+from cloud.artifacts import ArtifactStore
+from cloud.exceptions import ConflictError, NotFoundError
+from cloud.registry.common import paginate
+from cloud.registry.devices import get_cohort
+from cloud.registry.tables import Model, ModelKind, ModelStatus, utcnow
+from wire.manifest import ArtifactManifest
+
+CLOUD_FORMAT = "torch-state-dict"
+
+
+def cloud_model_id(cohort_id: str, version: int) -> str:
+    """The id of a line's cloud (teacher) model; edge models are `<line>.v<N>` (cloud.ml.cycle)."""
+    return f"{cohort_id}.cloud.v{version}"
+
+
+def next_version(session: Session, *, cohort_id: str, kind: ModelKind) -> int:
+    """The version the line's next model of this kind gets."""
+    latest = session.scalar(
+        select(func.max(Model.version)).where(Model.cohort_id == cohort_id, Model.kind == kind)
+    )
+    return int(latest or 0) + 1
+
+
+def get_model(session: Session, model_id: str) -> Model:
+    """The model, or NotFoundError."""
+    model = session.get(Model, model_id)
+    if model is None:
+        raise NotFoundError("model", model_id)
+    return model
+
+
+def _add(session: Session, model: Model) -> Model:
+    if session.get(Model, model.id) is not None:
+        raise ConflictError(f"model {model.id} already exists")
+    for role, ref in (("parent", model.parent_id), ("teacher", model.teacher_id)):
+        if ref is not None:
+            get_model(session, ref)
+            if role == "teacher" and get_model(session, ref).kind is not ModelKind.cloud:
+                raise ConflictError(f"teacher {ref} is not a cloud model")
+    session.add(model)
+    session.flush()
+    return model
+
+
+def register_cloud_model(
+    session: Session,
+    store: ArtifactStore,
+    *,
+    cohort_id: str,
+    weights: bytes,
+    parent_id: str | None = None,
+    job_id: uuid.UUID | None = None,
+    metrics: dict[str, Any] | None = None,
+) -> Model:
+    """Store a cloud model's weights and register it as the line's next cloud version."""
+    get_cohort(session, cohort_id)
+    version = next_version(session, cohort_id=cohort_id, kind=ModelKind.cloud)
+    sha256 = store.put(weights)
+    return _add(
+        session,
+        Model(
+            id=cloud_model_id(cohort_id, version),
+            cohort_id=cohort_id,
+            kind=ModelKind.cloud,
+            version=version,
+            parent_id=parent_id,
+            format=CLOUD_FORMAT,
+            sha256=sha256,
+            size=len(weights),
+            metrics=metrics or {},
+            job_id=job_id,
+        ),
+    )
+
+
+def register_edge_model(
+    session: Session,
+    store: ArtifactStore,
+    *,
+    model: bytes,
+    manifest: ArtifactManifest,
+    teacher_id: str,
+    parent_id: str | None = None,
+    job_id: uuid.UUID | None = None,
+    metrics: dict[str, Any] | None = None,
+) -> Model:
+    """Store an exported int8 edge model and register it under the id and version its manifest names."""
+    get_cohort(session, manifest.line)
+    expected = next_version(session, cohort_id=manifest.line, kind=ModelKind.edge)
+    if manifest.version != expected:
+        raise ConflictError(f"line {manifest.line} expects edge version {expected}, not {manifest.version}")
+    sha256 = store.put(model)
+    if sha256 != manifest.sha256 or len(model) != manifest.size:
+        raise ConflictError(f"artifact does not match its manifest (sha256 {sha256[:12]}…, {len(model)} B)")
+    return _add(
+        session,
+        Model(
+            id=manifest.model_id,
+            cohort_id=manifest.line,
+            kind=ModelKind.edge,
+            version=manifest.version,
+            parent_id=parent_id,
+            teacher_id=teacher_id,
+            format=manifest.format,
+            sha256=sha256,
+            size=manifest.size,
+            manifest=manifest.model_dump(mode="json", by_alias=True),
+            metrics=metrics or {},
+            job_id=job_id,
+        ),
+    )
+
+
+def decide(session: Session, model_id: str, *, approve: bool, reason: str = "") -> Model:
+    """Approve or reject a candidate; approving retires nothing (rollouts decide what runs where)."""
+    model = get_model(session, model_id)
+    if model.status is not ModelStatus.candidate:
+        raise ConflictError(f"model {model_id} is {model.status.value}, not a candidate")
+    model.status = ModelStatus.approved if approve else ModelStatus.rejected
+    model.status_reason = reason
+    model.decided_at = utcnow()
+    return model
+
+
+def retire(session: Session, model_id: str, *, reason: str = "") -> Model:
+    """Retire an approved model so no new rollout uses it."""
+    model = get_model(session, model_id)
+    if model.status is not ModelStatus.approved:
+        raise ConflictError(f"model {model_id} is {model.status.value}; only approved models are retired")
+    model.status = ModelStatus.retired
+    model.status_reason = reason
+    model.decided_at = utcnow()
+    return model
+
+
+def list_models(
+    session: Session,
+    *,
+    limit: int,
+    offset: int,
+    cohort_id: str | None = None,
+    kind: ModelKind | None = None,
+    status: ModelStatus | None = None,
+) -> tuple[Sequence[Model], int]:
+    """A page of models, newest version first within each line, filtered, with the total."""
+    statement: Select[Model] = select(Model).order_by(Model.cohort_id, Model.kind, Model.version.desc())
+    if cohort_id is not None:
+        statement = statement.where(Model.cohort_id == cohort_id)
+    if kind is not None:
+        statement = statement.where(Model.kind == kind)
+    if status is not None:
+        statement = statement.where(Model.status == status)
+    return paginate(session, statement, limit=limit, offset=offset)
+
+
+def edge_manifest(model: Model) -> ArtifactManifest:
+    """The manifest of an edge model, as stored at registration."""
+    if model.kind is not ModelKind.edge or model.manifest is None:
+        raise ConflictError(f"model {model.id} is not an edge model with a manifest")
+    return ArtifactManifest.model_validate(model.manifest)

@@ -1,0 +1,100 @@
+"""Rollouts and their targets: the plan and the per-device state; the pipeline issue steers them."""
+
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import Select, func, select
+from sqlalchemy.orm import Session
+
+from cloud.exceptions import ConflictError, NotFoundError
+from cloud.registry.common import paginate
+from cloud.registry.devices import get_device
+from cloud.registry.models import get_model
+from cloud.registry.tables import (
+    ModelKind,
+    ModelStatus,
+    Rollout,
+    RolloutState,
+    RolloutTarget,
+    TargetState,
+)
+
+
+def create_rollout(
+    session: Session,
+    *,
+    model_id: str,
+    waves: Sequence[Sequence[str]],
+    created_by: str,
+    plan: dict[str, Any] | None = None,
+) -> Rollout:
+    """A pending rollout of an approved edge model to the given waves of devices (wave 0 is the canary)."""
+    model = get_model(session, model_id)
+    if model.kind is not ModelKind.edge or model.status is not ModelStatus.approved:
+        raise ConflictError(f"model {model_id} is not an approved edge model")
+    rollout = Rollout(cohort_id=model.cohort_id, model_id=model_id, created_by=created_by, waves=plan or {})
+    session.add(rollout)
+    session.flush()
+    seen: set[str] = set()
+    for wave, device_ids in enumerate(waves):
+        for device_id in device_ids:
+            device = get_device(session, device_id)
+            if device.cohort_id != model.cohort_id:
+                raise ConflictError(f"device {device_id} is not in cohort {model.cohort_id}")
+            if device_id in seen:
+                raise ConflictError(f"device {device_id} is in two waves")
+            seen.add(device_id)
+            session.add(RolloutTarget(rollout_id=rollout.id, device_id=device_id, wave=wave))
+    session.flush()
+    return rollout
+
+
+def get_rollout(session: Session, rollout_id: uuid.UUID) -> Rollout:
+    """The rollout, or NotFoundError."""
+    rollout = session.get(Rollout, rollout_id)
+    if rollout is None:
+        raise NotFoundError("rollout", rollout_id)
+    return rollout
+
+
+def target_counts(session: Session, rollout_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, dict[str, int]]:
+    """For each rollout, how many targets are in each state (its progress)."""
+    counts: dict[uuid.UUID, dict[str, int]] = {rid: {s.value: 0 for s in TargetState} for rid in rollout_ids}
+    rows = session.execute(
+        select(RolloutTarget.rollout_id, RolloutTarget.state, func.count())
+        .where(RolloutTarget.rollout_id.in_(rollout_ids))
+        .group_by(RolloutTarget.rollout_id, RolloutTarget.state)
+    ).all()
+    for rollout_id, state, count in rows:
+        counts[rollout_id][TargetState(state).value] = int(count)
+    return counts
+
+
+def list_rollouts(
+    session: Session,
+    *,
+    limit: int,
+    offset: int,
+    cohort_id: str | None = None,
+    state: RolloutState | None = None,
+) -> tuple[Sequence[Rollout], int]:
+    """A page of rollouts, newest first, filtered, with the total."""
+    statement: Select[Rollout] = select(Rollout).order_by(Rollout.created_at.desc(), Rollout.id)
+    if cohort_id is not None:
+        statement = statement.where(Rollout.cohort_id == cohort_id)
+    if state is not None:
+        statement = statement.where(Rollout.state == state)
+    return paginate(session, statement, limit=limit, offset=offset)
+
+
+def list_targets(
+    session: Session, rollout_id: uuid.UUID, *, limit: int, offset: int
+) -> tuple[Sequence[RolloutTarget], int]:
+    """A page of a rollout's targets by wave and device."""
+    statement = (
+        select(RolloutTarget)
+        .where(RolloutTarget.rollout_id == rollout_id)
+        .order_by(RolloutTarget.wave, RolloutTarget.device_id)
+    )
+    return paginate(session, statement, limit=limit, offset=offset)

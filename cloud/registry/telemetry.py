@@ -1,0 +1,55 @@
+"""Telemetry: a time series of device status, written in batches, queried by device and time, pruned."""
+
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Select, delete, insert, select
+from sqlalchemy.orm import Session
+
+from cloud.registry.tables import Telemetry, utcnow
+
+PRUNE_BATCH = 10_000  # rows deleted per statement, so pruning never holds a long lock
+
+
+def add_samples(session: Session, samples: Iterable[dict[str, Any]]) -> int:
+    """Insert status samples (column → value) in one statement; return how many."""
+    rows = list(samples)
+    if rows:
+        session.execute(insert(Telemetry), rows)
+    return len(rows)
+
+
+def query(
+    session: Session,
+    *,
+    device_id: str | None = None,
+    model_id: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: int,
+    offset: int = 0,
+) -> Sequence[Telemetry]:
+    """Samples in a time range, newest first."""
+    statement: Select[Telemetry] = select(Telemetry).order_by(Telemetry.at.desc(), Telemetry.id.desc())
+    if device_id is not None:
+        statement = statement.where(Telemetry.device_id == device_id)
+    if model_id is not None:
+        statement = statement.where(Telemetry.model_id == model_id)
+    if since is not None:
+        statement = statement.where(Telemetry.at >= since)
+    if until is not None:
+        statement = statement.where(Telemetry.at < until)
+    return session.scalars(statement.limit(limit).offset(offset)).all()
+
+
+def prune(session: Session, *, retention: timedelta, now: datetime | None = None) -> int:
+    """Delete samples older than the retention, in batches; return how many were deleted."""
+    cutoff = (now or utcnow()) - retention
+    deleted = 0
+    while True:
+        ids = select(Telemetry.id).where(Telemetry.at < cutoff).limit(PRUNE_BATCH).scalar_subquery()
+        count = session.execute(delete(Telemetry).where(Telemetry.id.in_(ids))).rowcount  # type: ignore[attr-defined]
+        deleted += int(count)
+        if count < PRUNE_BATCH:
+            return deleted

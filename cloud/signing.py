@@ -1,0 +1,150 @@
+"""The cloud's Ed25519 signing keys: created on first start, rotatable, exported for device provisioning.
+
+Layout of the key directory (owner-only): `<key_id>.key` private keys (PKCS#8 PEM), `<key_id>.pub`
+public keys still trusted, `active` naming the key that signs. Rotating adds a key and makes it
+active; the old public key stays trusted until it is retired, so devices accept both meanwhile.
+"""
+
+import base64
+import hashlib
+import logging
+import os
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from cloud.exceptions import SigningError
+from wire.desired import KEY_ID_PATTERN, DesiredModel, signing_bytes
+from wire.manifest import ArtifactManifest
+
+log = logging.getLogger(__name__)
+
+
+def key_id_of(public_raw: bytes) -> str:
+    """A key's id: the first 16 hex digits of the SHA-256 of its raw public key."""
+    return hashlib.sha256(public_raw).hexdigest()[:16]
+
+
+def _public_raw(key: Ed25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+
+
+@dataclass(frozen=True)
+class PublicKey:
+    """A trusted public key, as a device is provisioned with it."""
+
+    key_id: str
+    public_key: str  # base64 of the 32-byte raw Ed25519 key
+    active: bool
+
+
+class KeyRing:
+    """The signing keys in one directory."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    @classmethod
+    def open(cls, directory: Path) -> "KeyRing":
+        """Open the key ring, creating its first key when the directory holds none."""
+        ring = cls(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        os.chmod(directory, 0o700)
+        if not (directory / "active").exists():
+            ring.rotate()
+        return ring
+
+    def rotate(self) -> str:
+        """Create a new key and make it the active one; return its key_id."""
+        key = Ed25519PrivateKey.generate()
+        public_raw = _public_raw(key)
+        key_id = key_id_of(public_raw)
+        pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        _write_private(self.directory / f"{key_id}.key", pem)
+        (self.directory / f"{key_id}.pub").write_text(base64.b64encode(public_raw).decode() + "\n")
+        tmp = self.directory / "active.tmp"
+        tmp.write_text(key_id + "\n")
+        tmp.replace(self.directory / "active")
+        log.info("signing key %s is now active", key_id)  # the id only, never the key
+        return key_id
+
+    @property
+    def active_key_id(self) -> str:
+        """The key_id of the key that signs."""
+        try:
+            key_id = (self.directory / "active").read_text().strip()
+        except FileNotFoundError:
+            raise SigningError(f"no active signing key in {self.directory}") from None
+        if not _valid_key_id(key_id):
+            raise SigningError(f"{self.directory / 'active'} does not name a key")
+        return key_id
+
+    def _private(self, key_id: str) -> Ed25519PrivateKey:
+        try:
+            key = serialization.load_pem_private_key((self.directory / f"{key_id}.key").read_bytes(), None)
+        except (FileNotFoundError, ValueError) as exc:
+            raise SigningError(
+                f"signing key {key_id} is missing or unreadable: {type(exc).__name__}"
+            ) from None
+        if not isinstance(key, Ed25519PrivateKey) or key_id_of(_public_raw(key)) != key_id:
+            raise SigningError(f"signing key file {key_id}.key does not hold key {key_id}")
+        return key
+
+    def retire(self, key_id: str) -> None:
+        """Stop trusting a key that no longer signs (devices re-provisioned with the new set)."""
+        if key_id == self.active_key_id:
+            raise SigningError("the active key cannot be retired; rotate first")
+        for suffix in (".key", ".pub"):
+            (self.directory / f"{key_id}{suffix}").unlink(missing_ok=True)
+
+    def public_keys(self) -> list[PublicKey]:
+        """Every trusted public key, the active one marked."""
+        active = self.active_key_id
+        keys = []
+        for path in sorted(self.directory.glob("*.pub")):
+            if _valid_key_id(path.stem):
+                keys.append(PublicKey(path.stem, path.read_text().strip(), path.stem == active))
+        return keys
+
+    def trusted(self) -> dict[str, bytes]:
+        """The trusted raw public keys by key_id, as a device holds them."""
+        return {k.key_id: base64.b64decode(k.public_key) for k in self.public_keys()}
+
+    def sign_desired(
+        self,
+        *,
+        device_id: str,
+        manifest: ArtifactManifest,
+        rollback_of: str | None = None,
+        issued_at: datetime | None = None,
+    ) -> DesiredModel:
+        """A DesiredModel for one device, signed with the active key."""
+        key_id = self.active_key_id
+        fields = {
+            "device_id": device_id,
+            "manifest": manifest,
+            "rollback_of": rollback_of,
+            "key_id": key_id,
+            "download_path": f"/api/v1/artifacts/{manifest.sha256}",
+        }
+        if issued_at is not None:
+            fields["issued_at"] = issued_at
+        unsigned = DesiredModel.model_validate(fields)
+        signature = self._private(key_id).sign(signing_bytes(unsigned.unsigned_document()))
+        return unsigned.model_copy(update={"signature": base64.b64encode(signature).decode()})
+
+
+def _valid_key_id(text: str) -> bool:
+    return re.fullmatch(KEY_ID_PATTERN, text) is not None

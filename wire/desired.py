@@ -1,0 +1,78 @@
+"""DesiredModel (DESIGN §2): the signed document that tells one device which model to run."""
+
+import base64
+import binascii
+import json
+from datetime import datetime
+from typing import Any, Literal
+
+import rfc8785
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from wire.common import DeviceId, ModelId, utcnow
+from wire.errors import ContractError, describe
+from wire.manifest import ArtifactManifest
+
+KEY_ID_PATTERN = r"^[0-9a-f]{16}$"
+SIGNATURE_FIELD = "signature"
+
+
+def signing_bytes(document: dict[str, Any]) -> bytes:
+    """The RFC 8785 canonical JSON of everything in `document` but its signature: what is signed."""
+    return rfc8785.dumps({k: v for k, v in document.items() if k != SIGNATURE_FIELD})
+
+
+class DesiredModel(BaseModel):
+    """What one device should run, signed by the cloud with the Ed25519 key named by `key_id`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    schema_: Literal["diredi.desired/1"] = Field("diredi.desired/1", alias="schema")
+    device_id: DeviceId
+    manifest: ArtifactManifest
+    download_path: str = Field(pattern=r"^/api/v1/artifacts/[0-9a-f]{64}$")
+    rollback_of: ModelId | None = None
+    issued_at: datetime = Field(default_factory=utcnow)
+    key_id: str = Field(pattern=KEY_ID_PATTERN)
+    signature: str = Field("", max_length=128)  # base64 of the 64-byte Ed25519 signature
+
+    def unsigned_document(self) -> dict[str, Any]:
+        """The JSON document without its signature."""
+        document = self.model_dump(mode="json", by_alias=True)
+        document.pop(SIGNATURE_FIELD)
+        return document
+
+    def to_json(self) -> str:
+        """The document as sent on `model/desired`."""
+        return self.model_dump_json(by_alias=True)
+
+    @classmethod
+    def from_bytes(cls, payload: bytes | str) -> "DesiredModel":
+        """Parse a received document; a violation is a ContractError naming the field."""
+        try:
+            return cls.model_validate_json(payload)
+        except ValidationError as exc:
+            raise ContractError(f"invalid desired model at {describe(exc)}") from None
+
+    def verify(self, trusted: dict[str, bytes]) -> None:
+        """Check the signature against the trusted raw Ed25519 public keys by key_id; raise ContractError."""
+        _check_signature(self.key_id, self.signature, signing_bytes(self.unsigned_document()), trusted)
+
+
+def verify_raw(payload: bytes, trusted: dict[str, bytes]) -> DesiredModel:
+    """Parse and verify a received document, checking the signature over the fields as sent."""
+    model = DesiredModel.from_bytes(payload)
+    _check_signature(model.key_id, model.signature, signing_bytes(json.loads(payload)), trusted)
+    return model
+
+
+def _check_signature(key_id: str, signature: str, message: bytes, trusted: dict[str, bytes]) -> None:
+    key = trusted.get(key_id)
+    if key is None:
+        raise ContractError(f"desired model signed with unknown key_id {key_id}")
+    try:
+        Ed25519PublicKey.from_public_bytes(key).verify(base64.b64decode(signature, validate=True), message)
+    except (InvalidSignature, binascii.Error, ValueError):
+        raise ContractError("desired model signature does not verify") from None
