@@ -48,7 +48,9 @@ def postgres_url() -> Iterator[str]:
         admin_engine.dispose()
 
 
-def backend_url(backend: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+def backend_url(
+    backend: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> str:
     """A database URL of the given backend, fresh for this test session."""
     if backend == "postgresql":
         return str(request.getfixturevalue("postgres_url"))

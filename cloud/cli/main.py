@@ -83,3 +83,16 @@ def sim(
     if plot:
         write_plot(result, plot)
         console.print(f"plot written to {plot}")
+
+
+def _register_ops() -> None:
+    from cloud.cli import ops
+
+    app.add_typer(ops.db_app, name="db")
+    app.add_typer(ops.apikey_app, name="apikey")
+    app.add_typer(ops.keys_app, name="keys")
+    app.add_typer(ops.telemetry_app, name="telemetry")
+    app.command("api")(ops.api)
+
+
+_register_ops()

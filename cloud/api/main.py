@@ -1,0 +1,75 @@
+"""The operator API application: it creates the services and includes one router per resource."""
+
+from collections.abc import Sequence
+
+from fastapi import FastAPI
+
+from cloud.api import problems
+from cloud.api.deps import Services
+from cloud.api.limits import BodyLimit
+from cloud.api.metrics import RequestMetrics
+from cloud.api.metrics import router as metrics_router
+from cloud.api.routes import (
+    artifacts,
+    audit,
+    cohorts,
+    devices,
+    health,
+    jobs,
+    keys,
+    knowledge,
+    models,
+    rollouts,
+    telemetry,
+)
+from cloud.artifacts import LocalArtifactStore
+from cloud.provisioning import CredentialHook
+from cloud.registry.db import make_engine, session_factory
+from cloud.settings import Settings
+from cloud.signing import KeyRing
+
+DESCRIPTION = """Operate a DiReDi fleet: devices, cohorts, models and their lineage, knowledge reports, jobs,
+rollouts and telemetry.
+
+Operators authenticate with `Authorization: Bearer <API key>` (roles viewer < operator < admin);
+devices with HTTP Basic (`device_id:secret`), for their artifact downloads only. Errors are RFC 9457
+`application/problem+json`."""
+
+
+def create_app(settings: Settings | None = None, *, hooks: Sequence[CredentialHook] = ()) -> FastAPI:
+    """The API for `settings` (default: from the environment), telling `hooks` of device credentials."""
+    settings = settings or Settings()
+    engine = make_engine(settings.resolved_database_url)
+    services = Services(
+        settings=settings,
+        sessions=session_factory(engine),
+        store=LocalArtifactStore(settings.resolved_artifact_dir),
+        keyring=KeyRing.open(settings.resolved_signing_key_dir),
+        hooks=list(hooks),
+    )
+    app = FastAPI(
+        title="DiReDi fleet",
+        version="1",
+        description=DESCRIPTION,
+        openapi_tags=[{"name": "health", "description": "liveness and readiness"}],
+    )
+    app.state.services = services
+    problems.install(app)
+    for module in (
+        health,
+        cohorts,
+        devices,
+        models,
+        artifacts,
+        knowledge,
+        jobs,
+        rollouts,
+        telemetry,
+        keys,
+        audit,
+    ):
+        app.include_router(module.router)
+    app.include_router(metrics_router)
+    app.add_middleware(BodyLimit, max_bytes=settings.api_max_body_bytes)
+    app.add_middleware(RequestMetrics)
+    return app

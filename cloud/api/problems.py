@@ -1,0 +1,98 @@
+"""RFC 9457 problem details: every error the API returns is `application/problem+json`."""
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cloud.exceptions import ArtifactStoreError, CloudError, ConflictError, NotFoundError, SigningError
+
+log = logging.getLogger(__name__)
+PROBLEM_TYPE = "https://diredi.dev/problems/"
+MEDIA_TYPE = "application/problem+json"
+
+
+def problem(
+    status: int, title: str, detail: str, *, headers: Mapping[str, str] | None = None, **extra: Any
+) -> JSONResponse:
+    """A problem+json response."""
+    slug = title.lower().replace(" ", "-")
+    body = {"type": PROBLEM_TYPE + slug, "title": title, "status": status, "detail": detail, **extra}
+    return JSONResponse(body, status_code=status, media_type=MEDIA_TYPE, headers=headers)
+
+
+class Problem(Exception):
+    """Raised by routes and dependencies to answer with a problem."""
+
+    def __init__(self, status: int, title: str, detail: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status, self.title, self.detail, self.headers = status, title, detail, headers
+
+
+TITLES = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    409: "Conflict",
+    413: "Content Too Large",
+    415: "Unsupported Media Type",
+    422: "Unprocessable Content",
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+}
+
+
+def _location(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in loc)
+
+
+def install(app: FastAPI) -> None:
+    """Register the handlers that turn errors into problems."""
+
+    @app.exception_handler(Problem)
+    async def _problem(_: Request, exc: Problem) -> JSONResponse:
+        return problem(exc.status, exc.title, exc.detail, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        title = TITLES.get(exc.status_code, "Error")
+        return problem(exc.status_code, title, str(exc.detail), headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"location": _location(e["loc"]), "message": e["msg"]} for e in exc.errors()]
+        detail = "; ".join(f"{e['location']}: {e['message']}" for e in errors[:5])
+        return problem(422, TITLES[422], detail, errors=errors)
+
+    @app.exception_handler(NotFoundError)
+    async def _not_found(_: Request, exc: NotFoundError) -> JSONResponse:
+        return problem(404, TITLES[404], str(exc))
+
+    @app.exception_handler(ConflictError)
+    async def _conflict(_: Request, exc: ConflictError) -> JSONResponse:
+        return problem(409, TITLES[409], str(exc))
+
+    @app.exception_handler(ArtifactStoreError)
+    async def _artifact(_: Request, exc: ArtifactStoreError) -> JSONResponse:
+        return problem(404, TITLES[404], str(exc))
+
+    @app.exception_handler(SigningError)
+    async def _signing(_: Request, exc: SigningError) -> JSONResponse:
+        log.error("signing failed: %s", exc)
+        return problem(503, TITLES[503], "the signing key is unavailable")
+
+    @app.exception_handler(CloudError)
+    async def _cloud(_: Request, exc: CloudError) -> JSONResponse:
+        return problem(400, TITLES[400], str(exc))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return problem(500, TITLES[500], "an unexpected error; it has been logged")

@@ -1,0 +1,39 @@
+"""Cohorts: the model lines devices belong to."""
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from cloud.api.deps import Operator, PageQuery, SessionDep, Viewer
+from cloud.api.schemas import CohortCreate, CohortPublic, Page, errors
+from cloud.registry import audit
+from cloud.registry.devices import create_cohort, get_cohort, list_cohorts
+
+router = APIRouter(prefix="/api/v1/cohorts", tags=["cohorts"])
+
+
+@router.get("")
+def list_(session: SessionDep, _: Viewer, page: Annotated[PageQuery, Query()]) -> Page[CohortPublic]:
+    """List cohorts by id."""
+    rows, total = list_cohorts(session, limit=page.limit, offset=page.offset)
+    return Page(
+        items=[CohortPublic.model_validate(r) for r in rows],
+        total=total,
+        limit=page.limit,
+        offset=page.offset,
+    )
+
+
+@router.post("", status_code=201, responses=errors({409: "a cohort with this id exists"}))
+def create(body: CohortCreate, session: SessionDep, caller: Operator) -> CohortPublic:
+    """Create a cohort (a model line)."""
+    cohort = create_cohort(session, cohort_id=body.id, description=body.description)
+    audit.record(session, actor=caller.actor, action="cohort.create", target=body.id)
+    session.commit()
+    return CohortPublic.model_validate(cohort)
+
+
+@router.get("/{cohort_id}", responses=errors({404: "no such cohort"}))
+def get(cohort_id: str, session: SessionDep, _: Viewer) -> CohortPublic:
+    """One cohort."""
+    return CohortPublic.model_validate(get_cohort(session, cohort_id))

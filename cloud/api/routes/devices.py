@@ -1,0 +1,108 @@
+"""Devices: provisioning with one-time credentials, revocation, listing."""
+
+import logging
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from pydantic import Field
+
+from cloud.api.deps import Operator, PageQuery, ServicesDep, SessionDep, Viewer
+from cloud.api.problems import Problem
+from cloud.api.schemas import DeviceCreate, DeviceProvisioned, DevicePublic, Page, TrustedKey, errors
+from cloud.registry import audit
+from cloud.registry.devices import get_device, list_devices, provision_device, revoke_device
+from cloud.registry.tables import DeviceStatus, Presence
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/api/v1/devices", tags=["devices"])
+
+
+class DeviceFilter(PageQuery):
+    cohort_id: str | None = Field(None, max_length=63)
+    status: DeviceStatus | None = None
+    presence: Presence | None = None
+    model_id: str | None = Field(None, max_length=128, description="devices reporting this model")
+
+
+@router.get("")
+def list_(session: SessionDep, _: Viewer, query: Annotated[DeviceFilter, Query()]) -> Page[DevicePublic]:
+    """List devices by id, filtered by cohort, status, presence or the model they run."""
+    rows, total = list_devices(
+        session,
+        limit=query.limit,
+        offset=query.offset,
+        cohort_id=query.cohort_id,
+        status=query.status,
+        presence=query.presence,
+        model_id=query.model_id,
+    )
+    return Page(
+        items=[DevicePublic.model_validate(r) for r in rows],
+        total=total,
+        limit=query.limit,
+        offset=query.offset,
+    )
+
+
+@router.post(
+    "",
+    status_code=201,
+    responses=errors(
+        {
+            404: "no such cohort",
+            409: "a device with this id exists",
+            502: "the broker refused the credentials",
+        }
+    ),
+)
+def provision(
+    body: DeviceCreate, session: SessionDep, services: ServicesDep, caller: Operator
+) -> DeviceProvisioned:
+    """Provision a device. The response holds its secret, shown this once (only a hash is stored),
+    and the cloud's trusted signing keys, which the device needs to verify its desired models."""
+    device, secret = provision_device(
+        session, device_id=body.id, cohort_id=body.cohort_id, labels=body.labels
+    )
+    audit.record(
+        session, actor=caller.actor, action="device.provision", target=body.id, cohort=body.cohort_id
+    )
+    try:
+        for hook in services.hooks:
+            hook.provisioned(device.id, secret)
+    except Exception as exc:
+        session.rollback()
+        log.error("provisioning hook failed for %s: %s", device.id, exc)
+        raise Problem(502, "Bad Gateway", f"the broker did not accept the device: {exc}") from None
+    session.commit()
+    keys = [TrustedKey.model_validate(k) for k in services.keyring.public_keys()]
+    return DeviceProvisioned(device=DevicePublic.model_validate(device), secret=secret, trusted_keys=keys)
+
+
+@router.get("/{device_id}", responses=errors({404: "no such device"}))
+def get(device_id: str, session: SessionDep, _: Viewer) -> DevicePublic:
+    """One device."""
+    return DevicePublic.model_validate(get_device(session, device_id))
+
+
+@router.post(
+    "/{device_id}/revoke",
+    responses=errors({404: "no such device", 502: "revoked here, but the broker hook failed"}),
+)
+def revoke(device_id: str, session: SessionDep, services: ServicesDep, caller: Operator) -> DevicePublic:
+    """Revoke a device: its credentials stop working and its live broker session is ended.
+    Revoking again is allowed and re-runs the broker hook."""
+    device = get_device(session, device_id)
+    again = device.status is DeviceStatus.revoked
+    if not again:
+        revoke_device(session, device_id)
+    audit.record(session, actor=caller.actor, action="device.revoke", target=device_id, again=again)
+    session.commit()
+    try:
+        for hook in services.hooks:
+            hook.revoked(device_id)
+    except Exception as exc:
+        log.error("revocation hook failed for %s: %s", device_id, exc)
+        raise Problem(
+            502, "Bad Gateway", f"revoked in the registry, but the broker hook failed: {exc}"
+        ) from None
+    return DevicePublic.model_validate(device)

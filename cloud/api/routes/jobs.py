@@ -1,0 +1,42 @@
+"""Pipeline jobs with their progress. (Starting and steering jobs comes with the pipeline.)"""
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from pydantic import Field
+
+from cloud.api.deps import PageQuery, SessionDep, Viewer
+from cloud.api.schemas import JobPublic, Page, errors
+from cloud.registry.jobs import get_job, list_jobs
+from cloud.registry.tables import JobState
+
+router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
+
+
+class JobFilter(PageQuery):
+    cohort_id: str | None = Field(None, max_length=63)
+    state: JobState | None = None
+    type: str | None = Field(None, max_length=32)
+
+
+@router.get("")
+def list_(session: SessionDep, _: Viewer, query: Annotated[JobFilter, Query()]) -> Page[JobPublic]:
+    """List jobs, newest first, filtered by cohort, state or type."""
+    rows, total = list_jobs(
+        session,
+        limit=query.limit,
+        offset=query.offset,
+        cohort_id=query.cohort_id,
+        state=query.state,
+        type=query.type,
+    )
+    return Page(
+        items=[JobPublic.model_validate(r) for r in rows], total=total, limit=query.limit, offset=query.offset
+    )
+
+
+@router.get("/{job_id}", responses=errors({404: "no such job"}))
+def get(job_id: uuid.UUID, session: SessionDep, _: Viewer) -> JobPublic:
+    """One job, with its progress (0 to 1), stage, result or error."""
+    return JobPublic.model_validate(get_job(session, job_id))

@@ -1,0 +1,51 @@
+"""Telemetry queries: a device's (or a model's) status samples over a time range."""
+
+from datetime import datetime
+from typing import Annotated, Self
+
+from fastapi import APIRouter, Query
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from cloud.api.deps import SessionDep, Viewer
+from cloud.api.schemas import TelemetryPublic
+from cloud.registry import telemetry
+
+router = APIRouter(prefix="/api/v1/telemetry", tags=["telemetry"])
+
+
+class TelemetryQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    device_id: str | None = Field(None, max_length=63)
+    model_id: str | None = Field(None, max_length=128)
+    since: datetime | None = Field(None, description="inclusive, ISO 8601 with a time zone")
+    until: datetime | None = Field(None, description="exclusive, ISO 8601 with a time zone")
+    limit: int = Field(1000, ge=1, le=10_000)
+    offset: int = Field(0, ge=0, le=1_000_000_000)
+
+    @model_validator(mode="after")
+    def _aware_and_ordered(self) -> Self:
+        for name in ("since", "until"):
+            value = getattr(self, name)
+            if value is not None and value.tzinfo is None:
+                raise ValueError(f"{name} needs a time zone (e.g. 2026-01-01T00:00:00Z)")
+        if self.since and self.until and self.since >= self.until:
+            raise ValueError("since must be before until")
+        return self
+
+
+@router.get("")
+def query(
+    session: SessionDep, _: Viewer, params: Annotated[TelemetryQuery, Query()]
+) -> list[TelemetryPublic]:
+    """Status samples, newest first, of one device or model (or all) within [since, until)."""
+    rows = telemetry.query(
+        session,
+        device_id=params.device_id,
+        model_id=params.model_id,
+        since=params.since,
+        until=params.until,
+        limit=params.limit,
+        offset=params.offset,
+    )
+    return [TelemetryPublic.model_validate(r) for r in rows]

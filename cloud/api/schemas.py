@@ -1,0 +1,247 @@
+"""The API's request and response bodies, apart from the tables (STYLE 8): `XCreate`, `XPublic`, pages."""
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from cloud.registry.tables import (
+    DeviceStatus,
+    JobState,
+    KnowledgeStatus,
+    ModelKind,
+    ModelStatus,
+    Presence,
+    Role,
+    RolloutState,
+    TargetState,
+)
+from wire.topics import DEVICE_ID_PATTERN
+
+T = TypeVar("T")
+Slug = Annotated[str, StringConstraints(pattern=DEVICE_ID_PATTERN)]
+Label = Annotated[str, StringConstraints(max_length=128)]
+Reason = Annotated[str, StringConstraints(max_length=1000)]
+
+
+class Input(BaseModel):
+    """Request bodies refuse unknown fields, so a typo is an error rather than silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Output(BaseModel):
+    """Response bodies are read from registry rows."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+
+class Page(Output, Generic[T]):
+    """One page of a list, with the total number of matches."""
+
+    items: list[T]
+    total: int
+    limit: int
+    offset: int
+
+
+class Problem(BaseModel):
+    """An RFC 9457 problem."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+
+
+class CohortCreate(Input):
+    id: Slug = Field(examples=["kitchen-cams"])
+    description: Annotated[str, StringConstraints(max_length=1000)] = ""
+
+
+class CohortPublic(Output):
+    id: str
+    description: str
+    created_at: datetime
+
+
+class DeviceCreate(Input):
+    id: Slug = Field(examples=["cam-0042"])
+    cohort_id: Slug = Field(examples=["kitchen-cams"])
+    labels: dict[Label, Label] = Field(default_factory=dict, max_length=32, examples=[{"site": "lab-2"}])
+
+
+class DevicePublic(Output):
+    id: str
+    cohort_id: str
+    status: DeviceStatus
+    labels: dict[str, str]
+    desired_model_id: str | None
+    reported_model_id: str | None
+    presence: Presence
+    last_seen: datetime | None
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class TrustedKey(Output):
+    key_id: str
+    public_key: str = Field(description="base64 of the raw 32-byte Ed25519 public key")
+    active: bool
+
+
+class DeviceProvisioned(Output):
+    """The device and its credentials. The secret is shown this once; only its hash is stored."""
+
+    device: DevicePublic
+    secret: str = Field(description="the device's password for MQTT and artifact downloads; shown once")
+    trusted_keys: list[TrustedKey]
+
+
+class ModelPublic(Output):
+    id: str
+    cohort_id: str
+    kind: ModelKind
+    version: int
+    parent_id: str | None
+    teacher_id: str | None
+    format: str
+    sha256: str
+    size: int
+    metrics: dict[str, Any]
+    status: ModelStatus
+    status_reason: str
+    job_id: uuid.UUID | None
+    created_at: datetime
+    decided_at: datetime | None
+
+
+class ModelDetail(ModelPublic):
+    manifest: dict[str, Any] | None
+
+
+class Decision(Input):
+    reason: Reason = Field("", examples=["gate passed; canary looks healthy"])
+
+
+class LineageNode(Output):
+    id: str
+    type: str
+    label: str
+
+
+class LineageEdge(Output):
+    source: str
+    target: str
+    relation: str
+
+
+class LineagePublic(Output):
+    model_id: str
+    nodes: list[LineageNode]
+    edges: list[LineageEdge]
+    running_devices_total: int
+    mermaid: str
+
+
+class KnowledgePublic(Output):
+    """A knowledge report's metadata. The payload is never served: it is the device's, for the pipeline."""
+
+    msg_id: uuid.UUID
+    device_id: str
+    base_model_id: str
+    schema_: str = Field(alias="schema", validation_alias="schema")
+    size_bytes: int
+    sample_count: int
+    dp_epsilon: float | None
+    metrics: dict[str, Any]
+    status: KnowledgeStatus
+    status_reason: str
+    job_id: uuid.UUID | None
+    sent_at: datetime
+    received_at: datetime
+
+
+class JobPublic(Output):
+    id: uuid.UUID
+    type: str
+    cohort_id: str | None
+    state: JobState
+    progress: float = Field(description="0 to 1")
+    stage: str
+    params: dict[str, Any]
+    result: dict[str, Any]
+    error: str
+    attempts: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class RolloutPublic(Output):
+    id: uuid.UUID
+    cohort_id: str
+    model_id: str
+    state: RolloutState
+    waves: dict[str, Any]
+    current_wave: int
+    reason: str
+    created_by: str
+    created_at: datetime
+    updated_at: datetime
+    targets: dict[str, int] = Field(description="how many targets are in each state")
+    progress: float = Field(description="installed targets / all targets")
+
+
+class RolloutTargetPublic(Output):
+    device_id: str
+    wave: int
+    state: TargetState
+    reason: str
+    updated_at: datetime
+
+
+class TelemetryPublic(Output):
+    device_id: str
+    at: datetime
+    model_id: str | None
+    uptime_s: float | None
+    inference_count: int | None
+    latency_p50_ms: float | None
+    latency_p95_ms: float | None
+    mean_confidence: float | None
+    labelled_count: int | None
+    accuracy: float | None
+    cpu_percent: float | None
+    mem_bytes: int | None
+    temp_c: float | None
+    class_histogram: dict[str, Any] | None
+
+
+class ApiKeyCreate(Input):
+    role: Role
+    name: Annotated[str, StringConstraints(max_length=128)] = ""
+
+
+class ApiKeyPublic(Output):
+    id: str
+    name: str
+    role: Role
+    active: bool
+    created_at: datetime
+    last_used_at: datetime | None
+
+
+class ApiKeyCreated(Output):
+    key: ApiKeyPublic
+    secret: str = Field(description="the bearer token; shown this once")
+
+
+class Health(BaseModel):
+    status: str
+
+
+def errors(described: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for error statuses, each a problem+json with its description."""
+    return {status: {"model": Problem, "description": text} for status, text in described.items()}

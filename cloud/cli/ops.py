@@ -1,0 +1,174 @@
+"""Operator commands around the registry: migrations, API keys, signing keys, telemetry, the API server."""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import timedelta
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+
+from cloud.exceptions import CloudError
+from cloud.registry.tables import Role
+from cloud.settings import Settings
+
+console = Console()
+err = Console(stderr=True)
+
+db_app = typer.Typer(help="Create or migrate the registry's schema (Alembic).")
+apikey_app = typer.Typer(help="Operator API keys.")
+keys_app = typer.Typer(help="The cloud's Ed25519 signing keys.")
+telemetry_app = typer.Typer(help="The telemetry time series.")
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        err.print(f"[red]error:[/red] invalid setting: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}")
+        raise typer.Exit(2) from None
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    err.print(f"[red]error:[/red] {exc}")
+    return typer.Exit(2)
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
+    """Migrate the registry up to REVISION (default: the newest)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from cloud.registry import migrate
+    from cloud.registry.db import make_engine
+
+    settings = _settings()
+    try:
+        engine = make_engine(settings.resolved_database_url)
+        migrate.upgrade(engine, revision)
+        console.print(f"registry at revision {migrate.current(engine)} ({engine.url.render_as_string()})")
+    except (SQLAlchemyError, CloudError) as exc:
+        raise _fail(exc) from None
+
+
+@db_app.command("downgrade")
+def db_downgrade(
+    revision: Annotated[str, typer.Argument(help="Target revision; `base` drops every table.")],
+) -> None:
+    """Migrate the registry down to REVISION."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from cloud.registry import migrate
+    from cloud.registry.db import make_engine
+
+    settings = _settings()
+    try:
+        engine = make_engine(settings.resolved_database_url)
+        migrate.downgrade(engine, revision)
+        console.print(f"registry at revision {migrate.current(engine) or 'base (empty)'}")
+    except (SQLAlchemyError, CloudError) as exc:
+        raise _fail(exc) from None
+
+
+@db_app.command("current")
+def db_current() -> None:
+    """Print the registry's revision."""
+    from cloud.registry import migrate
+    from cloud.registry.db import make_engine
+
+    console.print(migrate.current(make_engine(_settings().resolved_database_url)) or "base (empty)")
+
+
+@apikey_app.command("create")
+def apikey_create(
+    role: Annotated[Role, typer.Option(help="viewer < operator < admin")],
+    name: Annotated[str, typer.Option(help="Whose key this is.")] = "",
+) -> None:
+    """Create an API key and print it once; only its hash is stored."""
+    from cloud.registry import apikeys, audit
+    from cloud.registry.db import make_engine, session_factory, transaction
+
+    with transaction(session_factory(make_engine(_settings().resolved_database_url))) as session:
+        row, secret = apikeys.create_key(session, role=role, name=name)
+        audit.record(session, actor="cli", action="apikey.create", target=row.id, role=role.value)
+    err.print(f"created {role.value} key {row.id}; it is shown once, store it now:")
+    console.print(secret, soft_wrap=True, highlight=False)
+
+
+@keys_app.command("export")
+def keys_export() -> None:
+    """Print the trusted public keys as JSON {key_id: base64 public key}, for provisioning devices."""
+    from cloud.signing import KeyRing
+
+    ring = KeyRing.open(_settings().resolved_signing_key_dir)
+    console.print_json(json.dumps({k.key_id: k.public_key for k in ring.public_keys()}))
+
+
+@keys_app.command("rotate")
+def keys_rotate() -> None:
+    """Create a new signing key and make it active; the old one stays trusted until retired."""
+    from cloud.signing import KeyRing
+
+    key_id = KeyRing.open(_settings().resolved_signing_key_dir).rotate()
+    console.print(f"active signing key: {key_id}")
+
+
+@keys_app.command("retire")
+def keys_retire(key_id: str) -> None:
+    """Stop trusting an old key (after every device has the new one)."""
+    from cloud.signing import KeyRing
+
+    try:
+        KeyRing.open(_settings().resolved_signing_key_dir).retire(key_id)
+    except CloudError as exc:
+        raise _fail(exc) from None
+    console.print(f"retired {key_id}")
+
+
+@telemetry_app.command("prune")
+def telemetry_prune(
+    days: Annotated[
+        float | None, typer.Option(min=0.0, help="Keep this many days (default: the setting).")
+    ] = None,
+) -> None:
+    """Delete telemetry older than the retention."""
+    from cloud.registry import telemetry
+    from cloud.registry.db import make_engine, session_factory, transaction
+
+    settings = _settings()
+    retention = timedelta(days=settings.telemetry_retention_days if days is None else days)
+    with transaction(session_factory(make_engine(settings.resolved_database_url))) as session:
+        deleted = telemetry.prune(session, retention=retention)
+    console.print(f"deleted {deleted} telemetry rows older than {retention}")
+
+
+def api(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    workers: Annotated[int, typer.Option(min=1, max=64, help="Worker processes.")] = 1,
+) -> None:
+    """Serve the operator REST API (docs at /docs). The registry must be migrated (`diredi db upgrade`)."""
+    import uvicorn
+
+    from cloud.registry import migrate
+    from cloud.registry.db import make_engine
+
+    settings = _settings()
+    engine = make_engine(settings.resolved_database_url)
+    if migrate.current(engine) != migrate.head():
+        raise _fail(
+            CloudError("the registry is not migrated to the newest revision: run `diredi db upgrade`")
+        )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(
+        "cloud.api.main:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level="info",
+        access_log=False,
+    )

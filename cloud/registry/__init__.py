@@ -1,0 +1,1 @@
+"""The SQL registry (DESIGN §4): tables, migrations, and the functions every service calls."""
