@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from cloud.artifacts import ArtifactStore
 from cloud.registry import devices, knowledge, models
-from cloud.registry.tables import Device, Model, utcnow
+from cloud.registry.tables import Device, Model, ModelKind, utcnow
 from wire.arrays import EncodedArray
 from wire.knowledge import KnowledgeReport
 from wire.manifest import ArtifactManifest, ProbeOutput, TensorSpec
@@ -65,7 +65,7 @@ def make_cloud_model(
 def make_edge_model(
     session: Session, store: ArtifactStore, *, teacher_id: str, cohort_id: str = "kitchen", **kwargs: object
 ) -> Model:
-    version = models.next_version(session, cohort_id=cohort_id, kind=models.ModelKind.edge)
+    version = models.next_version(session, cohort_id=cohort_id, kind=ModelKind.edge)
     blob = f"int8 flatbuffer {uuid.uuid4()}".encode() * 10
     manifest = make_manifest(blob, line=cohort_id, version=version)
     return models.register_edge_model(
