@@ -6,7 +6,11 @@ STAMP := $(VENV)/.installed
 SCENARIO ?= scenarios/digits-two-users.json
 RESULTS ?= results
 
-.PHONY: setup demo sim test test-fast bench lint format clean
+# The integration tests use a real PostgreSQL on loopback; scripts/services.sh installs (apt) and starts it.
+TEST_POSTGRES_URL := postgresql://diredi:diredi-test-only@127.0.0.1:5432/diredi
+export DIREDI_TEST_POSTGRES_URL ?= $(TEST_POSTGRES_URL)
+
+.PHONY: setup services demo sim test test-fast bench lint format clean
 
 setup: $(STAMP)
 
@@ -22,13 +26,16 @@ demo: setup
 	mkdir -p $(RESULTS)
 	$(BIN)/diredi sim --scenario $(SCENARIO) --out $(RESULTS)/sim.json --plot $(RESULTS)/sim.png
 
-test: setup
+services:
+	scripts/services.sh postgres >/dev/null
+
+test: setup services
 	$(BIN)/python -m pytest -q
 
-test-fast: setup
+test-fast: setup services
 	$(BIN)/python -m pytest -q -m "not slow"
 
-bench: setup
+bench: setup services
 	$(BIN)/python -m bench.run_all
 
 lint: setup

@@ -92,6 +92,7 @@ def _register_ops() -> None:
     app.add_typer(ops.apikey_app, name="apikey")
     app.add_typer(ops.keys_app, name="keys")
     app.add_typer(ops.telemetry_app, name="telemetry")
+    app.add_typer(ops.line_app, name="line")
     app.command("api")(ops.api)
 
 

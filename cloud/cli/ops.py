@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from datetime import timedelta
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -171,4 +172,65 @@ def api(
         workers=workers,
         log_level="info",
         access_log=False,
+    )
+
+
+line_app = typer.Typer(help="Model lines (a cohort's cloud and edge models).")
+
+
+@line_app.command("create")
+def line_create(
+    cohort: Annotated[str, typer.Option(help="The cohort whose first version this is (created if new).")],
+    scenario: Annotated[Path, typer.Option(help="Scenario JSON whose presumed data trains the line.")],
+) -> None:
+    """Train a cohort's first cloud and int8 edge model on presumed data and register them as candidates."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+
+    from cloud.artifacts import LocalArtifactStore
+    from cloud.pipeline.lines import bootstrap_line
+    from cloud.registry import audit
+    from cloud.registry.db import make_engine, session_factory, transaction
+    from cloud.registry.devices import create_cohort
+    from cloud.registry.tables import Cohort
+
+    logging.getLogger().setLevel(logging.ERROR)  # the converters log chattily
+    settings = _settings()
+    sessions = session_factory(make_engine(settings.resolved_database_url))
+    try:
+        with transaction(sessions) as session:
+            if session.get(Cohort, cohort) is None:
+                create_cohort(session, cohort_id=cohort)
+                audit.record(session, actor="cli", action="cohort.create", target=cohort)
+        with (
+            transaction(sessions) as session,
+            Progress(
+                TextColumn("{task.description:<12}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=console,
+                transient=True,
+            ) as bars,
+        ):
+            tasks: dict[str, TaskID] = {}
+
+            def progress(stage: str, done: int, total: int) -> None:
+                if stage not in tasks:
+                    tasks[stage] = bars.add_task(stage, total=total)
+                bars.update(tasks[stage], completed=done, total=total)
+
+            cloud, edge = bootstrap_line(
+                session,
+                LocalArtifactStore(settings.resolved_artifact_dir),
+                cohort_id=cohort,
+                scenario_path=scenario,
+                progress=progress,
+            )
+            audit.record(session, actor="cli", action="line.create", target=edge.id, teacher=cloud.id)
+    except CloudError as exc:
+        raise _fail(exc) from None
+    console.print(
+        f"registered {cloud.id} (cloud) and {edge.id} (edge, {edge.size:,} B, "
+        f"int8 val acc {edge.metrics['val_int8_acc']:.3f}) as candidates; approve with "
+        f"POST /api/v1/models/{edge.id}/approve"
     )

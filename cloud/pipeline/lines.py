@@ -1,0 +1,134 @@
+"""A model line version in the registry: the cloud model (teacher + float student) and its int8 edge model."""
+
+import dataclasses
+import io
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from sqlalchemy.orm import Session
+
+from cloud.artifacts import ArtifactStore
+from cloud.exceptions import RegistryError
+from cloud.ml.cycle import EdgeLine, StageProgress
+from cloud.ml.export import EdgeArtifact
+from cloud.ml.nets import NetSpec, Student, Teacher
+from cloud.registry import models
+from cloud.registry.tables import Model, ModelKind
+
+WEIGHTS_FORMAT = 1
+
+
+def pack_cloud_weights(line: EdgeLine, spec: NetSpec) -> bytes:
+    """The cloud model's bytes: the net spec and the teacher's and float student's state dicts."""
+    buffer = io.BytesIO()
+    torch.save(
+        {
+            "format": WEIGHTS_FORMAT,
+            "spec": dataclasses.asdict(spec),
+            "teacher": line.teacher.state_dict(),
+            "student": line.student.state_dict(),
+        },
+        buffer,
+    )
+    return buffer.getvalue()
+
+
+def unpack_cloud_weights(data: bytes) -> tuple[NetSpec, Teacher, Student]:
+    """Rebuild the nets from `pack_cloud_weights` bytes (tensors only: nothing is unpickled as code)."""
+    try:
+        content: dict[str, Any] = torch.load(io.BytesIO(data), weights_only=True)
+        if content.get("format") != WEIGHTS_FORMAT:
+            raise ValueError(f"unknown weights format {content.get('format')!r}")
+        spec = NetSpec(**content["spec"])
+        teacher, student = Teacher(spec), Student(spec)
+        teacher.load_state_dict(content["teacher"])
+        student.load_state_dict(content["student"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        raise RegistryError(f"cloud model weights are unreadable: {exc}") from None
+    return spec, teacher.eval(), student.eval()
+
+
+def register_line(
+    session: Session,
+    store: ArtifactStore,
+    line: EdgeLine,
+    spec: NetSpec,
+    *,
+    job_id: uuid.UUID | None = None,
+    parent: Model | None = None,
+    metrics: dict[str, Any] | None = None,
+) -> tuple[Model, Model]:
+    """Register a line version: its cloud model (child of the parent's teacher) and its edge model."""
+    parent_cloud = parent.teacher_id if parent is not None else None
+    cloud = models.register_cloud_model(
+        session,
+        store,
+        cohort_id=line.line,
+        weights=pack_cloud_weights(line, spec),
+        parent_id=parent_cloud,
+        job_id=job_id,
+        metrics=metrics,
+    )
+    edge = models.register_edge_model(
+        session,
+        store,
+        model=line.artifact.model,
+        manifest=line.artifact.manifest,
+        teacher_id=cloud.id,
+        parent_id=parent.id if parent is not None else None,
+        job_id=job_id,
+        metrics=metrics,
+    )
+    return cloud, edge
+
+
+def load_line(session: Session, store: ArtifactStore, edge_model_id: str) -> tuple[EdgeLine, NetSpec]:
+    """The line version of a registered edge model, rebuilt from the artifact store."""
+    edge = models.get_model(session, edge_model_id)
+    if edge.kind is not ModelKind.edge or edge.teacher_id is None:
+        raise RegistryError(f"{edge_model_id} is not an edge model with a teacher")
+    cloud = models.get_model(session, edge.teacher_id)
+    spec, teacher, student = unpack_cloud_weights(store.get(cloud.sha256))
+    artifact = EdgeArtifact(model=store.get(edge.sha256), manifest=models.edge_manifest(edge))
+    return EdgeLine(edge.cohort_id, edge.version, teacher, student, artifact), spec
+
+
+def bootstrap_line(
+    session: Session,
+    store: ArtifactStore,
+    *,
+    cohort_id: str,
+    scenario_path: Path,
+    progress: StageProgress,
+) -> tuple[Model, Model]:
+    """Train a cohort's first version on a scenario's presumed data (KD, int8 export, accuracy check)
+    and register it as a candidate, with the job that made it."""
+    from cloud.ml.cycle import TrainingPlan, train_line
+    from cloud.ml.data import build_scenario_data
+    from cloud.ml.export import int8_accuracy
+    from cloud.ml.scenario import load_scenario
+    from cloud.registry import jobs
+    from cloud.registry.devices import get_cohort
+    from cloud.registry.tables import JobState
+
+    get_cohort(session, cohort_id)
+    scenario = load_scenario(scenario_path)
+    data = build_scenario_data(scenario)
+    spec = NetSpec(num_classes=data.num_classes)
+    job = jobs.create_job(
+        session,
+        type="bootstrap",
+        cohort_id=cohort_id,
+        params={"scenario": scenario.name, "seed": scenario.seed},
+    )
+    jobs.report_progress(session, job.id, progress=0.0, stage="train")
+    line = train_line(
+        data.train, spec, TrainingPlan(seed=scenario.seed), line=cohort_id, val=data.val, progress=progress
+    )
+    float_acc, int8_acc = int8_accuracy(line.artifact, line.student, data.val)
+    metrics = {"val_float_acc": float_acc, "val_int8_acc": int8_acc, "val_size": len(data.val.y)}
+    cloud, edge = register_line(session, store, line, spec, job_id=job.id, metrics=metrics)
+    jobs.finish(session, job.id, state=JobState.succeeded, result={"models": [cloud.id, edge.id], **metrics})
+    return cloud, edge
