@@ -1,0 +1,178 @@
+"""Every panel's SQL, expanded as Grafana expands it, runs on a migrated PostgreSQL and returns rows.
+
+The panels are enumerated from the committed JSON (rows' nested panels included), so a new panel is
+tested as soon as it is built. The database is this module's own, created, migrated, filled with a small
+fleet (tests/dashboards/seed.py) and dropped here, so no other test shares or empties it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, create_engine, make_url, text
+from sqlalchemy.orm import Session
+
+from cloud.registry import migrate
+from cloud.registry.db import make_engine
+from dashboards.build import DASHBOARDS, JSON_DIR
+from dashboards.validate import walk
+from tests.dashboards.grafana_macros import TimeRange, Variable, interpolate
+from tests.dashboards.seed import seed
+from tests.databases import postgres_admin_url
+
+RANGE = timedelta(hours=6)  # the dashboards' default time range, now-6h to now
+INTERVAL = timedelta(minutes=1)  # $__interval for a ~360 px wide panel over 6 hours
+LEFTOVER = re.compile(r"\$\{?\w|\[\[\w")  # a macro or variable Grafana would have replaced
+
+
+@dataclass(frozen=True)
+class Query:
+    """One SQL query of a dashboard: a panel target, or a template variable's query."""
+
+    dashboard: str
+    panel: str
+    ref_id: str
+    sql: str
+    format: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.dashboard.removesuffix('.json')}/{self.panel}/{self.ref_id}"
+
+
+def load(name: str) -> dict[str, Any]:
+    """One committed dashboard."""
+    data: dict[str, Any] = json.loads((JSON_DIR / name).read_text(encoding="utf-8"))
+    return data
+
+
+def panel_queries() -> list[Query]:
+    """Every target of every non-row panel of every dashboard."""
+    return [
+        Query(
+            name,
+            str(panel.get("title")),
+            str(target.get("refId")),
+            str(target.get("rawSql")),
+            target.get("format"),
+        )
+        for name in sorted(DASHBOARDS)
+        for panel in walk(load(name)["panels"])
+        if panel.get("type") != "row"
+        for target in panel.get("targets") or []
+    ]
+
+
+def variable_queries(name: str) -> list[Query]:
+    """The query variables of one dashboard, in their order (Grafana resolves them in that order)."""
+    variables = load(name).get("templating", {}).get("list", [])
+    return [
+        Query(name, f"${v['name']}", v["name"], v["query"], "table")
+        for v in variables
+        if v["type"] == "query"
+    ]
+
+
+def test_every_panel_has_a_target_with_sql() -> None:
+    # Execute
+    panels = [p for name in DASHBOARDS for p in walk(load(name)["panels"]) if p.get("type") != "row"]
+
+    # Assert
+    assert len(panels) >= 40
+    for panel in panels:
+        assert panel.get("targets"), panel.get("title")
+        assert all(isinstance(t.get("rawSql"), str) and t["rawSql"].strip() for t in panel["targets"])
+    assert len(panel_queries()) == sum(len(p["targets"]) for p in panels)
+
+
+@pytest.fixture(scope="module")
+def database() -> Iterator[Engine]:
+    """A PostgreSQL database of this module's own, migrated and seeded; dropped afterwards."""
+    admin = make_url(postgres_admin_url()).set(drivername="postgresql+psycopg")
+    name = f"diredi_dash_{secrets.token_hex(4)}"
+    admin_engine = create_engine(admin, isolation_level="AUTOCOMMIT")
+    with admin_engine.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    engine = make_engine(admin.set(database=name).render_as_string(hide_password=False), pool_size=2)
+    try:
+        migrate.upgrade(engine)
+        with Session(engine) as session:
+            seed(session, datetime.now(UTC))
+        yield engine
+    finally:
+        engine.dispose()
+        with admin_engine.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin_engine.dispose()
+
+
+def run(engine: Engine, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """Run `sql` as the datasource's read-only role would: in a read-only transaction, rolled back."""
+    with engine.connect() as connection:
+        connection.exec_driver_sql("SET TRANSACTION READ ONLY")
+        connection.exec_driver_sql("SET LOCAL statement_timeout = '10s'")
+        result = connection.exec_driver_sql(sql)
+        return list(result.keys()), [tuple(row) for row in result.all()]
+
+
+def time_range() -> TimeRange:
+    """The dashboards' default range, ending now."""
+    now = datetime.now(UTC)
+    return TimeRange(now - RANGE, now)
+
+
+@pytest.fixture(scope="module")
+def variables(database: Engine) -> dict[str, dict[str, Variable]]:
+    """Each dashboard's variables set as Grafana sets them on load: to the first value of their query."""
+    values: dict[str, dict[str, Variable]] = {}
+    for name in DASHBOARDS:
+        values[name] = {}
+        for query in variable_queries(name):
+            _, rows = run(database, interpolate(query.sql, time_range(), INTERVAL, values[name]))
+            assert rows, f"{query.name} has no values"
+            values[name][query.ref_id] = Variable(str(rows[0][0]))
+    return values
+
+
+def test_the_device_variable_lists_every_device(database: Engine) -> None:
+    [query] = variable_queries("device-telemetry.json")
+
+    _, rows = run(database, interpolate(query.sql, time_range(), INTERVAL))
+
+    assert [r[0] for r in rows] == ["cam-01", "cam-02", "cam-03", "cam-04", "cam-99"]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float | Decimal) and not isinstance(value, bool)
+
+
+@pytest.mark.parametrize("query", panel_queries(), ids=lambda q: q.name)
+def test_panel_sql_runs_and_returns_rows(
+    database: Engine, variables: dict[str, dict[str, Variable]], query: Query
+) -> None:
+    # Prepare
+    sql = interpolate(query.sql, time_range(), INTERVAL, variables[query.dashboard])
+    assert not LEFTOVER.search(sql), sql
+
+    # Execute
+    columns, rows = run(database, sql)
+
+    # Assert
+    assert rows, f"no rows from:\n{sql}"
+    if query.format == "time_series":
+        # Grafana needs a `time` column, ascending, and at least one numeric value column.
+        assert "time" in columns, columns
+        times = [row[columns.index("time")] for row in rows]
+        assert None not in times and times == sorted(times)
+        values = [i for i, c in enumerate(columns) if c != "time"]
+        assert any(_is_number(row[i]) for row in rows for i in values), columns
+    else:
+        assert query.format == "table"
