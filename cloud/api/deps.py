@@ -2,12 +2,14 @@
 
 import base64
 import binascii
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from cloud.api.problems import Problem
@@ -31,14 +33,17 @@ class Services:
     hooks: list[CredentialHook]
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
     services: Services = request.app.state.services
     return services
 
 
-def get_session(services: Annotated[Services, Depends(get_services)]) -> Iterator[Session]:
-    with services.sessions() as session:
+async def get_session(services: Annotated[Services, Depends(get_services)]) -> AsyncIterator[Session]:
+    session = services.sessions()
+    try:
         yield session
+    finally:
+        await run_in_threadpool(session.close)
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]
@@ -63,8 +68,8 @@ def _authenticate(request: Request, session: Session) -> Caller:
     if scheme == "bearer" and credentials:
         key = apikeys.authenticate(session, credentials.strip())
         if key is not None:
-            if session.dirty:
-                session.commit()  # last_used_at, at most once a minute
+            if apikeys.needs_touch(key):
+                _touch(session, key.id)
             return Caller(actor=f"key:{key.id}", role=key.role)
     elif scheme == "basic" and credentials:
         try:
@@ -80,6 +85,18 @@ def _authenticate(request: Request, session: Session) -> Caller:
         "a valid API key (Bearer) or device credentials (Basic) are needed",
         headers=CHALLENGE,
     )
+
+
+def _touch(session: Session, key_id: str) -> None:
+    # last_used_at is informational: written at most once a minute, in a transaction of its own that
+    # starts with the write (SQLite cannot upgrade a read transaction while another writer commits),
+    # and skipped rather than failing the request when the database is busy.
+    session.commit()
+    try:
+        apikeys.touch(session, key_id)
+        session.commit()
+    except OperationalError:
+        session.rollback()
 
 
 class RequireRole:

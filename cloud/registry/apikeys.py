@@ -3,7 +3,7 @@
 import secrets
 from datetime import timedelta
 
-from sqlalchemy import select
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from cloud.exceptions import NotFoundError
@@ -30,10 +30,23 @@ def authenticate(session: Session, plaintext: str) -> ApiKey | None:
     row = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_secret(plaintext)))
     if row is None or not row.active:
         return None
-    now = utcnow()
-    if row.last_used_at is None or now - row.last_used_at > LAST_USED_RESOLUTION:
-        row.last_used_at = now
     return row
+
+
+def needs_touch(row: ApiKey) -> bool:
+    """Whether the key's last_used_at is older than its resolution (so it is worth a write)."""
+    return row.last_used_at is None or utcnow() - row.last_used_at > LAST_USED_RESOLUTION
+
+
+def touch(session: Session, key_id: str) -> None:
+    """Record that a key was used now, unless another request already did within the resolution."""
+    now = utcnow()
+    session.execute(
+        update(ApiKey)
+        .where(ApiKey.id == key_id)
+        .where(or_(ApiKey.last_used_at.is_(None), ApiKey.last_used_at < now - LAST_USED_RESOLUTION))
+        .values(last_used_at=now)
+    )
 
 
 def deactivate(session: Session, key_id: str) -> ApiKey:
