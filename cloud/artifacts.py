@@ -54,7 +54,7 @@ class LocalArtifactStore:
     def put(self, data: bytes) -> str:
         sha256 = hashlib.sha256(data).hexdigest()
         path = self._path(sha256)
-        if path.exists():
+        if path.exists() and self._intact(path, sha256):
             return sha256
         path.parent.mkdir(parents=True, exist_ok=True)
         # Write to a temporary file in the same directory, then rename: a reader never sees half a blob.
@@ -69,6 +69,14 @@ class LocalArtifactStore:
             Path(tmp).unlink(missing_ok=True)
             raise
         return sha256
+
+    @staticmethod
+    def _intact(path: Path, sha256: str) -> bool:
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            while chunk := handle.read(CHUNK):
+                digest.update(chunk)
+        return digest.hexdigest() == sha256
 
     def exists(self, sha256: str) -> bool:
         return self._path(sha256).is_file()

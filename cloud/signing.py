@@ -106,6 +106,8 @@ class KeyRing:
         """Stop trusting a key that no longer signs (devices re-provisioned with the new set)."""
         if key_id == self.active_key_id:
             raise SigningError("the active key cannot be retired; rotate first")
+        if not _valid_key_id(key_id) or not (self.directory / f"{key_id}.pub").is_file():
+            raise SigningError(f"no trusted key {key_id[:40]!r} to retire")
         for suffix in (".key", ".pub"):
             (self.directory / f"{key_id}{suffix}").unlink(missing_ok=True)
 

@@ -4,12 +4,12 @@ import base64
 import binascii
 import json
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import rfc8785
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from wire.common import DeviceId, ModelId, utcnow
 from wire.errors import ContractError, describe
@@ -21,7 +21,10 @@ SIGNATURE_FIELD = "signature"
 
 def signing_bytes(document: dict[str, Any]) -> bytes:
     """The RFC 8785 canonical JSON of everything in `document` but its signature: what is signed."""
-    return rfc8785.dumps({k: v for k, v in document.items() if k != SIGNATURE_FIELD})
+    try:
+        return rfc8785.dumps({k: v for k, v in document.items() if k != SIGNATURE_FIELD})
+    except rfc8785.CanonicalizationError as exc:
+        raise ContractError(f"desired model cannot be canonicalized: {exc}") from None
 
 
 class DesiredModel(BaseModel):
@@ -37,6 +40,12 @@ class DesiredModel(BaseModel):
     issued_at: datetime = Field(default_factory=utcnow)
     key_id: str = Field(pattern=KEY_ID_PATTERN)
     signature: str = Field("", max_length=128)  # base64 of the 64-byte Ed25519 signature
+
+    @model_validator(mode="after")
+    def _path_names_the_artifact(self) -> Self:
+        if self.download_path != f"/api/v1/artifacts/{self.manifest.sha256}":
+            raise ValueError("download_path does not name the manifest's artifact")
+        return self
 
     def unsigned_document(self) -> dict[str, Any]:
         """The JSON document without its signature."""

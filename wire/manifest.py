@@ -43,7 +43,7 @@ class ArtifactManifest(BaseModel):
     version: int = Field(ge=1)
     format: Literal["tflite-int8"] = "tflite-int8"
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    size: int = Field(gt=0)
+    size: int = Field(gt=0, le=2**53 - 1)  # an exact JSON number everywhere (RFC 8785)
     signature: str = Field(min_length=1, max_length=64)
     input: TensorSpec
     features: TensorSpec

@@ -11,7 +11,7 @@ from cloud.exceptions import ConflictError, NotFoundError
 from cloud.registry.common import paginate
 from cloud.registry.devices import get_device
 from cloud.registry.models import get_model
-from cloud.registry.tables import Device, DeviceStatus, KnowledgeReport, KnowledgeStatus
+from cloud.registry.tables import Device, DeviceStatus, KnowledgeReport, KnowledgeStatus, ModelKind
 from wire.knowledge import KnowledgeReport as KnowledgePayload
 
 
@@ -31,6 +31,14 @@ def store_report(
     base = get_model(session, report.base_model_id)
     if base.cohort_id != device.cohort_id:
         raise ConflictError(f"base model {base.id} is not of device {device.id}'s cohort {device.cohort_id}")
+    if base.kind is not ModelKind.edge or base.manifest is None:
+        raise ConflictError(f"base model {base.id} is not an edge model")
+    manifest = base.manifest
+    if (report.num_classes, report.feature_dim) != (manifest["num_classes"], manifest["feature_dim"]):
+        raise ConflictError(
+            f"report shapes C={report.num_classes}, D={report.feature_dim} do not fit {base.id} "
+            f"(C={manifest['num_classes']}, D={manifest['feature_dim']})"
+        )
     row = KnowledgeReport(
         msg_id=report.msg_id,
         device_id=report.device_id,

@@ -1,5 +1,6 @@
 """Models of a line: registering cloud and edge models with their artifacts, versions, and approval."""
 
+import hashlib
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -22,6 +23,11 @@ def cloud_model_id(cohort_id: str, version: int) -> str:
     return f"{cohort_id}.cloud.v{version}"
 
 
+def edge_model_id(cohort_id: str, version: int) -> str:
+    """The id of a line's edge model (cloud.ml.cycle names its artifacts the same way)."""
+    return f"{cohort_id}.v{version}"
+
+
 def next_version(session: Session, *, cohort_id: str, kind: ModelKind) -> int:
     """The version the line's next model of this kind gets."""
     latest = session.scalar(
@@ -42,10 +48,14 @@ def _add(session: Session, model: Model) -> Model:
     if session.get(Model, model.id) is not None:
         raise ConflictError(f"model {model.id} already exists")
     for role, ref in (("parent", model.parent_id), ("teacher", model.teacher_id)):
-        if ref is not None:
-            get_model(session, ref)
-            if role == "teacher" and get_model(session, ref).kind is not ModelKind.cloud:
-                raise ConflictError(f"teacher {ref} is not a cloud model")
+        if ref is None:
+            continue
+        upstream = get_model(session, ref)
+        if upstream.cohort_id != model.cohort_id:
+            raise ConflictError(f"{role} {ref} is of another line than {model.cohort_id}")
+        wanted = ModelKind.cloud if role == "teacher" else model.kind
+        if upstream.kind is not wanted:
+            raise ConflictError(f"{role} {ref} is not a {wanted.value} model")
     session.add(model)
     session.flush()
     return model
@@ -98,9 +108,13 @@ def register_edge_model(
     expected = next_version(session, cohort_id=manifest.line, kind=ModelKind.edge)
     if manifest.version != expected:
         raise ConflictError(f"line {manifest.line} expects edge version {expected}, not {manifest.version}")
-    sha256 = store.put(model)
+    expected_id = edge_model_id(manifest.line, manifest.version)
+    if manifest.model_id != expected_id:
+        raise ConflictError(f"manifest names model {manifest.model_id}, not {expected_id}")
+    sha256 = hashlib.sha256(model).hexdigest()
     if sha256 != manifest.sha256 or len(model) != manifest.size:
         raise ConflictError(f"artifact does not match its manifest (sha256 {sha256[:12]}…, {len(model)} B)")
+    store.put(model)
     return _add(
         session,
         Model(

@@ -33,11 +33,8 @@ def create_rollout(
     model = get_model(session, model_id)
     if model.kind is not ModelKind.edge or model.status is not ModelStatus.approved:
         raise ConflictError(f"model {model_id} is not an approved edge model")
-    rollout = Rollout(cohort_id=model.cohort_id, model_id=model_id, created_by=created_by, waves=plan or {})
-    session.add(rollout)
-    session.flush()
     seen: set[str] = set()
-    for wave, device_ids in enumerate(waves):
+    for device_ids in waves:  # check every device before writing anything
         for device_id in device_ids:
             device = get_device(session, device_id)
             if device.cohort_id != model.cohort_id:
@@ -45,7 +42,11 @@ def create_rollout(
             if device_id in seen:
                 raise ConflictError(f"device {device_id} is in two waves")
             seen.add(device_id)
-            session.add(RolloutTarget(rollout_id=rollout.id, device_id=device_id, wave=wave))
+    rollout = Rollout(cohort_id=model.cohort_id, model_id=model_id, created_by=created_by, waves=plan or {})
+    session.add(rollout)
+    session.flush()
+    for wave, device_ids in enumerate(waves):
+        session.add_all(RolloutTarget(rollout_id=rollout.id, device_id=d, wave=wave) for d in device_ids)
     session.flush()
     return rollout
 

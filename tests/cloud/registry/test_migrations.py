@@ -1,0 +1,139 @@
+"""Alembic migrations on fresh SQLite and PostgreSQL databases: up, down, up again, and no drift."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, inspect, make_url, text
+
+from cloud.registry import migrate
+from cloud.registry.db import make_engine
+from cloud.registry.tables import Base
+from tests.databases import BACKENDS, postgres_admin_url
+
+BOOKKEEPING = {"alembic_version"}
+
+
+@pytest.fixture(params=BACKENDS)
+def fresh_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+    """An engine on a brand-new, empty database of its own (not the session's migrated one)."""
+    if request.param == "sqlite":
+        engine = make_engine(f"sqlite:///{tmp_path / 'migrations.db'}")
+        yield engine
+        engine.dispose()
+        return
+    admin = make_url(postgres_admin_url()).set(drivername="postgresql+psycopg")
+    name = f"diredi_mig_{secrets.token_hex(4)}"
+    admin_engine = create_engine(admin, isolation_level="AUTOCOMMIT")
+    with admin_engine.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    engine = make_engine(admin.set(database=name).render_as_string(hide_password=False))
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+        with admin_engine.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin_engine.dispose()
+
+
+def table_names(engine: Engine) -> set[str]:
+    """The tables the database holds now."""
+    return set(inspect(engine).get_table_names())
+
+
+def drift(engine: Engine) -> list[Any]:
+    """What autogenerate would change to make the database match the models (empty: no drift)."""
+    with engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        return list(compare_metadata(context, Base.metadata))
+
+
+def revisions_newest_first() -> list[str]:
+    """Every revision id from head down to the first one."""
+    config = Config()
+    config.set_main_option("script_location", str(migrate.MIGRATIONS_DIR))
+    return [script.revision for script in ScriptDirectory.from_config(config).walk_revisions()]
+
+
+def test_upgrade_creates_every_table_at_head(fresh_engine: Engine) -> None:
+    # Prepare
+    assert migrate.current(fresh_engine) is None
+
+    # Execute
+    migrate.upgrade(fresh_engine)
+
+    # Assert
+    assert migrate.current(fresh_engine) == migrate.head()
+    assert table_names(fresh_engine) == set(Base.metadata.tables) | BOOKKEEPING
+
+
+def test_downgrade_to_base_removes_every_table_then_upgrade_restores_them(fresh_engine: Engine) -> None:
+    # Prepare
+    migrate.upgrade(fresh_engine)
+
+    # Execute
+    migrate.downgrade(fresh_engine, "base")
+    after_down = table_names(fresh_engine)
+    revision_after_down = migrate.current(fresh_engine)
+    migrate.upgrade(fresh_engine)
+
+    # Assert
+    assert after_down <= BOOKKEEPING
+    assert revision_after_down is None
+    assert migrate.current(fresh_engine) == migrate.head()
+    assert table_names(fresh_engine) == set(Base.metadata.tables) | BOOKKEEPING
+    assert drift(fresh_engine) == []
+
+
+def test_migrated_schema_matches_the_models(fresh_engine: Engine) -> None:
+    # Prepare
+    migrate.upgrade(fresh_engine)
+
+    # Execute
+    differences = drift(fresh_engine)
+
+    # Assert
+    assert differences == []
+
+
+def test_every_migration_steps_down_one_revision_at_a_time(fresh_engine: Engine) -> None:
+    # Prepare
+    revisions = revisions_newest_first()
+    migrate.upgrade(fresh_engine)
+    visited = []
+
+    # Execute
+    for revision in revisions:
+        assert migrate.current(fresh_engine) == revision
+        migrate.downgrade(fresh_engine, "-1")
+        visited.append(revision)
+
+    # Assert
+    assert revisions[0] == migrate.head()
+    assert visited == revisions
+    assert migrate.current(fresh_engine) is None
+    assert table_names(fresh_engine) <= BOOKKEEPING
+
+
+def test_each_revision_upgrades_from_the_one_below(fresh_engine: Engine) -> None:
+    # Prepare
+    oldest_first = list(reversed(revisions_newest_first()))
+
+    # Execute
+    reached = []
+    for revision in oldest_first:
+        migrate.upgrade(fresh_engine, revision)
+        reached.append(migrate.current(fresh_engine))
+
+    # Assert
+    assert reached == oldest_first
+    assert drift(fresh_engine) == []

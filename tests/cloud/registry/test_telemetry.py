@@ -1,0 +1,200 @@
+"""Registry telemetry: batch inserts, time-window queries, retention pruning, and UTC timestamps."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.exc import StatementError
+from sqlalchemy.orm import Session
+
+from cloud.registry import telemetry
+from cloud.registry.tables import Cohort, Telemetry, UTCDateTime
+from tests.cloud.factories import make_cohort, make_device
+
+NOW = datetime(2026, 3, 1, 12, 0, 0, 250_000, tzinfo=UTC)
+PLUS_TWO = timezone(timedelta(hours=2))
+
+
+def sample(device_id: str, at: datetime, **values: Any) -> dict[str, Any]:
+    """One status sample as the ingest writes it."""
+    return {"msg_id": uuid.uuid4(), "device_id": device_id, "at": at, **values}
+
+
+def two_devices(session: Session) -> None:
+    """The kitchen cohort with devices cam-a and cam-b."""
+    make_cohort(session)
+    make_device(session, "cam-a")
+    make_device(session, "cam-b")
+
+
+def ages(session: Session) -> list[timedelta]:
+    """How old each stored sample is relative to NOW, newest first."""
+    session.expire_all()
+    return [NOW - row.at for row in telemetry.query(session, limit=100)]
+
+
+def test_add_samples_inserts_them_all(session: Session) -> None:
+    # Prepare
+    two_devices(session)
+    rows = [sample("cam-a", NOW - timedelta(seconds=i), mean_confidence=0.9) for i in range(5)]
+
+    # Execute
+    added = telemetry.add_samples(session, rows)
+    nothing = telemetry.add_samples(session, [])
+    session.commit()
+
+    # Assert
+    assert (added, nothing) == (5, 0)
+    assert session.scalar(select(func.count()).select_from(Telemetry)) == 5
+
+
+def test_timestamps_come_back_aware_utc_and_equal(session: Session) -> None:
+    # Prepare
+    two_devices(session)
+    at = datetime(2026, 3, 1, 14, 30, 0, 123_456, tzinfo=PLUS_TWO)
+    telemetry.add_samples(session, [sample("cam-a", at, class_histogram={"3": 4})])
+    session.commit()
+    session.expire_all()
+
+    # Execute
+    (row,) = telemetry.query(session, device_id="cam-a", limit=10)
+
+    # Assert
+    assert row.at == at
+    assert row.at.utcoffset() == timedelta(0)
+    assert row.at.tzinfo is UTC
+    assert (row.at.hour, row.at.microsecond) == (12, 123_456)
+    assert row.class_histogram == {"3": 4}
+
+
+def test_query_filters_by_device_model_and_window(session: Session) -> None:
+    # Prepare
+    two_devices(session)
+    telemetry.add_samples(
+        session,
+        [sample("cam-a", NOW - timedelta(minutes=m), model_id="kitchen.v1") for m in range(6)]
+        + [sample("cam-b", NOW - timedelta(minutes=m), model_id="kitchen.v2") for m in range(3)],
+    )
+    session.commit()
+
+    # Execute
+    window = telemetry.query(
+        session,
+        device_id="cam-a",
+        since=(NOW - timedelta(minutes=4)).astimezone(PLUS_TWO),  # same instant, another zone
+        until=NOW - timedelta(minutes=1),
+        limit=100,
+    )
+    by_model = telemetry.query(session, model_id="kitchen.v2", limit=100)
+    page = telemetry.query(session, device_id="cam-a", limit=2, offset=1)
+
+    # Assert
+    assert [NOW - r.at for r in window] == [timedelta(minutes=m) for m in (2, 3, 4)]  # since ≤ at < until
+    assert {r.device_id for r in by_model} == {"cam-b"} and len(by_model) == 3
+    assert [NOW - r.at for r in page] == [timedelta(minutes=1), timedelta(minutes=2)]
+
+
+def test_prune_deletes_only_samples_older_than_the_retention(session: Session) -> None:
+    # Prepare
+    two_devices(session)
+    hours = [0, 1, 23, 24, 25, 48, 24 * 30]
+    telemetry.add_samples(
+        session, [sample("cam-a" if h % 2 else "cam-b", NOW - timedelta(hours=h)) for h in hours]
+    )
+    session.commit()
+
+    # Execute
+    deleted = telemetry.prune(session, retention=timedelta(hours=24), now=NOW)
+    session.commit()
+
+    # Assert
+    assert deleted == 3
+    assert ages(session) == [timedelta(hours=h) for h in (0, 1, 23, 24)]  # the cutoff itself is kept
+
+
+def test_prune_works_in_batches(session: Session, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare
+    two_devices(session)
+    monkeypatch.setattr(telemetry, "PRUNE_BATCH", 2)
+    telemetry.add_samples(session, [sample("cam-a", NOW - timedelta(days=d)) for d in range(8)])
+    session.commit()
+
+    # Execute
+    deleted = telemetry.prune(session, retention=timedelta(days=2, hours=12), now=NOW)
+    session.commit()
+
+    # Assert
+    assert deleted == 5
+    assert ages(session) == [timedelta(days=d) for d in (0, 1, 2)]
+
+
+def test_prune_with_nothing_old_deletes_nothing(session: Session) -> None:
+    # Prepare
+    two_devices(session)
+    telemetry.add_samples(session, [sample("cam-a", NOW)])
+
+    # Execute
+    deleted = telemetry.prune(session, retention=timedelta(days=7), now=NOW)
+
+    # Assert
+    assert deleted == 0
+    assert ages(session) == [timedelta(0)]
+
+
+def test_prune_defaults_to_the_current_time(session: Session) -> None:
+    # Prepare
+    two_devices(session)
+    real_now = datetime.now(UTC)
+    telemetry.add_samples(
+        session, [sample("cam-a", real_now - timedelta(days=10)), sample("cam-a", real_now)]
+    )
+
+    # Execute
+    deleted = telemetry.prune(session, retention=timedelta(days=7))
+
+    # Assert
+    assert deleted == 1
+
+
+def test_a_naive_timestamp_is_refused_by_core_inserts(session: Session) -> None:
+    # Prepare
+    two_devices(session)
+    naive = datetime(2026, 3, 1, 12, 0, 0)
+
+    # Execute / Assert
+    with pytest.raises(StatementError, match="naive datetimes are not stored"):
+        telemetry.add_samples(session, [sample("cam-a", naive)])
+
+
+def test_a_naive_timestamp_is_refused_by_the_orm(session: Session) -> None:
+    # Prepare
+    session.add(Cohort(id="kitchen", created_at=datetime(2026, 3, 1, 12, 0, 0)))
+
+    # Execute / Assert
+    with pytest.raises(StatementError, match="naive datetimes are not stored"):
+        session.flush()
+
+
+def test_utc_datetime_converts_on_the_way_in_and_out(session: Session) -> None:
+    # Prepare
+    column = UTCDateTime()
+    dialect = session.get_bind().dialect
+    aware = datetime(2026, 3, 1, 14, 0, tzinfo=PLUS_TWO)
+
+    # Execute
+    bound = column.process_bind_param(aware, dialect)
+    read_naive = column.process_result_value(datetime(2026, 3, 1, 12, 0), dialect)
+    read_aware = column.process_result_value(aware, dialect)
+
+    # Assert
+    assert bound == aware and bound is not None and bound.tzinfo is UTC
+    assert read_naive == datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+    assert read_aware is not None and read_aware.tzinfo is UTC and read_aware == aware
+    assert column.process_bind_param(None, dialect) is None
+    assert column.process_result_value(None, dialect) is None
+    with pytest.raises(ValueError, match="naive"):
+        column.process_bind_param(datetime(2026, 3, 1), dialect)
