@@ -28,14 +28,19 @@ class Services:
 
     settings: Settings
     sessions: sessionmaker[Session]
+    readers: sessionmaker[Session]  # autocommit: a GET costs no BEGIN/ROLLBACK round trips
     store: LocalArtifactStore
     keyring: KeyRing
     hooks: list[CredentialHook]
 
 
-async def get_services(request: Request) -> Services:
+def get_services_sync(request: Request) -> Services:
     services: Services = request.app.state.services
     return services
+
+
+async def get_services(request: Request) -> Services:
+    return get_services_sync(request)
 
 
 async def get_session(services: Annotated[Services, Depends(get_services)]) -> AsyncIterator[Session]:
@@ -46,8 +51,17 @@ async def get_session(services: Annotated[Services, Depends(get_services)]) -> A
         await run_in_threadpool(session.close)
 
 
+async def get_read_session(services: Annotated[Services, Depends(get_services)]) -> AsyncIterator[Session]:
+    session = services.readers()
+    try:
+        yield session
+    finally:
+        await run_in_threadpool(session.close)
+
+
 ServicesDep = Annotated[Services, Depends(get_services)]
-SessionDep = Annotated[Session, Depends(get_session)]
+SessionDep = Annotated[Session, Depends(get_session)]  # one transaction, committed by the route
+ReadSessionDep = Annotated[Session, Depends(get_read_session)]  # each statement on its own (reads)
 
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="diredi", Basic realm="diredi-devices"'}
 
@@ -91,12 +105,22 @@ def _touch(session: Session, key_id: str) -> None:
     # last_used_at is informational: written at most once a minute, in a transaction of its own that
     # starts with the write (SQLite cannot upgrade a read transaction while another writer commits),
     # and skipped rather than failing the request when the database is busy.
-    session.commit()
     try:
         apikeys.touch(session, key_id)
         session.commit()
     except OperationalError:
         session.rollback()
+
+
+def is_authenticated(request: Request) -> bool:
+    """Whether the request carries valid credentials of either kind (for error paths before routing)."""
+    services = get_services_sync(request)
+    with services.readers() as session:
+        try:
+            _authenticate(request, session)
+        except Problem:
+            return False
+    return True
 
 
 class RequireRole:
@@ -105,7 +129,7 @@ class RequireRole:
     def __init__(self, role: Role) -> None:
         self.role = role
 
-    def __call__(self, request: Request, session: SessionDep) -> Caller:
+    def __call__(self, request: Request, session: ReadSessionDep) -> Caller:
         caller = _authenticate(request, session)
         if caller.role is None or caller.role.rank < self.role.rank:
             raise Problem(403, "Forbidden", f"this needs an API key with role {self.role.value} or higher")
@@ -115,7 +139,7 @@ class RequireRole:
 class RequireDeviceOrRole(RequireRole):
     """Lets through any authenticated device (the route checks what it may see), or operators with `role`."""
 
-    def __call__(self, request: Request, session: SessionDep) -> Caller:
+    def __call__(self, request: Request, session: ReadSessionDep) -> Caller:
         caller = _authenticate(request, session)
         if caller.device is None and (caller.role is None or caller.role.rank < self.role.rank):
             raise Problem(

@@ -24,7 +24,7 @@ from cloud.api.routes import (
 )
 from cloud.artifacts import LocalArtifactStore
 from cloud.provisioning import CredentialHook
-from cloud.registry.db import make_engine, session_factory
+from cloud.registry.db import autocommit_factory, make_engine, session_factory
 from cloud.settings import Settings
 from cloud.signing import KeyRing
 
@@ -43,6 +43,7 @@ def create_app(settings: Settings | None = None, *, hooks: Sequence[CredentialHo
     services = Services(
         settings=settings,
         sessions=session_factory(engine),
+        readers=autocommit_factory(settings.resolved_database_url),
         store=LocalArtifactStore(settings.resolved_artifact_dir),
         keyring=KeyRing.open(settings.resolved_signing_key_dir),
         hooks=list(hooks),
@@ -55,6 +56,7 @@ def create_app(settings: Settings | None = None, *, hooks: Sequence[CredentialHo
     )
     app.state.services = services
     problems.install(app)
+    problems.document(app, public={"/healthz"})
     for module in (
         health,
         cohorts,

@@ -5,8 +5,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DataError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cloud.exceptions import ArtifactStoreError, CloudError, ConflictError, NotFoundError, SigningError
@@ -66,7 +68,18 @@ def install(app: FastAPI) -> None:
         return problem(exc.status_code, title, str(exc.detail), headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI validates the body before any dependency runs; an unauthenticated caller still
+        # gets the 401 every route promises, and learns nothing about the body's shape.
+        from cloud.api.deps import CHALLENGE, is_authenticated
+
+        if not await run_in_threadpool(is_authenticated, request):
+            return problem(
+                401,
+                TITLES[401],
+                "a valid API key (Bearer) or device credentials (Basic) are needed",
+                headers=CHALLENGE,
+            )
         errors = [{"location": _location(e["loc"]), "message": e["msg"]} for e in exc.errors()]
         detail = "; ".join(f"{e['location']}: {e['message']}" for e in errors[:5])
         return problem(422, TITLES[422], detail, errors=errors)
@@ -88,11 +101,64 @@ def install(app: FastAPI) -> None:
         log.error("signing failed: %s", exc)
         return problem(503, TITLES[503], "the signing key is unavailable")
 
+    @app.exception_handler(OperationalError)
+    async def _database_down(_: Request, exc: OperationalError) -> JSONResponse:
+        log.error("database unavailable: %s", exc.orig)
+        return problem(503, TITLES[503], "the database is unavailable", headers={"Retry-After": "5"})
+
+    @app.exception_handler(DataError)
+    async def _data(_: Request, exc: DataError) -> JSONResponse:
+        log.warning("the database refused a value: %s", exc.orig)
+        return problem(422, TITLES[422], "the database refused a value of the request")
+
     @app.exception_handler(CloudError)
     async def _cloud(_: Request, exc: CloudError) -> JSONResponse:
         return problem(400, TITLES[400], str(exc))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        log.exception("unhandled error on %s %r", request.method, request.url.path)
         return problem(500, TITLES[500], "an unexpected error; it has been logged")
+
+
+def document(app: FastAPI, *, public: set[str]) -> None:
+    """Make the OpenAPI tell the truth about errors: problem+json bodies, the 422's field errors, and
+    the 401/403 every route but the `public` ones can answer."""
+    from cloud.api.schemas import Problem, ValidationProblem
+
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = generate()
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in (Problem, ValidationProblem):
+            definition = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(definition.pop("$defs", {}))
+            components[model.__name__] = definition
+        for name in ("HTTPValidationError", "ValidationError"):
+            components.pop(name, None)
+        problem_ref = {MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}
+        for path, operations in schema["paths"].items():
+            for operation in operations.values():
+                responses = operation.setdefault("responses", {})
+                for status, response in responses.items():
+                    if status[0] in "45":
+                        body = response.get("content", {}).get("application/json", {"schema": {}})
+                        response["content"] = {MEDIA_TYPE: body}
+                if "422" in responses:
+                    responses["422"]["content"] = {
+                        MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/ValidationProblem"}}
+                    }
+                if path not in public:
+                    responses.setdefault(
+                        "401", {"description": "no valid credentials", "content": problem_ref}
+                    )
+                    responses.setdefault(
+                        "403", {"description": "a role too low for this route", "content": problem_ref}
+                    )
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -4,7 +4,7 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from cloud.registry.tables import (
     DeviceStatus,
@@ -25,10 +25,28 @@ Label = Annotated[str, StringConstraints(max_length=128)]
 Reason = Annotated[str, StringConstraints(max_length=1000)]
 
 
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
 class Input(BaseModel):
-    """Request bodies refuse unknown fields, so a typo is an error rather than silently ignored."""
+    """Request bodies refuse unknown fields, so a typo is an error rather than silently ignored, and
+    NUL characters, which PostgreSQL cannot store."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nul(cls, data: Any) -> Any:
+        if _has_nul(data):
+            raise ValueError("text must not contain NUL characters")
+        return data
 
 
 class Output(BaseModel):
@@ -53,6 +71,17 @@ class Problem(BaseModel):
     title: str
     status: int
     detail: str
+
+
+class FieldError(BaseModel):
+    location: str = Field(examples=["body.cohort_id"])
+    message: str
+
+
+class ValidationProblem(Problem):
+    """A 422 problem: every field that was wrong, and why."""
+
+    errors: list[FieldError]
 
 
 class CohortCreate(Input):

@@ -13,14 +13,19 @@ T = TypeVar("T")
 
 
 def paginate(session: Session, statement: Select[T], *, limit: int, offset: int) -> tuple[Sequence[T], int]:
-    """One page of `statement`'s rows and the total number of rows it matches.
+    """One page of `statement`'s rows and the total number of rows it matches, in one round trip.
 
-    Two queries rather than a `count(*) OVER ()` window: PostgreSQL would materialise every matching
-    row for the window, which measured slower (5.9 ms vs 0.8 + 1.3 ms for 10,000 devices).
+    The total is an uncorrelated scalar subquery, which the database computes once per query; a
+    `count(*) OVER ()` window would materialise every matching row instead (PostgreSQL, 10,000
+    devices: 5.9 ms against 0.8 + 1.3 ms). Only a page past the end needs a second query.
     """
-    total = session.scalar(select(func.count()).select_from(statement.order_by(None).subquery()))
-    rows = session.scalars(statement.limit(limit).offset(offset)).all()
-    return rows, int(total or 0)
+    total = select(func.count()).select_from(statement.order_by(None).subquery()).scalar_subquery()
+    rows = session.execute(statement.add_columns(total).limit(limit).offset(offset)).all()
+    if rows:
+        return [row[0] for row in rows], int(rows[0][-1])
+    if offset == 0:
+        return [], 0
+    return [], int(session.scalar(select(total)) or 0)
 
 
 def new_secret() -> str:

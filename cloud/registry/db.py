@@ -20,7 +20,7 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         return engine
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
         url = parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
-    kwargs.setdefault("pool_size", 20)
+    kwargs.setdefault("pool_size", 10)
     kwargs.setdefault("max_overflow", 10)
     kwargs.setdefault("pool_pre_ping", False)
     return create_engine(url, **kwargs)
@@ -39,6 +39,12 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
+def autocommit_factory(url: str) -> sessionmaker[Session]:
+    """Sessions on an engine of their own whose statements each commit on their own: for reads, which
+    then cost no BEGIN and ROLLBACK round trips (a page and its total may see different snapshots)."""
+    return sessionmaker(make_engine(url, isolation_level="AUTOCOMMIT"), expire_on_commit=False)
+
+
 @contextmanager
 def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
     """A session whose work is committed on success and rolled back on any error."""
@@ -46,7 +52,6 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
         yield session
 
 
-def ping(engine: Engine) -> None:
+def ping(session: Session) -> None:
     """Raise if the database cannot answer a trivial query."""
-    with engine.connect() as connection:
-        connection.execute(text("SELECT 1"))
+    session.execute(text("SELECT 1"))

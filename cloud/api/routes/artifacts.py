@@ -6,7 +6,7 @@ from fastapi import APIRouter, Path
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 
-from cloud.api.deps import DeviceOrOperator, ServicesDep, SessionDep
+from cloud.api.deps import DeviceOrOperator, ReadSessionDep, ServicesDep
 from cloud.api.problems import Problem
 from cloud.api.schemas import errors
 from cloud.registry.devices import offered_to
@@ -25,7 +25,7 @@ Sha256 = Annotated[str, Path(pattern=r"^[0-9a-f]{64}$", description="the artifac
     },
 )
 def download(
-    sha256: Sha256, session: SessionDep, services: ServicesDep, caller: DeviceOrOperator
+    sha256: Sha256, session: ReadSessionDep, services: ServicesDep, caller: DeviceOrOperator
 ) -> StreamingResponse:
     """Download a model artifact. A device may fetch only its desired or current model or one a
     rollout offers it; anything else answers 404, so a device cannot probe which artifacts exist."""

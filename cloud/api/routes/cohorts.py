@@ -4,7 +4,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from cloud.api.deps import Operator, PageQuery, SessionDep, Viewer
+from cloud.api.deps import Operator, PageQuery, ReadSessionDep, SessionDep, Viewer
 from cloud.api.schemas import CohortCreate, CohortPublic, Page, errors
 from cloud.registry import audit
 from cloud.registry.devices import create_cohort, get_cohort, list_cohorts
@@ -13,7 +13,7 @@ router = APIRouter(prefix="/api/v1/cohorts", tags=["cohorts"])
 
 
 @router.get("")
-def list_(session: SessionDep, _: Viewer, page: Annotated[PageQuery, Query()]) -> Page[CohortPublic]:
+def list_(session: ReadSessionDep, _: Viewer, page: Annotated[PageQuery, Query()]) -> Page[CohortPublic]:
     """List cohorts by id."""
     rows, total = list_cohorts(session, limit=page.limit, offset=page.offset)
     return Page(
@@ -34,6 +34,6 @@ def create(body: CohortCreate, session: SessionDep, caller: Operator) -> CohortP
 
 
 @router.get("/{cohort_id}", responses=errors({404: "no such cohort"}))
-def get(cohort_id: str, session: SessionDep, _: Viewer) -> CohortPublic:
+def get(cohort_id: str, session: ReadSessionDep, _: Viewer) -> CohortPublic:
     """One cohort."""
     return CohortPublic.model_validate(get_cohort(session, cohort_id))

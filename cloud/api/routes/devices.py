@@ -6,7 +6,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from pydantic import Field
 
-from cloud.api.deps import Operator, PageQuery, ServicesDep, SessionDep, Viewer
+from cloud.api.deps import Operator, PageQuery, ReadSessionDep, ServicesDep, SessionDep, Viewer
 from cloud.api.problems import Problem
 from cloud.api.schemas import DeviceCreate, DeviceProvisioned, DevicePublic, Page, TrustedKey, errors
 from cloud.registry import audit
@@ -25,7 +25,7 @@ class DeviceFilter(PageQuery):
 
 
 @router.get("")
-def list_(session: SessionDep, _: Viewer, query: Annotated[DeviceFilter, Query()]) -> Page[DevicePublic]:
+def list_(session: ReadSessionDep, _: Viewer, query: Annotated[DeviceFilter, Query()]) -> Page[DevicePublic]:
     """List devices by id, filtered by cohort, status, presence or the model they run."""
     rows, total = list_devices(
         session,
@@ -79,7 +79,7 @@ def provision(
 
 
 @router.get("/{device_id}", responses=errors({404: "no such device"}))
-def get(device_id: str, session: SessionDep, _: Viewer) -> DevicePublic:
+def get(device_id: str, session: ReadSessionDep, _: Viewer) -> DevicePublic:
     """One device."""
     return DevicePublic.model_validate(get_device(session, device_id))
 

@@ -6,7 +6,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from pydantic import Field
 
-from cloud.api.deps import PageQuery, SessionDep, Viewer
+from cloud.api.deps import PageQuery, ReadSessionDep, Viewer
 from cloud.api.schemas import JobPublic, Page, errors
 from cloud.registry.jobs import get_job, list_jobs
 from cloud.registry.tables import JobState
@@ -21,7 +21,7 @@ class JobFilter(PageQuery):
 
 
 @router.get("")
-def list_(session: SessionDep, _: Viewer, query: Annotated[JobFilter, Query()]) -> Page[JobPublic]:
+def list_(session: ReadSessionDep, _: Viewer, query: Annotated[JobFilter, Query()]) -> Page[JobPublic]:
     """List jobs, newest first, filtered by cohort, state or type."""
     rows, total = list_jobs(
         session,
@@ -37,6 +37,6 @@ def list_(session: SessionDep, _: Viewer, query: Annotated[JobFilter, Query()]) 
 
 
 @router.get("/{job_id}", responses=errors({404: "no such job"}))
-def get(job_id: uuid.UUID, session: SessionDep, _: Viewer) -> JobPublic:
+def get(job_id: uuid.UUID, session: ReadSessionDep, _: Viewer) -> JobPublic:
     """One job, with its progress (0 to 1), stage, result or error."""
     return JobPublic.model_validate(get_job(session, job_id))

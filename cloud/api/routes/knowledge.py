@@ -6,7 +6,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from pydantic import Field
 
-from cloud.api.deps import PageQuery, SessionDep, Viewer
+from cloud.api.deps import PageQuery, ReadSessionDep, Viewer
 from cloud.api.schemas import KnowledgePublic, Page, errors
 from cloud.registry.knowledge import get_report, list_reports
 from cloud.registry.tables import KnowledgeStatus
@@ -23,7 +23,7 @@ class KnowledgeFilter(PageQuery):
 
 @router.get("")
 def list_(
-    session: SessionDep, _: Viewer, query: Annotated[KnowledgeFilter, Query()]
+    session: ReadSessionDep, _: Viewer, query: Annotated[KnowledgeFilter, Query()]
 ) -> Page[KnowledgePublic]:
     """List knowledge reports, newest first, filtered by device, cohort, status or consuming job."""
     rows, total = list_reports(
@@ -44,6 +44,6 @@ def list_(
 
 
 @router.get("/{msg_id}", responses=errors({404: "no such report"}))
-def get(msg_id: uuid.UUID, session: SessionDep, _: Viewer) -> KnowledgePublic:
+def get(msg_id: uuid.UUID, session: ReadSessionDep, _: Viewer) -> KnowledgePublic:
     """One report's metadata."""
     return KnowledgePublic.model_validate(get_report(session, msg_id))

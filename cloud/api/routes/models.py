@@ -4,7 +4,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from cloud.api.deps import Operator, PageQuery, SessionDep, Viewer
+from cloud.api.deps import Operator, PageQuery, ReadSessionDep, SessionDep, Viewer
 from cloud.api.schemas import (
     Decision,
     LineageEdge,
@@ -31,7 +31,7 @@ class ModelFilter(PageQuery):
 
 
 @router.get("")
-def list_(session: SessionDep, _: Viewer, query: Annotated[ModelFilter, Query()]) -> Page[ModelPublic]:
+def list_(session: ReadSessionDep, _: Viewer, query: Annotated[ModelFilter, Query()]) -> Page[ModelPublic]:
     """List models, newest version first within each line, filtered by cohort, kind or status."""
     rows, total = list_models(
         session,
@@ -50,13 +50,13 @@ def list_(session: SessionDep, _: Viewer, query: Annotated[ModelFilter, Query()]
 
 
 @router.get("/{model_id}", responses=NOT_FOUND)
-def get(model_id: str, session: SessionDep, _: Viewer) -> ModelDetail:
+def get(model_id: str, session: ReadSessionDep, _: Viewer) -> ModelDetail:
     """One model, with its artifact manifest (edge models)."""
     return ModelDetail.model_validate(get_model(session, model_id))
 
 
 @router.get("/{model_id}/lineage", responses=NOT_FOUND)
-def get_lineage(model_id: str, session: SessionDep, _: Viewer) -> LineagePublic:
+def get_lineage(model_id: str, session: ReadSessionDep, _: Viewer) -> LineagePublic:
     """Where the model came from and where it runs: its teacher/parent chain, the jobs and knowledge
     reports (and their devices) behind each model of the chain, and the devices running it now.
     Edges point from cause to effect; `mermaid` renders the graph for humans."""
@@ -70,7 +70,9 @@ def get_lineage(model_id: str, session: SessionDep, _: Viewer) -> LineagePublic:
     )
 
 
-def _decide(session: SessionDep, caller: Operator, model_id: str, action: str, reason: str) -> ModelPublic:
+def _decide(
+    session: ReadSessionDep, caller: Operator, model_id: str, action: str, reason: str
+) -> ModelPublic:
     if action == "retire":
         model = retire(session, model_id, reason=reason)
     else:

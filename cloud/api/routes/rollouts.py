@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query
 from pydantic import Field
 from sqlalchemy.orm import Session
 
-from cloud.api.deps import PageQuery, SessionDep, Viewer
+from cloud.api.deps import PageQuery, ReadSessionDep, Viewer
 from cloud.api.schemas import Page, RolloutPublic, RolloutTargetPublic, errors
 from cloud.registry.rollouts import get_rollout, list_rollouts, list_targets, target_counts
 from cloud.registry.tables import Rollout, RolloutState, TargetState
@@ -35,7 +35,9 @@ def _public(session: Session, rollouts: Sequence[Rollout]) -> list[RolloutPublic
 
 
 @router.get("")
-def list_(session: SessionDep, _: Viewer, query: Annotated[RolloutFilter, Query()]) -> Page[RolloutPublic]:
+def list_(
+    session: ReadSessionDep, _: Viewer, query: Annotated[RolloutFilter, Query()]
+) -> Page[RolloutPublic]:
     """List rollouts, newest first, with each one's progress."""
     rows, total = list_rollouts(
         session, limit=query.limit, offset=query.offset, cohort_id=query.cohort_id, state=query.state
@@ -44,14 +46,14 @@ def list_(session: SessionDep, _: Viewer, query: Annotated[RolloutFilter, Query(
 
 
 @router.get("/{rollout_id}", responses=NOT_FOUND)
-def get(rollout_id: uuid.UUID, session: SessionDep, _: Viewer) -> RolloutPublic:
+def get(rollout_id: uuid.UUID, session: ReadSessionDep, _: Viewer) -> RolloutPublic:
     """One rollout with its progress: how many targets are in each state."""
     return _public(session, [get_rollout(session, rollout_id)])[0]
 
 
 @router.get("/{rollout_id}/targets", responses=NOT_FOUND)
 def targets(
-    rollout_id: uuid.UUID, session: SessionDep, _: Viewer, page: Annotated[PageQuery, Query()]
+    rollout_id: uuid.UUID, session: ReadSessionDep, _: Viewer, page: Annotated[PageQuery, Query()]
 ) -> Page[RolloutTargetPublic]:
     """The rollout's devices by wave (wave 0 is the canary), each with its state."""
     get_rollout(session, rollout_id)

@@ -1,12 +1,12 @@
 """Telemetry queries: a device's (or a model's) status samples over a time range."""
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Self
 
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from cloud.api.deps import SessionDep, Viewer
+from cloud.api.deps import ReadSessionDep, Viewer
 from cloud.api.schemas import TelemetryPublic
 from cloud.registry import telemetry
 
@@ -27,8 +27,14 @@ class TelemetryQuery(BaseModel):
     def _aware_and_ordered(self) -> Self:
         for name in ("since", "until"):
             value = getattr(self, name)
-            if value is not None and value.tzinfo is None:
+            if value is None:
+                continue
+            if value.tzinfo is None:
                 raise ValueError(f"{name} needs a time zone (e.g. 2026-01-01T00:00:00Z)")
+            try:
+                value.astimezone(UTC)
+            except OverflowError:
+                raise ValueError(f"{name} is out of range") from None
         if self.since and self.until and self.since >= self.until:
             raise ValueError("since must be before until")
         return self
@@ -36,7 +42,7 @@ class TelemetryQuery(BaseModel):
 
 @router.get("")
 def query(
-    session: SessionDep, _: Viewer, params: Annotated[TelemetryQuery, Query()]
+    session: ReadSessionDep, _: Viewer, params: Annotated[TelemetryQuery, Query()]
 ) -> list[TelemetryPublic]:
     """Status samples, newest first, of one device or model (or all) within [since, until)."""
     rows = telemetry.query(

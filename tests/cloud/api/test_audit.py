@@ -1,0 +1,206 @@
+"""Every mutating route writes one audit entry naming the calling key and the action; the routes are
+read from the app, so a new mutating route without an entry in CALLS fails here."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from cloud.artifacts import LocalArtifactStore
+from cloud.registry import apikeys
+from cloud.registry.models import decide
+from cloud.registry.tables import AuditLog, Role
+from tests.cloud.api.conftest import bearer
+from tests.cloud.api.inventory import Endpoint, Reply, endpoints, key_id
+from tests.cloud.factories import make_cloud_model, make_cohort, make_device, make_edge_model
+
+
+@dataclass
+class World:
+    """Rows every mutating call can act on."""
+
+    device_id: str
+    candidates: list[str]  # two candidate models
+    approved: str  # an approved model
+    spare_key: str  # the id of a key to revoke
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What a successful call returned and the audit entry it should leave."""
+
+    response: Reply
+    action: str
+    target: str
+
+
+Call = Callable[[TestClient, dict[str, str], World], Expected]
+
+
+def create_cohort(client: TestClient, headers: dict[str, str], world: World) -> Expected:
+    response = client.post("/api/v1/cohorts", json={"id": "garden"}, headers=headers)
+    return Expected(response, "cohort.create", "garden")
+
+
+def provision_device(client: TestClient, headers: dict[str, str], world: World) -> Expected:
+    body = {"id": "cam-0002", "cohort_id": "kitchen"}
+    return Expected(
+        client.post("/api/v1/devices", json=body, headers=headers), "device.provision", "cam-0002"
+    )
+
+
+def revoke_device(client: TestClient, headers: dict[str, str], world: World) -> Expected:
+    response = client.post(f"/api/v1/devices/{world.device_id}/revoke", headers=headers)
+    return Expected(response, "device.revoke", world.device_id)
+
+
+def decide_model(action: str, pick: Callable[[World], str]) -> Call:
+    def call(client: TestClient, headers: dict[str, str], world: World) -> Expected:
+        model_id = pick(world)
+        body = {"reason": f"{action} in a test"}
+        response = client.post(f"/api/v1/models/{model_id}/{action}", json=body, headers=headers)
+        return Expected(response, f"model.{action}", model_id)
+
+    return call
+
+
+def create_key(client: TestClient, headers: dict[str, str], world: World) -> Expected:
+    response = client.post("/api/v1/api-keys", json={"role": "viewer", "name": "ci"}, headers=headers)
+    return Expected(response, "apikey.create", response.json()["key"]["id"])
+
+
+def revoke_key(client: TestClient, headers: dict[str, str], world: World) -> Expected:
+    response = client.post(f"/api/v1/api-keys/{world.spare_key}/revoke", headers=headers)
+    return Expected(response, "apikey.revoke", world.spare_key)
+
+
+CALLS: dict[tuple[str, str], Call] = {
+    ("POST", "/api/v1/cohorts"): create_cohort,
+    ("POST", "/api/v1/devices"): provision_device,
+    ("POST", "/api/v1/devices/{device_id}/revoke"): revoke_device,
+    ("POST", "/api/v1/models/{model_id}/approve"): decide_model("approve", lambda w: w.candidates[0]),
+    ("POST", "/api/v1/models/{model_id}/reject"): decide_model("reject", lambda w: w.candidates[1]),
+    ("POST", "/api/v1/models/{model_id}/retire"): decide_model("retire", lambda w: w.approved),
+    ("POST", "/api/v1/api-keys"): create_key,
+    ("POST", "/api/v1/api-keys/{key_id}/revoke"): revoke_key,
+}
+
+
+@pytest.fixture
+def world(session: Session, store: LocalArtifactStore) -> World:
+    make_cohort(session)
+    make_device(session, "cam-0001")
+    teacher = make_cloud_model(session, store)
+    models = [make_edge_model(session, store, teacher_id=teacher.id).id for _ in range(3)]
+    decide(session, models[2], approve=True)
+    spare, _ = apikeys.create_key(session, role=Role.viewer, name="spare")
+    session.commit()
+    return World(device_id="cam-0001", candidates=models[:2], approved=models[2], spare_key=spare.id)
+
+
+def mutating(app: FastAPI) -> list[Endpoint]:
+    return [e for e in endpoints(app) if e.mutating]
+
+
+def audit_rows(sessions: sessionmaker[Session]) -> list[AuditLog]:
+    with sessions() as session:
+        return list(session.scalars(select(AuditLog).order_by(AuditLog.id)))
+
+
+def test_every_mutating_route_has_a_call_in_the_table(app: FastAPI) -> None:
+    # Execute
+    routes = {(e.method, e.path) for e in mutating(app)}
+
+    # Assert
+    assert routes == set(CALLS)
+
+
+def test_every_mutating_call_writes_one_audit_entry(
+    app: FastAPI,
+    client: TestClient,
+    sessions: sessionmaker[Session],
+    keys: dict[Role, str],
+    world: World,
+) -> None:
+    for endpoint in mutating(app):
+        # Prepare: the least role the route needs
+        assert endpoint.role is not None
+        plaintext = keys[endpoint.role]
+        before = len(audit_rows(sessions))
+
+        # Execute
+        expected = CALLS[(endpoint.method, endpoint.path)](client, bearer(plaintext), world)
+
+        # Assert
+        assert expected.response.status_code in (200, 201), (endpoint.name, expected.response.text)
+        added = audit_rows(sessions)[before:]
+        assert [(a.actor, a.action, a.target) for a in added] == [
+            (f"key:{key_id(plaintext)}", expected.action, expected.target)
+        ], endpoint.name
+
+
+def test_the_audit_entry_carries_the_details(
+    client: TestClient, sessions: sessionmaker[Session], operator: dict[str, str], world: World
+) -> None:
+    # Execute
+    provision_device(client, operator, world)
+    revoke_device(client, operator, world)
+    revoke_device(client, operator, world)
+    decide_model("reject", lambda w: w.candidates[0])(client, operator, world)
+
+    # Assert
+    details = [(a.action, a.detail) for a in audit_rows(sessions)]
+    assert details == [
+        ("device.provision", {"cohort": "kitchen"}),
+        ("device.revoke", {"again": False}),
+        ("device.revoke", {"again": True}),
+        ("model.reject", {"reason": "reject in a test"}),
+    ]
+
+
+def test_admins_read_the_audit_log_newest_first_with_filters(
+    client: TestClient, keys: dict[Role, str], admin: dict[str, str], world: World
+) -> None:
+    # Prepare
+    operator = bearer(keys[Role.operator])
+    create_cohort(client, operator, world)
+    revoke_device(client, operator, world)
+    create_key(client, admin, world)
+
+    # Execute
+    everything = client.get("/api/v1/audit", headers=admin)
+    by_operator = client.get(
+        "/api/v1/audit", params={"actor": f"key:{key_id(keys[Role.operator])}"}, headers=admin
+    )
+    by_action = client.get("/api/v1/audit", params={"action": "device.revoke", "limit": 1}, headers=admin)
+    as_operator = client.get("/api/v1/audit", headers=operator)
+
+    # Assert
+    assert [e["action"] for e in everything.json()["items"]] == [
+        "apikey.create",
+        "device.revoke",
+        "cohort.create",
+    ]
+    assert by_operator.json()["total"] == 2
+    assert by_action.json()["items"][0]["target"] == world.device_id
+    assert by_action.json()["total"] == 1
+    assert as_operator.status_code == 403
+
+
+def test_a_refused_mutation_writes_no_audit_entry(
+    client: TestClient, sessions: sessionmaker[Session], operator: dict[str, str], world: World
+) -> None:
+    # Execute
+    conflict = client.post(f"/api/v1/models/{world.approved}/approve", json={}, headers=operator)
+    missing = client.post("/api/v1/devices/cam-nobody/revoke", headers=operator)
+    invalid = client.post("/api/v1/cohorts", json={"id": "Not Valid"}, headers=operator)
+
+    # Assert
+    assert (conflict.status_code, missing.status_code, invalid.status_code) == (409, 404, 422)
+    assert audit_rows(sessions) == []
