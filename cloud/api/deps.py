@@ -33,6 +33,11 @@ class Services:
     keyring: KeyRing
     hooks: list[CredentialHook]
 
+    def close(self) -> None:
+        """Close every pooled database connection."""
+        for factory in (self.sessions, self.readers):
+            factory.kw["bind"].dispose()
+
 
 def get_services_sync(request: Request) -> Services:
     services: Services = request.app.state.services

@@ -1,6 +1,7 @@
 """The operator API application: it creates the services and includes one router per resource."""
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
@@ -48,7 +49,14 @@ def create_app(settings: Settings | None = None, *, hooks: Sequence[CredentialHo
         keyring=KeyRing.open(settings.resolved_signing_key_dir),
         hooks=list(hooks),
     )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        services.close()
+
     app = FastAPI(
+        lifespan=lifespan,
         title="DiReDi fleet",
         version="1",
         description=DESCRIPTION,

@@ -32,7 +32,7 @@ def settings(engine: Engine, tmp_path: Path) -> Settings:
 def app(settings: Settings) -> Iterator[FastAPI]:
     app = create_app(settings)
     yield app
-    app.state.services.sessions.kw["bind"].dispose()
+    app.state.services.close()
 
 
 @pytest.fixture
