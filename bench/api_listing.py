@@ -14,7 +14,6 @@ import json
 import os
 import platform
 import re
-import secrets
 import socket
 import subprocess
 import sys
@@ -29,31 +28,15 @@ import httpx
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
-from sqlalchemy import create_engine, insert, make_url, text
+from sqlalchemy import insert, text
 
 from cloud.registry import apikeys, migrate
 from cloud.registry.common import hash_secret
-from cloud.registry.db import make_engine, session_factory, transaction
+from cloud.registry.db import make_engine, scratch_database, session_factory, transaction
 from cloud.registry.tables import Cohort, Device, Presence, Role
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-
-
-@contextmanager
-def scratch_database(admin_url: str) -> Iterator[str]:
-    """A new PostgreSQL database for the run, dropped afterwards."""
-    admin = make_url(admin_url).set(drivername="postgresql+psycopg")
-    name = f"diredi_bench_{secrets.token_hex(4)}"
-    engine = create_engine(admin, isolation_level="AUTOCOMMIT")
-    with engine.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield admin.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with engine.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        engine.dispose()
 
 
 def seed(url: str, devices: int) -> str:
@@ -188,7 +171,7 @@ def parse_wrk(output: str) -> dict[str, float]:
 def run(admin_url: str, *, devices: int, clients: int, seconds: int, workers: list[int]) -> dict[str, Any]:
     """Seed once, then measure each server configuration."""
     rows = []
-    with scratch_database(admin_url) as url:
+    with scratch_database(admin_url, prefix="diredi_bench") as url:
         key = seed(url, devices)
         for count in workers:
             with api_server(url, count) as base, Progress(transient=True) as progress:

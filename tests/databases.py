@@ -8,16 +8,15 @@ each test starts from empty tables.
 from __future__ import annotations
 
 import os
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, create_engine, make_url, text
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from cloud.registry import migrate
-from cloud.registry.db import make_engine, session_factory
+from cloud.registry.db import make_engine, scratch_database, session_factory
 from cloud.registry.tables import Base
 
 BACKENDS = ["sqlite", "postgresql"]
@@ -35,17 +34,8 @@ def postgres_admin_url() -> str:
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """A fresh, empty PostgreSQL database for this test session, dropped afterwards."""
-    admin = make_url(postgres_admin_url()).set(drivername="postgresql+psycopg")
-    name = f"diredi_test_{secrets.token_hex(4)}"
-    admin_engine = create_engine(admin, isolation_level="AUTOCOMMIT")
-    with admin_engine.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield admin.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin_engine.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin_engine.dispose()
+    with scratch_database(postgres_admin_url(), prefix="diredi_test") as url:
+        yield url
 
 
 def backend_url(

@@ -1,8 +1,9 @@
 """The API's request and response bodies, apart from the tables (STYLE 8): `XCreate`, `XPublic`, pages."""
 
 import uuid
+from collections.abc import Iterable
 from datetime import datetime
-from typing import Annotated, Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
@@ -62,6 +63,12 @@ class Page(Output, Generic[T]):
     total: int
     limit: int
     offset: int
+
+    @classmethod
+    def of(cls, schema: type[T], rows: Iterable[Any], total: int, *, limit: int, offset: int) -> "Page[T]":
+        """The page of registry rows `rows`, each read into `schema`."""
+        validate = cast(type[BaseModel], schema).model_validate
+        return cls(items=[cast(T, validate(r)) for r in rows], total=total, limit=limit, offset=offset)
 
 
 class Problem(BaseModel):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -17,11 +16,11 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, create_engine, make_url, text
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from cloud.registry import migrate
-from cloud.registry.db import make_engine
+from cloud.registry.db import make_engine, scratch_database
 from dashboards.build import DASHBOARDS, JSON_DIR
 from dashboards.validate import walk
 from tests.dashboards.grafana_macros import TimeRange, Variable, interpolate
@@ -96,22 +95,15 @@ def test_every_panel_has_a_target_with_sql() -> None:
 @pytest.fixture(scope="module")
 def database() -> Iterator[Engine]:
     """A PostgreSQL database of this module's own, migrated and seeded; dropped afterwards."""
-    admin = make_url(postgres_admin_url()).set(drivername="postgresql+psycopg")
-    name = f"diredi_dash_{secrets.token_hex(4)}"
-    admin_engine = create_engine(admin, isolation_level="AUTOCOMMIT")
-    with admin_engine.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    engine = make_engine(admin.set(database=name).render_as_string(hide_password=False), pool_size=2)
-    try:
-        migrate.upgrade(engine)
-        with Session(engine) as session:
-            seed(session, datetime.now(UTC))
-        yield engine
-    finally:
-        engine.dispose()
-        with admin_engine.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin_engine.dispose()
+    with scratch_database(postgres_admin_url(), prefix="diredi_dash") as url:
+        engine = make_engine(url, pool_size=2)
+        try:
+            migrate.upgrade(engine)
+            with Session(engine) as session:
+                seed(session, datetime.now(UTC))
+            yield engine
+        finally:
+            engine.dispose()
 
 
 def run(engine: Engine, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:

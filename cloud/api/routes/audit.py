@@ -42,9 +42,4 @@ def list_(session: ReadSessionDep, _: Admin, query: Annotated[AuditFilter, Query
         if value is not None:
             statement = statement.where(column == value)
     rows, total = paginate(session, statement, limit=query.limit, offset=query.offset)
-    return Page(
-        items=[AuditPublic.model_validate(r) for r in rows],
-        total=total,
-        limit=query.limit,
-        offset=query.offset,
-    )
+    return Page.of(AuditPublic, rows, total, limit=query.limit, offset=query.offset)

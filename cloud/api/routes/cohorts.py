@@ -16,12 +16,7 @@ router = APIRouter(prefix="/api/v1/cohorts", tags=["cohorts"])
 def list_(session: ReadSessionDep, _: Viewer, page: Annotated[PageQuery, Query()]) -> Page[CohortPublic]:
     """List cohorts by id."""
     rows, total = list_cohorts(session, limit=page.limit, offset=page.offset)
-    return Page(
-        items=[CohortPublic.model_validate(r) for r in rows],
-        total=total,
-        limit=page.limit,
-        offset=page.offset,
-    )
+    return Page.of(CohortPublic, rows, total, limit=page.limit, offset=page.offset)
 
 
 @router.post("", status_code=201, responses=errors({409: "a cohort with this id exists"}))

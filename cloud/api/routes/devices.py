@@ -36,12 +36,7 @@ def list_(session: ReadSessionDep, _: Viewer, query: Annotated[DeviceFilter, Que
         presence=query.presence,
         model_id=query.model_id,
     )
-    return Page(
-        items=[DevicePublic.model_validate(r) for r in rows],
-        total=total,
-        limit=query.limit,
-        offset=query.offset,
-    )
+    return Page.of(DevicePublic, rows, total, limit=query.limit, offset=query.offset)
 
 
 @router.post(

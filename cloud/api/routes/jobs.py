@@ -31,9 +31,7 @@ def list_(session: ReadSessionDep, _: Viewer, query: Annotated[JobFilter, Query(
         state=query.state,
         type=query.type,
     )
-    return Page(
-        items=[JobPublic.model_validate(r) for r in rows], total=total, limit=query.limit, offset=query.offset
-    )
+    return Page.of(JobPublic, rows, total, limit=query.limit, offset=query.offset)
 
 
 @router.get("/{job_id}", responses=errors({404: "no such job"}))

@@ -20,12 +20,7 @@ def list_keys(session: ReadSessionDep, _: Admin, page: Annotated[PageQuery, Quer
     rows, total = paginate(
         session, select(ApiKey).order_by(ApiKey.created_at, ApiKey.id), limit=page.limit, offset=page.offset
     )
-    return Page(
-        items=[ApiKeyPublic.model_validate(r) for r in rows],
-        total=total,
-        limit=page.limit,
-        offset=page.offset,
-    )
+    return Page.of(ApiKeyPublic, rows, total, limit=page.limit, offset=page.offset)
 
 
 @router.post("/api-keys", status_code=201)

@@ -35,12 +35,7 @@ def list_(
         status=query.status,
         job_id=query.job_id,
     )
-    return Page(
-        items=[KnowledgePublic.model_validate(r) for r in rows],
-        total=total,
-        limit=query.limit,
-        offset=query.offset,
-    )
+    return Page.of(KnowledgePublic, rows, total, limit=query.limit, offset=query.offset)
 
 
 @router.get("/{msg_id}", responses=errors({404: "no such report"}))

@@ -41,12 +41,7 @@ def list_(session: ReadSessionDep, _: Viewer, query: Annotated[ModelFilter, Quer
         kind=query.kind,
         status=query.status,
     )
-    return Page(
-        items=[ModelPublic.model_validate(r) for r in rows],
-        total=total,
-        limit=query.limit,
-        offset=query.offset,
-    )
+    return Page.of(ModelPublic, rows, total, limit=query.limit, offset=query.offset)
 
 
 @router.get("/{model_id}", responses=NOT_FOUND)

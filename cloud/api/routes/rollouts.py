@@ -58,9 +58,4 @@ def targets(
     """The rollout's devices by wave (wave 0 is the canary), each with its state."""
     get_rollout(session, rollout_id)
     rows, total = list_targets(session, rollout_id, limit=page.limit, offset=page.offset)
-    return Page(
-        items=[RolloutTargetPublic.model_validate(r) for r in rows],
-        total=total,
-        limit=page.limit,
-        offset=page.offset,
-    )
+    return Page.of(RolloutTargetPublic, rows, total, limit=page.limit, offset=page.offset)
