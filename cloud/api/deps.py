@@ -1,4 +1,9 @@
-"""FastAPI dependencies: the request's session, the services on the app, and who is calling."""
+"""FastAPI dependencies: the request's session, the services on the app, and who is calling.
+
+Reads (every GET, and authentication) run on the event loop through an asynchronous autocommit
+session that calls the sync registry functions with `run_sync`; writes run in the thread pool in one
+transaction (`SessionDep`) that the route commits.
+"""
 
 import base64
 import binascii
@@ -10,12 +15,14 @@ from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 
 from cloud.api.problems import Problem
 from cloud.artifacts import LocalArtifactStore
 from cloud.provisioning import CredentialHook
 from cloud.registry import apikeys
+from cloud.registry.db import async_reader_factory
 from cloud.registry.devices import authenticate_device
 from cloud.registry.tables import Device, Role
 from cloud.settings import Settings
@@ -28,24 +35,27 @@ class Services:
 
     settings: Settings
     sessions: sessionmaker[Session]
-    readers: sessionmaker[Session]  # autocommit: a GET costs no BEGIN/ROLLBACK round trips
     store: LocalArtifactStore
     keyring: KeyRing
     hooks: list[CredentialHook]
+    # Bound to the event loop, so made when the app starts (the lifespan) and closed when it stops.
+    readers: async_sessionmaker[AsyncSession] | None = None
 
-    def close(self) -> None:
+    async def start(self) -> None:
+        """Open the asynchronous reader engine on the running event loop."""
+        self.readers = async_reader_factory(self.settings.resolved_database_url)
+
+    async def close(self) -> None:
         """Close every pooled database connection."""
-        for factory in (self.sessions, self.readers):
-            factory.kw["bind"].dispose()
-
-
-def get_services_sync(request: Request) -> Services:
-    services: Services = request.app.state.services
-    return services
+        if self.readers is not None:
+            await self.readers.kw["bind"].dispose()
+            self.readers = None
+        self.sessions.kw["bind"].dispose()
 
 
 async def get_services(request: Request) -> Services:
-    return get_services_sync(request)
+    services: Services = request.app.state.services
+    return services
 
 
 async def get_session(services: Annotated[Services, Depends(get_services)]) -> AsyncIterator[Session]:
@@ -56,17 +66,16 @@ async def get_session(services: Annotated[Services, Depends(get_services)]) -> A
         await run_in_threadpool(session.close)
 
 
-async def get_read_session(services: Annotated[Services, Depends(get_services)]) -> AsyncIterator[Session]:
-    session = services.readers()
-    try:
+async def get_reader(services: Annotated[Services, Depends(get_services)]) -> AsyncIterator[AsyncSession]:
+    if services.readers is None:
+        raise RuntimeError("the API's services are not started (run the app with its lifespan)")
+    async with services.readers() as session:
         yield session
-    finally:
-        await run_in_threadpool(session.close)
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]
 SessionDep = Annotated[Session, Depends(get_session)]  # one transaction, committed by the route
-ReadSessionDep = Annotated[Session, Depends(get_read_session)]  # each statement on its own (reads)
+ReaderDep = Annotated[AsyncSession, Depends(get_reader)]  # reads on the event loop, each statement on its own
 
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="diredi", Basic realm="diredi-devices"'}
 
@@ -80,8 +89,7 @@ class Caller:
     device: Device | None = None
 
 
-def _authenticate(request: Request, session: Session) -> Caller:
-    header = request.headers.get("authorization", "")
+def _authenticate(session: Session, header: str) -> Caller:
     scheme, _, credentials = header.partition(" ")
     scheme = scheme.lower()
     if scheme == "bearer" and credentials:
@@ -117,12 +125,16 @@ def _touch(session: Session, key_id: str) -> None:
         session.rollback()
 
 
-def is_authenticated(request: Request) -> bool:
+async def authenticate(request: Request, reader: AsyncSession) -> Caller:
+    """Who is calling, or a 401 problem."""
+    return await reader.run_sync(_authenticate, request.headers.get("authorization", ""))
+
+
+async def is_authenticated(request: Request) -> bool:
     """Whether the request carries valid credentials of either kind (for error paths before routing)."""
-    services = get_services_sync(request)
-    with services.readers() as session:
+    async for reader in get_reader(await get_services(request)):
         try:
-            _authenticate(request, session)
+            await authenticate(request, reader)
         except Problem:
             return False
     return True
@@ -134,8 +146,8 @@ class RequireRole:
     def __init__(self, role: Role) -> None:
         self.role = role
 
-    def __call__(self, request: Request, session: ReadSessionDep) -> Caller:
-        caller = _authenticate(request, session)
+    async def __call__(self, request: Request, reader: ReaderDep) -> Caller:
+        caller = await authenticate(request, reader)
         if caller.role is None or caller.role.rank < self.role.rank:
             raise Problem(403, "Forbidden", f"this needs an API key with role {self.role.value} or higher")
         return caller
@@ -144,8 +156,8 @@ class RequireRole:
 class RequireDeviceOrRole(RequireRole):
     """Lets through any authenticated device (the route checks what it may see), or operators with `role`."""
 
-    def __call__(self, request: Request, session: ReadSessionDep) -> Caller:
-        caller = _authenticate(request, session)
+    async def __call__(self, request: Request, reader: ReaderDep) -> Caller:
+        caller = await authenticate(request, reader)
         if caller.device is None and (caller.role is None or caller.role.rank < self.role.rank):
             raise Problem(
                 403, "Forbidden", f"this needs device credentials or role {self.role.value} or higher"

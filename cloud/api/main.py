@@ -25,7 +25,7 @@ from cloud.api.routes import (
 )
 from cloud.artifacts import LocalArtifactStore
 from cloud.provisioning import CredentialHook
-from cloud.registry.db import autocommit_factory, make_engine, session_factory
+from cloud.registry.db import make_engine, session_factory
 from cloud.settings import Settings
 from cloud.signing import KeyRing
 
@@ -44,7 +44,6 @@ def create_app(settings: Settings | None = None, *, hooks: Sequence[CredentialHo
     services = Services(
         settings=settings,
         sessions=session_factory(engine),
-        readers=autocommit_factory(settings.resolved_database_url),
         store=LocalArtifactStore(settings.resolved_artifact_dir),
         keyring=KeyRing.open(settings.resolved_signing_key_dir),
         hooks=list(hooks),
@@ -52,8 +51,9 @@ def create_app(settings: Settings | None = None, *, hooks: Sequence[CredentialHo
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await services.start()
         yield
-        services.close()
+        await services.close()
 
     app = FastAPI(
         lifespan=lifespan,

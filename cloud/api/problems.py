@@ -5,7 +5,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, OperationalError
@@ -73,7 +72,7 @@ def install(app: FastAPI) -> None:
         # gets the 401 every route promises, and learns nothing about the body's shape.
         from cloud.api.deps import CHALLENGE, is_authenticated
 
-        if not await run_in_threadpool(is_authenticated, request):
+        if not await is_authenticated(request):
             return problem(
                 401,
                 TITLES[401],

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Path
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 
-from cloud.api.deps import DeviceOrOperator, ReadSessionDep, ServicesDep
+from cloud.api.deps import DeviceOrOperator, ReaderDep, ServicesDep
 from cloud.api.problems import Problem
 from cloud.api.schemas import errors
 from cloud.registry.devices import offered_to
@@ -24,14 +24,14 @@ Sha256 = Annotated[str, Path(pattern=r"^[0-9a-f]{64}$", description="the artifac
         **errors({404: "no such artifact, or not offered to this device"}),
     },
 )
-def download(
-    sha256: Sha256, session: ReadSessionDep, services: ServicesDep, caller: DeviceOrOperator
+async def download(
+    sha256: Sha256, reader: ReaderDep, services: ServicesDep, caller: DeviceOrOperator
 ) -> StreamingResponse:
     """Download a model artifact. A device may fetch only its desired or current model or one a
     rollout offers it; anything else answers 404, so a device cannot probe which artifacts exist."""
-    if caller.device is not None and not offered_to(session, caller.device, sha256):
+    if caller.device is not None and not await reader.run_sync(offered_to, caller.device, sha256):
         raise Problem(404, "Not Found", f"artifact {sha256} is not offered to {caller.device.id}")
-    model = session.scalars(select(Model).where(Model.sha256 == sha256).limit(1)).first()
+    model = (await reader.scalars(select(Model).where(Model.sha256 == sha256).limit(1))).first()
     if model is None or not services.store.exists(sha256):
         raise Problem(404, "Not Found", f"artifact {sha256} not found")
     size = services.store.size(sha256)

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Query
 from pydantic import Field
 from sqlalchemy import Select, select
 
-from cloud.api.deps import Admin, PageQuery, ReadSessionDep
+from cloud.api.deps import Admin, PageQuery, ReaderDep
 from cloud.api.schemas import Output, Page
 from cloud.registry.common import paginate
 from cloud.registry.tables import AuditLog
@@ -31,7 +31,7 @@ class AuditFilter(PageQuery):
 
 
 @router.get("")
-def list_(session: ReadSessionDep, _: Admin, query: Annotated[AuditFilter, Query()]) -> Page[AuditPublic]:
+async def list_(reader: ReaderDep, _: Admin, query: Annotated[AuditFilter, Query()]) -> Page[AuditPublic]:
     """List audit entries, newest first, filtered by actor, action or target."""
     statement: Select[AuditLog] = select(AuditLog).order_by(AuditLog.id.desc())
     for column, value in (
@@ -41,5 +41,5 @@ def list_(session: ReadSessionDep, _: Admin, query: Annotated[AuditFilter, Query
     ):
         if value is not None:
             statement = statement.where(column == value)
-    rows, total = paginate(session, statement, limit=query.limit, offset=query.offset)
+    rows, total = await reader.run_sync(paginate, statement, limit=query.limit, offset=query.offset)
     return Page.of(AuditPublic, rows, total, limit=query.limit, offset=query.offset)

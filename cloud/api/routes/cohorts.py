@@ -4,7 +4,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from cloud.api.deps import Operator, PageQuery, ReadSessionDep, SessionDep, Viewer
+from cloud.api.deps import Operator, PageQuery, ReaderDep, SessionDep, Viewer
 from cloud.api.schemas import CohortCreate, CohortPublic, Page, errors
 from cloud.registry import audit
 from cloud.registry.devices import create_cohort, get_cohort, list_cohorts
@@ -13,9 +13,9 @@ router = APIRouter(prefix="/api/v1/cohorts", tags=["cohorts"])
 
 
 @router.get("")
-def list_(session: ReadSessionDep, _: Viewer, page: Annotated[PageQuery, Query()]) -> Page[CohortPublic]:
+async def list_(reader: ReaderDep, _: Viewer, page: Annotated[PageQuery, Query()]) -> Page[CohortPublic]:
     """List cohorts by id."""
-    rows, total = list_cohorts(session, limit=page.limit, offset=page.offset)
+    rows, total = await reader.run_sync(list_cohorts, limit=page.limit, offset=page.offset)
     return Page.of(CohortPublic, rows, total, limit=page.limit, offset=page.offset)
 
 
@@ -29,6 +29,6 @@ def create(body: CohortCreate, session: SessionDep, caller: Operator) -> CohortP
 
 
 @router.get("/{cohort_id}", responses=errors({404: "no such cohort"}))
-def get(cohort_id: str, session: ReadSessionDep, _: Viewer) -> CohortPublic:
+async def get(cohort_id: str, reader: ReaderDep, _: Viewer) -> CohortPublic:
     """One cohort."""
-    return CohortPublic.model_validate(get_cohort(session, cohort_id))
+    return CohortPublic.model_validate(await reader.run_sync(get_cohort, cohort_id))

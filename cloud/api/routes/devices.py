@@ -6,7 +6,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from pydantic import Field
 
-from cloud.api.deps import Operator, PageQuery, ReadSessionDep, ServicesDep, SessionDep, Viewer
+from cloud.api.deps import Operator, PageQuery, ReaderDep, ServicesDep, SessionDep, Viewer
 from cloud.api.problems import Problem
 from cloud.api.schemas import DeviceCreate, DeviceProvisioned, DevicePublic, Page, TrustedKey, errors
 from cloud.registry import audit
@@ -25,10 +25,10 @@ class DeviceFilter(PageQuery):
 
 
 @router.get("")
-def list_(session: ReadSessionDep, _: Viewer, query: Annotated[DeviceFilter, Query()]) -> Page[DevicePublic]:
+async def list_(reader: ReaderDep, _: Viewer, query: Annotated[DeviceFilter, Query()]) -> Page[DevicePublic]:
     """List devices by id, filtered by cohort, status, presence or the model they run."""
-    rows, total = list_devices(
-        session,
+    rows, total = await reader.run_sync(
+        list_devices,
         limit=query.limit,
         offset=query.offset,
         cohort_id=query.cohort_id,
@@ -74,9 +74,9 @@ def provision(
 
 
 @router.get("/{device_id}", responses=errors({404: "no such device"}))
-def get(device_id: str, session: ReadSessionDep, _: Viewer) -> DevicePublic:
+async def get(device_id: str, reader: ReaderDep, _: Viewer) -> DevicePublic:
     """One device."""
-    return DevicePublic.model_validate(get_device(session, device_id))
+    return DevicePublic.model_validate(await reader.run_sync(get_device, device_id))
 
 
 @router.post(

@@ -3,7 +3,7 @@
 from fastapi import APIRouter
 from sqlalchemy.exc import SQLAlchemyError
 
-from cloud.api.deps import ReadSessionDep, Viewer
+from cloud.api.deps import ReaderDep, Viewer
 from cloud.api.problems import Problem
 from cloud.api.schemas import Health, errors
 from cloud.registry.db import ping
@@ -18,10 +18,10 @@ def healthz() -> Health:
 
 
 @router.get("/readyz", responses=errors({503: "the database is unreachable"}))
-def readyz(session: ReadSessionDep, _: Viewer) -> Health:
+async def readyz(reader: ReaderDep, _: Viewer) -> Health:
     """The API can serve: its database answers a query."""
     try:
-        ping(session)
+        await reader.run_sync(ping)
     except SQLAlchemyError as exc:
         raise Problem(503, "Service Unavailable", f"database unreachable: {type(exc).__name__}") from None
     return Health(status="ready")

@@ -6,7 +6,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from pydantic import Field
 
-from cloud.api.deps import PageQuery, ReadSessionDep, Viewer
+from cloud.api.deps import PageQuery, ReaderDep, Viewer
 from cloud.api.schemas import JobPublic, Page, errors
 from cloud.registry.jobs import get_job, list_jobs
 from cloud.registry.tables import JobState
@@ -21,10 +21,10 @@ class JobFilter(PageQuery):
 
 
 @router.get("")
-def list_(session: ReadSessionDep, _: Viewer, query: Annotated[JobFilter, Query()]) -> Page[JobPublic]:
+async def list_(reader: ReaderDep, _: Viewer, query: Annotated[JobFilter, Query()]) -> Page[JobPublic]:
     """List jobs, newest first, filtered by cohort, state or type."""
-    rows, total = list_jobs(
-        session,
+    rows, total = await reader.run_sync(
+        list_jobs,
         limit=query.limit,
         offset=query.offset,
         cohort_id=query.cohort_id,
@@ -35,6 +35,6 @@ def list_(session: ReadSessionDep, _: Viewer, query: Annotated[JobFilter, Query(
 
 
 @router.get("/{job_id}", responses=errors({404: "no such job"}))
-def get(job_id: uuid.UUID, session: ReadSessionDep, _: Viewer) -> JobPublic:
+async def get(job_id: uuid.UUID, reader: ReaderDep, _: Viewer) -> JobPublic:
     """One job, with its progress (0 to 1), stage, result or error."""
-    return JobPublic.model_validate(get_job(session, job_id))
+    return JobPublic.model_validate(await reader.run_sync(get_job, job_id))

@@ -5,7 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from sqlalchemy import select
 
-from cloud.api.deps import Admin, PageQuery, ReadSessionDep, ServicesDep, SessionDep, Viewer
+from cloud.api.deps import Admin, PageQuery, ReaderDep, ServicesDep, SessionDep, Viewer
 from cloud.api.schemas import ApiKeyCreate, ApiKeyCreated, ApiKeyPublic, Page, TrustedKey, errors
 from cloud.registry import apikeys, audit
 from cloud.registry.common import paginate
@@ -15,10 +15,10 @@ router = APIRouter(prefix="/api/v1", tags=["keys"])
 
 
 @router.get("/api-keys")
-def list_keys(session: ReadSessionDep, _: Admin, page: Annotated[PageQuery, Query()]) -> Page[ApiKeyPublic]:
+async def list_keys(reader: ReaderDep, _: Admin, page: Annotated[PageQuery, Query()]) -> Page[ApiKeyPublic]:
     """List API keys (never their secrets)."""
-    rows, total = paginate(
-        session, select(ApiKey).order_by(ApiKey.created_at, ApiKey.id), limit=page.limit, offset=page.offset
+    rows, total = await reader.run_sync(
+        paginate, select(ApiKey).order_by(ApiKey.created_at, ApiKey.id), limit=page.limit, offset=page.offset
     )
     return Page.of(ApiKeyPublic, rows, total, limit=page.limit, offset=page.offset)
 

@@ -6,7 +6,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from pydantic import Field
 
-from cloud.api.deps import PageQuery, ReadSessionDep, Viewer
+from cloud.api.deps import PageQuery, ReaderDep, Viewer
 from cloud.api.schemas import KnowledgePublic, Page, errors
 from cloud.registry.knowledge import get_report, list_reports
 from cloud.registry.tables import KnowledgeStatus
@@ -22,12 +22,12 @@ class KnowledgeFilter(PageQuery):
 
 
 @router.get("")
-def list_(
-    session: ReadSessionDep, _: Viewer, query: Annotated[KnowledgeFilter, Query()]
+async def list_(
+    reader: ReaderDep, _: Viewer, query: Annotated[KnowledgeFilter, Query()]
 ) -> Page[KnowledgePublic]:
     """List knowledge reports, newest first, filtered by device, cohort, status or consuming job."""
-    rows, total = list_reports(
-        session,
+    rows, total = await reader.run_sync(
+        list_reports,
         limit=query.limit,
         offset=query.offset,
         device_id=query.device_id,
@@ -39,6 +39,6 @@ def list_(
 
 
 @router.get("/{msg_id}", responses=errors({404: "no such report"}))
-def get(msg_id: uuid.UUID, session: ReadSessionDep, _: Viewer) -> KnowledgePublic:
+async def get(msg_id: uuid.UUID, reader: ReaderDep, _: Viewer) -> KnowledgePublic:
     """One report's metadata."""
-    return KnowledgePublic.model_validate(get_report(session, msg_id))
+    return KnowledgePublic.model_validate(await reader.run_sync(get_report, msg_id))

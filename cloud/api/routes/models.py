@@ -3,8 +3,9 @@
 from typing import Annotated
 
 from fastapi import APIRouter, Query
+from sqlalchemy.orm import Session
 
-from cloud.api.deps import Operator, PageQuery, ReadSessionDep, SessionDep, Viewer
+from cloud.api.deps import Caller, Operator, PageQuery, ReaderDep, SessionDep, Viewer
 from cloud.api.schemas import (
     Decision,
     LineageEdge,
@@ -31,10 +32,10 @@ class ModelFilter(PageQuery):
 
 
 @router.get("")
-def list_(session: ReadSessionDep, _: Viewer, query: Annotated[ModelFilter, Query()]) -> Page[ModelPublic]:
+async def list_(reader: ReaderDep, _: Viewer, query: Annotated[ModelFilter, Query()]) -> Page[ModelPublic]:
     """List models, newest version first within each line, filtered by cohort, kind or status."""
-    rows, total = list_models(
-        session,
+    rows, total = await reader.run_sync(
+        list_models,
         limit=query.limit,
         offset=query.offset,
         cohort_id=query.cohort_id,
@@ -45,17 +46,17 @@ def list_(session: ReadSessionDep, _: Viewer, query: Annotated[ModelFilter, Quer
 
 
 @router.get("/{model_id}", responses=NOT_FOUND)
-def get(model_id: str, session: ReadSessionDep, _: Viewer) -> ModelDetail:
+async def get(model_id: str, reader: ReaderDep, _: Viewer) -> ModelDetail:
     """One model, with its artifact manifest (edge models)."""
-    return ModelDetail.model_validate(get_model(session, model_id))
+    return ModelDetail.model_validate(await reader.run_sync(get_model, model_id))
 
 
 @router.get("/{model_id}/lineage", responses=NOT_FOUND)
-def get_lineage(model_id: str, session: ReadSessionDep, _: Viewer) -> LineagePublic:
+async def get_lineage(model_id: str, reader: ReaderDep, _: Viewer) -> LineagePublic:
     """Where the model came from and where it runs: its teacher/parent chain, the jobs and knowledge
     reports (and their devices) behind each model of the chain, and the devices running it now.
     Edges point from cause to effect; `mermaid` renders the graph for humans."""
-    graph = lineage(session, model_id)
+    graph = await reader.run_sync(lineage, model_id)
     return LineagePublic(
         model_id=graph.model_id,
         nodes=[LineageNode.model_validate(n) for n in graph.nodes.values()],
@@ -65,9 +66,7 @@ def get_lineage(model_id: str, session: ReadSessionDep, _: Viewer) -> LineagePub
     )
 
 
-def _decide(
-    session: ReadSessionDep, caller: Operator, model_id: str, action: str, reason: str
-) -> ModelPublic:
+def _decide(session: Session, caller: Caller, model_id: str, action: str, reason: str) -> ModelPublic:
     if action == "retire":
         model = retire(session, model_id, reason=reason)
     else:

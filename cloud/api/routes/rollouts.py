@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query
 from pydantic import Field
 from sqlalchemy.orm import Session
 
-from cloud.api.deps import PageQuery, ReadSessionDep, Viewer
+from cloud.api.deps import PageQuery, ReaderDep, Viewer
 from cloud.api.schemas import Page, RolloutPublic, RolloutTargetPublic, errors
 from cloud.registry.rollouts import get_rollout, list_rollouts, list_targets, target_counts
 from cloud.registry.tables import Rollout, RolloutState, TargetState
@@ -35,27 +35,30 @@ def _public(session: Session, rollouts: Sequence[Rollout]) -> list[RolloutPublic
 
 
 @router.get("")
-def list_(
-    session: ReadSessionDep, _: Viewer, query: Annotated[RolloutFilter, Query()]
+async def list_(
+    reader: ReaderDep, _: Viewer, query: Annotated[RolloutFilter, Query()]
 ) -> Page[RolloutPublic]:
     """List rollouts, newest first, with each one's progress."""
-    rows, total = list_rollouts(
-        session, limit=query.limit, offset=query.offset, cohort_id=query.cohort_id, state=query.state
+    rows, total = await reader.run_sync(
+        list_rollouts, limit=query.limit, offset=query.offset, cohort_id=query.cohort_id, state=query.state
     )
-    return Page(items=_public(session, rows), total=total, limit=query.limit, offset=query.offset)
+    return Page(
+        items=await reader.run_sync(_public, rows), total=total, limit=query.limit, offset=query.offset
+    )
 
 
 @router.get("/{rollout_id}", responses=NOT_FOUND)
-def get(rollout_id: uuid.UUID, session: ReadSessionDep, _: Viewer) -> RolloutPublic:
+async def get(rollout_id: uuid.UUID, reader: ReaderDep, _: Viewer) -> RolloutPublic:
     """One rollout with its progress: how many targets are in each state."""
-    return _public(session, [get_rollout(session, rollout_id)])[0]
+    rollout = await reader.run_sync(get_rollout, rollout_id)
+    return (await reader.run_sync(_public, [rollout]))[0]
 
 
 @router.get("/{rollout_id}/targets", responses=NOT_FOUND)
-def targets(
-    rollout_id: uuid.UUID, session: ReadSessionDep, _: Viewer, page: Annotated[PageQuery, Query()]
+async def targets(
+    rollout_id: uuid.UUID, reader: ReaderDep, _: Viewer, page: Annotated[PageQuery, Query()]
 ) -> Page[RolloutTargetPublic]:
     """The rollout's devices by wave (wave 0 is the canary), each with its state."""
-    get_rollout(session, rollout_id)
-    rows, total = list_targets(session, rollout_id, limit=page.limit, offset=page.offset)
+    await reader.run_sync(get_rollout, rollout_id)
+    rows, total = await reader.run_sync(list_targets, rollout_id, limit=page.limit, offset=page.offset)
     return Page.of(RolloutTargetPublic, rows, total, limit=page.limit, offset=page.offset)

@@ -6,7 +6,7 @@ from typing import Annotated, Self
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from cloud.api.deps import ReadSessionDep, Viewer
+from cloud.api.deps import ReaderDep, Viewer
 from cloud.api.schemas import TelemetryPublic
 from cloud.registry import telemetry
 
@@ -41,12 +41,12 @@ class TelemetryQuery(BaseModel):
 
 
 @router.get("")
-def query(
-    session: ReadSessionDep, _: Viewer, params: Annotated[TelemetryQuery, Query()]
+async def query(
+    reader: ReaderDep, _: Viewer, params: Annotated[TelemetryQuery, Query()]
 ) -> list[TelemetryPublic]:
     """Status samples, newest first, of one device or model (or all) within [since, until)."""
-    rows = telemetry.query(
-        session,
+    rows = await reader.run_sync(
+        telemetry.query,
         device_id=params.device_id,
         model_id=params.model_id,
         since=params.since,

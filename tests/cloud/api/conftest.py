@@ -30,9 +30,7 @@ def settings(engine: Engine, tmp_path: Path) -> Settings:
 
 @pytest.fixture
 def app(settings: Settings) -> Iterator[FastAPI]:
-    app = create_app(settings)
-    yield app
-    app.state.services.close()
+    yield create_app(settings)  # its lifespan (run by TestClient) opens and closes the engines
 
 
 @pytest.fixture

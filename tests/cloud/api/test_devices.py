@@ -46,7 +46,6 @@ def hooked_client(settings: Settings, hook: RecordingHook) -> Iterator[TestClien
     app = create_app(settings, hooks=[hook])
     with TestClient(app, raise_server_exceptions=False) as client:
         yield client
-    app.state.services.close()
 
 
 def provision(client: TestClient, headers: dict[str, str], device_id: str, cohort_id: str = "kitchen") -> str:
