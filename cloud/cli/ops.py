@@ -38,9 +38,8 @@ def _fail(exc: Exception) -> typer.Exit:
     return typer.Exit(2)
 
 
-@db_app.command("upgrade")
-def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
-    """Migrate the registry up to REVISION (default: the newest)."""
+def _migrate(revision: str, *, up: bool) -> None:
+    from alembic.util import CommandError
     from sqlalchemy.exc import SQLAlchemyError
 
     from cloud.registry import migrate
@@ -49,10 +48,19 @@ def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")]
     settings = _settings()
     try:
         engine = make_engine(settings.resolved_database_url)
-        migrate.upgrade(engine, revision)
-        console.print(f"registry at revision {migrate.current(engine)} ({engine.url.render_as_string()})")
-    except (SQLAlchemyError, CloudError) as exc:
+        (migrate.upgrade if up else migrate.downgrade)(engine, revision)
+        console.print(
+            f"registry at revision {migrate.current(engine) or 'base (empty)'} "
+            f"({engine.url.render_as_string()})"
+        )
+    except (SQLAlchemyError, CommandError, CloudError) as exc:
         raise _fail(exc) from None
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
+    """Migrate the registry up to REVISION (default: the newest)."""
+    _migrate(revision, up=True)
 
 
 @db_app.command("downgrade")
@@ -60,18 +68,7 @@ def db_downgrade(
     revision: Annotated[str, typer.Argument(help="Target revision; `base` drops every table.")],
 ) -> None:
     """Migrate the registry down to REVISION."""
-    from sqlalchemy.exc import SQLAlchemyError
-
-    from cloud.registry import migrate
-    from cloud.registry.db import make_engine
-
-    settings = _settings()
-    try:
-        engine = make_engine(settings.resolved_database_url)
-        migrate.downgrade(engine, revision)
-        console.print(f"registry at revision {migrate.current(engine) or 'base (empty)'}")
-    except (SQLAlchemyError, CloudError) as exc:
-        raise _fail(exc) from None
+    _migrate(revision, up=False)
 
 
 @db_app.command("current")

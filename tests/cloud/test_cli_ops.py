@@ -1,0 +1,185 @@
+"""The operator commands around the registry: migrations, API keys, signing keys, telemetry, the API check."""
+
+from __future__ import annotations
+
+import json
+import stat
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+from typer.testing import CliRunner
+
+from cloud.cli.main import app
+from cloud.registry import apikeys, migrate, telemetry
+from cloud.registry.db import make_engine, session_factory, transaction
+from cloud.registry.tables import ApiKey, AuditLog, Role, utcnow
+from tests.cloud.factories import make_cohort, make_device
+
+WIDE = {"COLUMNS": "300", "NO_COLOR": "1", "TERM": "dumb"}
+
+
+@pytest.fixture
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A data directory of its own (SQLite registry, keys) for the commands."""
+    data = tmp_path / "data"
+    monkeypatch.setenv("DIREDI_DATA_DIR", str(data))
+    monkeypatch.delenv("DIREDI_DATABASE_URL", raising=False)
+    for name, value in WIDE.items():
+        monkeypatch.setenv(name, value)
+    return data
+
+
+def invoke(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(app, list(args))
+    return result.exit_code, " ".join(result.output.split())
+
+
+def test_db_upgrade_downgrade_and_current(env: Path) -> None:
+    # Execute
+    up = invoke("db", "upgrade")
+    current = invoke("db", "current")
+    down = invoke("db", "downgrade", "base")
+    after = invoke("db", "current")
+
+    # Assert
+    head = migrate.head()
+    assert up[0] == 0 and f"registry at revision {head}" in up[1]
+    assert current == (0, str(head))
+    assert down[0] == 0 and "base (empty)" in down[1]
+    assert after == (0, "base (empty)")
+
+
+def test_a_database_url_of_another_kind_is_refused(env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare
+    monkeypatch.setenv("DIREDI_DATABASE_URL", "mysql://somewhere/db")
+
+    # Execute
+    code, output = invoke("db", "upgrade")
+
+    # Assert
+    assert code == 2
+    assert "database_url" in output and "sqlite:// or postgresql://" in output
+
+
+def test_an_unknown_revision_is_a_clear_error(env: Path) -> None:
+    code, output = invoke("db", "upgrade", "no-such-revision")
+
+    assert code == 2
+    assert "no-such-revision" in output
+
+
+def test_apikey_create_prints_a_working_key_once_and_audits(env: Path) -> None:
+    # Prepare
+    invoke("db", "upgrade")
+
+    # Execute
+    code, output = invoke("apikey", "create", "--role", "operator", "--name", "ops")
+
+    # Assert
+    assert code == 0
+    key = next(word for word in output.split() if word.startswith("drk_"))
+    sessions = session_factory(make_engine(f"sqlite:///{env / 'registry.db'}"))
+    with sessions() as session:
+        row = apikeys.authenticate(session, key)
+        assert row is not None and row.role is Role.operator and row.name == "ops"
+        assert key not in json.dumps([r.key_hash for r in session.scalars(select(ApiKey))])
+        assert session.scalar(select(func.count()).where(AuditLog.action == "apikey.create")) == 1
+
+
+@pytest.mark.parametrize("role", ["boss", "", "ADMIN"])
+def test_apikey_create_refuses_an_unknown_role(env: Path, role: str) -> None:
+    invoke("db", "upgrade")
+
+    code, output = invoke("apikey", "create", "--role", role)
+
+    assert code == 2
+    assert "--role" in output
+
+
+def test_keys_export_rotate_and_retire(env: Path) -> None:
+    # Execute
+    first = json.loads(invoke("keys", "export")[1])
+    code, rotated = invoke("keys", "rotate")
+    both = json.loads(invoke("keys", "export")[1])
+    old = next(iter(first))
+    retired = invoke("keys", "retire", old)
+    last = json.loads(invoke("keys", "export")[1])
+
+    # Assert
+    assert code == 0 and len(first) == 1
+    new = rotated.split()[-1]
+    assert set(both) == {old, new}
+    assert retired == (0, f"retired {old}")
+    assert set(last) == {new}
+    assert stat.S_IMODE((env / "keys").stat().st_mode) == 0o700
+
+
+@pytest.mark.parametrize("key_id", ["../keys", "0123456789abcdef", "active"])
+def test_keys_retire_refuses_what_is_not_a_trusted_key(env: Path, key_id: str) -> None:
+    invoke("keys", "export")  # creates the first key
+
+    code, output = invoke("keys", "retire", key_id)
+
+    assert code == 2
+    assert "no trusted key" in output
+
+
+def test_telemetry_prune_keeps_what_is_within_the_retention(env: Path) -> None:
+    # Prepare
+    invoke("db", "upgrade")
+    sessions = session_factory(make_engine(f"sqlite:///{env / 'registry.db'}"))
+    now = utcnow()
+    with transaction(sessions) as session:
+        make_cohort(session)
+        make_device(session, "cam-0001")
+        telemetry.add_samples(
+            session,
+            [
+                {"msg_id": uuid.uuid4(), "device_id": "cam-0001", "at": now - timedelta(days=d)}
+                for d in (0.5, 1.5, 3, 10)
+            ],
+        )
+
+    # Execute
+    code, output = invoke("telemetry", "prune", "--days", "2")
+
+    # Assert
+    assert code == 0 and "deleted 2 telemetry rows" in output
+    with sessions() as session:
+        assert len(telemetry.query(session, device_id="cam-0001", limit=10)) == 2
+
+
+def test_telemetry_prune_refuses_a_negative_retention(env: Path) -> None:
+    code, output = invoke("telemetry", "prune", "--days", "-1")
+
+    assert code == 2
+    assert "--days" in output
+
+
+def test_the_api_refuses_to_start_on_an_unmigrated_registry(env: Path) -> None:
+    code, output = invoke("api", "--port", "8999")
+
+    assert code == 2
+    assert "diredi db upgrade" in output
+
+
+@pytest.mark.parametrize("port", ["0", "70000", "http"])
+def test_the_api_refuses_a_bad_port(env: Path, port: str) -> None:
+    code, output = invoke("api", "--port", port)
+
+    assert code == 2
+    assert "--port" in output
+
+
+def test_line_create_refuses_a_missing_scenario(env: Path, tmp_path: Path) -> None:
+    invoke("db", "upgrade")
+
+    code, output = invoke(
+        "line", "create", "--cohort", "home-cams", "--scenario", str(tmp_path / "none.json")
+    )
+
+    assert code == 2
+    assert "none.json" in output
