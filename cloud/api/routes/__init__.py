@@ -1,0 +1,1 @@
+"""One router module per resource, each with `router = APIRouter(prefix=..., tags=[...])`."""
