@@ -36,6 +36,7 @@ test-fast: setup services
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: setup services
+	scripts/services.sh wrk
 	$(BIN)/python -m bench.run_all
 
 lint: setup

@@ -38,5 +38,9 @@ class ArtifactStoreError(CloudError):
     """An artifact is missing, corrupt, or its address is not a sha256."""
 
 
+class HookError(CloudError):
+    """A provisioning hook failed; its message is safe to log and to show (it never holds a secret)."""
+
+
 class SigningError(CloudError):
     """A signing key is unusable or a signature does not verify."""

@@ -6,10 +6,13 @@ active; the old public key stays trusted until it is retired, so devices accept 
 """
 
 import base64
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -60,12 +63,26 @@ class KeyRing:
         ring = cls(directory)
         directory.mkdir(parents=True, exist_ok=True)
         os.chmod(directory, 0o700)
-        if not (directory / "active").exists():
-            ring.rotate()
+        with ring._locked():  # several API workers may start on a fresh directory at once
+            if not (directory / "active").exists():
+                ring._rotate()
         return ring
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        with (self.directory / ".lock").open("a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def rotate(self) -> str:
         """Create a new key and make it the active one; return its key_id."""
+        with self._locked():
+            return self._rotate()
+
+    def _rotate(self) -> str:
         key = Ed25519PrivateKey.generate()
         public_raw = _public_raw(key)
         key_id = key_id_of(public_raw)
@@ -104,12 +121,13 @@ class KeyRing:
 
     def retire(self, key_id: str) -> None:
         """Stop trusting a key that no longer signs (devices re-provisioned with the new set)."""
-        if key_id == self.active_key_id:
-            raise SigningError("the active key cannot be retired; rotate first")
-        if not _valid_key_id(key_id) or not (self.directory / f"{key_id}.pub").is_file():
-            raise SigningError(f"no trusted key {key_id[:40]!r} to retire")
-        for suffix in (".key", ".pub"):
-            (self.directory / f"{key_id}{suffix}").unlink(missing_ok=True)
+        with self._locked():
+            if key_id == self.active_key_id:
+                raise SigningError("the active key cannot be retired; rotate first")
+            if not _valid_key_id(key_id) or not (self.directory / f"{key_id}.pub").is_file():
+                raise SigningError(f"no trusted key {key_id[:40]!r} to retire")
+            for suffix in (".key", ".pub"):
+                (self.directory / f"{key_id}{suffix}").unlink(missing_ok=True)
 
     def public_keys(self) -> list[PublicKey]:
         """Every trusted public key, the active one marked."""

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs (apt) and starts the servers the integration tests use, on loopback only. Idempotent.
 #   scripts/services.sh postgres   -> PostgreSQL with role/database `diredi` on 127.0.0.1:5432
+#   scripts/services.sh wrk        -> the HTTP load generator the API benchmark uses
 # Prints the environment the tests read (DIREDI_TEST_POSTGRES_URL=...).
 set -euo pipefail
 
@@ -14,30 +15,47 @@ need_apt() {
     fi
 }
 
+URL=postgresql://diredi:diredi-test-only@127.0.0.1:5432/diredi
+
 start_postgres() {
+    # Already serving (a developer's own server, or a second run)? Then nothing needs root.
+    if command -v psql >/dev/null && psql "$URL" -qAtc 'SELECT 1' >/dev/null 2>&1; then
+        echo "DIREDI_TEST_POSTGRES_URL=$URL"
+        return
+    fi
     need_apt postgresql
-    local version cluster=main
+    local version cluster=main conf changed=0
     version=$(ls /usr/lib/postgresql | sort -V | tail -1)
     pg_lsclusters -h | grep -q "^$version $cluster " || pg_createcluster "$version" "$cluster" >/dev/null
     # Loopback only, whatever the cluster's defaults were.
     pg_conftool "$version" "$cluster" remove listen_addresses 2>/dev/null || true
-    printf "listen_addresses = '127.0.0.1'\nmax_connections = 200\n" \
-        >"/etc/postgresql/$version/$cluster/conf.d/diredi.conf"
-    pg_lsclusters -h | grep "^$version $cluster " | grep -q online \
-        || pg_ctlcluster "$version" "$cluster" start
-    for _ in $(seq 50); do pg_isready -q -h 127.0.0.1 && break; sleep 0.2; done
+    conf="/etc/postgresql/$version/$cluster/conf.d/diredi.conf"
+    if [[ "$(cat "$conf" 2>/dev/null)" != "$(printf "listen_addresses = '127.0.0.1'\nmax_connections = 200")" ]]; then
+        printf "listen_addresses = '127.0.0.1'\nmax_connections = 200\n" >"$conf"
+        changed=1
+    fi
+    if pg_lsclusters -h | grep "^$version $cluster " | grep -q online; then
+        ((changed)) && pg_ctlcluster "$version" "$cluster" restart
+    else
+        pg_ctlcluster "$version" "$cluster" start
+    fi
+    local ready=0
+    for _ in $(seq 100); do pg_isready -q -h 127.0.0.1 && { ready=1; break; }; sleep 0.2; done
+    ((ready)) || { echo "PostgreSQL $version did not become ready on 127.0.0.1:5432" >&2; exit 1; }
     runuser -u postgres -- psql -q -v ON_ERROR_STOP=1 <<'SQL'
-SELECT 'CREATE ROLE diredi LOGIN CREATEDB PASSWORD ''diredi-test-only'''
+SELECT 'CREATE ROLE diredi LOGIN CREATEDB'
 WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'diredi')\gexec
+ALTER ROLE diredi WITH LOGIN CREATEDB PASSWORD 'diredi-test-only';
 SELECT 'CREATE DATABASE diredi OWNER diredi'
 WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = 'diredi')\gexec
 SQL
-    echo "DIREDI_TEST_POSTGRES_URL=postgresql://diredi:diredi-test-only@127.0.0.1:5432/diredi"
+    echo "DIREDI_TEST_POSTGRES_URL=$URL"
 }
 
 for service in "$@"; do
     case "$service" in
         postgres) start_postgres ;;
+        wrk) need_apt wrk ;;  # the load generator of bench/api_listing.py
         *) echo "unknown service: $service" >&2; exit 2 ;;
     esac
 done

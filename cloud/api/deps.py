@@ -7,6 +7,7 @@ transaction (`SessionDep`) that the route commits.
 
 import base64
 import binascii
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated
@@ -27,6 +28,7 @@ from cloud.registry.devices import authenticate_device
 from cloud.registry.tables import Device, Role
 from cloud.settings import Settings
 from cloud.signing import KeyRing
+from wire.topics import DEVICE_ID_PATTERN
 
 
 @dataclass
@@ -54,11 +56,13 @@ class Services:
 
 
 async def get_services(request: Request) -> Services:
+    """The services the app was created with."""
     services: Services = request.app.state.services
     return services
 
 
 async def get_session(services: Annotated[Services, Depends(get_services)]) -> AsyncIterator[Session]:
+    """A sync session for one write transaction (the route commits), closed in the thread pool."""
     session = services.sessions()
     try:
         yield session
@@ -67,6 +71,7 @@ async def get_session(services: Annotated[Services, Depends(get_services)]) -> A
 
 
 async def get_reader(services: Annotated[Services, Depends(get_services)]) -> AsyncIterator[AsyncSession]:
+    """An asynchronous autocommit session for reads on the event loop."""
     if services.readers is None:
         raise RuntimeError("the API's services are not started (run the app with its lifespan)")
     async with services.readers() as session:
@@ -77,6 +82,8 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 SessionDep = Annotated[Session, Depends(get_session)]  # one transaction, committed by the route
 ReaderDep = Annotated[AsyncSession, Depends(get_reader)]  # reads on the event loop, each statement on its own
 
+DEVICE_ID = re.compile(DEVICE_ID_PATTERN)
+MAX_SECRET = 128
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="diredi", Basic realm="diredi-devices"'}
 
 
@@ -103,7 +110,9 @@ def _authenticate(session: Session, header: str) -> Caller:
             device_id, _, secret = base64.b64decode(credentials, validate=True).decode().partition(":")
         except (binascii.Error, UnicodeDecodeError):
             device_id, secret = "", ""
-        device = authenticate_device(session, device_id, secret) if device_id and secret else None
+        # Only well-formed credentials reach the database (a NUL in an id would be a DataError there).
+        well_formed = DEVICE_ID.fullmatch(device_id) is not None and 0 < len(secret) <= MAX_SECRET
+        device = authenticate_device(session, device_id, secret) if well_formed else None
         if device is not None:
             return Caller(actor=f"device:{device.id}", device=device)
     raise Problem(
@@ -132,7 +141,10 @@ async def authenticate(request: Request, reader: AsyncSession) -> Caller:
 
 async def is_authenticated(request: Request) -> bool:
     """Whether the request carries valid credentials of either kind (for error paths before routing)."""
-    async for reader in get_reader(await get_services(request)):
+    services = await get_services(request)
+    if services.readers is None:
+        return False
+    async with services.readers() as reader:
         try:
             await authenticate(request, reader)
         except Problem:

@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DataError, OperationalError
+from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cloud.exceptions import ArtifactStoreError, CloudError, ConflictError, NotFoundError, SigningError
@@ -104,6 +104,12 @@ def install(app: FastAPI) -> None:
     async def _database_down(_: Request, exc: OperationalError) -> JSONResponse:
         log.error("database unavailable: %s", exc.orig)
         return problem(503, TITLES[503], "the database is unavailable", headers={"Retry-After": "5"})
+
+    @app.exception_handler(IntegrityError)
+    async def _integrity(_: Request, exc: IntegrityError) -> JSONResponse:
+        # Two writers raced past the same check (say, two provisionings of one id): the loser's conflict.
+        log.info("integrity conflict: %s", exc.orig)
+        return problem(409, TITLES[409], "the request conflicts with a concurrent change; retry or re-read")
 
     @app.exception_handler(DataError)
     async def _data(_: Request, exc: DataError) -> JSONResponse:

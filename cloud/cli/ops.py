@@ -134,11 +134,11 @@ def telemetry_prune(
 ) -> None:
     """Delete telemetry older than the retention."""
     from cloud.registry import telemetry
-    from cloud.registry.db import make_engine, session_factory, transaction
+    from cloud.registry.db import make_engine, session_factory
 
     settings = _settings()
     retention = timedelta(days=settings.telemetry_retention_days if days is None else days)
-    with transaction(session_factory(make_engine(settings.resolved_database_url))) as session:
+    with session_factory(make_engine(settings.resolved_database_url))() as session:
         deleted = telemetry.prune(session, retention=retention)
     console.print(f"deleted {deleted} telemetry rows older than {retention}")
 
@@ -160,6 +160,9 @@ def api(
         raise _fail(
             CloudError("the registry is not migrated to the newest revision: run `diredi db upgrade`")
         )
+    from cloud.signing import KeyRing
+
+    KeyRing.open(settings.resolved_signing_key_dir)  # the first key, made once before the workers start
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(
         "cloud.api.main:create_app",
@@ -188,6 +191,7 @@ def line_create(
     from cloud.registry import audit
     from cloud.registry.db import make_engine, session_factory, transaction
     from cloud.registry.devices import create_cohort
+    from cloud.registry.models import get_model
     from cloud.registry.tables import Cohort
 
     logging.getLogger().setLevel(logging.ERROR)  # the converters log chattily
@@ -198,17 +202,14 @@ def line_create(
             if session.get(Cohort, cohort) is None:
                 create_cohort(session, cohort_id=cohort)
                 audit.record(session, actor="cli", action="cohort.create", target=cohort)
-        with (
-            transaction(sessions) as session,
-            Progress(
-                TextColumn("{task.description:<12}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                console=console,
-                transient=True,
-            ) as bars,
-        ):
+        with Progress(
+            TextColumn("{task.description:<12}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        ) as bars:
             tasks: dict[str, TaskID] = {}
 
             def progress(stage: str, done: int, total: int) -> None:
@@ -216,18 +217,20 @@ def line_create(
                     tasks[stage] = bars.add_task(stage, total=total)
                 bars.update(tasks[stage], completed=done, total=total)
 
-            cloud, edge = bootstrap_line(
-                session,
+            cloud_id, edge_id = bootstrap_line(
+                sessions,
                 LocalArtifactStore(settings.resolved_artifact_dir),
                 cohort_id=cohort,
                 scenario_path=scenario,
                 progress=progress,
             )
-            audit.record(session, actor="cli", action="line.create", target=edge.id, teacher=cloud.id)
+        with transaction(sessions) as session:
+            audit.record(session, actor="cli", action="line.create", target=edge_id, teacher=cloud_id)
+            edge = get_model(session, edge_id)
     except CloudError as exc:
         raise _fail(exc) from None
     console.print(
-        f"registered {cloud.id} (cloud) and {edge.id} (edge, {edge.size:,} B, "
+        f"registered {cloud_id} (cloud) and {edge_id} (edge, {edge.size:,} B, "
         f"int8 val acc {edge.metrics['val_int8_acc']:.3f}) as candidates; approve with "
-        f"POST /api/v1/models/{edge.id}/approve"
+        f"POST /api/v1/models/{edge_id}/approve"
     )

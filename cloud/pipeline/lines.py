@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from cloud.artifacts import ArtifactStore
 from cloud.exceptions import RegistryError
@@ -96,39 +96,58 @@ def load_line(session: Session, store: ArtifactStore, edge_model_id: str) -> tup
 
 
 def bootstrap_line(
-    session: Session,
+    sessions: sessionmaker[Session],
     store: ArtifactStore,
     *,
     cohort_id: str,
     scenario_path: Path,
     progress: StageProgress,
-) -> tuple[Model, Model]:
+) -> tuple[str, str]:
     """Train a cohort's first version on a scenario's presumed data (KD, int8 export, accuracy check)
-    and register it as a candidate, with the job that made it."""
+    and register it as a candidate, with the job that made it; return the cloud and edge model ids.
+
+    The job is committed before training and the models after it: no transaction (and no SQLite
+    write lock) is held while the model trains, and a failed training leaves a failed job behind.
+    """
     from cloud.ml.cycle import TrainingPlan, train_line
     from cloud.ml.data import build_scenario_data
     from cloud.ml.export import int8_accuracy
     from cloud.ml.scenario import load_scenario
     from cloud.registry import jobs
+    from cloud.registry.db import transaction
     from cloud.registry.devices import get_cohort
     from cloud.registry.tables import JobState
 
-    get_cohort(session, cohort_id)
     scenario = load_scenario(scenario_path)
-    data = build_scenario_data(scenario)
-    spec = NetSpec(num_classes=data.num_classes)
-    job = jobs.create_job(
-        session,
-        type="bootstrap",
-        cohort_id=cohort_id,
-        params={"scenario": scenario.name, "seed": scenario.seed},
-    )
-    jobs.report_progress(session, job.id, progress=0.0, stage="train")
-    line = train_line(
-        data.train, spec, TrainingPlan(seed=scenario.seed), line=cohort_id, val=data.val, progress=progress
-    )
-    float_acc, int8_acc = int8_accuracy(line.artifact, line.student, data.val)
-    metrics = {"val_float_acc": float_acc, "val_int8_acc": int8_acc, "val_size": len(data.val.y)}
-    cloud, edge = register_line(session, store, line, spec, job_id=job.id, metrics=metrics)
-    jobs.finish(session, job.id, state=JobState.succeeded, result={"models": [cloud.id, edge.id], **metrics})
-    return cloud, edge
+    with transaction(sessions) as session:
+        get_cohort(session, cohort_id)
+        job_id = jobs.create_job(
+            session,
+            type="bootstrap",
+            cohort_id=cohort_id,
+            params={"scenario": scenario.name, "seed": scenario.seed},
+        ).id
+        jobs.report_progress(session, job_id, progress=0.0, stage="train")
+    try:
+        data = build_scenario_data(scenario)
+        spec = NetSpec(num_classes=data.num_classes)
+        line = train_line(
+            data.train,
+            spec,
+            TrainingPlan(seed=scenario.seed),
+            line=cohort_id,
+            val=data.val,
+            progress=progress,
+        )
+        float_acc, int8_acc = int8_accuracy(line.artifact, line.student, data.val)
+        metrics = {"val_float_acc": float_acc, "val_int8_acc": int8_acc, "val_size": len(data.val.y)}
+        with transaction(sessions) as session:
+            cloud, edge = register_line(session, store, line, spec, job_id=job_id, metrics=metrics)
+            jobs.finish(
+                session, job_id, state=JobState.succeeded, result={"models": [cloud.id, edge.id], **metrics}
+            )
+            return cloud.id, edge.id
+    except Exception as exc:
+        with transaction(sessions) as session:
+            jobs.finish(session, job_id, state=JobState.failed, error=f"{type(exc).__name__}: {exc}"[:2000])
+        raise

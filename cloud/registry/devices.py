@@ -2,7 +2,7 @@
 
 from collections.abc import Sequence
 
-from sqlalchemy import Select, exists, or_, select
+from sqlalchemy import Select, and_, exists, or_, select
 from sqlalchemy.orm import Session
 
 from cloud.exceptions import ConflictError, NotFoundError
@@ -12,6 +12,7 @@ from cloud.registry.tables import (
     Device,
     DeviceStatus,
     Model,
+    ModelKind,
     Presence,
     Rollout,
     RolloutTarget,
@@ -112,9 +113,17 @@ def authenticate_device(session: Session, device_id: str, secret: str) -> Device
 
 def offered_to(session: Session, device: Device, sha256: str) -> bool:
     """Whether the artifact `sha256` is offered to `device`: its desired or current model, or a rollout's."""
+    # The reported model comes from the device itself, so it counts only within its own cohort.
     by_device = select(Model.id).where(
         Model.sha256 == sha256,
-        or_(Model.id == device.desired_model_id, Model.id == device.reported_model_id),
+        or_(
+            Model.id == device.desired_model_id,
+            and_(
+                Model.id == device.reported_model_id,
+                Model.cohort_id == device.cohort_id,
+                Model.kind == ModelKind.edge,
+            ),
+        ),
     )
     by_rollout = (
         select(RolloutTarget.device_id)

@@ -5,13 +5,14 @@ from collections.abc import Sequence
 from datetime import datetime
 
 from sqlalchemy import Select, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from cloud.exceptions import ConflictError, NotFoundError
 from cloud.registry.common import paginate
 from cloud.registry.devices import get_device
 from cloud.registry.models import get_model
-from cloud.registry.tables import Device, DeviceStatus, KnowledgeReport, KnowledgeStatus, ModelKind
+from cloud.registry.tables import Device, DeviceStatus, KnowledgeReport, KnowledgeStatus, ModelKind, utcnow
 from wire.knowledge import KnowledgeReport as KnowledgePayload
 
 
@@ -20,7 +21,8 @@ def store_report(
 ) -> KnowledgeReport | None:
     """Validate and store a knowledge report in state `received`; None if its msg_id is already stored.
 
-    The caller (the ingest) commits, then sends the receipt: a redelivered report is stored once.
+    The caller (the ingest) commits, then sends the receipt: a redelivered report is stored once, also
+    when two ingests race on it (the insert does nothing on a duplicate msg_id rather than fail).
     """
     report = KnowledgePayload.from_bytes(payload)
     if session.get(KnowledgeReport, report.msg_id) is not None:
@@ -39,23 +41,26 @@ def store_report(
             f"report shapes C={report.num_classes}, D={report.feature_dim} do not fit {base.id} "
             f"(C={manifest['num_classes']}, D={manifest['feature_dim']})"
         )
-    row = KnowledgeReport(
-        msg_id=report.msg_id,
-        device_id=report.device_id,
-        base_model_id=report.base_model_id,
-        schema=report.schema_,
-        size_bytes=len(payload),
-        sample_count=report.sample_count,
-        dp_epsilon=report.privacy.epsilon if report.privacy else None,
-        metrics=report.metrics.model_dump(mode="json") if report.metrics else {},
-        sent_at=report.sent_at,
-        payload=payload,
-    )
-    if received_at is not None:
-        row.received_at = received_at
-    session.add(row)
-    session.flush()
-    return row
+    values = {
+        "msg_id": report.msg_id,
+        "device_id": report.device_id,
+        "base_model_id": report.base_model_id,
+        "schema": report.schema_,
+        "size_bytes": len(payload),
+        "sample_count": report.sample_count,
+        "dp_epsilon": report.privacy.epsilon if report.privacy else None,
+        "metrics": report.metrics.model_dump(mode="json") if report.metrics else {},
+        "status": KnowledgeStatus.received,
+        "status_reason": "",
+        "sent_at": report.sent_at,
+        "received_at": received_at or utcnow(),
+        "payload": payload,
+    }
+    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    statement = insert(KnowledgeReport).values(values).on_conflict_do_nothing(index_elements=["msg_id"])
+    if session.execute(statement).rowcount == 0:  # type: ignore[attr-defined]
+        return None
+    return session.get_one(KnowledgeReport, report.msg_id)
 
 
 def get_report(session: Session, msg_id: uuid.UUID) -> KnowledgeReport:

@@ -40,17 +40,20 @@ class Lineage:
 
     model_id: str
     nodes: dict[str, Node] = field(default_factory=dict)
-    edges: list[Edge] = field(default_factory=list)
+    links: dict[Edge, None] = field(default_factory=dict)  # ordered, and O(1) to de-duplicate
     running_devices_total: int = 0
+
+    @property
+    def edges(self) -> list[Edge]:
+        """The edges in the order they were found."""
+        return list(self.links)
 
     def add(self, node: Node) -> str:
         self.nodes.setdefault(node.id, node)
         return node.id
 
     def link(self, source: str, target: str, relation: Relation) -> None:
-        edge = Edge(source, target, relation)
-        if edge not in self.edges:
-            self.edges.append(edge)
+        self.links.setdefault(Edge(source, target, relation), None)
 
     def mermaid(self) -> str:
         """A Mermaid flowchart of the graph, for humans."""
@@ -65,7 +68,7 @@ class Lineage:
         for node_id, node in self.nodes.items():
             left, right = shapes[node.type]
             lines.append(f"    {names[node_id]}{left}{node.label.replace(chr(34), '#quot;')}{right}")
-        for edge in self.edges:
+        for edge in self.links:
             lines.append(f"    {names[edge.source]} -->|{edge.relation}| {names[edge.target]}")
         return "\n".join(lines)
 

@@ -36,9 +36,9 @@ def next_version(session: Session, *, cohort_id: str, kind: ModelKind) -> int:
     return int(latest or 0) + 1
 
 
-def get_model(session: Session, model_id: str) -> Model:
-    """The model, or NotFoundError."""
-    model = session.get(Model, model_id)
+def get_model(session: Session, model_id: str, *, for_update: bool = False) -> Model:
+    """The model, or NotFoundError; `for_update` locks its row until the transaction ends."""
+    model = session.get(Model, model_id, with_for_update=for_update)
     if model is None:
         raise NotFoundError("model", model_id)
     return model
@@ -136,7 +136,7 @@ def register_edge_model(
 
 def decide(session: Session, model_id: str, *, approve: bool, reason: str = "") -> Model:
     """Approve or reject a candidate; approving retires nothing (rollouts decide what runs where)."""
-    model = get_model(session, model_id)
+    model = get_model(session, model_id, for_update=True)  # decisions on one model are serialised
     if model.status is not ModelStatus.candidate:
         raise ConflictError(f"model {model_id} is {model.status.value}, not a candidate")
     model.status = ModelStatus.approved if approve else ModelStatus.rejected
@@ -147,7 +147,7 @@ def decide(session: Session, model_id: str, *, approve: bool, reason: str = "") 
 
 def retire(session: Session, model_id: str, *, reason: str = "") -> Model:
     """Retire an approved model so no new rollout uses it."""
-    model = get_model(session, model_id)
+    model = get_model(session, model_id, for_update=True)  # decisions on one model are serialised
     if model.status is not ModelStatus.approved:
         raise ConflictError(f"model {model_id} is {model.status.value}; only approved models are retired")
     model.status = ModelStatus.retired

@@ -288,7 +288,10 @@ class Telemetry(Base):
     """One status message of a device; a fast-growing time series, indexed by time and pruned."""
 
     __tablename__ = "telemetry"
-    __table_args__ = (Index("ix_telemetry_device_at", "device_id", "at"),)
+    __table_args__ = (
+        Index("ix_telemetry_device_at", "device_id", "at"),
+        Index("ix_telemetry_model_at", "model_id", "at"),  # accuracy per model version over time
+    )
 
     id: Mapped[int] = mapped_column(
         BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True

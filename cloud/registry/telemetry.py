@@ -44,12 +44,16 @@ def query(
 
 
 def prune(session: Session, *, retention: timedelta, now: datetime | None = None) -> int:
-    """Delete samples older than the retention, in batches; return how many were deleted."""
+    """Delete samples older than the retention, committing each batch; return how many were deleted.
+
+    Each batch is its own transaction, so pruning a day of a large fleet never holds a long lock.
+    """
     cutoff = (now or utcnow()) - retention
     deleted = 0
     while True:
         ids = select(Telemetry.id).where(Telemetry.at < cutoff).limit(PRUNE_BATCH).scalar_subquery()
         count = session.execute(delete(Telemetry).where(Telemetry.id.in_(ids))).rowcount  # type: ignore[attr-defined]
+        session.commit()
         deleted += int(count)
         if count < PRUNE_BATCH:
             return deleted

@@ -63,7 +63,7 @@ def test_first_open_creates_one_owner_only_key(tmp_path: Path) -> None:
     assert re.fullmatch(r"[0-9a-f]{16}", key_id)
     assert mode(directory) == 0o700
     assert mode(directory / f"{key_id}.key") == 0o600
-    assert {p.name for p in directory.iterdir()} == {"active", f"{key_id}.key", f"{key_id}.pub"}
+    assert {p.name for p in directory.iterdir()} == {".lock", "active", f"{key_id}.key", f"{key_id}.pub"}
     (public,) = ring.public_keys()
     assert (public.key_id, public.active) == (key_id, True)
     raw = base64.b64decode(public.public_key)

@@ -9,6 +9,7 @@ from pydantic import Field
 from cloud.api.deps import Operator, PageQuery, ReaderDep, ServicesDep, SessionDep, Viewer
 from cloud.api.problems import Problem
 from cloud.api.schemas import DeviceCreate, DeviceProvisioned, DevicePublic, Page, TrustedKey, errors
+from cloud.provisioning import describe_failure
 from cloud.registry import audit
 from cloud.registry.devices import get_device, list_devices, provision_device, revoke_device
 from cloud.registry.tables import DeviceStatus, Presence
@@ -66,8 +67,10 @@ def provision(
             hook.provisioned(device.id, secret)
     except Exception as exc:
         session.rollback()
-        log.error("provisioning hook failed for %s: %s", device.id, exc)
-        raise Problem(502, "Bad Gateway", f"the broker did not accept the device: {exc}") from None
+        log.error("provisioning hook failed for %s: %s", device.id, describe_failure(exc))
+        raise Problem(
+            502, "Bad Gateway", f"the broker did not accept the device: {describe_failure(exc)}"
+        ) from None
     session.commit()
     keys = [TrustedKey.model_validate(k) for k in services.keyring.public_keys()]
     return DeviceProvisioned(device=DevicePublic.model_validate(device), secret=secret, trusted_keys=keys)
@@ -96,8 +99,10 @@ def revoke(device_id: str, session: SessionDep, services: ServicesDep, caller: O
         for hook in services.hooks:
             hook.revoked(device_id)
     except Exception as exc:
-        log.error("revocation hook failed for %s: %s", device_id, exc)
+        log.error("revocation hook failed for %s: %s", device_id, describe_failure(exc))
         raise Problem(
-            502, "Bad Gateway", f"revoked in the registry, but the broker hook failed: {exc}"
+            502,
+            "Bad Gateway",
+            f"revoked in the registry, but the broker hook failed: {describe_failure(exc)}",
         ) from None
     return DevicePublic.model_validate(device)

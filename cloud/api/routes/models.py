@@ -52,11 +52,11 @@ async def get(model_id: str, reader: ReaderDep, _: Viewer) -> ModelDetail:
 
 
 @router.get("/{model_id}/lineage", responses=NOT_FOUND)
-async def get_lineage(model_id: str, reader: ReaderDep, _: Viewer) -> LineagePublic:
+def get_lineage(model_id: str, session: SessionDep, _: Viewer) -> LineagePublic:
     """Where the model came from and where it runs: its teacher/parent chain, the jobs and knowledge
     reports (and their devices) behind each model of the chain, and the devices running it now.
     Edges point from cause to effect; `mermaid` renders the graph for humans."""
-    graph = await reader.run_sync(lineage, model_id)
+    graph = lineage(session, model_id)  # sync, in the thread pool: a large graph is CPU work
     return LineagePublic(
         model_id=graph.model_id,
         nodes=[LineageNode.model_validate(n) for n in graph.nodes.values()],

@@ -87,14 +87,33 @@ def test_a_device_downloads_the_model_it_reports(
     client: TestClient, store: LocalArtifactStore, session: Session, fleet: Fleet
 ) -> None:
     # Prepare
-    session.get_one(Device, "cam-a").reported_model_id = fleet.teacher.id
+    session.get_one(Device, "cam-a").reported_model_id = fleet.only_b.id
     session.commit()
 
     # Execute
-    response = download(client, fleet.teacher.sha256, fleet.a)
+    response = download(client, fleet.only_b.sha256, fleet.a)
 
     # Assert
-    assert_served(response, store, fleet.teacher.sha256)
+    assert_served(response, store, fleet.only_b.sha256)
+
+
+def test_what_a_device_reports_opens_only_edge_models_of_its_own_cohort(
+    client: TestClient, store: LocalArtifactStore, session: Session, fleet: Fleet
+) -> None:
+    # Prepare: the reported model comes from the device, so it must not open the teacher or another line
+    other_teacher = make_cloud_model(session, store, cohort_id=make_cohort(session, "garden"))
+    other_edge = make_edge_model(session, store, teacher_id=other_teacher.id, cohort_id="garden")
+    session.commit()
+    replies = []
+
+    # Execute
+    for model in (fleet.teacher, other_edge):
+        session.get_one(Device, "cam-a").reported_model_id = model.id
+        session.commit()
+        replies.append(download(client, model.sha256, fleet.a))
+
+    # Assert
+    assert [r.status_code for r in replies] == [404, 404]
 
 
 def test_a_device_cannot_download_another_devices_model(

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from cloud.api.main import create_app
 from cloud.artifacts import LocalArtifactStore
+from cloud.exceptions import HookError
 from cloud.registry.devices import revoke_device
 from cloud.registry.tables import AuditLog, Device, Presence
 from cloud.settings import Settings
@@ -33,7 +34,9 @@ class RecordingHook:
     def provisioned(self, device_id: str, secret: str) -> None:
         self.calls.append(("provisioned", device_id, secret))
         if self.fail == "provisioned":
-            raise RuntimeError("broker refused the credentials")
+            raise HookError("broker refused the credentials")
+        if self.fail == "leaky":  # an unexpected error whose text holds the secret, like a command line
+            raise RuntimeError(f"mosquitto_ctrl createClient {device_id} -p {secret} failed")
 
     def revoked(self, device_id: str) -> None:
         self.calls.append(("revoked", device_id))
@@ -251,6 +254,26 @@ def test_a_failing_provisioning_hook_leaves_no_device(
     assert "broker" in refused.json()["detail"]
     assert (devices, audits) == (0, 0)
     assert retried.status_code == 201
+
+
+def test_a_hook_error_never_shows_or_logs_the_secret(
+    settings: Settings, session: Session, operator: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare
+    make_cohort(session)
+    session.commit()
+    hook = RecordingHook(fail="leaky")
+
+    # Execute
+    with hooked_client(settings, hook) as client:
+        refused = client.post(DEVICES, json={"id": "cam-0001", "cohort_id": "kitchen"}, headers=operator)
+
+    # Assert
+    secret = hook.calls[0][2]
+    assert refused.status_code == 502
+    assert "RuntimeError" in refused.json()["detail"]
+    assert secret not in refused.text
+    assert secret not in caplog.text
 
 
 def test_a_failing_revocation_hook_still_revokes(
