@@ -87,7 +87,11 @@ def api_server(database_url: str, workers: int) -> Iterator[str]:
             "--workers",
             str(workers),
         ]
-        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # noqa: S603
+        log = (
+            Path(data_dir) / "api.log"
+        )  # a file, not a pipe: a pipe nobody reads could fill and stall the server
+        with log.open("wb") as sink:  # the server keeps its own copy of the descriptor
+            process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=sink)  # noqa: S603
         base = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + 60
@@ -98,7 +102,7 @@ def api_server(database_url: str, workers: int) -> Iterator[str]:
                 except httpx.TransportError:
                     pass
                 if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the API did not start: {process.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+                    raise RuntimeError(f"the API did not start: {log.read_text(errors='replace')[-2000:]}")
                 time.sleep(0.2)
             yield base
         finally:
