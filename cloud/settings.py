@@ -25,6 +25,7 @@ class Settings(BaseSettings):
     mqtt_url: str = "mqtt://127.0.0.1:1883"
     redis_url: str = "redis://127.0.0.1:6379/0"
     telemetry_retention_days: float = Field(7.0, gt=0, description="telemetry older than this is pruned")
+    api_tune_gc: bool = Field(True, description="freeze start-up objects and collect garbage less often")
     api_max_body_bytes: int = Field(1 << 20, gt=0, description="requests with a larger body get 413")
 
     @field_validator("database_url")

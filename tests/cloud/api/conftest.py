@@ -25,6 +25,7 @@ def settings(engine: Engine, tmp_path: Path) -> Settings:
         data_dir=tmp_path / "data",
         database_url=engine.url.render_as_string(hide_password=False),
         api_max_body_bytes=64 * 1024,
+        api_tune_gc=False,  # a server setting; the test process makes many apps
     )
 
 
