@@ -10,6 +10,11 @@ from wire.common import ModelId, utcnow
 from wire.errors import ContractError, describe
 
 
+def edge_model_id(line: str, version: int) -> str:
+    """The id of a line's edge model: what every manifest, the registry and the exporter call it."""
+    return f"{line}.v{version}"
+
+
 class TensorSpec(BaseModel):
     """One input or output tensor of the int8 model: its name in the signature, shape and affine qparams."""
 

@@ -9,7 +9,6 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from cloud.exceptions import CloudError
 from device_firmware_py.exceptions import DeviceError
@@ -51,27 +50,14 @@ def sim(
     for path, suffixes in ((out, {".json"}), (plot, PLOT_SUFFIXES)):
         if path is not None:
             _check_output(path, suffixes)
+    from cloud.cli.progress import stage_bars
     from cloud.ml.scenario import load_scenario
     from cloud.sim.report import print_report, write_json, write_plot
     from cloud.sim.run import run_simulation
 
     try:
         spec = load_scenario(scenario)
-        with Progress(
-            TextColumn("{task.description:<40}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-            transient=True,
-        ) as bars:
-            tasks: dict[str, TaskID] = {}
-
-            def progress(stage: str, done: int, total: int) -> None:
-                if stage not in tasks:
-                    tasks[stage] = bars.add_task(stage, total=total)
-                bars.update(tasks[stage], completed=done, total=total)
-
+        with stage_bars(console) as progress:
             result = run_simulation(spec, progress=progress)
     except (CloudError, DeviceError, ContractError) as exc:
         console.print(f"[red]error:[/red] {exc}")

@@ -184,9 +184,8 @@ def line_create(
     scenario: Annotated[Path, typer.Option(help="Scenario JSON whose presumed data trains the line.")],
 ) -> None:
     """Train a cohort's first cloud and int8 edge model on presumed data and register them as candidates."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
-
     from cloud.artifacts import LocalArtifactStore
+    from cloud.cli.progress import stage_bars
     from cloud.pipeline.lines import bootstrap_line
     from cloud.registry import audit
     from cloud.registry.db import make_engine, session_factory, transaction
@@ -202,21 +201,7 @@ def line_create(
             if session.get(Cohort, cohort) is None:
                 create_cohort(session, cohort_id=cohort)
                 audit.record(session, actor="cli", action="cohort.create", target=cohort)
-        with Progress(
-            TextColumn("{task.description:<12}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-            transient=True,
-        ) as bars:
-            tasks: dict[str, TaskID] = {}
-
-            def progress(stage: str, done: int, total: int) -> None:
-                if stage not in tasks:
-                    tasks[stage] = bars.add_task(stage, total=total)
-                bars.update(tasks[stage], completed=done, total=total)
-
+        with stage_bars(console, label_width=12) as progress:
             cloud_id, edge_id = bootstrap_line(
                 sessions,
                 LocalArtifactStore(settings.resolved_artifact_dir),

@@ -27,6 +27,7 @@ from cloud.ml.gate import GateVerdict, gate
 from cloud.ml.nets import NetSpec, Student, Teacher
 from cloud.ml.rd_update import RDConfig, combine_reports, parse_reports, soft_targets, touched_classes
 from wire import ArtifactManifest
+from wire.manifest import edge_model_id
 
 StageProgress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -81,11 +82,6 @@ class EdgeLine:
         return cls(manifest.line, manifest.version, teacher.eval(), student.eval(), artifact)
 
 
-def model_id_for(line: str, version: int) -> str:
-    """The id of a line's version."""
-    return f"{line}.v{version}"
-
-
 def train_line(
     train: Split,
     spec: NetSpec,
@@ -123,7 +119,7 @@ def train_line(
         extra=extra,
         progress=lambda d, t: progress("distill", d, t),
     )
-    artifact = export_int8(student, train.x, model_id=model_id_for(line, 1), line=line, version=1)
+    artifact = export_int8(student, train.x, model_id=edge_model_id(line, 1), line=line, version=1)
     if val is not None:
         check_int8_accuracy(artifact, student.eval(), val)
     return EdgeLine(line, 1, teacher.eval(), student, artifact)
@@ -212,7 +208,7 @@ def rd_cycle(
     p_star_val, _ = soft_targets(knowledge, p_t_val, runtime.run(val.x)[0], head, config)
     progress("export", 0, 1)
     artifact = export_int8(
-        student.eval(), transfer.x, model_id=model_id_for(line, version), line=line, version=version
+        student.eval(), transfer.x, model_id=edge_model_id(line, version), line=line, version=version
     )
     candidate = EdgeLine(line, version, teacher.eval(), student, artifact)
     try:  # the candidate's own labels are the knowledge's targets

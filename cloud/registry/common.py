@@ -4,7 +4,7 @@ import hashlib
 import hmac
 import secrets
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
@@ -41,13 +41,3 @@ def hash_secret(secret: str) -> str:
 def secret_matches(secret: str, stored_hash: str) -> bool:
     """Whether `secret` hashes to `stored_hash`, compared in constant time."""
     return hmac.compare_digest(hash_secret(secret), stored_hash)
-
-
-def changed(row: Any, **values: Any) -> dict[str, Any]:
-    """Set attributes on `row`; return the ones whose value changed (for the audit log)."""
-    diff = {}
-    for name, value in values.items():
-        if getattr(row, name) != value:
-            diff[name] = value
-            setattr(row, name, value)
-    return diff

@@ -13,19 +13,14 @@ from cloud.exceptions import ConflictError, NotFoundError
 from cloud.registry.common import paginate
 from cloud.registry.devices import get_cohort
 from cloud.registry.tables import Model, ModelKind, ModelStatus, utcnow
-from wire.manifest import ArtifactManifest
+from wire.manifest import ArtifactManifest, edge_model_id
 
 CLOUD_FORMAT = "torch-state-dict"
 
 
 def cloud_model_id(cohort_id: str, version: int) -> str:
-    """The id of a line's cloud (teacher) model; edge models are `<line>.v<N>` (cloud.ml.cycle)."""
+    """The id of a line's cloud (teacher) model; edge models are `wire.manifest.edge_model_id`."""
     return f"{cohort_id}.cloud.v{version}"
-
-
-def edge_model_id(cohort_id: str, version: int) -> str:
-    """The id of a line's edge model (cloud.ml.cycle names its artifacts the same way)."""
-    return f"{cohort_id}.v{version}"
 
 
 def next_version(session: Session, *, cohort_id: str, kind: ModelKind) -> int:

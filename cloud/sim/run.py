@@ -19,7 +19,6 @@ from cloud.ml.cycle import (
     EdgeLine,
     StageProgress,
     TrainingPlan,
-    model_id_for,
     rd_cycle,
     silent,
     train_line,
@@ -35,6 +34,7 @@ from device_firmware_py.privacy import DPConfig, PrivacyAccountant
 from device_firmware_py.rd import RDPolicy, extract_knowledge
 from device_firmware_py.runtime import Int8Model
 from wire import KnowledgeReport
+from wire.manifest import edge_model_id
 
 MIN_GAIN_FOR_GAP = 0.02  # DESIGN §3: gap_closed is null when the oracle gains less than this
 DP_BUDGET_EPSILON = 8.0
@@ -123,7 +123,9 @@ def _raw_upload_line(
     train_classifier(teacher, data.train, plan.teacher_finetune, seed=plan.seed + 2, extra=raw)
     student = copy.deepcopy(base.student)
     distill(student, teacher.eval(), data.train, plan.rekd, plan.kd, seed=plan.seed + 3, extra=raw)
-    artifact = export_int8(student.eval(), data.train.x, model_id=model_id_for(line, 2), line=line, version=2)
+    artifact = export_int8(
+        student.eval(), data.train.x, model_id=edge_model_id(line, 2), line=line, version=2
+    )
     return EdgeLine(line, 2, teacher, student, artifact)
 
 

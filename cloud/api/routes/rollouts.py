@@ -29,7 +29,8 @@ def _public(session: Session, rollouts: Sequence[Rollout]) -> list[RolloutPublic
         targets = counts[rollout.id]
         total = sum(targets.values())
         progress = targets[TargetState.installed.value] / total if total else 0.0
-        fields = {c: getattr(rollout, c) for c in RolloutPublic.model_fields if hasattr(rollout, c)}
+        # The row's own columns; `targets` is the counts above, not the (lazily loaded) relationship.
+        fields = {c: getattr(rollout, c) for c in RolloutPublic.model_fields.keys() - {"targets", "progress"}}
         out.append(RolloutPublic.model_validate({**fields, "targets": targets, "progress": progress}))
     return out
 
