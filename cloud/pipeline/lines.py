@@ -2,6 +2,7 @@
 
 import dataclasses
 import io
+import pickle  # noqa: S403 - only for the error torch.load(weights_only=True) raises
 import uuid
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,7 @@ def unpack_cloud_weights(data: bytes) -> tuple[NetSpec, Teacher, Student]:
         teacher, student = Teacher(spec), Student(spec)
         teacher.load_state_dict(content["teacher"])
         student.load_state_dict(content["student"])
-    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, KeyError, TypeError) as exc:
         raise RegistryError(f"cloud model weights are unreadable: {exc}") from None
     return spec, teacher.eval(), student.eval()
 
