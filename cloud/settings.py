@@ -26,6 +26,16 @@ class Settings(BaseSettings):
     redis_url: str = "redis://127.0.0.1:6379/0"
     telemetry_retention_days: float = Field(7.0, gt=0, description="telemetry older than this is pruned")
     api_tune_gc: bool = Field(True, description="freeze start-up objects and collect garbage less often")
+    api_db_connections: int = Field(
+        32, ge=1, le=500, description="database connections each API process keeps open for reads"
+    )
+    api_key_cache_seconds: float = Field(
+        5.0,
+        ge=0,
+        le=300,
+        description="how long an API process trusts a key it has checked (0: check every request); "
+        "a key revoked through another process keeps working in this one for at most this long",
+    )
     api_max_body_bytes: int = Field(1 << 20, gt=0, description="requests with a larger body get 413")
 
     @field_validator("database_url")

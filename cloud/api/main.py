@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from cloud.api import problems
-from cloud.api.deps import Services
+from cloud.api.deps import KeyCache, Services
 from cloud.api.limits import BodyLimit
 from cloud.api.metrics import RequestMetrics
 from cloud.api.metrics import router as metrics_router
@@ -56,6 +56,7 @@ def create_app(settings: Settings | None = None, *, hooks: Sequence[CredentialHo
         store=LocalArtifactStore(settings.resolved_artifact_dir),
         keyring=KeyRing.open(settings.resolved_signing_key_dir),
         hooks=list(hooks),
+        keys=KeyCache(settings.api_key_cache_seconds),
     )
 
     @asynccontextmanager

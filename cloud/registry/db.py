@@ -6,6 +6,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import orjson
 from sqlalchemy import Engine, create_engine, event, make_url, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -25,6 +26,7 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     kwargs.setdefault("pool_size", 10)
     kwargs.setdefault("max_overflow", 10)
     kwargs.setdefault("pool_pre_ping", False)
+    kwargs.setdefault("json_deserializer", orjson.loads)
     return create_engine(url, **kwargs)
 
 
@@ -41,10 +43,15 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
-def async_reader_factory(url: str) -> async_sessionmaker[AsyncSession]:
+def async_reader_factory(url: str, *, pool_size: int = 32) -> async_sessionmaker[AsyncSession]:
     """Asynchronous sessions for reads, on an engine of their own whose statements each commit on
     their own: a read costs no BEGIN/ROLLBACK round trips and no thread hop (the API serves GETs on
-    its event loop and calls the same sync registry functions through `AsyncSession.run_sync`)."""
+    its event loop and calls the same sync registry functions through `AsyncSession.run_sync`).
+
+    A session holds its connection for the whole request, so the pool keeps `pool_size` connections
+    open: with fewer than the requests in flight, the overflow would be connected and closed again on
+    every request (a new PostgreSQL backend each time; measured, it was a quarter of authentication).
+    """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         engine = create_async_engine(
@@ -57,8 +64,9 @@ def async_reader_factory(url: str) -> async_sessionmaker[AsyncSession]:
         engine = create_async_engine(
             parsed.set(drivername="postgresql+psycopg"),
             isolation_level="AUTOCOMMIT",
-            pool_size=10,
-            max_overflow=10,
+            pool_size=pool_size,
+            max_overflow=pool_size // 2,
+            json_deserializer=orjson.loads,
         )
     return async_sessionmaker(engine, expire_on_commit=False)
 

@@ -1,12 +1,13 @@
 """Cohorts and devices: provisioning with one-time credentials, revocation, lookup, artifact offers."""
 
 from collections.abc import Sequence
+from typing import Any
 
 from sqlalchemy import Select, and_, exists, or_, select
 from sqlalchemy.orm import Session
 
 from cloud.exceptions import ConflictError, NotFoundError
-from cloud.registry.common import hash_secret, new_secret, paginate, secret_matches
+from cloud.registry.common import hash_secret, new_secret, paginate, paginate_rows, secret_matches
 from cloud.registry.tables import (
     Cohort,
     Device,
@@ -80,6 +81,22 @@ def revoke_device(session: Session, device_id: str) -> Device:
     return device
 
 
+# What a device listing reads: these columns as plain rows (never the credential hash). Rows, not ORM
+# objects: a page of 100 devices read into objects cost the API more than the query itself.
+LISTED = (
+    Device.id,
+    Device.cohort_id,
+    Device.status,
+    Device.labels,
+    Device.desired_model_id,
+    Device.reported_model_id,
+    Device.presence,
+    Device.last_seen,
+    Device.created_at,
+    Device.revoked_at,
+)
+
+
 def list_devices(
     session: Session,
     *,
@@ -89,9 +106,9 @@ def list_devices(
     status: DeviceStatus | None = None,
     presence: Presence | None = None,
     model_id: str | None = None,
-) -> tuple[Sequence[Device], int]:
-    """A page of devices by id, filtered, with the total."""
-    statement: Select[Device] = select(Device).order_by(Device.id)
+) -> tuple[list[dict[str, Any]], int]:
+    """A page of devices by id (each a dict of the `LISTED` columns), filtered, with the total."""
+    statement: Select[Any] = select(*LISTED).order_by(Device.id)
     if cohort_id is not None:
         statement = statement.where(Device.cohort_id == cohort_id)
     if status is not None:
@@ -100,7 +117,7 @@ def list_devices(
         statement = statement.where(Device.presence == presence)
     if model_id is not None:
         statement = statement.where(Device.reported_model_id == model_id)
-    return paginate(session, statement, limit=limit, offset=offset)
+    return paginate_rows(session, statement, limit=limit, offset=offset)
 
 
 def authenticate_device(session: Session, device_id: str, secret: str) -> Device | None:

@@ -3,12 +3,20 @@
 import logging
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Response
 from pydantic import Field
 
 from cloud.api.deps import Operator, PageQuery, ReaderDep, ServicesDep, SessionDep, Viewer
 from cloud.api.problems import Problem
-from cloud.api.schemas import DeviceCreate, DeviceProvisioned, DevicePublic, Page, TrustedKey, errors
+from cloud.api.schemas import (
+    DeviceCreate,
+    DeviceProvisioned,
+    DevicePublic,
+    Page,
+    TrustedKey,
+    errors,
+    page_response,
+)
 from cloud.provisioning import describe_failure
 from cloud.registry import audit
 from cloud.registry.devices import get_device, list_devices, provision_device, revoke_device
@@ -25,8 +33,8 @@ class DeviceFilter(PageQuery):
     model_id: str | None = Field(None, max_length=128, description="devices reporting this model")
 
 
-@router.get("")
-async def list_(reader: ReaderDep, _: Viewer, query: Annotated[DeviceFilter, Query()]) -> Page[DevicePublic]:
+@router.get("", response_model=Page[DevicePublic])
+async def list_(reader: ReaderDep, _: Viewer, query: Annotated[DeviceFilter, Query()]) -> Response:
     """List devices by id, filtered by cohort, status, presence or the model they run."""
     rows, total = await reader.run_sync(
         list_devices,
@@ -37,7 +45,7 @@ async def list_(reader: ReaderDep, _: Viewer, query: Annotated[DeviceFilter, Que
         presence=query.presence,
         model_id=query.model_id,
     )
-    return Page.of(DevicePublic, rows, total, limit=query.limit, offset=query.offset)
+    return page_response(rows, total, limit=query.limit, offset=query.offset)
 
 
 @router.post(

@@ -33,11 +33,13 @@ def create_key(body: ApiKeyCreate, session: SessionDep, caller: Admin) -> ApiKey
 
 
 @router.post("/api-keys/{key_id}/revoke", responses=errors({404: "no such key"}))
-def revoke_key(key_id: str, session: SessionDep, caller: Admin) -> ApiKeyPublic:
-    """Revoke an API key: requests bearing it are refused from now on."""
+def revoke_key(key_id: str, session: SessionDep, services: ServicesDep, caller: Admin) -> ApiKeyPublic:
+    """Revoke an API key: requests bearing it are refused from now on (by other API processes, after
+    at most `api_key_cache_seconds`)."""
     row = apikeys.deactivate(session, key_id)
     audit.record(session, actor=caller.actor, action="apikey.revoke", target=key_id)
     session.commit()
+    services.keys.clear()
     return ApiKeyPublic.model_validate(row)
 
 

@@ -10,6 +10,8 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
+from cloud.api.deps import Caller, KeyCache
+from cloud.registry import apikeys
 from cloud.registry.devices import revoke_device
 from cloud.registry.tables import Role
 from tests.cloud.api.conftest import basic, bearer
@@ -215,3 +217,75 @@ def test_the_api_description_is_public(client: TestClient, path: str) -> None:
 
     # Assert
     assert response.status_code == 200
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_key_revoked_by_another_process_works_here_until_the_cache_forgets_it(
+    app: FastAPI, client: TestClient, session: Session, keys: dict[Role, str]
+) -> None:
+    # Prepare
+    clock = FakeClock()
+    cache = app.state.services.keys
+    cache.clock = clock
+    victim = bearer(keys[Role.viewer])
+    assert client.get("/api/v1/devices", headers=victim).status_code == 200
+
+    # Execute
+    apikeys.deactivate(session, key_id(keys[Role.viewer]))  # as another API process would
+    session.commit()
+    clock.now += cache.seconds - 0.1
+    within = client.get("/api/v1/devices", headers=victim)
+    clock.now += 0.2
+    after = client.get("/api/v1/devices", headers=victim)
+
+    # Assert
+    assert within.status_code == 200
+    assert is_unauthorized(after)
+
+
+def test_device_credentials_are_checked_on_every_request(client: TestClient, session: Session) -> None:
+    # Prepare
+    make_cohort(session)
+    _, secret = make_device(session, "cam-0001")
+    session.commit()
+    headers = basic("cam-0001", secret)
+    assert client.get("/api/v1/artifacts/" + "ab" * 32, headers=headers).status_code == 404
+
+    # Execute
+    revoke_device(session, "cam-0001")
+    session.commit()
+    after = client.get("/api/v1/artifacts/" + "ab" * 32, headers=headers)
+
+    # Assert
+    assert is_unauthorized(after)
+
+
+def test_the_key_cache_expires_is_bounded_and_can_be_off() -> None:
+    # Prepare
+    clock = FakeClock()
+    cache = KeyCache(5, capacity=2, clock=clock)
+    off = KeyCache(0, clock=clock)
+    caller = Caller(actor="key:a", role=Role.viewer)
+
+    # Execute
+    cache.put("token-a", caller)
+    off.put("token-a", caller)
+    fresh = cache.get("token-a")
+    clock.now += 5
+    expired = cache.get("token-a")
+    cache.put("token-b", caller)
+    cache.put("token-c", caller)  # full (a and b): starts again
+
+    # Assert
+    assert fresh == caller
+    assert expired is None
+    assert off.get("token-a") is None
+    assert len(cache._entries) == 1 and cache.get("token-c") == caller
+    assert "token-c" not in cache._entries  # keyed by hash, never the plaintext

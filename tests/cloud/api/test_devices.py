@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 
 import pytest
 from fastapi.testclient import TestClient
@@ -12,6 +13,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from cloud.api.main import create_app
+from cloud.api.schemas import DevicePublic, Page
 from cloud.artifacts import LocalArtifactStore
 from cloud.exceptions import HookError
 from cloud.registry.devices import revoke_device
@@ -160,6 +162,34 @@ def test_devices_are_listed_by_id_with_filters_and_totals(
     assert running["items"][0]["reported_model_id"] == model.id
     assert [d["id"] for d in revoked["items"]] == ["cam-0004"]
     assert (past_the_end["items"], past_the_end["total"]) == ([], 6)
+
+
+def test_the_listing_is_exactly_what_its_response_model_would_serialise(
+    client: TestClient, session: Session, store: LocalArtifactStore, viewer: dict[str, str]
+) -> None:
+    # The listing encodes registry rows straight to JSON; it must not drift from Page[DevicePublic].
+    # Prepare
+    make_cohort(session)
+    devices = [make_device(session, f"cam-{n}")[0] for n in range(3)]
+    devices[0].presence = Presence.offline
+    devices[0].last_seen = datetime(2026, 11, 28, 7, 0, 0, tzinfo=UTC)  # no microseconds
+    devices[1].last_seen = datetime(2026, 11, 28, 7, 0, 0, 5, tzinfo=UTC)
+    devices[1].labels = {"site": "lab-2", "rack": "ü-7"}
+    devices[1].reported_model_id = devices[1].desired_model_id = make_cloud_model(session, store).id
+    revoke_device(session, "cam-2")
+    session.commit()
+
+    # Execute
+    response = client.get(DEVICES, headers=viewer)
+
+    # Assert
+    rows = [session.get(Device, d.id) for d in devices]
+    expected = Page[DevicePublic].model_validate(
+        {"items": rows, "total": 3, "limit": 100, "offset": 0}, from_attributes=True
+    )
+    assert response.headers["content-type"] == "application/json"
+    assert response.json() == expected.model_dump(mode="json")
+    assert "credential_hash" not in response.text
 
 
 def test_an_unknown_device_is_404(client: TestClient, viewer: dict[str, str]) -> None:

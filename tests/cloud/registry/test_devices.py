@@ -167,13 +167,13 @@ def test_list_devices_filters_and_pages_with_totals(session: Session, store: Loc
     past_end, past_end_total = devices.list_devices(session, limit=10, offset=50)
 
     # Assert
-    assert [d.id for d in first] == ["cam-a", "cam-b"] and total == 5
-    assert [d.id for d in last] == ["cam-e"] and last_total == 5
-    assert [d.id for d in everyone] == ["cam-a", "cam-b", "cam-c", "cam-d", "cam-e", "hall-1"]
+    assert [d["id"] for d in first] == ["cam-a", "cam-b"] and total == 5
+    assert [d["id"] for d in last] == ["cam-e"] and last_total == 5
+    assert [d["id"] for d in everyone] == ["cam-a", "cam-b", "cam-c", "cam-d", "cam-e", "hall-1"]
     assert everyone_total == 6
-    assert [d.id for d in revoked] == ["cam-d"] and revoked_total == 1
-    assert [d.id for d in online] == ["cam-b"]
-    assert [d.id for d in running] == ["cam-c"]
+    assert [d["id"] for d in revoked] == ["cam-d"] and revoked_total == 1
+    assert [d["id"] for d in online] == ["cam-b"]
+    assert [d["id"] for d in running] == ["cam-c"]
     assert list(past_end) == [] and past_end_total == 6
 
 
