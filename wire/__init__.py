@@ -6,25 +6,63 @@ rfc8785 and cryptography (to check a DesiredModel's signature).
 
 from wire.arrays import EncodedArray
 from wire.desired import DesiredModel
-from wire.errors import ContractError
+from wire.errors import ContractError, Rejection
 from wire.knowledge import KnowledgeMetrics, KnowledgeReport, PrivacyStatement
 from wire.limits import MAX_PAYLOAD_BYTES
 from wire.manifest import ArtifactManifest, ProbeOutput, TensorSpec
-from wire.topics import DEVICE_ID_PATTERN, MessageKind, device_topic, parse_device_topic
+from wire.messages import (
+    AckResult,
+    Command,
+    CommandName,
+    Message,
+    ModelAck,
+    Presence,
+    PresenceState,
+    Receipt,
+    Status,
+    decode,
+    encode,
+)
+from wire.topics import (
+    CLOUD_TOPICS,
+    DEVICE_ID_PATTERN,
+    DEVICE_PUBLISHES,
+    DEVICE_SUBSCRIBES,
+    MessageKind,
+    device_filter,
+    device_topic,
+    parse_device_topic,
+)
 
 __all__ = [
+    "CLOUD_TOPICS",
     "DEVICE_ID_PATTERN",
+    "DEVICE_PUBLISHES",
+    "DEVICE_SUBSCRIBES",
     "MAX_PAYLOAD_BYTES",
+    "AckResult",
     "ArtifactManifest",
+    "Command",
+    "CommandName",
     "ContractError",
     "DesiredModel",
     "EncodedArray",
     "KnowledgeMetrics",
     "KnowledgeReport",
+    "Message",
     "MessageKind",
+    "ModelAck",
+    "Presence",
+    "PresenceState",
     "PrivacyStatement",
     "ProbeOutput",
+    "Receipt",
+    "Rejection",
+    "Status",
     "TensorSpec",
+    "decode",
+    "device_filter",
     "device_topic",
+    "encode",
     "parse_device_topic",
 ]

@@ -44,3 +44,15 @@ def parse_device_topic(topic: str) -> tuple[str, MessageKind]:
     except ValueError:
         raise ContractError(f"topic {topic!r} has an unknown suffix {suffix!r}") from None
     return check_device_id(device_id), kind
+
+
+# Who sends what (DESIGN §2): the ACL of a device and the ingest's subscriptions follow from these.
+DEVICE_PUBLISHES = (MessageKind.PRESENCE, MessageKind.STATUS, MessageKind.KNOWLEDGE, MessageKind.MODEL_ACK)
+DEVICE_SUBSCRIBES = (MessageKind.MODEL_DESIRED, MessageKind.RECEIPT, MessageKind.CMD)
+CLOUD_TOPICS = "diredi/v1/#"  # the cloud's service account may publish and subscribe under it
+
+
+def device_filter(kind: MessageKind, *, shared_group: str | None = None) -> str:
+    """The filter matching message `kind` of every device, optionally as an MQTT 5 shared subscription."""
+    topic_filter = f"{_PREFIX}+/{kind.value}"
+    return f"$share/{shared_group}/{topic_filter}" if shared_group else topic_filter

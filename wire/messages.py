@@ -1,0 +1,153 @@
+"""The MQTT messages of DESIGN §2 besides the knowledge report and the desired model, and `decode`,
+the one way either side turns a received (topic, payload) into a typed message or a `ContractError`."""
+
+import enum
+import json
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError
+
+from wire.common import Envelope, ModelId
+from wire.desired import DesiredModel
+from wire.errors import ContractError, Rejection, describe
+from wire.knowledge import KnowledgeReport
+from wire.limits import max_payload_bytes
+from wire.topics import MessageKind, parse_device_topic
+
+MAX_CLASSES = 1000
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Fraction = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+Count = Annotated[int, Field(ge=0, le=(1 << 63) - 1)]
+ConnId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
+ClassKey = Annotated[str, Field(pattern=r"^(0|[1-9][0-9]{0,2})$")]
+
+
+class PresenceState(enum.StrEnum):
+    online = "online"
+    offline = "offline"
+
+
+class Presence(Envelope):
+    """A device's connection state, retained. `conn` names one connection: the will registered at
+    connect time is `offline` with the same `conn`, so a stale will cannot undo a newer `online`."""
+
+    schema_: Literal["diredi.presence/1"] = Field("diredi.presence/1", alias="schema")
+    state: PresenceState
+    conn: ConnId
+
+
+class Status(Envelope):
+    """Heartbeat and telemetry of the model the device runs."""
+
+    schema_: Literal["diredi.status/1"] = Field("diredi.status/1", alias="schema")
+    model_id: ModelId | None = None
+    uptime_s: NonNegative
+    inference_count: Count = 0
+    latency_p50_ms: NonNegative | None = None
+    latency_p95_ms: NonNegative | None = None
+    mean_confidence: Fraction | None = None
+    class_histogram: dict[ClassKey, Count] = Field(default_factory=dict, max_length=MAX_CLASSES)
+    labelled_count: Count | None = None  # samples whose label became known (the user's feedback)
+    accuracy: Fraction | None = None  # on those samples
+    cpu_percent: Annotated[float, Field(ge=0, le=25_600, allow_inf_nan=False)] | None = None
+    mem_bytes: Count | None = None
+    temp_c: Annotated[float, Field(ge=-100, le=200, allow_inf_nan=False)] | None = None
+
+
+class AckResult(enum.StrEnum):
+    installed = "installed"
+    failed = "failed"
+    rolled_back = "rolled_back"
+
+
+class ModelAck(Envelope):
+    """The result of acting on a desired model: installed, failed (and why), or rolled back locally."""
+
+    schema_: Literal["diredi.model-ack/1"] = Field("diredi.model-ack/1", alias="schema")
+    model_id: ModelId  # the model the desired document named
+    result: AckResult
+    reason: str = Field("", max_length=1024)
+    running_model_id: ModelId | None = None  # what the device serves now
+
+
+class Receipt(Envelope):
+    """Sent by the cloud after it committed the knowledge report or ack `ack_of`; the device may then
+    drop it from its spool."""
+
+    schema_: Literal["diredi.receipt/1"] = Field("diredi.receipt/1", alias="schema")
+    ack_of: uuid.UUID
+
+
+class CommandName(enum.StrEnum):
+    run_rd = "run_rd"
+    report_now = "report_now"
+
+
+class Command(Envelope):
+    """An operator's request to one device."""
+
+    schema_: Literal["diredi.cmd/1"] = Field("diredi.cmd/1", alias="schema")
+    command: CommandName
+
+
+Message = Presence | Status | KnowledgeReport | ModelAck | DesiredModel | Receipt | Command
+
+PAYLOADS: dict[MessageKind, type[BaseModel]] = {
+    MessageKind.PRESENCE: Presence,
+    MessageKind.STATUS: Status,
+    MessageKind.KNOWLEDGE: KnowledgeReport,
+    MessageKind.MODEL_ACK: ModelAck,
+    MessageKind.MODEL_DESIRED: DesiredModel,
+    MessageKind.RECEIPT: Receipt,
+    MessageKind.CMD: Command,
+}
+SCHEMAS: dict[MessageKind, str] = {
+    kind: str(model.model_fields["schema_"].default) for kind, model in PAYLOADS.items()
+}
+
+
+def encode(message: Message) -> bytes:
+    """The wire payload of `message`: compact JSON with the contract's field names."""
+    return message.model_dump_json(by_alias=True).encode()
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def decode(topic: str, payload: bytes) -> tuple[MessageKind, Message]:
+    """The kind and the validated message of `payload` received on `topic`.
+
+    Raises `ContractError` whose `reason` says which rule it broke: an unknown topic, an oversized
+    payload, not a JSON object, a schema other than the topic's, a `device_id` other than the
+    topic's, or an invalid field.
+    """
+    try:
+        device_id, kind = parse_device_topic(topic)
+    except ContractError as exc:
+        raise ContractError(str(exc), Rejection.topic) from None
+    limit = max_payload_bytes(kind)
+    if len(payload) > limit:
+        raise ContractError(f"{kind} payload of {len(payload)} bytes exceeds {limit}", Rejection.oversized)
+    try:
+        document = json.loads(payload, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ContractError(f"{kind} payload is not JSON: {str(exc)[:120]}", Rejection.not_json) from None
+    if not isinstance(document, dict):
+        raise ContractError(f"{kind} payload is not a JSON object", Rejection.not_json)
+    schema = document.get("schema")
+    if schema != SCHEMAS[kind]:
+        shown = repr(schema)[:80]
+        raise ContractError(f"{kind} payload has schema {shown}, expected {SCHEMAS[kind]}", Rejection.schema)
+    if document.get("device_id") != device_id:
+        shown = repr(document.get("device_id"))[:80]
+        raise ContractError(
+            f"{kind} payload is for device {shown}, not the topic's {device_id}", Rejection.device_mismatch
+        )
+    try:
+        message = PAYLOADS[kind].model_validate(document)
+    except ValidationError as exc:
+        raise ContractError(f"invalid {kind} payload at {describe(exc)}", Rejection.invalid) from None
+    return kind, message  # type: ignore[return-value]
