@@ -1,0 +1,96 @@
+"""Who may do what on the broker (DESIGN §2), as mosquitto dynamic-security commands.
+
+Both brokers take the same commands on the same control topic: mosquitto's dynamic-security plugin,
+and the embedded broker, which implements the subset used here. Every device gets a client whose
+username and client id are its device id, and a role of its own that allows exactly its topics
+(dynamic security has no `%u` substitution). Anything not allowed is denied.
+"""
+
+from typing import Any
+
+from wire.topics import CLOUD_TOPICS, DEVICE_PUBLISHES, DEVICE_SUBSCRIBES, device_topic
+
+CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
+RESPONSE_TOPIC = f"{CONTROL_TOPIC}/response"
+CLOUD_ROLE = "diredi-cloud"
+
+Command = dict[str, Any]
+
+
+def device_role(device_id: str) -> str:
+    """The name of the role that holds one device's ACL."""
+    return f"device-{device_id}"
+
+
+def device_acls(device_id: str) -> list[Command]:
+    """Publish to its own presence/status/knowledge/model-ack; subscribe (exactly, no wildcards) to its
+    own model/desired, receipt and cmd."""
+    publish = [
+        {"acltype": "publishClientSend", "topic": device_topic(device_id, kind), "priority": 0, "allow": True}
+        for kind in DEVICE_PUBLISHES
+    ]
+    subscribe = [
+        {"acltype": acltype, "topic": device_topic(device_id, kind), "priority": 0, "allow": True}
+        for kind in DEVICE_SUBSCRIBES
+        for acltype in ("subscribeLiteral", "unsubscribeLiteral")
+    ]
+    return publish + subscribe
+
+
+def cloud_acls() -> list[Command]:
+    """The cloud's service account: everything under `diredi/v1/`, shared subscriptions included."""
+    return [
+        {"acltype": acltype, "topic": CLOUD_TOPICS, "priority": 0, "allow": True}
+        for acltype in ("publishClientSend", "publishClientReceive", "subscribePattern", "unsubscribePattern")
+    ]
+
+
+def provision_commands(device_id: str, secret: str) -> list[Command]:
+    """Create the device's role and client (client id bound to the device id)."""
+    role = device_role(device_id)
+    return [
+        {"command": "createRole", "rolename": role, "acls": device_acls(device_id)},
+        {
+            "command": "createClient",
+            "username": device_id,
+            "password": secret,
+            "clientid": device_id,
+            "roles": [{"rolename": role, "priority": 0}],
+        },
+    ]
+
+
+def revoke_commands(device_id: str) -> list[Command]:
+    """Delete the device's client (which ends its live session) and its role."""
+    return [
+        {"command": "deleteClient", "username": device_id},
+        {"command": "deleteRole", "rolename": device_role(device_id)},
+    ]
+
+
+def default_access_commands() -> list[Command]:
+    """Deny by default: a client may publish or subscribe only where a role allows it."""
+    return [
+        {
+            "command": "setDefaultACLAccess",
+            "acls": [
+                {"acltype": "publishClientSend", "allow": False},
+                {"acltype": "publishClientReceive", "allow": True},  # receive what a subscription allowed
+                {"acltype": "subscribe", "allow": False},
+                {"acltype": "unsubscribe", "allow": True},
+            ],
+        }
+    ]
+
+
+def cloud_account_commands(username: str, password: str) -> list[Command]:
+    """The cloud's service account (ingest, publisher) and its role."""
+    return [
+        {"command": "createRole", "rolename": CLOUD_ROLE, "acls": cloud_acls()},
+        {
+            "command": "createClient",
+            "username": username,
+            "password": password,
+            "roles": [{"rolename": CLOUD_ROLE, "priority": 0}],
+        },
+    ]
