@@ -3,7 +3,7 @@
 from functools import cached_property
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -22,7 +22,27 @@ class Settings(BaseSettings):
     signing_key_dir: Path | None = Field(
         None, description="the cloud's Ed25519 keys; default <data_dir>/keys (owner-only)"
     )
-    mqtt_url: str = "mqtt://127.0.0.1:1883"
+    mqtt_url: SecretStr = Field(
+        SecretStr("mqtt://127.0.0.1:1883"),
+        description="the broker, as the cloud's service account: mqtt[s]://user:password@host:port"
+        "[?protocol=3.1.1]",
+    )
+    mqtt_admin_url: SecretStr | None = Field(
+        None,
+        description="the broker's dynamic-security admin account; when set, the API registers and "
+        "removes device credentials in the running broker",
+    )
+    mqtt_ca_file: Path | None = Field(None, description="CA bundle that signed the broker's TLS certificate")
+    ingest_group: str = Field(
+        "diredi-ingest",
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="MQTT 5 shared-subscription group: ingests in one group split the messages",
+    )
+    ingest_batch_size: int = Field(1000, ge=1, le=100_000, description="messages per ingest commit, at most")
+    ingest_batch_ms: float = Field(
+        50.0, gt=0, le=10_000, description="the longest a received message waits for its commit"
+    )
+    ingest_metrics_port: int = Field(9102, ge=0, le=65535, description="Prometheus metrics (0: none)")
     redis_url: str = "redis://127.0.0.1:6379/0"
     telemetry_retention_days: float = Field(7.0, gt=0, description="telemetry older than this is pruned")
     api_tune_gc: bool = Field(True, description="freeze start-up objects and collect garbage less often")

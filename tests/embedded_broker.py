@@ -1,0 +1,1 @@
+"""Pytest plugin: the embedded broker fixture (filled in with broker/embedded.py)."""
