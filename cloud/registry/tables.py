@@ -174,6 +174,7 @@ class Device(Base):
     reported_model_id: Mapped[str | None] = mapped_column(ForeignKey("model.id"), index=True)
     presence: Mapped[Presence] = mapped_column(_enum(Presence), default=Presence.unknown)
     presence_conn: Mapped[str | None] = mapped_column(String(64))
+    presence_at: Mapped[datetime | None]  # sent_at of the presence message that set `presence`
     last_seen: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     revoked_at: Mapped[datetime | None]
@@ -311,6 +312,27 @@ class Telemetry(Base):
     mem_bytes: Mapped[int | None] = mapped_column(BigInteger)
     temp_c: Mapped[float | None] = mapped_column(Float)
     class_histogram: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+
+
+class AckResult(enum.StrEnum):
+    installed = "installed"
+    failed = "failed"
+    rolled_back = "rolled_back"
+
+
+class ModelAck(Base):
+    """A device's report of acting on a desired model, stored once per msg_id."""
+
+    __tablename__ = "model_ack"
+
+    msg_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("device.id"), index=True)
+    model_id: Mapped[str] = mapped_column(String(128), index=True)  # as the device sent it
+    result: Mapped[AckResult] = mapped_column(_enum(AckResult))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    running_model_id: Mapped[str | None] = mapped_column(String(128))
+    sent_at: Mapped[datetime]
+    received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 
 
 class ApiKey(Base):
