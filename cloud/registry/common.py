@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from sqlalchemy import Row, Select, func, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 T = TypeVar("T")
@@ -44,6 +45,17 @@ def _page(
     if offset == 0:
         return [], 0
     return [], int(session.scalar(select(total)) or 0)
+
+
+def insert_new(session: Session, table: type[Any], rows: Sequence[dict[str, Any]], *, key: str) -> set[Any]:
+    """Insert `rows`, skipping any whose unique `key` column is already stored (a redelivered message,
+    or another ingest's); return the keys that were new. One statement, safe against racing writers."""
+    if not rows:
+        return set()
+    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    column = getattr(table, key)
+    statement = insert(table).on_conflict_do_nothing(index_elements=[key]).returning(column)
+    return set(session.scalars(statement, list(rows)).all())
 
 
 def new_secret() -> str:

@@ -1,9 +1,10 @@
 """Cohorts and devices: provisioning with one-time credentials, revocation, lookup, artifact offers."""
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, and_, exists, or_, select
+from sqlalchemy import Select, and_, exists, or_, select, update
 from sqlalchemy.orm import Session
 
 from cloud.exceptions import ConflictError, NotFoundError
@@ -153,3 +154,56 @@ def offered_to(session: Session, device: Device, sha256: str) -> bool:
         )
     )
     return bool(session.scalar(select(or_(exists(by_device), exists(by_rollout)))))
+
+
+def known_devices(
+    session: Session, device_ids: Collection[str]
+) -> dict[str, tuple[DeviceStatus, str | None]]:
+    """(status, reported model) of those of `device_ids` the registry knows, in one query."""
+    if not device_ids:
+        return {}
+    rows = session.execute(
+        select(Device.id, Device.status, Device.reported_model_id).where(Device.id.in_(device_ids))
+    )
+    return {row.id: (row.status, row.reported_model_id) for row in rows}
+
+
+def mark_seen(session: Session, device_ids: Collection[str], at: datetime) -> None:
+    """Record that the devices were heard from at `at` (one statement for a whole ingest batch)."""
+    if device_ids:
+        session.execute(
+            update(Device)
+            .where(Device.id.in_(device_ids))
+            .where(or_(Device.last_seen.is_(None), Device.last_seen < at))
+            .values(last_seen=at)
+        )
+
+
+def apply_presence(session: Session, device_id: str, *, online: bool, conn: str, sent_at: datetime) -> bool:
+    """Apply a presence message by DESIGN §2's `conn` rule; return whether it changed the device.
+
+    `online` wins unless a newer presence was already applied; `offline` applies only to the
+    connection it names, so a stale will (an old `conn`) cannot undo a newer `online`. One conditional
+    UPDATE each, so several ingests applying the same messages in any order end in the same state.
+    """
+    not_older = or_(Device.presence_at.is_(None), Device.presence_at <= sent_at)
+    statement = update(Device).where(Device.id == device_id, Device.status == DeviceStatus.active, not_older)
+    if online:
+        statement = statement.values(presence=Presence.online, presence_conn=conn, presence_at=sent_at)
+    else:
+        statement = statement.where(Device.presence_conn == conn).values(
+            presence=Presence.offline, presence_at=sent_at
+        )
+    return bool(session.execute(statement).rowcount)  # type: ignore[attr-defined]
+
+
+def report_model(session: Session, device_id: str, model_id: str) -> bool:
+    """Record the model a device says it runs, when the registry knows that model; return whether it did."""
+    known = select(Model.id).where(Model.id == model_id).scalar_subquery()
+    result = session.execute(
+        update(Device)
+        .where(Device.id == device_id, known.is_not(None))
+        .where(or_(Device.reported_model_id.is_(None), Device.reported_model_id != model_id))
+        .values(reported_model_id=model_id)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]

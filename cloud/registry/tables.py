@@ -27,6 +27,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from wire.messages import AckResult  # stored as the device sent it
+
 # Named constraints, so migrations can drop and alter them on both SQLite and PostgreSQL.
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -312,12 +314,6 @@ class Telemetry(Base):
     mem_bytes: Mapped[int | None] = mapped_column(BigInteger)
     temp_c: Mapped[float | None] = mapped_column(Float)
     class_histogram: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
-
-
-class AckResult(enum.StrEnum):
-    installed = "installed"
-    failed = "failed"
-    rolled_back = "rolled_back"
 
 
 class ModelAck(Base):

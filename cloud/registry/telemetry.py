@@ -1,23 +1,23 @@
 """Telemetry: a time series of device status, written in batches, queried by device and time, pruned."""
 
+import uuid
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, delete, insert, select
+from sqlalchemy import Select, delete, select
 from sqlalchemy.orm import Session
 
+from cloud.registry.common import insert_new
 from cloud.registry.tables import Telemetry, utcnow
 
 PRUNE_BATCH = 10_000  # rows deleted per statement, so pruning never holds a long lock
 
 
-def add_samples(session: Session, samples: Iterable[dict[str, Any]]) -> int:
-    """Insert status samples (column → value) in one statement; return how many."""
-    rows = list(samples)
-    if rows:
-        session.execute(insert(Telemetry), rows)
-    return len(rows)
+def add_samples(session: Session, samples: Iterable[dict[str, Any]]) -> set[uuid.UUID]:
+    """Insert status samples (column → value, `msg_id` included) in one statement, each msg_id once;
+    return the msg_ids that were new."""
+    return insert_new(session, Telemetry, list(samples), key="msg_id")
 
 
 def query(

@@ -48,8 +48,25 @@ def test_add_samples_inserts_them_all(session: Session) -> None:
     session.commit()
 
     # Assert
-    assert (added, nothing) == (5, 0)
+    assert added == {row["msg_id"] for row in rows} and nothing == set()
     assert session.scalar(select(func.count()).select_from(Telemetry)) == 5
+
+
+def test_a_redelivered_sample_is_stored_once(session: Session) -> None:
+    # Prepare
+    two_devices(session)
+    first = [sample("cam-a", NOW), sample("cam-b", NOW)]
+    telemetry.add_samples(session, first)
+    session.commit()
+    again = [first[1], sample("cam-a", NOW + timedelta(seconds=1))]
+
+    # Execute
+    added = telemetry.add_samples(session, again)
+    session.commit()
+
+    # Assert
+    assert added == {again[1]["msg_id"]}
+    assert session.scalar(select(func.count()).select_from(Telemetry)) == 3
 
 
 def test_timestamps_come_back_aware_utc_and_equal(session: Session) -> None:
