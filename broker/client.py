@@ -105,11 +105,21 @@ class BrokerTarget:
             client.tls_set_context(context)
         return client
 
-    def connect(self, client: mqtt.Client, *, persistent: bool = False, keepalive: int = 30) -> None:
-        """Start connecting `client` (a 5 client keeps its session a day when `persistent`)."""
+    def connect(
+        self,
+        client: mqtt.Client,
+        *,
+        persistent: bool = False,
+        keepalive: int = 30,
+        receive_maximum: int | None = None,
+    ) -> None:
+        """Start connecting `client` (a 5 client keeps its session a day when `persistent`, and takes at
+        most `receive_maximum` unacknowledged QoS 1 messages at once)."""
         if PROTOCOLS[self.protocol] == mqtt.MQTTv5:
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             properties.SessionExpiryInterval = 86_400 if persistent else 0
+            if receive_maximum is not None:
+                properties.ReceiveMaximum = receive_maximum
             client.connect_async(
                 self.host, self.port, keepalive, clean_start=not persistent, properties=properties
             )

@@ -80,6 +80,9 @@ def _register_ops() -> None:
     app.add_typer(ops.telemetry_app, name="telemetry")
     app.add_typer(ops.line_app, name="line")
     app.command("api")(ops.api)
+    from cloud.cli.ingest import ingest
+
+    app.command("ingest")(ingest)
 
 
 _register_ops()

@@ -1,0 +1,72 @@
+"""`diredi ingest`: the MQTT ingest service, until SIGTERM or Ctrl-C."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import Annotated
+
+import typer
+
+from cloud.cli.ops import _fail, _settings
+from cloud.exceptions import CloudError
+
+
+def ingest(
+    name: Annotated[
+        str,
+        typer.Option(
+            help="This ingest's name, unique among the ingests of a fleet: its broker session "
+            "(client id diredi-ingest-NAME) survives restarts under it.",
+        ),
+    ] = "1",
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            min=0, max=65535, help="Prometheus metrics on 127.0.0.1 (0: none; default from settings)."
+        ),
+    ] = None,
+) -> None:
+    """Store device messages from the broker in the registry (DIREDI_MQTT_URL, the cloud's account)."""
+    import re
+
+    from prometheus_client import start_http_server
+
+    from broker.client import BrokerTarget
+    from cloud.ingest.service import Ingest
+    from cloud.registry import migrate
+    from cloud.registry.db import make_engine, session_factory
+    from wire.errors import ContractError
+
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,40}", name):
+        raise _fail(CloudError("--name may hold only letters, digits, - and _ (at most 40)"))
+    settings = _settings()
+    try:
+        target = BrokerTarget.parse(settings.mqtt_url.get_secret_value(), ca_file=settings.mqtt_ca_file)
+    except ContractError as exc:
+        raise _fail(CloudError(f"DIREDI_MQTT_URL: {exc}")) from None
+    engine = make_engine(settings.resolved_database_url)
+    if migrate.current(engine) != migrate.head():
+        raise _fail(
+            CloudError("the registry is not migrated to the newest revision: run `diredi db upgrade`")
+        )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    service = Ingest(
+        target,
+        session_factory(engine),
+        name=name,
+        group=settings.ingest_group,
+        batch_size=settings.ingest_batch_size,
+        batch_ms=settings.ingest_batch_ms,
+    )
+    port = settings.ingest_metrics_port if metrics_port is None else metrics_port
+    if port:
+        start_http_server(port, addr="127.0.0.1", registry=service.metrics.registry)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    service.start()
+    logging.getLogger(__name__).info("ingest %s started; metrics on port %s", name, port or "none")
+    stop.wait()
+    service.stop()

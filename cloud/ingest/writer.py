@@ -1,0 +1,173 @@
+"""One ingest batch into the registry, in one transaction: telemetry, knowledge reports, model acks,
+presence and `last_seen` — each message stored once by its msg_id.
+
+What may not be stored (a device the registry does not know or has revoked, a report whose base model
+is not its cohort's) is refused with the reason, and the rest of the batch is still written. The
+caller sends receipts only for what `write` returned, and only after it returned (committed).
+"""
+
+import logging
+import uuid
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy.exc import DataError, IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from cloud.exceptions import CloudError
+from cloud.registry import acks, knowledge, telemetry
+from cloud.registry.devices import apply_presence, known_devices, mark_seen, report_model
+from cloud.registry.tables import DeviceStatus, utcnow
+from wire.errors import ContractError, Rejection
+from wire.knowledge import KnowledgeReport
+from wire.messages import Message, ModelAck, Presence, PresenceState, Status
+from wire.topics import MessageKind
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A message that satisfied the contract, with the bytes it arrived as."""
+
+    kind: MessageKind
+    message: Message
+    payload: bytes
+
+
+@dataclass
+class Written:
+    """What a committed batch did."""
+
+    stored: Counter[MessageKind] = field(default_factory=Counter)
+    duplicates: Counter[MessageKind] = field(default_factory=Counter)
+    receipts: list[tuple[str, uuid.UUID]] = field(default_factory=list)  # (device_id, ack_of)
+    refused: list[tuple[Accepted, ContractError]] = field(default_factory=list)
+
+
+class BatchWriter:
+    """Writes batches of accepted messages through `sessions`."""
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self.sessions = sessions
+
+    def write(self, batch: Sequence[Accepted]) -> Written:
+        """Store `batch` in one transaction. A database error that one message causes (a constraint the
+        checks did not foresee) does not hold back the others: the batch is then written message by
+        message, and the message that still fails is refused. Other database errors (the database is
+        down) propagate: nothing was committed, and the caller retries."""
+        try:
+            return self._write(batch)
+        except (IntegrityError, DataError):
+            if len(batch) == 1:
+                return Written(
+                    refused=[(batch[0], ContractError("the registry refused it", Rejection.refused))]
+                )
+            log.warning("a batch of %d failed on a constraint; writing its messages one by one", len(batch))
+            written = Written()
+            for accepted in batch:
+                one = self.write([accepted])
+                written.stored.update(one.stored)
+                written.duplicates.update(one.duplicates)
+                written.receipts.extend(one.receipts)
+                written.refused.extend(one.refused)
+            return written
+
+    def _write(self, batch: Sequence[Accepted]) -> Written:
+        written = Written()
+        now = utcnow()
+        with self.sessions() as session, session.begin():
+            devices = known_devices(session, {a.message.device_id for a in batch})
+            admitted: list[Accepted] = []
+            for accepted in batch:
+                state = devices.get(accepted.message.device_id)
+                if state is None or state[0] is not DeviceStatus.active:
+                    why = "is not provisioned" if state is None else "is revoked"
+                    error = ContractError(f"device {accepted.message.device_id} {why}", Rejection.refused)
+                    written.refused.append((accepted, error))
+                else:
+                    admitted.append(accepted)
+            self._statuses(session, [a for a in admitted if a.kind is MessageKind.STATUS], devices, written)
+            self._knowledge(session, [a for a in admitted if a.kind is MessageKind.KNOWLEDGE], now, written)
+            self._acks(session, [a for a in admitted if a.kind is MessageKind.MODEL_ACK], now, written)
+            for accepted in admitted:
+                if isinstance(accepted.message, Presence):
+                    presence = accepted.message
+                    online = presence.state is PresenceState.online
+                    apply_presence(
+                        session,
+                        presence.device_id,
+                        online=online,
+                        conn=presence.conn,
+                        sent_at=presence.sent_at,
+                    )
+                    written.stored[MessageKind.PRESENCE] += 1
+            refused = {id(a) for a, _ in written.refused}
+            mark_seen(session, {a.message.device_id for a in admitted if id(a) not in refused}, now)
+        return written
+
+    @staticmethod
+    def _statuses(
+        session: Session,
+        batch: list[Accepted],
+        devices: dict[str, tuple[DeviceStatus, str | None]],
+        written: Written,
+    ) -> None:
+        statuses = [a.message for a in batch if isinstance(a.message, Status)]
+        new = telemetry.add_samples(session, [_sample(s) for s in statuses])
+        written.stored[MessageKind.STATUS] += len(new)
+        written.duplicates[MessageKind.STATUS] += len(statuses) - len(new)
+        latest: dict[str, str] = {}
+        for status in sorted(statuses, key=lambda s: s.sent_at):
+            if status.model_id is not None:
+                latest[status.device_id] = status.model_id
+        for device_id, model_id in latest.items():
+            if devices[device_id][1] != model_id:
+                report_model(session, device_id, model_id)
+
+    @staticmethod
+    def _knowledge(session: Session, batch: list[Accepted], now: datetime, written: Written) -> None:
+        for accepted in batch:
+            report = accepted.message
+            if not isinstance(report, KnowledgeReport):
+                continue
+            try:
+                stored = knowledge.store_report(session, accepted.payload, received_at=now)
+            except (CloudError, ContractError) as exc:
+                written.refused.append((accepted, ContractError(str(exc), Rejection.refused)))
+                continue
+            if stored is None:
+                written.duplicates[MessageKind.KNOWLEDGE] += 1
+            else:
+                written.stored[MessageKind.KNOWLEDGE] += 1
+            written.receipts.append((report.device_id, report.msg_id))
+
+    @staticmethod
+    def _acks(session: Session, batch: list[Accepted], now: datetime, written: Written) -> None:
+        messages = [a.message for a in batch if isinstance(a.message, ModelAck)]
+        new = acks.record_acks(session, messages, received_at=now)
+        written.stored[MessageKind.MODEL_ACK] += len(new)
+        written.duplicates[MessageKind.MODEL_ACK] += len(messages) - len(new)
+        written.receipts.extend((ack.device_id, ack.msg_id) for ack in messages)
+
+
+def _sample(status: Status) -> dict[str, object]:
+    return {
+        "msg_id": status.msg_id,
+        "device_id": status.device_id,
+        "at": status.sent_at,
+        "model_id": status.model_id,
+        "uptime_s": status.uptime_s,
+        "inference_count": status.inference_count,
+        "latency_p50_ms": status.latency_p50_ms,
+        "latency_p95_ms": status.latency_p95_ms,
+        "mean_confidence": status.mean_confidence,
+        "labelled_count": status.labelled_count,
+        "accuracy": status.accuracy,
+        "cpu_percent": status.cpu_percent,
+        "mem_bytes": status.mem_bytes,
+        "temp_c": status.temp_c,
+        "class_histogram": status.class_histogram or None,
+    }
