@@ -38,10 +38,22 @@ def device_acls(device_id: str) -> list[Command]:
 
 
 def cloud_acls() -> list[Command]:
-    """The cloud's service account: everything under `diredi/v1/`, shared subscriptions included."""
+    """The cloud's service account: everything under `diredi/v1/`, shared subscriptions included.
+
+    mosquitto 2.0 checks a shared subscription's whole filter (`$share/<group>/diredi/v1/...`)
+    against subscribe ACLs, so the shared form needs patterns of its own; messages it delivers are
+    checked on their real topic (publishClientReceive)."""
+    shared = f"$share/+/{CLOUD_TOPICS}"  # any ingest group
     return [
-        {"acltype": acltype, "topic": CLOUD_TOPICS, "priority": 0, "allow": True}
-        for acltype in ("publishClientSend", "publishClientReceive", "subscribePattern", "unsubscribePattern")
+        {"acltype": acltype, "topic": topic, "priority": 0, "allow": True}
+        for acltype, topic in (
+            ("publishClientSend", CLOUD_TOPICS),
+            ("publishClientReceive", CLOUD_TOPICS),
+            ("subscribePattern", CLOUD_TOPICS),
+            ("unsubscribePattern", CLOUD_TOPICS),
+            ("subscribePattern", shared),
+            ("unsubscribePattern", shared),
+        )
     ]
 
 

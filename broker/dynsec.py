@@ -1,0 +1,268 @@
+"""A client for the broker's dynamic-security admin API: JSON commands on `$CONTROL/dynamic-security/v1`.
+
+Used by the API's credential hook (one device at a time, from the API's thread pool) and by the
+broker's bootstrap. Every command carries a `correlationData` of its own and the answer is matched
+by it, so several API processes can share one admin account; executes are serialised by a lock.
+"""
+
+import json
+import logging
+import os
+import secrets
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.reasoncodes import ReasonCode
+
+from broker.acl import CONTROL_TOPIC, RESPONSE_TOPIC, Command
+from broker.client import BrokerTarget
+
+log = logging.getLogger(__name__)
+
+# What names the subject of a command in a message (never "password").
+_SUBJECT_FIELDS = ("username", "rolename", "groupname")
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One command the broker refused: its name, what it was about, and the broker's reason."""
+
+    command: str
+    subject: str
+    error: str
+
+    def __str__(self) -> str:
+        about = f" {self.subject}" if self.subject else ""
+        return f"{self.command}{about}: {self.error}"
+
+
+class BrokerAdminError(Exception):
+    """The broker could not be reached as the admin, or refused a command. The message names the
+    broker (never its password) and each refused command and its subject (never a client's password).
+
+    `results` holds the broker's response to each command, in order, when it answered; `failures`
+    the refused ones. `sent`: the commands reached the connection, so they may have run even when no
+    answer came."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        results: Sequence[dict[str, Any]] = (),
+        failures: Sequence[Failure] = (),
+        sent: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.results = list(results)
+        self.failures = list(failures)
+        self.sent = sent or bool(results)
+
+
+def _subject(command: Command) -> str:
+    return next((str(command[f]) for f in _SUBJECT_FIELDS if f in command), "")
+
+
+def _describe(reason: ReasonCode | int | str) -> str:
+    return str(reason) if not isinstance(reason, int) else mqtt.error_string(reason)
+
+
+class DynsecAdmin:
+    """The broker's dynamic-security API as one admin connection, opened on first use and again after
+    it dropped. A context manager (closes the connection); safe to share between threads."""
+
+    def __init__(self, target: BrokerTarget, *, timeout: float = 10.0, client_id: str | None = None) -> None:
+        self.target = target
+        self.timeout = timeout
+        # Unique per process and instance: a second admin with the same id would take this session over.
+        self._client_id = client_id or f"diredi-admin-{os.getpid()}-{secrets.token_hex(4)}"
+        self._lock = threading.Lock()  # one execute at a time
+        self._state = threading.Condition()  # guards everything below; paho's thread notifies
+        self._client: mqtt.Client | None = None
+        self._ready = False  # connected and subscribed to the responses
+        self._failure: str | None = None  # why the last connection attempt failed
+        self._subscribe_mid: int | None = None
+        self._pending: dict[str, dict[str, Any] | None] = {}  # correlation id -> its response
+        self._sequence = 0
+
+    def __enter__(self) -> "DynsecAdmin":
+        with self._lock:
+            self._ensure_connected()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Disconnect (a later execute connects again)."""
+        with self._lock:
+            self._drop()
+
+    def execute(self, commands: Sequence[Command], *, timeout: float | None = None) -> list[dict[str, Any]]:
+        """Send `commands` in one message and return the broker's response to each, in order.
+        Raises BrokerAdminError if any command was refused (after all of them ran: the error's
+        `results` say which succeeded), or if the broker cannot be reached or does not answer."""
+        if not commands:
+            return []
+        wait = self.timeout if timeout is None else timeout
+        with self._lock:
+            client = self._ensure_connected()
+            tokens = self._new_tokens(len(commands))
+            payload = [
+                {**command, "correlationData": token} for command, token in zip(commands, tokens, strict=True)
+            ]
+            with self._state:
+                self._pending = dict.fromkeys(tokens)
+            info = client.publish(CONTROL_TOPIC, json.dumps({"commands": payload}), qos=1)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                self._drop()
+                raise BrokerAdminError(f"cannot send to {self.target}: {mqtt.error_string(info.rc)}")
+            with self._state:
+                self._state.wait_for(lambda: not self._ready or None not in self._pending.values(), wait)
+                answers, self._pending = self._pending, {}
+                connected = self._ready
+        names = ", ".join(str(c.get("command")) for c in commands)
+        results = [answer for answer in answers.values() if answer is not None]
+        if len(results) < len(commands):
+            if connected:
+                raise BrokerAdminError(f"{self.target} did not answer {names} within {wait:g} s", sent=True)
+            raise BrokerAdminError(
+                f"the connection to {self.target} dropped while running {names}", sent=True
+            )
+        for result in results:
+            result.pop("correlationData", None)
+        failures = [
+            Failure(str(result.get("command", "?")), _subject(command), str(result["error"]))
+            for command, result in zip(commands, results, strict=True)
+            if "error" in result
+        ]
+        if failures:
+            message = f"{self.target} refused " + "; ".join(str(f) for f in failures)
+            raise BrokerAdminError(message, results=results, failures=failures)
+        return results
+
+    # --- the connection --------------------------------------------------------------------------
+
+    def _new_tokens(self, count: int) -> list[str]:
+        self._sequence += 1
+        return [f"{self._client_id}:{self._sequence}:{i}" for i in range(count)]
+
+    def _ensure_connected(self) -> mqtt.Client:
+        with self._state:
+            if self._ready and self._client is not None:
+                return self._client
+        self._drop()
+        client = self.target.client(self._client_id)
+        client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_subscribe = self._on_subscribe
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        with self._state:
+            self._client, self._failure = client, None
+        try:
+            self.target.connect(client)
+        except (OSError, ValueError) as exc:  # e.g. an unreadable CA file
+            self._drop()
+            raise BrokerAdminError(f"cannot connect to {self.target}: {type(exc).__name__}") from None
+        client.loop_start()
+        with self._state:
+            self._state.wait_for(lambda: self._ready or self._failure is not None, self.timeout)
+            ready, failure = self._ready, self._failure
+        if not ready:
+            self._drop()
+            raise BrokerAdminError(
+                f"cannot connect to {self.target}: {failure or f'no answer within {self.timeout:g} s'}"
+            )
+        return client
+
+    def _drop(self) -> None:
+        with self._state:
+            client, self._client, self._ready = self._client, None, False
+        if client is not None:
+            client.disconnect()
+            client.loop_stop()
+
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        flags: mqtt.ConnectFlags,
+        reason: ReasonCode,
+        properties: object,
+    ) -> None:
+        with self._state:
+            if client is not self._client:
+                return
+            if reason.is_failure:
+                self._failure = f"the broker refused the admin login ({_describe(reason)})"
+                self._state.notify_all()
+                return
+        result, mid = client.subscribe(RESPONSE_TOPIC, qos=1)
+        with self._state:
+            self._subscribe_mid = mid
+            if result != mqtt.MQTT_ERR_SUCCESS:
+                self._failure = f"cannot subscribe to the responses ({mqtt.error_string(result)})"
+                self._state.notify_all()
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
+        with self._state:
+            if client is self._client:
+                self._failure = "the broker is not reachable"
+                self._state.notify_all()
+
+    def _on_subscribe(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        mid: int,
+        reasons: list[ReasonCode],
+        properties: object,
+    ) -> None:
+        with self._state:
+            if client is not self._client or mid != self._subscribe_mid:
+                return
+            if any(r.is_failure for r in reasons):
+                self._failure = f"the admin may not read the responses ({_describe(reasons[0])})"
+            else:
+                self._ready = True
+            self._state.notify_all()
+
+    def _on_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        flags: mqtt.DisconnectFlags,
+        reason: ReasonCode,
+        properties: object,
+    ) -> None:
+        with self._state:
+            if client is self._client:
+                self._ready = False
+                if self._failure is None and reason.is_failure:
+                    self._failure = f"disconnected ({_describe(reason)})"
+                self._state.notify_all()
+
+    def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
+        try:
+            responses = json.loads(message.payload)["responses"]
+            if not isinstance(responses, list) or not all(isinstance(r, dict) for r in responses):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignored an unreadable dynamic-security response")
+            return
+        with self._state:
+            if any("correlationData" in r for r in responses):
+                for response in responses:
+                    if response.get("correlationData") in self._pending:
+                        self._pending[response["correlationData"]] = response
+            elif len(responses) == len(self._pending) and None in self._pending.values():
+                # A broker that does not echo correlationData: executes are serialised, so an
+                # answer of the right length while one is waiting is its answer.
+                self._pending = dict(zip(self._pending, responses, strict=True))
+            self._state.notify_all()
