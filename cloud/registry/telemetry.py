@@ -9,15 +9,62 @@ from sqlalchemy import Select, delete, select
 from sqlalchemy.orm import Session
 
 from cloud.registry.common import insert_new
-from cloud.registry.tables import Telemetry, utcnow
+from cloud.registry.tables import Telemetry, UTCDateTime, utcnow
 
 PRUNE_BATCH = 10_000  # rows deleted per statement, so pruning never holds a long lock
 
 
 def add_samples(session: Session, samples: Iterable[dict[str, Any]]) -> set[uuid.UUID]:
-    """Insert status samples (column → value, `msg_id` included) in one statement, each msg_id once;
-    return the msg_ids that were new."""
-    return insert_new(session, Telemetry, list(samples), key="msg_id")
+    """Insert status samples (column → value, `msg_id` included), each msg_id once; return the msg_ids
+    that were new. On PostgreSQL the rows are copied into a temporary table and moved over in one
+    statement: a multi-row INSERT of a thousand samples spent more time in the driver building the
+    statement than the database spent storing it."""
+    rows = list(samples)
+    if not rows or session.get_bind().dialect.name != "postgresql":
+        return insert_new(session, Telemetry, rows, key="msg_id")
+    return _copy_new(session, rows)
+
+
+INCOMING = "telemetry_incoming"
+COLUMNS = [c.name for c in Telemetry.__table__.columns if c.name != "id"]
+UTC_TIMESTAMP = UTCDateTime(timezone=True)
+
+
+def _copy_new(session: Session, rows: list[dict[str, Any]]) -> set[uuid.UUID]:
+    from psycopg import sql
+    from psycopg.types.json import Jsonb
+
+    names = {
+        "columns": sql.SQL(", ").join(map(sql.Identifier, COLUMNS)),
+        "incoming": sql.Identifier(INCOMING),
+    }
+    dialect = session.get_bind().dialect
+    cursor = session.connection().connection.driver_connection.cursor()  # type: ignore[union-attr]
+    with cursor:
+        cursor.execute(
+            sql.SQL(
+                "CREATE TEMPORARY TABLE IF NOT EXISTS {incoming} "
+                "(LIKE telemetry INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+            ).format(**names)
+        )
+        with cursor.copy(sql.SQL("COPY {incoming} ({columns}) FROM STDIN").format(**names)) as copy:
+            for row in rows:
+                histogram = row.get("class_histogram")
+                values = {
+                    **row,
+                    "at": UTC_TIMESTAMP.process_bind_param(row["at"], dialect),  # refuses naive times
+                    "class_histogram": None if histogram is None else Jsonb(histogram),
+                }
+                copy.write_row([values.get(name) for name in COLUMNS])
+        cursor.execute(
+            sql.SQL(
+                "INSERT INTO telemetry ({columns}) SELECT {columns} FROM {incoming} "
+                "ON CONFLICT (msg_id) DO NOTHING RETURNING msg_id"
+            ).format(**names)
+        )
+        new = {row[0] for row in cursor.fetchall()}
+        cursor.execute(sql.SQL("DELETE FROM {incoming}").format(**names))
+    return new
 
 
 def query(
