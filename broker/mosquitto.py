@@ -4,6 +4,7 @@ stop the process, and bootstrap the default ACL and the cloud's account (docs/br
 import logging
 import os
 import pwd
+import re
 import resource
 import shutil
 import signal
@@ -32,6 +33,7 @@ PLUGIN_DIRS = (  # Debian/Ubuntu (multiarch), then source and other distribution
     Path("/usr/local/lib"),
     Path("/usr/lib64"),
 )
+_RUNNING = re.compile(rb"mosquitto version \S+ running")
 OPEN_FILES = 65_536  # the soft NOFILE limit asked for mosquitto: one descriptor per connection
 
 
@@ -159,12 +161,13 @@ class MosquittoProcess:
         return self._process.pid if self.running and self._process else None
 
     def start(self, *, timeout: float = 10.0) -> None:
-        """Start mosquitto and return once its plain listener accepts connections."""
+        """Start mosquitto and return once it runs and its plain listener accepts connections."""
         if self.running:
             return
         if not self.config.is_file():
             raise MosquittoError(f"no configuration at {self.config} (render_config makes it)")
         binary = find_binary("mosquitto")
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with self.log_path.open("ab") as output:
             self._process = subprocess.Popen(  # noqa: S603
                 [str(binary), "-c", str(self.config)],
@@ -180,15 +183,27 @@ class MosquittoProcess:
                 raise MosquittoError(
                     f"mosquitto exited with code {self._process.returncode}:\n{self.log_tail()}"
                 )
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.02)
+            # "running" is logged once every listener is open: a port that answers before it could
+            # be another process's.
+            if self._logged_running(offset) and self._accepts():
+                return
+            time.sleep(0.02)
         self.kill()
         raise MosquittoError(
-            f"mosquitto did not listen on {self.host}:{self.port} in {timeout:g} s:\n{self.log_tail()}"
+            f"mosquitto did not start on {self.host}:{self.port} in {timeout:g} s:\n{self.log_tail()}"
         )
+
+    def _logged_running(self, offset: int) -> bool:
+        with self.log_path.open("rb") as log_file:
+            log_file.seek(offset)
+            return _RUNNING.search(log_file.read()) is not None
+
+    def _accepts(self) -> bool:
+        try:
+            with socket.create_connection((self.host, self.port), timeout=0.2):
+                return True
+        except OSError:
+            return False
 
     def kill(self) -> None:
         """SIGKILL: no clean shutdown (what is not yet saved is lost)."""

@@ -129,12 +129,13 @@ def new_device_id(prefix: str = "dev") -> str:
 class Probe:
     """One paho client for tests, driven synchronously: each call waits for the broker's answer.
 
-    Answers arrive on paho's thread and are handed over through queues; a refused connection is not
-    retried (the probe disconnects)."""
+    Answers arrive on paho's thread and are handed over through queues; a refused or lost connection
+    is not retried."""
 
-    def __init__(self, target: BrokerTarget, client_id: str) -> None:
+    def __init__(self, target: BrokerTarget, client_id: str, *, persistent: bool = False) -> None:
         self.target = target
-        self.client = target.client(client_id)
+        self.persistent = persistent
+        self.client = target.client(client_id, persistent=persistent)
         self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
         self.disconnects: queue.Queue[ReasonCode] = queue.Queue()
         self._connacks: queue.Queue[ReasonCode | None] = queue.Queue()  # None: not reachable
@@ -158,7 +159,7 @@ class Probe:
     def connect(self, timeout: float = 5.0) -> ReasonCode | None:
         """Connect; the CONNACK's reason code, or None if no MQTT connection was made (TLS refused,
         nothing listening). A refused probe is stopped."""
-        self.target.connect(self.client)
+        self.target.connect(self.client, persistent=self.persistent)
         self.client.loop_start()
         reason = self._connacks.get(timeout=timeout)
         if reason is None or reason.is_failure:
@@ -212,13 +213,21 @@ class Probe:
         with self._acks_lock:
             return self._acks.setdefault(mid, queue.Queue())
 
-    def _on_connect(self, _c: mqtt.Client, _u: object, _f: object, reason: ReasonCode, _p: object) -> None:
+    def _on_connect(
+        self, client: mqtt.Client, _u: object, _f: object, reason: ReasonCode, _p: object
+    ) -> None:
+        if reason.is_failure:
+            client.disconnect()  # no retry: paho's loop ends instead of waiting to reconnect
         self._connacks.put(reason)
 
-    def _on_connect_fail(self, _c: mqtt.Client, _u: object) -> None:
+    def _on_connect_fail(self, client: mqtt.Client, _u: object) -> None:
+        client.disconnect()
         self._connacks.put(None)
 
-    def _on_disconnect(self, _c: mqtt.Client, _u: object, _f: object, reason: ReasonCode, _p: object) -> None:
+    def _on_disconnect(
+        self, client: mqtt.Client, _u: object, _f: object, reason: ReasonCode, _p: object
+    ) -> None:
+        client.disconnect()  # a probe that lost its connection stays down (tests make a new one)
         self.disconnects.put(reason)
 
     def _on_subscribe(

@@ -6,7 +6,7 @@ import json
 import logging
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from pydantic import ValidationError
@@ -15,6 +15,9 @@ from rich.console import Console
 from cloud.exceptions import CloudError
 from cloud.registry.tables import Role
 from cloud.settings import Settings
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 console = Console()
 err = Console(stderr=True)
@@ -163,9 +166,16 @@ def api(
     from cloud.signing import KeyRing
 
     KeyRing.open(settings.resolved_signing_key_dir)  # the first key, made once before the workers start
+    from broker.client import BrokerURLError
+    from cloud.broker_hook import hooks_from_settings
+
+    try:
+        hooks_from_settings(settings)  # a bad admin URL stops here, not in every worker
+    except BrokerURLError as exc:
+        raise _fail(exc) from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(
-        "cloud.api.main:create_app",
+        "cloud.cli.ops:api_app",
         factory=True,
         host=host,
         port=port,
@@ -173,6 +183,16 @@ def api(
         log_level="info",
         access_log=False,
     )
+
+
+def api_app() -> FastAPI:
+    """The API with the broker's credential hook when DIREDI_MQTT_ADMIN_URL is set (uvicorn's factory,
+    called in every worker)."""
+    from cloud.api.main import create_app
+    from cloud.broker_hook import hooks_from_settings
+
+    settings = Settings()
+    return create_app(settings, hooks=hooks_from_settings(settings))
 
 
 line_app = typer.Typer(help="Model lines (a cohort's cloud and edge models).")

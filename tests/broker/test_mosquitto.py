@@ -1,0 +1,534 @@
+"""mosquitto with the production configuration enforces DESIGN §2 cell by cell: who may connect,
+publish and subscribe where, over the plain and the TLS listener, within the configured limits."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import secrets
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from broker.acl import CONTROL_TOPIC, revoke_commands
+from broker.dynsec import DynsecAdmin
+from broker.mosquitto import MosquittoError, MosquittoProcess, bootstrap, init_dynsec, render_config
+from tests.brokers import CERTS_SCRIPT, Probe, RunningBroker, free_ports, new_device_id, provisioned_device
+from wire.topics import DEVICE_PUBLISHES, DEVICE_SUBSCRIBES, MessageKind, device_filter, device_topic
+
+NOT_AUTHORIZED = 0x87
+MARKER = b"marker from the cloud"
+
+
+@dataclass(frozen=True)
+class Pair:
+    """Two provisioned devices: the tests act as `a` and aim at `b`."""
+
+    a: str
+    a_secret: str
+    b: str
+    b_secret: str
+
+
+@pytest.fixture(scope="module")
+def pair(mosquitto: RunningBroker) -> Pair:
+    a, b = new_device_id("cam-a"), new_device_id("cam-b")
+    return Pair(a, provisioned_device(mosquitto, a), b, provisioned_device(mosquitto, b))
+
+
+@pytest.fixture
+def device_a(mosquitto: RunningBroker, pair: Pair) -> Iterator[Probe]:
+    """Device `a`, connected."""
+    with Probe(mosquitto.as_device(pair.a, pair.a_secret), pair.a) as probe:
+        reason = probe.connect()
+        assert reason is not None and not reason.is_failure
+        yield probe
+
+
+@pytest.fixture
+def watcher(mosquitto: RunningBroker) -> Iterator[Probe]:
+    """The cloud's service account, connected: it sees whatever reaches a topic."""
+    with Probe(mosquitto.cloud, new_device_id("watcher")) as probe:
+        reason = probe.connect()
+        assert reason is not None and not reason.is_failure
+        yield probe
+
+
+def is_delivered_only_marker(watcher: Probe, topic: str) -> bool:
+    """Publish the marker as the cloud: it arrives after anything the broker routed before it."""
+    watcher.publish(topic, MARKER)
+    first = watcher.expect_message()
+    return first is not None and first.payload == MARKER and watcher.expect_message(0.1) is None
+
+
+Topic = Callable[[Pair], str]
+
+
+def topic_of(device: str, kind: MessageKind) -> Topic:
+    """The topic of `kind` for device `a` or `b` of the pair."""
+    return lambda pair: device_topic(pair.a if device == "a" else pair.b, kind)
+
+
+def drain(probe: Probe, timeout: float = 0.3) -> list[bytes]:
+    """The payloads of every message the probe receives until none comes for `timeout`."""
+    payloads = []
+    while (message := probe.expect_message(timeout)) is not None:
+        payloads.append(bytes(message.payload))
+    return payloads
+
+
+# Where device `a` may not publish: the other device's topics, both directions; its own cloud→device
+# topics (no forged commands, receipts or desired models); anything else under the prefix.
+FORBIDDEN_PUBLISH: dict[str, Topic] = {
+    **{f"b's {kind}": topic_of("b", kind) for kind in MessageKind},
+    **{f"own {kind}": topic_of("a", kind) for kind in DEVICE_SUBSCRIBES},
+    "an unknown suffix": lambda p: device_topic(p.a, MessageKind.STATUS) + "/extra",
+    "outside the device prefix": lambda p: "diredi/v1/broadcast",
+}
+
+
+@pytest.mark.parametrize("qos", [0, 1])
+@pytest.mark.parametrize("topic", FORBIDDEN_PUBLISH.values(), ids=FORBIDDEN_PUBLISH.keys())
+def test_a_device_cannot_publish_where_it_does_not_own_the_topic(
+    pair: Pair, device_a: Probe, watcher: Probe, topic: Topic, qos: int
+) -> None:
+    # Prepare
+    target = topic(pair)
+    assert not watcher.subscribe(target).is_failure
+
+    # Execute
+    reason = device_a.publish(target, b'{"forged": true}', qos=qos, retain=True)
+    if qos == 0:  # no PUBACK: a QoS 1 publish on the same connection is handled after it
+        device_a.publish(device_topic(pair.a, MessageKind.STATUS), qos=1)
+
+    # Assert
+    if qos == 1:  # MQTT 5: mosquitto answers the PUBACK with "not authorized" and drops the message
+        assert reason is not None and reason.value == NOT_AUTHORIZED
+    assert is_delivered_only_marker(watcher, target)
+    assert device_a.wait_disconnect(0.05) is None  # denied, not disconnected
+
+
+@pytest.mark.parametrize("kind", DEVICE_PUBLISHES, ids=str)
+def test_a_device_can_publish_on_its_own_topics(
+    pair: Pair, device_a: Probe, watcher: Probe, kind: MessageKind
+) -> None:
+    # Prepare
+    topic = device_topic(pair.a, kind)
+    assert not watcher.subscribe(topic).is_failure
+
+    # Execute
+    reason = device_a.publish(topic, b'{"from": "a"}')
+
+    # Assert
+    assert reason is not None and not reason.is_failure
+    message = watcher.expect_message()
+    assert message is not None and message.topic == topic and message.payload == b'{"from": "a"}'
+
+
+def test_a_device_cannot_administer_the_broker(mosquitto: RunningBroker, device_a: Probe) -> None:
+    # Prepare
+    intruder = new_device_id("intruder")
+    command = f'{{"commands": [{{"command": "createClient", "username": "{intruder}", "password": "pw"}}]}}'
+
+    # Execute
+    reason = device_a.publish(CONTROL_TOPIC, command)
+
+    # Assert
+    assert reason is not None and reason.value == NOT_AUTHORIZED
+    with Probe(mosquitto.as_device(intruder, "pw"), intruder) as probe:
+        refused = probe.connect()
+    assert refused is not None and refused.is_failure
+
+
+FORBIDDEN_SUBSCRIBE: dict[str, Topic] = {
+    **{f"b's {kind}": topic_of("b", kind) for kind in MessageKind},
+    **{f"own {kind}": topic_of("a", kind) for kind in DEVICE_PUBLISHES},
+    "diredi/#": lambda p: "diredi/#",
+    "every device's status": lambda p: "diredi/v1/dev/+/status",
+    "every device's cmd": lambda p: "diredi/v1/dev/+/cmd",
+    "#": lambda p: "#",
+    "$SYS/#": lambda p: "$SYS/#",
+    "+/+": lambda p: "+/+",
+    "dynamic-security control": lambda p: "$CONTROL/dynamic-security/#",
+    "own # wildcard": lambda p: f"diredi/v1/dev/{p.a}/#",
+    "own + wildcard": lambda p: f"diredi/v1/dev/{p.a}/+",
+    "own model/+ wildcard": lambda p: f"diredi/v1/dev/{p.a}/model/+",
+    "own cmd, shared": lambda p: f"$share/g/{device_topic(p.a, MessageKind.CMD)}",
+}
+
+
+@pytest.mark.parametrize("topic", FORBIDDEN_SUBSCRIBE.values(), ids=FORBIDDEN_SUBSCRIBE.keys())
+def test_a_device_cannot_subscribe_beyond_its_own_topics(pair: Pair, device_a: Probe, topic: Topic) -> None:
+    # Execute
+    reason = device_a.subscribe(topic(pair))
+
+    # Assert
+    assert reason.value >= 0x80
+    assert reason.value == NOT_AUTHORIZED
+
+
+def test_a_refused_subscription_receives_nothing(pair: Pair, device_a: Probe, watcher: Probe) -> None:
+    # Prepare
+    target = device_topic(pair.b, MessageKind.CMD)
+    device_a.subscribe(target)
+
+    # Execute
+    watcher.publish(target, b'{"for": "b"}')
+
+    # Assert
+    assert device_a.expect_message(0.5) is None
+
+
+@pytest.mark.parametrize("kind", DEVICE_SUBSCRIBES, ids=str)
+def test_a_device_can_subscribe_to_its_own_topics_and_receives_the_cloud(
+    pair: Pair, device_a: Probe, watcher: Probe, kind: MessageKind
+) -> None:
+    # Prepare
+    topic = device_topic(pair.a, kind)
+
+    # Execute
+    reason = device_a.subscribe(topic)
+    watcher.publish(topic, b'{"for": "a"}')
+
+    # Assert
+    assert not reason.is_failure and reason.value == 1  # granted QoS 1
+    message = device_a.expect_message()
+    assert message is not None and message.topic == topic and message.payload == b'{"for": "a"}'
+
+
+CLIENT_IDS: dict[str, Callable[[Pair], str]] = {
+    "b's id": lambda p: p.b,
+    "a longer id": lambda p: f"{p.a}-2",
+    "an unrelated id": lambda p: "someone-else",
+}
+
+
+@pytest.mark.parametrize("client_id", CLIENT_IDS.values(), ids=CLIENT_IDS.keys())
+def test_a_device_cannot_connect_with_a_client_id_other_than_its_device_id(
+    mosquitto: RunningBroker, pair: Pair, client_id: Callable[[Pair], str]
+) -> None:
+    # Execute
+    with Probe(mosquitto.as_device(pair.a, pair.a_secret), client_id(pair)) as probe:
+        reason = probe.connect()
+
+    # Assert
+    assert reason is not None and reason.value == NOT_AUTHORIZED
+
+
+def test_a_device_cannot_take_over_another_devices_session(mosquitto: RunningBroker, pair: Pair) -> None:
+    # Prepare
+    with Probe(mosquitto.as_device(pair.b, pair.b_secret), pair.b) as device_b:
+        assert device_b.connect() is not None
+
+        # Execute
+        with Probe(mosquitto.as_device(pair.a, pair.a_secret), pair.b) as impostor:
+            reason = impostor.connect()
+
+        # Assert
+        assert reason is not None and reason.is_failure
+        assert device_b.wait_disconnect(0.3) is None
+
+
+BAD_LOGINS: dict[str, Callable[[RunningBroker, Pair], tuple[str | None, str | None, str]]] = {
+    "anonymous": lambda m, p: (None, None, p.a),
+    "username without password": lambda m, p: (p.a, None, p.a),
+    "empty password": lambda m, p: (p.a, "", p.a),
+    "wrong password": lambda m, p: (p.a, p.a_secret + "x", p.a),
+    "another device's secret": lambda m, p: (p.a, p.b_secret, p.a),
+    "unknown user": lambda m, p: ("cam-nobody", p.a_secret, "cam-nobody"),
+    "the admin with a device's secret": lambda m, p: (m.admin.username, p.a_secret, "admin-x"),
+}
+
+
+@pytest.mark.parametrize("login", BAD_LOGINS.values(), ids=BAD_LOGINS.keys())
+def test_the_broker_refuses_bad_logins(
+    mosquitto: RunningBroker,
+    pair: Pair,
+    login: Callable[[RunningBroker, Pair], tuple[str | None, str | None, str]],
+) -> None:
+    # Prepare
+    username, password, client_id = login(mosquitto, pair)
+    target = dataclasses.replace(mosquitto.target, username=username, password=password)
+
+    # Execute
+    with Probe(target, client_id) as probe:
+        reason = probe.connect()
+
+    # Assert: MQTT 5 "not authorized" (mosquitto does not tell a bad password from an unknown user)
+    assert reason is not None and reason.value in (0x86, NOT_AUTHORIZED)
+
+
+def test_a_revoked_device_is_refused_when_it_reconnects(mosquitto: RunningBroker) -> None:
+    # Prepare
+    device = new_device_id()
+    secret = provisioned_device(mosquitto, device)
+    with DynsecAdmin(mosquitto.admin) as admin:
+        admin.execute(revoke_commands(device))
+
+    # Execute
+    with Probe(mosquitto.as_device(device, secret), device) as probe:
+        reason = probe.connect()
+
+    # Assert
+    assert reason is not None and reason.value == NOT_AUTHORIZED
+
+
+def test_revoking_a_connected_device_ends_its_session(mosquitto: RunningBroker) -> None:
+    # Prepare
+    device = new_device_id()
+    secret = provisioned_device(mosquitto, device)
+    with Probe(mosquitto.as_device(device, secret), device) as probe:
+        assert probe.connect() is not None
+
+        # Execute
+        with DynsecAdmin(mosquitto.admin) as admin:
+            admin.execute(revoke_commands(device))
+
+        # Assert
+        reason = probe.wait_disconnect()
+        assert reason is not None and reason.value == 0x98  # "administrative action"
+
+
+def test_the_cloud_shares_device_messages_between_the_members_of_a_group(
+    mosquitto: RunningBroker, pair: Pair, device_a: Probe
+) -> None:
+    # Prepare
+    group = new_device_id("ingest")
+    with Probe(mosquitto.cloud, f"{group}-1") as one, Probe(mosquitto.cloud, f"{group}-2") as two:
+        assert one.connect() is not None and two.connect() is not None
+        reasons = [p.subscribe(device_filter(MessageKind.STATUS, shared_group=group)) for p in (one, two)]
+
+        # Execute
+        sent = [f'{{"n": {n}}}'.encode() for n in range(6)]
+        for payload in sent:
+            device_a.publish(device_topic(pair.a, MessageKind.STATUS), payload)
+
+        # Assert
+        assert all(r.value == 1 for r in reasons)
+        received = [drain(one), drain(two)]
+        assert sorted(received[0] + received[1]) == sorted(sent)  # each message once, to one member
+        assert received[0] and received[1]  # mosquitto hands them out in turn
+
+
+CLOUD_FORBIDDEN = ["#", "$SYS/#", "$CONTROL/dynamic-security/#", "$share/g/#", "other/topic"]
+
+
+@pytest.mark.parametrize("topic", CLOUD_FORBIDDEN)
+def test_the_cloud_account_is_confined_to_the_fleet_topics(watcher: Probe, topic: str) -> None:
+    # Execute
+    reason = watcher.subscribe(topic)
+
+    # Assert
+    assert reason.value == NOT_AUTHORIZED
+
+
+def test_the_tls_listener_admits_a_device_that_trusts_the_lab_ca(
+    mosquitto: RunningBroker, pair: Pair, watcher: Probe
+) -> None:
+    # Prepare
+    assert mosquitto.tls is not None
+    topic = device_topic(pair.a, MessageKind.STATUS)
+    watcher.subscribe(topic)
+
+    # Execute
+    with Probe(mosquitto.tls.with_credentials(pair.a, pair.a_secret), pair.a) as probe:
+        connected = probe.connect()
+        published = probe.publish(topic, b'{"over": "tls"}')
+
+    # Assert
+    assert connected is not None and not connected.is_failure
+    assert published is not None and not published.is_failure
+    message = watcher.expect_message()
+    assert message is not None and message.payload == b'{"over": "tls"}'
+
+
+def test_the_tls_listener_is_refused_by_a_client_that_does_not_trust_the_ca(
+    mosquitto: RunningBroker, pair: Pair
+) -> None:
+    # Prepare: the system's CAs only
+    assert mosquitto.tls is not None
+    untrusting = dataclasses.replace(mosquitto.tls, ca_file=None)
+
+    # Execute
+    with Probe(untrusting.with_credentials(pair.a, pair.a_secret), pair.a) as probe:
+        reason = probe.connect()
+
+    # Assert: no MQTT connection at all (the certificate did not verify)
+    assert reason is None
+
+
+def test_the_tls_listener_still_needs_credentials(mosquitto: RunningBroker, pair: Pair) -> None:
+    # Prepare
+    assert mosquitto.tls is not None
+
+    # Execute
+    with Probe(mosquitto.tls.with_credentials(pair.a, "wrong"), pair.a) as probe:
+        reason = probe.connect()
+
+    # Assert
+    assert reason is not None and reason.value == NOT_AUTHORIZED
+
+
+def test_a_knowledge_report_of_256_kib_fits_a_larger_packet_does_not(
+    pair: Pair, device_a: Probe, watcher: Probe
+) -> None:
+    # Prepare
+    topic = device_topic(pair.a, MessageKind.KNOWLEDGE)
+    watcher.subscribe(topic)
+
+    # Execute
+    fits = device_a.publish(topic, b"k" * 262_144)
+    device_a.publish(topic, b"x" * 270_000, qos=0)
+
+    # Assert
+    assert fits is not None and not fits.is_failure
+    message = watcher.expect_message()
+    assert message is not None and len(message.payload) == 262_144
+    assert device_a.wait_disconnect() is not None  # the broker drops a client that sends too much
+    assert watcher.expect_message(0.3) is None
+
+
+def test_a_disconnected_subscriber_gets_a_backlog_well_beyond_the_default_queue(
+    mosquitto: RunningBroker, pair: Pair
+) -> None:
+    # Prepare: an ingest-like persistent session, then away
+    client_id = new_device_id("backlog")
+    topic = device_topic(pair.a, MessageKind.STATUS)
+    with Probe(mosquitto.cloud, client_id, persistent=True) as ingest:
+        assert ingest.connect() is not None
+        ingest.subscribe(topic)
+    count = 5_000  # mosquitto's default max_queued_messages (1000) would keep a fifth of these
+
+    # Execute
+    with Probe(mosquitto.as_device(pair.a, pair.a_secret), pair.a) as device:
+        device.client.max_inflight_messages_set(100)
+        assert device.connect() is not None
+        sent = [device.client.publish(topic, b"{}", qos=1) for _ in range(count)]
+        for info in sent:
+            info.wait_for_publish(10)
+
+    # Assert
+    with Probe(mosquitto.cloud, client_id, persistent=True) as ingest:
+        assert ingest.connect() is not None
+        received = 0
+        while ingest.expect_message(0.5) is not None:
+            received += 1
+    assert received == count
+
+
+# --- the configuration and the process (broker/mosquitto.py) -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lab_certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    certs = tmp_path_factory.mktemp("certs")
+    subprocess.run([str(CERTS_SCRIPT), str(certs)], check=True, capture_output=True, timeout=60)
+    return certs
+
+
+def test_render_config_fills_in_every_placeholder(tmp_path: Path, lab_certs: Path) -> None:
+    # Execute
+    config = render_config(tmp_path / "state", port=11883, tls_port=18883, cert_dir=lab_certs)
+
+    # Assert
+    text = config.read_text()
+    assert config == (tmp_path / "state" / "mosquitto.conf").resolve()
+    assert re.search(r"@[A-Z_]+@", text) is None
+    assert "listener 11883 127.0.0.1\n" in text  # the plain listener is loopback only
+    assert "listener 18883\n" in text  # TLS on every interface unless told otherwise
+    assert f"certfile {lab_certs.resolve()}/server.crt\n" in text
+    assert f"plugin_opt_config_file {(tmp_path / 'state').resolve()}/dynamic-security.json\n" in text
+    for line in ("allow_anonymous false", "per_listener_settings false", "persistence true"):
+        assert f"{line}\n" in text
+
+
+def test_render_config_refuses_a_value_mosquitto_would_split(tmp_path: Path) -> None:
+    # Execute / Assert
+    with pytest.raises(MosquittoError, match="CERT_DIR"):
+        render_config(tmp_path, port=11883, tls_port=18883, cert_dir=tmp_path / "my certs")
+
+
+def test_init_dynsec_keeps_an_existing_file(tmp_path: Path) -> None:
+    # Prepare
+    if shutil.which("mosquitto_ctrl") is None:
+        pytest.skip("mosquitto_ctrl is not installed")
+    passwords = [secrets.token_urlsafe(16) for _ in range(2)]
+    first = init_dynsec(tmp_path, admin_user="admin", admin_password=passwords[0])
+    before = first.read_bytes()
+
+    # Execute
+    again = init_dynsec(tmp_path, admin_user="admin", admin_password=passwords[1])
+
+    # Assert
+    assert again == first and again.read_bytes() == before
+    assert json.loads(before)["clients"][0]["username"] == "admin"
+    assert passwords[0] not in before.decode()  # stored as a salted hash
+    assert first.stat().st_mode & 0o077 == 0
+
+
+@pytest.fixture
+def own_broker(mosquitto: RunningBroker, tmp_path: Path, lab_certs: Path) -> Iterator[MosquittoProcess]:
+    """A second mosquitto of its own (the session's broker proves mosquitto is installed)."""
+    port, tls_port = free_ports(2)
+    render_config(tmp_path, port=port, tls_port=tls_port, cert_dir=lab_certs, tls_bind="127.0.0.1")
+    init_dynsec(tmp_path, admin_user="admin", admin_password=secrets.token_urlsafe(16))
+    process = MosquittoProcess(tmp_path, port=port)
+    yield process
+    process.kill()
+
+
+def test_the_broker_starts_with_room_for_thousands_of_connections_and_saves_on_stop(
+    own_broker: MosquittoProcess,
+) -> None:
+    # Execute
+    own_broker.start()
+    limits = Path(f"/proc/{own_broker.pid}/limits").read_text()
+    own_broker.stop()
+
+    # Assert
+    soft = next(line.split()[3] for line in limits.splitlines() if line.startswith("Max open files"))
+    assert soft == "unlimited" or int(soft) >= 4_096
+    assert not own_broker.running
+    assert (own_broker.state_dir / "mosquitto.db").is_file()  # persistence, written on SIGTERM
+    assert "Saving in-memory database" in own_broker.log_tail()
+
+
+def test_a_broker_that_cannot_start_says_why(
+    mosquitto: RunningBroker, own_broker: MosquittoProcess, tmp_path: Path, lab_certs: Path
+) -> None:
+    # Prepare: the session broker's port is taken
+    render_config(tmp_path, port=mosquitto.target.port, tls_port=free_ports(1)[0], cert_dir=lab_certs)
+    taken = MosquittoProcess(tmp_path, port=mosquitto.target.port)
+
+    # Execute
+    with pytest.raises(MosquittoError) as raised:
+        taken.start()
+
+    # Assert
+    assert "mosquitto exited" in str(raised.value)
+    assert "Address already in use" in str(raised.value)  # the tail of mosquitto's own log
+
+
+def test_bootstrap_is_idempotent_and_sets_the_accounts_password(mosquitto: RunningBroker) -> None:
+    # Prepare
+    username = new_device_id("cloud")
+    first, second = secrets.token_urlsafe(16), secrets.token_urlsafe(16)
+    bootstrap(mosquitto.admin, cloud_user=username, cloud_password=first)
+
+    # Execute
+    bootstrap(mosquitto.admin, cloud_user=username, cloud_password=second)
+
+    # Assert
+    with Probe(mosquitto.target.with_credentials(username, first), username) as probe:
+        old = probe.connect()
+    with Probe(mosquitto.target.with_credentials(username, second), username) as probe:
+        new = probe.connect()
+        granted = probe.subscribe(device_filter(MessageKind.STATUS, shared_group="g"))
+    assert old is not None and old.value == NOT_AUTHORIZED
+    assert new is not None and not new.is_failure
+    assert granted.value == 1  # still in its role
