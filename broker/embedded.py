@@ -7,8 +7,9 @@ own, owner-only and replaced atomically on every change.
 
 amqtt 0.12.1 is pinned: `_DynsecBroker` overrides a few of its internal methods where its plugin hooks
 come too late or not at all (see docs/embedded-broker.md):
-- the password and client id are checked as soon as CONNECT is read: amqtt asks its auth plugins only
-  after it has dropped the old session of that client id, or taken over its live connection;
+- the password, client id and will topic are checked as soon as CONNECT is read: amqtt asks its auth
+  plugins only after it has dropped the old session of that client id or taken over its connection,
+  and never checks where a will goes;
 - `$CONTROL/dynamic-security/v1` is served (amqtt drops every publish to a `$` topic);
 - a PUBLISH to a wildcard topic ends the connection (amqtt stops reading it but leaves it open);
 - a client silent for 1.5 keepalives is disconnected, its will sent (amqtt ignores the timeout);
@@ -201,7 +202,16 @@ class _DynsecBroker(Broker):  # type: ignore[misc]
         good = await asyncio.to_thread(self.dynsec.verify_password, found, session.password)
         if isinstance(found, int):
             return found
-        return ACCEPTED if good and self.dynsec.still_valid(found) else NOT_AUTHORIZED
+        if not good or not self.dynsec.still_valid(found):
+            return NOT_AUTHORIZED
+        if session.will_flag and not self._may_publish_will(session):
+            return NOT_AUTHORIZED  # like mosquitto: a will goes where its client may publish, or nowhere
+        return ACCEPTED
+
+    def _may_publish_will(self, session: Session) -> bool:
+        topic = session.will_topic or ""
+        valid = topic and not topic.startswith("$") and "+" not in topic and "#" not in topic
+        return bool(valid) and self.dynsec.may_publish(session.username, topic)
 
     async def _authenticate(self, session: Session, listener: Any) -> bool:
         return True  # every session that gets here was logged in by _initialize_client_session

@@ -45,6 +45,7 @@ class Peer:
         self, target: BrokerTarget, client_id: str, *, persistent: bool = False, keepalive: int = 30
     ):
         self.target = target
+        self.client_id = client_id
         self.keepalive = keepalive
         self.client = target.client(client_id, persistent=persistent)
         self.client.on_connect = self._on_connect
@@ -55,10 +56,12 @@ class Peer:
         self.disconnected = threading.Event()
         self._connacks: queue.Queue[ReasonCode] = queue.Queue()
         self._subacks: queue.Queue[tuple[int, list[ReasonCode]]] = queue.Queue()
+        self._network: threading.Thread | None = None
+        self._stopping = threading.Event()
 
     def connect(self, timeout: float = 5.0) -> ReasonCode:
-        """Connect and return the CONNACK's reason. Accepted: paho's network thread takes over;
-        refused: the client stays stopped (paho's own loop would wait a second, then try again)."""
+        """Connect and return the CONNACK's reason. Once accepted, a thread of this peer runs paho's
+        network loop until the connection ends; a test client never connects again by itself."""
         self.disconnected.clear()
         self.target.connect(self.client, keepalive=self.keepalive)
         self.client.reconnect()
@@ -69,7 +72,8 @@ class Peer:
             self.client.loop(0.01)
         reason = self._connacks.get_nowait()
         if not reason.is_failure:
-            self.client.loop_start()
+            self._network = threading.Thread(target=self._loop, name=f"peer-{self.client_id}", daemon=True)
+            self._network.start()
         return reason
 
     def subscribe(self, topic_filter: str, qos: int = 1, timeout: float = 5.0) -> ReasonCode:
@@ -89,7 +93,14 @@ class Peer:
 
     def close(self) -> None:
         self.client.disconnect()
-        self.client.loop_stop()
+        self._stopping.set()
+        if self._network is not None:
+            self._network.join()
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            if self.client.loop(0.02) != mqtt.MQTT_ERR_SUCCESS:
+                return  # the connection ended
 
     def _on_connect(
         self, client: mqtt.Client, userdata: object, flags: object, reason: ReasonCode, properties: object
