@@ -20,6 +20,7 @@ import pytest
 
 from broker.acl import CONTROL_TOPIC, RESPONSE_TOPIC, provision_commands, revoke_commands
 from broker.client import BrokerTarget
+from broker.dynsec import BrokerAdminError, DynsecAdmin
 from broker.embedded import MAX_PACKET_SIZE, EmbeddedBrokerError, EmbeddedBrokerThread
 from tests.brokers import RunningBroker
 from tests.embedded_broker import STATE_FILE, Peer, control, control_raw, running_embedded_broker
@@ -371,6 +372,22 @@ def test_garbage_on_the_control_topic_gets_an_error_and_the_broker_keeps_serving
         control(fleet.admin, [{"command": "getClient", "username": A}])[0]["data"]["client"]["username"] == A
     )
     online(device(fleet, A), A)
+
+
+def test_the_clouds_admin_client_works_unchanged(fleet: RunningBroker) -> None:
+    # Prepare
+    device_id = f"cam-{secrets.token_hex(4)}"
+
+    # Execute
+    with DynsecAdmin(fleet.admin) as admin:
+        admin.execute(provision_commands(device_id, "a-secret"))
+        got = admin.execute([{"command": "getClient", "username": device_id}])
+        with pytest.raises(BrokerAdminError, match="Client not found"):
+            admin.execute([{"command": "deleteClient", "username": "cam-nobody"}])
+        admin.execute(revoke_commands(device_id))
+
+    # Assert
+    assert got[0]["data"]["client"]["clientid"] == device_id
 
 
 def test_revoking_a_device_ends_its_session_and_its_login(
