@@ -70,6 +70,13 @@ def _describe(reason: ReasonCode | int | str) -> str:
     return str(reason) if not isinstance(reason, int) else mqtt.error_string(reason)
 
 
+def _stay_down(client: mqtt.Client) -> None:
+    """End paho's network thread from its own callback, so it does not reconnect in the background
+    (it would neither subscribe again nor tell a waiting execute); the next execute connects anew."""
+    client.disconnect()
+    client.loop_stop()  # from paho's own thread this only flags the loop to end
+
+
 class DynsecAdmin:
     """The broker's dynamic-security API as one admin connection, opened on first use and again after
     it dropped. A context manager (closes the connection); safe to share between threads."""
@@ -202,7 +209,9 @@ class DynsecAdmin:
             if reason.is_failure:
                 self._failure = f"the broker refused the admin login ({_describe(reason)})"
                 self._state.notify_all()
-                return
+        if reason.is_failure:
+            _stay_down(client)
+            return
         result, mid = client.subscribe(RESPONSE_TOPIC, qos=1)
         with self._state:
             self._subscribe_mid = mid
@@ -211,6 +220,7 @@ class DynsecAdmin:
                 self._state.notify_all()
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
+        _stay_down(client)
         with self._state:
             if client is self._client:
                 self._failure = "the broker is not reachable"
@@ -241,6 +251,7 @@ class DynsecAdmin:
         reason: ReasonCode,
         properties: object,
     ) -> None:
+        _stay_down(client)
         with self._state:
             if client is self._client:
                 self._ready = False

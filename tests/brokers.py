@@ -126,6 +126,12 @@ def new_device_id(prefix: str = "dev") -> str:
     return f"{prefix}-{secrets.token_hex(5)}"
 
 
+def stay_down(client: mqtt.Client) -> None:
+    """From a paho callback: end the network thread instead of letting it reconnect."""
+    client.disconnect()
+    client.loop_stop()  # on paho's own thread this only flags the loop to end
+
+
 class Probe:
     """One paho client for tests, driven synchronously: each call waits for the broker's answer.
 
@@ -217,17 +223,17 @@ class Probe:
         self, client: mqtt.Client, _u: object, _f: object, reason: ReasonCode, _p: object
     ) -> None:
         if reason.is_failure:
-            client.disconnect()  # no retry: paho's loop ends instead of waiting to reconnect
+            stay_down(client)
         self._connacks.put(reason)
 
     def _on_connect_fail(self, client: mqtt.Client, _u: object) -> None:
-        client.disconnect()
+        stay_down(client)
         self._connacks.put(None)
 
     def _on_disconnect(
         self, client: mqtt.Client, _u: object, _f: object, reason: ReasonCode, _p: object
     ) -> None:
-        client.disconnect()  # a probe that lost its connection stays down (tests make a new one)
+        stay_down(client)  # a probe that lost its connection stays down (tests make a new one)
         self.disconnects.put(reason)
 
     def _on_subscribe(
