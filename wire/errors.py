@@ -26,8 +26,18 @@ class ContractError(ValueError):
         self.reason = reason
 
 
+def shown(text: str, limit: int = 120) -> str:
+    """`text` as an error may quote it: control characters escaped, at most `limit` characters.
+
+    Field names and values come from the sender; quoted whole they could flood or forge log lines.
+    """
+    if not text.isprintable():
+        text = text.encode("unicode_escape").decode("ascii")
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
 def describe(exc: ValidationError) -> str:
     """`field.path: reason` for the first invalid field."""
     first = exc.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-    return f"{where}: {first['msg']}"
+    where = ".".join(shown(str(p), 40) for p in first["loc"]) or "(top level)"
+    return f"{shown(where)}: {shown(first['msg'])}"

@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from wire.common import Envelope, ModelId
 from wire.desired import DesiredModel
-from wire.errors import ContractError, Rejection, describe
+from wire.errors import ContractError, Rejection, describe, shown
 from wire.knowledge import KnowledgeReport
 from wire.limits import max_payload_bytes
 from wire.topics import MessageKind, parse_device_topic
@@ -127,24 +127,27 @@ def decode(topic: str, payload: bytes) -> tuple[MessageKind, Message]:
     try:
         device_id, kind = parse_device_topic(topic)
     except ContractError as exc:
-        raise ContractError(str(exc), Rejection.topic) from None
+        raise ContractError(shown(str(exc)), Rejection.topic) from None
     limit = max_payload_bytes(kind)
     if len(payload) > limit:
         raise ContractError(f"{kind} payload of {len(payload)} bytes exceeds {limit}", Rejection.oversized)
     try:
-        document = json.loads(payload, parse_constant=_refuse_constant)
+        # Decoded here, not by json.loads: given bytes, it also takes UTF-16, UTF-32 and a BOM.
+        document = json.loads(payload.decode("utf-8"), parse_constant=_refuse_constant)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise ContractError(f"{kind} payload is not JSON: {str(exc)[:120]}", Rejection.not_json) from None
     if not isinstance(document, dict):
         raise ContractError(f"{kind} payload is not a JSON object", Rejection.not_json)
     schema = document.get("schema")
     if schema != SCHEMAS[kind]:
-        shown = repr(schema)[:80]
-        raise ContractError(f"{kind} payload has schema {shown}, expected {SCHEMAS[kind]}", Rejection.schema)
-    if document.get("device_id") != device_id:
-        shown = repr(document.get("device_id"))[:80]
         raise ContractError(
-            f"{kind} payload is for device {shown}, not the topic's {device_id}", Rejection.device_mismatch
+            f"{kind} payload has schema {shown(repr(schema), 80)}, expected {SCHEMAS[kind]}", Rejection.schema
+        )
+    if document.get("device_id") != device_id:
+        raise ContractError(
+            f"{kind} payload has device_id {shown(repr(document.get('device_id')), 80)}, "
+            f"not the topic's {device_id}",
+            Rejection.device_mismatch,
         )
     try:
         message = PAYLOADS[kind].model_validate(document)

@@ -1,10 +1,20 @@
-"""wire.device_topic / parse_device_topic: the only spelling of a topic, and strict parsing of it."""
+"""wire.device_topic / parse_device_topic / device_filter: the only spelling of a topic, strictly parsed."""
 
 from __future__ import annotations
 
 import pytest
+from paho.mqtt.client import topic_matches_sub
 
-from wire import ContractError, MessageKind, device_topic, parse_device_topic
+from wire import (
+    CLOUD_TOPICS,
+    DEVICE_PUBLISHES,
+    DEVICE_SUBSCRIBES,
+    ContractError,
+    MessageKind,
+    device_filter,
+    device_topic,
+    parse_device_topic,
+)
 
 VALID_IDS = ["dev-1", "abc", "0a-", "a" * 63, "pi-4b-kitchen-2"]
 BAD_IDS = [
@@ -117,3 +127,61 @@ def test_parse_refuses_subscription_wildcards(topic: str) -> None:
     # Execute / Assert
     with pytest.raises(ContractError):
         parse_device_topic(topic)
+
+
+@pytest.mark.parametrize("kind", list(MessageKind))
+def test_device_filter_matches_that_kind_of_every_device_and_nothing_else(kind: MessageKind) -> None:
+    # Execute
+    topic_filter = device_filter(kind)
+
+    # Assert
+    assert topic_filter == f"diredi/v1/dev/+/{kind.value}"
+    for device_id in VALID_IDS:
+        for other in MessageKind:
+            matches = topic_matches_sub(topic_filter, device_topic(device_id, other))
+            assert matches == (other is kind)
+
+
+@pytest.mark.parametrize("kind", list(MessageKind))
+def test_device_filter_with_a_shared_group_is_an_mqtt5_shared_subscription(kind: MessageKind) -> None:
+    # Execute
+    shared = device_filter(kind, shared_group="ingest")
+
+    # Assert: $share/<group>/<the same filter>, so each message goes to one member of the group
+    assert shared == f"$share/ingest/diredi/v1/dev/+/{kind.value}"
+    assert shared.removeprefix("$share/ingest/") == device_filter(kind)
+
+
+def test_device_filter_without_a_group_is_not_shared() -> None:
+    # Execute
+    plain = [device_filter(kind, shared_group=None) for kind in MessageKind]
+
+    # Assert
+    assert all(not f.startswith("$share/") for f in plain)
+    assert len(set(plain)) == len(MessageKind)
+
+
+def test_device_publishes_and_subscribes_partition_the_kinds() -> None:
+    # Execute
+    publishes, subscribes = set(DEVICE_PUBLISHES), set(DEVICE_SUBSCRIBES)
+
+    # Assert
+    assert len(publishes) == len(DEVICE_PUBLISHES) and len(subscribes) == len(DEVICE_SUBSCRIBES)
+    assert publishes.isdisjoint(subscribes)
+    assert publishes | subscribes == set(MessageKind)
+    assert publishes == {
+        MessageKind.PRESENCE,
+        MessageKind.STATUS,
+        MessageKind.KNOWLEDGE,
+        MessageKind.MODEL_ACK,
+    }
+    assert subscribes == {MessageKind.MODEL_DESIRED, MessageKind.RECEIPT, MessageKind.CMD}
+
+
+@pytest.mark.parametrize("kind", list(MessageKind))
+def test_cloud_topics_cover_every_device_topic(kind: MessageKind) -> None:
+    # Execute / Assert
+    assert CLOUD_TOPICS == "diredi/v1/#"
+    assert all(topic_matches_sub(CLOUD_TOPICS, device_topic(d, kind)) for d in VALID_IDS)
+    assert not topic_matches_sub(CLOUD_TOPICS, "$SYS/broker/uptime")
+    assert not topic_matches_sub(CLOUD_TOPICS, "diredi/v2/dev/dev-1/status")
