@@ -6,7 +6,8 @@ STAMP := $(VENV)/.installed
 SCENARIO ?= scenarios/digits-two-users.json
 RESULTS ?= results
 
-# The integration tests use a real PostgreSQL on loopback; scripts/services.sh installs (apt) and starts it.
+# The integration tests use a real PostgreSQL on loopback and start their own mosquitto processes;
+# scripts/services.sh installs (apt) both and starts PostgreSQL.
 TEST_POSTGRES_URL := postgresql://diredi:diredi-test-only@127.0.0.1:5432/diredi
 export DIREDI_TEST_POSTGRES_URL ?= $(TEST_POSTGRES_URL)
 
@@ -28,6 +29,7 @@ demo: setup
 
 services:
 	scripts/services.sh postgres >/dev/null
+	scripts/services.sh mosquitto
 
 test: setup services
 	$(BIN)/python -m pytest -q

@@ -2,6 +2,8 @@
 # Installs (apt) and starts the servers the integration tests use, on loopback only. Idempotent.
 #   scripts/services.sh postgres   -> PostgreSQL with role/database `diredi` on 127.0.0.1:5432
 #   scripts/services.sh wrk        -> the HTTP load generator the API benchmark uses
+#   scripts/services.sh mosquitto  -> mosquitto 2, its clients (mosquitto_ctrl) and openssl; nothing is
+#                                     started: the tests run their own brokers (tests/brokers.py)
 # Prints the environment the tests read (DIREDI_TEST_POSTGRES_URL=...).
 set -euo pipefail
 
@@ -56,6 +58,7 @@ for service in "$@"; do
     case "$service" in
         postgres) start_postgres ;;
         wrk) need_apt wrk ;;  # the load generator of bench/api_listing.py
+        mosquitto) need_apt mosquitto mosquitto-clients openssl ;;
         *) echo "unknown service: $service" >&2; exit 2 ;;
     esac
 done
