@@ -223,6 +223,14 @@ class _DynsecBroker(Broker):  # type: ignore[misc]
             return self.dynsec.may_subscribe(session.username, topic)
         return self.dynsec.may_receive(session.username, topic)
 
+    async def _handle_unsubscription(
+        self, session: Session, handler: BrokerProtocolHandler, unsubscribe_waiter: asyncio.Future[Any]
+    ) -> None:
+        # amqtt has no hook here: a refused unsubscribe is acknowledged and the subscription kept.
+        request = unsubscribe_waiter.result()
+        request.topics = [t for t in request.topics if self.dynsec.may_unsubscribe(session.username, t)]
+        await super()._handle_unsubscription(session, handler, unsubscribe_waiter)
+
     async def _handle_message_delivery(
         self, session: Session, handler: BrokerProtocolHandler, wait_deliver: asyncio.Future[Any]
     ) -> bool:

@@ -50,12 +50,14 @@ class Peer:
         self.client = target.client(client_id, persistent=persistent)
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = self._on_subscribe
+        self.client.on_unsubscribe = self._on_unsubscribe
         self.client.on_message = self._on_message
         self.client.on_disconnect = self._on_disconnect
         self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
         self.disconnected = threading.Event()
         self._connacks: queue.Queue[ReasonCode] = queue.Queue()
         self._subacks: queue.Queue[tuple[int, list[ReasonCode]]] = queue.Queue()
+        self._unsubacks: queue.Queue[int] = queue.Queue()
         self._network: threading.Thread | None = None
         self._stopping = threading.Event()
 
@@ -84,6 +86,12 @@ class Peer:
         assert acked == mid
         return reasons[0]
 
+    def unsubscribe(self, topic_filter: str, timeout: float = 5.0) -> None:
+        """Unsubscribe and wait for the UNSUBACK (3.1.1 has no reason code: a refusal looks the same)."""
+        result, mid = self.client.unsubscribe(topic_filter)
+        assert result == mqtt.MQTT_ERR_SUCCESS, mqtt.error_string(result)
+        assert self._unsubacks.get(timeout=timeout) == mid
+
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
         """Publish and wait until the broker acknowledged it (QoS 1) or it was written (QoS 0)."""
         self.client.publish(topic, payload, qos=qos, retain=retain).wait_for_publish(5.0)
@@ -111,6 +119,11 @@ class Peer:
         self, client: mqtt.Client, userdata: object, mid: int, reasons: list[ReasonCode], properties: object
     ) -> None:
         self._subacks.put((mid, reasons))
+
+    def _on_unsubscribe(
+        self, client: mqtt.Client, userdata: object, mid: int, reasons: list[ReasonCode], properties: object
+    ) -> None:
+        self._unsubacks.put(mid)
 
     def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
         self.messages.put(message)

@@ -426,6 +426,34 @@ def test_a_disabled_device_is_disconnected_until_enabled(
     assert not peers(device(embedded_broker, A), A).connect().is_failure
 
 
+def test_a_refused_unsubscribe_keeps_the_subscription(
+    embedded_broker: RunningBroker, online: Connect
+) -> None:
+    # Prepare
+    cmd, receipt = device_topic(A, MessageKind.CMD), device_topic(A, MessageKind.RECEIPT)
+    pinned = [{"acltype": "unsubscribeLiteral", "topic": cmd, "allow": False}]
+    control(
+        embedded_broker.admin,
+        provision_commands(A, SECRETS[A])
+        + [
+            {"command": "createRole", "rolename": "pinned", "acls": pinned},
+            {"command": "addClientRole", "username": A, "rolename": "pinned", "priority": 1},
+        ],
+    )
+    a = online(device(embedded_broker, A), A)
+    assert not a.subscribe(cmd).is_failure and not a.subscribe(receipt).is_failure
+    cloud = online(embedded_broker.cloud, "cloud-commander")
+
+    # Execute
+    a.unsubscribe(cmd)
+    a.unsubscribe(receipt)
+    cloud.publish(receipt, b"not subscribed any more")
+    cloud.publish(cmd, b"still subscribed")
+
+    # Assert
+    assert a.next_message().payload == b"still subscribed"
+
+
 def test_the_state_survives_a_restart_in_an_owner_only_file(
     embedded_broker: RunningBroker, peers: Connect, tmp_path: Path
 ) -> None:
@@ -446,6 +474,21 @@ def test_the_state_survives_a_restart_in_an_owner_only_file(
     assert embedded_broker.admin.password is not None
     assert SECRETS[A] not in text and embedded_broker.admin.password not in text
     assert [p.name for p in state_file.parent.iterdir()] == [STATE_FILE]  # no temporary file left
+
+
+def test_a_state_file_others_could_read_is_made_owner_only(tmp_path: Path) -> None:
+    # Prepare
+    state_file = tmp_path / STATE_FILE
+    with EmbeddedBrokerThread(state_file, port=0, admin_password=ADMIN_PASSWORD):
+        pass
+    state_file.chmod(0o644)
+
+    # Execute
+    with EmbeddedBrokerThread(state_file, port=0):  # the admin password is only for a new state
+        pass
+
+    # Assert
+    assert stat.S_IMODE(state_file.stat().st_mode) == 0o600
 
 
 def test_a_new_state_needs_an_admin_password(tmp_path: Path) -> None:

@@ -161,6 +161,19 @@ def test_only_the_admin_has_the_control_topic(state: DynamicSecurity) -> None:
     assert not state.may_subscribe("admin", "diredi/v1/#")
 
 
+def test_unsubscribe_acls() -> None:
+    # Prepare
+    state = fleet()
+    acls = [{"acltype": "unsubscribeLiteral", "topic": "pinned/topic", "allow": False}]
+    execute(state, {"command": "createRole", "rolename": "pinned", "acls": acls})
+    execute(state, {"command": "addClientRole", "username": B, "rolename": "pinned"})
+
+    # Execute, Assert
+    assert state.may_unsubscribe(A, device_topic(A, MessageKind.CMD))
+    assert not state.may_unsubscribe(B, "pinned/topic")
+    assert state.may_unsubscribe(B, "pinned/#")  # literal: the exact filter only
+
+
 def test_unknown_and_anonymous_users_get_the_default(state: DynamicSecurity) -> None:
     assert not state.may_publish("nobody", device_topic(A, MessageKind.STATUS))
     assert not state.may_subscribe(None, "#")
