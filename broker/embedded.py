@@ -26,7 +26,6 @@ import logging
 import math
 import os
 import signal
-import socket
 import tempfile
 import threading
 import time
@@ -439,13 +438,12 @@ class EmbeddedBrokerThread:
         self.stop()
 
     def start(self, timeout: float = 10.0) -> None:
-        """Start the broker and return once its port accepts connections."""
+        """Start the broker; it returns once the port is listening (connections are accepted)."""
         if self._thread is not None:
             raise EmbeddedBrokerError("the embedded broker is already running")
         loop = asyncio.new_event_loop()
         started: Future[None] = Future()
         thread = threading.Thread(target=self._run, args=(loop, started), name="embedded-broker", daemon=True)
-        deadline = time.monotonic() + timeout
         thread.start()
         try:
             started.result(timeout)
@@ -457,7 +455,6 @@ class EmbeddedBrokerThread:
             thread.join(timeout)
             raise
         self._loop, self._thread = loop, thread
-        _wait_until_accepting(self.broker.host, self.broker.port, deadline)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Disconnect every client, stop listening and end the thread."""
@@ -492,14 +489,3 @@ class EmbeddedBrokerThread:
                 task.cancel()
             loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.close()
-
-
-def _wait_until_accepting(host: str, port: int, deadline: float) -> None:
-    while True:
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise EmbeddedBrokerError(f"the embedded broker does not accept on {host}:{port}") from None
-            time.sleep(0.01)

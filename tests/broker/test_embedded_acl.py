@@ -7,6 +7,8 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from broker.acl import (
     CONTROL_TOPIC,
@@ -446,3 +448,31 @@ def test_the_state_document_round_trips_without_any_password() -> None:
 def test_a_broken_state_document_is_refused(document: dict[str, Any]) -> None:
     with pytest.raises((ValueError, KeyError, TypeError)):
         DynamicSecurity.from_json(document)
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+FIELDS = st.sampled_from(
+    ["username", "password", "clientid", "rolename", "roles", "acls", "priority", "count"]
+)
+COMMAND = st.fixed_dictionaries(
+    {"command": st.sampled_from(["createClient", "createRole", "addClientRole", "listClients", "x"])},
+    optional={"correlationData": JSON},
+).flatmap(lambda base: st.dictionaries(FIELDS, JSON, max_size=4).map(lambda extra: base | extra))
+
+
+@settings(max_examples=100, deadline=None)
+@given(commands=st.lists(COMMAND | JSON, max_size=4))
+def test_any_commands_get_one_response_each_and_never_raise(commands: list[Any]) -> None:
+    # Prepare
+    state = DynamicSecurity.initial("admin", "admin-pw")
+
+    # Execute
+    outcome = state.execute(json.dumps({"commands": commands}).encode())
+
+    # Assert
+    assert len(outcome.response["responses"]) == len(commands)
+    DynamicSecurity.from_json(json.loads(json.dumps(state.to_json())))  # still a valid state
