@@ -44,7 +44,7 @@ from amqtt.session import Session  # type: ignore[import-untyped]
 
 from broker.acl import CONTROL_TOPIC, RESPONSE_TOPIC
 from broker.client import BrokerTarget
-from broker.embedded_acl import ACCEPTED, NOT_AUTHORIZED, DynamicSecurity
+from broker.embedded_acl import ACCEPTED, NOT_AUTHORIZED, Client, DynamicSecurity
 
 log = logging.getLogger(__name__)
 
@@ -198,10 +198,11 @@ class _DynsecBroker(Broker):  # type: ignore[misc]
             session.username, None if client_id.startswith(_GENERATED_ID) else client_id
         )
         # The hash runs off the event loop; a control command may change the client meanwhile.
+        checked = found.password if isinstance(found, Client) else None
         good = await asyncio.to_thread(self.dynsec.verify_password, found, session.password)
         if isinstance(found, int):
             return found
-        if not good or not self.dynsec.still_valid(found):
+        if not good or not self.dynsec.still_valid(found, checked):
             return NOT_AUTHORIZED
         if session.will_flag and not self._may_publish_will(session):
             return NOT_AUTHORIZED  # like mosquitto: a will goes where its client may publish, or nowhere

@@ -277,9 +277,11 @@ class DynamicSecurity:
         ok = (hashed or _DECOY).verify(password or "")
         return ok and hashed is not None and password is not None
 
-    def still_valid(self, client: Client) -> bool:
-        """Whether `client` is still the current, enabled record (a command may have run meanwhile)."""
-        return self.clients.get(client.username) is client and not client.disabled
+    def still_valid(self, client: Client, checked: PasswordHash | None) -> bool:
+        """Whether `client` is still the current, enabled record with the password hash that was
+        checked (a command may have run while the hash was computed)."""
+        current = self.clients.get(client.username) is client and not client.disabled
+        return current and client.password is checked
 
     def may_publish(self, username: str | None, topic: str) -> bool:
         decision = self._first(username, ((PUBLISH_SEND, topic_matches),), topic)

@@ -277,6 +277,7 @@ def test_a_disabled_client_cannot_log_in_and_is_kicked() -> None:
     # Assert
     assert outcome.kick == {A} and outcome.changed
     assert state.login(A, A) == NOT_AUTHORIZED
+    assert not state.still_valid(state.clients[A], state.clients[A].password)
     execute(state, {"command": "enableClient", "username": A})
     assert isinstance(state.login(A, A), Client)
 
@@ -298,6 +299,7 @@ def test_revoke_deletes_the_client_and_role_and_kicks_it() -> None:
 def test_set_client_password() -> None:
     # Prepare
     state = fleet()
+    before = state.clients[A].password
 
     # Execute
     execute(state, {"command": "setClientPassword", "username": A, "password": "rotated"})
@@ -305,6 +307,7 @@ def test_set_client_password() -> None:
     # Assert
     client = state.login(A, A)
     assert state.verify_password(client, "rotated") and not state.verify_password(client, "secret-a")
+    assert isinstance(client, Client) and not state.still_valid(client, before)  # a login racing it fails
 
 
 def test_get_and_list_clients_never_show_a_password() -> None:
