@@ -164,7 +164,13 @@ class DynsecAdmin:
             if self._ready and self._client is not None:
                 return self._client
         self._drop()
-        client = self.target.client(self._client_id)
+        try:
+            client = self.target.client(self._client_id)  # reads the CA file
+        except (OSError, ValueError) as exc:
+            raise BrokerAdminError(
+                f"cannot connect to {self.target}: the CA file {self.target.ca_file} is unusable "
+                f"({type(exc).__name__})"
+            ) from None
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
         client.on_subscribe = self._on_subscribe
@@ -174,7 +180,7 @@ class DynsecAdmin:
             self._client, self._failure = client, None
         try:
             self.target.connect(client)
-        except (OSError, ValueError) as exc:  # e.g. an unreadable CA file
+        except (OSError, ValueError) as exc:
             self._drop()
             raise BrokerAdminError(f"cannot connect to {self.target}: {type(exc).__name__}") from None
         client.loop_start()

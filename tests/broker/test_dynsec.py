@@ -138,6 +138,35 @@ def test_an_unreachable_broker_is_an_error_at_once(mosquitto: RunningBroker) -> 
     assert str(mosquitto.admin.password) not in str(raised.value)
 
 
+def test_a_missing_ca_file_is_an_admin_error(mosquitto: RunningBroker, tmp_path: Path) -> None:
+    # Prepare
+    assert mosquitto.tls is not None
+    assert mosquitto.admin.username is not None and mosquitto.admin.password is not None
+    target = dataclasses.replace(mosquitto.tls, ca_file=tmp_path / "missing.crt")
+    admin = target.with_credentials(mosquitto.admin.username, mosquitto.admin.password)
+
+    # Execute
+    with pytest.raises(BrokerAdminError, match="FileNotFoundError") as raised:
+        DynsecAdmin(admin, timeout=3).execute([{"command": "listClients"}])
+
+    # Assert
+    assert "missing.crt" in str(raised.value) and mosquitto.admin.password not in str(raised.value)
+
+
+def test_the_admin_works_over_tls(mosquitto: RunningBroker) -> None:
+    # Prepare
+    assert mosquitto.tls is not None
+    assert mosquitto.admin.username is not None and mosquitto.admin.password is not None
+    admin = mosquitto.tls.with_credentials(mosquitto.admin.username, mosquitto.admin.password)
+
+    # Execute
+    with DynsecAdmin(admin, timeout=3) as connected:
+        results = connected.execute([{"command": "listRoles"}])
+
+    # Assert
+    assert results[0]["command"] == "listRoles"
+
+
 def test_an_account_without_admin_rights_cannot_administer(mosquitto: RunningBroker) -> None:
     # Execute
     with pytest.raises(BrokerAdminError, match="may not read the responses"):
