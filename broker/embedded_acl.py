@@ -119,8 +119,8 @@ class PasswordHash:
     iterations: int
 
     @classmethod
-    def make(cls, password: str, *, iterations: int = HASH_ITERATIONS) -> PasswordHash:
-        salt = secrets.token_bytes(_SALT_BYTES)
+    def make(cls, password: str) -> PasswordHash:
+        salt, iterations = secrets.token_bytes(_SALT_BYTES), HASH_ITERATIONS
         return cls(_pbkdf2(password, salt, iterations), salt, iterations)
 
     def verify(self, password: str) -> bool:

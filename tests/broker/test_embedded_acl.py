@@ -4,12 +4,14 @@ logins, the control commands and the state document."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from broker import embedded_acl
 from broker.acl import (
     CONTROL_TOPIC,
     RESPONSE_TOPIC,
@@ -56,8 +58,16 @@ def fleet() -> DynamicSecurity:
     return state
 
 
+@pytest.fixture(scope="module", autouse=True)
+def quick_hashes() -> Iterator[None]:
+    """New password hashes of one iteration: these tests are about logic, not hashing cost."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(embedded_acl, "HASH_ITERATIONS", 1)
+        yield
+
+
 @pytest.fixture(scope="module")
-def state() -> DynamicSecurity:
+def state(quick_hashes: None) -> DynamicSecurity:
     return fleet()
 
 
