@@ -276,8 +276,9 @@ class DynsecAdmin:
         with self._state:
             if any("correlationData" in r for r in responses):
                 for response in responses:
-                    if response.get("correlationData") in self._pending:
-                        self._pending[response["correlationData"]] = response
+                    token = response.get("correlationData")
+                    if isinstance(token, str) and token in self._pending:
+                        self._pending[token] = response
             elif len(responses) == len(self._pending) and None in self._pending.values():
                 # A broker that does not echo correlationData: executes are serialised, so an
                 # answer of the right length while one is waiting is its answer.

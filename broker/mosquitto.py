@@ -118,7 +118,10 @@ def init_dynsec(state_dir: Path, *, admin_user: str, admin_password: str) -> Pat
 
 
 def _raise_open_files(pid: int) -> None:
-    """Let mosquitto hold thousands of connections (the usual soft limit is 1,024 descriptors)."""
+    """Let mosquitto hold thousands of connections (the usual soft limit is 1,024 descriptors).
+
+    Set on the running child with prlimit(2) rather than in a `preexec_fn`, which is unsafe in a
+    process with threads (paho's, the API's); mosquitto is still starting up when this runs."""
     soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
     unlimited = resource.RLIM_INFINITY
     if soft == unlimited or soft >= OPEN_FILES:
