@@ -121,7 +121,8 @@ class BatchWriter:
         written.duplicates[MessageKind.STATUS] += len(statuses) - len(new)
         latest: dict[str, str] = {}
         for status in sorted(statuses, key=lambda s: s.sent_at):
-            if status.model_id is not None:
+            # A redelivered status was heard before: its model may since have been replaced.
+            if status.model_id is not None and status.msg_id in new:
                 latest[status.device_id] = status.model_id
         for device_id, model_id in latest.items():
             if devices[device_id][1] != model_id:

@@ -182,18 +182,24 @@ def mark_seen(session: Session, device_ids: Collection[str], at: datetime) -> No
 def apply_presence(session: Session, device_id: str, *, online: bool, conn: str, sent_at: datetime) -> bool:
     """Apply a presence message by DESIGN §2's `conn` rule; return whether it changed the device.
 
-    `online` wins unless a newer presence was already applied; `offline` applies only to the
-    connection it names, so a stale will (an old `conn`) cannot undo a newer `online`. One conditional
-    UPDATE each, so several ingests applying the same messages in any order end in the same state.
+    The newest presence wins. A will is stamped when its connection is made, like the `online` that
+    follows it, so at one instant the `offline` of that same connection wins over its `online`, and a
+    stale will (an old `conn`) is older than the `online` of the connection that replaced it. An
+    `offline` newer than the stored presence applies whatever its `conn`: it is the will of a later
+    connection whose `online` is not applied yet (another ingest has it), and must not be lost. One
+    conditional UPDATE each, so several ingests applying the same messages in any order end in the
+    same state.
     """
-    not_older = or_(Device.presence_at.is_(None), Device.presence_at <= sent_at)
-    statement = update(Device).where(Device.id == device_id, Device.status == DeviceStatus.active, not_older)
+    newer = or_(Device.presence_at.is_(None), Device.presence_at < sent_at)
+    same_instant = Device.presence_at == sent_at
+    statement = update(Device).where(Device.id == device_id, Device.status == DeviceStatus.active)
     if online:
-        statement = statement.values(presence=Presence.online, presence_conn=conn, presence_at=sent_at)
+        statement = statement.where(or_(newer, and_(same_instant, Device.presence == Presence.online)))
+        state = Presence.online
     else:
-        statement = statement.where(Device.presence_conn == conn).values(
-            presence=Presence.offline, presence_at=sent_at
-        )
+        statement = statement.where(or_(newer, and_(same_instant, Device.presence_conn == conn)))
+        state = Presence.offline
+    statement = statement.values(presence=state, presence_conn=conn, presence_at=sent_at)
     return bool(session.execute(statement).rowcount)  # type: ignore[attr-defined]
 
 

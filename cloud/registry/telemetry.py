@@ -6,6 +6,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Select, delete, select
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from cloud.registry.common import insert_new
@@ -20,9 +21,17 @@ def add_samples(session: Session, samples: Iterable[dict[str, Any]]) -> set[uuid
     statement: a multi-row INSERT of a thousand samples spent more time in the driver building the
     statement than the database spent storing it."""
     rows = list(samples)
-    if not rows or session.get_bind().dialect.name != "postgresql":
+    dialect = session.get_bind().dialect
+    if not rows or dialect.name != "postgresql":
         return insert_new(session, Telemetry, rows, key="msg_id")
-    return _copy_new(session, rows)
+    import psycopg
+
+    try:
+        return _copy_new(session, rows)
+    except psycopg.Error as exc:
+        # The driver's own cursor bypasses SQLAlchemy: raise what SQLAlchemy would have (IntegrityError,
+        # DataError, OperationalError...), so callers handle a bad row or a lost database on both backends.
+        raise DBAPIError.instance("COPY telemetry", None, exc, psycopg.Error, dialect=dialect) from exc
 
 
 INCOMING = "telemetry_incoming"
