@@ -4,7 +4,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from wire.topics import DEVICE_ID_PATTERN
 
@@ -24,4 +24,4 @@ class Envelope(BaseModel):
 
     msg_id: uuid.UUID = Field(default_factory=uuid.uuid4)
     device_id: DeviceId
-    sent_at: datetime = Field(default_factory=utcnow)
+    sent_at: AwareDatetime = Field(default_factory=utcnow)  # a time without a zone is refused

@@ -15,7 +15,9 @@ from wire.knowledge import KnowledgeReport
 from wire.limits import max_payload_bytes
 from wire.topics import MessageKind, parse_device_topic
 
-MAX_CLASSES = 1000
+# A status carries the counts of at most this many classes (the most frequent ones on a larger
+# model): 1,000 entries would not fit in a status's 8 KiB.
+MAX_HISTOGRAM_CLASSES = 256
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Fraction = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
@@ -48,7 +50,7 @@ class Status(Envelope):
     latency_p50_ms: NonNegative | None = None
     latency_p95_ms: NonNegative | None = None
     mean_confidence: Fraction | None = None
-    class_histogram: dict[ClassKey, Count] = Field(default_factory=dict, max_length=MAX_CLASSES)
+    class_histogram: dict[ClassKey, Count] = Field(default_factory=dict, max_length=MAX_HISTOGRAM_CLASSES)
     labelled_count: Count | None = None  # samples whose label became known (the user's feedback)
     accuracy: Fraction | None = None  # on those samples
     cpu_percent: Annotated[float, Field(ge=0, le=25_600, allow_inf_nan=False)] | None = None

@@ -8,6 +8,7 @@ from wire.errors import ContractError
 DEVICE_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{2,62}$"
 _DEVICE_ID = re.compile(DEVICE_ID_PATTERN)
 _PREFIX = "diredi/v1/dev/"
+_SHARE_GROUP = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class MessageKind(enum.StrEnum):
@@ -55,4 +56,10 @@ CLOUD_TOPICS = "diredi/v1/#"  # the cloud's service account may publish and subs
 def device_filter(kind: MessageKind, *, shared_group: str | None = None) -> str:
     """The filter matching message `kind` of every device, optionally as an MQTT 5 shared subscription."""
     topic_filter = f"{_PREFIX}+/{kind.value}"
-    return f"$share/{shared_group}/{topic_filter}" if shared_group else topic_filter
+    if shared_group is None:
+        return topic_filter
+    if not _SHARE_GROUP.fullmatch(shared_group):
+        raise ContractError(
+            f"shared subscription group {shared_group[:64]!r} must match {_SHARE_GROUP.pattern}"
+        )
+    return f"$share/{shared_group}/{topic_filter}"

@@ -37,6 +37,7 @@ from wire import (
     parse_device_topic,
 )
 from wire.desired import verify_raw
+from wire.messages import MAX_HISTOGRAM_CLASSES
 
 DEVICE = "dev-1"
 KEY = Ed25519PrivateKey.generate()
@@ -778,9 +779,9 @@ def histogram_status(entries: int) -> bytes:
     )
 
 
-def test_a_histogram_of_a_thousand_classes_is_accepted() -> None:
+def test_a_histogram_of_the_most_classes_a_status_carries_is_accepted() -> None:
     # Prepare
-    payload = histogram_status(1000)
+    payload = histogram_status(MAX_HISTOGRAM_CLASSES)
     assert len(payload) <= LIMITS[MessageKind.STATUS]
 
     # Execute
@@ -788,12 +789,12 @@ def test_a_histogram_of_a_thousand_classes_is_accepted() -> None:
 
     # Assert
     assert isinstance(message, Status)
-    assert len(message.class_histogram) == 1000
+    assert len(message.class_histogram) == MAX_HISTOGRAM_CLASSES
 
 
-def test_a_histogram_of_more_than_a_thousand_entries_is_invalid() -> None:
+def test_a_histogram_of_more_entries_than_a_status_carries_is_invalid() -> None:
     # Prepare
-    payload = histogram_status(1001)
+    payload = histogram_status(MAX_HISTOGRAM_CLASSES + 1)
     assert len(payload) <= LIMITS[MessageKind.STATUS]
 
     # Execute
@@ -949,3 +950,16 @@ def test_a_valid_message_with_any_field_replaced_gives_its_message_or_a_contract
 
     # Execute / Assert
     assert_topic_message_or_contract_error(topic, dumps(doc, ascii_only))
+
+
+def test_a_time_without_a_zone_is_invalid() -> None:
+    # Prepare
+    document = {"schema": SCHEMAS[MessageKind.STATUS], "device_id": DEVICE, "uptime_s": 1}
+    payload = payload_of({**document, "sent_at": "2026-11-28T08:00:00"})
+
+    # Execute
+    error = refusal(topic_of(MessageKind.STATUS), payload)
+
+    # Assert
+    assert error.reason is Rejection.invalid
+    assert "sent_at" in str(error)

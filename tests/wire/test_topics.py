@@ -185,3 +185,10 @@ def test_cloud_topics_cover_every_device_topic(kind: MessageKind) -> None:
     assert all(topic_matches_sub(CLOUD_TOPICS, device_topic(d, kind)) for d in VALID_IDS)
     assert not topic_matches_sub(CLOUD_TOPICS, "$SYS/broker/uptime")
     assert not topic_matches_sub(CLOUD_TOPICS, "diredi/v2/dev/dev-1/status")
+
+
+@pytest.mark.parametrize("group", ["", "a/b", "+", "#", "x" * 65, "ingest group"])
+def test_a_shared_group_that_mqtt_cannot_carry_is_refused(group: str) -> None:
+    # Execute / Assert
+    with pytest.raises(ContractError, match="shared subscription group"):
+        device_filter(MessageKind.STATUS, shared_group=group)
