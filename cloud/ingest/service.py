@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 SHARED_KINDS = (MessageKind.STATUS, MessageKind.KNOWLEDGE, MessageKind.MODEL_ACK)
 LOG_BURST = 10  # rejections logged per reason and minute; the rest are counted
 RETRY_SECONDS = (0.5, 1, 2, 5, 10)  # back-off while the database is unreachable
+GAP = 0.005  # a pause in the stream this long closes the batch
 
 
 @dataclass(frozen=True)
@@ -210,6 +211,7 @@ class Ingest:
         if refused:
             log.error("the broker refused the ingest's subscriptions: %s", ", ".join(refused))
         else:
+            log.info("subscribed to %s", ", ".join(self.subscriptions()))
             self._subscribed.set()
 
     def _on_disconnect(
@@ -260,8 +262,10 @@ class Ingest:
                 self._process(batch)
 
     def _take(self) -> list[Received]:
-        """Up to `batch_size` messages: waits for a first one (at most 0.2 s), then at most
-        `batch_wait` for the rest."""
+        """Up to `batch_size` messages: waits for a first one (at most 0.2 s), then takes what keeps
+        arriving, until `batch_wait` has passed or the stream pauses for `GAP` seconds. (The broker
+        lets only so many unacknowledged messages through at once, so waiting longer would not make
+        the batch larger, only later.)"""
         try:
             batch = [self._inbox.get(timeout=0.2)]
         except queue.Empty:
@@ -270,14 +274,16 @@ class Ingest:
         while len(batch) < self.batch_size:
             try:
                 batch.append(self._inbox.get_nowait())
+                continue
             except queue.Empty:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                try:
-                    batch.append(self._inbox.get(timeout=left))
-                except queue.Empty:
-                    break
+                pass
+            wait = min(GAP, deadline - time.monotonic())
+            if wait <= 0:
+                break
+            try:
+                batch.append(self._inbox.get(timeout=wait))
+            except queue.Empty:
+                break
         self.metrics.backlog.set(self._inbox.qsize())
         return batch
 
