@@ -1,0 +1,235 @@
+"""Benchmark of the ingest (DESIGN §7): status messages per second committed into PostgreSQL from a
+real mosquitto, against the broker's own pass-through measured in the same run.
+
+One publisher (`mosquitto_pub -l`, the cloud's account, one process per device topic of 10 provisioned
+devices) sends N QoS 1 messages of ~512 B, as fast as the broker takes them. Pass-through:
+`mosquitto_sub` (C) as a
+subscriber that only counts, until it has all N. Ingest: 1, then 2 `diredi ingest` processes on one
+shared subscription; the rate is distinct msg_ids committed per second, from the first publish to
+the commit of the last, and every message must be stored exactly once (zero loss at QoS 1).
+Targets: ≥ 5,000 msg/s and ≥ 0.5× the pass-through. Writes bench/results/ingest_throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from bench.mqtt_lab import Lab, UsageMeter, ingests, lab, provision, stored_telemetry
+from broker.mosquitto import find_binary
+from wire.messages import Status, encode
+from wire.topics import MessageKind, device_filter, device_topic
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+DEVICES = [f"bench-{n:04d}" for n in range(100)]
+TARGET_RATE = 5000
+TARGET_RATIO = 0.5
+
+
+def status_messages(count: int) -> list[tuple[str, bytes]]:
+    """`count` status messages of ~512 B, each with its own msg_id, round-robin over `PUBLISHERS` devices."""
+    messages = []
+    for n in range(count):
+        device_id = DEVICES[n % PUBLISHERS]
+        status = Status(
+            device_id=device_id,
+            model_id="bench.v1",
+            uptime_s=float(n),
+            inference_count=n * 20,
+            latency_p50_ms=4.1,
+            latency_p95_ms=7.9,
+            mean_confidence=0.93,
+            class_histogram={str(c): n % 97 + c for c in range(10)},
+            labelled_count=n % 50,
+            accuracy=0.96,
+            cpu_percent=23.5,
+            mem_bytes=61_234_567,
+            temp_c=48.5,
+        )
+        messages.append((device_topic(device_id, MessageKind.STATUS), encode(status)))
+    return messages
+
+
+PUBLISHERS = 10  # mosquitto_pub processes, one device topic each
+
+
+def publish(lab: Lab, messages: list[tuple[str, bytes]]) -> float:
+    """Publish every message at QoS 1 with `mosquitto_pub -l` (C: a Python publisher tops out near
+    6,000 msg/s here, below what is measured), one process per topic; returns the monotonic time the
+    publishing started, after all of them are done."""
+    by_topic: dict[str, list[bytes]] = {}
+    for topic, payload in messages:
+        by_topic.setdefault(topic, []).append(payload)
+    inputs = []
+    for n, (topic, payloads) in enumerate(by_topic.items()):
+        path = lab.workdir / f"publish-{n}.jsonl"
+        path.write_bytes(b"\n".join(payloads) + b"\n")
+        inputs.append((topic, path))
+    binary = str(find_binary("mosquitto_pub"))
+    started = time.monotonic()
+    publishers = []
+    for n, (topic, path) in enumerate(inputs):
+        command = [
+            binary, "-h", lab.target.host, "-p", str(lab.target.port), "-V", "5",
+            "-u", str(lab.cloud.username), "-P", str(lab.cloud.password), "-i", f"bench-publisher-{n}",
+            "-q", "1", "-t", topic, "-l",
+        ]  # fmt: skip
+        with path.open("rb") as lines:
+            publishers.append(subprocess.Popen(command, stdin=lines, stderr=subprocess.PIPE))  # noqa: S603
+    for publisher in publishers:
+        if publisher.wait(300) != 0:
+            raise RuntimeError(
+                f"mosquitto_pub failed: {publisher.stderr.read() if publisher.stderr else b''!r}"
+            )
+    return started
+
+
+def passthrough(lab: Lab, messages: list[tuple[str, bytes]]) -> dict[str, float]:
+    """mosquitto_sub counting N messages at QoS 1: the broker's own rate."""
+    password = str(lab.cloud.password)
+    command = [
+        str(find_binary("mosquitto_sub")),
+        "-h", lab.target.host, "-p", str(lab.target.port), "-V", "5",
+        "-u", str(lab.cloud.username), "-P", password, "-i", "bench-counter",
+        "-q", "1", "-t", device_filter(MessageKind.STATUS), "-C", str(len(messages)),
+    ]  # fmt: skip
+    counter = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # noqa: S603
+    time.sleep(1.0)  # subscribed
+    meter = UsageMeter([psutil.Process(lab.broker.pid or 0)])
+    started = publish(lab, messages)
+    try:
+        counter.wait(300)
+    except subprocess.TimeoutExpired:
+        counter.kill()
+        raise RuntimeError("mosquitto_sub did not receive every message") from None
+    elapsed = time.monotonic() - started
+    usage = meter.done()
+    if counter.returncode != 0:
+        raise RuntimeError(f"mosquitto_sub failed: {counter.stderr.read() if counter.stderr else b''!r}")
+    return {"msg_per_s": len(messages) / elapsed, "seconds": elapsed, "broker_cpu_percent": usage.cpu_percent}
+
+
+def ingest_run(lab: Lab, messages: list[tuple[str, bytes]], processes: int) -> dict[str, float]:
+    """N messages through `processes` ingests into PostgreSQL; every one stored exactly once."""
+    before = stored_telemetry(lab)
+    with ingests(lab, processes) as workers:
+        meter = UsageMeter([psutil.Process(lab.broker.pid or 0), *workers])
+        started = publish(lab, messages)
+        deadline = started + 600
+        stored = 0
+        while stored < len(messages) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            stored = stored_telemetry(lab) - before
+            meter.sample()
+        elapsed = time.monotonic() - started
+        usage = meter.done()
+    if stored != len(messages):
+        raise RuntimeError(f"{processes} ingest(s) stored {stored} of {len(messages)} messages")
+    return {
+        "msg_per_s": len(messages) / elapsed,
+        "seconds": elapsed,
+        "stored": stored,
+        "cpu_percent_broker_and_ingests": usage.cpu_percent,
+        "rss_mb_broker_and_ingests": usage.rss_mb,
+    }
+
+
+def run(admin_url: str, *, count: int, processes: list[int]) -> dict[str, Any]:
+    with lab(admin_url) as bench_lab, Progress(transient=True) as progress:
+        task = progress.add_task("ingest benchmark", total=2 + len(processes))
+        provision(bench_lab, DEVICES)
+        progress.advance(task)
+        warm = status_messages(2000)
+        passthrough(bench_lab, warm)  # warm-up
+        reference = passthrough(bench_lab, status_messages(count))
+        progress.advance(task)
+        runs = []
+        for n in processes:
+            figures = ingest_run(bench_lab, status_messages(count), n)
+            runs.append(
+                {
+                    "ingest_processes": n,
+                    **figures,
+                    "ratio_to_passthrough": figures["msg_per_s"] / reference["msg_per_s"],
+                }
+            )
+            progress.advance(task)
+    return {
+        "benchmark": "ingest_throughput",
+        "messages": count,
+        "payload_bytes": len(status_messages(1)[0][1]),
+        "passthrough": reference,
+        "runs": runs,
+        "targets": {"msg_per_s": TARGET_RATE, "ratio_to_passthrough": TARGET_RATIO},
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+    }
+
+
+def print_table(report: dict[str, Any], console: Console) -> None:
+    table = Table(
+        title=f"Ingest: {report['messages']:,} QoS 1 status messages of {report['payload_bytes']} B into "
+        f"PostgreSQL ({report['cpus']} CPUs)"
+    )
+    for column in (
+        "path",
+        "msg/s",
+        "seconds",
+        "× pass-through",
+        "≥ 5,000/s and ≥ 0.5×",
+        "CPU % (broker+ingest)",
+    ):
+        table.add_column(column, justify="right")
+    p = report["passthrough"]
+    table.add_row(
+        "broker pass-through (mosquitto_sub)",
+        f"{p['msg_per_s']:,.0f}",
+        f"{p['seconds']:.1f}",
+        "1.00",
+        "",
+        f"{p['broker_cpu_percent']:.0f}",
+    )
+    for r in report["runs"]:
+        ok = r["msg_per_s"] >= TARGET_RATE and r["ratio_to_passthrough"] >= TARGET_RATIO
+        table.add_row(
+            f"{r['ingest_processes']} ingest process(es)",
+            f"{r['msg_per_s']:,.0f}",
+            f"{r['seconds']:.1f}",
+            f"{r['ratio_to_passthrough']:.2f}",
+            "yes" if ok else "NO",
+            f"{r['cpu_percent_broker_and_ingests']:.0f}",
+        )
+    console.print(table)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=50_000)
+    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
+    args = parser.parse_args(argv)
+    admin_url = os.environ.get("DIREDI_TEST_POSTGRES_URL")
+    if not admin_url:
+        raise SystemExit("set DIREDI_TEST_POSTGRES_URL (scripts/services.sh postgres prints it)")
+    console = Console()
+    report = run(admin_url, count=args.messages, processes=args.processes)
+    print_table(report, console)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / "ingest_throughput.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    console.print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""What the MQTT benchmarks share: a mosquitto with the production configuration in a scratch
+directory, a migrated scratch PostgreSQL registry with provisioned devices, ingest processes, and
+CPU/memory readings of the processes under test."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from broker.acl import provision_commands
+from broker.client import BrokerTarget
+from broker.dynsec import DynsecAdmin
+from broker.mosquitto import MosquittoProcess, bootstrap, init_dynsec, render_config
+from cloud.registry import migrate
+from cloud.registry.db import make_engine, scratch_database, session_factory, transaction
+from cloud.registry.devices import create_cohort, provision_device
+from cloud.registry.tables import Telemetry
+
+ROOT = Path(__file__).resolve().parent.parent
+CERTS_SCRIPT = ROOT / "broker" / "certs.sh"
+CLOUD_USER = "diredi-cloud"
+
+
+@dataclass
+class Lab:
+    """A running broker and registry for one benchmark."""
+
+    broker: MosquittoProcess
+    target: BrokerTarget  # no credentials
+    admin: BrokerTarget
+    cloud: BrokerTarget
+    database_url: str
+    sessions: sessionmaker[Session]
+    workdir: Path
+
+
+def free_ports(count: int) -> list[int]:
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+@contextmanager
+def lab(admin_database_url: str) -> Iterator[Lab]:
+    """mosquitto (production configuration, lab certificates) and a migrated scratch registry."""
+    with ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="diredi-bench-")))
+        certs = workdir / "certs"
+        subprocess.run([str(CERTS_SCRIPT), str(certs)], check=True, capture_output=True, timeout=60)  # noqa: S603
+        port, tls_port = free_ports(2)
+        state = workdir / "broker"
+        render_config(state, port=port, tls_port=tls_port, cert_dir=certs, tls_bind="127.0.0.1")
+        admin_password = secrets.token_urlsafe(24)
+        init_dynsec(state, admin_user="admin", admin_password=admin_password)
+        broker = stack.enter_context(MosquittoProcess(state, port=port))
+        target = BrokerTarget(host="127.0.0.1", port=port)
+        admin = target.with_credentials("admin", admin_password)
+        cloud = target.with_credentials(CLOUD_USER, secrets.token_urlsafe(24))
+        bootstrap(admin, cloud_user=CLOUD_USER, cloud_password=str(cloud.password))
+        url = stack.enter_context(scratch_database(admin_database_url, prefix="diredi_bench"))
+        engine = make_engine(url)
+        migrate.upgrade(engine)
+        stack.callback(engine.dispose)
+        yield Lab(broker, target, admin, cloud, url, session_factory(engine), workdir)
+
+
+def provision(lab: Lab, device_ids: Sequence[str], *, cohort: str = "bench") -> dict[str, str]:
+    """Provision devices in the registry and the broker; their secrets by id."""
+    secrets_by_id: dict[str, str] = {}
+    with transaction(lab.sessions) as session:
+        create_cohort(session, cohort_id=cohort)
+        for device_id in device_ids:
+            _, secrets_by_id[device_id] = provision_device(session, device_id=device_id, cohort_id=cohort)
+    with DynsecAdmin(lab.admin, timeout=60) as admin:
+        ids = list(device_ids)
+        for start in range(0, len(ids), 100):
+            admin.execute(
+                [c for d in ids[start : start + 100] for c in provision_commands(d, secrets_by_id[d])]
+            )
+    return secrets_by_id
+
+
+def stored_telemetry(lab: Lab) -> int:
+    with lab.sessions() as session:
+        return int(session.scalar(select(func.count()).select_from(Telemetry)) or 0)
+
+
+@contextmanager
+def ingests(lab: Lab, count: int, *, batch_size: int = 1000) -> Iterator[list[psutil.Process]]:
+    """`count` `diredi ingest` processes on one shared subscription; yields them once all subscribed."""
+    env = {
+        **os.environ,
+        "DIREDI_MQTT_URL": lab.cloud.url(),
+        "DIREDI_DATABASE_URL": lab.database_url,
+        "DIREDI_DATA_DIR": str(lab.workdir / "data"),
+        "DIREDI_INGEST_BATCH_SIZE": str(batch_size),
+        # A group of their own: the persistent sessions of an earlier run's ingests would otherwise still
+        # hold their shares of the group's messages, queued until they come back.
+        "DIREDI_INGEST_GROUP": f"bench-{count}-{secrets.token_hex(3)}",
+    }
+    binary = str(Path(sys.executable).parent / "diredi")
+    processes: list[subprocess.Popen[bytes]] = []
+    logs = [lab.workdir / f"ingest-{count}-{n}.log" for n in range(count)]
+    try:
+        for n, log in enumerate(logs):
+            command = [binary, "ingest", "--name", f"bench-{count}-{n}", "--metrics-port", "0"]
+            with log.open("wb") as sink:
+                processes.append(subprocess.Popen(command, env=env, stderr=sink, stdout=sink))  # noqa: S603
+        deadline = time.monotonic() + 60
+        while not all("subscribed" in log.read_text(errors="replace") for log in logs):
+            if time.monotonic() > deadline or any(p.poll() is not None for p in processes):
+                tails = "\n".join(log.read_text(errors="replace")[-1500:] for log in logs)
+                raise RuntimeError(f"the ingests did not subscribe:\n{tails}")
+            time.sleep(0.1)
+        yield [psutil.Process(p.pid) for p in processes]
+    finally:
+        for p in processes:
+            p.terminate()
+        for p in processes:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+@dataclass
+class Usage:
+    """CPU (percent of one core, averaged) and peak RSS of some processes over a measured span."""
+
+    cpu_percent: float
+    rss_mb: float
+
+
+class UsageMeter:
+    """Reads CPU time at start and end, and samples RSS, for a set of processes."""
+
+    def __init__(self, processes: Sequence[psutil.Process]) -> None:
+        self.processes = list(processes)
+        self._cpu0 = [self._cpu(p) for p in self.processes]
+        self._t0 = time.monotonic()
+        self.rss_peak = 0.0
+
+    @staticmethod
+    def _cpu(process: psutil.Process) -> float:
+        times = process.cpu_times()
+        return float(times.user + times.system)
+
+    def sample(self) -> None:
+        rss = sum(p.memory_info().rss for p in self.processes if p.is_running())
+        self.rss_peak = max(self.rss_peak, rss / 2**20)
+
+    def done(self) -> Usage:
+        self.sample()
+        elapsed = time.monotonic() - self._t0
+        used = sum(self._cpu(p) - c0 for p, c0 in zip(self.processes, self._cpu0, strict=True))
+        return Usage(cpu_percent=100 * used / elapsed if elapsed else 0.0, rss_mb=self.rss_peak)
