@@ -51,7 +51,8 @@ class Status(Envelope):
     latency_p95_ms: NonNegative | None = None
     mean_confidence: Fraction | None = None
     class_histogram: dict[ClassKey, Count] = Field(default_factory=dict, max_length=MAX_HISTOGRAM_CLASSES)
-    labelled_count: Count | None = None  # samples whose label became known (the user's feedback)
+    # Samples whose label became known (the user's feedback); stored as a 32-bit integer.
+    labelled_count: Annotated[int, Field(ge=0, le=(1 << 31) - 1)] | None = None
     accuracy: Fraction | None = None  # on those samples
     cpu_percent: Annotated[float, Field(ge=0, le=25_600, allow_inf_nan=False)] | None = None
     mem_bytes: Count | None = None

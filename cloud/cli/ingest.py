@@ -21,6 +21,14 @@ def ingest(
             "(client id diredi-ingest-NAME) survives restarts under it.",
         ),
     ] = "1",
+    retire: Annotated[
+        bool,
+        typer.Option(
+            "--retire",
+            help="Drop this ingest's broker session and exit: for an ingest removed for good, whose "
+            "share of the group's messages the broker would otherwise keep queueing.",
+        ),
+    ] = False,
     metrics_port: Annotated[
         int | None,
         typer.Option(
@@ -60,6 +68,11 @@ def ingest(
         batch_size=settings.ingest_batch_size,
         batch_ms=settings.ingest_batch_ms,
     )
+    if retire:
+        if not service.retire():
+            raise _fail(CloudError(f"the broker {target} did not confirm; the session may remain"))
+        logging.getLogger(__name__).info("ingest %s retired: its broker session is gone", name)
+        return
     port = settings.ingest_metrics_port if metrics_port is None else metrics_port
     if port:
         start_http_server(port, addr="127.0.0.1", registry=service.metrics.registry)

@@ -247,6 +247,20 @@ class Ingest:
         """Whether the broker accepted the subscriptions within `timeout` seconds."""
         return self._subscribed.wait(timeout)
 
+    def retire(self, timeout: float = 10.0) -> bool:
+        """Drop this ingest's session in the broker for good (do not `start` it): its subscriptions
+        go, and with them its share of the group's messages, which the broker would otherwise keep
+        queueing for it until the session expires. Returns whether the broker confirmed."""
+        client = self.target.client(self.client_id)
+        connected = threading.Event()
+        client.on_connect = lambda *args: connected.set()
+        self.target.connect(client)  # clean start, no session expiry: the old session is discarded
+        client.loop_start()
+        confirmed = connected.wait(timeout)
+        client.disconnect()
+        client.loop_stop()
+        return confirmed
+
     def stop(self, timeout: float = 10.0) -> None:
         """Write what was received, then disconnect (the session and its queued messages stay)."""
         self._stop.set()
@@ -318,7 +332,7 @@ class Ingest:
             started = time.perf_counter()
             try:
                 written = self.writer.write(accepted)
-            except OperationalError as exc:
+            except OperationalError as exc:  # the database is unreachable: nothing committed, try again
                 self.metrics.database_errors.inc()
                 delay = RETRY_SECONDS[min(attempt, len(RETRY_SECONDS) - 1)]
                 log.error(
@@ -328,9 +342,25 @@ class Ingest:
                 if self._stop.wait(delay):
                     return None
                 continue
+            except Exception:  # a bug the checks did not foresee: one message must not stop the ingest
+                if len(accepted) > 1:
+                    log.exception("a batch of %d failed; writing its messages one by one", len(accepted))
+                    return self._write_each(accepted)
+                log.exception("refused a %s message of %s", accepted[0].kind, accepted[0].message.device_id)
+                error = ContractError("the ingest could not store it (logged)", Rejection.refused)
+                return Written(refused=[(accepted[0], error)])
             self.metrics.batch_seconds.observe(time.perf_counter() - started)
             self.metrics.batch_size.observe(len(accepted))
             return written
+
+    def _write_each(self, accepted: list[Accepted]) -> Written | None:
+        written = Written()
+        for one in accepted:
+            result = self._write([one])
+            if result is None:
+                return None
+            written.add(result)
+        return written
 
     def _refuse(self, topic: str, error: ContractError) -> None:
         self.metrics.rejected.labels(error.reason.value).inc()

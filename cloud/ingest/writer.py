@@ -46,6 +46,13 @@ class Written:
     receipts: list[tuple[str, uuid.UUID]] = field(default_factory=list)  # (device_id, ack_of)
     refused: list[tuple[Accepted, ContractError]] = field(default_factory=list)
 
+    def add(self, other: "Written") -> None:
+        """Count `other`'s work in with this one's."""
+        self.stored.update(other.stored)
+        self.duplicates.update(other.duplicates)
+        self.receipts.extend(other.receipts)
+        self.refused.extend(other.refused)
+
 
 class BatchWriter:
     """Writes batches of accepted messages through `sessions`."""
@@ -68,11 +75,7 @@ class BatchWriter:
             log.warning("a batch of %d failed on a constraint; writing its messages one by one", len(batch))
             written = Written()
             for accepted in batch:
-                one = self.write([accepted])
-                written.stored.update(one.stored)
-                written.duplicates.update(one.duplicates)
-                written.receipts.extend(one.receipts)
-                written.refused.extend(one.refused)
+                written.add(self.write([accepted]))
             return written
 
     def _write(self, batch: Sequence[Accepted]) -> Written:
