@@ -303,14 +303,17 @@ class Ingest:
 
     def _process(self, batch: Sequence[Received]) -> None:
         accepted: list[Accepted] = []
+        kinds: Tally[MessageKind] = Tally()
         for received in batch:
             try:
                 kind, message = decode(received.topic, received.payload)
             except ContractError as invalid:
                 self._refuse(received.topic, invalid)
                 continue
-            self.metrics.received.labels(kind.value).inc()
+            kinds[kind] += 1
             accepted.append(Accepted(kind, message, received.payload))
+        for kind, count in kinds.items():
+            self.metrics.received.labels(kind.value).inc(count)
         if accepted:
             written = self._write(accepted)
             if written is None:

@@ -683,14 +683,17 @@ def test_a_bad_field_is_refused_for_invalid_naming_the_field(
     assert_bounded(error)
 
 
+# msg_id and sent_at have defaults for senders, but every received message must carry them (DESIGN
+# §2): a redelivery given a fresh msg_id would be stored twice.
+ENVELOPE = ["msg_id", "sent_at"]
 REQUIRED = {
-    MessageKind.PRESENCE: ["state", "conn"],
-    MessageKind.STATUS: ["uptime_s"],
-    MessageKind.KNOWLEDGE: ["base_model_id", "num_classes", "preference_map", "metrics"],
-    MessageKind.MODEL_ACK: ["model_id", "result"],
+    MessageKind.PRESENCE: ["state", "conn", *ENVELOPE],
+    MessageKind.STATUS: ["uptime_s", *ENVELOPE],
+    MessageKind.KNOWLEDGE: ["base_model_id", "num_classes", "preference_map", "metrics", *ENVELOPE],
+    MessageKind.MODEL_ACK: ["model_id", "result", *ENVELOPE],
     MessageKind.MODEL_DESIRED: ["manifest", "download_path", "key_id"],
-    MessageKind.RECEIPT: ["ack_of"],
-    MessageKind.CMD: ["command"],
+    MessageKind.RECEIPT: ["ack_of", *ENVELOPE],
+    MessageKind.CMD: ["command", *ENVELOPE],
 }
 
 
@@ -711,14 +714,11 @@ def test_a_missing_required_field_is_refused_for_invalid_naming_it(kind: Message
 @pytest.mark.parametrize(
     ("kind", "field"),
     [
-        (MessageKind.STATUS, "msg_id"),
-        (MessageKind.STATUS, "sent_at"),
         (MessageKind.STATUS, "model_id"),
         (MessageKind.STATUS, "class_histogram"),
         (MessageKind.STATUS, "latency_p50_ms"),
         (MessageKind.MODEL_ACK, "reason"),
         (MessageKind.MODEL_ACK, "running_model_id"),
-        (MessageKind.CMD, "msg_id"),
     ],
 )
 def test_an_optional_field_may_be_left_out(kind: MessageKind, field: str) -> None:
@@ -772,7 +772,9 @@ def histogram_status(entries: int) -> bytes:
     return payload_of(
         {
             "schema": SCHEMAS[MessageKind.STATUS],
+            "msg_id": str(uuid.uuid4()),
             "device_id": DEVICE,
+            "sent_at": "2026-11-28T08:00:00Z",
             "uptime_s": 0,
             "class_histogram": histogram,
         }
