@@ -223,6 +223,14 @@ class _DynsecBroker(Broker):  # type: ignore[misc]
             return self.dynsec.may_subscribe(session.username, topic)
         return self.dynsec.may_receive(session.username, topic)
 
+    async def _publish_retained_messages_for_subscription(
+        self, subscription: tuple[str, int], session: Session
+    ) -> None:
+        # On every connection amqtt calls this for each filter any client subscribed to, which sent a
+        # device the retained messages of others (their presence, their signed desired models).
+        if any(holder is session for holder, _ in self._subscriptions.get(subscription[0], ())):
+            await super()._publish_retained_messages_for_subscription(subscription, session)
+
     async def _handle_unsubscription(
         self, session: Session, handler: BrokerProtocolHandler, unsubscribe_waiter: asyncio.Future[Any]
     ) -> None:
