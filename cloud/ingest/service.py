@@ -16,22 +16,18 @@
 """
 
 import logging
-import queue
 import threading
 import time
 import uuid
 from collections import Counter as Tally
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from broker.client import BrokerTarget
+from cloud.ingest.link import Inbound, IngestLink, LinkError
 from cloud.ingest.writer import Accepted, BatchWriter, Written
 from wire.errors import ContractError, Rejection
 from wire.messages import Receipt, decode, encode
@@ -43,16 +39,6 @@ SHARED_KINDS = (MessageKind.STATUS, MessageKind.KNOWLEDGE, MessageKind.MODEL_ACK
 LOG_BURST = 10  # rejections logged per reason and minute; the rest are counted
 RETRY_SECONDS = (0.5, 1, 2, 5, 10)  # back-off while the database is unreachable
 GAP = 0.005  # a pause in the stream this long closes the batch
-
-
-@dataclass(frozen=True)
-class Received:
-    """One message as the broker delivered it."""
-
-    topic: str
-    payload: bytes
-    mid: int
-    qos: int
 
 
 class IngestMetrics:
@@ -96,8 +82,8 @@ class IngestMetrics:
             buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000),
             registry=self.registry,
         )
-        self.backlog = Gauge(
-            "diredi_ingest_backlog", "Messages received, not yet written", registry=self.registry
+        self.connected = Gauge(
+            "diredi_ingest_connected", "1 while connected to the broker", registry=self.registry
         )
 
     def value(self, name: str, **labels: str) -> float:
@@ -135,7 +121,7 @@ class RejectionLog:
 
 
 class Ingest:
-    """One ingest process's worth of work: a broker session feeding a batch writer."""
+    """One ingest process's worth of work: a broker session feeding a batch writer, on one thread."""
 
     def __init__(
         self,
@@ -157,25 +143,12 @@ class Ingest:
         self.metrics = metrics or IngestMetrics()
         self.client_id = f"diredi-ingest-{name}"
         self._refused = RejectionLog()
-        self._inbox: queue.SimpleQueue[Received] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._subscribed = threading.Event()
         self._worker: threading.Thread | None = None
-        self._client = self._make_client()
-
-    # The broker side ------------------------------------------------------------------------------
-
-    def _make_client(self) -> mqtt.Client:
-        client = self.target.client(self.client_id, persistent=True)
-        client.manual_ack_set(True)
-        client.max_queued_messages_set(0)  # receipts wait in the client rather than being dropped
-        client.max_inflight_messages_set(100)
-        client.reconnect_delay_set(min_delay=1, max_delay=30)
-        client.on_connect = self._on_connect
-        client.on_subscribe = self._on_subscribe
-        client.on_message = self._on_message
-        client.on_disconnect = self._on_disconnect
-        return client
+        # Up to two batches unacknowledged in flight: enough to keep the writer busy, bounded memory.
+        receive_maximum = min(2 * batch_size, 65_535)
+        self._link = IngestLink(target, self.client_id, self.subscriptions(), receive_maximum=receive_maximum)
 
     def subscriptions(self) -> list[str]:
         """The topic filters this ingest subscribes to."""
@@ -183,135 +156,101 @@ class Ingest:
         filters = [device_filter(kind, shared_group=group) for kind in SHARED_KINDS]
         return [device_filter(MessageKind.PRESENCE), *filters]
 
-    def _on_connect(
-        self,
-        client: mqtt.Client,
-        userdata: object,
-        flags: mqtt.ConnectFlags,
-        reason: ReasonCode,
-        properties: Properties | None,
-    ) -> None:
-        if reason.is_failure:
-            log.error("the broker %s refused the ingest: %s", self.target, reason)
-            return
-        log.info(
-            "connected to %s as %s (session present: %s)", self.target, self.client_id, flags.session_present
-        )
-        client.subscribe([(topic_filter, 1) for topic_filter in self.subscriptions()])
-
-    def _on_subscribe(
-        self,
-        client: mqtt.Client,
-        userdata: object,
-        mid: int,
-        reasons: list[ReasonCode],
-        properties: Properties | None,
-    ) -> None:
-        refused = [str(r) for r in reasons if r.is_failure]
-        if refused:
-            log.error("the broker refused the ingest's subscriptions: %s", ", ".join(refused))
-        else:
-            log.info("subscribed to %s", ", ".join(self.subscriptions()))
-            self._subscribed.set()
-
-    def _on_disconnect(
-        self,
-        client: mqtt.Client,
-        userdata: object,
-        flags: mqtt.DisconnectFlags,
-        reason: ReasonCode,
-        properties: Properties | None,
-    ) -> None:
-        self._subscribed.clear()
-        if not self._stop.is_set():
-            log.warning("lost the broker %s (%s); reconnecting", self.target, reason)
-
-    def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
-        try:
-            topic = message.topic
-        except UnicodeDecodeError:
-            topic = "<not UTF-8>"
-        self._inbox.put(Received(topic, bytes(message.payload), message.mid, message.qos))
-
     # Running ---------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Connect and start writing in the background."""
-        # Up to two batches unacknowledged in flight: enough to keep the writer busy, bounded memory.
-        self.target.connect(self._client, persistent=True, receive_maximum=min(2 * self.batch_size, 65_535))
-        self._client.loop_start()
-        self._worker = threading.Thread(target=self._work, name=f"{self.client_id}-writer", daemon=True)
+        """Connect and start writing in the background (reconnecting whenever the broker is lost)."""
+        self._worker = threading.Thread(target=self._run, name=f"{self.client_id}-writer", daemon=True)
         self._worker.start()
 
     def wait_subscribed(self, timeout: float = 10.0) -> bool:
-        """Whether the broker accepted the subscriptions within `timeout` seconds."""
+        """Whether the broker accepted the login and subscriptions within `timeout` seconds."""
         return self._subscribed.wait(timeout)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish the batch in hand, then disconnect (the session and its queued messages stay)."""
+        self._stop.set()
+        if self._worker is not None:
+            self._worker.join(timeout)
 
     def retire(self, timeout: float = 10.0) -> bool:
         """Drop this ingest's session in the broker for good (do not `start` it): its subscriptions
         go, and with them its share of the group's messages, which the broker would otherwise keep
         queueing for it until the session expires. Returns whether the broker confirmed."""
-        client = self.target.client(self.client_id)
-        connected = threading.Event()
-        client.on_connect = lambda *args: connected.set()
-        self.target.connect(client)  # clean start, no session expiry: the old session is discarded
-        client.loop_start()
-        confirmed = connected.wait(timeout)
-        client.disconnect()
-        client.loop_stop()
-        return confirmed
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Write what was received, then disconnect (the session and its queued messages stay)."""
-        self._stop.set()
-        if self._worker is not None:
-            self._worker.join(timeout)
-        self._client.disconnect()
-        self._client.loop_stop()
-
-    def _work(self) -> None:
-        while not self._stop.is_set() or not self._inbox.empty():
-            batch = self._take()
-            if batch:
-                self._process(batch)
-
-    def _take(self) -> list[Received]:
-        """Up to `batch_size` messages: waits for a first one (at most 0.2 s), then takes what keeps
-        arriving, until `batch_wait` has passed or the stream pauses for `GAP` seconds. (The broker
-        lets only so many unacknowledged messages through at once, so waiting longer would not make
-        the batch larger, only later.)"""
+        link = IngestLink(self.target, self.client_id, self.subscriptions(), persistent=False)
         try:
-            batch = [self._inbox.get(timeout=0.2)]
-        except queue.Empty:
+            link.connect(timeout)  # clean start, no session expiry: the old session is discarded
+        except LinkError as exc:
+            log.error("could not retire %s: %s", self.client_id, exc)
+            return False
+        link.disconnect()
+        return True
+
+    def _run(self) -> None:
+        attempt = 0
+        while not self._stop.is_set():
+            if not self._link.connected:
+                try:
+                    self._link.connect()
+                except LinkError as exc:
+                    delay = RETRY_SECONDS[min(attempt, len(RETRY_SECONDS) - 1)]
+                    log.error("%s; retrying in %s s", exc, delay)
+                    attempt += 1
+                    self._stop.wait(delay)
+                    continue
+                attempt = 0
+                log.info(
+                    "connected to %s as %s (session present: %s); subscribed to %s",
+                    self.target,
+                    self.client_id,
+                    self._link.session_present,
+                    ", ".join(self.subscriptions()),
+                )
+                self.metrics.connected.set(1)
+                self._subscribed.set()
+            try:
+                batch = self._take()
+                if batch:
+                    self._process(batch)
+            except LinkError as exc:
+                self._subscribed.clear()
+                self.metrics.connected.set(0)
+                if not self._stop.is_set():
+                    log.warning("%s; reconnecting (what was not acknowledged comes again)", exc)
+        self._link.disconnect()
+        self.metrics.connected.set(0)
+
+    def _take(self) -> list[Inbound]:
+        """Up to about `batch_size` messages: waits for a first one (at most 0.2 s), then takes what
+        keeps arriving, until `batch_wait` has passed or the stream pauses for `GAP` seconds. (The
+        broker lets only so many unacknowledged messages through at once, so waiting longer would not
+        make the batch larger, only later.)"""
+        batch = self._link.receive(0.2)
+        if not batch:
             return []
         deadline = time.monotonic() + self.batch_wait
         while len(batch) < self.batch_size:
-            try:
-                batch.append(self._inbox.get_nowait())
-                continue
-            except queue.Empty:
-                pass
             wait = min(GAP, deadline - time.monotonic())
             if wait <= 0:
                 break
-            try:
-                batch.append(self._inbox.get(timeout=wait))
-            except queue.Empty:
+            more = self._link.receive(wait)
+            if not more:
                 break
-        self.metrics.backlog.set(self._inbox.qsize())
+            batch.extend(more)
         return batch
 
-    def _process(self, batch: Sequence[Received]) -> None:
+    def _process(self, batch: Sequence[Inbound]) -> None:
         accepted: list[Accepted] = []
         kinds: Tally[MessageKind] = Tally()
-        for received in batch:
+        for inbound in batch:
+            topic = inbound.topic.decode("utf-8", errors="replace")
             try:
-                kind, message = decode(received.topic, received.payload)
+                kind, message = decode(topic, inbound.payload)
             except ContractError as invalid:
-                self._refuse(received.topic, invalid)
+                self._refuse(topic, invalid)
                 continue
             kinds[kind] += 1
-            accepted.append(Accepted(kind, message, received.payload))
+            accepted.append(Accepted(kind, message, inbound.payload))
         for kind, count in kinds.items():
             self.metrics.received.labels(kind.value).inc(count)
         if accepted:
@@ -325,9 +264,7 @@ class Ingest:
             for kind, count in written.duplicates.items():
                 self.metrics.duplicates.labels(kind.value).inc(count)
             self._send_receipts(written.receipts)
-        for received in batch:
-            if received.qos > 0:
-                self._client.ack(received.mid, received.qos)
+        self._link.ack([inbound.packet_id for inbound in batch])
 
     def _write(self, accepted: list[Accepted]) -> Written | None:
         attempt = 0
@@ -344,6 +281,7 @@ class Ingest:
                 attempt += 1
                 if self._stop.wait(delay):
                     return None
+                self._link.ping_if_due()  # the broker must not take a long outage for a dead ingest
                 continue
             except Exception:  # a bug the checks did not foresee: one message must not stop the ingest
                 if len(accepted) > 1:
@@ -372,5 +310,5 @@ class Ingest:
     def _send_receipts(self, receipts: list[tuple[str, uuid.UUID]]) -> None:
         for device_id, ack_of in receipts:
             receipt = Receipt(device_id=device_id, ack_of=ack_of)
-            self._client.publish(device_topic(device_id, MessageKind.RECEIPT), encode(receipt), qos=1)
+            self._link.publish(device_topic(device_id, MessageKind.RECEIPT), encode(receipt))
         self.metrics.receipts.inc(len(receipts))
