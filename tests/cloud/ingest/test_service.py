@@ -34,7 +34,7 @@ from cloud.registry.tables import ModelAck as AckRow
 from cloud.registry.tables import Presence as Shown
 from tests.brokers import RunningBroker, provisioned_device
 from tests.cloud.factories import knowledge_payload
-from tests.cloud.ingest.device_script import Enrolled, ScriptedDevice, end_session, enrol, wait_until
+from tests.cloud.ingest.device_script import Enrolled, ScriptedDevice, enrol, wait_until
 from wire.limits import KIB
 from wire.messages import AckResult, Receipt, Status, encode
 from wire.topics import MessageKind
@@ -67,8 +67,8 @@ def store(tmp_path: Path) -> LocalArtifactStore:
 
 @pytest.fixture
 def start_ingest(broker: RunningBroker, sessions: sessionmaker[Session]) -> Iterator[Callable[[], Ingest]]:
-    """Starts ingests of one shared-subscription group of this test's own; stops them afterwards and
-    discards their broker sessions (else the session's mosquitto would queue for them)."""
+    """Starts ingests of one shared-subscription group of this test's own; stops and retires them
+    afterwards (else the session's mosquitto would queue their share for them for a day)."""
     group = f"test-{secrets.token_hex(4)}"
     started: list[Ingest] = []
 
@@ -89,7 +89,7 @@ def start_ingest(broker: RunningBroker, sessions: sessionmaker[Session]) -> Iter
     yield start
     for ingest in started:
         ingest.stop()
-        end_session(broker.cloud, ingest.client_id)
+        assert ingest.retire(), f"{ingest.client_id}'s broker session was not dropped"
 
 
 @pytest.fixture
