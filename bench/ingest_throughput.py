@@ -121,10 +121,12 @@ def passthrough(lab: Lab, messages: list[tuple[str, bytes]]) -> dict[str, float]
     return {"msg_per_s": len(messages) / elapsed, "seconds": elapsed, "broker_cpu_percent": usage.cpu_percent}
 
 
-def ingest_run(lab: Lab, messages: list[tuple[str, bytes]], processes: int) -> dict[str, float]:
+def ingest_run(
+    lab: Lab, messages: list[tuple[str, bytes]], processes: int, *, batch_size: int
+) -> dict[str, float]:
     """N messages through `processes` ingests into PostgreSQL; every one stored exactly once."""
     before = stored_telemetry(lab)
-    with ingests(lab, processes) as workers:
+    with ingests(lab, processes, batch_size=batch_size) as workers:
         meter = UsageMeter([psutil.Process(lab.broker.pid or 0), *workers])
         started = publish(lab, messages)
         deadline = started + 600
@@ -146,7 +148,7 @@ def ingest_run(lab: Lab, messages: list[tuple[str, bytes]], processes: int) -> d
     }
 
 
-def run(admin_url: str, *, count: int, processes: list[int]) -> dict[str, Any]:
+def run(admin_url: str, *, count: int, processes: list[int], batch_size: int) -> dict[str, Any]:
     with lab(admin_url) as bench_lab, Progress(transient=True) as progress:
         task = progress.add_task("ingest benchmark", total=2 + len(processes))
         provision(bench_lab, DEVICES)
@@ -157,7 +159,7 @@ def run(admin_url: str, *, count: int, processes: list[int]) -> dict[str, Any]:
         progress.advance(task)
         runs = []
         for n in processes:
-            figures = ingest_run(bench_lab, status_messages(count), n)
+            figures = ingest_run(bench_lab, status_messages(count), n, batch_size=batch_size)
             runs.append(
                 {
                     "ingest_processes": n,
@@ -169,6 +171,7 @@ def run(admin_url: str, *, count: int, processes: list[int]) -> dict[str, Any]:
     return {
         "benchmark": "ingest_throughput",
         "messages": count,
+        "batch_size": batch_size,
         "payload_bytes": len(status_messages(1)[0][1]),
         "passthrough": reference,
         "runs": runs,
@@ -218,12 +221,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=50_000)
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
+    parser.add_argument(
+        "--batch-size", type=int, default=1000, help="DIREDI_INGEST_BATCH_SIZE of the ingests"
+    )
     args = parser.parse_args(argv)
     admin_url = os.environ.get("DIREDI_TEST_POSTGRES_URL")
     if not admin_url:
         raise SystemExit("set DIREDI_TEST_POSTGRES_URL (scripts/services.sh postgres prints it)")
     console = Console()
-    report = run(admin_url, count=args.messages, processes=args.processes)
+    report = run(admin_url, count=args.messages, processes=args.processes, batch_size=args.batch_size)
     print_table(report, console)
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "ingest_throughput.json"

@@ -172,9 +172,13 @@ def decode(topic: str, payload: bytes) -> tuple[MessageKind, Message]:
 def _carries_its_envelope(kind: MessageKind, message: BaseModel) -> Message:
     # The models fill msg_id and sent_at in when a sender builds a message; a received one must carry
     # them (a redelivery given a fresh msg_id would be stored twice).
-    missing = [
-        f for f in ENVELOPE_FIELDS if f in type(message).model_fields and f not in message.model_fields_set
-    ]
-    if missing:
-        raise ContractError(f"invalid {kind} payload at {missing[0]}: Field required", Rejection.invalid)
+    for name in _ENVELOPE_OF[kind]:
+        if name not in message.model_fields_set:
+            raise ContractError(f"invalid {kind} payload at {name}: Field required", Rejection.invalid)
     return message  # type: ignore[return-value]
+
+
+_ENVELOPE_OF = {
+    kind: tuple(name for name in ENVELOPE_FIELDS if name in model.model_fields)
+    for kind, model in PAYLOADS.items()
+}

@@ -5,6 +5,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
+import orjson
 from sqlalchemy import Select, delete, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
@@ -35,6 +36,12 @@ def add_samples(session: Session, samples: Iterable[dict[str, Any]]) -> set[uuid
 
 
 INCOMING = "telemetry_incoming"
+
+
+def _json(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
 COLUMNS = [c.name for c in Telemetry.__table__.columns if c.name != "id"]
 UTC_TIMESTAMP = UTCDateTime(timezone=True)
 
@@ -62,7 +69,7 @@ def _copy_new(session: Session, rows: list[dict[str, Any]]) -> set[uuid.UUID]:
                 values = {
                     **row,
                     "at": UTC_TIMESTAMP.process_bind_param(row["at"], dialect),  # refuses naive times
-                    "class_histogram": None if histogram is None else Jsonb(histogram),
+                    "class_histogram": None if histogram is None else Jsonb(histogram, dumps=_json),
                 }
                 copy.write_row([values.get(name) for name in COLUMNS])
         cursor.execute(
