@@ -302,6 +302,8 @@ def test_an_ingest_killed_mid_stream_and_restarted_loses_and_duplicates_nothing(
     assert sent_while_alive < stream.total, "the stream ended before the kill: nothing was mid-stream"
     assert_each_stored_once_and_receipted(registry.sessions, devices, stream.reports)
     assert len(stream.reports) == 90
+    # What reached the broker while no ingest ran waited in the session the restart took up again.
+    assert "session present: True" in ingest.log_path.read_text(), ingest.log_tail()
 
 
 def test_a_broker_killed_mid_stream_and_restarted_loses_and_duplicates_nothing(
