@@ -1,7 +1,8 @@
 """`make bench`: runs every benchmark in turn."""
 
-from bench import api_listing, learning_loop
+from bench import api_listing, fleet_connections, learning_loop
 
 if __name__ == "__main__":
     api_listing.main([])
     learning_loop.main()
+    fleet_connections.main([])  # last: it exits non-zero when a presence or telemetry check fails
