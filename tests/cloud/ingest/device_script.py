@@ -184,29 +184,39 @@ class ScriptedDevice:
         if not self._ready.wait(timeout):
             raise AssertionError(f"{self.device_id} did not reconnect within {timeout:g} s")
 
+    def freeze(self) -> None:
+        """Stop talking but leave the connection open, like a device that hung: the broker ends it
+        after 1.5 keepalives, or when another connection takes the client id over. The device stays
+        down."""
+        self._stopping.set()
+        self._network.join(5)
+        self._ready.clear()
+
     def drop(self) -> None:
         """End the connection as a crashed device would: the socket closes without a DISCONNECT, so the
         broker publishes the will. The device stays down."""
+        self.freeze()
+        self._close_socket()
+
+    def close(self) -> None:
+        """Disconnect cleanly (no will) and stop the network thread."""
+        stopped = self._stopping.is_set()  # frozen or dropped: no goodbye
         self._stopping.set()
-        self._network.join(5)
+        if self._network.is_alive():
+            self._network.join(5)
+        if self._linked and not stopped:
+            self._client.disconnect()  # no network thread any more: paho writes it from here
+        self._close_socket()
+        self._ready.clear()
+
+    def _close_socket(self) -> None:
         sock = self._client.socket()
         if isinstance(sock, socket.socket):
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
-                pass
+                pass  # already closed by the broker
             sock.close()
-        self._ready.clear()
-
-    def close(self) -> None:
-        """Disconnect cleanly (no will) and stop the network thread."""
-        dropped = self._stopping.is_set()
-        self._stopping.set()
-        if self._network.is_alive():
-            self._network.join(5)
-        if self._linked and not dropped:
-            self._client.disconnect()  # no network thread any more: paho writes it from here
-        self._ready.clear()
 
     # Sending ---------------------------------------------------------------------------------------
 

@@ -395,6 +395,32 @@ def test_presence_goes_offline_by_the_will_when_the_connection_drops(
 
 
 @BOTH
+def test_a_connection_that_takes_over_a_hung_one_stays_online(
+    start_ingest: Callable[[], Ingest],
+    connect: Callable[..., ScriptedDevice],
+    sessions: sessionmaker[Session],
+    store: LocalArtifactStore,
+    broker: RunningBroker,
+) -> None:
+    # Prepare: the device hangs with its connection (c1) still open
+    fleet = enrol(sessions, store, broker, 1)
+    (cam,) = fleet.devices
+    ingest = start_ingest()
+    hung = connect(fleet, cam)
+    settle(ingest, hung)
+    hung.freeze()
+
+    # Execute: it comes back on a new connection (c2) under the same client id; the broker ends c1
+    # and may publish c1's will, an `offline` older than c2's `online`
+    again = connect(fleet, cam)
+    settle(ingest, again)
+
+    # Assert
+    row = device_row(sessions, cam)
+    assert (row.presence, row.presence_conn) == (Shown.online, again.conn), (hung.conn, again.conn)
+
+
+@BOTH
 def test_a_retained_presence_sent_while_no_ingest_ran_is_applied_when_it_starts(
     start_ingest: Callable[[], Ingest],
     connect: Callable[..., ScriptedDevice],
