@@ -4,7 +4,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
 from wire.topics import DEVICE_ID_PATTERN
 
@@ -17,6 +17,14 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def _in_utc(value: datetime) -> datetime:
+    # A time with a zone that UTC cannot represent (0001-01-01T00:00+01:00) would fail only when stored.
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("is outside the range of UTC timestamps") from None
+
+
 class Envelope(BaseModel):
     """The fields of DESIGN §2 common to every device message."""
 
@@ -24,4 +32,4 @@ class Envelope(BaseModel):
 
     msg_id: uuid.UUID = Field(default_factory=uuid.uuid4)
     device_id: DeviceId
-    sent_at: AwareDatetime = Field(default_factory=utcnow)  # a time without a zone is refused
+    sent_at: Annotated[AwareDatetime, AfterValidator(_in_utc)] = Field(default_factory=utcnow)

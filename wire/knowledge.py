@@ -51,7 +51,7 @@ class KnowledgeReport(Envelope):
     base_model_id: ModelId
     num_classes: int = Field(ge=2, le=MAX_CLASSES)
     feature_dim: int = Field(ge=1, le=65536)
-    sample_count: int = Field(ge=1)
+    sample_count: int = Field(ge=1, le=(1 << 31) - 1)  # a 32-bit column; float() of it is exact
     # C×C: row = the model's top-1 on a private sample, column = the user's label. Counts, or
     # noisy counts under DP (which may then be negative or fractional).
     preference_map: EncodedArray

@@ -71,7 +71,7 @@ class ModelAck(Envelope):
     schema_: Literal["diredi.model-ack/1"] = Field("diredi.model-ack/1", alias="schema")
     model_id: ModelId  # the model the desired document named
     result: AckResult
-    reason: str = Field("", max_length=1024)
+    reason: str = Field("", max_length=1024, pattern=r"^[^\x00]*$")  # no NUL: PostgreSQL text cannot hold it
     running_model_id: ModelId | None = None  # what the device serves now
 
 
@@ -139,7 +139,7 @@ def decode(topic: str, payload: bytes) -> tuple[MessageKind, Message]:
         raise ContractError(f"{kind} payload of {len(payload)} bytes exceeds {limit}", Rejection.oversized)
     try:  # The common case, a valid message, in one pass of pydantic's parser (a third of the cost).
         message = PAYLOADS[kind].model_validate_json(payload)
-    except ValidationError:
+    except (ValidationError, ArithmeticError):
         pass  # which rule it broke is found below
     else:
         if "schema_" in message.model_fields_set and getattr(message, "device_id", None) == device_id:
@@ -166,6 +166,8 @@ def decode(topic: str, payload: bytes) -> tuple[MessageKind, Message]:
         message = PAYLOADS[kind].model_validate(document)
     except ValidationError as exc:
         raise ContractError(f"invalid {kind} payload at {describe(exc)}", Rejection.invalid) from None
+    except ArithmeticError as exc:  # a number a validator could not compute with (no field bounds it)
+        raise ContractError(f"invalid {kind} payload: {shown(str(exc), 120)}", Rejection.invalid) from None
     return kind, _carries_its_envelope(kind, message)
 
 

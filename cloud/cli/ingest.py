@@ -81,5 +81,7 @@ def ingest(
         signal.signal(signum, lambda *_: stop.set())
     service.start()
     logging.getLogger(__name__).info("ingest %s started; metrics on port %s", name, port or "none")
-    stop.wait()
+    while not stop.wait(1.0):
+        if not service.running:
+            raise _fail(CloudError("the ingest's writer stopped unexpectedly (see the log)"))
     service.stop()

@@ -16,6 +16,7 @@
 """
 
 import logging
+import sys
 import threading
 import time
 import uuid
@@ -167,6 +168,11 @@ class Ingest:
         """Whether the broker accepted the login and subscriptions within `timeout` seconds."""
         return self._subscribed.wait(timeout)
 
+    @property
+    def running(self) -> bool:
+        """Whether the writer thread is alive."""
+        return self._worker is not None and self._worker.is_alive()
+
     def stop(self, timeout: float = 10.0) -> None:
         """Finish the batch in hand, then disconnect (the session and its queued messages stay)."""
         self._stop.set()
@@ -217,6 +223,14 @@ class Ingest:
                 self.metrics.connected.set(0)
                 if not self._stop.is_set():
                     log.warning("%s; reconnecting (what was not acknowledged comes again)", exc)
+            except Exception:
+                # Not foreseen: start over from the broker's side (it delivers what was not
+                # acknowledged again) rather than let the writer die with the process still up.
+                log.exception("the ingest failed; reconnecting in %s s", RETRY_SECONDS[-1])
+                self._link.close()
+                self._subscribed.clear()
+                self.metrics.connected.set(0)
+                self._stop.wait(RETRY_SECONDS[-1])
         self._link.disconnect()
         self.metrics.connected.set(0)
 
@@ -248,6 +262,10 @@ class Ingest:
                 kind, message = decode(topic, inbound.payload)
             except ContractError as invalid:
                 self._refuse(topic, invalid)
+                continue
+            except Exception as exc:  # a gap in the contract's checks must not stop the ingest
+                why = f"the contract's checks failed on it ({type(exc).__name__})"
+                self._refuse(topic, ContractError(why, Rejection.invalid))
                 continue
             kinds[kind] += 1
             accepted.append(Accepted(kind, message, inbound.payload))
@@ -287,8 +305,8 @@ class Ingest:
                 if len(accepted) > 1:
                     log.exception("a batch of %d failed; writing its messages one by one", len(accepted))
                     return self._write_each(accepted)
-                log.exception("refused a %s message of %s", accepted[0].kind, accepted[0].message.device_id)
-                error = ContractError("the ingest could not store it (logged)", Rejection.refused)
+                error_type = type(sys.exc_info()[1]).__name__
+                error = ContractError(f"the registry could not store it ({error_type})", Rejection.refused)
                 return Written(refused=[(accepted[0], error)])
             self.metrics.batch_seconds.observe(time.perf_counter() - started)
             self.metrics.batch_size.observe(len(accepted))

@@ -18,7 +18,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from cloud.exceptions import CloudError
 from cloud.registry import acks, knowledge, telemetry
-from cloud.registry.devices import apply_presence, known_devices, mark_seen, report_model
+from cloud.registry.devices import (
+    PresenceUpdate,
+    apply_presences,
+    existing_models,
+    known_devices,
+    mark_seen,
+    report_model,
+)
 from cloud.registry.tables import DeviceStatus, utcnow
 from wire.errors import ContractError, Rejection
 from wire.knowledge import KnowledgeReport
@@ -95,18 +102,13 @@ class BatchWriter:
             self._statuses(session, [a for a in admitted if a.kind is MessageKind.STATUS], devices, written)
             self._knowledge(session, [a for a in admitted if a.kind is MessageKind.KNOWLEDGE], now, written)
             self._acks(session, [a for a in admitted if a.kind is MessageKind.MODEL_ACK], now, written)
-            for accepted in admitted:
-                if isinstance(accepted.message, Presence):
-                    presence = accepted.message
-                    online = presence.state is PresenceState.online
-                    apply_presence(
-                        session,
-                        presence.device_id,
-                        online=online,
-                        conn=presence.conn,
-                        sent_at=presence.sent_at,
-                    )
-                    written.stored[MessageKind.PRESENCE] += 1
+            presences = [
+                PresenceUpdate(p.device_id, p.state is PresenceState.online, p.conn, p.sent_at)
+                for p in (a.message for a in admitted)
+                if isinstance(p, Presence)
+            ]
+            apply_presences(session, presences)
+            written.stored[MessageKind.PRESENCE] += len(presences)
             refused = {id(a) for a, _ in written.refused}
             mark_seen(session, {a.message.device_id for a in admitted if id(a) not in refused}, now)
         return written
@@ -127,8 +129,10 @@ class BatchWriter:
             # A redelivered status was heard before: its model may since have been replaced.
             if status.model_id is not None and status.msg_id in new:
                 latest[status.device_id] = status.model_id
-        for device_id, model_id in latest.items():
-            if devices[device_id][1] != model_id:
+        changed = {d: m for d, m in latest.items() if devices[d][1] != m}
+        known = existing_models(session, set(changed.values()))  # one query; an unknown model is skipped
+        for device_id, model_id in changed.items():
+            if model_id in known:
                 report_model(session, device_id, model_id)
 
     @staticmethod

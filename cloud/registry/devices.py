@@ -1,10 +1,11 @@
 """Cohorts and devices: provisioning with one-time credentials, revocation, lookup, artifact offers."""
 
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Select, and_, exists, or_, select, update
+from sqlalchemy import Select, Table, Update, and_, bindparam, exists, or_, select, update
 from sqlalchemy.orm import Session
 
 from cloud.exceptions import ConflictError, NotFoundError
@@ -190,17 +191,54 @@ def apply_presence(session: Session, device_id: str, *, online: bool, conn: str,
     conditional UPDATE each, so several ingests applying the same messages in any order end in the
     same state.
     """
-    newer = or_(Device.presence_at.is_(None), Device.presence_at < sent_at)
-    same_instant = Device.presence_at == sent_at
-    statement = update(Device).where(Device.id == device_id, Device.status == DeviceStatus.active)
+    params = {"p_id": device_id, "p_conn": conn, "p_at": sent_at}
+    return bool(session.connection().execute(_presence_statement(online), params).rowcount)
+
+
+@dataclass(frozen=True)
+class PresenceUpdate:
+    """One presence message, as `apply_presences` takes it."""
+
+    device_id: str
+    online: bool
+    conn: str
+    sent_at: datetime
+
+
+def apply_presences(session: Session, updates: Sequence[PresenceUpdate]) -> None:
+    """`apply_presence` for a batch: one statement run for all the batch's `online`s, one for its
+    `offline`s (the rule gives the same result in any order, so grouping them changes nothing; one
+    UPDATE round trip per message was the cost of a fleet reconnecting at once)."""
+    for online in (True, False):
+        params = [
+            {"p_id": u.device_id, "p_conn": u.conn, "p_at": u.sent_at} for u in updates if u.online is online
+        ]
+        if params:
+            session.connection().execute(_presence_statement(online), params)
+
+
+def _presence_statement(online: bool) -> Update:
+    table = cast(Table, Device.__table__)
+    at = bindparam("p_at", type_=Device.presence_at.type)
+    conn = bindparam("p_conn", type_=Device.presence_conn.type)
+    newer = or_(table.c.presence_at.is_(None), table.c.presence_at < at)
+    same_instant = table.c.presence_at == at
+    statement = update(table).where(
+        table.c.id == bindparam("p_id", type_=Device.id.type), table.c.status == DeviceStatus.active
+    )
     if online:
-        statement = statement.where(or_(newer, and_(same_instant, Device.presence == Presence.online)))
-        state = Presence.online
+        statement = statement.where(or_(newer, and_(same_instant, table.c.presence == Presence.online)))
     else:
-        statement = statement.where(or_(newer, and_(same_instant, Device.presence_conn == conn)))
-        state = Presence.offline
-    statement = statement.values(presence=state, presence_conn=conn, presence_at=sent_at)
-    return bool(session.execute(statement).rowcount)  # type: ignore[attr-defined]
+        statement = statement.where(or_(newer, and_(same_instant, table.c.presence_conn == conn)))
+    state = Presence.online if online else Presence.offline
+    return statement.values(presence=state, presence_conn=conn, presence_at=at)
+
+
+def existing_models(session: Session, model_ids: Collection[str]) -> set[str]:
+    """Those of `model_ids` the registry knows."""
+    if not model_ids:
+        return set()
+    return set(session.scalars(select(Model.id).where(Model.id.in_(model_ids))))
 
 
 def report_model(session: Session, device_id: str, model_id: str) -> bool:
