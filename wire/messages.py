@@ -3,6 +3,7 @@ the one way either side turns a received (topic, payload) into a typed message o
 
 import enum
 import json
+import re
 import uuid
 from typing import Annotated, Any, Literal
 
@@ -112,6 +113,23 @@ SCHEMAS: dict[MessageKind, str] = {
 
 
 ENVELOPE_FIELDS = ("msg_id", "sent_at")
+# The contract's documents nest four levels at most. A limit far below the interpreter's recursion
+# limit makes the verdict on a deeply nested payload the same on every thread and stack depth.
+MAX_NESTING = 32
+_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def _nesting(payload: bytes) -> int:
+    """How deep the arrays and objects of `payload` nest (strings skipped), without parsing it."""
+    depth = deepest = 0
+    for token in _TOKENS.finditer(payload):
+        first = token.group()[:1]
+        if first in (b"[", b"{"):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif first in (b"]", b"}"):
+            depth -= 1
+    return deepest
 
 
 def encode(message: Message) -> bytes:
@@ -139,11 +157,13 @@ def decode(topic: str, payload: bytes) -> tuple[MessageKind, Message]:
         raise ContractError(f"{kind} payload of {len(payload)} bytes exceeds {limit}", Rejection.oversized)
     try:  # The common case, a valid message, in one pass of pydantic's parser (a third of the cost).
         message = PAYLOADS[kind].model_validate_json(payload)
-    except (ValidationError, ArithmeticError):
+    except (ValidationError, ArithmeticError, RecursionError):  # (nesting too deep for a thread's stack)
         pass  # which rule it broke is found below
     else:
         if "schema_" in message.model_fields_set and getattr(message, "device_id", None) == device_id:
             return kind, _carries_its_envelope(kind, message)
+    if _nesting(payload) > MAX_NESTING:
+        raise ContractError(f"{kind} payload is not JSON nested {MAX_NESTING} deep or less", Rejection.not_json)
     try:
         # Decoded here, not by json.loads: given bytes, it also takes UTF-16, UTF-32 and a BOM.
         document = json.loads(payload.decode("utf-8"), parse_constant=_refuse_constant)
@@ -168,6 +188,8 @@ def decode(topic: str, payload: bytes) -> tuple[MessageKind, Message]:
         raise ContractError(f"invalid {kind} payload at {describe(exc)}", Rejection.invalid) from None
     except ArithmeticError as exc:  # a number a validator could not compute with (no field bounds it)
         raise ContractError(f"invalid {kind} payload: {shown(str(exc), 120)}", Rejection.invalid) from None
+    except RecursionError:
+        raise ContractError(f"{kind} payload is nested too deeply", Rejection.not_json) from None
     return kind, _carries_its_envelope(kind, message)
 
 

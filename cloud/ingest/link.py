@@ -78,6 +78,7 @@ class IngestLink:
         self.keepalive = keepalive
         self.v5 = target.protocol == "5"
         self.session_present = False
+        self.epoch = 0  # counts successful connections: packet ids mean something only within one
         self._sock: socket.socket | None = None
         self._buffer = bytearray()
         self._early: list[Inbound] = []  # messages that came before the SUBACK
@@ -120,6 +121,7 @@ class IngestLink:
             self._check_suback(self._expect(SUBACK, deadline))
             for packet_id, (topic, payload) in self._unacked.items():
                 self._send(self._publish_packet(topic, payload, packet_id, dup=True))
+            self.epoch += 1
         except BaseException:
             self.close()
             raise

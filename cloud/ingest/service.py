@@ -16,12 +16,14 @@
 """
 
 import logging
+import queue
 import sys
 import threading
 import time
 import uuid
 from collections import Counter as Tally
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from sqlalchemy.exc import OperationalError
@@ -40,6 +42,15 @@ SHARED_KINDS = (MessageKind.STATUS, MessageKind.KNOWLEDGE, MessageKind.MODEL_ACK
 LOG_BURST = 10  # rejections logged per reason and minute; the rest are counted
 RETRY_SECONDS = (0.5, 1, 2, 5, 10)  # back-off while the database is unreachable
 GAP = 0.005  # a pause in the stream this long closes the batch
+
+
+@dataclass(frozen=True)
+class Job:
+    """A validated batch on its way to the database, and what to acknowledge once it is committed."""
+
+    epoch: int  # the connection it arrived on
+    packet_ids: list[int]
+    accepted: list[Accepted]
 
 
 class IngestMetrics:
@@ -147,6 +158,9 @@ class Ingest:
         self._stop = threading.Event()
         self._subscribed = threading.Event()
         self._worker: threading.Thread | None = None
+        self._jobs: queue.Queue[Job | None] = queue.Queue(maxsize=1)
+        self._done: queue.SimpleQueue[tuple[Job, Written | None]] = queue.SimpleQueue()
+        self._pending = 0  # batches handed to the database thread, not yet acknowledged
         # Up to two batches unacknowledged in flight: enough to keep the writer busy, bounded memory.
         receive_maximum = min(2 * batch_size, 65_535)
         self._link = IngestLink(target, self.client_id, self.subscriptions(), receive_maximum=receive_maximum)
@@ -193,6 +207,8 @@ class Ingest:
         return True
 
     def _run(self) -> None:
+        writer = threading.Thread(target=self._write_loop, name=f"{self.client_id}-db", daemon=True)
+        writer.start()
         attempt = 0
         while not self._stop.is_set():
             if not self._link.connected:
@@ -215,9 +231,10 @@ class Ingest:
                 self.metrics.connected.set(1)
                 self._subscribed.set()
             try:
+                self._finish()
                 batch = self._take()
                 if batch:
-                    self._process(batch)
+                    self._submit(batch)
             except LinkError as exc:
                 self._subscribed.clear()
                 self.metrics.connected.set(0)
@@ -225,12 +242,18 @@ class Ingest:
                     log.warning("%s; reconnecting (what was not acknowledged comes again)", exc)
             except Exception:
                 # Not foreseen: start over from the broker's side (it delivers what was not
-                # acknowledged again) rather than let the writer die with the process still up.
+                # acknowledged again) rather than let the ingest die with the process still up.
                 log.exception("the ingest failed; reconnecting in %s s", RETRY_SECONDS[-1])
                 self._link.close()
                 self._subscribed.clear()
                 self.metrics.connected.set(0)
                 self._stop.wait(RETRY_SECONDS[-1])
+        self._jobs.put(None)
+        writer.join()
+        try:
+            self._finish()
+        except LinkError:
+            pass  # not acknowledged: delivered again to the next session
         self._link.disconnect()
         self.metrics.connected.set(0)
 
@@ -239,7 +262,7 @@ class Ingest:
         keeps arriving, until `batch_wait` has passed or the stream pauses for `GAP` seconds. (The
         broker lets only so many unacknowledged messages through at once, so waiting longer would not
         make the batch larger, only later.)"""
-        batch = self._link.receive(0.2)
+        batch = self._link.receive(0.005 if self._pending else 0.2)  # a written batch waits for its acks
         if not batch:
             return []
         deadline = time.monotonic() + self.batch_wait
@@ -253,7 +276,9 @@ class Ingest:
             batch.extend(more)
         return batch
 
-    def _process(self, batch: Sequence[Inbound]) -> None:
+    def _submit(self, batch: Sequence[Inbound]) -> None:
+        """Validate `batch` and hand it to the database thread, which writes it while the next batch
+        is received and validated (waiting while the previous one is still queued)."""
         accepted: list[Accepted] = []
         kinds: Tally[MessageKind] = Tally()
         for inbound in batch:
@@ -271,18 +296,39 @@ class Ingest:
             accepted.append(Accepted(kind, message, inbound.payload))
         for kind, count in kinds.items():
             self.metrics.received.labels(kind.value).inc(count)
-        if accepted:
-            written = self._write(accepted)
+        self._pending += 1
+        job = Job(self._link.epoch, [inbound.packet_id for inbound in batch], accepted)
+        while True:
+            try:
+                self._jobs.put(job, timeout=1.0)
+                return
+            except queue.Full:  # the database is slow or down: keep the broker from thinking us dead
+                self._link.ping_if_due()
+
+    def _write_loop(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            self._done.put((job, self._write(job.accepted) if job.accepted else Written()))
+
+    def _finish(self) -> None:
+        """Receipts, then acknowledgements, for every batch the database thread has committed."""
+        while True:
+            try:
+                job, written = self._done.get_nowait()
+            except queue.Empty:
+                return
+            self._pending -= 1
             if written is None:
-                return  # stopping with the database down: unacknowledged, the broker keeps them
+                continue  # stopping with the database down: unacknowledged, the broker keeps them
             for refused, error in written.refused:
                 self._refuse(device_topic(refused.message.device_id, refused.kind), error)
             for kind, count in written.stored.items():
                 self.metrics.stored.labels(kind.value).inc(count)
             for kind, count in written.duplicates.items():
                 self.metrics.duplicates.labels(kind.value).inc(count)
+            if job.epoch != self._link.epoch:
+                continue  # received on an earlier connection: the broker delivers it again, stored once
             self._send_receipts(written.receipts)
-        self._link.ack([inbound.packet_id for inbound in batch])
+            self._link.ack(job.packet_ids)
 
     def _write(self, accepted: list[Accepted]) -> Written | None:
         attempt = 0
@@ -299,7 +345,6 @@ class Ingest:
                 attempt += 1
                 if self._stop.wait(delay):
                     return None
-                self._link.ping_if_due()  # the broker must not take a long outage for a dead ingest
                 continue
             except Exception:  # a bug the checks did not foresee: one message must not stop the ingest
                 if len(accepted) > 1:

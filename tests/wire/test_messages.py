@@ -37,7 +37,7 @@ from wire import (
     parse_device_topic,
 )
 from wire.desired import verify_raw
-from wire.messages import MAX_HISTOGRAM_CLASSES
+from wire.messages import MAX_HISTOGRAM_CLASSES, MAX_NESTING
 
 DEVICE = "dev-1"
 KEY = Ed25519PrivateKey.generate()
@@ -391,7 +391,7 @@ def test_nesting_as_deep_as_the_limit_allows_is_not_json(kind: MessageKind) -> N
     assert in_schema.reason is Rejection.not_json
 
 
-@pytest.mark.parametrize("depth", [10, 200, 500])
+@pytest.mark.parametrize("depth", [10, MAX_NESTING - 1])  # inside the message's own object
 def test_moderate_nesting_is_parsed_and_refused_for_what_it_holds(depth: int) -> None:
     # Prepare
     nested = b"[" * depth + b"]" * depth
@@ -965,3 +965,18 @@ def test_a_time_without_a_zone_is_invalid() -> None:
     # Assert
     assert error.reason is Rejection.invalid
     assert "sent_at" in str(error)
+
+
+@pytest.mark.parametrize("depth", [MAX_NESTING, 200, 500])
+def test_nesting_beyond_the_limit_is_not_json_whatever_the_callers_stack(depth: int) -> None:
+    # Prepare: the same verdict at any stack depth (an ingest thread, a deep test stack)
+    payload = STATUS_TEXT[:-1].encode() + b',"uptime_s":' + b"[" * depth + b"]" * depth + b"}"
+
+    def deep(levels: int) -> ContractError:
+        return refusal(topic_of(MessageKind.STATUS), payload) if levels == 0 else deep(levels - 1)
+
+    # Execute
+    shallow, under_a_deep_stack = deep(0), deep(800)
+
+    # Assert
+    assert shallow.reason is under_a_deep_stack.reason is Rejection.not_json
