@@ -45,13 +45,13 @@ def status_messages(count: int) -> list[tuple[str, bytes]]:
         device_id = DEVICES[n % PUBLISHERS]
         status = Status(
             device_id=device_id,
-            model_id="bench.v1",
+            model_id="digits-home-cameras.v12",
             uptime_s=float(n),
             inference_count=n * 20,
             latency_p50_ms=4.1,
             latency_p95_ms=7.9,
             mean_confidence=0.93,
-            class_histogram={str(c): n % 97 + c for c in range(10)},
+            class_histogram={str(c): n % 997 + 100 * c for c in range(16)},
             labelled_count=n % 50,
             accuracy=0.96,
             cpu_percent=23.5,

@@ -163,7 +163,9 @@ def decode(topic: str, payload: bytes) -> tuple[MessageKind, Message]:
         if "schema_" in message.model_fields_set and getattr(message, "device_id", None) == device_id:
             return kind, _carries_its_envelope(kind, message)
     if _nesting(payload) > MAX_NESTING:
-        raise ContractError(f"{kind} payload is not JSON nested {MAX_NESTING} deep or less", Rejection.not_json)
+        raise ContractError(
+            f"{kind} payload is not JSON nested {MAX_NESTING} deep or less", Rejection.not_json
+        )
     try:
         # Decoded here, not by json.loads: given bytes, it also takes UTF-16, UTF-32 and a BOM.
         document = json.loads(payload.decode("utf-8"), parse_constant=_refuse_constant)
