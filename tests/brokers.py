@@ -18,6 +18,7 @@ import socket
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -68,7 +69,15 @@ def free_ports(count: int) -> list[int]:
 @pytest.fixture(scope="session")
 def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningBroker]:
     """mosquitto with the production configuration, a lab TLS certificate, deny-by-default dynamic
-    security and the cloud's account, on free loopback ports."""
+    security and the cloud's account, on free loopback ports; shared by the session's tests."""
+    with running_mosquitto(tmp_path_factory.mktemp("mosquitto")) as broker:
+        yield broker
+
+
+@contextmanager
+def running_mosquitto(state: Path) -> Iterator[RunningBroker]:
+    """A mosquitto of its own in `state` (for tests whose counts must see no other test's traffic,
+    such as the retained presence and late wills the session's broker carries)."""
     from broker.mosquitto import (
         MosquittoError,
         MosquittoProcess,
@@ -85,7 +94,6 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningBroke
         find_plugin()
     except MosquittoError as exc:
         pytest.skip(f"no mosquitto here: {exc}")
-    state = tmp_path_factory.mktemp("mosquitto")
     certs = state / "certs"
     subprocess.run([str(CERTS_SCRIPT), str(certs)], check=True, capture_output=True, timeout=60)
     port, tls_port = free_ports(2)

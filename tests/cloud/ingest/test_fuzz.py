@@ -33,7 +33,7 @@ from cloud.ingest.service import Ingest
 from cloud.registry import migrate
 from cloud.registry.db import make_engine, scratch_database, session_factory
 from cloud.registry.tables import Device, KnowledgeReport, ModelAck, Telemetry
-from tests.brokers import Probe, RunningBroker, new_device_id, provisioned_device
+from tests.brokers import Probe, RunningBroker, new_device_id, provisioned_device, running_mosquitto
 from tests.cloud.factories import knowledge_payload, make_cohort, make_device
 from tests.databases import postgres_admin_url
 from tests.embedded_broker import running_embedded_broker
@@ -394,9 +394,13 @@ def running_rig(broker: RunningBroker, sessions: sessionmaker[Session]) -> Itera
 
 
 @pytest.fixture(scope="module")
-def on_mosquitto(mosquitto: RunningBroker, registry: sessionmaker[Session]) -> Iterator[Rig]:
-    """The rig on mosquitto with the production configuration."""
-    with running_rig(mosquitto, registry) as rig:
+def on_mosquitto(tmp_path_factory: pytest.TempPathFactory, registry: sessionmaker[Session]) -> Iterator[Rig]:
+    """The rig on a mosquitto of its own with the production configuration (the session's broker
+    carries other tests' retained presence and late wills, which this ingest would refuse too)."""
+    with (
+        running_mosquitto(tmp_path_factory.mktemp("fuzz-mosquitto")) as broker,
+        running_rig(broker, registry) as rig,
+    ):
         yield rig
 
 
