@@ -17,7 +17,6 @@
 
 import logging
 import queue
-import sys
 import threading
 import time
 import uuid
@@ -343,25 +342,9 @@ class Ingest:
                 if self._stop.wait(delay):
                     return None
                 continue
-            except Exception:  # a bug the checks did not foresee: one message must not stop the ingest
-                if len(accepted) > 1:
-                    log.exception("a batch of %d failed; writing its messages one by one", len(accepted))
-                    return self._write_each(accepted)
-                error_type = type(sys.exc_info()[1]).__name__
-                error = ContractError(f"the registry could not store it ({error_type})", Rejection.refused)
-                return Written(refused=[(accepted[0], error)])
             self.metrics.batch_seconds.observe(time.perf_counter() - started)
             self.metrics.batch_size.observe(len(accepted))
             return written
-
-    def _write_each(self, accepted: list[Accepted]) -> Written | None:
-        written = Written()
-        for one in accepted:
-            result = self._write([one])
-            if result is None:
-                return None
-            written.add(result)
-        return written
 
     def _refuse(self, topic: str, error: ContractError) -> None:
         self.metrics.rejected.labels(error.reason.value).inc()

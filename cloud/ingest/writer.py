@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy.exc import DataError, IntegrityError
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from cloud.exceptions import CloudError
@@ -68,18 +68,21 @@ class BatchWriter:
         self.sessions = sessions
 
     def write(self, batch: Sequence[Accepted]) -> Written:
-        """Store `batch` in one transaction. A database error that one message causes (a constraint the
-        checks did not foresee) does not hold back the others: the batch is then written message by
-        message, and the message that still fails is refused. Other database errors (the database is
-        down) propagate: nothing was committed, and the caller retries."""
+        """Store `batch` in one transaction. An error that one message causes (a constraint the checks
+        did not foresee, or a bug) does not hold back the others: the batch is then written message by
+        message, and the message that still fails is refused. The database being unreachable
+        (`OperationalError`) propagates: nothing was committed, and the caller retries."""
         try:
             return self._write(batch)
-        except (IntegrityError, DataError):
+        except OperationalError:
+            raise
+        except Exception as exc:
             if len(batch) == 1:
-                return Written(
-                    refused=[(batch[0], ContractError("the registry refused it", Rejection.refused))]
+                error = ContractError(
+                    f"the registry could not store it ({type(exc).__name__})", Rejection.refused
                 )
-            log.warning("a batch of %d failed on a constraint; writing its messages one by one", len(batch))
+                return Written(refused=[(batch[0], error)])
+            log.exception("a batch of %d failed; writing its messages one by one", len(batch))
             written = Written()
             for accepted in batch:
                 written.add(self.write([accepted]))
