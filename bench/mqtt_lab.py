@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from broker.acl import provision_commands
 from broker.client import BrokerTarget
 from broker.dynsec import DynsecAdmin
-from broker.mosquitto import DYNSEC_NAME, MosquittoProcess, bootstrap, init_dynsec, render_config
+from broker.mosquitto import DYNSEC_NAME, MosquittoProcess, bootstrap, free_ports, init_dynsec, render_config
 from cloud.registry import migrate
 from cloud.registry.db import make_engine, scratch_database, session_factory, transaction
 from cloud.registry.devices import create_cohort, provision_device
@@ -48,19 +48,6 @@ class Lab:
     database_url: str
     sessions: sessionmaker[Session]
     workdir: Path
-
-
-def free_ports(count: int) -> list[int]:
-    import socket
-
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 @contextmanager

@@ -141,6 +141,19 @@ def _raise_open_files(pid: int) -> None:
     log.warning("could not raise mosquitto's open-file limit from %d (hard limit %d)", soft, hard)
 
 
+def free_ports(count: int) -> list[int]:
+    """Loopback ports nobody listens on now (held open together, so they differ): for a broker
+    started by a test or a benchmark."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 class MosquittoProcess:
     """mosquitto, as a child process, on the configuration rendered in `state_dir`. Its output goes to
     `<state_dir>/mosquitto.log`. It can be killed and started again on the same port and state."""

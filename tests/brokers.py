@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import queue
 import secrets
-import socket
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
@@ -30,6 +29,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from broker.acl import provision_commands
 from broker.client import BrokerTarget
 from broker.dynsec import DynsecAdmin
+from broker.mosquitto import free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 CERTS_SCRIPT = ROOT / "broker" / "certs.sh"
@@ -52,18 +52,6 @@ class RunningBroker:
     def as_device(self, device_id: str, secret: str) -> BrokerTarget:
         """The broker as one device's account."""
         return self.target.with_credentials(device_id, secret)
-
-
-def free_ports(count: int) -> list[int]:
-    """Loopback ports nobody listens on (held open together, so they differ)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 @pytest.fixture(scope="session")

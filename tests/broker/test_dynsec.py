@@ -18,13 +18,14 @@ from broker import dynsec
 from broker.acl import device_role, provision_commands
 from broker.client import BrokerTarget, BrokerURLError
 from broker.dynsec import BrokerAdminError, DynsecAdmin
+from broker.mosquitto import free_ports
 from cloud.broker_hook import BrokerCredentialHook, hooks_from_settings
 from cloud.exceptions import HookError
 from cloud.registry import apikeys
 from cloud.registry.db import session_factory, transaction
 from cloud.registry.tables import Role
 from cloud.settings import Settings
-from tests.brokers import Probe, RunningBroker, free_ports, new_device_id, provisioned_device
+from tests.brokers import Probe, RunningBroker, new_device_id, provisioned_device
 from tests.cloud.factories import make_cohort
 
 NOT_AUTHORIZED = 0x87

@@ -17,8 +17,15 @@ import pytest
 
 from broker.acl import CONTROL_TOPIC, revoke_commands
 from broker.dynsec import DynsecAdmin
-from broker.mosquitto import MosquittoError, MosquittoProcess, bootstrap, init_dynsec, render_config
-from tests.brokers import CERTS_SCRIPT, Probe, RunningBroker, free_ports, new_device_id, provisioned_device
+from broker.mosquitto import (
+    MosquittoError,
+    MosquittoProcess,
+    bootstrap,
+    free_ports,
+    init_dynsec,
+    render_config,
+)
+from tests.brokers import CERTS_SCRIPT, Probe, RunningBroker, new_device_id, provisioned_device
 from wire.topics import DEVICE_PUBLISHES, DEVICE_SUBSCRIBES, MessageKind, device_filter, device_topic
 
 NOT_AUTHORIZED = 0x87

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from broker.client import BrokerTarget
+from broker.mosquitto import free_ports
 from cloud.publisher import CloudPublisher, PublishError
 from cloud.signing import KeyRing
 from tests.brokers import Probe, RunningBroker, new_device_id, provisioned_device
@@ -99,8 +100,6 @@ def test_a_broker_that_refuses_the_account_is_a_clear_error(broker: RunningBroke
 
 def test_an_unreachable_broker_is_a_clear_error(keyring: KeyRing) -> None:
     # Prepare: a port nobody listens on
-    from tests.brokers import free_ports
-
     nowhere = BrokerTarget(host="127.0.0.1", port=free_ports(1)[0])
 
     # Execute / Assert

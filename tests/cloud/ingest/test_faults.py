@@ -28,12 +28,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from broker.mosquitto import free_ports
 from cloud.artifacts import LocalArtifactStore
 from cloud.ingest.service import Ingest
 from cloud.registry import migrate
 from cloud.registry.db import make_engine, scratch_database, session_factory
 from cloud.registry.tables import KnowledgeReport, Telemetry
-from tests.brokers import RunningBroker, free_ports
+from tests.brokers import RunningBroker
 from tests.cloud.factories import knowledge_payload
 from tests.cloud.ingest.device_script import (
     Enrolled,
