@@ -1,6 +1,7 @@
 """MQTT topic builders and parsers: the only place a topic string is spelled."""
 
 import enum
+import functools
 import re
 
 from wire.errors import ContractError
@@ -35,6 +36,7 @@ def device_topic(device_id: str, kind: MessageKind) -> str:
     return f"{_PREFIX}{check_device_id(device_id)}/{kind.value}"
 
 
+@functools.lru_cache(maxsize=65_536)  # a fleet's topics recur with every message; errors are not cached
 def parse_device_topic(topic: str) -> tuple[str, MessageKind]:
     """Split a device topic into (device_id, kind); raise ContractError for any other topic."""
     if not topic.startswith(_PREFIX):

@@ -124,7 +124,7 @@ class BatchWriter:
         written: Written,
     ) -> None:
         statuses = [a.message for a in batch if isinstance(a.message, Status)]
-        new = telemetry.add_samples(session, [_sample(s) for s in statuses])
+        new = telemetry.add_statuses(session, statuses)
         written.stored[MessageKind.STATUS] += len(new)
         written.duplicates[MessageKind.STATUS] += len(statuses) - len(new)
         latest: dict[str, str] = {}
@@ -162,23 +162,3 @@ class BatchWriter:
         written.stored[MessageKind.MODEL_ACK] += len(new)
         written.duplicates[MessageKind.MODEL_ACK] += len(messages) - len(new)
         written.receipts.extend((ack.device_id, ack.msg_id) for ack in messages)
-
-
-def _sample(status: Status) -> dict[str, object]:
-    return {
-        "msg_id": status.msg_id,
-        "device_id": status.device_id,
-        "at": status.sent_at,
-        "model_id": status.model_id,
-        "uptime_s": status.uptime_s,
-        "inference_count": status.inference_count,
-        "latency_p50_ms": status.latency_p50_ms,
-        "latency_p95_ms": status.latency_p95_ms,
-        "mean_confidence": status.mean_confidence,
-        "labelled_count": status.labelled_count,
-        "accuracy": status.accuracy,
-        "cpu_percent": status.cpu_percent,
-        "mem_bytes": status.mem_bytes,
-        "temp_c": status.temp_c,
-        "class_histogram": status.class_histogram or None,
-    }

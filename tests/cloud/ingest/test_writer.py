@@ -444,7 +444,7 @@ def test_a_message_the_database_rejects_is_refused_alone(
     store: LocalArtifactStore,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # Prepare: the registry check lets cam-ghost through, so its telemetry breaks the foreign key
+    # Prepare: the registry check lets cam-ghost through, so its ack breaks the foreign key
     fleet = two_lines(sessions, store)
 
     def also_ghost(
@@ -456,7 +456,7 @@ def test_a_message_the_database_rejects_is_refused_alone(
         return known
 
     monkeypatch.setattr("cloud.ingest.writer.known_devices", also_ghost)
-    ghost = arrived(status("cam-ghost", fleet.now))
+    ghost = arrived(ModelAck(device_id="cam-ghost", model_id=fleet.v2, result=AckResult.installed))
     report = report_arrived("cam-a", fleet.v1)
     batch = [arrived(status("cam-a", fleet.now)), ghost, report]
 

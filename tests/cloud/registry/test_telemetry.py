@@ -12,8 +12,9 @@ from sqlalchemy.exc import StatementError
 from sqlalchemy.orm import Session
 
 from cloud.registry import telemetry
-from cloud.registry.tables import Cohort, Telemetry, UTCDateTime
+from cloud.registry.tables import Cohort, Device, Telemetry, UTCDateTime
 from tests.cloud.factories import make_cohort, make_device
+from wire.messages import Status
 
 NOW = datetime(2026, 3, 1, 12, 0, 0, 250_000, tzinfo=UTC)
 PLUS_TWO = timezone(timedelta(hours=2))
@@ -86,6 +87,74 @@ def test_timestamps_come_back_aware_utc_and_equal(session: Session) -> None:
     assert row.at.tzinfo is UTC
     assert (row.at.hour, row.at.microsecond) == (12, 123_456)
     assert row.class_histogram == {"3": 4}
+
+
+def status(device_id: str, at: datetime, **fields: Any) -> Status:
+    """A validated status message, as the ingest hands it over."""
+    return Status.model_validate({"device_id": device_id, "sent_at": at, "uptime_s": 1.0, **fields})
+
+
+def stored(session: Session) -> dict[uuid.UUID, dict[str, Any]]:
+    """Every telemetry row by msg_id, as column → value."""
+    session.expire_all()
+    rows = session.scalars(select(Telemetry)).all()
+    return {r.msg_id: {c: getattr(r, c) for c in telemetry.COPY_COLUMNS} for r in rows}
+
+
+def test_statuses_are_stored_with_every_value_exact(session: Session) -> None:
+    # Prepare: values a text round trip could bend (floats, a 64-bit count, another time zone)
+    two_devices(session)
+    full = status(
+        "cam-a",
+        datetime(2026, 3, 1, 14, 30, 0, 123_456, tzinfo=PLUS_TWO),
+        model_id="kitchen.v1:int8",
+        uptime_s=0.1 + 0.2,
+        inference_count=(1 << 63) - 1,
+        latency_p50_ms=1e-7,
+        latency_p95_ms=1e16,
+        mean_confidence=0.3333333333333333,
+        class_histogram={"0": 1, "255": (1 << 63) - 1},
+        labelled_count=(1 << 31) - 1,
+        accuracy=1.0,
+        cpu_percent=25_600.0,
+        mem_bytes=0,
+        temp_c=-100.0,
+    )
+    bare = status("cam-b", NOW)  # every optional value absent, an empty histogram
+
+    # Execute
+    added = telemetry.add_statuses(session, [full, bare])
+    session.commit()
+
+    # Assert
+    rows = stored(session)
+    assert added == {full.msg_id, bare.msg_id}
+    assert rows[full.msg_id] == telemetry.sample_of(full)
+    assert rows[bare.msg_id] == telemetry.sample_of(bare)
+    assert rows[bare.msg_id]["class_histogram"] is None and rows[bare.msg_id]["model_id"] is None
+    assert rows[full.msg_id]["at"] == datetime(2026, 3, 1, 12, 30, 0, 123_456, tzinfo=UTC)
+
+
+def test_a_batch_with_a_redelivered_status_stores_only_the_new_ones(session: Session) -> None:
+    # Prepare: a first batch committed; the second repeats one of it (a redelivery after a crash)
+    two_devices(session)
+    first = [status("cam-a", NOW), status("cam-b", NOW)]
+    telemetry.add_statuses(session, first)
+    session.commit()
+    again = [status("cam-a", NOW + timedelta(seconds=s)) for s in (1, 2)]
+
+    # Execute: the redelivery makes the database refuse the batch's straight copy; the rest of the
+    # transaction, before and after it, still commits
+    make_device(session, "cam-c")
+    added = telemetry.add_statuses(session, [again[0], first[1], again[1]])
+    repeated = telemetry.add_statuses(session, [again[0]])
+    make_device(session, "cam-d")
+    session.commit()
+
+    # Assert
+    assert added == {again[0].msg_id, again[1].msg_id} and repeated == set()
+    assert set(stored(session)) == {m.msg_id for m in first + again}
+    assert {d for d in ("cam-c", "cam-d") if session.get(Device, d) is not None} == {"cam-c", "cam-d"}
 
 
 def test_query_filters_by_device_model_and_window(session: Session) -> None:
