@@ -1,0 +1,108 @@
+"""`diredi-device`: run the daemon, check a configuration, add private feedback.
+
+    diredi-device run --config /etc/diredi-device/device.toml
+    diredi-device check --config /etc/diredi-device/device.toml
+    diredi-device feedback add --config /etc/diredi-device/device.toml --label 8 sample.npy
+
+Exit codes follow sysexits.h (`config.ExitCode`): 78 for a wrong configuration, which systemd does
+not restart on; 70 for an unexpected failure, which it does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from device_firmware_py.config import ConfigError, DeviceConfig, ExitCode, load_config, prepare_state_dir
+from device_firmware_py.exceptions import DeviceError
+
+log = logging.getLogger("diredi-device")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        print(f"diredi-device: error: {message}", file=sys.stderr)
+        raise SystemExit(ExitCode.USAGE)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="diredi-device", description="The DiReDi on-device daemon.")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    run = commands.add_parser("run", help="run the daemon (under systemd: Type=notify)")
+    run.add_argument("--config", type=Path, required=True, help="the device's TOML configuration")
+    check = commands.add_parser("check", help="validate a configuration and its files, then exit")
+    check.add_argument("--config", type=Path, required=True)
+    feedback = commands.add_parser("feedback", help="the user's private labelled samples")
+    actions = feedback.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    add = actions.add_parser("add", help="label one input (.npy); it never leaves the device")
+    add.add_argument("--config", type=Path, required=True)
+    add.add_argument("--label", type=int, required=True, help="the class the user says it is")
+    add.add_argument("file", type=Path, help="the input, a .npy array of the model's input shape")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `diredi-device` console script."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        config = load_config(args.config)
+        if args.command == "run":
+            _run(config)
+        elif args.command == "check":
+            _check(config)
+        else:
+            _feedback_add(config, args.label, args.file)
+    except ConfigError as exc:
+        print(f"diredi-device: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(ExitCode.CONFIG) from None
+    except DeviceError as exc:
+        print(f"diredi-device: {exc}", file=sys.stderr)
+        raise SystemExit(ExitCode.DATA) from None
+    raise SystemExit(ExitCode.OK)
+
+
+def _run(config: DeviceConfig) -> None:
+    from device_firmware_py.daemon import Daemon
+
+    try:
+        daemon = Daemon(config)
+    except ConfigError:
+        raise
+    except Exception:
+        log.exception("the daemon could not start")
+        raise SystemExit(ExitCode.SOFTWARE) from None
+    daemon.run()
+
+
+def _check(config: DeviceConfig) -> None:
+    from device_firmware_py.config import read_secret
+
+    prepare_state_dir(config)
+    read_secret(config)
+    print(f"configuration of {config.device_id} is valid")
+
+
+def _feedback_add(config: DeviceConfig, label: int, file: Path) -> None:
+    from device_firmware_py.daemon import STATE_FILES
+    from device_firmware_py.feedback import FeedbackStore
+    from device_firmware_py.ota import ModelSlots
+
+    state_dir = prepare_state_dir(config)
+    active = ModelSlots(state_dir / STATE_FILES["models"]).active()
+    if active is None:
+        raise ConfigError("no model is installed yet: feedback is labelled against the model's classes")
+    _, manifest = active
+    store = FeedbackStore(
+        state_dir / STATE_FILES["feedback"],
+        input_shape=tuple(manifest.input.shape[1:]),
+        num_classes=manifest.num_classes,
+    )
+    count = store.add_file(file, label)
+    print(f"stored; {count} labelled samples on this device (they never leave it)")

@@ -1,0 +1,239 @@
+"""The daemon's configuration: one TOML file, validated whole at start, every error naming its key.
+
+```toml
+device_id = "cam-kitchen-1"
+state_dir = "/var/lib/diredi-device"         # spool, models, feedback, privacy ledger
+
+[broker]
+url = "mqtts://broker.example:8883"          # mqtt:// or mqtts://, ?protocol=3.1.1 for old brokers
+ca_file = "/etc/diredi-device/ca.pem"        # optional: the CA of the broker (and of the API)
+keepalive_s = 30
+
+[credentials]
+file = "/etc/diredi-device/secret"           # the one-time secret from provisioning; owner-only
+
+[api]
+url = "https://fleet.example"                # artifact downloads, with the device's credentials
+
+[trust]                                      # the cloud's Ed25519 public keys, by key_id
+"0123456789abcdef" = "base64 of the raw 32-byte key"
+
+[input]
+source = "simulated"                         # or "directory"
+path = "/var/lib/diredi-device/stream.npz"   # simulated: a replayed stream; directory: where .npy land
+rate_hz = 20
+feedback_every = 0                           # simulated: the user labels every n-th sample
+
+[rd]
+min_samples = 20                             # never report from fewer labelled samples
+new_samples = 50                             # run RD after this many new ones (0: only on command)
+schedule_s = 0                               # and/or every so many seconds (0: no schedule)
+epsilon = 4.0                                # optional local DP per report (omit: no DP)
+budget_epsilon = 16.0                        # total ε the device may spend (with epsilon)
+
+[status]
+interval_s = 10
+```
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import os
+import stat
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from broker.client import BrokerTarget, BrokerURLError
+from wire.desired import KEY_ID_PATTERN
+from wire.errors import describe
+from wire.topics import DEVICE_ID_PATTERN
+
+MAX_CONFIG_BYTES = 64 * 1024
+MAX_SECRET_BYTES = 1024
+
+
+class ExitCode(enum.IntEnum):
+    """The daemon's exit codes (sysexits.h). The systemd unit restarts it after any other failure,
+    but not after these: a wrong configuration does not fix itself (`RestartPreventExitStatus=`)."""
+
+    OK = 0
+    SOFTWARE = 70  # an unexpected error: restarted
+    USAGE = 64  # wrong command line
+    DATA = 65  # a file given on the command line is not what it should be
+    NO_INPUT = 66  # a file given on the command line cannot be read
+    CONFIG = 78  # the configuration is wrong
+
+
+class ConfigError(Exception):
+    """The configuration file is missing, unreadable or invalid; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class BrokerConfig(_Section):
+    url: str
+    ca_file: Path | None = None
+    keepalive_s: int = Field(30, ge=5, le=3600)
+
+    @field_validator("url")
+    @classmethod
+    def _parses(cls, url: str) -> str:
+        try:
+            BrokerTarget.parse(url)
+        except BrokerURLError as exc:
+            raise ValueError(str(exc)) from None
+        if "@" in url:
+            raise ValueError("must not carry credentials: they come from [credentials] file")
+        return url
+
+
+class CredentialsConfig(_Section):
+    file: Path
+
+
+class ApiConfig(_Section):
+    url: Annotated[str, Field(pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$", max_length=512)]
+    ca_file: Path | None = None
+    timeout_s: float = Field(30.0, gt=0, le=600)
+
+
+class InputConfig(_Section):
+    source: Literal["simulated", "directory"]
+    path: Path
+    rate_hz: float = Field(20.0, gt=0, le=1000)
+    # simulated only: the simulated user labels every n-th sample (0: never), as feedback would
+    feedback_every: int = Field(0, ge=0)
+
+
+class RDConfig(_Section):
+    min_samples: int = Field(20, ge=1, le=1_000_000)
+    new_samples: int = Field(50, ge=0, le=1_000_000)
+    schedule_s: float = Field(0.0, ge=0)
+    epsilon: float | None = Field(None, gt=0, le=100)
+    delta: float = Field(1e-5, gt=0, lt=1)
+    budget_epsilon: float | None = Field(None, gt=0, le=10_000)
+
+    @model_validator(mode="after")
+    def _budget_with_dp(self) -> RDConfig:
+        if (self.epsilon is None) != (self.budget_epsilon is None):
+            raise ValueError("epsilon and budget_epsilon go together (local DP on), or neither")
+        if self.epsilon is not None and self.budget_epsilon is not None and self.budget_epsilon < self.epsilon:
+            raise ValueError("budget_epsilon is smaller than one report's epsilon")
+        return self
+
+
+class StatusConfig(_Section):
+    interval_s: float = Field(10.0, ge=1, le=3600)
+
+
+class SpoolConfig(_Section):
+    resend_after_s: float = Field(30.0, ge=1, le=86_400)
+    max_mb: int = Field(64, ge=1, le=4096)
+
+
+class DeviceConfig(_Section):
+    """The whole file."""
+
+    device_id: str = Field(pattern=DEVICE_ID_PATTERN)
+    state_dir: Path
+    broker: BrokerConfig
+    credentials: CredentialsConfig
+    api: ApiConfig
+    trust: dict[Annotated[str, Field(pattern=KEY_ID_PATTERN)], str] = Field(min_length=1)
+    input: InputConfig
+    rd: RDConfig = RDConfig()
+    status: StatusConfig = StatusConfig()
+    spool: SpoolConfig = SpoolConfig()
+
+    @field_validator("trust")
+    @classmethod
+    def _raw_ed25519_keys(cls, keys: dict[str, str]) -> dict[str, str]:
+        for key_id, encoded in keys.items():
+            try:
+                raw = base64.b64decode(encoded, validate=True)
+            except binascii.Error:
+                raise ValueError(f"key {key_id} is not base64") from None
+            if len(raw) != 32:
+                raise ValueError(f"key {key_id} is {len(raw)} bytes, an Ed25519 public key is 32")
+        return keys
+
+    def trusted_keys(self) -> dict[str, bytes]:
+        """The cloud's public keys, raw, by key_id."""
+        return {key_id: base64.b64decode(encoded) for key_id, encoded in self.trust.items()}
+
+    def broker_target(self, secret: str) -> BrokerTarget:
+        """The broker, as this device."""
+        target = BrokerTarget.parse(self.broker.url, ca_file=self.broker.ca_file)
+        return target.with_credentials(self.device_id, secret)
+
+
+def load_config(path: Path) -> DeviceConfig:
+    """Read and validate the configuration file; raise ConfigError naming the key that is wrong."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {size} bytes, a configuration is at most {MAX_CONFIG_BYTES}")
+        document: dict[str, Any] = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        return DeviceConfig.model_validate(document)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {describe(exc)}") from None
+
+
+def read_secret(config: DeviceConfig) -> str:
+    """The device's secret, from a file only its owner may read (like ssh with a private key, a
+    secret that others can read is refused rather than used)."""
+    path = config.credentials.file
+    try:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"credentials.file: {path} is not a regular file")
+        if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ConfigError(
+                f"credentials.file: {path} is readable by others (mode {stat.S_IMODE(info.st_mode):04o}); "
+                "chmod 600 it"
+            )
+        if info.st_size > MAX_SECRET_BYTES:
+            raise ConfigError(f"credentials.file: {path} is larger than a secret ({info.st_size} bytes)")
+        secret = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"credentials.file: {path} cannot be read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"credentials.file: {path} is not UTF-8 text") from None
+    if not secret or any(c.isspace() for c in secret):
+        raise ConfigError(f"credentials.file: {path} must hold the secret alone, on one line")
+    return secret
+
+
+def prepare_state_dir(config: DeviceConfig) -> Path:
+    """Create the state directory owner-only (0700) if needed; refuse one others can read."""
+    path = config.state_dir
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = path.stat()
+    except OSError as exc:
+        raise ConfigError(f"state_dir: {path} cannot be created: {exc.strerror or exc}") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise ConfigError(f"state_dir: {path} is not a directory")
+    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(
+            f"state_dir: {path} is open to others (mode {stat.S_IMODE(info.st_mode):04o}); "
+            "it holds the user's private samples: chmod 700 it"
+        )
+    if not os.access(path, os.W_OK):
+        raise ConfigError(f"state_dir: {path} is not writable")
+    return path

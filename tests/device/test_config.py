@@ -1,0 +1,180 @@
+"""The daemon's configuration: a valid file loads; every wrong one is refused with the key named, and
+the command line exits with the code systemd does not restart on."""
+
+from __future__ import annotations
+
+import base64
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from device_firmware_py.config import ConfigError, ExitCode, load_config, prepare_state_dir, read_secret
+
+KEY = base64.b64encode(bytes(range(32))).decode()
+
+
+def write_config(tmp_path: Path, text: str | None = None, **replace: str) -> Path:
+    """A valid configuration (or `text`), with lines replaced by key."""
+    secret = tmp_path / "secret"
+    if not secret.exists():
+        secret.write_text("s3cret-token\n")
+        secret.chmod(0o600)
+    document = text or (
+        'device_id = "cam-kitchen-1"\n'
+        f'state_dir = "{tmp_path / "state"}"\n'
+        "[broker]\n"
+        'url = "mqtt://127.0.0.1:1883"\n'
+        "[credentials]\n"
+        f'file = "{secret}"\n'
+        "[api]\n"
+        'url = "http://127.0.0.1:8000"\n'
+        "[trust]\n"
+        f'"0123456789abcdef" = "{KEY}"\n'
+        "[input]\n"
+        'source = "simulated"\n'
+        f'path = "{tmp_path / "stream.npz"}"\n'
+    )
+    for key, line in replace.items():
+        lines = document.splitlines()
+        document = "\n".join(line if l.split("=")[0].strip() == key else l for l in lines) + "\n"
+    path = tmp_path / "device.toml"
+    path.write_text(document)
+    return path
+
+
+def test_a_valid_configuration_loads_with_defaults(tmp_path: Path) -> None:
+    # Prepare
+    path = write_config(tmp_path)
+
+    # Execute
+    config = load_config(path)
+
+    # Assert
+    assert config.device_id == "cam-kitchen-1"
+    assert config.trusted_keys() == {"0123456789abcdef": bytes(range(32))}
+    assert config.rd.min_samples == 20 and config.status.interval_s == 10
+    assert config.broker_target("s3cret").username == "cam-kitchen-1"
+
+
+@pytest.mark.parametrize(
+    ("replace", "named"),
+    [
+        ({"device_id": 'device_id = "Cam_1"'}, "device_id"),
+        ({"url": 'url = "http://127.0.0.1:1883"'}, "broker.url"),
+        ({"source": 'source = "camera"'}, "input.source"),
+        ({"state_dir": "state_dir = 3"}, "state_dir"),
+        ({'"0123456789abcdef"': '"0123456789abcdef" = "bm90IGEga2V5"'}, "trust"),
+        ({'"0123456789abcdef"': '"not-a-key-id" = "x"'}, "trust"),
+    ],
+)
+def test_a_wrong_value_is_refused_naming_its_key(
+    tmp_path: Path, replace: dict[str, str], named: str
+) -> None:
+    # Prepare
+    path = write_config(tmp_path, **replace)
+
+    # Execute / Assert
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (b"device_id = \n", "not valid TOML"),
+        (b"\xff\xfe garbage", "not UTF-8"),
+        (b"", "device_id"),
+        (b"x" * 70_000, "at most"),
+    ],
+)
+def test_garbage_files_are_refused_clearly(tmp_path: Path, content: bytes, says: str) -> None:
+    # Prepare
+    path = tmp_path / "device.toml"
+    path.write_bytes(content)
+
+    # Execute / Assert
+    with pytest.raises(ConfigError, match=says):
+        load_config(path)
+
+
+def test_a_missing_file_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot be read"):
+        load_config(tmp_path / "nowhere.toml")
+
+
+def test_an_unknown_key_is_refused_by_name(tmp_path: Path) -> None:
+    # Prepare
+    path = write_config(tmp_path, "surprise = 1\n" + write_config(tmp_path).read_text())
+
+    # Execute / Assert
+    with pytest.raises(ConfigError, match="surprise"):
+        load_config(path)
+
+
+def test_dp_needs_a_budget(tmp_path: Path) -> None:
+    # Prepare
+    text = write_config(tmp_path).read_text() + "[rd]\nepsilon = 2.0\n"
+    path = write_config(tmp_path, text)
+
+    # Execute / Assert
+    with pytest.raises(ConfigError, match="budget_epsilon"):
+        load_config(path)
+
+
+def test_a_secret_others_can_read_is_refused(tmp_path: Path) -> None:
+    # Prepare
+    config = load_config(write_config(tmp_path))
+    config.credentials.file.chmod(0o644)
+
+    # Execute / Assert
+    with pytest.raises(ConfigError, match="chmod 600"):
+        read_secret(config)
+    config.credentials.file.chmod(0o600)
+    assert read_secret(config) == "s3cret-token"
+
+
+def test_a_secret_file_with_more_than_the_secret_is_refused(tmp_path: Path) -> None:
+    # Prepare
+    config = load_config(write_config(tmp_path))
+    config.credentials.file.write_text("two words\n")
+
+    # Execute / Assert
+    with pytest.raises(ConfigError, match="alone, on one line"):
+        read_secret(config)
+
+
+def test_the_state_dir_is_made_owner_only_and_an_open_one_refused(tmp_path: Path) -> None:
+    # Prepare
+    config = load_config(write_config(tmp_path))
+
+    # Execute
+    made = prepare_state_dir(config)
+
+    # Assert
+    assert made.stat().st_mode & 0o777 == 0o700
+    made.chmod(0o755)
+    with pytest.raises(ConfigError, match="chmod 700"):
+        prepare_state_dir(config)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(  # noqa: S603
+        [sys.executable, "-m", "device_firmware_py", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_the_command_line_exits_78_on_a_wrong_configuration(tmp_path: Path) -> None:
+    # Prepare
+    path = write_config(tmp_path, source='source = "camera"')
+
+    # Execute
+    wrong = run_cli("check", "--config", str(path))
+    fine = run_cli("check", "--config", str(write_config(tmp_path)))
+    usage = run_cli("run")
+
+    # Assert
+    assert wrong.returncode == ExitCode.CONFIG and "input.source" in wrong.stderr
+    assert fine.returncode == ExitCode.OK, fine.stderr
+    assert usage.returncode == ExitCode.USAGE and "--config" in usage.stderr
