@@ -29,7 +29,7 @@ demo: setup
 
 services:
 	scripts/services.sh postgres >/dev/null
-	scripts/services.sh mosquitto
+	scripts/services.sh mosquitto systemd
 
 test: setup services
 	$(BIN)/python -m pytest -q

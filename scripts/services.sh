@@ -4,6 +4,7 @@
 #   scripts/services.sh wrk        -> the HTTP load generator the API benchmark uses
 #   scripts/services.sh mosquitto  -> mosquitto 2, its clients (mosquitto_ctrl) and openssl; nothing is
 #                                     started: the tests run their own brokers (tests/brokers.py)
+#   scripts/services.sh systemd    -> systemd-analyze, which verifies the device's unit in a test
 # Prints the environment the tests read (DIREDI_TEST_POSTGRES_URL=...).
 set -euo pipefail
 
@@ -59,6 +60,7 @@ for service in "$@"; do
         postgres) start_postgres ;;
         wrk) need_apt wrk ;;  # the load generator of bench/api_listing.py
         mosquitto) need_apt mosquitto mosquitto-clients openssl ;;
+        systemd) command -v systemd-analyze >/dev/null || need_apt systemd ;;
         *) echo "unknown service: $service" >&2; exit 2 ;;
     esac
 done
