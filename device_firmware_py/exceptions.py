@@ -23,3 +23,23 @@ class NotEnoughSamplesError(DeviceError):
 
 class PrivacyBudgetExhaustedError(DeviceError):
     """Sending another report would spend more privacy than the device's budget allows."""
+
+
+class SpoolError(DeviceError):
+    """The on-disk spool cannot be opened (corrupt, not a spool) or written (disk full, I/O error)."""
+
+
+class SpoolFullError(SpoolError):
+    """Adding a message would take the spool past its `max_bytes`; nothing already spooled is dropped."""
+
+
+class FeedbackError(DeviceError, ValueError):
+    """A labelled sample that cannot be stored: wrong shape, non-finite values, bad label, bad file."""
+
+
+class FeedbackFullError(FeedbackError):
+    """The private feedback store already holds its `max_samples`."""
+
+
+class FeedbackStoreError(DeviceError):
+    """The private feedback store on disk is unreadable, corrupt or was made for another input shape."""
