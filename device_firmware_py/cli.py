@@ -24,7 +24,7 @@ log = logging.getLogger("diredi-device")
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         self.print_usage(sys.stderr)
-        print(f"diredi-device: error: {message}", file=sys.stderr)
+        sys.stderr.write(f"diredi-device: error: {message}\n")
         raise SystemExit(ExitCode.USAGE)
 
 
@@ -60,10 +60,10 @@ def main(argv: list[str] | None = None) -> None:
         else:
             _feedback_add(config, args.label, args.file)
     except ConfigError as exc:
-        print(f"diredi-device: configuration error: {exc}", file=sys.stderr)
+        sys.stderr.write(f"diredi-device: configuration error: {exc}\n")
         raise SystemExit(ExitCode.CONFIG) from None
     except DeviceError as exc:
-        print(f"diredi-device: {exc}", file=sys.stderr)
+        sys.stderr.write(f"diredi-device: {exc}\n")
         raise SystemExit(ExitCode.DATA) from None
     raise SystemExit(ExitCode.OK)
 
@@ -86,7 +86,7 @@ def _check(config: DeviceConfig) -> None:
 
     prepare_state_dir(config)
     read_secret(config)
-    print(f"configuration of {config.device_id} is valid")
+    sys.stdout.write(f"configuration of {config.device_id} is valid\n")
 
 
 def _feedback_add(config: DeviceConfig, label: int, file: Path) -> None:
@@ -105,4 +105,4 @@ def _feedback_add(config: DeviceConfig, label: int, file: Path) -> None:
         num_classes=manifest.num_classes,
     )
     count = store.add_file(file, label)
-    print(f"stored; {count} labelled samples on this device (they never leave it)")
+    sys.stdout.write(f"stored; {count} labelled samples on this device (they never leave it)\n")

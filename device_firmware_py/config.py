@@ -125,7 +125,11 @@ class RDConfig(_Section):
     def _budget_with_dp(self) -> RDConfig:
         if (self.epsilon is None) != (self.budget_epsilon is None):
             raise ValueError("epsilon and budget_epsilon go together (local DP on), or neither")
-        if self.epsilon is not None and self.budget_epsilon is not None and self.budget_epsilon < self.epsilon:
+        if (
+            self.epsilon is not None
+            and self.budget_epsilon is not None
+            and self.budget_epsilon < self.epsilon
+        ):
             raise ValueError("budget_epsilon is smaller than one report's epsilon")
         return self
 

@@ -38,7 +38,7 @@ def write_config(tmp_path: Path, text: str | None = None, **replace: str) -> Pat
     )
     for key, line in replace.items():
         lines = document.splitlines()
-        document = "\n".join(line if l.split("=")[0].strip() == key else l for l in lines) + "\n"
+        document = "\n".join(line if old.split("=")[0].strip() == key else old for old in lines) + "\n"
     path = tmp_path / "device.toml"
     path.write_text(document)
     return path
@@ -69,9 +69,7 @@ def test_a_valid_configuration_loads_with_defaults(tmp_path: Path) -> None:
         ({'"0123456789abcdef"': '"not-a-key-id" = "x"'}, "trust"),
     ],
 )
-def test_a_wrong_value_is_refused_naming_its_key(
-    tmp_path: Path, replace: dict[str, str], named: str
-) -> None:
+def test_a_wrong_value_is_refused_naming_its_key(tmp_path: Path, replace: dict[str, str], named: str) -> None:
     # Prepare
     path = write_config(tmp_path, **replace)
 

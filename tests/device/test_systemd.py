@@ -25,7 +25,10 @@ def verify(unit_text: str, directory: Path) -> subprocess.CompletedProcess[str]:
     path = directory / "diredi-device.service"
     path.write_text(unit_text.replace(INSTALLED, str(command)))
     return subprocess.run(  # noqa: S603
-        [str(shutil.which("systemd-analyze")), "verify", str(path)], capture_output=True, text=True, timeout=60
+        [str(shutil.which("systemd-analyze")), "verify", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -47,7 +50,9 @@ def test_a_broken_unit_is_flagged(tmp_path: Path) -> None:
 
 def test_the_unit_is_hardened_and_restarts_on_failure_only() -> None:
     # Prepare
-    lines = {line.split("=", 1)[0]: line.split("=", 1)[1] for line in UNIT.read_text().splitlines() if "=" in line}
+    lines = {
+        line.split("=", 1)[0]: line.split("=", 1)[1] for line in UNIT.read_text().splitlines() if "=" in line
+    }
 
     # Assert
     assert lines["Type"] == "notify" and int(lines["WatchdogSec"]) > 0

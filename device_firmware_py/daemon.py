@@ -1,0 +1,423 @@
+"""`diredi-device run`: the on-device daemon (DESIGN §5).
+
+One main thread does the work, in a loop paced by the input rate: infer on the next input, act on
+what the cloud sent (a desired model, a receipt, a command), publish status, run RD when the policy
+says so, and hand spooled knowledge reports and acks to the link until their receipts arrive. The
+MQTT link and the feedback socket run on threads of their own and only queue what they receive.
+
+The user's private samples stay in the feedback store: they reach RD, and RD's aggregates (the
+knowledge report) are the only thing derived from them that is ever published.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import queue
+import resource
+import signal
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+import numpy as np
+
+from device_firmware_py.config import DeviceConfig, prepare_state_dir, read_secret
+from device_firmware_py.exceptions import (
+    DownloadCancelled,
+    FeedbackFullError,
+    NotEnoughSamplesError,
+    PrivacyBudgetExhaustedError,
+)
+from device_firmware_py.feedback import FeedbackServer, FeedbackStore
+from device_firmware_py.link import DeviceLink, Inbound
+from device_firmware_py.ota import ModelSlots, Updater, download
+from device_firmware_py.privacy import DPConfig, PrivacyAccountant
+from device_firmware_py.rd import RDPolicy, extract_knowledge, softmax
+from device_firmware_py.runtime import MAX_ARTIFACT_BYTES, Int8Model
+from device_firmware_py.sources import DirectorySource, InputSource, Sample, SimulatedSource
+from device_firmware_py.spool import Spool
+from device_firmware_py.systemd import Notifier
+from wire.desired import DesiredModel
+from wire.errors import ContractError
+from wire.messages import Command, CommandName, ModelAck, Receipt, Status, decode, encode
+from wire.topics import MessageKind, device_topic
+
+log = logging.getLogger(__name__)
+
+STATE_FILES = {
+    "spool": "spool.sqlite3",
+    "models": "models",
+    "feedback": "feedback",
+    "privacy": "privacy.json",
+    "desired": "desired-state.json",
+    "socket": "feedback.sock",
+}
+
+
+@dataclass
+class Window:
+    """What the daemon measured since its last status."""
+
+    latencies_ms: list[float] = field(default_factory=list)
+    confidences: list[float] = field(default_factory=list)
+    classes: Counter[int] = field(default_factory=Counter)
+    correct: int = 0
+    known: int = 0
+
+    def record(self, latency_ms: float, confidence: float, predicted: int, label: int | None) -> None:
+        self.latencies_ms.append(latency_ms)
+        self.confidences.append(confidence)
+        self.classes[predicted] += 1
+        if label is not None:
+            self.known += 1
+            self.correct += int(predicted == label)
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values else None
+
+
+def _temperature() -> float | None:
+    """The SoC's temperature on a Raspberry Pi (and most Linux boards), if the kernel exposes it."""
+    try:
+        celsius = int(Path("/sys/class/thermal/thermal_zone0/temp").read_text().strip()) / 1000
+    except (OSError, ValueError):
+        return None
+    return celsius if -100 <= celsius <= 200 else None
+
+
+def _rss_bytes() -> int | None:
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+class Daemon:
+    """The device: its model, its private feedback, and its conversation with the cloud."""
+
+    def __init__(self, config: DeviceConfig, *, notifier: Notifier | None = None) -> None:
+        self.config = config
+        self.device_id = config.device_id
+        self.state_dir = prepare_state_dir(config)
+        self.secret = read_secret(config)
+        self.notifier = notifier or Notifier()
+        self.stopping = threading.Event()
+        self.inbox: queue.Queue[Inbound] = queue.Queue()
+        files = {name: self.state_dir / path for name, path in STATE_FILES.items()}
+        self.spool = Spool(files["spool"], max_bytes=config.spool.max_mb * 1024 * 1024)
+        self.slots = ModelSlots(files["models"])
+        self.updater = Updater(
+            self.device_id, config.trusted_keys(), self.slots, self._fetch, files["desired"]
+        )
+        self.model: Int8Model | None = self.updater.load_active()
+        self.feedback_dir = files["feedback"]
+        self.feedback: FeedbackStore | None = None
+        self.feedback_server: FeedbackServer | None = None
+        self.socket_path = files["socket"]
+        self.source: InputSource | None = None
+        self.accountant: PrivacyAccountant | None = None
+        if config.rd.epsilon is not None and config.rd.budget_epsilon is not None:
+            self.accountant = PrivacyAccountant(config.rd.budget_epsilon, config.rd.delta, files["privacy"])
+        self.link = DeviceLink(
+            config.broker_target(self.secret), self.device_id, self.inbox, keepalive=config.broker.keepalive_s
+        )
+        self.window = Window()
+        self.inference_count = 0
+        self.started = time.monotonic()
+        self._connections_seen = 0
+        self._rd_mark = 0  # the feedback id RD last ran up to
+        self._rd_requested = False
+        self._last_rd = time.monotonic()
+        self._last_status = 0.0
+        self._cpu_at_status = (time.monotonic(), self._cpu_seconds())
+        self._sample_number = 0
+        if self.model is not None:
+            self._open_model_inputs(self.model)
+
+    # Running --------------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until SIGTERM or SIGINT; then drain (finish the step in hand, say offline, close)."""
+        self._install_signal_handlers()
+        self.link.start()
+        running = self.model.manifest.model_id if self.model else "no model yet"
+        self.notifier.ready(f"serving {running}")
+        log.info("device %s started, serving %s", self.device_id, running)
+        period = 1.0 / self.config.input.rate_hz
+        next_tick = time.monotonic()
+        try:
+            while not self.stopping.is_set():
+                self.notifier.watchdog()
+                self.step()
+                next_tick += period
+                delay = next_tick - time.monotonic()
+                if delay < -1.0:  # fell behind (a download, an RD run): do not try to catch up
+                    next_tick = time.monotonic()
+                elif delay > 0:
+                    self.stopping.wait(delay)
+        finally:
+            self.notifier.stopping()
+            self.close()
+
+    def step(self) -> None:
+        """One turn of the loop: messages, one inference, status, RD, spool."""
+        self._handle_inbox()
+        self._infer_one()
+        now = time.monotonic()
+        if now - self._last_status >= self.config.status.interval_s:
+            self._publish_status()
+            self._last_status = now
+        if self._rd_due(now):
+            self._run_rd()
+        self._flush_spool()
+
+    def stop(self) -> None:
+        """Ask the loop to end after its current step."""
+        self.stopping.set()
+
+    def close(self) -> None:
+        """Stop the threads and close the stores."""
+        if self.feedback_server is not None:
+            self.feedback_server.stop()
+        self.link.stop()
+        self.spool.close()
+        self.notifier.close()
+        log.info("device %s stopped", self.device_id)
+
+    def _install_signal_handlers(self) -> None:
+        def on_signal(number: int, _frame: FrameType | None) -> None:
+            log.info("%s: stopping", signal.Signals(number).name)
+            self.stop()
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, on_signal)
+            signal.signal(signal.SIGINT, on_signal)
+
+    # Inference ------------------------------------------------------------------------------------
+
+    def _open_model_inputs(self, model: Int8Model) -> None:
+        """Open the input source and the feedback store for the model's input shape and classes."""
+        shape = tuple(model.manifest.input.shape[1:])
+        classes = model.manifest.num_classes
+        if self.feedback is None:
+            self.feedback = FeedbackStore(self.feedback_dir, input_shape=shape, num_classes=classes)
+            self._rd_mark = self.feedback.last_id()
+            self.feedback_server = FeedbackServer(self.socket_path, self.feedback)
+            self.feedback_server.start()
+        if self.source is None:
+            settings = self.config.input
+            if settings.source == "simulated":
+                self.source = SimulatedSource(settings.path, shape, classes)
+            else:
+                self.source = DirectorySource(settings.path, shape)
+
+    def _infer_one(self) -> None:
+        if self.model is None or self.source is None:
+            return
+        sample = self.source.next()
+        if sample is None:
+            return
+        started = time.perf_counter()
+        _, logits = self.model.run(sample.input)
+        latency_ms = (time.perf_counter() - started) * 1000
+        probabilities = softmax(logits)[0]
+        predicted = int(np.argmax(probabilities))
+        self.window.record(latency_ms, float(probabilities[predicted]), predicted, sample.label)
+        self.inference_count += 1
+        self._simulated_feedback(sample)
+
+    def _simulated_feedback(self, sample: Sample) -> None:
+        """The simulated user labels every n-th sample of the stream, as a real one would through
+        `diredi-device feedback add` or the socket."""
+        every = self.config.input.feedback_every
+        self._sample_number += 1
+        if (
+            every
+            and sample.label is not None
+            and self.feedback is not None
+            and self._sample_number % every == 0
+        ):
+            try:
+                self.feedback.add(sample.input, sample.label)
+            except FeedbackFullError:
+                if self._sample_number // every % 1000 == 1:  # said now and then, not at every sample
+                    log.warning("the feedback store is full; the simulated user's labels are not kept")
+
+    # Status ---------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _cpu_seconds() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    def _publish_status(self) -> None:
+        w, self.window = self.window, Window()
+        now, cpu = time.monotonic(), self._cpu_seconds()
+        then, cpu_then = self._cpu_at_status
+        self._cpu_at_status = (now, cpu)
+        cpu_percent = 100 * (cpu - cpu_then) / (now - then) if now > then else None
+        status = Status(
+            device_id=self.device_id,
+            model_id=self.model.manifest.model_id if self.model else None,
+            uptime_s=now - self.started,
+            inference_count=self.inference_count,
+            latency_p50_ms=_percentile(w.latencies_ms, 50),
+            latency_p95_ms=_percentile(w.latencies_ms, 95),
+            mean_confidence=float(np.mean(w.confidences)) if w.confidences else None,
+            class_histogram={str(c): n for c, n in w.classes.most_common(256)},
+            labelled_count=min(self.feedback.count(), 2**31 - 1) if self.feedback else None,
+            accuracy=w.correct / w.known if w.known else None,
+            cpu_percent=min(cpu_percent, 25_600.0)
+            if cpu_percent is not None and math.isfinite(cpu_percent)
+            else None,
+            mem_bytes=_rss_bytes(),
+            temp_c=_temperature(),
+        )
+        self.link.publish(MessageKind.STATUS, encode(status))
+
+    # RD -------------------------------------------------------------------------------------------
+
+    def _rd_due(self, now: float) -> bool:
+        if self.model is None or self.feedback is None:
+            return False
+        rd = self.config.rd
+        if self._rd_requested:
+            return True
+        if rd.new_samples and self.feedback.labelled_since(self._rd_mark) >= rd.new_samples:
+            return True
+        return bool(rd.schedule_s) and now - self._last_rd >= rd.schedule_s
+
+    def _run_rd(self) -> None:
+        """Extract the knowledge of the labelled samples and spool the report; below `min_samples` or
+        beyond the privacy budget nothing is reported."""
+        assert self.model is not None and self.feedback is not None  # noqa: S101 (checked by _rd_due)
+        self._rd_requested, self._last_rd = False, time.monotonic()
+        mark = self.feedback.last_id()
+        inputs, labels = self.feedback.samples()
+        rd = self.config.rd
+        dp = DPConfig(epsilon=rd.epsilon, delta=rd.delta) if rd.epsilon is not None else None
+        try:
+            report = extract_knowledge(
+                self.model,
+                inputs,
+                labels,
+                device_id=self.device_id,
+                policy=RDPolicy(min_samples=rd.min_samples),
+                dp=dp,
+                accountant=self.accountant,
+            )
+        except NotEnoughSamplesError as exc:
+            log.info("RD not run: %s", exc)
+            return
+        except PrivacyBudgetExhaustedError as exc:
+            log.warning("RD not reported: %s", exc)
+            self._rd_mark = mark
+            return
+        self._rd_mark = mark
+        payload = encode(report)
+        self.spool.add(report.msg_id, device_topic(self.device_id, MessageKind.KNOWLEDGE), payload)
+        log.info(
+            "knowledge report %s from %d labelled samples (%d bytes) spooled",
+            report.msg_id,
+            len(labels),
+            len(payload),
+        )
+
+    # Messages from the cloud ----------------------------------------------------------------------
+
+    def _handle_inbox(self) -> None:
+        while True:
+            try:
+                inbound = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                self._handle(inbound)
+            except DownloadCancelled:
+                log.info("download cancelled: stopping; the desired model is fetched again at start")
+                return
+            except Exception:  # a message must never stop the daemon
+                log.exception("could not handle a message on %s", inbound.topic)
+
+    def _handle(self, inbound: Inbound) -> None:
+        try:
+            kind, message = decode(inbound.topic, inbound.payload)
+        except ContractError as exc:
+            if not inbound.topic.endswith("/" + MessageKind.MODEL_DESIRED.value):
+                log.warning("ignored a message on %s: %s", inbound.topic, exc)
+                return
+            kind, message = MessageKind.MODEL_DESIRED, None  # the updater says why, in a `failed` ack
+        if kind is MessageKind.RECEIPT and isinstance(message, Receipt):
+            if self.spool.receipt(message.ack_of):
+                log.info("receipt for %s: delivered", message.ack_of)
+        elif kind is MessageKind.CMD and isinstance(message, Command):
+            self._command(message)
+        elif kind is MessageKind.MODEL_DESIRED:
+            if inbound.payload:  # an empty retained message clears the document: nothing to do
+                self._desired(inbound.payload, message if isinstance(message, DesiredModel) else None)
+
+    def _command(self, command: Command) -> None:
+        log.info("command %s (%s)", command.command, command.msg_id)
+        if command.command is CommandName.run_rd:
+            self._rd_requested = True
+        elif command.command is CommandName.report_now:
+            self._last_status = 0.0
+
+    def _desired(self, payload: bytes, document: DesiredModel | None) -> None:
+        named = document.manifest.model_id if document else "(unreadable document)"
+        self.notifier.status(f"updating to {named}")
+        outcome = self.updater.apply(payload)
+        if outcome.result is None:
+            return
+        if outcome.result.value == "installed":
+            self.model = self.updater.load_active()
+            if self.model is not None:
+                self._open_model_inputs(self.model)
+        elif outcome.result.value == "rolled_back":
+            self.model = self.updater.load_active()
+        ack = ModelAck(
+            device_id=self.device_id,
+            model_id=outcome.model_id or "unknown",
+            result=outcome.result,
+            reason=outcome.reason[:1024].replace("\0", ""),
+            running_model_id=self.model.manifest.model_id if self.model else None,
+        )
+        self.spool.add(ack.msg_id, device_topic(self.device_id, MessageKind.MODEL_ACK), encode(ack))
+        log.info("model %s: %s %s", ack.model_id, ack.result, ack.reason)
+        self.notifier.status(f"serving {ack.running_model_id or 'no model'}")
+
+    def _fetch(self, document: DesiredModel) -> bytes:
+        return download(
+            self.config.api.url,
+            document.download_path,
+            device_id=self.device_id,
+            secret=self.secret,
+            expected_size=document.manifest.size,
+            max_bytes=MAX_ARTIFACT_BYTES,
+            ca_file=self.config.api.ca_file or self.config.broker.ca_file,
+            timeout=self.config.api.timeout_s,
+            cancelled=self.stopping,
+        )
+
+    # The spool ------------------------------------------------------------------------------------
+
+    def _flush_spool(self) -> None:
+        """Send what is due: everything again after a reconnect, in order; then what waited
+        `resend_after_s` for its receipt."""
+        if not self.link.connected:
+            return
+        if self.link.connections != self._connections_seen:
+            self._connections_seen = self.link.connections
+            self.spool.reset()
+        now = time.time()
+        for entry in self.spool.due(now, self.config.spool.resend_after_s, limit=20):
+            if not self.link.send(entry.topic, entry.payload):
+                return
+            self.spool.mark_sent(entry.msg_id, now)

@@ -1,0 +1,133 @@
+"""Where the daemon's inputs come from: a simulated stream replaying a scenario user's samples, or a
+directory where a camera (or any app) drops `.npy` inputs. Both validate what they read; a bad input
+is skipped with a log line, never fed to the model."""
+
+from __future__ import annotations
+
+import logging
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from device_firmware_py.exceptions import DeviceError
+
+log = logging.getLogger(__name__)
+
+FloatArray = npt.NDArray[np.float32]
+MAX_INPUT_FILE_BYTES = 16 * 1024 * 1024
+MAX_STREAM_FILE_BYTES = 512 * 1024 * 1024
+
+
+class SourceError(DeviceError):
+    """An input source cannot be opened (its file or directory is missing or malformed)."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One input; `label` is the true class when the source knows it (a simulated user's stream)."""
+
+    input: FloatArray
+    label: int | None = None
+
+
+class InputSource(Protocol):
+    """Gives the daemon its next input, or None when none is waiting."""
+
+    def next(self) -> Sample | None: ...
+
+
+def _check_input(array: npt.NDArray[np.generic], shape: tuple[int, ...], what: str) -> FloatArray:
+    if array.shape == (1, *shape):
+        array = array[0]
+    if array.shape != shape:
+        raise SourceError(f"{what} has shape {array.shape}, the model takes {shape}")
+    if array.dtype.kind not in "fiu":
+        raise SourceError(f"{what} holds {array.dtype}, not numbers")
+    out = array.astype(np.float32)
+    if not np.isfinite(out).all():
+        raise SourceError(f"{what} holds NaN or infinite values")
+    return out
+
+
+class SimulatedSource:
+    """Replays a user's stream from an `.npz` file with `inputs` (n, *shape) and `labels` (n,), in
+    order, looping, starting at `offset` (where the last run stopped, so a restart does not replay
+    what was seen)."""
+
+    def __init__(self, path: Path, input_shape: tuple[int, ...], num_classes: int, offset: int = 0) -> None:
+        try:
+            if path.stat().st_size > MAX_STREAM_FILE_BYTES:
+                raise SourceError(f"{path}: larger than {MAX_STREAM_FILE_BYTES} bytes")
+            with np.load(path, allow_pickle=False) as data:
+                inputs, labels = np.asarray(data["inputs"]), np.asarray(data["labels"])
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+            raise SourceError(f"{path}: not a stream file with inputs and labels ({exc})") from None
+        if len(inputs) == 0 or inputs.shape[1:] != input_shape or labels.shape != (len(inputs),):
+            raise SourceError(
+                f"{path}: inputs {inputs.shape} and labels {labels.shape} do not fit the model's input "
+                f"{input_shape}"
+            )
+        if labels.dtype.kind not in "iu" or labels.min() < 0 or labels.max() >= num_classes:
+            raise SourceError(f"{path}: labels must be integers in [0, {num_classes})")
+        if inputs.dtype.kind not in "fiu" or not np.isfinite(inputs).all():
+            raise SourceError(f"{path}: inputs must be finite numbers")
+        self.inputs = inputs.astype(np.float32)
+        self.labels = labels.astype(np.int64)
+        self.position = offset % len(self.inputs)
+
+    def next(self) -> Sample:
+        n = self.position
+        self.position = (n + 1) % len(self.inputs)
+        return Sample(self.inputs[n], int(self.labels[n]))
+
+
+class DirectorySource:
+    """Takes the `.npy` files dropped into a directory, oldest name first, and removes each once read;
+    a file that is not a valid input is moved to `rejected/` beside them (kept for the owner to see)."""
+
+    def __init__(self, directory: Path, input_shape: tuple[int, ...]) -> None:
+        if not directory.is_dir():
+            raise SourceError(f"{directory}: not a directory")
+        self.directory = directory
+        self.input_shape = input_shape
+        self._waiting: Iterator[Path] = iter(())
+
+    def next(self) -> Sample | None:
+        for path in self._waiting:
+            sample = self._read(path)
+            if sample is not None:
+                return sample
+        self._waiting = iter(sorted(self.directory.glob("*.npy")))
+        for path in self._waiting:
+            sample = self._read(path)
+            if sample is not None:
+                return sample
+        return None
+
+    def _read(self, path: Path) -> Sample | None:
+        try:
+            if path.stat().st_size > MAX_INPUT_FILE_BYTES:
+                raise SourceError(f"larger than {MAX_INPUT_FILE_BYTES} bytes")
+            array = np.load(path, allow_pickle=False)
+            sample = Sample(_check_input(np.asarray(array), self.input_shape, "the input"))
+        except FileNotFoundError:
+            return None  # taken away meanwhile
+        except (OSError, ValueError, SourceError) as exc:
+            log.warning("input %s rejected: %s", path.name, exc)
+            rejected = self.directory / "rejected"
+            try:
+                rejected.mkdir(exist_ok=True)
+                path.replace(rejected / path.name)
+            except OSError as move_error:
+                log.error("could not move %s aside: %s", path.name, move_error)
+            return None
+        try:
+            path.unlink()
+        except OSError as exc:
+            log.error("could not remove input %s: %s", path.name, exc)
+        return sample

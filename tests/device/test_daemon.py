@@ -1,0 +1,190 @@
+"""The daemon against a real mosquitto: presence, status, private feedback, RD on command, the spool
+and receipts, and the proof that nothing it publishes carries a private sample."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from device_firmware_py.config import DeviceConfig, load_config
+from device_firmware_py.daemon import STATE_FILES, Daemon
+from device_firmware_py.ota import ModelSlots
+from tests.brokers import Probe, RunningBroker, new_device_id, provisioned_device
+from wire.messages import Command, CommandName, Receipt, encode
+from wire.topics import MessageKind, device_topic
+
+KEY = base64.b64encode(bytes(32)).decode()  # the OTA path is not exercised here
+
+
+@dataclass
+class Running:
+    """A daemon on a thread, and a cloud-side probe that records everything it publishes."""
+
+    daemon: Daemon
+    thread: threading.Thread
+    probe: Probe
+    device_id: str
+    private_inputs: np.ndarray
+
+    def published(self, kind: MessageKind) -> list[bytes]:
+        return [m.payload for m in self.captured if m.topic == device_topic(self.device_id, kind)]
+
+    @property
+    def captured(self) -> list[Any]:
+        while not self.probe.messages.empty():
+            self._seen.append(self.probe.messages.get())
+        return self._seen
+
+    def __post_init__(self) -> None:
+        self._seen: list[Any] = []
+
+
+def wait_for(condition: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def device_config(
+    tmp_path: Path, broker: RunningBroker, device_id: str, secret: str, stream: Path
+) -> DeviceConfig:
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(secret + "\n")
+    secret_file.chmod(0o600)
+    path = tmp_path / "device.toml"
+    path.write_text(
+        f'device_id = "{device_id}"\n'
+        f'state_dir = "{tmp_path / "state"}"\n'
+        "[broker]\n"
+        f'url = "mqtt://{broker.target.host}:{broker.target.port}"\n'
+        "keepalive_s = 10\n"
+        "[credentials]\n"
+        f'file = "{secret_file}"\n'
+        "[api]\n"
+        'url = "http://127.0.0.1:9"\n'
+        "[trust]\n"
+        f'"0123456789abcdef" = "{KEY}"\n'
+        "[input]\n"
+        'source = "simulated"\n'
+        f'path = "{stream}"\n'
+        "rate_hz = 200\n"
+        "feedback_every = 1\n"  # the simulated user labels every sample
+        "[rd]\n"
+        "min_samples = 20\n"
+        "new_samples = 0\n"  # RD only on command
+        "[status]\n"
+        "interval_s = 1\n"
+        "[spool]\n"
+        "resend_after_s = 1\n"
+    )
+    return load_config(path)
+
+
+@pytest.fixture
+def running(tmp_path: Path, mosquitto: RunningBroker, base_line: Any, small_data: Any) -> Iterator[Running]:
+    device_id = new_device_id("cam")
+    secret = provisioned_device(mosquitto, device_id)
+    user = small_data.users[0]
+    inputs, labels = user.device_train[0].x[:60], user.device_train[0].y[:60]
+    stream = tmp_path / "stream.npz"
+    np.savez(stream, inputs=inputs, labels=labels)
+    config = device_config(tmp_path, mosquitto, device_id, secret, stream)
+    (tmp_path / "state").mkdir(mode=0o700)
+    slots = ModelSlots(tmp_path / "state" / STATE_FILES["models"])
+    slots.stage(base_line.artifact.model, base_line.artifact.manifest)
+    slots.switch()
+    probe = Probe(mosquitto.cloud, f"cloud-{device_id}")
+    assert probe.connect() is not None
+    probe.subscribe(f"diredi/v1/dev/{device_id}/#")
+    daemon = Daemon(config)
+    thread = threading.Thread(target=daemon.run, daemon=True)
+    thread.start()
+    yield Running(daemon, thread, probe, device_id, inputs)
+    daemon.stop()
+    thread.join(10)
+    probe.close()
+
+
+def test_the_daemon_reports_presence_and_status_of_its_model(running: Running, base_line: Any) -> None:
+    # Execute
+    statuses = wait_for(lambda: running.published(MessageKind.STATUS)[1:], 20, "two statuses")
+
+    # Assert
+    presence = json.loads(running.published(MessageKind.PRESENCE)[0])
+    assert presence["state"] == "online"
+    status = json.loads(statuses[-1])
+    assert status["model_id"] == base_line.model_id
+    assert status["inference_count"] > 0 and status["latency_p50_ms"] > 0
+    assert 0 <= status["accuracy"] <= 1 and status["labelled_count"] > 0
+    assert sum(status["class_histogram"].values()) > 0
+
+
+def test_rd_on_command_is_published_until_its_receipt_and_carries_no_private_sample(
+    running: Running, mosquitto: RunningBroker
+) -> None:
+    # Prepare: the simulated user has labelled samples
+    wait_for(lambda: running.daemon.feedback and running.daemon.feedback.count() >= 30, 20, "feedback")
+
+    # Execute: the cloud asks for RD; the report is sent again until the receipt comes
+    command = Command(device_id=running.device_id, command=CommandName.run_rd)
+    running.probe.publish(device_topic(running.device_id, MessageKind.CMD), encode(command))
+    reports = wait_for(lambda: running.published(MessageKind.KNOWLEDGE)[1:], 20, "a report sent twice")
+    report = json.loads(reports[0])
+    receipt = Receipt(device_id=running.device_id, ack_of=report["msg_id"])
+    running.probe.publish(device_topic(running.device_id, MessageKind.RECEIPT), encode(receipt))
+    wait_for(lambda: running.daemon.spool.pending() == 0, 10, "the spool to empty")
+
+    # Assert: the same report each time, and nothing published holds a private input or its features
+    assert {json.loads(r)["msg_id"] for r in reports} == {report["msg_id"]}
+    assert report["sample_count"] >= 20
+    model = running.daemon.model
+    assert model is not None
+    features, _ = model.run(running.private_inputs)
+    assert_no_private_data([m.payload for m in running.captured], running.private_inputs, features)
+
+
+def assert_no_private_data(payloads: list[bytes], inputs: np.ndarray, features: np.ndarray) -> None:
+    """No payload holds any private input or feature vector: not as raw bytes (float32 or float16),
+    not base64-encoded, and not as any row of any array the payload encodes."""
+    private = list(inputs.reshape(len(inputs), -1)) + list(features)
+    needles = []
+    for row in private:
+        for dtype in (np.float32, np.float16):
+            raw = np.asarray(row, dtype=dtype).tobytes()
+            needles += [raw[:32], base64.b64encode(raw)[:32]]
+    for payload in payloads:
+        for needle in needles:
+            assert needle not in payload
+        for array in encoded_arrays(json.loads(payload)):
+            rows = array.reshape(-1, array.shape[-1]) if array.ndim > 1 else array[None]
+            for row in private:
+                for candidate in rows:
+                    if candidate.shape == row.shape:
+                        assert not np.allclose(candidate, row, atol=1e-3)
+
+
+def encoded_arrays(document: Any) -> Iterator[np.ndarray]:
+    """Every EncodedArray ({dtype, shape, data}) in a JSON document, decoded."""
+    if isinstance(document, dict):
+        if {"dtype", "shape", "data"} <= set(document):
+            raw = base64.b64decode(document["data"])
+            yield np.frombuffer(raw, dtype=document["dtype"]).reshape(document["shape"]).astype(np.float64)
+            return
+        for value in document.values():
+            yield from encoded_arrays(value)
+    elif isinstance(document, list):
+        for value in document:
+            yield from encoded_arrays(value)
