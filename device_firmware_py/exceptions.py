@@ -43,3 +43,16 @@ class FeedbackFullError(FeedbackError):
 
 class FeedbackStoreError(DeviceError):
     """The private feedback store on disk is unreadable, corrupt or was made for another input shape."""
+
+
+class SlotError(DeviceError):
+    """The A/B model slots cannot do what was asked (nothing staged, unreadable pointer, disk error)."""
+
+
+class DownloadError(DeviceError):
+    """An artifact download was refused or failed; the text names the check (oversized, truncated, HTTP
+    status, network) so it can go into a model ack as is."""
+
+
+class DownloadCancelled(DeviceError):
+    """A download stopped because the daemon is shutting down; not a failed install, nothing to ack."""
