@@ -328,6 +328,7 @@ def test_stage_switch_roll_back(tmp_path: Path, base_line: EdgeLine, v2: EdgeArt
     # Execute
     staged = slots.stage(v2.model, v2.manifest)
     active_while_staged = slots.active()
+    staged_contents = slots.staged()
     slots.switch()
     active_after_switch = slots.active()
     slots.roll_back()
@@ -335,6 +336,7 @@ def test_stage_switch_roll_back(tmp_path: Path, base_line: EdgeLine, v2: EdgeArt
     # Assert
     assert staged == "b"
     assert active_while_staged is not None and active_while_staged[1].model_id == "base.v1"
+    assert staged_contents == (tmp_path / "b" / "model.tflite", v2.manifest)
     assert active_after_switch == (tmp_path / "b" / "model.tflite", v2.manifest)
     assert slots.active() == (tmp_path / "a" / "model.tflite", v1.manifest)
     for name in ("a", "b"):
