@@ -91,3 +91,26 @@ def test_device_runs_rd_without_torch(base_line: EdgeLine, small_data: ScenarioD
     assert result["sample_count"] == 40
     assert result["base_model_id"] == base_line.artifact.manifest.model_id
     assert 0 < result["report_bytes"] <= 256 * 1024
+
+
+def test_the_daemon_and_its_command_import_without_torch_or_the_cloud() -> None:
+    # Prepare: a fresh interpreter in which torch, the cloud package and its server libraries cannot load
+    child = (
+        "import importlib.abc, sys\n"
+        "class Blocker(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.partition('.')[0] in {'torch', 'cloud', 'sqlalchemy', 'fastapi', 'celery'}:\n"
+        "            raise ImportError(name + ' is blocked on the device')\n"
+        "sys.meta_path.insert(0, Blocker())\n"
+        "import device_firmware_py.daemon, device_firmware_py.cli\n"
+        "print('imported')\n"
+    )
+
+    # Execute
+    result = subprocess.run(  # noqa: S603
+        [sys.executable, "-c", child], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+
+    # Assert
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "imported"
