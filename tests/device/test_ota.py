@@ -3,20 +3,15 @@ on real int8 models and documents signed by the cloud's KeyRing; after every ref
 
 from __future__ import annotations
 
-import base64
-import contextlib
 import json
-import shutil
-import ssl
 import stat
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +21,7 @@ import pytest
 from cloud.signing import KeyRing
 from device_firmware_py.exceptions import DownloadCancelled, DownloadError, SlotError
 from device_firmware_py.ota import ModelSlots, UpdateOutcome, Updater, download, http_fetcher
+from tests.device.artifacts import DEVICE, MAX_BYTES, SECRET, T0, ArtifactServer, Route, signed
 from wire import AckResult, ArtifactManifest, DesiredModel, EncodedArray
 
 if TYPE_CHECKING:
@@ -34,136 +30,9 @@ if TYPE_CHECKING:
     from cloud.ml.export import EdgeArtifact
 
 ROOT = Path(__file__).resolve().parents[2]
-DEVICE = "cam-01"
-SECRET = "device-secret-0123"  # noqa: S105 - the test server's device credential
-T0 = datetime(2030, 1, 1, tzinfo=UTC)
-MAX_BYTES = 8 * 1024 * 1024
 
 
-# --- a real artifact server ---------------------------------------------------------------------
-
-
-@dataclass
-class Route:
-    """What the server answers for one path: a body and how it misbehaves."""
-
-    body: bytes
-    mode: str = "ok"  # ok | truncate | claim_more | no_length | slow | stall | redirect | status
-    status: int = 200
-
-
-@dataclass
-class ArtifactServer:
-    """A threaded HTTP server that checks the device's Basic credentials and serves routes."""
-
-    url: str
-    routes: dict[str, Route] = field(default_factory=dict)
-    stop: threading.Event = field(default_factory=threading.Event)
-    requests: list[str] = field(default_factory=list)
-
-    def offer(self, artifact: EdgeArtifact, body: bytes | None = None, mode: str = "ok") -> None:
-        """Serve `body` (default: the artifact's bytes) at the artifact's download path."""
-        path = f"/api/v1/artifacts/{artifact.manifest.sha256}"
-        self.routes[path] = Route(artifact.model if body is None else body, mode)
-
-
-def handler_for(server: ArtifactServer) -> type[BaseHTTPRequestHandler]:
-    """A request handler class bound to `server`'s routes."""
-    expected_auth = "Basic " + base64.b64encode(f"{DEVICE}:{SECRET}".encode()).decode()
-
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, format: str, *args: Any) -> None:  # keep the test output quiet
-            pass
-
-        def do_GET(self) -> None:
-            server.requests.append(self.path)
-            if self.headers.get("Authorization") != expected_auth:
-                self.send_error(401)
-                return
-            route = server.routes.get(self.path)
-            if route is None:
-                self.send_error(404)
-                return
-            if route.mode == "status":
-                self.send_error(route.status)
-                return
-            if route.mode == "redirect":
-                self.send_response(302)
-                self.send_header("Location", "http://127.0.0.1:9/elsewhere")
-                self.end_headers()
-                return
-            body = route.body
-            self.send_response(200)
-            length = {"ok": len(body), "truncate": len(body), "claim_more": 10**9}.get(route.mode)
-            if route.mode in ("slow", "stall"):
-                length = len(body)
-            if length is not None:
-                self.send_header("Content-Length", str(length))
-            self.end_headers()
-            if route.mode == "truncate":
-                self.wfile.write(body[: len(body) // 2])
-            elif route.mode == "slow":
-                for start in range(0, len(body), 512):
-                    if server.stop.wait(0.05):
-                        return
-                    self.wfile.write(body[start : start + 512])
-                    self.wfile.flush()
-            elif route.mode == "stall":
-                self.wfile.write(body[:100])
-                self.wfile.flush()
-                server.stop.wait(30)
-            elif route.mode != "claim_more":
-                self.wfile.write(body)
-
-    return Handler
-
-
-@contextlib.contextmanager
-def running_server(tls: ssl.SSLContext | None = None) -> Iterator[ArtifactServer]:
-    """An artifact server on 127.0.0.1, over TLS with `tls`."""
-    state = ArtifactServer(url="")
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler_for(state))
-    httpd.daemon_threads = True
-    if tls is not None:
-        httpd.socket = tls.wrap_socket(httpd.socket, server_side=True)
-    scheme = "https" if tls is not None else "http"
-    state.url = f"{scheme}://127.0.0.1:{httpd.server_address[1]}"
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield state
-    finally:
-        state.stop.set()
-        httpd.shutdown()
-        httpd.server_close()
-
-
-@pytest.fixture
-def server() -> Iterator[ArtifactServer]:
-    """A fresh plain-HTTP artifact server."""
-    with running_server() as state:
-        yield state
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A lab CA and a server certificate for 127.0.0.1, made by the project's own broker/certs.sh."""
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed")
-    directory = tmp_path_factory.mktemp("certs")
-    subprocess.run(
-        [str(ROOT / "broker" / "certs.sh"), str(directory)], check=True, capture_output=True, timeout=60
-    )
-    return directory
-
-
-@pytest.fixture
-def tls_server(certs: Path) -> Iterator[ArtifactServer]:
-    """A fresh HTTPS artifact server whose certificate chains to `certs`/ca.crt."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(certs / "server.crt", certs / "server.key")
-    with running_server(context) as state:
-        yield state
+# --- downloads and devices ----------------------------------------------------------------------
 
 
 def fetch_bytes(
@@ -184,45 +53,6 @@ def fetch_bytes(
         timeout=10.0,
         cancelled=cancelled or threading.Event(),
     )
-
-
-# --- models, documents and devices --------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def v2(base_line: EdgeLine, small_data: ScenarioData) -> EdgeArtifact:
-    """Version 2 of the base line: the same student re-exported with other calibration data."""
-    from cloud.ml.export import export_int8
-
-    artifact = export_int8(
-        base_line.student, small_data.train.x[256:], model_id="base.v2", line="base", version=2
-    )
-    assert artifact.manifest.sha256 != base_line.artifact.manifest.sha256
-    return artifact
-
-
-@pytest.fixture(scope="module")
-def ring(tmp_path_factory: pytest.TempPathFactory) -> KeyRing:
-    """The cloud's real signing keys."""
-    return KeyRing.open(tmp_path_factory.mktemp("keys"))
-
-
-def signed(
-    ring: KeyRing,
-    manifest: ArtifactManifest,
-    minutes: int,
-    *,
-    device_id: str = DEVICE,
-    rollback_of: str | None = None,
-) -> bytes:
-    """A DesiredModel signed by `ring`, issued `minutes` after T0, as received on `model/desired`."""
-    document = ring.sign_desired(
-        device_id=device_id,
-        manifest=manifest,
-        rollback_of=rollback_of,
-        issued_at=T0 + timedelta(minutes=minutes),
-    )
-    return document.to_json().encode()
 
 
 @dataclass
@@ -365,10 +195,15 @@ os._exit(9)  # the process dies between stage and switch: no cleanup, no switch
 
 
 def test_a_crash_between_stage_and_switch_leaves_the_old_model_active(
-    tmp_path: Path, ring: KeyRing, server: ArtifactServer, base_line: EdgeLine, v2: EdgeArtifact, x: Any
+    tmp_path: Path,
+    ring: KeyRing,
+    artifact_server: ArtifactServer,
+    base_line: EdgeLine,
+    v2: EdgeArtifact,
+    x: Any,
 ) -> None:
     # Prepare
-    device = device_on_v1(tmp_path, ring, server, base_line.artifact)
+    device = device_on_v1(tmp_path, ring, artifact_server, base_line.artifact)
     (tmp_path / "v2.tflite").write_bytes(v2.model)
     (tmp_path / "v2.json").write_text(v2.manifest.to_json())
 
@@ -396,10 +231,15 @@ def test_a_crash_between_stage_and_switch_leaves_the_old_model_active(
 
 
 def test_a_torn_write_in_the_inactive_slot_leaves_the_old_model_active(
-    tmp_path: Path, ring: KeyRing, server: ArtifactServer, base_line: EdgeLine, v2: EdgeArtifact, x: Any
+    tmp_path: Path,
+    ring: KeyRing,
+    artifact_server: ArtifactServer,
+    base_line: EdgeLine,
+    v2: EdgeArtifact,
+    x: Any,
 ) -> None:
     # Prepare: a crash in the middle of staging leaves half a file and a stale temp file behind
-    device = device_on_v1(tmp_path, ring, server, base_line.artifact)
+    device = device_on_v1(tmp_path, ring, artifact_server, base_line.artifact)
     (device.slots.root / "b" / "model.tflite").write_bytes(v2.model[: len(v2.model) // 2])
     (device.slots.root / "b" / ".manifest.json.tmp").write_bytes(b'{"schema": "diredi.man')
 
@@ -416,17 +256,17 @@ def test_a_torn_write_in_the_inactive_slot_leaves_the_old_model_active(
 
 
 def test_download_returns_the_artifact_with_device_credentials(
-    server: ArtifactServer, v2: EdgeArtifact
+    artifact_server: ArtifactServer, v2: EdgeArtifact
 ) -> None:
     # Prepare
-    server.offer(v2)
+    artifact_server.offer(v2)
 
     # Execute
-    body = fetch_bytes(server, v2)
+    body = fetch_bytes(artifact_server, v2)
 
     # Assert
     assert body == v2.model
-    assert server.requests == [f"/api/v1/artifacts/{v2.manifest.sha256}"]
+    assert artifact_server.requests == [f"/api/v1/artifacts/{v2.manifest.sha256}"]
 
 
 @pytest.mark.parametrize(
@@ -439,36 +279,40 @@ def test_download_returns_the_artifact_with_device_credentials(
     ],
 )
 def test_download_refuses_a_bad_body(
-    server: ArtifactServer, v2: EdgeArtifact, mode: str, reason: str
+    artifact_server: ArtifactServer, v2: EdgeArtifact, mode: str, reason: str
 ) -> None:
     # Prepare: no_length streams the artifact and more, with no Content-Length to refuse up front
     body = v2.model + b"\0" * 100_000 if mode == "no_length" else v2.model
-    server.offer(v2, body, mode)
+    artifact_server.offer(v2, body, mode)
 
     # Execute / Assert
     with pytest.raises(DownloadError, match=reason):
-        fetch_bytes(server, v2)
+        fetch_bytes(artifact_server, v2)
 
 
-def test_download_refuses_a_body_shorter_than_the_manifest(server: ArtifactServer, v2: EdgeArtifact) -> None:
+def test_download_refuses_a_body_shorter_than_the_manifest(
+    artifact_server: ArtifactServer, v2: EdgeArtifact
+) -> None:
     # Prepare: a well-formed response that simply holds too few bytes
-    server.offer(v2, v2.model[:-10])
+    artifact_server.offer(v2, v2.model[:-10])
 
     # Execute / Assert
     with pytest.raises(
         DownloadError, match=f"truncated: {v2.manifest.size - 10} of {v2.manifest.size} bytes"
     ):
-        fetch_bytes(server, v2)
+        fetch_bytes(artifact_server, v2)
 
 
-def test_download_refuses_an_artifact_larger_than_max_bytes(server: ArtifactServer, v2: EdgeArtifact) -> None:
+def test_download_refuses_an_artifact_larger_than_max_bytes(
+    artifact_server: ArtifactServer, v2: EdgeArtifact
+) -> None:
     # Prepare
-    server.offer(v2)
+    artifact_server.offer(v2)
 
     # Execute / Assert
     with pytest.raises(DownloadError, match="oversized: the artifact has"):
         download(
-            server.url,
+            artifact_server.url,
             f"/api/v1/artifacts/{v2.manifest.sha256}",
             device_id=DEVICE,
             secret=SECRET,
@@ -478,7 +322,7 @@ def test_download_refuses_an_artifact_larger_than_max_bytes(server: ArtifactServ
             timeout=10.0,
             cancelled=threading.Event(),
         )
-    assert server.requests == []  # refused before connecting
+    assert artifact_server.requests == []  # refused before connecting
 
 
 @pytest.mark.parametrize(
@@ -486,25 +330,27 @@ def test_download_refuses_an_artifact_larger_than_max_bytes(server: ArtifactServ
     [(404, "HTTP 404 .*not offered"), (403, "HTTP 403 .*may not download"), (503, "HTTP 503 .*server error")],
 )
 def test_download_maps_http_errors(
-    server: ArtifactServer, v2: EdgeArtifact, status: int, reason: str
+    artifact_server: ArtifactServer, v2: EdgeArtifact, status: int, reason: str
 ) -> None:
     # Prepare
     if status != 404:
-        server.routes[f"/api/v1/artifacts/{v2.manifest.sha256}"] = Route(b"", "status", status)
+        artifact_server.routes[f"/api/v1/artifacts/{v2.manifest.sha256}"] = Route(b"", "status", status)
 
     # Execute / Assert
     with pytest.raises(DownloadError, match=reason):
-        fetch_bytes(server, v2)
+        fetch_bytes(artifact_server, v2)
 
 
-def test_download_with_wrong_credentials_is_unauthorized(server: ArtifactServer, v2: EdgeArtifact) -> None:
+def test_download_with_wrong_credentials_is_unauthorized(
+    artifact_server: ArtifactServer, v2: EdgeArtifact
+) -> None:
     # Prepare
-    server.offer(v2)
+    artifact_server.offer(v2)
 
     # Execute / Assert
     with pytest.raises(DownloadError, match="HTTP 401 .*credentials were refused"):
         download(
-            server.url,
+            artifact_server.url,
             f"/api/v1/artifacts/{v2.manifest.sha256}",
             device_id=DEVICE,
             secret="wrong-secret",  # noqa: S106 - deliberately not the device's
@@ -517,27 +363,29 @@ def test_download_with_wrong_credentials_is_unauthorized(server: ArtifactServer,
 
 
 def test_download_from_an_unreachable_server_is_a_network_error(
-    server: ArtifactServer, v2: EdgeArtifact
+    artifact_server: ArtifactServer, v2: EdgeArtifact
 ) -> None:
     # Prepare: a port nobody listens on
-    server.url = "http://127.0.0.1:9"
+    artifact_server.url = "http://127.0.0.1:9"
 
     # Execute / Assert
     with pytest.raises(DownloadError, match="network error: ConnectionRefusedError"):
-        fetch_bytes(server, v2)
+        fetch_bytes(artifact_server, v2)
 
 
 @pytest.mark.parametrize("mode", ["slow", "stall"])
-def test_cancelling_stops_a_download_promptly(server: ArtifactServer, v2: EdgeArtifact, mode: str) -> None:
+def test_cancelling_stops_a_download_promptly(
+    artifact_server: ArtifactServer, v2: EdgeArtifact, mode: str
+) -> None:
     # Prepare: `slow` trickles 512 B every 50 ms (minutes for the artifact); `stall` sends 100 B, then nothing
-    server.offer(v2, mode=mode)
+    artifact_server.offer(v2, mode=mode)
     cancelled = threading.Event()
     threading.Timer(0.3, cancelled.set).start()
     started = time.monotonic()
 
     # Execute / Assert
     with pytest.raises(DownloadCancelled):
-        fetch_bytes(server, v2, cancelled)
+        fetch_bytes(artifact_server, v2, cancelled)
     assert time.monotonic() - started < 2.0
 
 
@@ -585,11 +433,16 @@ def test_download_refuses_a_url_it_cannot_use(v2: EdgeArtifact, url: str) -> Non
 
 
 def test_updater_installs_a_newer_version(
-    tmp_path: Path, ring: KeyRing, server: ArtifactServer, base_line: EdgeLine, v2: EdgeArtifact, x: Any
+    tmp_path: Path,
+    ring: KeyRing,
+    artifact_server: ArtifactServer,
+    base_line: EdgeLine,
+    v2: EdgeArtifact,
+    x: Any,
 ) -> None:
     # Prepare
-    device = device_on_v1(tmp_path, ring, server, base_line.artifact)
-    server.offer(v2)
+    device = device_on_v1(tmp_path, ring, artifact_server, base_line.artifact)
+    artifact_server.offer(v2)
 
     # Execute
     outcome = device.updater.apply(signed(ring, v2.manifest, 1))
@@ -607,18 +460,18 @@ def test_updater_installs_a_newer_version(
 
 
 def test_a_document_for_the_running_model_is_a_no_op(
-    tmp_path: Path, ring: KeyRing, server: ArtifactServer, base_line: EdgeLine
+    tmp_path: Path, ring: KeyRing, artifact_server: ArtifactServer, base_line: EdgeLine
 ) -> None:
     # Prepare: the retained document arrives again at every reconnect
-    device = device_on_v1(tmp_path, ring, server, base_line.artifact)
-    requests = len(server.requests)
+    device = device_on_v1(tmp_path, ring, artifact_server, base_line.artifact)
+    requests = len(artifact_server.requests)
 
     # Execute
     outcome = device.updater.apply(signed(ring, base_line.artifact.manifest, 0))
 
     # Assert
     assert outcome == UpdateOutcome(None, "", "base.v1", "base.v1")
-    assert len(server.requests) == requests  # nothing downloaded
+    assert len(artifact_server.requests) == requests  # nothing downloaded
 
 
 def forged_signature(ring: KeyRing, manifest: ArtifactManifest) -> bytes:
@@ -650,7 +503,7 @@ def wrong_device(ring: KeyRing, manifest: ArtifactManifest) -> bytes:
 def test_documents_that_do_not_verify_are_refused(
     tmp_path: Path,
     ring: KeyRing,
-    server: ArtifactServer,
+    artifact_server: ArtifactServer,
     base_line: EdgeLine,
     v2: EdgeArtifact,
     x: Any,
@@ -658,8 +511,8 @@ def test_documents_that_do_not_verify_are_refused(
     reason: str,
 ) -> None:
     # Prepare
-    device = device_on_v1(tmp_path, ring, server, base_line.artifact)
-    server.offer(v2)
+    device = device_on_v1(tmp_path, ring, artifact_server, base_line.artifact)
+    artifact_server.offer(v2)
 
     # Execute
     outcome = device.updater.apply(make(ring, tmp_path, v2.manifest))
@@ -682,7 +535,7 @@ def test_documents_that_do_not_verify_are_refused(
 def test_bad_artifacts_from_the_server_are_refused(
     tmp_path: Path,
     ring: KeyRing,
-    server: ArtifactServer,
+    artifact_server: ArtifactServer,
     base_line: EdgeLine,
     v2: EdgeArtifact,
     x: Any,
@@ -690,12 +543,14 @@ def test_bad_artifacts_from_the_server_are_refused(
     reason: str,
 ) -> None:
     # Prepare
-    device = device_on_v1(tmp_path, ring, server, base_line.artifact)
+    device = device_on_v1(tmp_path, ring, artifact_server, base_line.artifact)
     flipped = bytearray(v2.model)
     flipped[len(flipped) // 2] ^= 0xFF
     bodies = {"corrupt": bytes(flipped), "short": v2.model[:-1], "no_length": v2.model + b"extra"}
     if mode != "missing":
-        server.offer(v2, bodies.get(mode, v2.model), "ok" if mode in bodies and mode != "no_length" else mode)
+        artifact_server.offer(
+            v2, bodies.get(mode, v2.model), "ok" if mode in bodies and mode != "no_length" else mode
+        )
 
     # Execute
     outcome = device.updater.apply(signed(ring, v2.manifest, 1))
@@ -725,12 +580,17 @@ def test_the_updater_checks_size_itself(
 
 
 def test_an_older_version_needs_a_signed_rollback(
-    tmp_path: Path, ring: KeyRing, server: ArtifactServer, base_line: EdgeLine, v2: EdgeArtifact, x: Any
+    tmp_path: Path,
+    ring: KeyRing,
+    artifact_server: ArtifactServer,
+    base_line: EdgeLine,
+    v2: EdgeArtifact,
+    x: Any,
 ) -> None:
     # Prepare: the device runs v2
     v1 = base_line.artifact
-    device = device_on_v1(tmp_path, ring, server, v1)
-    server.offer(v2)
+    device = device_on_v1(tmp_path, ring, artifact_server, v1)
+    artifact_server.offer(v2)
     assert device.updater.apply(signed(ring, v2.manifest, 1)).result is AckResult.installed
 
     # Execute
@@ -744,15 +604,20 @@ def test_an_older_version_needs_a_signed_rollback(
 
 
 def test_a_replayed_older_document_is_refused_across_restarts(
-    tmp_path: Path, ring: KeyRing, server: ArtifactServer, base_line: EdgeLine, v2: EdgeArtifact, x: Any
+    tmp_path: Path,
+    ring: KeyRing,
+    artifact_server: ArtifactServer,
+    base_line: EdgeLine,
+    v2: EdgeArtifact,
+    x: Any,
 ) -> None:
     # Prepare: an old signed rollback to v1 was captured; the device has since accepted v2
     v1 = base_line.artifact
     old_rollback = signed(ring, v1.manifest, 1, rollback_of="base.v2")
-    device = device_on_v1(tmp_path, ring, server, v1)
-    server.offer(v2)
+    device = device_on_v1(tmp_path, ring, artifact_server, v1)
+    artifact_server.offer(v2)
     assert device.updater.apply(signed(ring, v2.manifest, 5)).result is AckResult.installed
-    restarted = make_device(tmp_path, ring, server_fetch(server))
+    restarted = make_device(tmp_path, ring, server_fetch(artifact_server))
 
     # Execute
     outcome = restarted.updater.apply(old_rollback)
@@ -773,11 +638,16 @@ def altered_probes(manifest: ArtifactManifest) -> ArtifactManifest:
 
 
 def test_a_model_failing_its_self_test_is_never_switched_to(
-    tmp_path: Path, ring: KeyRing, server: ArtifactServer, base_line: EdgeLine, v2: EdgeArtifact, x: Any
+    tmp_path: Path,
+    ring: KeyRing,
+    artifact_server: ArtifactServer,
+    base_line: EdgeLine,
+    v2: EdgeArtifact,
+    x: Any,
 ) -> None:
     # Prepare: the cloud signed a manifest whose probe outputs the artifact does not produce
-    device = device_on_v1(tmp_path, ring, server, base_line.artifact)
-    server.offer(v2)
+    device = device_on_v1(tmp_path, ring, artifact_server, base_line.artifact)
+    artifact_server.offer(v2)
 
     # Execute
     outcome = device.updater.apply(signed(ring, altered_probes(v2.manifest), 1))
@@ -788,15 +658,20 @@ def test_a_model_failing_its_self_test_is_never_switched_to(
 
 
 def test_a_failed_self_test_after_the_swap_rolls_back(
-    tmp_path: Path, ring: KeyRing, server: ArtifactServer, base_line: EdgeLine, v2: EdgeArtifact, x: Any
+    tmp_path: Path,
+    ring: KeyRing,
+    artifact_server: ArtifactServer,
+    base_line: EdgeLine,
+    v2: EdgeArtifact,
+    x: Any,
 ) -> None:
     # Prepare: the new slot's file goes bad between the swap and the reload, as a failing disk would
     def corrupt(model_path: Path) -> None:
         model_path.write_bytes(b"\0" * model_path.stat().st_size)
 
-    device_on_v1(tmp_path, ring, server, base_line.artifact)
-    server.offer(v2)
-    device = make_device(tmp_path, ring, server_fetch(server), on_switched=corrupt)
+    device_on_v1(tmp_path, ring, artifact_server, base_line.artifact)
+    artifact_server.offer(v2)
+    device = make_device(tmp_path, ring, server_fetch(artifact_server), on_switched=corrupt)
 
     # Execute
     outcome = device.updater.apply(signed(ring, v2.manifest, 1))
@@ -810,14 +685,19 @@ def test_a_failed_self_test_after_the_swap_rolls_back(
 
 
 def test_a_cancelled_download_propagates_and_keeps_the_old_model(
-    tmp_path: Path, ring: KeyRing, server: ArtifactServer, base_line: EdgeLine, v2: EdgeArtifact, x: Any
+    tmp_path: Path,
+    ring: KeyRing,
+    artifact_server: ArtifactServer,
+    base_line: EdgeLine,
+    v2: EdgeArtifact,
+    x: Any,
 ) -> None:
     # Prepare
-    device = device_on_v1(tmp_path, ring, server, base_line.artifact)
-    server.offer(v2, mode="slow")
+    device = device_on_v1(tmp_path, ring, artifact_server, base_line.artifact)
+    artifact_server.offer(v2, mode="slow")
     cancelled = threading.Event()
     device.updater.fetch = http_fetcher(
-        server.url,
+        artifact_server.url,
         device_id=DEVICE,
         secret=SECRET,
         max_bytes=MAX_BYTES,
@@ -847,10 +727,15 @@ GARBAGE = {
 
 @pytest.mark.parametrize("payload", GARBAGE.values(), ids=GARBAGE.keys())
 def test_garbage_payloads_fail_with_a_reason(
-    tmp_path: Path, ring: KeyRing, server: ArtifactServer, base_line: EdgeLine, x: Any, payload: bytes
+    tmp_path: Path,
+    ring: KeyRing,
+    artifact_server: ArtifactServer,
+    base_line: EdgeLine,
+    x: Any,
+    payload: bytes,
 ) -> None:
     # Prepare
-    device = device_on_v1(tmp_path, ring, server, base_line.artifact)
+    device = device_on_v1(tmp_path, ring, artifact_server, base_line.artifact)
 
     # Execute
     outcome = device.updater.apply(payload)
@@ -862,10 +747,10 @@ def test_garbage_payloads_fail_with_a_reason(
 
 
 def test_a_mistyped_field_in_a_signed_shape_names_the_field(
-    tmp_path: Path, ring: KeyRing, server: ArtifactServer, base_line: EdgeLine, v2: EdgeArtifact
+    tmp_path: Path, ring: KeyRing, artifact_server: ArtifactServer, base_line: EdgeLine, v2: EdgeArtifact
 ) -> None:
     # Prepare
-    device = device_on_v1(tmp_path, ring, server, base_line.artifact)
+    device = device_on_v1(tmp_path, ring, artifact_server, base_line.artifact)
     document = json.loads(signed(ring, v2.manifest, 1))
     document["manifest"]["version"] = "two"
 
@@ -879,15 +764,15 @@ def test_a_mistyped_field_in_a_signed_shape_names_the_field(
 def test_load_active_falls_back_to_the_other_slot(
     tmp_path: Path,
     ring: KeyRing,
-    server: ArtifactServer,
+    artifact_server: ArtifactServer,
     base_line: EdgeLine,
     v2: EdgeArtifact,
     x: Any,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # Prepare: v2 active in slot b, v1 in slot a; then slot b's file is damaged on disk
-    device = device_on_v1(tmp_path, ring, server, base_line.artifact)
-    server.offer(v2)
+    device = device_on_v1(tmp_path, ring, artifact_server, base_line.artifact)
+    artifact_server.offer(v2)
     assert device.updater.apply(signed(ring, v2.manifest, 1)).result is AckResult.installed
     (device.slots.root / "b" / "model.tflite").write_bytes(b"garbage")
 
@@ -910,14 +795,14 @@ def test_load_active_with_nothing_installed_is_none(tmp_path: Path, ring: KeyRin
 
 
 def test_the_first_install_rolled_back_leaves_no_model(
-    tmp_path: Path, ring: KeyRing, server: ArtifactServer, base_line: EdgeLine
+    tmp_path: Path, ring: KeyRing, artifact_server: ArtifactServer, base_line: EdgeLine
 ) -> None:
     # Prepare: the freshly installed file is damaged before the post-swap reload
     def damage(model_path: Path) -> None:
         model_path.write_bytes(b"x")
 
-    server.offer(base_line.artifact)
-    device = make_device(tmp_path, ring, server_fetch(server), damage)
+    artifact_server.offer(base_line.artifact)
+    device = make_device(tmp_path, ring, server_fetch(artifact_server), damage)
 
     # Execute
     outcome = device.updater.apply(signed(ring, base_line.artifact.manifest, 0))
