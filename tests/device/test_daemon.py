@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import json
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,14 +14,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from device_firmware_py.config import DeviceConfig, load_config
-from device_firmware_py.daemon import STATE_FILES, Daemon
-from device_firmware_py.ota import ModelSlots
+from device_firmware_py.config import load_config
+from device_firmware_py.daemon import Daemon
 from tests.brokers import Probe, RunningBroker, new_device_id, provisioned_device
+from tests.device.daemons import install_model, wait_until, write_config, write_stream
 from wire.messages import Command, CommandName, Receipt, encode
 from wire.topics import MessageKind, device_topic
 
-KEY = base64.b64encode(bytes(32)).decode()  # the OTA path is not exercised here
+TRUST = {"0123456789abcdef": base64.b64encode(bytes(32)).decode()}  # no update in these tests
 
 
 @dataclass
@@ -48,64 +47,15 @@ class Running:
         self._seen: list[Any] = []
 
 
-def wait_for(condition: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def device_config(
-    tmp_path: Path, broker: RunningBroker, device_id: str, secret: str, stream: Path
-) -> DeviceConfig:
-    secret_file = tmp_path / "secret"
-    secret_file.write_text(secret + "\n")
-    secret_file.chmod(0o600)
-    path = tmp_path / "device.toml"
-    path.write_text(
-        f'device_id = "{device_id}"\n'
-        f'state_dir = "{tmp_path / "state"}"\n'
-        "[broker]\n"
-        f'url = "mqtt://{broker.target.host}:{broker.target.port}"\n'
-        "keepalive_s = 10\n"
-        "[credentials]\n"
-        f'file = "{secret_file}"\n'
-        "[api]\n"
-        'url = "http://127.0.0.1:9"\n'
-        "[trust]\n"
-        f'"0123456789abcdef" = "{KEY}"\n'
-        "[input]\n"
-        'source = "simulated"\n'
-        f'path = "{stream}"\n'
-        "rate_hz = 200\n"
-        "feedback_every = 1\n"  # the simulated user labels every sample
-        "[rd]\n"
-        "min_samples = 20\n"
-        "new_samples = 0\n"  # RD only on command
-        "[status]\n"
-        "interval_s = 1\n"
-        "[spool]\n"
-        "resend_after_s = 1\n"
-    )
-    return load_config(path)
-
-
 @pytest.fixture
 def running(tmp_path: Path, mosquitto: RunningBroker, base_line: Any, small_data: Any) -> Iterator[Running]:
     device_id = new_device_id("cam")
     secret = provisioned_device(mosquitto, device_id)
     user = small_data.users[0]
     inputs, labels = user.device_train[0].x[:60], user.device_train[0].y[:60]
-    stream = tmp_path / "stream.npz"
-    np.savez(stream, inputs=inputs, labels=labels)
-    config = device_config(tmp_path, mosquitto, device_id, secret, stream)
-    (tmp_path / "state").mkdir(mode=0o700)
-    slots = ModelSlots(tmp_path / "state" / STATE_FILES["models"])
-    slots.stage(base_line.artifact.model, base_line.artifact.manifest)
-    slots.switch()
+    stream = write_stream(tmp_path / "stream.npz", inputs, labels)
+    config = load_config(write_config(tmp_path, mosquitto.target, device_id, secret, stream, trust=TRUST))
+    install_model(tmp_path, base_line.artifact.model, base_line.artifact.manifest)
     probe = Probe(mosquitto.cloud, f"cloud-{device_id}")
     assert probe.connect() is not None
     probe.subscribe(f"diredi/v1/dev/{device_id}/#")
@@ -120,7 +70,7 @@ def running(tmp_path: Path, mosquitto: RunningBroker, base_line: Any, small_data
 
 def test_the_daemon_reports_presence_and_status_of_its_model(running: Running, base_line: Any) -> None:
     # Execute
-    statuses = wait_for(lambda: running.published(MessageKind.STATUS)[1:], 20, "two statuses")
+    statuses = wait_until(lambda: running.published(MessageKind.STATUS)[1:], 20, "two statuses")
 
     # Assert
     presence = json.loads(running.published(MessageKind.PRESENCE)[0])
@@ -136,16 +86,16 @@ def test_rd_on_command_is_published_until_its_receipt_and_carries_no_private_sam
     running: Running, mosquitto: RunningBroker
 ) -> None:
     # Prepare: the simulated user has labelled samples
-    wait_for(lambda: running.daemon.feedback and running.daemon.feedback.count() >= 30, 20, "feedback")
+    wait_until(lambda: running.daemon.feedback and running.daemon.feedback.count() >= 30, 20, "feedback")
 
     # Execute: the cloud asks for RD; the report is sent again until the receipt comes
     command = Command(device_id=running.device_id, command=CommandName.run_rd)
     running.probe.publish(device_topic(running.device_id, MessageKind.CMD), encode(command))
-    reports = wait_for(lambda: running.published(MessageKind.KNOWLEDGE)[1:], 20, "a report sent twice")
+    reports = wait_until(lambda: running.published(MessageKind.KNOWLEDGE)[1:], 20, "a report sent twice")
     report = json.loads(reports[0])
     receipt = Receipt(device_id=running.device_id, ack_of=report["msg_id"])
     running.probe.publish(device_topic(running.device_id, MessageKind.RECEIPT), encode(receipt))
-    wait_for(lambda: running.daemon.spool.pending() == 0, 10, "the spool to empty")
+    wait_until(lambda: running.daemon.spool.pending() == 0, 10, "the spool to empty")
 
     # Assert: the same report each time, and nothing published holds a private input or its features
     assert {json.loads(r)["msg_id"] for r in reports} == {report["msg_id"]}
