@@ -11,6 +11,7 @@ knowledge report) are the only thing derived from them that is ever published.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -35,7 +36,7 @@ from device_firmware_py.exceptions import (
 )
 from device_firmware_py.feedback import FeedbackServer, FeedbackStore
 from device_firmware_py.link import DeviceLink, Inbound
-from device_firmware_py.ota import ModelSlots, Updater, download
+from device_firmware_py.ota import ModelSlots, Updater, download, write_atomically
 from device_firmware_py.privacy import DPConfig, PrivacyAccountant
 from device_firmware_py.rd import RDPolicy, extract_knowledge, softmax
 from device_firmware_py.runtime import MAX_ARTIFACT_BYTES, Int8Model
@@ -56,6 +57,7 @@ STATE_FILES = {
     "privacy": "privacy.json",
     "desired": "desired-state.json",
     "socket": "feedback.sock",
+    "stream": "stream-position.json",
 }
 
 
@@ -137,7 +139,8 @@ class Daemon:
         self._last_rd = time.monotonic()
         self._last_status = 0.0
         self._cpu_at_status = (time.monotonic(), self._cpu_seconds())
-        self._sample_number = 0
+        self.stream_state = files["stream"]
+        self._stream_consumed = self._load_stream_position()
         if self.model is not None:
             self._open_model_inputs(self.model)
 
@@ -173,6 +176,7 @@ class Daemon:
         now = time.monotonic()
         if now - self._last_status >= self.config.status.interval_s:
             self._publish_status()
+            self._save_stream_position()
             self._last_status = now
         if self._rd_due(now):
             self._run_rd()
@@ -186,6 +190,7 @@ class Daemon:
         """Stop the threads and close the stores."""
         if self.feedback_server is not None:
             self.feedback_server.stop()
+        self._save_stream_position()
         self.link.stop()
         self.spool.close()
         self.notifier.close()
@@ -214,7 +219,7 @@ class Daemon:
         if self.source is None:
             settings = self.config.input
             if settings.source == "simulated":
-                self.source = SimulatedSource(settings.path, shape, classes)
+                self.source = SimulatedSource(settings.path, shape, classes, offset=self._stream_consumed)
             else:
                 self.source = DirectorySource(settings.path, shape)
 
@@ -234,21 +239,40 @@ class Daemon:
         self._simulated_feedback(sample)
 
     def _simulated_feedback(self, sample: Sample) -> None:
-        """The simulated user labels every n-th sample of the stream, as a real one would through
-        `diredi-device feedback add` or the socket."""
+        """The simulated user labels every n-th sample of their stream, once (on its first pass), as a
+        real one would through `diredi-device feedback add` or the socket."""
         every = self.config.input.feedback_every
-        self._sample_number += 1
+        number, self._stream_consumed = self._stream_consumed, self._stream_consumed + 1
+        source = self.source
+        first_pass = isinstance(source, SimulatedSource) and number < len(source.labels)
         if (
             every
+            and first_pass
             and sample.label is not None
             and self.feedback is not None
-            and self._sample_number % every == 0
+            and number % every == 0
         ):
             try:
                 self.feedback.add(sample.input, sample.label)
             except FeedbackFullError:
-                if self._sample_number // every % 1000 == 1:  # said now and then, not at every sample
-                    log.warning("the feedback store is full; the simulated user's labels are not kept")
+                log.warning("the feedback store is full; the simulated user's label is not kept")
+
+    def _save_stream_position(self) -> None:
+        """Where the simulated stream is, so a restart goes on from there (and labels nothing twice)."""
+        if isinstance(self.source, SimulatedSource):
+            write_atomically(self.stream_state, json.dumps({"consumed": self._stream_consumed}).encode())
+
+    def _load_stream_position(self) -> int:
+        try:
+            consumed = json.loads(self.stream_state.read_bytes())["consumed"]
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning(
+                "stream position %s unreadable (%s): starting the stream over", self.stream_state, exc
+            )
+            return 0
+        return consumed if isinstance(consumed, int) and consumed >= 0 else 0
 
     # Status ---------------------------------------------------------------------------------------
 

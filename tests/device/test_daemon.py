@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -48,11 +49,16 @@ class Running:
 
 
 @pytest.fixture
-def running(tmp_path: Path, mosquitto: RunningBroker, base_line: Any, small_data: Any) -> Iterator[Running]:
+def running(
+    request: pytest.FixtureRequest, tmp_path: Path, mosquitto: RunningBroker, base_line: Any, small_data: Any
+) -> Iterator[Running]:
+    """A daemon whose simulated user labels each of the stream's samples (60, or the test's
+    `pytest.mark.parametrize("running", [n], indirect=True)`) once."""
+    samples = getattr(request, "param", 60)
     device_id = new_device_id("cam")
     secret = provisioned_device(mosquitto, device_id)
     user = small_data.users[0]
-    inputs, labels = user.device_train[0].x[:60], user.device_train[0].y[:60]
+    inputs, labels = user.device_train[0].x[:samples], user.device_train[0].y[:samples]
     stream = write_stream(tmp_path / "stream.npz", inputs, labels)
     config = load_config(write_config(tmp_path, mosquitto.target, device_id, secret, stream, trust=TRUST))
     install_model(tmp_path, base_line.artifact.model, base_line.artifact.manifest)
@@ -104,6 +110,54 @@ def test_rd_on_command_is_published_until_its_receipt_and_carries_no_private_sam
     assert model is not None
     features, _ = model.run(running.private_inputs)
     assert_no_private_data([m.payload for m in running.captured], running.private_inputs, features)
+
+
+@pytest.mark.parametrize("running", [12], indirect=True)
+def test_rd_refuses_to_report_below_min_samples(running: Running, caplog: pytest.LogCaptureFixture) -> None:
+    # Prepare: the user labelled 12 samples; RD needs 20
+    wait_until(lambda: running.daemon.feedback and running.daemon.feedback.count() == 12, 20, "feedback")
+
+    # Execute
+    command = Command(device_id=running.device_id, command=CommandName.run_rd)
+    with caplog.at_level(logging.INFO, logger="device_firmware_py.daemon"):
+        running.probe.publish(device_topic(running.device_id, MessageKind.CMD), encode(command))
+        wait_until(lambda: "RD not run" in caplog.text, 20, "RD to be refused")
+    wait_until(lambda: len(running.published(MessageKind.STATUS)) >= 2, 20, "statuses")
+
+    # Assert: nothing reported, nothing spooled
+    assert "12 labelled samples, RD needs at least 20" in caplog.text
+    assert running.published(MessageKind.KNOWLEDGE) == [] and running.daemon.spool.pending() == 0
+
+
+GARBAGE = [
+    (MessageKind.CMD, b"not json"),
+    (MessageKind.CMD, b'{"schema": "diredi.cmd/1", "command": "format_disk"}'),
+    (MessageKind.CMD, b"[" * 5000),
+    (MessageKind.CMD, b"{" + b'"x": 1,' * 3000 + b'"y": 2}'),
+    (MessageKind.RECEIPT, b'{"schema": "diredi.receipt/1", "ack_of": "nope"}'),
+    (MessageKind.RECEIPT, b"\xff\xfe"),
+    (MessageKind.MODEL_DESIRED, b"not a document"),
+    (MessageKind.MODEL_DESIRED, b'{"schema": "diredi.desired/1", "device_id": 7}'),
+]
+
+
+def test_garbage_from_the_cloud_never_stops_the_daemon(running: Running) -> None:
+    # Prepare
+    before = len(running.published(MessageKind.STATUS))
+
+    # Execute: garbage on every topic the device listens to
+    for kind, payload in GARBAGE:
+        running.probe.publish(device_topic(running.device_id, kind), payload)
+
+    # Assert: it keeps serving and reporting; each unreadable desired document gets a `failed` ack
+    wait_until(
+        lambda: len(running.published(MessageKind.STATUS)) >= before + 3, 30, "statuses after the garbage"
+    )
+    acks = wait_until(lambda: running.published(MessageKind.MODEL_ACK)[1:], 30, "two acks")
+    assert running.thread.is_alive()
+    results = [json.loads(a) for a in acks]
+    assert {a["result"] for a in results} == {"failed"} and all(a["reason"] for a in results)
+    assert all(a["running_model_id"] == running.daemon.model.manifest.model_id for a in results)  # type: ignore[union-attr]
 
 
 def assert_no_private_data(payloads: list[bytes], inputs: np.ndarray, features: np.ndarray) -> None:

@@ -37,7 +37,7 @@ from tests.brokers import RunningBroker, provisioned_device, running_mosquitto
 from tests.databases import postgres_admin_url
 from tests.device.daemons import DaemonProcess, install_model, wait_until, write_config, write_stream
 
-NEW_SAMPLES = 20  # a report every 20 labelled samples: about four a second at 80 samples/s
+NEW_SAMPLES = 10  # a report every 10 labelled samples: the stream's 100 make 10 reports
 KEY = {"0123456789abcdef": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}  # no update in these tests
 
 

@@ -4,6 +4,7 @@ installs newer versions and signed rollbacks, and after every refusal the old mo
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Callable
 from datetime import timedelta
@@ -382,6 +383,8 @@ def test_load_active_falls_back_to_the_other_slot(
     artifact_server.offer(v2)
     assert device.updater.apply(signed(ring, v2.manifest, 1)).result is AckResult.installed
     (device.slots.root / "b" / "model.tflite").write_bytes(b"garbage")
+    # (the level is set here: other tests in the same session may have raised the loggers' levels)
+    caplog.set_level(logging.WARNING, logger="device_firmware_py.ota")
 
     # Execute
     model = device.updater.load_active()
