@@ -12,11 +12,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from device_firmware_py.config import ConfigError, DeviceConfig, ExitCode, load_config, prepare_state_dir
-from device_firmware_py.exceptions import DeviceError
+from device_firmware_py.exitcodes import ExitCode
+
+if TYPE_CHECKING:
+    from device_firmware_py.config import DeviceConfig
 
 log = logging.getLogger("diredi-device")
 
@@ -47,14 +52,21 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `diredi-device` console script."""
+    # First of all: a SIGTERM while the daemon is still importing and starting is a clean stop too.
+    stopping = threading.Event()
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, lambda *_: stopping.set())
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    from device_firmware_py.config import ConfigError, load_config
+    from device_firmware_py.exceptions import DeviceError
+
     try:
         config = load_config(args.config)
         if args.command == "run":
-            _run(config)
+            _run(config, stopping)
         elif args.command == "check":
             _check(config)
         else:
@@ -68,11 +80,13 @@ def main(argv: list[str] | None = None) -> None:
     raise SystemExit(ExitCode.OK)
 
 
-def _run(config: DeviceConfig) -> None:
-    from device_firmware_py.daemon import Daemon
+def _run(config: DeviceConfig, stopping: threading.Event) -> None:
+    from device_firmware_py.config import ConfigError
+    from device_firmware_py.daemon import Daemon, stop_on_signals
 
+    stop_on_signals(stopping)
     try:
-        daemon = Daemon(config)
+        daemon = Daemon(config, stopping=stopping)
     except ConfigError:
         raise
     except Exception:
@@ -82,7 +96,7 @@ def _run(config: DeviceConfig) -> None:
 
 
 def _check(config: DeviceConfig) -> None:
-    from device_firmware_py.config import read_secret
+    from device_firmware_py.config import prepare_state_dir, read_secret
 
     prepare_state_dir(config)
     read_secret(config)
@@ -90,6 +104,7 @@ def _check(config: DeviceConfig) -> None:
 
 
 def _feedback_add(config: DeviceConfig, label: int, file: Path) -> None:
+    from device_firmware_py.config import ConfigError, prepare_state_dir
     from device_firmware_py.daemon import STATE_FILES
     from device_firmware_py.feedback import FeedbackStore
     from device_firmware_py.ota import ModelSlots

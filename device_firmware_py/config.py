@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import enum
 import os
 import stat
 import tomllib
@@ -50,24 +49,15 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from broker.client import BrokerTarget, BrokerURLError
+from device_firmware_py.exitcodes import ExitCode
 from wire.desired import KEY_ID_PATTERN
 from wire.errors import describe
 from wire.topics import DEVICE_ID_PATTERN
 
+__all__ = ["ConfigError", "DeviceConfig", "ExitCode", "load_config", "prepare_state_dir", "read_secret"]
+
 MAX_CONFIG_BYTES = 64 * 1024
 MAX_SECRET_BYTES = 1024
-
-
-class ExitCode(enum.IntEnum):
-    """The daemon's exit codes (sysexits.h). The systemd unit restarts it after any other failure,
-    but not after these: a wrong configuration does not fix itself (`RestartPreventExitStatus=`)."""
-
-    OK = 0
-    SOFTWARE = 70  # an unexpected error: restarted
-    USAGE = 64  # wrong command line
-    DATA = 65  # a file given on the command line is not what it should be
-    NO_INPUT = 66  # a file given on the command line cannot be read
-    CONFIG = 78  # the configuration is wrong
 
 
 class ConfigError(Exception):

@@ -101,16 +101,34 @@ def _rss_bytes() -> int | None:
     return pages * os.sysconf("SC_PAGE_SIZE")
 
 
+def stop_on_signals(stopping: threading.Event) -> None:
+    """Make SIGTERM and SIGINT set `stopping` (from the main thread). The command line calls this
+    before the daemon's slow imports and start-up, so a stop during start-up is a clean one too."""
+
+    def on_signal(number: int, _frame: FrameType | None) -> None:
+        log.info("%s: stopping", signal.Signals(number).name)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+
 class Daemon:
     """The device: its model, its private feedback, and its conversation with the cloud."""
 
-    def __init__(self, config: DeviceConfig, *, notifier: Notifier | None = None) -> None:
+    def __init__(
+        self,
+        config: DeviceConfig,
+        *,
+        notifier: Notifier | None = None,
+        stopping: threading.Event | None = None,
+    ) -> None:
         self.config = config
         self.device_id = config.device_id
         self.state_dir = prepare_state_dir(config)
         self.secret = read_secret(config)
         self.notifier = notifier or Notifier()
-        self.stopping = threading.Event()
+        self.stopping = stopping or threading.Event()  # set by SIGTERM/SIGINT (`stop_on_signals`)
         self.inbox: queue.Queue[Inbound] = queue.Queue()
         files = {name: self.state_dir / path for name, path in STATE_FILES.items()}
         self.spool = Spool(files["spool"], max_bytes=config.spool.max_mb * 1024 * 1024)
@@ -148,7 +166,8 @@ class Daemon:
 
     def run(self) -> None:
         """Serve until SIGTERM or SIGINT; then drain (finish the step in hand, say offline, close)."""
-        self._install_signal_handlers()
+        if threading.current_thread() is threading.main_thread():
+            stop_on_signals(self.stopping)
         self.link.start()
         running = self.model.manifest.model_id if self.model else "no model yet"
         self.notifier.ready(f"serving {running}")
@@ -195,15 +214,6 @@ class Daemon:
         self.spool.close()
         self.notifier.close()
         log.info("device %s stopped", self.device_id)
-
-    def _install_signal_handlers(self) -> None:
-        def on_signal(number: int, _frame: FrameType | None) -> None:
-            log.info("%s: stopping", signal.Signals(number).name)
-            self.stop()
-
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, on_signal)
-            signal.signal(signal.SIGINT, on_signal)
 
     # Inference ------------------------------------------------------------------------------------
 

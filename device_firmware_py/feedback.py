@@ -191,7 +191,7 @@ class FeedbackStore:
             finally:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
-        log.info("feedback store: %d samples stored", count + 1)
+        log.debug("feedback store: %d samples stored", count + 1)
         return count + 1
 
     def add_file(self, path: Path, label: int | np.integer[Any]) -> int:

@@ -11,6 +11,7 @@ feedback, no more reports) to deliver what its spool still holds.
 from __future__ import annotations
 
 import secrets
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -122,6 +123,7 @@ def drain_and_check(rig: Rig, registry: Registry) -> None:
     again; then check each report is stored once, the spool is empty and the model serves."""
     assert rig.daemon.terminate() == ExitCode.OK, rig.daemon.tail()
     rig.daemon.start(rig.quiet_config)
+    wait_until(lambda: rig.daemon.log().count(" started, serving ") == rig.daemon.runs, 60, rig.daemon.tail)
     made = rig.daemon.reports()
     assert made, f"the daemon made no report:\n{rig.daemon.tail()}"
     wait_until(
@@ -200,3 +202,13 @@ def test_daemon_killed_while_reports_are_spooled(rig: Rig, registry: Registry) -
 
     # Assert
     drain_and_check(rig, registry)
+
+
+def test_sigterm_during_start_up_is_a_clean_stop(rig: Rig) -> None:
+    # Execute: systemd stops the daemon while it is still importing and loading its model
+    rig.daemon.start()
+    time.sleep(0.3)
+    exit_code = rig.daemon.terminate()
+
+    # Assert
+    assert exit_code == ExitCode.OK, rig.daemon.tail()
