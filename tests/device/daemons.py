@@ -37,9 +37,11 @@ def write_config(
     new_samples: int = 0,
     resend_after_s: float = 1,
     name: str = "device.toml",
+    rd: dict[str, float] | None = None,
 ) -> Path:
     """A device configuration `directory/name` (its state under `directory/state`), with its secret
-    file."""
+    file; `rd` adds settings to its [rd] section (epsilon, budget_epsilon, schedule_s...)."""
+    rd_settings = "".join(f"{key} = {value}\n" for key, value in (rd or {}).items())
     secret_file = directory / "secret"
     secret_file.write_text(secret + "\n")
     secret_file.chmod(0o600)
@@ -66,6 +68,7 @@ def write_config(
         "[rd]\n"
         "min_samples = 20\n"
         f"new_samples = {new_samples}\n"
+        f"{rd_settings}"
         "[status]\n"
         "interval_s = 1\n"
         "[spool]\n"

@@ -52,15 +52,17 @@ class Running:
 def running(
     request: pytest.FixtureRequest, tmp_path: Path, mosquitto: RunningBroker, base_line: Any, small_data: Any
 ) -> Iterator[Running]:
-    """A daemon whose simulated user labels each of the stream's samples (60, or the test's
-    `pytest.mark.parametrize("running", [n], indirect=True)`) once."""
-    samples = getattr(request, "param", 60)
+    """A daemon whose simulated user labels each of the stream's samples once: 60, or as the test says
+    with `pytest.mark.parametrize("running", [(samples, rd_settings)], indirect=True)`."""
+    samples, rd = getattr(request, "param", (60, None))
     device_id = new_device_id("cam")
     secret = provisioned_device(mosquitto, device_id)
     user = small_data.users[0]
     inputs, labels = user.device_train[0].x[:samples], user.device_train[0].y[:samples]
     stream = write_stream(tmp_path / "stream.npz", inputs, labels)
-    config = load_config(write_config(tmp_path, mosquitto.target, device_id, secret, stream, trust=TRUST))
+    config = load_config(
+        write_config(tmp_path, mosquitto.target, device_id, secret, stream, trust=TRUST, rd=rd)
+    )
     install_model(tmp_path, base_line.artifact.model, base_line.artifact.manifest)
     probe = Probe(mosquitto.cloud, f"cloud-{device_id}")
     assert probe.connect() is not None
@@ -112,7 +114,7 @@ def test_rd_on_command_is_published_until_its_receipt_and_carries_no_private_sam
     assert_no_private_data([m.payload for m in running.captured], running.private_inputs, features)
 
 
-@pytest.mark.parametrize("running", [12], indirect=True)
+@pytest.mark.parametrize("running", [(12, None)], indirect=True)
 def test_rd_refuses_to_report_below_min_samples(running: Running, caplog: pytest.LogCaptureFixture) -> None:
     # Prepare: the user labelled 12 samples; RD needs 20
     wait_until(lambda: running.daemon.feedback and running.daemon.feedback.count() == 12, 20, "feedback")
@@ -127,6 +129,40 @@ def test_rd_refuses_to_report_below_min_samples(running: Running, caplog: pytest
     # Assert: nothing reported, nothing spooled
     assert "12 labelled samples, RD needs at least 20" in caplog.text
     assert running.published(MessageKind.KNOWLEDGE) == [] and running.daemon.spool.pending() == 0
+
+
+@pytest.mark.parametrize("running", [(40, {"epsilon": 2.0, "budget_epsilon": 2.5})], indirect=True)
+def test_rd_with_local_dp_states_its_epsilon_and_stops_at_the_budget(
+    running: Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare
+    wait_until(lambda: running.daemon.feedback and running.daemon.feedback.count() >= 30, 20, "feedback")
+    command = Command(device_id=running.device_id, command=CommandName.run_rd)
+    topic = device_topic(running.device_id, MessageKind.CMD)
+
+    # Execute: two requests; two reports compose (zCDP) to ε 2.875, more than the budget
+    with caplog.at_level(logging.INFO, logger="device_firmware_py.daemon"):
+        running.probe.publish(topic, encode(command))
+        first = wait_until(lambda: running.published(MessageKind.KNOWLEDGE), 20, "a report")
+        running.probe.publish(topic, encode(Command(device_id=running.device_id, command=CommandName.run_rd)))
+        wait_until(lambda: "RD not reported" in caplog.text, 20, "the budget to stop RD")
+
+    # Assert: the one report states its privacy; no second report was made
+    privacy = json.loads(first[0])["privacy"]
+    assert privacy["epsilon"] == 2.0 and privacy["spent_epsilon"] == pytest.approx(2.0)
+    assert "bring ε to 2.875, above the budget of 2.500" in caplog.text
+    assert {json.loads(r)["msg_id"] for r in running.published(MessageKind.KNOWLEDGE)} == {
+        json.loads(first[0])["msg_id"]
+    }
+
+
+@pytest.mark.parametrize("running", [(30, {"schedule_s": 2})], indirect=True)
+def test_rd_runs_on_its_schedule(running: Running) -> None:
+    # Execute: no command; the schedule says every 2 s
+    reports = wait_until(lambda: running.published(MessageKind.KNOWLEDGE), 30, "a scheduled report")
+
+    # Assert
+    assert json.loads(reports[0])["sample_count"] >= 20
 
 
 GARBAGE = [

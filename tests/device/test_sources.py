@@ -86,7 +86,7 @@ def test_a_directory_source_needs_a_directory(tmp_path: Path) -> None:
 
 def test_reconnect_back_off_doubles_to_a_minute_with_jitter() -> None:
     # Prepare
-    rng = random.Random(7)
+    rng = random.Random(7)  # noqa: S311 (jitter, not a secret)
 
     # Execute
     delays = [backoff_delay(attempt, rng) for attempt in range(10)]
