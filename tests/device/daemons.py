@@ -7,9 +7,7 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,9 @@ import numpy as np
 from broker.client import BrokerTarget
 from device_firmware_py.daemon import STATE_FILES
 from device_firmware_py.ota import ModelSlots
+from tests.polling import wait_until
+
+__all__ = ["DaemonProcess", "install_model", "wait_until", "write_config", "write_stream"]
 
 REPORT_LOGGED = re.compile(r"knowledge report ([0-9a-f-]{36}) from")
 RECEIPT_LOGGED = re.compile(r"receipt for ([0-9a-f-]{36}): delivered")
@@ -90,18 +91,6 @@ def write_stream(path: Path, inputs: np.ndarray, labels: np.ndarray) -> Path:
     """A simulated user's stream file."""
     np.savez(path, inputs=inputs, labels=labels)
     return path
-
-
-def wait_until(condition: Callable[[], Any], timeout: float, what: Callable[[], str] | str) -> Any:
-    """Poll `condition` until it returns something true and return that; fail after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"after {timeout:g} s: {what() if callable(what) else what}")
-        time.sleep(0.05)
 
 
 class DaemonProcess:

@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.reasoncodes import ReasonCode
@@ -32,6 +32,7 @@ from cloud.artifacts import ArtifactStore
 from cloud.registry import models
 from tests.brokers import Probe, RunningBroker, provisioned_device
 from tests.cloud.factories import make_cloud_model, make_cohort, make_device, make_edge_model
+from tests.polling import wait_until
 from wire.common import utcnow
 from wire.knowledge import KnowledgeReport
 from wire.messages import (
@@ -45,22 +46,6 @@ from wire.messages import (
     encode,
 )
 from wire.topics import MessageKind, device_topic
-
-T = TypeVar("T")
-
-
-def wait_until(condition: Callable[[], T], timeout: float, missing: Callable[[], str] | str) -> T:
-    """Poll `condition` (every 20 ms) until it returns something true, and return that; after `timeout`
-    seconds fail with `missing` (a text, or a function that says what is still missing)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            what = missing() if callable(missing) else missing
-            raise AssertionError(f"after {timeout:g} s: {what}")
-        time.sleep(0.02)
 
 
 def end_session(target: BrokerTarget, client_id: str) -> None:

@@ -42,9 +42,9 @@ from tests.cloud.ingest.device_script import (
     end_session,
     enrol,
     wait_all_receipted,
-    wait_until,
 )
 from tests.databases import postgres_admin_url
+from tests.polling import wait_until
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,8 @@ from cloud.registry.tables import ModelAck as AckRow
 from cloud.registry.tables import Presence as Shown
 from tests.brokers import RunningBroker, provisioned_device
 from tests.cloud.factories import knowledge_payload
-from tests.cloud.ingest.device_script import Enrolled, ScriptedDevice, enrol, wait_until
+from tests.cloud.ingest.device_script import Enrolled, ScriptedDevice, enrol
+from tests.polling import wait_until
 from wire.limits import KIB
 from wire.messages import AckResult, Receipt, Status, encode
 from wire.topics import MessageKind
