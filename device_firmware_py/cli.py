@@ -92,7 +92,11 @@ def _run(config: DeviceConfig, stopping: threading.Event) -> None:
     except Exception:
         log.exception("the daemon could not start")
         raise SystemExit(ExitCode.SOFTWARE) from None
-    daemon.run()
+    try:
+        daemon.run()
+    except Exception:  # systemd restarts it (Restart=on-failure); the log says why
+        log.exception("the daemon failed")
+        raise SystemExit(ExitCode.SOFTWARE) from None
 
 
 def _check(config: DeviceConfig) -> None:

@@ -20,6 +20,7 @@ import resource
 import signal
 import threading
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,14 +30,16 @@ import numpy as np
 
 from device_firmware_py.config import DeviceConfig, prepare_state_dir, read_secret
 from device_firmware_py.exceptions import (
+    DeviceError,
     DownloadCancelled,
     FeedbackFullError,
     NotEnoughSamplesError,
     PrivacyBudgetExhaustedError,
+    SpoolError,
 )
 from device_firmware_py.feedback import FeedbackServer, FeedbackStore
 from device_firmware_py.link import DeviceLink, Inbound
-from device_firmware_py.ota import ModelSlots, Updater, download, write_atomically
+from device_firmware_py.ota import ModelSlots, Updater, http_fetcher, write_atomically
 from device_firmware_py.privacy import DPConfig, PrivacyAccountant
 from device_firmware_py.rd import RDPolicy, extract_knowledge, softmax
 from device_firmware_py.runtime import MAX_ARTIFACT_BYTES, Int8Model
@@ -133,9 +136,16 @@ class Daemon:
         files = {name: self.state_dir / path for name, path in STATE_FILES.items()}
         self.spool = Spool(files["spool"], max_bytes=config.spool.max_mb * 1024 * 1024)
         self.slots = ModelSlots(files["models"])
-        self.updater = Updater(
-            self.device_id, config.trusted_keys(), self.slots, self._fetch, files["desired"]
+        fetch = http_fetcher(
+            config.api.url,
+            device_id=self.device_id,
+            secret=self.secret,
+            max_bytes=MAX_ARTIFACT_BYTES,
+            ca_file=config.api.ca_file or config.broker.ca_file,
+            timeout=config.api.timeout_s,
+            cancelled=self.stopping,
         )
+        self.updater = Updater(self.device_id, config.trusted_keys(), self.slots, fetch, files["desired"])
         self.model: Int8Model | None = self.updater.load_active()
         self.feedback_dir = files["feedback"]
         self.feedback: FeedbackStore | None = None
@@ -354,9 +364,14 @@ class Daemon:
             log.warning("RD not reported: %s", exc)
             self._rd_mark = mark
             return
+        except DeviceError as exc:  # samples that no longer fit the model, an unreadable privacy ledger
+            log.error("RD failed: %s", exc)
+            self._rd_mark = mark  # not again until new samples come
+            return
         self._rd_mark = mark
         payload = encode(report)
-        self.spool.add(report.msg_id, device_topic(self.device_id, MessageKind.KNOWLEDGE), payload)
+        if not self._spool(report.msg_id, MessageKind.KNOWLEDGE, payload):
+            return
         log.info(
             "knowledge report %s from %d labelled samples (%d bytes) spooled",
             report.msg_id,
@@ -423,24 +438,21 @@ class Daemon:
             reason=outcome.reason[:1024].replace("\0", ""),
             running_model_id=self.model.manifest.model_id if self.model else None,
         )
-        self.spool.add(ack.msg_id, device_topic(self.device_id, MessageKind.MODEL_ACK), encode(ack))
+        self._spool(ack.msg_id, MessageKind.MODEL_ACK, encode(ack))
         log.info("model %s: %s %s", ack.model_id, ack.result, ack.reason)
         self.notifier.status(f"serving {ack.running_model_id or 'no model'}")
 
-    def _fetch(self, document: DesiredModel) -> bytes:
-        return download(
-            self.config.api.url,
-            document.download_path,
-            device_id=self.device_id,
-            secret=self.secret,
-            expected_size=document.manifest.size,
-            max_bytes=MAX_ARTIFACT_BYTES,
-            ca_file=self.config.api.ca_file or self.config.broker.ca_file,
-            timeout=self.config.api.timeout_s,
-            cancelled=self.stopping,
-        )
-
     # The spool ------------------------------------------------------------------------------------
+
+    def _spool(self, msg_id: uuid.UUID, kind: MessageKind, payload: bytes) -> bool:
+        """Keep a message until its receipt; False (logged) when the spool cannot take it (full, or its
+        disk failing): the message is then lost, never the ones already kept."""
+        try:
+            self.spool.add(msg_id, device_topic(self.device_id, kind), payload)
+        except SpoolError as exc:
+            log.error("could not spool a %s message: %s", kind, exc)
+            return False
+        return True
 
     def _flush_spool(self) -> None:
         """Send what is due: everything again after a reconnect, in order; then what waited
