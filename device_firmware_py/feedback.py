@@ -27,6 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from device_firmware_py.exceptions import FeedbackError, FeedbackFullError, FeedbackStoreError
+from device_firmware_py.sqlite_file import PrivateSQLiteFile
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +81,16 @@ def as_label(label: object, num_classes: int) -> int:
     return value
 
 
-class FeedbackStore:
+class FeedbackStore(PrivateSQLiteFile):
     """The user's labelled samples on disk; thread-safe (the socket server adds, the daemon reads)."""
+
+    _kind = "feedback store"
+    _error = FeedbackStoreError
+    _application_id = APPLICATION_ID
+    _schema_version = SCHEMA_VERSION
+    _owns_directory = True  # the store's own directory: private even if it existed
+    _not_ours = "{path} is an SQLite database but not a feedback store"
+    _unreadable = "feedback store {path} is unreadable or corrupt: {exc}"
 
     def __init__(
         self,
@@ -101,72 +110,36 @@ class FeedbackStore:
         self.num_classes = num_classes
         self.max_samples = max_samples
         self._sample_bytes = 4 * math.prod(self.input_shape)
-        self._lock = threading.Lock()
-        try:
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            directory.chmod(0o700)  # the store's own directory: private even if it existed
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-            os.fchmod(fd, 0o600)
-            os.close(fd)
-        except OSError as exc:
-            raise FeedbackStoreError(f"feedback store {self.path} cannot be created: {exc}") from None
-        self._conn: sqlite3.Connection | None = self._open()
+        self._shape = json.dumps(list(self.input_shape))
+        super().__init__(directory / DB_NAME)
         log.info("feedback store %s: %d samples", self.path, self.count())
 
-    def _open(self) -> sqlite3.Connection:
-        """Connect, check the file is a feedback store for this input shape, create it if new."""
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
-        shape = json.dumps(list(self.input_shape))
-        try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-            tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-            if app_id == 0 and tables == 0:
-                conn.execute("BEGIN IMMEDIATE")
-                for statement in _SCHEMA:
-                    conn.execute(statement)
-                conn.execute("INSERT INTO meta VALUES ('input_shape', ?)", (shape,))
-                conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
-                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-                conn.execute("COMMIT")
-            elif app_id != APPLICATION_ID:
-                raise FeedbackStoreError(f"{self.path} is an SQLite database but not a feedback store")
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version != SCHEMA_VERSION:
-                raise FeedbackStoreError(f"feedback store {self.path} has schema version {version}")
-            stored = conn.execute("SELECT value FROM meta WHERE key = 'input_shape'").fetchone()
-            if stored is None or stored[0] != shape:
-                raise FeedbackStoreError(
-                    f"feedback store {self.path} holds samples of shape {stored and stored[0]}, "
-                    f"not {self.input_shape}"
-                )
-            top = conn.execute("SELECT max(label) FROM samples").fetchone()[0]
-            if top is not None and top >= self.num_classes:
-                raise FeedbackStoreError(
-                    f"feedback store {self.path} holds labels beyond {self.num_classes} classes"
-                )
-        except sqlite3.Error as exc:
-            conn.close()
-            raise FeedbackStoreError(f"feedback store {self.path} is unreadable or corrupt: {exc}") from None
-        except FeedbackStoreError:
-            conn.close()
-            raise
-        return conn
+    def _create(self, conn: sqlite3.Connection) -> None:
+        """The tables, and the input shape the store is made for."""
+        for statement in _SCHEMA:
+            conn.execute(statement)
+        conn.execute("INSERT INTO meta VALUES ('input_shape', ?)", (self._shape,))
 
-    def _db(self) -> sqlite3.Connection:
-        """The open connection (call with the lock held)."""
-        if self._conn is None:
-            raise FeedbackStoreError(f"feedback store {self.path} is closed")
-        return self._conn
+    def _check(self, conn: sqlite3.Connection, version: int) -> None:
+        """A store of this schema version, made for this input shape, with no label beyond num_classes."""
+        if version != SCHEMA_VERSION:
+            raise FeedbackStoreError(f"feedback store {self.path} has schema version {version}")
+        stored = conn.execute("SELECT value FROM meta WHERE key = 'input_shape'").fetchone()
+        if stored is None or stored[0] != self._shape:
+            raise FeedbackStoreError(
+                f"feedback store {self.path} holds samples of shape {stored and stored[0]}, "
+                f"not {self.input_shape}"
+            )
+        top = conn.execute("SELECT max(label) FROM samples").fetchone()[0]
+        if top is not None and top >= self.num_classes:
+            raise FeedbackStoreError(
+                f"feedback store {self.path} holds labels beyond {self.num_classes} classes"
+            )
 
     def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
         """Rows of one read query, under the lock, with SQLite errors as FeedbackStoreError."""
-        with self._lock:
-            try:
-                return self._db().execute(sql, params).fetchall()
-            except sqlite3.Error as exc:
-                raise FeedbackStoreError(f"feedback store {self.path}: {exc}") from None
+        with self._db() as conn:
+            return conn.execute(sql, params).fetchall()
 
     def add(self, sample: npt.ArrayLike, label: int | np.integer[Any]) -> int:
         """Store one labelled sample (durably) and return how many are stored.
@@ -175,22 +148,15 @@ class FeedbackStore:
         """
         data = as_sample(sample, self.input_shape).tobytes()
         value = as_label(label, self.num_classes)
-        with self._lock:
-            conn = self._db()
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                count: int = conn.execute("SELECT count(*) FROM samples").fetchone()[0]
-                if count >= self.max_samples:
-                    raise FeedbackFullError(f"the feedback store already holds {count} samples, its maximum")
-                conn.execute(
-                    "INSERT INTO samples (label, data, added_at) VALUES (?, ?, ?)", (value, data, time.time())
-                )
-                conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                raise FeedbackStoreError(f"feedback store {self.path}: {exc}") from None
-            finally:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
+        with self._db() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            count: int = conn.execute("SELECT count(*) FROM samples").fetchone()[0]
+            if count >= self.max_samples:
+                raise FeedbackFullError(f"the feedback store already holds {count} samples, its maximum")
+            conn.execute(
+                "INSERT INTO samples (label, data, added_at) VALUES (?, ?, ?)", (value, data, time.time())
+            )
+            conn.execute("COMMIT")
         log.debug("feedback store: %d samples stored", count + 1)
         return count + 1
 
@@ -245,24 +211,6 @@ class FeedbackStore:
         """How many stored samples were added after the sample with id `mark`."""
         count: int = self._query("SELECT count(*) FROM samples WHERE id > ?", (mark,))[0][0]
         return count
-
-    def close(self) -> None:
-        """Close the database; later calls raise FeedbackStoreError. Closing twice is fine."""
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-    def __enter__(self) -> FeedbackStore:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _reject_constant(name: str) -> float:

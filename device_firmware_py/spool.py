@@ -9,18 +9,15 @@ timeout, and everything goes again, in order, after a reconnect. SQLite in WAL m
 from __future__ import annotations
 
 import logging
-import os
 import sqlite3
-import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 from device_firmware_py.exceptions import SpoolError, SpoolFullError
+from device_firmware_py.sqlite_file import PrivateSQLiteFile
+from device_firmware_py.sqlite_file import create_private_file as create_private_file  # was defined here
 
 log = logging.getLogger(__name__)
 
@@ -63,20 +60,7 @@ def normalize_msg_id(msg_id: str | uuid.UUID) -> str:
         raise ValueError(f"msg_id {msg_id!r} is not a UUID") from None
 
 
-def create_private_file(path: Path) -> None:
-    """Create `path` (and a missing parent, 0700) readable by its owner only; tighten it if it exists."""
-    parent = path.parent
-    if not parent.exists():
-        parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        parent.chmod(0o700)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-    finally:
-        os.close(fd)
-
-
-class Spool:
+class Spool(PrivateSQLiteFile):
     """A durable FIFO of (msg_id, topic, payload) that must reach the cloud; thread-safe.
 
     One SQLite connection behind a lock: the daemon's MQTT callback thread calls `receipt`, its main
@@ -84,68 +68,32 @@ class Spool:
     `SpoolFullError` and never drops an older one.
     """
 
+    _kind = "spool"
+    _error = SpoolError
+    _application_id = APPLICATION_ID
+    _schema_version = SCHEMA_VERSION
+    _not_ours = "spool {path} is an SQLite database but not a DiReDi spool"
+    _unreadable = "spool {path} is unreadable (corrupt or not a spool): {exc}"
+
     def __init__(self, path: Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         if max_bytes <= 0:
             raise ValueError("max_bytes must be positive")
-        self.path = path
         self.max_bytes = max_bytes
-        self._lock = threading.Lock()
-        try:
-            create_private_file(path)
-        except OSError as exc:
-            raise SpoolError(f"spool {path} cannot be created: {exc}") from None
-        self._conn: sqlite3.Connection | None = self._open(path)
+        super().__init__(path)
         log.info("spool %s: %d messages pending", path, self.pending())
 
-    @staticmethod
-    def _open(path: Path) -> sqlite3.Connection:
-        """Connect, check that the file is a spool (or empty), and create the schema if it is new."""
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
-        try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-            tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-            if app_id == 0 and tables == 0:
-                conn.execute("BEGIN IMMEDIATE")
-                conn.execute(_SCHEMA)
-                conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
-                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-                conn.execute("COMMIT")
-            elif app_id != APPLICATION_ID:
-                raise SpoolError(f"spool {path} is an SQLite database but not a DiReDi spool")
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            columns = [row[1] for row in conn.execute("PRAGMA table_info(messages)")]
-            if version != SCHEMA_VERSION or columns != _COLUMNS:
-                raise SpoolError(f"spool {path} has schema version {version}, expected {SCHEMA_VERSION}")
-            check = conn.execute("PRAGMA quick_check").fetchone()[0]
-            if check != "ok":
-                raise SpoolError(f"spool {path} is corrupt: {check}")
-        except sqlite3.Error as exc:
-            conn.close()
-            raise SpoolError(f"spool {path} is unreadable (corrupt or not a spool): {exc}") from None
-        except SpoolError:
-            conn.close()
-            raise
-        return conn
+    def _create(self, conn: sqlite3.Connection) -> None:
+        """The messages table."""
+        conn.execute(_SCHEMA)
 
-    @contextmanager
-    def _db(self) -> Iterator[sqlite3.Connection]:
-        """The connection under the lock; SQLite errors (disk full, I/O) become SpoolError."""
-        with self._lock:
-            if self._conn is None:
-                raise SpoolError(f"spool {self.path} is closed")
-            try:
-                yield self._conn
-            except sqlite3.Error as exc:
-                raise SpoolError(f"spool {self.path}: {exc}") from None
-            finally:
-                # Whatever interrupted a transaction, leave the connection usable for the next call.
-                if self._conn.in_transaction:
-                    try:
-                        self._conn.execute("ROLLBACK")
-                    except sqlite3.Error:
-                        log.exception("spool %s: rollback failed", self.path)
+    def _check(self, conn: sqlite3.Connection, version: int) -> None:
+        """A spool of this schema version and columns that passes SQLite's quick check."""
+        columns = [row[1] for row in conn.execute("PRAGMA table_info(messages)")]
+        if version != SCHEMA_VERSION or columns != _COLUMNS:
+            raise SpoolError(f"spool {self.path} has schema version {version}, expected {SCHEMA_VERSION}")
+        check = conn.execute("PRAGMA quick_check").fetchone()[0]
+        if check != "ok":
+            raise SpoolError(f"spool {self.path} is corrupt: {check}")
 
     def add(self, msg_id: str | uuid.UUID, topic: str, payload: bytes, *, now: float | None = None) -> None:
         """Spool a message, durably before returning; the same msg_id twice is a no-op.
@@ -225,21 +173,3 @@ class Spool:
         with self._db() as conn:
             used: int = conn.execute("SELECT coalesce(sum(size), 0) FROM messages").fetchone()[0]
         return used
-
-    def close(self) -> None:
-        """Close the database; later calls raise SpoolError. Closing twice is fine."""
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-    def __enter__(self) -> Spool:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
