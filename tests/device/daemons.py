@@ -47,12 +47,15 @@ def write_config(
     secret_file.write_text(secret + "\n")
     secret_file.chmod(0o600)
     keys = "\n".join(f'"{key_id}" = "{key}"' for key_id, key in trust.items())
+    broker_settings = f'url = "{"mqtts" if broker.tls else "mqtt"}://{broker.host}:{broker.port}"\n'
+    if broker.ca_file is not None:
+        broker_settings += f'ca_file = "{broker.ca_file}"\n'
     path = directory / name
     path.write_text(
         f'device_id = "{device_id}"\n'
         f'state_dir = "{directory / "state"}"\n'
         "[broker]\n"
-        f'url = "mqtt://{broker.host}:{broker.port}"\n'
+        f"{broker_settings}"
         "keepalive_s = 10\n"
         "[credentials]\n"
         f'file = "{secret_file}"\n'

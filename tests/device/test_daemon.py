@@ -53,8 +53,8 @@ def running(
     request: pytest.FixtureRequest, tmp_path: Path, mosquitto: RunningBroker, base_line: Any, small_data: Any
 ) -> Iterator[Running]:
     """A daemon whose simulated user labels each of the stream's samples once: 60, or as the test says
-    with `pytest.mark.parametrize("running", [(samples, rd_settings)], indirect=True)`."""
-    samples, rd = getattr(request, "param", (60, None))
+    with `pytest.mark.parametrize("running", [(samples, rd_settings, tls)], indirect=True)`."""
+    samples, rd, tls = getattr(request, "param", (60, None, False))
     device_id = new_device_id("cam")
     secret = provisioned_device(mosquitto, device_id)
     user = small_data.users[0]
@@ -76,6 +76,9 @@ def running(
     probe.close()
 
 
+@pytest.mark.parametrize(
+    "running", [(60, None, False), (60, None, True)], ids=["mqtt", "mqtts"], indirect=True
+)
 def test_the_daemon_reports_presence_and_status_of_its_model(running: Running, base_line: Any) -> None:
     # Execute
     statuses = wait_until(lambda: running.published(MessageKind.STATUS)[1:], 20, "two statuses")
@@ -114,7 +117,7 @@ def test_rd_on_command_is_published_until_its_receipt_and_carries_no_private_sam
     assert_no_private_data([m.payload for m in running.captured], running.private_inputs, features)
 
 
-@pytest.mark.parametrize("running", [(12, None)], indirect=True)
+@pytest.mark.parametrize("running", [(12, None, False)], indirect=True)
 def test_rd_refuses_to_report_below_min_samples(running: Running, caplog: pytest.LogCaptureFixture) -> None:
     # Prepare: the user labelled 12 samples; RD needs 20
     wait_until(lambda: running.daemon.feedback and running.daemon.feedback.count() == 12, 20, "feedback")
@@ -131,7 +134,7 @@ def test_rd_refuses_to_report_below_min_samples(running: Running, caplog: pytest
     assert running.published(MessageKind.KNOWLEDGE) == [] and running.daemon.spool.pending() == 0
 
 
-@pytest.mark.parametrize("running", [(40, {"epsilon": 2.0, "budget_epsilon": 2.5})], indirect=True)
+@pytest.mark.parametrize("running", [(40, {"epsilon": 2.0, "budget_epsilon": 2.5}, False)], indirect=True)
 def test_rd_with_local_dp_states_its_epsilon_and_stops_at_the_budget(
     running: Running, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -156,7 +159,7 @@ def test_rd_with_local_dp_states_its_epsilon_and_stops_at_the_budget(
     }
 
 
-@pytest.mark.parametrize("running", [(30, {"schedule_s": 2})], indirect=True)
+@pytest.mark.parametrize("running", [(30, {"schedule_s": 2}, False)], indirect=True)
 def test_rd_runs_on_its_schedule(running: Running) -> None:
     # Execute: no command; the schedule says every 2 s
     reports = wait_until(lambda: running.published(MessageKind.KNOWLEDGE), 30, "a scheduled report")
