@@ -15,6 +15,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -232,6 +233,19 @@ Viewer = Annotated[Caller, Depends(RequireRole(Role.viewer))]
 Operator = Annotated[Caller, Depends(RequireRole(Role.operator))]
 Admin = Annotated[Caller, Depends(RequireRole(Role.admin))]
 DeviceOrOperator = Annotated[Caller, Depends(RequireDeviceOrRole(Role.operator))]
+
+
+def single_valued_query(request: Request) -> None:
+    """Refuse a query parameter given more than once: every parameter of this API takes one value,
+    and keeping one of them silently would hide the caller's mistake. (A validation error: an
+    unauthenticated caller still gets the 401.)"""
+    seen: set[str] = set()
+    for key, _ in request.query_params.multi_items():
+        if key in seen:
+            raise RequestValidationError(
+                [{"type": "repeated", "loc": ("query", key), "msg": "is given more than once", "input": None}]
+            )
+        seen.add(key)
 
 
 class PageQuery(BaseModel):

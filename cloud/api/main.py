@@ -4,10 +4,10 @@ import gc
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from cloud.api import problems
-from cloud.api.deps import KeyCache, Services
+from cloud.api.deps import KeyCache, Services, single_valued_query
 from cloud.api.limits import BodyLimit
 from cloud.api.metrics import RequestMetrics
 from cloud.api.metrics import router as metrics_router
@@ -73,6 +73,7 @@ def create_app(settings: Settings | None = None, *, hooks: Sequence[CredentialHo
         version="1",
         description=DESCRIPTION,
         openapi_tags=[{"name": "health", "description": "liveness and readiness"}],
+        dependencies=[Depends(single_valued_query)],
     )
     app.state.services = services
     problems.install(app)

@@ -89,6 +89,13 @@ CASES: dict[str, Bad] = {
     "unknown query parameter": Bad(
         "GET", "/api/v1/jobs", 422, ("query.colour",), {"params": {"colour": "red"}}
     ),
+    "repeated query parameter": Bad(
+        "GET",
+        "/api/v1/telemetry",
+        422,
+        ("query.model_id", "more than once"),
+        {"params": [("model_id", "a.v1"), ("model_id", "b.v1")]},
+    ),
     "unknown status": Bad("GET", DEVICES, 422, ("query.status",), {"params": {"status": "asleep"}}),
     "naive since": Bad(
         "GET", "/api/v1/telemetry", 422, ("since", "time zone"), {"params": {"since": "2026-01-01T00:00:00"}}
