@@ -29,6 +29,7 @@ from types import FrameType
 import numpy as np
 
 from device_firmware_py.config import DeviceConfig, prepare_state_dir, read_secret
+from device_firmware_py.download import http_fetcher
 from device_firmware_py.exceptions import (
     DeviceError,
     DownloadCancelled,
@@ -39,7 +40,7 @@ from device_firmware_py.exceptions import (
 )
 from device_firmware_py.feedback import FeedbackServer, FeedbackStore
 from device_firmware_py.link import DeviceLink, Inbound
-from device_firmware_py.ota import ModelSlots, Updater, http_fetcher, write_atomically
+from device_firmware_py.ota import ModelSlots, Updater, write_atomically
 from device_firmware_py.privacy import DPConfig, PrivacyAccountant
 from device_firmware_py.rd import RDPolicy, extract_knowledge, softmax
 from device_firmware_py.runtime import MAX_ARTIFACT_BYTES, Int8Model

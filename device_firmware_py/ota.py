@@ -1,24 +1,17 @@
-"""Over-the-air model updates: A/B slots, the authenticated artifact download and the updater that
-verifies a signed DesiredModel, self-tests the new model, swaps it in atomically and rolls back."""
+"""Over-the-air model updates: A/B slots, and the updater that verifies a signed DesiredModel, fetches
+its artifact (`download.py`), self-tests the new model, swaps it in atomically and rolls back."""
 
 from __future__ import annotations
 
-import base64
-import contextlib
 import hashlib
-import http.client
 import json
 import logging
 import os
-import socket
-import ssl
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from device_firmware_py.exceptions import (
     ArtifactError,
@@ -38,8 +31,6 @@ SLOTS = ("a", "b")
 MODEL_FILE = "model.tflite"
 MANIFEST_FILE = "manifest.json"
 POINTER_FILE = "active.json"
-CHUNK_BYTES = 64 * 1024
-CANCEL_POLL_SECONDS = 0.1
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -186,156 +177,6 @@ def load_slot(slots: ModelSlots, name: str) -> Int8Model:
     model = Int8Model.from_files(*slots.files(name))
     model.self_test()
     return model
-
-
-# --- download -----------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _cancel_watch(sock: socket.socket | None, cancelled: threading.Event) -> Iterator[threading.Event]:
-    """Shut the socket down as soon as `cancelled` is set, waking a read blocked on a stalled server."""
-    done = threading.Event()
-
-    def watch() -> None:
-        while not done.is_set():
-            if cancelled.wait(CANCEL_POLL_SECONDS):
-                if sock is not None and not done.is_set():
-                    with contextlib.suppress(OSError):
-                        sock.shutdown(socket.SHUT_RDWR)
-                return
-
-    watcher = threading.Thread(target=watch, name="ota-download-cancel", daemon=True)
-    watcher.start()
-    try:
-        yield done
-    finally:
-        done.set()
-        watcher.join()
-
-
-def _connection(api_url: str, ca_file: Path | None, timeout: float) -> tuple[http.client.HTTPConnection, str]:
-    parts = urlsplit(api_url)
-    try:
-        port = parts.port
-    except ValueError:
-        port = -1
-    if parts.scheme not in ("http", "https") or not parts.hostname or port == -1:
-        raise DownloadError(f"api_url {shown(api_url)!r} is not an http(s) URL")
-    if parts.scheme == "http":
-        return http.client.HTTPConnection(parts.hostname, port, timeout=timeout), parts.path
-    try:
-        context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
-    except (OSError, ssl.SSLError) as exc:
-        raise DownloadError(f"CA file {ca_file} is unusable: {exc}") from None
-    connection = http.client.HTTPSConnection(parts.hostname, port, timeout=timeout, context=context)
-    return connection, parts.path
-
-
-def _status_error(status: int, reason: str) -> DownloadError:
-    meaning = {
-        401: "the device's credentials were refused",
-        403: "the device may not download this artifact",
-        404: "the artifact is not offered to this device or does not exist",
-    }.get(status, "server error" if status >= 500 else "unexpected answer")
-    return DownloadError(f"HTTP {status} {shown(reason, 60)}: {meaning}")
-
-
-def download(
-    api_url: str,
-    download_path: str,
-    *,
-    device_id: str,
-    secret: str,
-    expected_size: int,
-    max_bytes: int,
-    ca_file: Path | None,
-    timeout: float,
-    cancelled: threading.Event,
-) -> bytes:
-    """GET `{api_url}{download_path}` with the device's Basic credentials and return the body.
-
-    Streams in chunks and refuses a body over `min(expected_size, max_bytes)` (by Content-Length or as
-    it arrives) or shorter than `expected_size`; HTTP and network errors become DownloadError with the
-    reason. Setting `cancelled` stops the download within ~0.1 s, even on a stalled server, with
-    DownloadCancelled. Redirects are not followed: they would carry the credentials elsewhere.
-    """
-    limit = min(expected_size, max_bytes)
-    if expected_size > max_bytes:
-        raise DownloadError(f"oversized: the artifact has {expected_size} bytes, the limit is {max_bytes}")
-    if cancelled.is_set():
-        raise DownloadCancelled("download cancelled before it started")
-    conn, prefix = _connection(api_url, ca_file, timeout)
-    token = base64.b64encode(f"{device_id}:{secret}".encode()).decode()
-    headers = {"Authorization": f"Basic {token}", "Accept": "application/octet-stream"}
-    try:
-        conn.connect()
-        with _cancel_watch(conn.sock, cancelled):
-            conn.request("GET", prefix.rstrip("/") + download_path, headers=headers)
-            response = conn.getresponse()
-            if response.status != 200:
-                raise _status_error(response.status, response.reason)
-            return _read_body(response, limit, expected_size, cancelled)
-    except (DownloadError, DownloadCancelled):
-        raise
-    except http.client.IncompleteRead as exc:
-        raise DownloadError(f"truncated: the connection closed after {len(exc.partial)} bytes") from None
-    except (OSError, http.client.HTTPException) as exc:
-        if cancelled.is_set():
-            raise DownloadCancelled("download cancelled") from None
-        raise DownloadError(f"network error: {type(exc).__name__}: {shown(str(exc))}") from None
-    finally:
-        conn.close()
-
-
-def _read_body(
-    response: http.client.HTTPResponse, limit: int, expected_size: int, cancelled: threading.Event
-) -> bytes:
-    declared = response.getheader("Content-Length")
-    if declared is not None and declared.strip().isdigit() and int(declared) > limit:
-        raise DownloadError(f"oversized: Content-Length {int(declared)} exceeds the expected {limit} bytes")
-    body = bytearray()
-    while True:
-        if cancelled.is_set():
-            raise DownloadCancelled(f"download cancelled after {len(body)} bytes")
-        chunk = response.read1(CHUNK_BYTES)
-        if not chunk:
-            break
-        body += chunk
-        if len(body) > limit:
-            raise DownloadError(f"oversized: more than the expected {limit} bytes arrived")
-    if cancelled.is_set():  # a shutdown socket reads as end of stream
-        raise DownloadCancelled(f"download cancelled after {len(body)} bytes")
-    if len(body) < expected_size:
-        raise DownloadError(f"truncated: {len(body)} of {expected_size} bytes arrived")
-    return bytes(body)
-
-
-def http_fetcher(
-    api_url: str,
-    *,
-    device_id: str,
-    secret: str,
-    max_bytes: int,
-    ca_file: Path | None,
-    timeout: float,
-    cancelled: threading.Event,
-) -> Callable[[DesiredModel], bytes]:
-    """The `fetch` an Updater needs: download the document's artifact from the cloud's API."""
-
-    def fetch(desired: DesiredModel) -> bytes:
-        return download(
-            api_url,
-            desired.download_path,
-            device_id=device_id,
-            secret=secret,
-            expected_size=desired.manifest.size,
-            max_bytes=max_bytes,
-            ca_file=ca_file,
-            timeout=timeout,
-            cancelled=cancelled,
-        )
-
-    return fetch
 
 
 # --- updater ------------------------------------------------------------------------------------

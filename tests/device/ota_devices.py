@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cloud.signing import KeyRing
-from device_firmware_py.ota import ModelSlots, UpdateOutcome, Updater, http_fetcher
+from device_firmware_py.download import http_fetcher
+from device_firmware_py.ota import ModelSlots, UpdateOutcome, Updater
 from tests.device.artifacts import DEVICE, MAX_BYTES, SECRET, ArtifactServer, signed
 from wire import AckResult, DesiredModel
 

@@ -1,4 +1,4 @@
-"""device_firmware_py.ota.download against a real HTTP(S) artifact server: Basic device credentials,
+"""device_firmware_py.download against a real HTTP(S) artifact server: Basic device credentials,
 bad bodies, HTTP and network errors, TLS verification and prompt cancellation."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from device_firmware_py.download import download
 from device_firmware_py.exceptions import DownloadCancelled, DownloadError
-from device_firmware_py.ota import download
 from tests.device.artifacts import DEVICE, MAX_BYTES, SECRET, ArtifactServer, Route
 
 if TYPE_CHECKING:

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from cloud.signing import KeyRing
+from device_firmware_py.download import http_fetcher
 from device_firmware_py.exceptions import DownloadCancelled
-from device_firmware_py.ota import UpdateOutcome, http_fetcher
+from device_firmware_py.ota import UpdateOutcome
 from tests.device.artifacts import DEVICE, MAX_BYTES, SECRET, T0, ArtifactServer, signed
 from tests.device.ota_devices import (
     assert_refused,
