@@ -82,9 +82,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def _run(config: DeviceConfig, stopping: threading.Event) -> None:
     from device_firmware_py.config import ConfigError
-    from device_firmware_py.daemon import Daemon, stop_on_signals
+    from device_firmware_py.daemon import Daemon
 
-    stop_on_signals(stopping)
     try:
         daemon = Daemon(config, stopping=stopping)
     except ConfigError:
