@@ -43,7 +43,28 @@ class Settings(BaseSettings):
         50.0, gt=0, le=10_000, description="the longest a received message waits for its commit"
     )
     ingest_metrics_port: int = Field(9102, ge=0, le=65535, description="Prometheus metrics (0: none)")
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str | None = Field(
+        None,
+        pattern=r"^rediss?://",
+        description="Celery's broker (redis://host:port/db); default: the embedded queue, an SQLite file "
+        "in the data directory (kombu's SQLAlchemy transport), for one machine",
+    )
+    job_lease_seconds: float = Field(
+        60.0,
+        ge=5,
+        le=3600,
+        description="a running job's lease; a job whose worker died is run again once its lease has run out",
+    )
+    pipeline_min_reports: int = Field(
+        1, ge=1, le=10_000, description="received knowledge reports of a cohort that start a pipeline job"
+    )
+    pipeline_max_wait_s: float = Field(
+        3600.0,
+        gt=0,
+        description="fewer reports than pipeline_min_reports start a job once the oldest "
+        "has waited this long",
+    )
+    pipeline_auto_rollout: bool = Field(True, description="an approved model starts a rollout to its cohort")
     telemetry_retention_days: float = Field(7.0, gt=0, description="telemetry older than this is pruned")
     api_tune_gc: bool = Field(True, description="freeze start-up objects and collect garbage less often")
     api_db_connections: int = Field(
@@ -71,6 +92,13 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'registry.db').resolve()}"
+
+    @cached_property
+    def resolved_queue_url(self) -> str:
+        """Celery's broker: Redis when configured, else the embedded queue in the data directory."""
+        if self.redis_url:
+            return self.redis_url
+        return f"sqla+sqlite:///{(self.data_dir / 'queue.db').resolve()}"
 
     @cached_property
     def resolved_artifact_dir(self) -> Path:
