@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy.orm import Session
@@ -128,3 +129,94 @@ def test_list_jobs_filters_with_totals(session: Session) -> None:
     assert {j.id for j in kitchen} == {first.id, second.id} and kitchen_total == 2
     assert [j.id for j in failed] == [second.id]
     assert len(rd) == 1 and rd[0].id in {first.id, other.id} and rd_total == 2
+
+
+# Leases ----------------------------------------------------------------------------------------------
+
+
+def test_one_owner_at_a_time_holds_a_job_until_its_lease_runs_out(session: Session) -> None:
+    # Prepare
+    job = jobs.create_job(session, type="rd_cycle")
+    now = datetime.now(UTC)
+
+    # Execute
+    first = jobs.claim(session, job.id, owner="worker-a", lease_s=60, now=now)
+    while_held = jobs.claim(session, job.id, owner="worker-b", lease_s=60, now=now + timedelta(seconds=59))
+    after_expiry = jobs.claim(session, job.id, owner="worker-b", lease_s=60, now=now + timedelta(seconds=61))
+
+    # Assert
+    assert first is not None and while_held is None and after_expiry is not None
+    assert (after_expiry.state, after_expiry.lease_owner, after_expiry.attempts) == (
+        JobState.running,
+        "worker-b",
+        2,
+    )
+    assert after_expiry.started_at == now
+
+
+def test_a_worker_that_lost_its_lease_can_neither_renew_report_nor_finish(session: Session) -> None:
+    # Prepare
+    job = jobs.create_job(session, type="rd_cycle")
+    now = datetime.now(UTC)
+    jobs.claim(session, job.id, owner="worker-a", lease_s=60, now=now)
+    jobs.claim(session, job.id, owner="worker-b", lease_s=60, now=now + timedelta(seconds=90))
+
+    # Execute / Assert
+    assert not jobs.renew(session, job.id, owner="worker-a", lease_s=60)
+    with pytest.raises(ConflictError, match="no longer leased to worker-a"):
+        jobs.report_progress(session, job.id, progress=0.5, stage="re-KD", owner="worker-a")
+    with pytest.raises(ConflictError, match="no longer leased to worker-a"):
+        jobs.finish(session, job.id, state=JobState.succeeded, owner="worker-a")
+    assert jobs.renew(session, job.id, owner="worker-b", lease_s=60)
+    finished = jobs.finish(session, job.id, state=JobState.succeeded, owner="worker-b")
+    assert (finished.state, finished.lease_owner, finished.lease_until) == (JobState.succeeded, None, None)
+
+
+def test_a_finished_job_cannot_be_claimed(session: Session) -> None:
+    # Prepare
+    job = jobs.create_job(session, type="rd_cycle")
+    jobs.claim(session, job.id, owner="worker-a", lease_s=60)
+    jobs.finish(session, job.id, state=JobState.failed, error="boom", owner="worker-a")
+
+    # Execute / Assert
+    assert jobs.claim(session, job.id, owner="worker-a", lease_s=60) is None
+    with pytest.raises(NotFoundError):
+        jobs.claim(session, uuid.uuid4(), owner="worker-a", lease_s=60)
+
+
+def test_stale_jobs_are_expired_leases_and_long_unclaimed_pending_ones(session: Session) -> None:
+    # Prepare
+    now = datetime.now(UTC)
+    dead = jobs.create_job(session, type="rd_cycle")
+    alive = jobs.create_job(session, type="rd_cycle")
+    fresh = jobs.create_job(session, type="rd_cycle")
+    forgotten = jobs.create_job(session, type="rd_cycle")
+    forgotten.created_at = now - timedelta(minutes=5)
+    released = jobs.create_job(session, type="rd_cycle")
+    jobs.claim(session, dead.id, owner="w1", lease_s=60, now=now - timedelta(seconds=120))
+    jobs.claim(session, alive.id, owner="w2", lease_s=60, now=now)
+    jobs.claim(session, released.id, owner="w3", lease_s=60, now=now)
+    jobs.release(session, released.id, owner="w3")
+    session.flush()
+
+    # Execute
+    stale = {job.id for job in jobs.stale_jobs(session, now=now, pending_for=60)}
+
+    # Assert
+    assert stale == {dead.id, forgotten.id, released.id}
+    assert fresh.id not in stale and alive.id not in stale
+
+
+def test_the_open_job_of_a_cohort(session: Session) -> None:
+    # Prepare
+    make_cohort(session)
+    done = jobs.create_job(session, type="rd_cycle", cohort_id="kitchen")
+    jobs.finish(session, done.id, state=JobState.succeeded)
+    assert jobs.open_job(session, cohort_id="kitchen", type="rd_cycle") is None
+
+    # Execute
+    job = jobs.create_job(session, type="rd_cycle", cohort_id="kitchen")
+
+    # Assert
+    assert jobs.open_job(session, cohort_id="kitchen", type="rd_cycle") is job
+    assert jobs.open_job(session, cohort_id="kitchen", type="bootstrap") is None
