@@ -282,6 +282,8 @@ class RolloutTarget(Base):
     wave: Mapped[int] = mapped_column(Integer)
     state: Mapped[TargetState] = mapped_column(_enum(TargetState), default=TargetState.pending)
     reason: Mapped[str] = mapped_column(Text, default="")
+    # What the device ran when the rollout was planned: a rollback sends it back there (migration 0005).
+    previous_model_id: Mapped[str | None] = mapped_column(ForeignKey("model.id"))
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
     rollout: Mapped[Rollout] = relationship(back_populates="targets")
