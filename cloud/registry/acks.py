@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from cloud.registry.common import insert_new
 from cloud.registry.devices import report_model
+from cloud.registry.rollouts import OPEN_ROLLOUTS
 from cloud.registry.tables import (
     ModelAck,
     Rollout,
@@ -20,12 +21,15 @@ from cloud.registry.tables import (
 from wire.messages import AckResult
 from wire.messages import ModelAck as AckMessage
 
-OPEN_ROLLOUTS = (RolloutState.pending, RolloutState.running, RolloutState.paused, RolloutState.halted)
+# A completed rollout still waits for the devices that were offline when it was offered to them: they
+# get the retained desired model when they come back, and their late ack ends their target.
+ACKED_ROLLOUTS = (*OPEN_ROLLOUTS, RolloutState.completed)
 
 
 def record_acks(session: Session, acks: Sequence[AckMessage], *, received_at: datetime) -> set[uuid.UUID]:
-    """Store each ack once; for the new ones, move the device's target in an open rollout of that model
-    (pending or offered → installed, failed or rolled_back) and record the model the device now runs.
+    """Store each ack once; for the new ones, move the device's target in an open or completed rollout of
+    that model (pending or offered → installed, failed or rolled_back) and record the model the device
+    now runs.
     Return the msg_ids that were new. The devices must exist (the ingest checks)."""
     rows = [
         {
@@ -43,7 +47,7 @@ def record_acks(session: Session, acks: Sequence[AckMessage], *, received_at: da
     new = insert_new(session, ModelAck, rows, key="msg_id")
     for ack in sorted((a for a in acks if a.msg_id in new), key=lambda a: a.sent_at):
         rollouts = select(Rollout.id).where(
-            Rollout.model_id == ack.model_id, Rollout.state.in_(OPEN_ROLLOUTS)
+            Rollout.model_id == ack.model_id, Rollout.state.in_(ACKED_ROLLOUTS)
         )
         session.execute(
             update(RolloutTarget)

@@ -1,10 +1,10 @@
-"""Rollouts and their targets: the plan and the per-device state; the pipeline issue steers them."""
+"""Rollouts and their targets: the plan and the per-device state; cloud/pipeline/rollouts.py steers them."""
 
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Select, func, select
+from sqlalchemy import Select, func, select, update
 from sqlalchemy.orm import Session
 
 from cloud.exceptions import ConflictError, NotFoundError
@@ -20,6 +20,9 @@ from cloud.registry.tables import (
     TargetState,
 )
 
+# Rollouts still under way: pending, running, paused, or halted (a rollback decided, not yet carried out).
+OPEN_ROLLOUTS = (RolloutState.pending, RolloutState.running, RolloutState.paused, RolloutState.halted)
+
 
 def create_rollout(
     session: Session,
@@ -33,21 +36,48 @@ def create_rollout(
     model = get_model(session, model_id)
     if model.kind is not ModelKind.edge or model.status is not ModelStatus.approved:
         raise ConflictError(f"model {model_id} is not an approved edge model")
-    seen: set[str] = set()
+    previous: dict[str, str | None] = {}  # what each device runs now: a rollback sends it back there
     for device_ids in waves:  # check every device before writing anything
         for device_id in device_ids:
             device = get_device(session, device_id)
             if device.cohort_id != model.cohort_id:
                 raise ConflictError(f"device {device_id} is not in cohort {model.cohort_id}")
-            if device_id in seen:
+            if device_id in previous:
                 raise ConflictError(f"device {device_id} is in two waves")
-            seen.add(device_id)
+            previous[device_id] = device.reported_model_id
     rollout = Rollout(cohort_id=model.cohort_id, model_id=model_id, created_by=created_by, waves=plan or {})
     session.add(rollout)
     session.flush()
     for wave, device_ids in enumerate(waves):
-        session.add_all(RolloutTarget(rollout_id=rollout.id, device_id=d, wave=wave) for d in device_ids)
+        session.add_all(
+            RolloutTarget(rollout_id=rollout.id, device_id=d, wave=wave, previous_model_id=previous[d])
+            for d in device_ids
+        )
     session.flush()
+    return rollout
+
+
+def lock_rollout(session: Session, rollout_id: uuid.UUID) -> Rollout:
+    """The rollout, locked until the transaction ends (or NotFoundError): whoever changes a rollout's
+    state holds this lock, so a pass of the engine and an operator's request never interleave.
+
+    PostgreSQL locks the row (`FOR UPDATE`). SQLite ignores `FOR UPDATE`, so there a no-op UPDATE
+    first takes the database's write lock, which is held until the commit just the same."""
+    if session.get_bind().dialect.name == "sqlite":
+        session.execute(
+            update(Rollout)
+            .where(Rollout.id == rollout_id)
+            .values(state=Rollout.state, updated_at=Rollout.updated_at)  # changes nothing
+            .execution_options(synchronize_session=False)
+        )
+    rollout = session.scalars(
+        select(Rollout)
+        .where(Rollout.id == rollout_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    ).one_or_none()
+    if rollout is None:
+        raise NotFoundError("rollout", rollout_id)
     return rollout
 
 

@@ -173,13 +173,12 @@ def test_rolled_back_sets_the_running_model_as_reported(session: Session, store:
     assert reported(session, "cam-a") == fleet.v1
 
 
-@pytest.mark.parametrize("closed", [RolloutState.completed, RolloutState.rolled_back])
 def test_an_ack_for_a_model_without_an_open_rollout_is_stored_without_touching_targets(
-    session: Session, store: LocalArtifactStore, closed: RolloutState
+    session: Session, store: LocalArtifactStore
 ) -> None:
-    # Prepare: the rollout of v2 is over; v1 never had one
+    # Prepare: the rollout of v2 was rolled back; v1 never had one
     fleet = kitchen_rolling_out_v2(session, store)
-    session.get_one(Rollout, fleet.rollout).state = closed
+    session.get_one(Rollout, fleet.rollout).state = RolloutState.rolled_back
     session.commit()
     messages = [
         ack("cam-a", fleet.v2, AckResult.failed, fleet.now, reason="no space", running_model_id=fleet.v1),
@@ -196,6 +195,25 @@ def test_an_ack_for_a_model_without_an_open_rollout_is_stored_without_touching_t
     assert target(session, fleet.rollout, "cam-a") == (TargetState.offered, "")
     assert target(session, fleet.rollout, "cam-b") == (TargetState.pending, "")
     assert (reported(session, "cam-a"), reported(session, "cam-b")) == (fleet.v1, fleet.v1)
+
+
+def test_a_late_ack_ends_the_target_of_a_completed_rollout(
+    session: Session, store: LocalArtifactStore
+) -> None:
+    # Prepare: the rollout of v2 completed while cam-a was offline (its target still offered)
+    fleet = kitchen_rolling_out_v2(session, store)
+    session.get_one(Rollout, fleet.rollout).state = RolloutState.completed
+    session.commit()
+    message = ack("cam-a", fleet.v2, AckResult.installed, fleet.now, running_model_id=fleet.v2)
+
+    # Execute: cam-a comes back, installs the retained desired model and acks
+    acks.record_acks(session, [message], received_at=fleet.now)
+    session.commit()
+
+    # Assert
+    assert target(session, fleet.rollout, "cam-a") == (TargetState.installed, "")
+    assert reported(session, "cam-a") == fleet.v2
+    assert target(session, fleet.rollout, "cam-b") == (TargetState.pending, "")
 
 
 def test_an_ack_moves_only_the_target_of_that_models_rollout(
