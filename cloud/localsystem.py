@@ -1,0 +1,528 @@
+"""The whole system on one machine (`diredi up`, the demo, end-to-end tests): registry, broker, ingest,
+worker and API, each service a child process with the settings passed as `DIREDI_*` variables.
+
+Embedded (no broker configured): SQLite and the Celery queue in the data directory, the embedded MQTT
+3.1.1 broker in this process, its admin and the cloud's passwords generated once and kept owner-only
+in `<data_dir>/broker/passwords.json`. Configured (DIREDI_MQTT_URL and DIREDI_MQTT_ADMIN_URL): that
+broker (the cloud's account is bootstrapped on it), DIREDI_DATABASE_URL and DIREDI_REDIS_URL as given.
+
+    with LocalSystem(settings, api_port=8000) as system:  # start(): returns once every part is ready
+        key = system.create_api_key()
+        ...  # system.api_url, system.device_target(device_id, secret)
+        system.check()  # raises ChildExited if a part died
+
+Children are started from the calling thread and end when that thread does (Linux: PR_SET_PDEATHSIG),
+so a killed parent leaves nothing running; start and stop a LocalSystem on one long-lived thread.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess  # noqa: S404 (our own CLI, fixed argument lists)
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+from urllib.error import URLError
+from urllib.parse import urlsplit
+
+from pydantic import SecretStr
+
+from broker.client import BrokerTarget, BrokerURLError
+from cloud.exceptions import CloudError
+from cloud.registry.tables import Role
+from cloud.settings import Settings
+
+log = logging.getLogger(__name__)
+
+ADMIN_USER = "admin"
+CLOUD_USER = "diredi-cloud"
+BROKER_STATE = "broker/dynamic-security.json"
+PASSWORDS = "broker/passwords.json"
+TAIL_LINES = 20
+
+# A child runs `diredi <args>`; it asks the kernel for SIGTERM when the thread that started it ends, and
+# exits if that already happened (between fork and prctl). No preexec_fn: the parent has threads.
+_CHILD = """\
+import os, signal, sys
+parent = int(sys.argv.pop(1))
+if sys.platform == "linux":
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+if os.getppid() != parent:
+    sys.exit(0)
+from cloud.cli.main import app
+app()
+"""
+
+
+class LocalSystemError(CloudError):
+    """The system could not start, or a part of it failed."""
+
+
+class LocalSystemConfigError(LocalSystemError):
+    """Options or settings that cannot work (a port in use, half a broker configuration); nothing was
+    started."""
+
+
+class ChildExited(LocalSystemError):
+    """A part of the system exited while it should be running; the text names it and ends with the
+    tail of its log."""
+
+    def __init__(self, name: str, returncode: int, log_path: Path, tail: str) -> None:
+        how = f"killed by {signal.Signals(-returncode).name}" if returncode < 0 else f"exit code {returncode}"
+        super().__init__(f"{name} exited unexpectedly ({how}); last lines of {log_path}:\n{tail}")
+        self.name = name
+        self.returncode = returncode
+        self.log_path = log_path
+        self.tail = tail
+
+
+@dataclass
+class Child:
+    """One part of the system as a child process: `diredi <args>`, its output appended to `log_path`."""
+
+    name: str
+    args: list[str]
+    log_path: Path
+    ready: Callable[[Child], bool] = field(repr=False)
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    log_offset: int = 0  # where this run's output starts in the log
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    def start(self, env: dict[str, str]) -> None:
+        self.log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with self.log_path.open("ab") as output:
+            os.chmod(self.log_path, 0o600)  # logs name devices and accounts
+            self.log_offset = output.tell()
+            self.process = subprocess.Popen(  # noqa: S603
+                [sys.executable, "-c", _CHILD, str(os.getpid()), *self.args],
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,  # a Ctrl-C at the terminal reaches the parent only; it stops us
+            )
+
+    def output(self) -> str:
+        """What this run of the child wrote so far."""
+        try:
+            with self.log_path.open("rb") as file:
+                file.seek(self.log_offset)
+                return file.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def tail(self, lines: int = TAIL_LINES) -> str:
+        return "\n".join(self.output().splitlines()[-lines:]) or "(nothing logged)"
+
+
+@dataclass(frozen=True)
+class Passwords:
+    """The embedded broker's admin and the cloud's account, generated once per data directory."""
+
+    admin: str
+    cloud: str
+
+    @classmethod
+    def load_or_create(cls, path: Path, *, broker_state: Path) -> Passwords:
+        """Read `path`, or create it (0600) with new passwords if neither it nor a broker state exists."""
+        if path.exists():
+            if path.stat().st_mode & 0o077:
+                log.warning("%s was readable by others: made owner-only", path)
+                path.chmod(0o600)
+            try:
+                raw = json.loads(path.read_text())
+                return cls(admin=str(raw["admin_password"]), cloud=str(raw["cloud_password"]))
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise LocalSystemConfigError(
+                    f"{path} is not readable as the broker's passwords: {exc}"
+                ) from None
+        if broker_state.exists():
+            raise LocalSystemConfigError(
+                f"{broker_state} exists but {path}, the admin password it was made with, does not: "
+                f"restore it, or remove {broker_state.parent} to start a new broker (devices must then be "
+                "provisioned again)"
+            )
+        passwords = cls(admin=secrets.token_urlsafe(24), cloud=secrets.token_urlsafe(24))
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        text = json.dumps({"admin_password": passwords.admin, "cloud_password": passwords.cloud})
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
+            file.write(text + "\n")
+        return passwords
+
+
+def child_environment(settings: Settings, **overrides: str) -> dict[str, str]:
+    """This process's environment with every `DIREDI_*` setting replaced by `settings`' values (so a
+    child reads exactly these settings, whatever its `.env` says) and then by `overrides` (field names)."""
+    names = {f"DIREDI_{name.upper()}": name for name in Settings.model_fields}
+    env = {key: value for key, value in os.environ.items() if key.upper() not in names}
+    for key, name in names.items():
+        value: Any = overrides.get(name, getattr(settings, name))
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        elif isinstance(value, dict | list):
+            value = json.dumps(value)
+        env[key] = str(value)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether binding `host:port` fails now (someone listens there)."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is free
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def http_ok(url: str, timeout: float = 1.0) -> str | None:
+    """The body of a 200 answer from `url`, or None (no answer, another status)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as answer:  # noqa: S310 (http URLs we build)
+            return answer.read().decode(errors="replace") if answer.status == 200 else None
+    except (URLError, OSError, ValueError):
+        return None
+
+
+class LocalSystem:
+    """The registry, the broker (embedded, or the configured one), the ingest, the worker and the API.
+
+    `host`: the IPv4 address the API and the embedded broker listen on. `log_dir`: the children's logs
+    (default `<data_dir>/logs`). `on_ready(part, detail)` is called as each part becomes ready."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        host: str = "127.0.0.1",
+        api_port: int = 8000,
+        mqtt_port: int = 1883,
+        worker: bool = True,
+        log_dir: Path | None = None,
+        ready_timeout: float = 120.0,
+        stop_timeout: float = 15.0,
+        on_ready: Callable[[str, str], None] | None = None,
+    ) -> None:
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise LocalSystemConfigError(f"--host must be an IPv4 address, not {host!r}") from None
+        self.settings = settings
+        self.host = host
+        self.api_port = api_port
+        self.mqtt_port = mqtt_port
+        self.data_dir = settings.data_dir.resolve()
+        self.log_dir = (log_dir or self.data_dir / "logs").resolve()
+        self.ready_timeout = ready_timeout
+        self.stop_timeout = stop_timeout
+        self._on_ready = on_ready or (lambda part, detail: None)
+        self.embedded = settings.mqtt_admin_url is None and "mqtt_url" not in settings.model_fields_set
+        self._admin: BrokerTarget | None = None
+        self._cloud: BrokerTarget | None = None
+        if not self.embedded:
+            self._admin, self._cloud = self._configured_broker()
+        self.metrics_ports = {"ingest": settings.ingest_metrics_port} if settings.ingest_metrics_port else {}
+        ports = {"API": api_port, **({"MQTT": mqtt_port} if self.embedded else {})}
+        ports |= {f"{name} metrics": port for name, port in self.metrics_ports.items()}
+        for port in ports.values():
+            if not 1 <= port <= 65535:
+                raise LocalSystemConfigError(f"port {port} is not between 1 and 65535")
+        if len(set(ports.values())) < len(ports):
+            raise LocalSystemConfigError(f"two parts cannot share a port: {ports}")
+        self._ports = ports
+        self._broker: Any = None  # EmbeddedBrokerThread (imported on start: amqtt is heavy)
+        self.children: dict[str, Child] = {}
+        for name, args, ready in (
+            ("ingest", ["ingest"], self._ingest_ready),
+            ("worker", ["worker", "--beat"], _worker_ready),
+            ("api", ["api", "--host", host, "--port", str(api_port)], self._api_ready),
+        ):
+            if name != "worker" or worker:
+                self.children[name] = Child(name, args, self.log_dir / f"{name}.log", ready)
+        self._started = False
+        self._stopping = False
+
+    # --- where things are -------------------------------------------------------------------------
+
+    @property
+    def local_host(self) -> str:
+        """The address a client on this machine uses (127.0.0.1 when listening on every interface)."""
+        return "127.0.0.1" if self.host == "0.0.0.0" else self.host  # noqa: S104 (a comparison)
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.local_host}:{self.api_port}"
+
+    @property
+    def docs_url(self) -> str:
+        return f"{self.api_url}/docs"
+
+    @property
+    def broker_target(self) -> BrokerTarget:
+        """The broker devices connect to, without credentials (host, port, protocol, TLS)."""
+        if self._cloud is not None and not self.embedded:
+            return BrokerTarget(
+                self._cloud.host, self._cloud.port, tls=self._cloud.tls, protocol=self._cloud.protocol,
+                ca_file=self._cloud.ca_file,
+            )  # fmt: skip
+        return BrokerTarget(self.local_host, self.mqtt_port, protocol="3.1.1")
+
+    @property
+    def admin_target(self) -> BrokerTarget:
+        """The broker as its dynamic-security admin (known once started, for the embedded broker)."""
+        if self._admin is None:
+            raise LocalSystemError("the embedded broker's accounts are known once it has started")
+        return self._admin
+
+    @property
+    def cloud_target(self) -> BrokerTarget:
+        """The broker as the cloud's service account (the ingest's and the publisher's)."""
+        if self._cloud is None:
+            raise LocalSystemError("the embedded broker's accounts are known once it has started")
+        return self._cloud
+
+    def device_target(self, device_id: str, secret: str) -> BrokerTarget:
+        """The broker as one device (its username and client id are its id)."""
+        return self.broker_target.with_credentials(device_id, secret)
+
+    def device_broker_url(self, device_id: str, secret: str) -> str:
+        """The MQTT URL a device connects with, password included."""
+        return self.device_target(device_id, secret).url()
+
+    @property
+    def log_paths(self) -> dict[str, Path]:
+        """Each child's log file."""
+        return {name: child.log_path for name, child in self.children.items()}
+
+    def environment(self) -> dict[str, str]:
+        """The environment the children run with: other `diredi` commands given it use this system."""
+        overrides = {"data_dir": str(self.data_dir)}
+        if self._cloud is not None and self._admin is not None:
+            overrides |= {"mqtt_url": self._cloud.url(), "mqtt_admin_url": self._admin.url()}
+        return child_environment(self.settings, **overrides)
+
+    def create_api_key(self, role: Role = Role.admin, name: str = "localsystem") -> str:
+        """A new operator API key in this system's registry (the plaintext, shown this once)."""
+        from cloud.registry import apikeys, audit
+        from cloud.registry.db import make_engine, session_factory, transaction
+
+        engine = make_engine(self.settings.resolved_database_url)
+        try:
+            with transaction(session_factory(engine)) as session:
+                row, secret = apikeys.create_key(session, role=role, name=name)
+                audit.record(
+                    session, actor="localsystem", action="apikey.create", target=row.id, role=role.value
+                )
+        finally:
+            engine.dispose()
+        return secret
+
+    # --- start, watch, stop -----------------------------------------------------------------------
+
+    def __enter__(self) -> LocalSystem:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """Start every part and return once each is ready; on any failure stop what had started."""
+        if self._started:
+            raise LocalSystemError("already started")
+        for what, port in self._ports.items():
+            host = self.host if what in ("API", "MQTT") else "127.0.0.1"
+            if port_in_use(host, port):
+                raise LocalSystemConfigError(f"{what} port {port} is already in use on {host}")
+        self._started, self._stopping = True, False
+        try:
+            self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._migrate()
+            self._check_queue()
+            self._start_broker()
+            env = self.environment()
+            for child in self.children.values():
+                child.start(env)
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def check(self) -> None:
+        """Raise ChildExited if a part has exited (nothing while stopping)."""
+        if self._stopping:
+            return
+        for child in self.children.values():
+            code = child.process.poll() if child.process else None
+            if code is not None:
+                raise ChildExited(child.name, code, child.log_path, child.tail())
+        if self._broker is not None and not self._broker.broker.running:
+            raise LocalSystemError("the embedded broker stopped")
+
+    def stop(self) -> list[str]:
+        """SIGTERM to every child, wait up to `stop_timeout`, SIGKILL what is left; then stop the
+        embedded broker. Returns the parts that had to be killed. Safe to call twice."""
+        self._stopping = True
+        running = [c for c in reversed(self.children.values()) if c.process and c.process.poll() is None]
+        for child in running:
+            assert child.process is not None  # noqa: S101 (narrowing)
+            child.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.stop_timeout
+        killed = []
+        for child in running:
+            assert child.process is not None  # noqa: S101 (narrowing)
+            try:
+                child.process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop within %g s: killed", child.name, self.stop_timeout)
+                child.process.kill()
+                child.process.wait()
+                killed.append(child.name)
+        broker, self._broker = self._broker, None
+        if broker is not None:
+            broker.stop()
+        self._started = False
+        return killed
+
+    # --- the parts --------------------------------------------------------------------------------
+
+    def _configured_broker(self) -> tuple[BrokerTarget, BrokerTarget]:
+        settings = self.settings
+        if settings.mqtt_admin_url is None or "mqtt_url" not in settings.model_fields_set:
+            missing = "DIREDI_MQTT_ADMIN_URL" if settings.mqtt_admin_url is None else "DIREDI_MQTT_URL"
+            raise LocalSystemConfigError(
+                f"{missing} is not set: a configured broker needs both DIREDI_MQTT_URL (the cloud's "
+                "account) and DIREDI_MQTT_ADMIN_URL; set neither for the embedded broker"
+            )
+        targets = []
+        for name, url in (("ADMIN_URL", settings.mqtt_admin_url), ("URL", settings.mqtt_url)):
+            try:
+                target = BrokerTarget.parse(url.get_secret_value(), ca_file=settings.mqtt_ca_file)
+            except BrokerURLError as exc:
+                raise LocalSystemConfigError(f"DIREDI_MQTT_{name}: {exc}") from None
+            if not target.username or not target.password:
+                raise LocalSystemConfigError(f"DIREDI_MQTT_{name} must hold a username and a password")
+            targets.append(target)
+        return targets[0], targets[1]
+
+    def _migrate(self) -> None:
+        from sqlalchemy.exc import SQLAlchemyError
+
+        from cloud.registry import migrate
+        from cloud.registry.db import make_engine
+
+        engine = make_engine(self.settings.resolved_database_url)
+        where = engine.url.render_as_string()  # the password masked
+        try:
+            migrate.upgrade(engine)
+            revision = migrate.current(engine)
+        except SQLAlchemyError as exc:
+            raise LocalSystemError(f"the registry at {where} cannot be migrated: {exc}") from None
+        finally:
+            engine.dispose()
+        self._on_ready("registry", f"{where} at revision {revision}")
+
+    def _check_queue(self) -> None:
+        url = self.settings.redis_url
+        if url is None:
+            self._on_ready("queue", f"embedded, {self.settings.resolved_queue_url}")
+            return
+        import redis
+
+        parts = urlsplit(url)
+        where = f"{parts.hostname}:{parts.port or 6379}"
+        try:
+            with redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3) as client:
+                client.ping()
+        except redis.RedisError as exc:
+            raise LocalSystemError(f"Redis at {where} (DIREDI_REDIS_URL) does not answer: {exc}") from None
+        self._on_ready("queue", f"Redis at {where}")
+
+    def _start_broker(self) -> None:
+        from broker.dynsec import BrokerAdminError
+        from broker.mosquitto import bootstrap
+
+        if self.embedded:
+            from broker.embedded import EmbeddedBrokerError, EmbeddedBrokerThread
+
+            state = self.data_dir / BROKER_STATE
+            passwords = Passwords.load_or_create(self.data_dir / PASSWORDS, broker_state=state)
+            broker = EmbeddedBrokerThread(
+                state,
+                host=self.host,
+                port=self.mqtt_port,
+                admin_user=ADMIN_USER,
+                admin_password=passwords.admin,
+            )
+            try:
+                broker.start()
+            except EmbeddedBrokerError as exc:
+                raise LocalSystemError(f"the embedded broker: {exc}") from None
+            self._broker = broker
+            where = BrokerTarget(self.local_host, self.mqtt_port, protocol="3.1.1")
+            self._admin = where.with_credentials(ADMIN_USER, passwords.admin)
+            self._cloud = where.with_credentials(CLOUD_USER, passwords.cloud)
+        admin, cloud = self.admin_target, self.cloud_target
+        try:
+            bootstrap(admin, cloud_user=str(cloud.username), cloud_password=str(cloud.password))
+        except BrokerAdminError as exc:
+            raise LocalSystemError(f"cannot set up the cloud's account on the broker: {exc}") from None
+        kind = "embedded" if self.embedded else "configured"
+        self._on_ready("broker", f"{kind}, {self.broker_target}; the cloud's account {cloud.username}")
+
+    def _wait_ready(self) -> None:
+        pending = dict(self.children)
+        deadline = time.monotonic() + self.ready_timeout
+        while pending:
+            self.check()
+            for name, child in list(pending.items()):
+                if child.ready(child):
+                    del pending[name]
+                    self._on_ready(name, self._describe(name))
+            if pending and time.monotonic() > deadline:
+                names = ", ".join(pending)
+                tails = "\n".join(f"--- {c.log_path}:\n{c.tail()}" for c in pending.values())
+                raise LocalSystemError(f"not ready within {self.ready_timeout:g} s: {names}\n{tails}")
+            time.sleep(0.1)
+
+    def _describe(self, name: str) -> str:
+        if name == "api":
+            return f"{self.api_url} (docs {self.docs_url})"
+        port = self.metrics_ports.get(name)
+        return f"metrics http://127.0.0.1:{port}/metrics" if port else "running"
+
+    def _api_ready(self, child: Child) -> bool:
+        return http_ok(f"{self.api_url}/healthz") is not None
+
+    def _ingest_ready(self, child: Child) -> bool:
+        port = self.metrics_ports.get("ingest")
+        if port:  # the gauge is 1 once connected and subscribed
+            return "diredi_ingest_connected 1.0" in (http_ok(f"http://127.0.0.1:{port}/metrics") or "")
+        return "subscribed to" in child.output()
+
+
+def _worker_ready(child: Child) -> bool:
+    return " ready." in child.output()  # Celery's "celery@host ready." once it consumes
