@@ -6,8 +6,8 @@ STAMP := $(VENV)/.installed
 SCENARIO ?= scenarios/digits-two-users.json
 RESULTS ?= results
 
-# The integration tests use a real PostgreSQL on loopback and start their own mosquitto processes;
-# scripts/services.sh installs (apt) both and starts PostgreSQL.
+# The integration tests use a real PostgreSQL on loopback and start their own mosquitto and redis-server
+# processes; scripts/services.sh installs (apt) all three and starts PostgreSQL.
 TEST_POSTGRES_URL := postgresql://diredi:diredi-test-only@127.0.0.1:5432/diredi
 export DIREDI_TEST_POSTGRES_URL ?= $(TEST_POSTGRES_URL)
 
@@ -29,7 +29,7 @@ demo: setup
 
 services:
 	scripts/services.sh postgres >/dev/null
-	scripts/services.sh mosquitto systemd
+	scripts/services.sh mosquitto systemd redis
 
 test: setup services
 	$(BIN)/python -m pytest -q

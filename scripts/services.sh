@@ -5,6 +5,9 @@
 #   scripts/services.sh mosquitto  -> mosquitto 2, its clients (mosquitto_ctrl) and openssl; nothing is
 #                                     started: the tests run their own brokers (tests/brokers.py)
 #   scripts/services.sh systemd    -> systemd-analyze, which verifies the device's unit in a test
+#   scripts/services.sh redis      -> redis-server; nothing is started: the tests run their own on free
+#                                     ports (tests/redis_server.py), and the system service the package
+#                                     starts on 6379 is stopped and disabled when this installs it
 # Prints the environment the tests read (DIREDI_TEST_POSTGRES_URL=...).
 set -euo pipefail
 
@@ -55,12 +58,25 @@ SQL
     echo "DIREDI_TEST_POSTGRES_URL=$URL"
 }
 
+install_redis() {
+    # A redis-server already installed is left as its owner set it up (the tests never use 6379).
+    dpkg -s redis-server >/dev/null 2>&1 && return
+    need_apt redis-server
+    if [[ -d /run/systemd/system ]]; then
+        systemctl disable --now redis-server >/dev/null 2>&1 || true
+    else  # sysvinit, or a container where the package's init script started it
+        service redis-server stop >/dev/null 2>&1 || true
+        command -v update-rc.d >/dev/null && update-rc.d redis-server disable >/dev/null 2>&1 || true
+    fi
+}
+
 for service in "$@"; do
     case "$service" in
         postgres) start_postgres ;;
         wrk) need_apt wrk ;;  # the load generator of bench/api_listing.py
         mosquitto) need_apt mosquitto mosquitto-clients openssl ;;
         systemd) command -v systemd-analyze >/dev/null || need_apt systemd ;;
+        redis) install_redis ;;
         *) echo "unknown service: $service" >&2; exit 2 ;;
     esac
 done
