@@ -1,0 +1,520 @@
+"""Staged rollouts (DESIGN §5): waves with a canary first, halted by failed installs or by worse telemetry,
+rolled back by signed desired models; and the cohort's approved model for the devices that join later.
+
+The engine is plain functions over the registry. The API calls the session functions (`start_rollout`,
+`pause`, `resume`, `request_rollback`) and never talks to the broker; a worker calls `advance_rollouts`
+and `reconcile_desired` every few seconds, which decide and publish. Each rollout is advanced in one
+transaction that holds its row lock: the targets and devices are written (and so locked) first, the
+desired models are published, then it commits. A crash between a publish and the commit leaves the
+registry as it was, and the next pass publishes the same decision again (a retained desired model
+published twice is harmless: the device already running it does nothing).
+"""
+
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+
+from sqlalchemy import case, func, or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from cloud.exceptions import ConflictError, NotFoundError, RegistryError
+from cloud.pipeline.rollout_checks import RolloutPlan, wave_health
+from cloud.registry.models import edge_manifest, get_model
+from cloud.registry.rollouts import OPEN_ROLLOUTS, create_rollout, lock_rollout
+from cloud.registry.tables import (
+    Cohort,
+    Device,
+    DeviceStatus,
+    Model,
+    ModelKind,
+    ModelStatus,
+    Presence,
+    Rollout,
+    RolloutState,
+    RolloutTarget,
+    TargetState,
+    utcnow,
+)
+from wire.manifest import ArtifactManifest
+
+__all__ = [
+    "DesiredPublisher",
+    "RolloutPlan",
+    "Step",
+    "advance_rollouts",
+    "current_model",
+    "pause",
+    "reconcile_desired",
+    "request_rollback",
+    "resume",
+    "start_rollout",
+]
+
+log = logging.getLogger(__name__)
+
+# A pass advances these; paused rollouts wait for `resume`, and halted ones are rolled back.
+ADVANCED = (RolloutState.pending, RolloutState.running, RolloutState.halted)
+FAILED = (TargetState.failed, TargetState.rolled_back)  # a device-side rollback is a failed install
+
+
+class DesiredPublisher(Protocol):
+    """Publishes one device's signed desired model (retained); `cloud.publisher.CloudPublisher` is one."""
+
+    def publish_desired(
+        self, device_id: str, manifest: ArtifactManifest, *, rollback_of: str | None = None
+    ) -> object: ...
+
+
+@dataclass
+class Step:
+    """What one pass did to one rollout."""
+
+    rollout_id: uuid.UUID
+    state: RolloutState
+    wave: int
+    offered: list[str] = field(default_factory=list)
+    rolled_back: list[str] = field(default_factory=list)
+    note: str = ""
+
+
+# --- the API's side: plan, pause, resume, roll back -----------------------------------------------
+
+
+def start_rollout(
+    session: Session,
+    *,
+    model_id: str,
+    plan: RolloutPlan | None = None,
+    created_by: str,
+    device_ids: Sequence[str] | None = None,
+) -> Rollout:
+    """Plan a rollout of an approved edge model to its cohort's active devices (or to `device_ids`, in
+    that order), canary first; devices already running the model are left out. One open rollout per
+    cohort at a time. The next pass of `advance_rollouts` offers the first wave."""
+    plan = plan or RolloutPlan()
+    model = get_model(session, model_id)
+    if model.kind is not ModelKind.edge or model.status is not ModelStatus.approved:
+        raise ConflictError(f"model {model_id} is not an approved edge model")
+    _lock_cohort(session, model.cohort_id)
+    busy = session.scalar(
+        select(Rollout.id)
+        .where(Rollout.cohort_id == model.cohort_id, Rollout.state.in_(OPEN_ROLLOUTS))
+        .limit(1)
+    )
+    if busy is not None:
+        raise ConflictError(
+            f"cohort {model.cohort_id} already has an open rollout {busy}; let it finish or roll it back"
+        )
+    if device_ids is None:
+        devices: Sequence[Device] = session.scalars(
+            select(Device)
+            .where(Device.cohort_id == model.cohort_id, Device.status == DeviceStatus.active)
+            # Devices online now make the better canaries: they answer at once.
+            .order_by(
+                case((Device.presence == Presence.online, 0), else_=1),
+                Device.last_seen.desc().nulls_last(),
+                Device.id,
+            )
+        ).all()
+    else:
+        devices = [_active_device(session, d, model.cohort_id) for d in dict.fromkeys(device_ids)]
+    eligible = [d.id for d in devices if d.reported_model_id != model_id]
+    waves = plan.split(eligible)
+    stages = [{"size": len(w), "offered_at": None, "settled_at": None, "health": None} for w in waves]
+    document = {"plan": plan.model_dump(mode="json"), "stages": stages}
+    rollout = create_rollout(session, model_id=model_id, waves=waves, created_by=created_by, plan=document)
+    log.info(
+        "rollout %s of %s planned: %s devices in %s waves", rollout.id, model_id, len(eligible), len(waves)
+    )
+    return rollout
+
+
+def pause(session: Session, rollout_id: uuid.UUID, *, reason: str = "") -> Rollout:
+    """Stop offering further devices until `resume`; what was offered stays offered."""
+    rollout = lock_rollout(session, rollout_id)
+    if rollout.state not in (RolloutState.pending, RolloutState.running):
+        raise ConflictError(
+            f"rollout {rollout_id} is {rollout.state.value}; only a pending or running one pauses"
+        )
+    rollout.state = RolloutState.paused
+    rollout.reason = reason or "paused"
+    return rollout
+
+
+def resume(session: Session, rollout_id: uuid.UUID) -> Rollout:
+    """Let a paused rollout go on where it stopped."""
+    rollout = lock_rollout(session, rollout_id)
+    if rollout.state is not RolloutState.paused:
+        raise ConflictError(f"rollout {rollout_id} is {rollout.state.value}, not paused")
+    offered = session.scalar(
+        select(func.count())
+        .select_from(RolloutTarget)
+        .where(RolloutTarget.rollout_id == rollout_id, RolloutTarget.state != TargetState.pending)
+    )
+    rollout.state = RolloutState.running if offered else RolloutState.pending
+    rollout.reason = ""
+    return rollout
+
+
+def request_rollback(
+    session: Session, rollout_id: uuid.UUID, *, requested_by: str, reason: str = ""
+) -> Rollout:
+    """Halt the rollout; the next pass sends every device it reached back to its previous model. A
+    completed rollout can be rolled back while it is its cohort's current one and nothing newer is open."""
+    rollout = lock_rollout(session, rollout_id)
+    if rollout.state is RolloutState.completed:
+        _lock_cohort(session, rollout.cohort_id)
+        if _current_rollout(session, rollout.cohort_id) != rollout.id:
+            raise ConflictError(f"rollout {rollout_id} is no longer its cohort's current rollout")
+        other = session.scalar(
+            select(Rollout.id)
+            .where(Rollout.cohort_id == rollout.cohort_id, Rollout.state.in_(OPEN_ROLLOUTS))
+            .limit(1)
+        )
+        if other is not None:
+            raise ConflictError(
+                f"rollout {other} of cohort {rollout.cohort_id} is open; roll that one back first"
+            )
+    elif rollout.state not in (RolloutState.pending, RolloutState.running, RolloutState.paused):
+        raise ConflictError(f"rollout {rollout_id} is {rollout.state.value}; it cannot be rolled back now")
+    rollout.state = RolloutState.halted
+    rollout.reason = f"rollback requested by {requested_by}" + (f": {reason}" if reason else "")
+    return rollout
+
+
+def current_model(session: Session, cohort_id: str) -> str | None:
+    """The cohort's approved model: that of its latest completed rollout (None before the first)."""
+    rollout_id = _current_rollout(session, cohort_id)
+    return None if rollout_id is None else session.get_one(Rollout, rollout_id).model_id
+
+
+# --- the worker's side: one pass -------------------------------------------------------------------
+
+
+def advance_rollouts(
+    sessions: sessionmaker[Session], publisher: DesiredPublisher, *, now: datetime | None = None
+) -> list[Step]:
+    """One idempotent pass over the open rollouts, oldest first: offer the current wave, judge it (failed
+    installs, telemetry), move on to the next wave or complete, and carry out rollbacks. Each rollout in
+    a transaction of its own; a publish error propagates (the worker retries the pass)."""
+    now = now or utcnow()
+    with sessions() as session:
+        rollout_ids = session.scalars(
+            select(Rollout.id).where(Rollout.state.in_(ADVANCED)).order_by(Rollout.created_at, Rollout.id)
+        ).all()
+    steps = []
+    for rollout_id in rollout_ids:
+        try:
+            with sessions() as session, session.begin():
+                step = _advance(session, publisher, rollout_id, now)
+        except RegistryError as exc:  # this rollout cannot go on as planned; the others still can
+            log.error("rollout %s not advanced: %s", rollout_id, exc)
+            continue
+        if step is not None:
+            steps.append(step)
+    return steps
+
+
+def reconcile_desired(sessions: sessionmaker[Session], publisher: DesiredPublisher) -> int:
+    """Give each active device outside an open rollout its cohort's current model when its desired model
+    differs (a device that joined the cohort later, or one a rollback left elsewhere); return how many
+    desired models were published."""
+    with sessions() as session:
+        cohorts = session.scalars(
+            select(Rollout.cohort_id).where(Rollout.state == RolloutState.completed).distinct()
+        ).all()
+    published = 0
+    for cohort_id in sorted(cohorts):
+        with sessions() as session, session.begin():
+            published += _reconcile_cohort(session, publisher, cohort_id)
+    return published
+
+
+def _advance(
+    session: Session, publisher: DesiredPublisher, rollout_id: uuid.UUID, now: datetime
+) -> Step | None:
+    rollout = lock_rollout(session, rollout_id)
+    if rollout.state is RolloutState.halted:
+        return _roll_back(session, publisher, rollout)
+    if rollout.state not in ADVANCED:  # paused or finished since the list was read
+        return None
+    plan = _plan(rollout)
+    targets = session.scalars(
+        select(RolloutTarget).where(RolloutTarget.rollout_id == rollout.id).order_by(RolloutTarget.wave)
+    ).all()
+    if not targets:  # every device already ran the model: it is the cohort's approved model now
+        rollout.state, rollout.reason = RolloutState.completed, "no device needed the model"
+        return Step(rollout.id, rollout.state, 0, note="completed")
+    last_wave = max(t.wave for t in targets)
+    while True:
+        wave_no = rollout.current_wave
+        wave = [t for t in targets if t.wave == wave_no]
+        if any(t.state is TargetState.pending for t in wave):
+            offered = _offer(session, publisher, rollout, wave, now)
+            return Step(rollout.id, rollout.state, wave_no, offered=offered)
+        verdict = _judge(session, rollout, plan, wave, now)
+        if verdict.halt:
+            rollout.state = RolloutState.halted
+            rollout.reason = verdict.halt
+            log.warning("rollout %s halted: %s", rollout.id, verdict.halt)
+            return _roll_back(session, publisher, rollout)
+        if not verdict.ready:
+            return None
+        if wave_no >= last_wave:
+            rollout.state = RolloutState.completed
+            rollout.reason = ""
+            log.info("rollout %s of %s completed", rollout.id, rollout.model_id)
+            return Step(rollout.id, rollout.state, wave_no, note="completed")
+        rollout.current_wave = wave_no + 1
+        log.info("rollout %s: wave %s done, wave %s next", rollout.id, wave_no, wave_no + 1)
+
+
+def _offer(
+    session: Session,
+    publisher: DesiredPublisher,
+    rollout: Rollout,
+    wave: Sequence[RolloutTarget],
+    now: datetime,
+) -> list[str]:
+    """Offer the wave's pending targets: write the targets and devices, then publish."""
+    model = get_model(session, rollout.model_id)
+    manifest = edge_manifest(model)
+    pending = [t for t in wave if t.state is TargetState.pending]
+    devices = _devices(session, [t.device_id for t in pending])
+    models = _ModelCache(session)
+    to_publish: list[tuple[str, str | None]] = []
+    for target in pending:
+        device = devices[target.device_id]
+        if device.status is not DeviceStatus.active:  # revoked since the rollout was planned
+            log.info("rollout %s: %s is revoked, left out", rollout.id, device.id)
+            session.delete(target)
+            continue
+        if device.reported_model_id == model.id:  # it got the model some other way: it would not ack
+            target.state, target.reason = TargetState.installed, "already running it"
+            continue
+        if device.reported_model_id is not None:  # what a rollback must restore is what it runs now
+            target.previous_model_id = device.reported_model_id
+        target.state, target.reason = TargetState.offered, ""
+        device.desired_model_id = model.id
+        to_publish.append((device.id, models.rollback_of(model, device.reported_model_id)))
+    rollout.state = RolloutState.running
+    _set_stage(
+        rollout,
+        rollout.current_wave,
+        offered_at=_stage(rollout, rollout.current_wave).get("offered_at") or now.isoformat(),
+    )
+    session.flush()  # the rows are locked before any device hears of them (its ack waits for the commit)
+    for device_id, rollback_of in to_publish:
+        publisher.publish_desired(device_id, manifest, rollback_of=rollback_of)
+    if to_publish:
+        log.info(
+            "rollout %s: wave %s offered to %s devices", rollout.id, rollout.current_wave, len(to_publish)
+        )
+    return [device_id for device_id, _ in to_publish]
+
+
+@dataclass(frozen=True)
+class _Verdict:
+    halt: str = ""  # why the rollout halts, or ""
+    ready: bool = False  # the wave is done: the next one may start
+
+
+def _judge(
+    session: Session, rollout: Rollout, plan: RolloutPlan, wave: Sequence[RolloutTarget], now: datetime
+) -> _Verdict:
+    wave_no = rollout.current_wave
+    stage = _stage(rollout, wave_no)
+    offered_at = _time(stage.get("offered_at")) or now
+    failed = [t for t in wave if t.state in FAILED]
+    if len(failed) > plan.max_failed_fraction * len(wave):
+        reasons = "; ".join(f"{t.device_id}: {t.reason or t.state.value}" for t in failed[:5])
+        return _Verdict(
+            halt=f"wave {wave_no}: {len(failed)} of {len(wave)} installs failed "
+            f"(at most {plan.max_failed_fraction:.0%} allowed) — {reasons}"
+        )
+    health = wave_health(session, rollout, plan, offered_at)
+    if health.as_json() != stage.get("health"):
+        _set_stage(rollout, wave_no, health=health.as_json())
+    if health.degraded:
+        return _Verdict(halt=f"wave {wave_no}: {health.degraded}")
+    answered = all(t.state is not TargetState.offered for t in wave)
+    if not answered and now < offered_at + timedelta(seconds=plan.wave_timeout_s):
+        return _Verdict()
+    settled_at = _time(stage.get("settled_at"))
+    if settled_at is None:
+        settled_at = now
+        _set_stage(rollout, wave_no, settled_at=now.isoformat())
+    observed = settled_at + timedelta(seconds=plan.observe_s)
+    if now < observed:
+        return _Verdict()
+    if health.waiting and now < observed + timedelta(seconds=plan.wave_timeout_s):
+        return _Verdict()
+    return _Verdict(ready=True)
+
+
+def _roll_back(session: Session, publisher: DesiredPublisher, rollout: Rollout) -> Step:
+    """Send every device the rollout reached back to the model it ran before, with a signed rollback
+    (`rollback_of` = the rollout's model): installed, offered (the retained document would install it
+    later) and failed ones alike; then the rollout is rolled back."""
+    targets = session.scalars(
+        select(RolloutTarget).where(RolloutTarget.rollout_id == rollout.id).order_by(RolloutTarget.device_id)
+    ).all()
+    reached = [t for t in targets if t.state is not TargetState.pending]
+    devices = _devices(session, [t.device_id for t in reached])
+    models = _ModelCache(session)
+    to_publish: list[tuple[str, ArtifactManifest]] = []
+    for target in targets:
+        if target.state is TargetState.pending:
+            target.reason = "not offered: the rollout was rolled back"
+            continue
+        manifest = models.manifest(target.previous_model_id)
+        was = target.state.value + (f" ({target.reason})" if target.reason else "")
+        if manifest is None:
+            target.reason = f"{was}; not rolled back: no earlier edge model is recorded for it"[:1000]
+            continue
+        target.state = TargetState.rolled_back
+        target.reason = f"{was}; rolled back to {target.previous_model_id}"[:1000]
+        devices[target.device_id].desired_model_id = target.previous_model_id
+        to_publish.append((target.device_id, manifest))
+    rollout.state = RolloutState.rolled_back
+    session.flush()
+    for device_id, manifest in to_publish:
+        publisher.publish_desired(device_id, manifest, rollback_of=rollout.model_id)
+    log.warning("rollout %s rolled back on %s devices: %s", rollout.id, len(to_publish), rollout.reason)
+    return Step(
+        rollout.id,
+        rollout.state,
+        rollout.current_wave,
+        rolled_back=[d for d, _ in to_publish],
+        note=rollout.reason,
+    )
+
+
+def _reconcile_cohort(session: Session, publisher: DesiredPublisher, cohort_id: str) -> int:
+    model_id = current_model(session, cohort_id)
+    if model_id is None:
+        return 0
+    in_open_rollout = (
+        select(RolloutTarget.device_id)
+        .join(Rollout, Rollout.id == RolloutTarget.rollout_id)
+        .where(Rollout.cohort_id == cohort_id, Rollout.state.in_(OPEN_ROLLOUTS))
+    )
+    devices = session.scalars(
+        select(Device)
+        .where(
+            Device.cohort_id == cohort_id,
+            Device.status == DeviceStatus.active,
+            or_(Device.desired_model_id.is_(None), Device.desired_model_id != model_id),
+            Device.id.not_in(in_open_rollout),
+        )
+        .order_by(Device.id)
+        .with_for_update(key_share=True)
+    ).all()
+    if not devices:
+        return 0
+    models = _ModelCache(session)
+    model = models.get(model_id)
+    assert model is not None  # noqa: S101 - a rollout's model is a foreign key
+    manifest = edge_manifest(model)
+    to_publish = []
+    for device in devices:
+        device.desired_model_id = model_id
+        to_publish.append((device.id, models.rollback_of(model, device.reported_model_id)))
+    session.flush()
+    for device_id, rollback_of in to_publish:
+        publisher.publish_desired(device_id, manifest, rollback_of=rollback_of)
+    log.info("cohort %s: %s devices given its current model %s", cohort_id, len(to_publish), model_id)
+    return len(to_publish)
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+class _ModelCache:
+    """Models by id, each read once per transaction."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self._models: dict[str, Model | None] = {}
+
+    def get(self, model_id: str | None) -> Model | None:
+        if model_id is None:
+            return None
+        if model_id not in self._models:
+            self._models[model_id] = self.session.get(Model, model_id)
+        return self._models[model_id]
+
+    def manifest(self, model_id: str | None) -> ArtifactManifest | None:
+        """The manifest of an edge model, or None (no model, or not an edge model)."""
+        model = self.get(model_id)
+        if model is None or model.kind is not ModelKind.edge or model.manifest is None:
+            return None
+        return edge_manifest(model)
+
+    def rollback_of(self, target: Model, running_id: str | None) -> str | None:
+        """The running model when `target` is an older version of its line (a device refuses a
+        downgrade that does not say which model it rolls back), else None."""
+        running = self.get(running_id)
+        if running is None or running.cohort_id != target.cohort_id or running.kind is not target.kind:
+            return None
+        return running.id if running.version > target.version else None
+
+
+def _devices(session: Session, device_ids: Sequence[str]) -> dict[str, Device]:
+    if not device_ids:
+        return {}
+    rows = session.scalars(select(Device).where(Device.id.in_(device_ids)).order_by(Device.id))
+    return {d.id: d for d in rows}
+
+
+def _active_device(session: Session, device_id: str, cohort_id: str) -> Device:
+    device = session.get(Device, device_id)
+    if device is None:
+        raise NotFoundError("device", device_id)
+    if device.cohort_id != cohort_id:
+        raise ConflictError(f"device {device_id} is not in cohort {cohort_id}")
+    if device.status is not DeviceStatus.active:
+        raise ConflictError(f"device {device_id} is {device.status.value}")
+    return device
+
+
+def _lock_cohort(session: Session, cohort_id: str) -> None:
+    """Serialise the rollout decisions of one cohort (as `lock_rollout` does for one rollout)."""
+    if session.get_bind().dialect.name == "sqlite":
+        session.execute(update(Cohort).where(Cohort.id == cohort_id).values(description=Cohort.description))
+    if session.scalar(select(Cohort.id).where(Cohort.id == cohort_id).with_for_update()) is None:
+        raise NotFoundError("cohort", cohort_id)
+
+
+def _current_rollout(session: Session, cohort_id: str) -> uuid.UUID | None:
+    return session.scalar(
+        select(Rollout.id)
+        .where(Rollout.cohort_id == cohort_id, Rollout.state == RolloutState.completed)
+        .order_by(Rollout.created_at.desc(), Rollout.id.desc())
+        .limit(1)
+    )
+
+
+def _plan(rollout: Rollout) -> RolloutPlan:
+    """The rollout's plan; one stored without a plan (made by the registry alone) has the defaults."""
+    return RolloutPlan.model_validate(rollout.waves.get("plan") or {})
+
+
+def _stage(rollout: Rollout, wave: int) -> dict[str, Any]:
+    stages = rollout.waves.get("stages") or []
+    return dict(stages[wave]) if wave < len(stages) else {}
+
+
+def _set_stage(rollout: Rollout, wave: int, **values: Any) -> None:
+    # A new dict for the JSON column: changing it in place would not be noticed by the ORM.
+    stages = [dict(s) for s in rollout.waves.get("stages") or []]
+    stages += [{} for _ in range(wave + 1 - len(stages))]
+    stages[wave] = {**stages[wave], **values}
+    rollout.waves = {**rollout.waves, "stages": stages}
+
+
+def _time(value: Any) -> datetime | None:
+    return datetime.fromisoformat(value) if isinstance(value, str) else None
