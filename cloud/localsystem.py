@@ -356,10 +356,14 @@ class LocalSystem:
         for what, port in self._ports.items():
             host = self.host if what in ("API", "MQTT") else "127.0.0.1"
             if port_in_use(host, port):
-                raise LocalSystemConfigError(f"{what} port {port} is already in use on {host}")
-        self._started, self._stopping = True, False
+                hint = f" (DIREDI_{what.split()[0].upper()}_METRICS_PORT)" if "metrics" in what else ""
+                raise LocalSystemConfigError(f"{what} port {port} is already in use on {host}{hint}")
         try:
             self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LocalSystemConfigError(f"data directory {self.data_dir}: {exc.strerror}") from None
+        self._started, self._stopping = True, False
+        try:
             self._migrate()
             self._check_queue()
             self._start_broker()

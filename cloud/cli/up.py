@@ -59,7 +59,10 @@ def up(
             )
     except LocalSystemConfigError as exc:
         raise _fail(exc) from None
-    _log_to(system.log_dir / LOG_NAME)
+    try:
+        _log_to(system.log_dir / LOG_NAME)
+    except OSError as exc:
+        raise _fail(LocalSystemConfigError(f"log directory {system.log_dir}: {exc.strerror}")) from None
     _stop_on_signals()
     try:
         try:

@@ -233,19 +233,35 @@ def test_up_reports_a_part_that_died_and_stops_everything(tmp_path: Path) -> Non
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
 
 
+def test_the_children_end_when_up_itself_is_killed(tmp_path: Path) -> None:
+    with running_up(tmp_path, tmp_path / "data") as up:
+        children = up.children()
+        assert up.process is not None
+        up.process.kill()
+        up.wait()
+
+        wait_until(
+            lambda: not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE],
+            STOP_TIMEOUT,
+            lambda: f"still running: {[c.cmdline()[4:] for c in children if c.is_running()]}",
+        )
+
+
 def test_a_second_up_on_the_same_data_directory_reuses_its_secrets(tmp_path: Path) -> None:
     data = tmp_path / "data"
     with running_up(tmp_path, data) as first:
         key = create_key(first)
         device_id = new_device_id("cam")
         secret = provision(first.api, key, device_id)
+        assert first.process is not None
+        first.process.send_signal(signal.SIGTERM)
+        assert first.wait() == 0, first.stderr
     passwords = (data / PASSWORDS).read_text()
 
     with running_up(tmp_path, data) as second:  # other ports, same data
         go_online(device_target(second, device_id, secret), device_id)
         wait_until(lambda: presence(second.api, key, device_id) == "online", 15, "not stored")
 
-    assert first.process is not None and first.process.returncode == 0
     assert (data / PASSWORDS).read_text() == passwords
     for path in (data / PASSWORDS, data / BROKER_STATE):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
@@ -364,6 +380,25 @@ def test_configured_system_on_mosquitto_postgresql_and_redis(tmp_path: Path) -> 
     assert isinstance(died, ChildExited) and died.name == "api" and "SIGKILL" in str(died)
     assert not (tmp_path / "data" / "broker").exists()  # no embedded broker
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_a_part_that_ignores_sigterm_is_killed_after_the_stop_timeout(tmp_path: Path) -> None:
+    api_port, mqtt_port, metrics_port = free_ports(3)
+    settings = Settings(data_dir=tmp_path / "data", ingest_metrics_port=metrics_port)
+    system = LocalSystem(settings, api_port=api_port, mqtt_port=mqtt_port, worker=False, stop_timeout=2)
+    system.start()
+    try:
+        assert system.embedded and system.broker_target.port == mqtt_port
+        children = [psutil.Process(c.pid) for c in system.children.values()]
+        psutil.Process(system.children["api"].pid).suspend()  # SIGSTOP: SIGTERM waits, SIGKILL does not
+
+        killed = system.stop()
+    finally:
+        system.stop()
+
+    assert killed == ["api"]
+    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    assert not port_in_use("127.0.0.1", mqtt_port)  # the embedded broker stopped too
 
 
 def _raised(system: LocalSystem) -> ChildExited | None:
