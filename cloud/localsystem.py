@@ -242,15 +242,6 @@ class LocalSystem:
         self._cloud: BrokerTarget | None = None
         if not self.embedded:
             self._admin, self._cloud = self._configured_broker()
-        self.metrics_ports = {"ingest": settings.ingest_metrics_port} if settings.ingest_metrics_port else {}
-        ports = {"API": api_port, **({"MQTT": mqtt_port} if self.embedded else {})}
-        ports |= {f"{name} metrics": port for name, port in self.metrics_ports.items()}
-        for port in ports.values():
-            if not 1 <= port <= 65535:
-                raise LocalSystemConfigError(f"port {port} is not between 1 and 65535")
-        if len(set(ports.values())) < len(ports):
-            raise LocalSystemConfigError(f"two parts cannot share a port: {ports}")
-        self._ports = ports
         self._broker: Any = None  # EmbeddedBrokerThread (imported on start: amqtt is heavy)
         self.children: dict[str, Child] = {}
         for name, args, ready in (
@@ -260,6 +251,19 @@ class LocalSystem:
         ):
             if name != "worker" or worker:
                 self.children[name] = Child(name, args, self.log_dir / f"{name}.log", ready)
+        # Each service's own Prometheus port, where it has a setting `<name>_metrics_port` (0: none);
+        # the API serves its metrics at /metrics.
+        self.metrics_ports: dict[str, int] = {
+            name: port for name in self.children if (port := getattr(settings, f"{name}_metrics_port", 0))
+        }
+        ports = {"API": api_port, **({"MQTT": mqtt_port} if self.embedded else {})}
+        ports |= {f"{name} metrics": port for name, port in self.metrics_ports.items()}
+        for port in ports.values():
+            if not 1 <= port <= 65535:
+                raise LocalSystemConfigError(f"port {port} is not between 1 and 65535")
+        if len(set(ports.values())) < len(ports):
+            raise LocalSystemConfigError(f"two parts cannot share a port: {ports}")
+        self._ports = ports
         self._started = False
         self._stopping = False
 
