@@ -394,21 +394,23 @@ class LocalSystem:
         """SIGTERM to every child, wait up to `stop_timeout`, SIGKILL what is left; then stop the
         embedded broker. Returns the parts that had to be killed. Safe to call twice."""
         self._stopping = True
-        running = [c for c in reversed(self.children.values()) if c.process and c.process.poll() is None]
-        for child in running:
-            assert child.process is not None  # noqa: S101 (narrowing)
-            child.process.send_signal(signal.SIGTERM)
+        running = [
+            (name, child.process)
+            for name, child in reversed(self.children.items())
+            if child.process is not None and child.process.poll() is None
+        ]
+        for _, process in running:
+            process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + self.stop_timeout
         killed = []
-        for child in running:
-            assert child.process is not None  # noqa: S101 (narrowing)
+        for name, process in running:
             try:
-                child.process.wait(max(0.0, deadline - time.monotonic()))
+                process.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                log.warning("%s did not stop within %g s: killed", child.name, self.stop_timeout)
-                child.process.kill()
-                child.process.wait()
-                killed.append(child.name)
+                log.warning("%s did not stop within %g s: killed", name, self.stop_timeout)
+                process.kill()
+                process.wait()
+                killed.append(name)
         broker, self._broker = self._broker, None
         if broker is not None:
             broker.stop()
