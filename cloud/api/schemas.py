@@ -9,6 +9,7 @@ import orjson
 from fastapi import Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+from cloud.pipeline.rollout_checks import RolloutPlan
 from cloud.registry.tables import (
     DeviceStatus,
     JobState,
@@ -20,6 +21,7 @@ from cloud.registry.tables import (
     RolloutState,
     TargetState,
 )
+from wire.common import ModelId
 from wire.topics import DEVICE_ID_PATTERN
 
 T = TypeVar("T")
@@ -242,6 +244,18 @@ class RolloutPublic(Output):
     updated_at: datetime
     targets: dict[str, int] = Field(description="how many targets are in each state")
     progress: float = Field(description="installed targets / all targets")
+
+
+class RolloutCreate(Input):
+    model_id: ModelId = Field(examples=["kitchen-cams.v3"])
+    plan: RolloutPlan | None = Field(None, description="waves and halt thresholds (default: the defaults)")
+    device_ids: list[Slug] | None = Field(
+        None,
+        min_length=1,
+        max_length=10_000,
+        description="these devices, in this order (the first are the canary); default: the cohort's "
+        "active devices, those online first",
+    )
 
 
 class RolloutTargetPublic(Output):

@@ -1,15 +1,18 @@
-"""Rollouts with their progress and targets. (Creating and steering them comes with the pipeline.)"""
+"""Rollouts: start, pause, resume and roll back (the worker's engine carries them out), with their
+progress and targets."""
 
 import uuid
 from collections.abc import Sequence
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Body, Query
 from pydantic import Field
 from sqlalchemy.orm import Session
 
-from cloud.api.deps import PageQuery, ReaderDep, Viewer
-from cloud.api.schemas import Page, RolloutPublic, RolloutTargetPublic, errors
+from cloud.api.deps import Caller, Operator, PageQuery, ReaderDep, SessionDep, Viewer
+from cloud.api.schemas import Decision, Page, RolloutCreate, RolloutPublic, RolloutTargetPublic, errors
+from cloud.pipeline import rollouts as engine
+from cloud.registry import audit
 from cloud.registry.rollouts import get_rollout, list_rollouts, list_targets, target_counts
 from cloud.registry.tables import Rollout, RolloutState, TargetState
 
@@ -63,3 +66,82 @@ async def targets(
     await reader.run_sync(get_rollout, rollout_id)
     rows, total = await reader.run_sync(list_targets, rollout_id, limit=page.limit, offset=page.offset)
     return Page.of(RolloutTargetPublic, rows, total, limit=page.limit, offset=page.offset)
+
+
+@router.post(
+    "",
+    status_code=201,
+    responses=errors(
+        {
+            404: "no such model or device",
+            409: "the model is not an approved edge model, a device is not an active one of its cohort, "
+            "or the cohort has an open rollout",
+        }
+    ),
+)
+def create(body: RolloutCreate, session: SessionDep, caller: Operator) -> RolloutPublic:
+    """Start a staged rollout of an approved edge model to its cohort: the canary first, then the
+    waves of the plan, each watched before the next; failed installs or worse telemetry halt it and
+    send its devices back to their previous model. Devices already running the model are left out."""
+    rollout = engine.start_rollout(
+        session, model_id=body.model_id, plan=body.plan, created_by=caller.actor, device_ids=body.device_ids
+    )
+    audit.record(
+        session,
+        actor=caller.actor,
+        action="rollout.create",
+        target=str(rollout.id),
+        model_id=body.model_id,
+        plan=rollout.waves["plan"],
+        devices=sum(stage["size"] for stage in rollout.waves["stages"]),
+    )
+    session.commit()
+    return _public(session, [rollout])[0]
+
+
+STEER = errors({404: "no such rollout", 409: "the rollout is not in a state this applies to"})
+
+
+def _steer(
+    session: Session, caller: Caller, rollout_id: uuid.UUID, action: str, reason: str
+) -> RolloutPublic:
+    if action == "pause":
+        rollout = engine.pause(session, rollout_id, reason=reason)
+    elif action == "resume":
+        rollout = engine.resume(session, rollout_id)
+    else:
+        rollout = engine.request_rollback(session, rollout_id, requested_by=caller.actor, reason=reason)
+    audit.record(
+        session, actor=caller.actor, action=f"rollout.{action}", target=str(rollout_id), reason=reason
+    )
+    session.commit()
+    return _public(session, [rollout])[0]
+
+
+OptionalDecision = Annotated[Decision | None, Body()]
+
+
+@router.post("/{rollout_id}/pause", responses=STEER)
+def pause(
+    rollout_id: uuid.UUID, session: SessionDep, caller: Operator, body: OptionalDecision = None
+) -> RolloutPublic:
+    """Pause a pending or running rollout: no further device is offered the model until it resumes."""
+    return _steer(session, caller, rollout_id, "pause", body.reason if body else "")
+
+
+@router.post("/{rollout_id}/resume", responses=STEER)
+def resume(
+    rollout_id: uuid.UUID, session: SessionDep, caller: Operator, body: OptionalDecision = None
+) -> RolloutPublic:
+    """Resume a paused rollout where it stopped."""
+    return _steer(session, caller, rollout_id, "resume", body.reason if body else "")
+
+
+@router.post("/{rollout_id}/rollback", responses=STEER)
+def rollback(
+    rollout_id: uuid.UUID, session: SessionDep, caller: Operator, body: OptionalDecision = None
+) -> RolloutPublic:
+    """Roll a rollout back: it halts at once, and the engine sends every device it reached a signed
+    desired model of the model that device ran before (answered `halted` until that is done, then
+    `rolled_back`). A completed rollout can be rolled back while it is its cohort's latest."""
+    return _steer(session, caller, rollout_id, "rollback", body.reason if body else "")

@@ -29,6 +29,8 @@ class World:
     candidates: list[str]  # two candidate models
     approved: str  # an approved model
     spare_key: str  # the id of a key to revoke
+    to_roll_out: str = ""  # an approved model no call retires
+    rollout_id: str = ""  # the rollout the create call started
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,20 @@ def revoke_key(client: TestClient, headers: dict[str, str], world: World) -> Exp
     return Expected(response, "apikey.revoke", world.spare_key)
 
 
+def start_rollout(client: TestClient, headers: dict[str, str], world: World) -> Expected:
+    response = client.post("/api/v1/rollouts", json={"model_id": world.to_roll_out}, headers=headers)
+    world.rollout_id = response.json().get("id", "")
+    return Expected(response, "rollout.create", world.rollout_id)
+
+
+def steer_rollout(action: str) -> Call:
+    def call(client: TestClient, headers: dict[str, str], world: World) -> Expected:
+        response = client.post(f"/api/v1/rollouts/{world.rollout_id}/{action}", headers=headers)
+        return Expected(response, f"rollout.{action}", world.rollout_id)
+
+    return call
+
+
 CALLS: dict[tuple[str, str], Call] = {
     ("POST", "/api/v1/cohorts"): create_cohort,
     ("POST", "/api/v1/devices"): provision_device,
@@ -89,6 +105,10 @@ CALLS: dict[tuple[str, str], Call] = {
     ("POST", "/api/v1/models/{model_id}/retire"): decide_model("retire", lambda w: w.approved),
     ("POST", "/api/v1/api-keys"): create_key,
     ("POST", "/api/v1/api-keys/{key_id}/revoke"): revoke_key,
+    ("POST", "/api/v1/rollouts"): start_rollout,
+    ("POST", "/api/v1/rollouts/{rollout_id}/pause"): steer_rollout("pause"),
+    ("POST", "/api/v1/rollouts/{rollout_id}/resume"): steer_rollout("resume"),
+    ("POST", "/api/v1/rollouts/{rollout_id}/rollback"): steer_rollout("rollback"),
 }
 
 
@@ -97,11 +117,18 @@ def world(session: Session, store: LocalArtifactStore) -> World:
     make_cohort(session)
     make_device(session, "cam-0001")
     teacher = make_cloud_model(session, store)
-    models = [make_edge_model(session, store, teacher_id=teacher.id).id for _ in range(3)]
+    models = [make_edge_model(session, store, teacher_id=teacher.id).id for _ in range(4)]
     decide(session, models[2], approve=True)
+    decide(session, models[3], approve=True)
     spare, _ = apikeys.create_key(session, role=Role.viewer, name="spare")
     session.commit()
-    return World(device_id="cam-0001", candidates=models[:2], approved=models[2], spare_key=spare.id)
+    return World(
+        device_id="cam-0001",
+        candidates=models[:2],
+        approved=models[2],
+        spare_key=spare.id,
+        to_roll_out=models[3],
+    )
 
 
 def mutating(app: FastAPI) -> list[Endpoint]:
