@@ -93,17 +93,32 @@ def release(session: Session, job_id: uuid.UUID, *, owner: str) -> None:
     )
 
 
+def requeue(session: Session, job_id: uuid.UUID, *, hold_s: float, now: datetime | None = None) -> None:
+    """Note that the job's task was sent again: any worker may claim it at once, and it does not
+    count as stale for `hold_s` seconds (so it is not sent again while it waits in the queue)."""
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state.in_((JobState.pending, JobState.running)))
+        .values(lease_owner=None, lease_until=(now or utcnow()) + timedelta(seconds=hold_s))
+        .execution_options(synchronize_session=False)
+    )
+
+
 def stale_jobs(session: Session, *, now: datetime | None = None, pending_for: float = 60.0) -> list[Job]:
     """Jobs nobody works on: running with a lease that ran out (their worker died), and pending ones
-    no worker claimed within `pending_for` seconds (their task message was lost)."""
+    no worker claimed within `pending_for` seconds (their task message was lost); a job sent again
+    (`requeue`) is not stale until its hold ends."""
     now = now or utcnow()
+    lapsed = or_(Job.lease_until.is_(None), Job.lease_until < now)
     return list(
         session.scalars(
             select(Job)
             .where(
                 or_(
-                    (Job.state == JobState.running) & or_(Job.lease_until.is_(None), Job.lease_until < now),
-                    (Job.state == JobState.pending) & (Job.created_at < now - timedelta(seconds=pending_for)),
+                    (Job.state == JobState.running) & lapsed,
+                    (Job.state == JobState.pending)
+                    & (Job.created_at < now - timedelta(seconds=pending_for))
+                    & lapsed,
                 )
             )
             .order_by(Job.created_at)

@@ -201,10 +201,17 @@ def test_stale_jobs_are_expired_leases_and_long_unclaimed_pending_ones(session: 
 
     # Execute
     stale = {job.id for job in jobs.stale_jobs(session, now=now, pending_for=60)}
+    for job_id in stale:
+        jobs.requeue(session, job_id, hold_s=30, now=now)
+    held = {job.id for job in jobs.stale_jobs(session, now=now + timedelta(seconds=29), pending_for=60)}
+    after_hold = {job.id for job in jobs.stale_jobs(session, now=now + timedelta(seconds=31), pending_for=60)}
 
     # Assert
     assert stale == {dead.id, forgotten.id, released.id}
     assert fresh.id not in stale and alive.id not in stale
+    assert held == set() and after_hold == stale
+    taken = jobs.claim(session, dead.id, owner="w4", lease_s=60, now=now + timedelta(seconds=1))
+    assert taken is not None and taken.lease_owner == "w4"  # a requeued job is claimed at once
 
 
 def test_the_open_job_of_a_cohort(session: Session) -> None:
