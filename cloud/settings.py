@@ -64,6 +64,7 @@ class Settings(BaseSettings):
         description="fewer reports than pipeline_min_reports start a job once the oldest "
         "has waited this long",
     )
+    worker_metrics_port: int = Field(9103, ge=0, le=65535, description="Prometheus metrics (0: none)")
     pipeline_auto_rollout: bool = Field(True, description="an approved model starts a rollout to its cohort")
     telemetry_retention_days: float = Field(7.0, gt=0, description="telemetry older than this is pruned")
     api_tune_gc: bool = Field(True, description="freeze start-up objects and collect garbage less often")

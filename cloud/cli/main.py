@@ -83,6 +83,9 @@ def _register_ops() -> None:
     from cloud.cli.ingest import ingest
 
     app.command("ingest")(ingest)
+    from cloud.cli.worker import worker
+
+    app.command("worker")(worker)
     from cloud.cli.up import up
 
     app.command("up")(up)

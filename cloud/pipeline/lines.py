@@ -2,6 +2,7 @@
 
 import dataclasses
 import io
+import json
 import pickle  # noqa: S403 - only for the error torch.load(weights_only=True) raises
 import uuid
 from pathlib import Path
@@ -15,6 +16,7 @@ from cloud.exceptions import RegistryError
 from cloud.ml.cycle import EdgeLine, StageProgress
 from cloud.ml.export import EdgeArtifact
 from cloud.ml.nets import NetSpec, Student, Teacher
+from cloud.pipeline.cycle import TRAINING_DATA
 from cloud.registry import models
 from cloud.registry.tables import Model, ModelKind
 
@@ -144,6 +146,8 @@ def bootstrap_line(
         metrics = {"val_float_acc": float_acc, "val_int8_acc": int8_acc, "val_size": len(data.val.y)}
         with transaction(sessions) as session:
             cloud, edge = register_line(session, store, line, spec, job_id=job_id, metrics=metrics)
+            # What the cohort's RD cycles take their transfer and validation data from.
+            cloud.metrics = {**metrics, TRAINING_DATA: json.loads(scenario.model_dump_json())}
             jobs.finish(
                 session, job_id, state=JobState.succeeded, result={"models": [cloud.id, edge.id], **metrics}
             )

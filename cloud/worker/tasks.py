@@ -1,0 +1,274 @@
+"""The pipeline's tasks: each a thin, idempotent call into `cloud.pipeline`, safe to deliver twice.
+
+`run_job` runs a job under its lease (a second delivery finds it finished or leased and does nothing);
+the periodic tasks (see `cloud.worker.app.BEAT`) start jobs for cohorts with knowledge waiting, send
+again the jobs whose worker died, advance rollouts, give devices their cohort's model, and prune
+telemetry.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from functools import cache
+from typing import Any
+
+from celery import Task
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from cloud.artifacts import LocalArtifactStore
+from cloud.exceptions import ConflictError
+from cloud.pipeline import cycle
+from cloud.publisher import CloudPublisher, PublishError
+from cloud.registry import jobs, telemetry
+from cloud.registry.db import make_engine, session_factory, transaction
+from cloud.registry.tables import JobState
+from cloud.settings import Settings
+from cloud.worker.app import app
+from wire.manifest import ArtifactManifest
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 5  # a job claimed this many times without finishing is failed for good
+REQUEUE_HOLD_S = 120.0  # a job sent again is not sent again for this long while it waits in the queue
+
+METRICS = CollectorRegistry()
+JOBS = Counter("diredi_worker_jobs", "Jobs run, by outcome.", ["type", "outcome"], registry=METRICS)
+JOB_SECONDS = Histogram(
+    "diredi_worker_job_seconds",
+    "Wall time of a job run, by outcome.",
+    ["type", "outcome"],
+    buckets=(1, 5, 10, 20, 30, 45, 60, 90, 120, 300, 600, 1800),
+    registry=METRICS,
+)
+REQUEUED = Counter(
+    "diredi_worker_jobs_requeued", "Jobs sent again after their worker died.", registry=METRICS
+)
+PUBLISHED = Counter(
+    "diredi_worker_desired_published", "Desired models published to devices.", ["reason"], registry=METRICS
+)
+
+
+@dataclass
+class _Context:
+    """What the tasks of one worker process share: settings, registry, store and the broker link."""
+
+    settings: Settings
+    sessions: sessionmaker[Session]
+    store: LocalArtifactStore
+    owner: str
+    publisher_lock: threading.Lock
+    publisher: CloudPublisher | None = None
+
+    def publish(self) -> CloudPublisher:
+        """The worker's connection to the broker, opened on first use and again after an error."""
+        if self.publisher is None:
+            from broker.client import BrokerTarget
+            from cloud.signing import KeyRing
+
+            target = BrokerTarget.parse(
+                self.settings.mqtt_url.get_secret_value(), ca_file=self.settings.mqtt_ca_file
+            )
+            publisher = CloudPublisher(target, KeyRing.open(self.settings.resolved_signing_key_dir))
+            self.publisher = publisher.__enter__()
+        return self.publisher
+
+    def drop_publisher(self) -> None:
+        if self.publisher is not None:
+            try:
+                self.publisher.__exit__(None, None, None)
+            except Exception:  # already broken; a new one is opened on the next use
+                log.debug("closing a broken publisher", exc_info=True)
+            self.publisher = None
+
+
+@cache
+def context() -> _Context:
+    """This process's context, made on the first task (after the worker forked, if it does)."""
+    settings = Settings()
+    return _Context(
+        settings=settings,
+        sessions=session_factory(make_engine(settings.resolved_database_url)),
+        store=LocalArtifactStore(settings.resolved_artifact_dir),
+        owner=f"{socket.gethostname()}:{os.getpid()}",
+        publisher_lock=threading.Lock(),
+    )
+
+
+class _Publisher:
+    """The engine's DesiredPublisher, counting what it publishes."""
+
+    def __init__(self, ctx: _Context, reason: str) -> None:
+        self.ctx, self.reason = ctx, reason
+
+    def publish_desired(
+        self, device_id: str, manifest: ArtifactManifest, *, rollback_of: str | None = None
+    ) -> object:
+        document = self.ctx.publish().publish_desired(device_id, manifest, rollback_of=rollback_of)
+        PUBLISHED.labels("rollback" if rollback_of else self.reason).inc()
+        return document
+
+
+_ML = threading.Lock()  # one training at a time per worker process: they would fight for the cores
+
+
+@app.task(
+    name="diredi.run_job",
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    max_retries=MAX_ATTEMPTS,
+)
+def run_job(self: Task[Any, Any], job_id: str) -> str:
+    """Run one pipeline job (an RD cycle) under its lease; start its rollout if the model is approved."""
+    try:
+        key = uuid.UUID(job_id)
+    except (ValueError, TypeError):
+        log.error("run_job: %r is not a job id; dropped", job_id)
+        return "bad id"
+    ctx = context()
+    with _ML, JOB_SECONDS.labels(cycle.JOB_TYPE, "any").time():
+        try:
+            outcome = cycle.run_cycle_job(
+                ctx.sessions, ctx.store, key, owner=ctx.owner, lease_s=ctx.settings.job_lease_seconds
+            )
+        except cycle.LeaseLost as exc:
+            log.warning("%s", exc)
+            JOBS.labels(cycle.JOB_TYPE, "lease-lost").inc()
+            return "lease lost"
+        except OperationalError as exc:  # the database went away: try again later, lease given up
+            _release(ctx, key)
+            if self.request.retries >= MAX_ATTEMPTS:
+                cycle.fail_job(ctx.sessions, key, owner=ctx.owner, error=f"database unavailable: {exc}")
+                raise
+            raise self.retry(exc=exc, countdown=min(300, 5 * 2**self.request.retries)) from None
+        except Exception as exc:
+            JOBS.labels(cycle.JOB_TYPE, "error").inc()
+            cycle.fail_job(ctx.sessions, key, owner=ctx.owner, error=f"{type(exc).__name__}: {exc}")
+            raise
+    JOBS.labels(cycle.JOB_TYPE, outcome.outcome).inc()
+    if outcome.outcome == "approved" and outcome.edge_model_id and ctx.settings.pipeline_auto_rollout:
+        _start_rollout(ctx, key, outcome.edge_model_id)
+    return outcome.outcome
+
+
+def _release(ctx: _Context, job_id: uuid.UUID) -> None:
+    try:
+        with transaction(ctx.sessions) as session:
+            jobs.release(session, job_id, owner=ctx.owner)
+    except OperationalError:
+        log.warning("job %s: lease not released (database unavailable); it runs out by itself", job_id)
+
+
+def _start_rollout(ctx: _Context, job_id: uuid.UUID, model_id: str) -> None:
+    """Start the rollout of a model a job approved, with the job's plan; the job's result names it."""
+    from cloud.pipeline.rollouts import RolloutPlan, start_rollout
+
+    with transaction(ctx.sessions) as session:
+        job = jobs.get_job(session, job_id, for_update=True)
+        plan = job.params.get("rollout")
+        try:
+            rollout = start_rollout(
+                session,
+                model_id=model_id,
+                plan=RolloutPlan.model_validate(plan) if plan else None,
+                created_by=f"job {job_id}",
+            )
+        except ConflictError as exc:
+            log.warning("job %s: no rollout of %s: %s", job_id, model_id, exc)
+            job.result = {**job.result, "rollout_error": str(exc)}
+            return
+        job.result = {**job.result, "rollout": str(rollout.id)}
+    log.info("job %s: rollout %s of %s started", job_id, rollout.id, model_id)
+
+
+def enqueue(job_id: uuid.UUID) -> None:
+    """Send a job's task (the API and the beat's tasks call this)."""
+    run_job.apply_async(args=(str(job_id),))
+
+
+@app.task(name="diredi.schedule_cycles")
+def schedule_cycles() -> list[str]:
+    """Start an RD cycle job for each cohort whose received knowledge is due (count or age)."""
+    ctx = context()
+    started = []
+    with transaction(ctx.sessions) as session:
+        due = cycle.cohorts_due(
+            session,
+            min_reports=ctx.settings.pipeline_min_reports,
+            max_wait_s=ctx.settings.pipeline_max_wait_s,
+        )
+        for cohort_id in due:
+            started.append(cycle.create_cycle_job(session, cohort_id=cohort_id, trigger="knowledge").id)
+    for job_id in started:  # after the commit, so the worker finds the job
+        enqueue(job_id)
+        log.info("job %s started for received knowledge", job_id)
+    return [str(j) for j in started]
+
+
+@app.task(name="diredi.reap_jobs")
+def reap_jobs() -> list[str]:
+    """Send again the jobs whose worker died (lease ran out) or whose task was lost; fail a job that
+    has been claimed MAX_ATTEMPTS times without finishing (it kills its workers)."""
+    ctx = context()
+    again = []
+    with transaction(ctx.sessions) as session:
+        for job in jobs.stale_jobs(session, pending_for=2 * ctx.settings.job_lease_seconds):
+            if job.attempts >= MAX_ATTEMPTS:
+                jobs.finish(
+                    session,
+                    job.id,
+                    state=JobState.failed,
+                    error=f"gave up after {job.attempts} attempts whose workers died",
+                )
+                continue
+            jobs.requeue(session, job.id, hold_s=REQUEUE_HOLD_S)
+            again.append(job.id)
+    for job_id in again:
+        enqueue(job_id)
+        REQUEUED.inc()
+        log.warning("job %s sent again: its worker stopped renewing its lease", job_id)
+    return [str(j) for j in again]
+
+
+def _with_publisher(reason: str, work: Any) -> int:
+    ctx = context()
+    with ctx.publisher_lock:
+        try:
+            return int(work(ctx.sessions, _Publisher(ctx, reason)))
+        except PublishError:
+            ctx.drop_publisher()  # the next pass reconnects and publishes the same decisions again
+            raise
+
+
+@app.task(name="diredi.advance_rollouts")
+def advance_rollouts() -> int:
+    """One pass of the rollout engine; returns how many rollouts it moved."""
+    from cloud.pipeline.rollouts import advance_rollouts as advance
+
+    return _with_publisher("rollout", lambda sessions, publisher: len(advance(sessions, publisher)))
+
+
+@app.task(name="diredi.reconcile_desired")
+def reconcile_desired() -> int:
+    """Give devices outside a rollout their cohort's current model; returns how many got it."""
+    from cloud.pipeline.rollouts import reconcile_desired as reconcile
+
+    return _with_publisher("reconcile", reconcile)
+
+
+@app.task(name="diredi.prune_telemetry")
+def prune_telemetry() -> int:
+    """Delete telemetry older than the retention setting."""
+    ctx = context()
+    with ctx.sessions() as session:
+        deleted = telemetry.prune(session, retention=timedelta(days=ctx.settings.telemetry_retention_days))
+    log.info("pruned %d telemetry rows", deleted)
+    return deleted
