@@ -29,9 +29,9 @@ BEAT = {
 }
 
 
-def make_app(settings: Settings) -> Celery:
-    """The Celery app on the settings' queue."""
-    app = Celery("diredi", broker=settings.resolved_queue_url, include=["cloud.worker.tasks"])
+def make_app(queue_url: str) -> Celery:
+    """The Celery app on a queue (`Settings.resolved_queue_url`)."""
+    app = Celery("diredi", broker=queue_url, include=["cloud.worker.tasks"])
     app.conf.update(
         task_default_queue=QUEUE,
         task_serializer="json",
@@ -44,7 +44,9 @@ def make_app(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
         # Redis's own option; kombu's SQLAlchemy transport takes none (it hands them to the engine).
-        broker_transport_options=({"visibility_timeout": 2 * JOB_TIME_LIMIT_S} if settings.redis_url else {}),
+        broker_transport_options=(
+            {"visibility_timeout": 2 * JOB_TIME_LIMIT_S} if queue_url.startswith("redis") else {}
+        ),
         timezone="UTC",
         beat_schedule={
             # A periodic task that could not run in its period is dropped, not queued up behind others.
@@ -55,4 +57,4 @@ def make_app(settings: Settings) -> Celery:
     return app
 
 
-app = make_app(Settings())
+app = make_app(Settings().resolved_queue_url)
