@@ -19,7 +19,7 @@ from tests.cloud.factories import make_cohort
 
 def queued_jobs(settings: Settings) -> list[str]:
     """The job ids of the run_job messages waiting in the settings' queue (taken off it)."""
-    found = []
+    found: list[str] = []
     with Connection(settings.resolved_queue_url) as connection:
         queue = connection.SimpleQueue(QUEUE)
         try:
