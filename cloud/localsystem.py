@@ -21,6 +21,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import secrets
 import signal
 import socket
@@ -535,4 +536,4 @@ class LocalSystem:
 
 
 def _worker_ready(child: Child) -> bool:
-    return " ready." in child.output()  # Celery's "celery@host ready." once it consumes
+    return re.search(r"@\S+ ready\.", child.output()) is not None  # Celery's "<name>@<host> ready."

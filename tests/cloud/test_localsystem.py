@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import stat
@@ -48,9 +49,6 @@ DIREDI = Path(sys.executable).with_name("diredi")
 READY_TIMEOUT = 120.0  # two cores shared with other tests: importing the API takes seconds
 STOP_TIMEOUT = 30.0
 UP_LINE = "DiReDi is up"
-# `diredi worker` is being written; until it lands the system runs without it.
-WORKER_ARGS = ["--no-worker"]
-CHILDREN = 2  # ingest and API
 
 
 def clean_env(data_dir: Path, **settings: str) -> dict[str, str]:
@@ -64,10 +62,11 @@ class Up:
     """`diredi up` as a child process of the test, its output in files."""
 
     def __init__(self, tmp: Path, data_dir: Path, *args: str, **settings: str) -> None:
-        self.api_port, self.mqtt_port, metrics_port = free_ports(3)
+        self.api_port, self.mqtt_port, ingest_metrics, worker_metrics = free_ports(4)
         self.data_dir = data_dir
-        self.env = clean_env(data_dir, ingest_metrics_port=str(metrics_port), **settings)
-        self.args = ["--api-port", str(self.api_port), "--mqtt-port", str(self.mqtt_port), *WORKER_ARGS]
+        ports = {"ingest_metrics_port": str(ingest_metrics), "worker_metrics_port": str(worker_metrics)}
+        self.env = clean_env(data_dir, **ports, **settings)
+        self.args = ["--api-port", str(self.api_port), "--mqtt-port", str(self.mqtt_port)]
         self.args += args
         self.stdout_path, self.stderr_path = tmp / f"up-{self.api_port}.out", tmp / f"up-{self.api_port}.err"
         self.process: subprocess.Popen[bytes] | None = None
@@ -105,13 +104,14 @@ class Up:
         )
         assert process.poll() is None, f"exited {process.returncode}:\n{self.stdout}\n{self.stderr}"
 
-    def children(self) -> list[psutil.Process]:
+    def children(self, recursive: bool = True) -> list[psutil.Process]:
+        """Its children (and theirs: Celery's beat runs in a process of the worker's)."""
         assert self.process is not None
-        return psutil.Process(self.process.pid).children(recursive=True)
+        return psutil.Process(self.process.pid).children(recursive=recursive)
 
     def child(self, part: str) -> psutil.Process:
         """The child running `diredi <part>`."""
-        (found,) = [c for c in self.children() if part in c.cmdline()[4:5]]
+        (found,) = [c for c in self.children(recursive=False) if part in c.cmdline()[4:5]]
         return found
 
     def wait(self, timeout: float = STOP_TIMEOUT) -> int:
@@ -196,7 +196,7 @@ def device_target(up: Up, device_id: str, secret: str) -> BrokerTarget:
 def test_up_runs_the_system_devices_can_use_and_stops_on_sigint(tmp_path: Path) -> None:
     with running_up(tmp_path, tmp_path / "data") as up:
         assert httpx.get(f"{up.api}/healthz").json() == {"status": "ok"}
-        for part in ("registry", "queue", "broker", "ingest", "api"):
+        for part in ("registry", "queue", "broker", "ingest", "worker", "api"):
             assert f"✓ {part}" in up.stdout
         assert f"mqtt://127.0.0.1:{up.mqtt_port}?protocol=3.1.1" in up.stdout
         assert str((tmp_path / "data" / "logs").resolve()) in up.stdout
@@ -208,8 +208,8 @@ def test_up_runs_the_system_devices_can_use_and_stops_on_sigint(tmp_path: Path) 
         with Probe(device_target(up, device_id, secret + "x"), device_id) as wrong:
             refused = wrong.connect()
         wait_until(lambda: presence(up.api, key, device_id) == "online", 15, "the ingest never stored it")
+        assert sorted(c.cmdline()[4] for c in up.children(recursive=False)) == ["api", "ingest", "worker"]
         children = up.children()
-        assert len(children) == CHILDREN
         assert up.process is not None
         up.process.send_signal(signal.SIGINT)
         code = up.wait()
@@ -338,19 +338,18 @@ def test_configured_system_on_mosquitto_postgresql_and_redis(tmp_path: Path) -> 
         scratch_database(postgres_admin_url(), prefix="diredi_up") as database_url,
         running_redis(tmp_path / "redis") as redis_url,
     ):
-        api_port, metrics_port = free_ports(2)
+        api_port, ingest_metrics, worker_metrics = free_ports(3)
         settings = Settings(
             data_dir=tmp_path / "data",
             mqtt_url=SecretStr(broker.cloud.url()),
             mqtt_admin_url=SecretStr(broker.admin.url()),
             database_url=database_url,
             redis_url=redis_url,
-            ingest_metrics_port=metrics_port,
+            ingest_metrics_port=ingest_metrics,
+            worker_metrics_port=worker_metrics,
         )
         ready: list[str] = []
-        with LocalSystem(
-            settings, api_port=api_port, worker=False, on_ready=lambda part, _: ready.append(part)
-        ) as system:
+        with LocalSystem(settings, api_port=api_port, on_ready=lambda part, _: ready.append(part)) as system:
             key = system.create_api_key()
             device_id = new_device_id("cam")
             secret = provision(system.api_url, key, device_id)
@@ -359,6 +358,7 @@ def test_configured_system_on_mosquitto_postgresql_and_redis(tmp_path: Path) -> 
             environments = {name: psutil.Process(c.pid).environ() for name, c in system.children.items()}
             system.check()
             children = [psutil.Process(c.pid) for c in system.children.values()]
+            worker_log = system.children["worker"].output()
 
             api = system.children["api"]
             assert api.pid is not None
@@ -371,7 +371,10 @@ def test_configured_system_on_mosquitto_postgresql_and_redis(tmp_path: Path) -> 
         engine.dispose()
 
     assert not system.embedded and system.broker_target == broker.target
-    assert ready == ["registry", "queue", "broker", "ingest", "api"]
+    assert set(ready[:3]) == {"registry", "queue", "broker"}
+    assert set(ready[3:]) == {"ingest", "worker", "api"}  # in the order they became ready
+    redis_port = redis_url.rsplit(":", 1)[1]  # "PORT/0"; Celery shows the URL with a masked password
+    assert re.search(rf"Connected to redis://\S*127\.0\.0\.1:{redis_port}\b", worker_log), worker_log
     assert stored == [device_id]
     for env in environments.values():
         assert env["DIREDI_REDIS_URL"] == redis_url
