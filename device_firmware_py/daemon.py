@@ -255,7 +255,9 @@ class Daemon:
         latency_ms = (time.perf_counter() - started) * 1000
         probabilities = softmax(logits)[0]
         predicted = int(np.argmax(probabilities))
-        self.window.record(latency_ms, float(probabilities[predicted]), predicted, sample.label)
+        # Accuracy is measured on the samples the user holds out, when the stream marks them.
+        measured = sample.label if sample.held_out is not False else None
+        self.window.record(latency_ms, float(probabilities[predicted]), predicted, measured)
         self.inference_count += 1
         self._simulated_feedback(sample)
 
@@ -270,6 +272,7 @@ class Daemon:
             every
             and first_pass
             and sample.label is not None
+            and sample.held_out is not True
             and self.feedback is not None
             and number % every == 0
         ):

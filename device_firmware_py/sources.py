@@ -29,10 +29,13 @@ class SourceError(DeviceError):
 
 @dataclass(frozen=True)
 class Sample:
-    """One input; `label` is the true class when the source knows it (a simulated user's stream)."""
+    """One input; `label` is the true class when the source knows it (a simulated user's stream), and
+    `held_out` whether the simulated user keeps it for testing (True: measured, never given as
+    feedback; False: given as feedback, not measured; None: the stream does not say, both)."""
 
     input: FloatArray
     label: int | None = None
+    held_out: bool | None = None
 
 
 class InputSource(Protocol):
@@ -55,9 +58,9 @@ def _check_input(array: npt.NDArray[np.generic], shape: tuple[int, ...], what: s
 
 
 class SimulatedSource:
-    """Replays a user's stream from an `.npz` file with `inputs` (n, *shape) and `labels` (n,), in
-    order, looping, starting at `offset` (where the last run stopped, so a restart does not replay
-    what was seen)."""
+    """Replays a user's stream from an `.npz` file with `inputs` (n, *shape) and `labels` (n,), and
+    optionally `held_out` (n,) booleans (the user's test samples), in order, looping, starting at
+    `offset` (where the last run stopped, so a restart does not replay what was seen)."""
 
     def __init__(self, path: Path, input_shape: tuple[int, ...], num_classes: int, offset: int = 0) -> None:
         try:
@@ -65,6 +68,7 @@ class SimulatedSource:
                 raise SourceError(f"{path}: larger than {MAX_STREAM_FILE_BYTES} bytes")
             with np.load(path, allow_pickle=False) as data:
                 inputs, labels = np.asarray(data["inputs"]), np.asarray(data["labels"])
+                held_out = np.asarray(data["held_out"]) if "held_out" in data.files else None
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
             raise SourceError(f"{path}: not a stream file with inputs and labels ({exc})") from None
         if len(inputs) == 0 or inputs.shape[1:] != input_shape or labels.shape != (len(inputs),):
@@ -76,6 +80,9 @@ class SimulatedSource:
             raise SourceError(f"{path}: labels must be integers in [0, {num_classes})")
         if inputs.dtype.kind not in "fiu" or not np.isfinite(inputs).all():
             raise SourceError(f"{path}: inputs must be finite numbers")
+        if held_out is not None and (held_out.dtype != np.bool_ or held_out.shape != labels.shape):
+            raise SourceError(f"{path}: held_out must be {len(labels)} booleans, one per input")
+        self.held_out = held_out
         self.inputs = inputs.astype(np.float32)
         self.labels = labels.astype(np.int64)
         self.position = offset % len(self.inputs)
@@ -83,7 +90,8 @@ class SimulatedSource:
     def next(self) -> Sample:
         n = self.position
         self.position = (n + 1) % len(self.inputs)
-        return Sample(self.inputs[n], int(self.labels[n]))
+        held_out = None if self.held_out is None else bool(self.held_out[n])
+        return Sample(self.inputs[n], int(self.labels[n]), held_out)
 
 
 class DirectorySource:

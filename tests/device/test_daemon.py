@@ -53,13 +53,21 @@ def running(
     request: pytest.FixtureRequest, tmp_path: Path, mosquitto: RunningBroker, base_line: Any, small_data: Any
 ) -> Iterator[Running]:
     """A daemon whose simulated user labels each of the stream's samples once: 60, or as the test says
-    with `pytest.mark.parametrize("running", [(samples, rd_settings, tls)], indirect=True)`."""
-    samples, rd, tls = getattr(request, "param", (60, None, False))
+    with `pytest.mark.parametrize("running", [(samples, rd_settings, tls[, held_out])], indirect=True)`;
+    with `held_out`, the user keeps the second half for testing, labelled as the model predicts, and
+    labels the first half as the model never predicts."""
+    samples, rd, tls, *rest = getattr(request, "param", (60, None, False))
     device_id = new_device_id("cam")
     secret = provisioned_device(mosquitto, device_id)
     user = small_data.users[0]
     inputs, labels = user.device_train[0].x[:samples], user.device_train[0].y[:samples]
     stream = write_stream(tmp_path / "stream.npz", inputs, labels)
+    if rest and rest[0]:
+        half = samples // 2
+        predicted = base_line.artifact.load().predict(inputs)
+        labels = np.concatenate([(predicted[:half] + 1) % small_data.num_classes, predicted[half:]])
+        held_out = np.arange(samples) >= half
+        np.savez(stream, inputs=inputs, labels=labels, held_out=held_out)
     config = load_config(
         write_config(tmp_path, mosquitto.target, device_id, secret, stream, trust=TRUST, rd=rd)
     )
@@ -91,6 +99,22 @@ def test_the_daemon_reports_presence_and_status_of_its_model(running: Running, b
     assert status["inference_count"] > 0 and status["latency_p50_ms"] > 0
     assert 0 <= status["accuracy"] <= 1 and status["labelled_count"] > 0
     assert sum(status["class_histogram"].values()) > 0
+
+
+@pytest.mark.parametrize("running", [(60, None, False, True)], ids=["held-out"], indirect=True)
+def test_accuracy_is_measured_on_held_out_samples_and_only_the_others_become_feedback(
+    running: Running,
+) -> None:
+    # Execute: the stream has gone round at least twice
+    wait_until(lambda: running.daemon.inference_count >= 130, 30, "two passes of the stream")
+    statuses = [
+        json.loads(p) for p in wait_until(lambda: running.published(MessageKind.STATUS), 20, "status")
+    ]
+
+    # Assert: a measured feedback sample would have been a miss
+    measured = [s["accuracy"] for s in statuses if s["accuracy"] is not None]
+    assert measured and set(measured) == {1.0}
+    assert running.daemon.feedback is not None and running.daemon.feedback.count() == 30
 
 
 def test_rd_on_command_is_published_until_its_receipt_and_carries_no_private_sample(

@@ -28,6 +28,20 @@ def test_a_simulated_stream_replays_in_order_from_an_offset_and_loops(tmp_path: 
     # Assert
     assert [s.label for s in samples] == [6, 4, 5, 6]
     assert np.array_equal(samples[1].input, inputs[0])
+    assert {s.held_out for s in samples} == {None}  # the stream does not say which are test samples
+
+
+def test_a_simulated_stream_says_which_samples_the_user_holds_out(tmp_path: Path) -> None:
+    # Prepare
+    path = tmp_path / "stream.npz"
+    held_out = np.array([False, True, True])
+    np.savez(path, inputs=np.zeros((3, *SHAPE), np.float32), labels=np.array([4, 5, 6]), held_out=held_out)
+
+    # Execute
+    source = SimulatedSource(path, SHAPE, num_classes=10)
+
+    # Assert
+    assert [source.next().held_out for _ in range(4)] == [False, True, True, False]
 
 
 @pytest.mark.parametrize(
@@ -38,6 +52,11 @@ def test_a_simulated_stream_replays_in_order_from_an_offset_and_loops(tmp_path: 
         ({"inputs": np.zeros((3, *SHAPE)), "labels": np.array([0, 1, 10])}, r"\[0, 10\)"),
         ({"inputs": np.full((2, *SHAPE), np.nan), "labels": np.zeros(2, int)}, "finite"),
         ({"inputs": np.zeros((0, *SHAPE)), "labels": np.zeros(0, int)}, "do not fit"),
+        ({"inputs": np.zeros((2, *SHAPE)), "labels": np.zeros(2, int), "held_out": np.ones(2)}, "booleans"),
+        (
+            {"inputs": np.zeros((2, *SHAPE)), "labels": np.zeros(2, int), "held_out": np.ones(3, bool)},
+            "booleans",
+        ),
     ],
 )
 def test_a_bad_stream_file_is_refused(tmp_path: Path, arrays: dict[str, np.ndarray], says: str) -> None:
