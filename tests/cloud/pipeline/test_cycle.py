@@ -3,7 +3,6 @@ under a lease; a job run again after its worker died makes one model and consume
 
 from __future__ import annotations
 
-import json
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -16,10 +15,8 @@ from cloud.artifacts import LocalArtifactStore
 from cloud.exceptions import ConflictError
 from cloud.ml.cycle import EdgeLine
 from cloud.ml.data import ScenarioData
-from cloud.ml.nets import NetSpec
 from cloud.ml.scenario import Scenario
 from cloud.pipeline import cycle
-from cloud.pipeline.lines import register_line
 from cloud.registry import jobs, knowledge, models
 from cloud.registry.db import transaction
 from cloud.registry.tables import (
@@ -32,8 +29,7 @@ from cloud.registry.tables import (
     ModelStatus,
     utcnow,
 )
-from device_firmware_py.rd import extract_knowledge
-from tests.cloud.factories import make_cohort, make_device
+from tests.cloud.lines import report_knowledge, ship_line
 
 pytestmark = pytest.mark.slow
 LEASE_S = 60.0
@@ -49,30 +45,17 @@ def shipped_line(
     sessions: sessionmaker[Session],
     store: LocalArtifactStore,
     base_line: EdgeLine,
-    small_data: ScenarioData,
     small_scenario: Scenario,
 ) -> str:
-    """Cohort `base` with its first version registered and approved, and one device on it."""
-    with transaction(sessions) as session:
-        make_cohort(session, "base")
-        make_device(session, "cam-1", "base")
-        make_device(session, "cam-2", "base")
-        cloud, edge = register_line(session, store, base_line, NetSpec(num_classes=small_data.num_classes))
-        cloud.metrics = {cycle.TRAINING_DATA: json.loads(small_scenario.model_dump_json())}
-        models.decide(session, edge.id, approve=True)
-        return edge.id
+    """Cohort `base` with its first version registered and approved, and two devices on it."""
+    return ship_line(sessions, store, base_line, small_scenario)
 
 
 def _report(
     sessions: sessionmaker[Session], base_line: EdgeLine, data: ScenarioData, device_id: str, seed: int
 ) -> uuid.UUID:
-    """A real knowledge report of user dana (3 → 8) from her private pool, stored as the ingest does."""
-    pool = data.users[0].device_train[0]
-    report = extract_knowledge(base_line.artifact.load(), pool.x, pool.y, device_id=device_id, seed=seed)
-    with transaction(sessions) as session:
-        stored = knowledge.store_report(session, report.to_bytes())
-        assert stored is not None
-        return stored.msg_id
+    """A real knowledge report of user dana (3 → 8) from her private pool."""
+    return report_knowledge(sessions, base_line, data, device_id, seed=seed)
 
 
 def _job(sessions: sessionmaker[Session]) -> uuid.UUID:
@@ -153,10 +136,7 @@ def test_knowledge_that_changes_no_decision_is_a_no_op(
     small_data: ScenarioData,
 ) -> None:
     # Prepare: user eve agrees with the manufacturer
-    pool = small_data.users[1].device_train[0]
-    report = extract_knowledge(base_line.artifact.load(), pool.x, pool.y, device_id="cam-1", seed=0)
-    with transaction(sessions) as session:
-        knowledge.store_report(session, report.to_bytes())
+    msg_id = report_knowledge(sessions, base_line, small_data, "cam-1", user=1)
     job_id = _job(sessions)
 
     # Execute
@@ -166,7 +146,7 @@ def test_knowledge_that_changes_no_decision_is_a_no_op(
     assert (outcome.outcome, outcome.edge_model_id) == ("no-op", None)
     with sessions() as session:
         assert session.scalars(select(Model.id).where(Model.version == 2)).all() == []
-        assert knowledge.get_report(session, report.msg_id).status is KnowledgeStatus.consumed
+        assert knowledge.get_report(session, msg_id).status is KnowledgeStatus.consumed
         assert jobs.get_job(session, job_id).result["outcome"] == "no-op"
 
 
