@@ -223,12 +223,16 @@ def run_cycle_job(
     from cloud.pipeline.lines import load_line
 
     with transaction(sessions) as session:
+        if jobs.get_job(session, job_id).type != JOB_TYPE:  # never claim another kind of job
+            return CycleOutcome(job_id, "skipped", f"not an {JOB_TYPE} job")
         job = jobs.claim(session, job_id, owner=owner, lease_s=lease_s)
         if job is None:
             return CycleOutcome(job_id, "skipped", "finished, or leased to a live worker")
-        if job.type != JOB_TYPE or job.cohort_id is None:
-            jobs.finish(session, job_id, state=JobState.failed, error=f"not an {JOB_TYPE} job", owner=owner)
-            return CycleOutcome(job_id, "skipped", f"not an {JOB_TYPE} job")
+        if job.cohort_id is None:
+            jobs.finish(
+                session, job_id, state=JobState.failed, error="an RD cycle needs a cohort", owner=owner
+            )
+            return CycleOutcome(job_id, "failed", "an RD cycle needs a cohort")
         jobs.report_progress(session, job_id, progress=0.0, stage="select knowledge", owner=owner)
         chosen = _select_knowledge(session, job)
         if isinstance(chosen, str):

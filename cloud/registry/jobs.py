@@ -104,22 +104,25 @@ def requeue(session: Session, job_id: uuid.UUID, *, hold_s: float, now: datetime
     )
 
 
-def stale_jobs(session: Session, *, now: datetime | None = None, pending_for: float = 60.0) -> list[Job]:
-    """Jobs nobody works on: running with a lease that ran out (their worker died), and pending ones
-    no worker claimed within `pending_for` seconds (their task message was lost); a job sent again
-    (`requeue`) is not stale until its hold ends."""
+def stale_jobs(
+    session: Session, *, types: Sequence[str], now: datetime | None = None, pending_for: float = 60.0
+) -> list[Job]:
+    """Jobs of these types (those workers run under leases) nobody works on: running with a lease that
+    ran out (their worker died), and pending ones no worker claimed within `pending_for` seconds (their
+    task message was lost); a job sent again (`requeue`) is not stale until its hold ends."""
     now = now or utcnow()
     lapsed = or_(Job.lease_until.is_(None), Job.lease_until < now)
     return list(
         session.scalars(
             select(Job)
             .where(
+                Job.type.in_(types),
                 or_(
                     (Job.state == JobState.running) & lapsed,
                     (Job.state == JobState.pending)
                     & (Job.created_at < now - timedelta(seconds=pending_for))
                     & lapsed,
-                )
+                ),
             )
             .order_by(Job.created_at)
         )

@@ -220,7 +220,10 @@ def reap_jobs() -> list[str]:
     ctx = context()
     again = []
     with transaction(ctx.sessions) as session:
-        for job in jobs.stale_jobs(session, pending_for=2 * ctx.settings.job_lease_seconds):
+        stale = jobs.stale_jobs(
+            session, types=[cycle.JOB_TYPE], pending_for=2 * ctx.settings.job_lease_seconds
+        )
+        for job in stale:
             if job.attempts >= MAX_ATTEMPTS:
                 jobs.finish(
                     session,

@@ -193,6 +193,8 @@ def test_stale_jobs_are_expired_leases_and_long_unclaimed_pending_ones(session: 
     forgotten = jobs.create_job(session, type="rd_cycle")
     forgotten.created_at = now - timedelta(minutes=5)
     released = jobs.create_job(session, type="rd_cycle")
+    elsewhere = jobs.create_job(session, type="bootstrap")  # run by the CLI, under no lease
+    jobs.report_progress(session, elsewhere.id, progress=0.5, stage="train")
     jobs.claim(session, dead.id, owner="w1", lease_s=60, now=now - timedelta(seconds=120))
     jobs.claim(session, alive.id, owner="w2", lease_s=60, now=now)
     jobs.claim(session, released.id, owner="w3", lease_s=60, now=now)
@@ -200,11 +202,21 @@ def test_stale_jobs_are_expired_leases_and_long_unclaimed_pending_ones(session: 
     session.flush()
 
     # Execute
-    stale = {job.id for job in jobs.stale_jobs(session, now=now, pending_for=60)}
+    stale = {job.id for job in jobs.stale_jobs(session, types=["rd_cycle"], now=now, pending_for=60)}
     for job_id in stale:
         jobs.requeue(session, job_id, hold_s=30, now=now)
-    held = {job.id for job in jobs.stale_jobs(session, now=now + timedelta(seconds=29), pending_for=60)}
-    after_hold = {job.id for job in jobs.stale_jobs(session, now=now + timedelta(seconds=31), pending_for=60)}
+    held = {
+        job.id
+        for job in jobs.stale_jobs(
+            session, types=["rd_cycle"], now=now + timedelta(seconds=29), pending_for=60
+        )
+    }
+    after_hold = {
+        job.id
+        for job in jobs.stale_jobs(
+            session, types=["rd_cycle"], now=now + timedelta(seconds=31), pending_for=60
+        )
+    }
 
     # Assert
     assert stale == {dead.id, forgotten.id, released.id}
