@@ -22,8 +22,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[cloud,device,dev]"
 	touch $(STAMP)
 
-# The main job. For now: the learning loop, simulated in-process on the two-user scenario.
+# The main job: the whole system (embedded: SQLite, the embedded broker, an ingest, a Celery worker, the
+# API) and one device daemon per scenario user, running the DiReDi loop end to end.
 demo: setup
+	mkdir -p $(RESULTS)
+	$(BIN)/diredi demo --scenario $(SCENARIO) --out $(RESULTS)/demo.json
+
+# The learning loop simulated in-process, with every baseline of DESIGN §3 (oracle, raw upload, DP).
+sim: setup
 	mkdir -p $(RESULTS)
 	$(BIN)/diredi sim --scenario $(SCENARIO) --out $(RESULTS)/sim.json --plot $(RESULTS)/sim.png
 

@@ -89,6 +89,9 @@ def _register_ops() -> None:
     from cloud.cli.up import up
 
     app.command("up")(up)
+    from cloud.cli.demo import demo
+
+    app.command("demo")(demo)
 
 
 _register_ops()
