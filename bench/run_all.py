@@ -1,10 +1,27 @@
 """`make bench`: runs every benchmark in turn."""
 
-from bench import api_listing, device_daemon, fleet_connections, ingest_throughput, learning_loop
+from bench import (
+    api_listing,
+    device_daemon,
+    fleet_connections,
+    ingest_throughput,
+    learning_loop,
+    pipeline_cycle,
+    rollout_fleet,
+)
 
 if __name__ == "__main__":
     api_listing.main([])
     learning_loop.main()
+    pipeline_cycle.main([])
     ingest_throughput.main([])
     device_daemon.main([])
-    fleet_connections.main([])  # last: it exits non-zero when a presence or telemetry check fails
+    # These exit non-zero when one of their checks fails; each runs whatever the other found.
+    failed = []
+    for checked in (rollout_fleet, fleet_connections):
+        try:
+            checked.main([])
+        except SystemExit as exc:
+            failed.append(str(exc))
+    if failed:
+        raise SystemExit("; ".join(failed))
