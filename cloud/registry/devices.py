@@ -18,6 +18,7 @@ from cloud.registry.tables import (
     ModelKind,
     Presence,
     Rollout,
+    RolloutState,
     RolloutTarget,
     TargetState,
     utcnow,
@@ -151,6 +152,8 @@ def offered_to(session: Session, device: Device, sha256: str) -> bool:
         .where(
             RolloutTarget.device_id == device.id,
             RolloutTarget.state.in_([TargetState.pending, TargetState.offered, TargetState.installed]),
+            # A halted or rolled-back rollout withdrew its model, also from targets not yet told so.
+            Rollout.state.notin_([RolloutState.halted, RolloutState.rolled_back]),
             Model.sha256 == sha256,
         )
     )

@@ -11,7 +11,15 @@ from sqlalchemy.orm import Session
 from cloud.artifacts import LocalArtifactStore
 from cloud.exceptions import ConflictError, NotFoundError
 from cloud.registry import devices, models, rollouts
-from cloud.registry.tables import Device, DeviceStatus, Model, Presence, RolloutTarget, TargetState
+from cloud.registry.tables import (
+    Device,
+    DeviceStatus,
+    Model,
+    Presence,
+    RolloutState,
+    RolloutTarget,
+    TargetState,
+)
 from tests.cloud.factories import make_cloud_model, make_cohort, make_device, make_edge_model
 
 
@@ -246,3 +254,28 @@ def test_offered_to_covers_live_rollout_targets_only(session: Session, store: Lo
         "cam-e": False,
         "cam-f": False,
     }
+
+
+@pytest.mark.parametrize(
+    ("state", "offered"),
+    [
+        (RolloutState.running, True),
+        (RolloutState.paused, True),
+        (RolloutState.completed, True),
+        (RolloutState.halted, False),
+        (RolloutState.rolled_back, False),
+    ],
+)
+def test_a_withdrawn_rollout_offers_its_model_to_no_one(
+    session: Session, store: LocalArtifactStore, state: RolloutState, offered: bool
+) -> None:
+    # Prepare: a target not yet told it was withdrawn
+    make_cohort(session)
+    edge = approved_edge(session, store)
+    make_device(session, "cam-a")
+    rollout = rollouts.create_rollout(session, model_id=edge.id, waves=[["cam-a"]], created_by="test")
+    rollout.state = state
+    session.commit()
+
+    # Execute / Assert
+    assert devices.offered_to(session, devices.get_device(session, "cam-a"), edge.sha256) is offered
