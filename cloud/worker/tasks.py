@@ -24,7 +24,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from cloud.artifacts import LocalArtifactStore
-from cloud.exceptions import ConflictError
+from cloud.exceptions import ConflictError, NotFoundError
 from cloud.pipeline import cycle
 from cloud.publisher import CloudPublisher, PublishError
 from cloud.registry import jobs, telemetry
@@ -139,6 +139,9 @@ def run_job(self: Task[Any, Any], job_id: str) -> str:
             outcome = cycle.run_cycle_job(
                 ctx.sessions, ctx.store, key, owner=ctx.owner, lease_s=ctx.settings.job_lease_seconds
             )
+        except NotFoundError:
+            log.error("run_job: no job %s; dropped", job_id)
+            return "no such job"
         except cycle.LeaseLost as exc:
             log.warning("%s", exc)
             JOBS.labels(cycle.JOB_TYPE, "lease-lost").inc()

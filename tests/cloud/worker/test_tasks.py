@@ -1,0 +1,112 @@
+"""The worker's tasks called in-process on the test database (SQLite and PostgreSQL): what each does to
+the registry and which jobs it sends; garbage task arguments are dropped with a log line."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+
+from cloud.artifacts import LocalArtifactStore
+from cloud.registry import jobs, telemetry
+from cloud.registry.tables import JobState, Telemetry, utcnow
+from cloud.settings import Settings
+from cloud.worker import tasks
+from tests.cloud.factories import make_cloud_model, make_cohort, make_device, make_edge_model, make_report
+
+
+@pytest.fixture
+def sent(monkeypatch: pytest.MonkeyPatch, sessions: sessionmaker[Session], tmp_path: Path) -> list[uuid.UUID]:
+    """The tasks run on the test database; the job ids they send are recorded instead of queued."""
+    context = tasks._Context(
+        settings=Settings(data_dir=tmp_path, telemetry_retention_days=1, job_lease_seconds=60),
+        sessions=sessions,
+        store=LocalArtifactStore(tmp_path / "artifacts"),
+        owner="test-worker",
+        publisher_lock=threading.Lock(),
+    )
+    monkeypatch.setattr(tasks, "context", lambda: context)
+    queued: list[uuid.UUID] = []
+    monkeypatch.setattr(tasks, "enqueue", queued.append)
+    return queued
+
+
+@pytest.mark.parametrize("job_id", ["not-a-uuid", "", "1; DROP TABLE job", str(uuid.uuid4())])
+def test_run_job_drops_an_id_that_names_no_job(sent: list[uuid.UUID], job_id: str) -> None:
+    assert tasks.run_job.run(job_id) in {"bad id", "no such job"}
+
+
+def test_schedule_cycles_starts_one_job_per_cohort_with_knowledge(
+    sent: list[uuid.UUID], session: Session, tmp_path: Path
+) -> None:
+    # Prepare
+    make_cohort(session, "kitchen")
+    make_cohort(session, "porch")
+    make_device(session, "cam-1", "kitchen")
+    store = LocalArtifactStore(tmp_path / "a")
+    teacher = make_cloud_model(session, store, "kitchen")
+    base = make_edge_model(session, store, teacher_id=teacher.id, cohort_id="kitchen")
+    make_report(session, "cam-1", base.id)
+    session.commit()
+
+    # Execute
+    first = tasks.schedule_cycles.run()
+    again = tasks.schedule_cycles.run()
+
+    # Assert
+    assert again == [] and [str(j) for j in sent] == first
+    job = jobs.get_job(session, sent[0])
+    assert (job.type, job.cohort_id, job.state, job.params) == (
+        "rd_cycle",
+        "kitchen",
+        JobState.pending,
+        {"trigger": "knowledge"},
+    )
+
+
+def test_reap_jobs_sends_again_a_job_whose_worker_died_and_gives_up_after_five(
+    sent: list[uuid.UUID], session: Session
+) -> None:
+    # Prepare
+    make_cohort(session)
+    long_ago = utcnow() - timedelta(minutes=20)
+    orphan = jobs.create_job(session, type="rd_cycle", cohort_id="kitchen")
+    jobs.claim(session, orphan.id, owner="dead-worker", lease_s=60, now=long_ago)
+    cursed = jobs.create_job(session, type="rd_cycle", cohort_id="kitchen")
+    for attempt in range(5):  # each worker died; the next claimed it once the lease had run out
+        when = long_ago + timedelta(minutes=2 * attempt)
+        assert jobs.claim(session, cursed.id, owner=f"dead-{attempt}", lease_s=60, now=when) is not None
+    session.commit()
+
+    # Execute
+    first = tasks.reap_jobs.run()
+    again = tasks.reap_jobs.run()  # the job waits in the queue: not sent twice
+
+    # Assert
+    assert first == [str(orphan.id)] and again == [] and sent == [orphan.id]
+    session.expire_all()
+    assert jobs.get_job(session, orphan.id).lease_owner is None
+    given_up = jobs.get_job(session, cursed.id)
+    assert given_up.state is JobState.failed and "5 attempts" in given_up.error
+
+
+def test_prune_telemetry_deletes_what_is_older_than_the_retention(
+    sent: list[uuid.UUID], session: Session
+) -> None:
+    # Prepare
+    make_cohort(session)
+    make_device(session, "cam-1")
+    for days in (0.5, 3):
+        session.add(Telemetry(msg_id=uuid.uuid4(), device_id="cam-1", at=utcnow() - timedelta(days=days)))
+    session.commit()
+
+    # Execute
+    deleted = tasks.prune_telemetry.run()
+
+    # Assert
+    assert deleted == 1
+    assert len(telemetry.query(session, device_id="cam-1", limit=10, offset=0)) == 1
