@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from cloud.cli.ops import _fail, _settings
+from cloud.cli.ops import _check_name, _fail, _migrated_engine, _settings
 from cloud.exceptions import CloudError
 
 
@@ -37,28 +37,20 @@ def ingest(
     ] = None,
 ) -> None:
     """Store device messages from the broker in the registry (DIREDI_MQTT_URL, the cloud's account)."""
-    import re
-
     from prometheus_client import start_http_server
 
     from broker.client import BrokerTarget
     from cloud.ingest.service import Ingest
-    from cloud.registry import migrate
-    from cloud.registry.db import make_engine, session_factory
+    from cloud.registry.db import session_factory
     from wire.errors import ContractError
 
-    if not re.fullmatch(r"[A-Za-z0-9_-]{1,40}", name):
-        raise _fail(CloudError("--name may hold only letters, digits, - and _ (at most 40)"))
+    _check_name(name)
     settings = _settings()
     try:
         target = BrokerTarget.parse(settings.mqtt_url.get_secret_value(), ca_file=settings.mqtt_ca_file)
     except ContractError as exc:
         raise _fail(CloudError(f"DIREDI_MQTT_URL: {exc}")) from None
-    engine = make_engine(settings.resolved_database_url)
-    if migrate.current(engine) != migrate.head():
-        raise _fail(
-            CloudError("the registry is not migrated to the newest revision: run `diredi db upgrade`")
-        )
+    engine = _migrated_engine(settings)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     service = Ingest(
         target,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -18,6 +19,7 @@ from cloud.settings import Settings
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
+    from sqlalchemy import Engine
 
 console = Console()
 err = Console(stderr=True)
@@ -39,6 +41,27 @@ def _settings() -> Settings:
 def _fail(exc: Exception) -> typer.Exit:
     err.print(f"[red]error:[/red] {exc}")
     return typer.Exit(2)
+
+
+def _migrated_engine(settings: Settings) -> Engine:
+    """An engine on the registry, which must be at the newest revision (services refuse to start on an
+    older schema)."""
+    from cloud.registry import migrate
+    from cloud.registry.db import make_engine
+
+    engine = make_engine(settings.resolved_database_url)
+    if migrate.current(engine) != migrate.head():
+        engine.dispose()
+        raise _fail(
+            CloudError("the registry is not migrated to the newest revision: run `diredi db upgrade`")
+        )
+    return engine
+
+
+def _check_name(name: str) -> None:
+    """A service's name (its broker session or Celery node): letters, digits, - and _, at most 40."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,40}", name):
+        raise _fail(CloudError("--name may hold only letters, digits, - and _ (at most 40)"))
 
 
 def _migrate(revision: str, *, up: bool) -> None:
@@ -154,15 +177,8 @@ def api(
     """Serve the operator REST API (docs at /docs). The registry must be migrated (`diredi db upgrade`)."""
     import uvicorn
 
-    from cloud.registry import migrate
-    from cloud.registry.db import make_engine
-
     settings = _settings()
-    engine = make_engine(settings.resolved_database_url)
-    if migrate.current(engine) != migrate.head():
-        raise _fail(
-            CloudError("the registry is not migrated to the newest revision: run `diredi db upgrade`")
-        )
+    _migrated_engine(settings).dispose()
     from cloud.signing import KeyRing
 
     KeyRing.open(settings.resolved_signing_key_dir)  # the first key, made once before the workers start

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from cloud.cli.ops import _fail, _settings
+from cloud.cli.ops import _check_name, _fail, _migrated_engine, _settings
 from cloud.exceptions import CloudError
 
 
@@ -42,18 +42,9 @@ def worker(
     """Run pipeline jobs from the queue (DIREDI_REDIS_URL, or the embedded queue in the data dir)."""
     from prometheus_client import start_http_server
 
-    from cloud.registry import migrate
-    from cloud.registry.db import make_engine
-
-    if not re.fullmatch(r"[A-Za-z0-9_-]{1,40}", name):
-        raise _fail(CloudError("--name may hold only letters, digits, - and _ (at most 40)"))
+    _check_name(name)
     settings = _settings()
-    engine = make_engine(settings.resolved_database_url)
-    if migrate.current(engine) != migrate.head():
-        raise _fail(
-            CloudError("the registry is not migrated to the newest revision: run `diredi db upgrade`")
-        )
-    engine.dispose()
+    _migrated_engine(settings).dispose()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Every periodic task would log three lines every few seconds; the tasks log what they did.

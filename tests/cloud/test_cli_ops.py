@@ -183,3 +183,39 @@ def test_line_create_refuses_a_missing_scenario(env: Path, tmp_path: Path) -> No
 
     assert code == 2
     assert "none.json" in output
+
+
+def test_the_worker_refuses_to_start_on_an_unmigrated_registry(env: Path) -> None:
+    code, output = invoke("worker", "--metrics-port", "0")
+
+    assert code == 2
+    assert "diredi db upgrade" in output
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--name", "a b"], "--name"),
+        (["--name", "x" * 41], "--name"),
+        (["--concurrency", "0"], "--concurrency"),
+        (["--metrics-port", "70000"], "--metrics-port"),
+    ],
+)
+def test_the_worker_refuses_bad_options(env: Path, args: list[str], says: str) -> None:
+    invoke("db", "upgrade")
+
+    code, output = invoke("worker", *args)
+
+    assert code == 2
+    assert says in output
+
+
+def test_a_bad_redis_url_is_refused_before_the_worker_starts(
+    env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DIREDI_REDIS_URL", "http://127.0.0.1:6379")
+
+    code, output = invoke("worker")
+
+    assert code == 2
+    assert "redis_url" in output
