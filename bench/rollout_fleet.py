@@ -45,6 +45,7 @@ from typing import Any
 
 import httpx
 import paho.mqtt.client as mqtt
+import psutil
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from rich.console import Console
@@ -437,6 +438,7 @@ def run(
     ]
     ok = (
         measured["installed"] == count
+        and measured["devices_running_model"] == count
         and not measured["errors"]
         and measured["rollout_state"] == RolloutState.completed.value
     )
@@ -473,7 +475,7 @@ def run_rollout(
 ) -> dict[str, Any]:
     """POST the rollout, serve the fleet until every target is installed and the rollout completed (or
     it halted, or `timeout`); the figures."""
-    procs = processes(system, bench_lab)
+    procs = {**processes(system, bench_lab), "simulator": psutil.Process()}
     cpu0 = {name: tree_cpu_seconds(p) for name, p in procs.items()}
     load0 = os.getloadavg()[0]
     worker_port = system.metrics_ports.get("worker", 0)
@@ -522,6 +524,9 @@ def run_rollout(
             )
         )
         reason, final_state = rollout.reason, rollout.state
+        running = session.scalar(
+            select(func.count()).select_from(Device).where(Device.reported_model_id == model_id)
+        )
         completed_at = rollout.updated_at if final_state is RolloutState.completed else None
     installs = list(swarm.installs.values())
     received = [i.desired_at for i in installs if i.desired_at is not None]
@@ -545,6 +550,7 @@ def run_rollout(
         "post_ms": 1000 * post_s,
         "installed": states.get(TargetState.installed.value, 0),
         "target_states": states,
+        "devices_running_model": int(running or 0),
         "all_installed_s": (last_installed - posted_wall).total_seconds()
         if last_installed
         else all_installed_s,
@@ -613,6 +619,7 @@ def print_table(report: dict[str, Any], console: Console) -> None:
         ("POST → every target installed", f"{_s(report['all_installed_s'])} s"),
         ("POST → rollout completed", f"{_s(report['completed_s'])} s ({report['rollout_state']})"),
         ("targets installed", f"{report['installed']:,} / {n:,}"),
+        ("devices the registry shows running it", f"{report['devices_running_model']:,} / {n:,}"),
         (
             "desired models received / published by the worker",
             f"{report['desired_received']:,} / {report['desired_published_by_worker']:,.0f}",
@@ -628,8 +635,9 @@ def print_table(report: dict[str, Any], console: Console) -> None:
         ),
         ("errors", "; ".join(report["errors"]) or "none"),
         (
-            "CPU % api / worker / ingest / mosquitto",
-            f"{cpu['api']:.0f} / {cpu['worker']:.0f} / {cpu['ingest']:.0f} / {cpu['mosquitto']:.0f}",
+            "CPU % api / worker / ingest / mosquitto / simulator",
+            f"{cpu['api']:.0f} / {cpu['worker']:.0f} / {cpu['ingest']:.0f} / {cpu['mosquitto']:.0f} / "
+            f"{cpu['simulator']:.0f}",
         ),
         (
             "load average (1 min) before / after",
