@@ -65,6 +65,14 @@ class Settings(BaseSettings):
         "has waited this long",
     )
     worker_metrics_port: int = Field(9103, ge=0, le=65535, description="Prometheus metrics (0: none)")
+    worker_torch_threads: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="threads a worker's training uses; the nets are small, and on a machine shared with "
+        "the API, the ingest and other trainings two threads waited on each other (measured: 10-31 s "
+        "against 7-9 s for one)",
+    )
     pipeline_auto_rollout: bool = Field(True, description="an approved model starts a rollout to its cohort")
     telemetry_retention_days: float = Field(7.0, gt=0, description="telemetry older than this is pruned")
     api_tune_gc: bool = Field(True, description="freeze start-up objects and collect garbage less often")

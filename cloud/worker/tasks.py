@@ -135,6 +135,9 @@ def run_job(self: Task[Any, Any], job_id: str) -> str:
         return "bad id"
     ctx = context()
     with _ML, JOB_SECONDS.labels(cycle.JOB_TYPE, "any").time():
+        import torch  # here: the thread count is the running thread's (OpenMP)
+
+        torch.set_num_threads(ctx.settings.worker_torch_threads)
         try:
             outcome = cycle.run_cycle_job(
                 ctx.sessions, ctx.store, key, owner=ctx.owner, lease_s=ctx.settings.job_lease_seconds
