@@ -23,7 +23,7 @@ QUEUE = "diredi"
 BEAT = {
     "schedule-cycles": ("diredi.schedule_cycles", 5.0),
     "reap-jobs": ("diredi.reap_jobs", 15.0),
-    "advance-rollouts": ("diredi.advance_rollouts", 5.0),
+    "advance-rollouts": ("diredi.advance_rollouts", 2.0),  # it sets the pace of the waves
     "reconcile-desired": ("diredi.reconcile_desired", 30.0),
     "prune-telemetry": ("diredi.prune_telemetry", 3600.0),
 }
