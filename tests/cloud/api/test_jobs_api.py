@@ -21,7 +21,8 @@ def queued_jobs(settings: Settings) -> list[str]:
     """The job ids of the run_job messages waiting in the settings' queue (taken off it)."""
     found: list[str] = []
     with Connection(settings.resolved_queue_url) as connection:
-        queue = connection.SimpleQueue(QUEUE)
+        simple: Any = connection  # SimpleQueue is missing from some versions of kombu's stubs
+        queue = simple.SimpleQueue(QUEUE)
         try:
             while True:
                 try:
