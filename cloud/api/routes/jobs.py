@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from cloud.api.deps import Operator, PageQuery, ReaderDep, ServicesDep, SessionDep, Viewer
-from cloud.api.schemas import JobPublic, Page, errors
+from cloud.api.schemas import JobPublic, Page, Slug, errors
 from cloud.pipeline.cycle import JOB_TYPE, create_cycle_job
 from cloud.pipeline.rollout_checks import RolloutPlan
 from cloud.registry import audit
@@ -36,7 +36,7 @@ class JobRequest(BaseModel):
     type: Literal["rd_cycle"] = Field(
         description="rd_cycle: the cohort's received knowledge → RD update → re-KD → int8 → gate"
     )
-    cohort_id: str = Field(min_length=1, max_length=63)
+    cohort_id: Slug
     rollout: RolloutPlan | None = Field(
         None, description="the plan of the rollout an approved model starts (default: the default plan)"
     )

@@ -102,6 +102,8 @@ def test_a_viewer_cannot_start_a_job_and_an_unknown_cohort_is_404(
         {"type": "rd_cycle"},
         {"type": "rd_cycle", "cohort_id": ""},
         {"type": "rd_cycle", "cohort_id": "k" * 64},
+        {"type": "rd_cycle", "cohort_id": "\u00003"},
+        {"type": "rd_cycle", "cohort_id": "kitchen/../porch"},
         {"type": "rd_cycle", "cohort_id": "kitchen", "priority": 9},
         {"type": "rd_cycle", "cohort_id": "kitchen", "rollout": {"canary": -1}},
         {"type": "rd_cycle", "cohort_id": "kitchen", "rollout": "fast"},
