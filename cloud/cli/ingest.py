@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import signal
 import threading
@@ -11,6 +12,8 @@ import typer
 
 from cloud.cli.ops import _check_name, _fail, _migrated_engine, _settings
 from cloud.exceptions import CloudError
+
+STOP_DEADLINE_S = 20.0  # from SIGTERM to exit, at most (systemd's default stop timeout is 90 s)
 
 
 def ingest(
@@ -68,12 +71,21 @@ def ingest(
     port = settings.ingest_metrics_port if metrics_port is None else metrics_port
     if port:
         start_http_server(port, addr="127.0.0.1", registry=service.metrics.registry)
+    log = logging.getLogger(__name__)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     service.start()
-    logging.getLogger(__name__).info("ingest %s started; metrics on port %s", name, port or "none")
+    log.info("ingest %s started; metrics on port %s", name, port or "none")
     while not stop.wait(1.0):
         if not service.running:
             raise _fail(CloudError("the ingest's writer stopped unexpectedly (see the log)"))
-    service.stop()
+    log.info("ingest %s stopping", name)
+    # Nothing may hold the process once it was told to stop (a thread stuck on the network or the
+    # database): past the deadline every thread's stack goes to the log, and the process exits.
+    faulthandler.dump_traceback_later(STOP_DEADLINE_S, exit=True)
+    service.stop(timeout=STOP_DEADLINE_S / 2)
+    if service.running:
+        log.error("ingest %s did not finish its batch in time: what it did not acknowledge comes again", name)
+    else:
+        log.info("ingest %s stopped", name)

@@ -15,7 +15,7 @@ import stat
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import httpx
@@ -240,11 +240,20 @@ def test_the_children_end_when_up_itself_is_killed(tmp_path: Path) -> None:
         up.process.kill()
         up.wait()
 
-        wait_until(
-            lambda: not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE],
-            STOP_TIMEOUT,
-            lambda: f"still running: {[c.cmdline()[4:] for c in children if c.is_running()]}",
-        )
+        def running() -> list[psutil.Process]:
+            alive = []
+            for child in children:
+                with suppress(psutil.NoSuchProcess):  # gone between the two questions
+                    if child.is_running() and child.status() != psutil.STATUS_ZOMBIE:
+                        alive.append(child)
+            return alive
+
+        def logs() -> str:  # a part that stopped in time exits; one that hangs dumps its stacks first
+            names = [c.cmdline()[4] for c in running()]
+            tails = [(up.data_dir / "logs" / f"{n}.log").read_text()[-4000:] for n in names]
+            return f"still running: {names}\n" + "\n".join(tails)
+
+        wait_until(lambda: not running(), STOP_TIMEOUT, logs)
 
 
 def test_a_second_up_on_the_same_data_directory_reuses_its_secrets(tmp_path: Path) -> None:

@@ -195,13 +195,15 @@ def test_a_desired_model_is_downloaded_from_the_api_installed_and_acknowledged(
         with CloudPublisher(device.broker.cloud, cloud.ring) as publisher:
             publisher.publish_desired(device_id, v2.manifest)
         acks = wait_until(lambda: device.acks(cloud.sessions), 60, lambda: device.daemon.tail())
+        # the ingest stores the ack before it sends the receipt back: wait for that too
+        receipted = wait_until(device.daemon.receipted, 30, lambda: device.daemon.tail())
         exit_code = device.daemon.terminate()
 
         # Assert: installed, acknowledged through the ingest, receipted, and v2 serves
         assert acks == [(v2.manifest.model_id, "installed")]
+        assert receipted
         assert exit_code == ExitCode.OK
         assert device.active_model() == v2.manifest.model_id
-        assert device.daemon.receipted(), device.daemon.tail()
 
 
 def test_sigterm_during_a_download_keeps_the_old_model_and_the_next_start_installs(
