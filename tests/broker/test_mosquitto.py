@@ -81,7 +81,7 @@ def topic_of(device: str, kind: MessageKind) -> Topic:
     return lambda pair: device_topic(pair.a if device == "a" else pair.b, kind)
 
 
-def drain(probe: Probe, timeout: float = 0.3) -> list[bytes]:
+def drain(probe: Probe, timeout: float = 1.0) -> list[bytes]:
     """The payloads of every message the probe receives until none comes for `timeout`."""
     payloads = []
     while (message := probe.expect_message(timeout)) is not None:
