@@ -44,7 +44,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from bench.mqtt_lab import Lab, lab, provision
-from bench.system_lab import local_system, processes, redis_server, tree_cpu_seconds
+from bench.system_lab import local_system, processes, tree_cpu_seconds
 from broker.client import BrokerTarget
 from cloud.artifacts import LocalArtifactStore
 from cloud.localsystem import LocalSystem
@@ -58,6 +58,7 @@ from cloud.pipeline.lines import register_line
 from cloud.registry import models
 from cloud.registry.db import transaction
 from cloud.registry.tables import Job, JobState, KnowledgeReport, Model, ModelKind
+from cloud.worker.scratch_redis import scratch_redis
 from device_firmware_py.rd import extract_knowledge
 from wire.common import utcnow
 from wire.manifest import edge_model_id
@@ -282,7 +283,7 @@ def run(admin_url: str, *, runs: int, scenario_path: Path, timeout: float) -> di
         with (
             tempfile.TemporaryDirectory(prefix="diredi-bench-redis-") as redis_dir,
             lab(admin_url) as bench_lab,
-            redis_server(Path(redis_dir)) as redis_url,
+            scratch_redis(Path(redis_dir)) as redis_url,
         ):
             task = progress.add_task("start the system", total=None)
             with local_system(

@@ -55,7 +55,7 @@ from sqlalchemy import func, select, update
 
 from bench.device_swarm import SimDevice, Swarm
 from bench.mqtt_lab import Lab, lab, provision, raise_open_files
-from bench.system_lab import local_system, processes, redis_server, tree_cpu_seconds
+from bench.system_lab import local_system, processes, tree_cpu_seconds
 from broker.client import BrokerTarget
 from cloud.artifacts import LocalArtifactStore
 from cloud.localsystem import http_ok
@@ -70,6 +70,7 @@ from cloud.registry import models
 from cloud.registry.db import transaction
 from cloud.registry.tables import Device, Role, Rollout, RolloutState, RolloutTarget, TargetState
 from cloud.signing import KeyRing
+from cloud.worker.scratch_redis import scratch_redis
 from device_firmware_py.download import download
 from wire.common import utcnow
 from wire.desired import DesiredModel, verify_raw
@@ -392,7 +393,7 @@ def run(
     with (
         tempfile.TemporaryDirectory(prefix="diredi-bench-redis-") as redis_dir,
         lab(admin_url) as bench_lab,
-        redis_server(Path(redis_dir)) as redis_url,
+        scratch_redis(Path(redis_dir)) as redis_url,
         Progress(transient=True) as progress,
     ):
         task = progress.add_task(f"provision {count:,} devices", total=None)
