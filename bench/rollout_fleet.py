@@ -58,7 +58,7 @@ from bench.mqtt_lab import Lab, lab, provision, raise_open_files
 from bench.system_lab import local_system, processes, tree_cpu_seconds
 from broker.client import BrokerTarget
 from cloud.artifacts import LocalArtifactStore
-from cloud.localsystem import http_ok
+from cloud.children import http_ok
 from cloud.ml.cycle import EdgeLine
 from cloud.ml.data import build_scenario_data
 from cloud.ml.distill import seed_everything

@@ -11,8 +11,8 @@ broker (the cloud's account is bootstrapped on it), DIREDI_DATABASE_URL and DIRE
         ...  # system.api_url, system.device_target(device_id, secret)
         system.check()  # raises ChildExited if a part died
 
-Children are started from the calling thread and end when that thread does (Linux: PR_SET_PDEATHSIG),
-so a killed parent leaves nothing running; start and stop a LocalSystem on one long-lived thread.
+The services are child processes (cloud/children.py) started from the calling thread, which they do not
+outlive: start and stop a LocalSystem on one long-lived thread.
 """
 
 from __future__ import annotations
@@ -24,22 +24,17 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess  # noqa: S404 (our own CLI, fixed argument lists)
-import sys
 import time
-import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
-from urllib.error import URLError
 from urllib.parse import urlsplit
 
-from pydantic import SecretStr
-
 from broker.client import BrokerTarget, BrokerURLError
+from cloud.children import Child, ChildExited, child_environment, http_ok, port_in_use
 from cloud.exceptions import CloudError
 from cloud.registry.tables import Role
 from cloud.settings import Settings
@@ -50,21 +45,6 @@ ADMIN_USER = "admin"
 CLOUD_USER = "diredi-cloud"
 BROKER_STATE = "broker/dynamic-security.json"
 PASSWORDS = "broker/passwords.json"
-TAIL_LINES = 20
-
-# A child runs `diredi <args>`; it asks the kernel for SIGTERM when the thread that started it ends, and
-# exits if that already happened (between fork and prctl). No preexec_fn: the parent has threads.
-_CHILD = """\
-import os, signal, sys
-parent = int(sys.argv.pop(1))
-if sys.platform == "linux":
-    import ctypes
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-if os.getppid() != parent:
-    sys.exit(0)
-from cloud.cli.main import app
-app()
-"""
 
 
 class LocalSystemError(CloudError):
@@ -74,61 +54,6 @@ class LocalSystemError(CloudError):
 class LocalSystemConfigError(LocalSystemError):
     """Options or settings that cannot work (a port in use, half a broker configuration); nothing was
     started."""
-
-
-class ChildExited(LocalSystemError):
-    """A part of the system exited while it should be running; the text names it and ends with the
-    tail of its log."""
-
-    def __init__(self, name: str, returncode: int, log_path: Path, tail: str) -> None:
-        how = f"killed by {signal.Signals(-returncode).name}" if returncode < 0 else f"exit code {returncode}"
-        super().__init__(f"{name} exited unexpectedly ({how}); last lines of {log_path}:\n{tail}")
-        self.name = name
-        self.returncode = returncode
-        self.log_path = log_path
-        self.tail = tail
-
-
-@dataclass
-class Child:
-    """One part of the system as a child process: `diredi <args>`, its output appended to `log_path`."""
-
-    name: str
-    args: list[str]
-    log_path: Path
-    ready: Callable[[Child], bool] = field(repr=False)
-    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
-    log_offset: int = 0  # where this run's output starts in the log
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process else None
-
-    def start(self, env: dict[str, str]) -> None:
-        self.log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with self.log_path.open("ab") as output:
-            os.chmod(self.log_path, 0o600)  # logs name devices and accounts
-            self.log_offset = output.tell()
-            self.process = subprocess.Popen(  # noqa: S603
-                [sys.executable, "-c", _CHILD, str(os.getpid()), *self.args],
-                stdin=subprocess.DEVNULL,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,  # a Ctrl-C at the terminal reaches the parent only; it stops us
-            )
-
-    def output(self) -> str:
-        """What this run of the child wrote so far."""
-        try:
-            with self.log_path.open("rb") as file:
-                file.seek(self.log_offset)
-                return file.read().decode(errors="replace")
-        except OSError:
-            return ""
-
-    def tail(self, lines: int = TAIL_LINES) -> str:
-        return "\n".join(self.output().splitlines()[-lines:]) or "(nothing logged)"
 
 
 @dataclass(frozen=True)
@@ -164,46 +89,6 @@ class Passwords:
         with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
             file.write(text + "\n")
         return passwords
-
-
-def child_environment(settings: Settings, **overrides: str) -> dict[str, str]:
-    """This process's environment with every `DIREDI_*` setting replaced by `settings`' values (so a
-    child reads exactly these settings, whatever its `.env` says) and then by `overrides` (field names)."""
-    names = {f"DIREDI_{name.upper()}": name for name in Settings.model_fields}
-    env = {key: value for key, value in os.environ.items() if key.upper() not in names}
-    for key, name in names.items():
-        value: Any = overrides.get(name, getattr(settings, name))
-        if isinstance(value, SecretStr):
-            value = value.get_secret_value()
-        if value is None:
-            continue
-        if isinstance(value, bool):
-            value = "true" if value else "false"
-        elif isinstance(value, dict | list):
-            value = json.dumps(value)
-        env[key] = str(value)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def port_in_use(host: str, port: int) -> bool:
-    """Whether binding `host:port` fails now (someone listens there)."""
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is free
-        try:
-            probe.bind((host, port))
-        except OSError:
-            return True
-    return False
-
-
-def http_ok(url: str, timeout: float = 1.0) -> str | None:
-    """The body of a 200 answer from `url`, or None (no answer, another status)."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as answer:  # noqa: S310 (http URLs we build)
-            return answer.read().decode(errors="replace") if answer.status == 200 else None
-    except (URLError, OSError, ValueError):
-        return None
 
 
 class LocalSystem:

@@ -25,4 +25,3 @@ def running_redis(tmp_dir: Path) -> Iterator[str]:
         pytest.skip(str(exc))
     with scratch_redis(tmp_dir) as url:
         yield url
-

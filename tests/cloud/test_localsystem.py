@@ -26,15 +26,8 @@ from sqlalchemy import select
 
 from broker.client import BrokerTarget
 from broker.mosquitto import free_ports
-from cloud.localsystem import (
-    BROKER_STATE,
-    PASSWORDS,
-    ChildExited,
-    LocalSystem,
-    LocalSystemConfigError,
-    Passwords,
-    port_in_use,
-)
+from cloud.children import ChildExited, port_in_use
+from cloud.localsystem import BROKER_STATE, PASSWORDS, LocalSystem, LocalSystemConfigError, Passwords
 from cloud.registry.db import make_engine, scratch_database
 from cloud.registry.tables import Device
 from cloud.settings import Settings
