@@ -207,7 +207,11 @@ def fleet(mosquitto: RunningBroker, registry: Registry) -> Iterator[tuple[Enroll
 @dataclass
 class Stream:
     """A background thread that sends `rounds` knowledge reports from each device, one round every
-    `pace` seconds, and (optionally) `statuses_per_round` heartbeats per device and round."""
+    `pace` seconds, and (optionally) `statuses_per_round` heartbeats per device and round.
+
+    With `hold_after`, it waits after that many rounds until `release` is set: a test that injects a
+    fault when enough was receipted sets it then, so the fault comes mid-stream however slowly the
+    machine receipts (on a fast one the stream has not reached the hold yet, and never waits)."""
 
     devices: list[ScriptedDevice]
     edge_model: str
@@ -216,6 +220,8 @@ class Stream:
     statuses_per_round: int = 0
     reports: list[uuid.UUID] = field(default_factory=list)
     statuses: list[uuid.UUID] = field(default_factory=list)
+    hold_after: int | None = None
+    release: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
     def start(self) -> Stream:
@@ -224,7 +230,9 @@ class Stream:
         return self
 
     def _run(self) -> None:
-        for _ in range(self.rounds):
+        for number in range(self.rounds):
+            if number == self.hold_after:
+                self.release.wait(RECEIPTS_WAIT)
             for device in self.devices:
                 self.reports.append(device.send_report(knowledge_payload(device.device_id, self.edge_model)))
                 for _ in range(self.statuses_per_round):
@@ -288,7 +296,7 @@ def test_an_ingest_killed_mid_stream_and_restarted_loses_and_duplicates_nothing(
     # Prepare
     enrolled, devices = fleet
     ingest = ingests("a").start()
-    stream = Stream(devices, enrolled.edge_model, rounds=30, pace=0.05).start()
+    stream = Stream(devices, enrolled.edge_model, rounds=30, pace=0.05, hold_after=15).start()
     wait_until(
         lambda: receipts(devices) >= 15, 30, lambda: f"{receipts(devices)} receipts of 15 before the kill"
     )
@@ -296,6 +304,7 @@ def test_an_ingest_killed_mid_stream_and_restarted_loses_and_duplicates_nothing(
     # Execute: SIGKILL while the devices publish, then the same --name again (its broker session)
     ingest.kill()
     sent_while_alive = len(stream.reports)
+    stream.release.set()
     ingest.start()
     stream.join()
 
@@ -316,7 +325,7 @@ def test_a_broker_killed_mid_stream_and_restarted_loses_and_duplicates_nothing(
     # Prepare
     enrolled, devices = fleet
     ingests("a").start()
-    stream = Stream(devices, enrolled.edge_model, rounds=30, pace=0.05).start()
+    stream = Stream(devices, enrolled.edge_model, rounds=30, pace=0.05, hold_after=15).start()
     wait_until(
         lambda: receipts(devices) >= 15, 30, lambda: f"{receipts(devices)} receipts of 15 before the kill"
     )
@@ -325,6 +334,7 @@ def test_a_broker_killed_mid_stream_and_restarted_loses_and_duplicates_nothing(
     try:
         mosquitto.kill()
         sent_while_up = len(stream.reports)
+        stream.release.set()
         time.sleep(0.5)
     finally:
         mosquitto.start()  # the session's broker: other tests need it back whatever happened here
