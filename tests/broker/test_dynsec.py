@@ -27,6 +27,7 @@ from cloud.registry.tables import Role
 from cloud.settings import Settings
 from tests.brokers import Probe, RunningBroker, new_device_id, provisioned_device
 from tests.cloud.factories import make_cohort
+from tests.polling import wait_until
 
 NOT_AUTHORIZED = 0x87
 
@@ -241,9 +242,10 @@ def test_the_admin_reconnects_after_its_connection_was_taken_over(mosquitto: Run
         admin.execute([{"command": "listRoles"}])
         with Probe(mosquitto.admin, client_id) as thief:  # the same client id takes the session over
             assert thief.connect() is not None
+            # the broker's DISCONNECT reaches the admin's network thread in its own time
+            wait_until(lambda: not admin._ready, 30, "the admin never noticed its session taken over")
 
             # Execute
-            time.sleep(0.1)
             results = admin.execute([{"command": "listRoles"}])
 
     # Assert
