@@ -34,6 +34,9 @@ from broker.mosquitto import free_ports
 ROOT = Path(__file__).resolve().parent.parent
 CERTS_SCRIPT = ROOT / "broker" / "certs.sh"
 CLOUD_USER = "diredi-cloud"
+# How long a probe waits by default for a message or a disconnection that must come: milliseconds
+# normally, seconds on a loaded machine. To show that none comes, pass a short timeout instead.
+EXPECTED = 30.0
 
 
 @dataclass
@@ -192,14 +195,14 @@ class Probe:
         assert not isinstance(reason, list)
         return reason if qos else None
 
-    def expect_message(self, timeout: float = 2.0) -> mqtt.MQTTMessage | None:
+    def expect_message(self, timeout: float = EXPECTED) -> mqtt.MQTTMessage | None:
         """The next message delivered to this probe, or None if none came within `timeout`."""
         try:
             return self.messages.get(timeout=timeout)
         except queue.Empty:
             return None
 
-    def wait_disconnect(self, timeout: float = 2.0) -> ReasonCode | None:
+    def wait_disconnect(self, timeout: float = EXPECTED) -> ReasonCode | None:
         """The reason code of the next disconnection, or None if the connection stayed up."""
         try:
             return self.disconnects.get(timeout=timeout)
