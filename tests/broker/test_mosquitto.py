@@ -26,6 +26,7 @@ from broker.mosquitto import (
     render_config,
 )
 from tests.brokers import CERTS_SCRIPT, Probe, RunningBroker, new_device_id, provisioned_device
+from tests.polling import wait_until
 from wire.topics import DEVICE_PUBLISHES, DEVICE_SUBSCRIBES, MessageKind, device_filter, device_topic
 
 NOT_AUTHORIZED = 0x87
@@ -81,12 +82,20 @@ def topic_of(device: str, kind: MessageKind) -> Topic:
     return lambda pair: device_topic(pair.a if device == "a" else pair.b, kind)
 
 
-def drain(probe: Probe, timeout: float = 1.0) -> list[bytes]:
-    """The payloads of every message the probe receives until none comes for `timeout`."""
-    payloads = []
-    while (message := probe.expect_message(timeout)) is not None:
-        payloads.append(bytes(message.payload))
-    return payloads
+def collect(probes: tuple[Probe, ...], count: int, timeout: float = 30.0) -> list[list[bytes]]:
+    """The payloads each probe received: once `count` messages arrived between them (however long a
+    loaded broker pauses), and then any more that come within 0.3 s."""
+    received: list[list[bytes]] = [[] for _ in probes]
+
+    def take(wait: float) -> int:
+        for probe, payloads in zip(probes, received, strict=True):
+            while (message := probe.expect_message(wait)) is not None:
+                payloads.append(bytes(message.payload))
+        return sum(len(payloads) for payloads in received)
+
+    wait_until(lambda: take(0) >= count, timeout, lambda: f"{take(0)} messages of {count}: {received}")
+    take(0.3)
+    return received
 
 
 # Where device `a` may not publish: the other device's topics, both directions; its own cloud→device
@@ -317,7 +326,7 @@ def test_the_cloud_shares_device_messages_between_the_members_of_a_group(
 
         # Assert
         assert all(r.value == 1 for r in reasons)
-        received = [drain(one), drain(two)]
+        received = collect((one, two), len(sent))
         assert sorted(received[0] + received[1]) == sorted(sent)  # each message once, to one member
         assert received[0] and received[1]  # mosquitto hands them out in turn
 
