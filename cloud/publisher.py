@@ -3,7 +3,9 @@ later still gets its latest one) and `cmd` messages, published as the cloud's se
 
 import secrets
 import threading
+from collections.abc import Sequence
 from types import TracebackType
+from typing import NamedTuple
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.properties import Properties
@@ -17,13 +19,26 @@ from wire.manifest import ArtifactManifest
 from wire.messages import Command, CommandName, encode
 from wire.topics import MessageKind, device_topic
 
+# Our QoS 1 messages the broker has not acknowledged yet, at most (the broker's receive maximum may cap
+# it lower): a wave's desired models go out back to back, not one round trip each.
+MAX_INFLIGHT = 100
+
 
 class PublishError(CloudError):
     """The broker could not be reached, or did not acknowledge a message in time."""
 
 
+class Desired(NamedTuple):
+    """The model one device should run, and the model it replaces if that is a rollback."""
+
+    device_id: str
+    manifest: ArtifactManifest
+    rollback_of: str | None = None
+
+
 class CloudPublisher:
-    """A connected publisher; use as a context manager. Every publish waits for the broker's PUBACK."""
+    """A connected publisher; use as a context manager. Every publish returns once the broker has
+    acknowledged it (PUBACK)."""
 
     def __init__(self, target: BrokerTarget, keyring: KeyRing, *, timeout: float = 10.0) -> None:
         self.target = target
@@ -32,6 +47,7 @@ class CloudPublisher:
         self._connected = threading.Event()
         self._refusal: str | None = None
         self._client = target.client(f"diredi-publisher-{secrets.token_hex(4)}")
+        self._client.max_inflight_messages_set(MAX_INFLIGHT)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
 
@@ -77,9 +93,22 @@ class CloudPublisher:
         self, device_id: str, manifest: ArtifactManifest, *, rollback_of: str | None = None
     ) -> DesiredModel:
         """Sign and publish (retained) the model `device_id` should run; return the signed document."""
-        document = self.keyring.sign_desired(device_id=device_id, manifest=manifest, rollback_of=rollback_of)
-        self._publish(device_topic(device_id, MessageKind.MODEL_DESIRED), encode(document), retain=True)
-        return document
+        return self.publish_desired_many([Desired(device_id, manifest, rollback_of)])[0]
+
+    def publish_desired_many(self, wanted: Sequence[Desired]) -> list[DesiredModel]:
+        """Sign and publish (retained) each device's desired model, and return once the broker has
+        acknowledged them all: they go out together, so a wave costs a few round trips, not one per
+        device (a caller holding locks holds them that much shorter)."""
+        sent = []
+        for device_id, manifest, rollback_of in wanted:
+            document = self.keyring.sign_desired(
+                device_id=device_id, manifest=manifest, rollback_of=rollback_of
+            )
+            topic = device_topic(device_id, MessageKind.MODEL_DESIRED)
+            sent.append((document, topic, self._client.publish(topic, encode(document), qos=1, retain=True)))
+        for _, topic, info in sent:
+            self._wait(topic, info)
+        return [document for document, _, _ in sent]
 
     def clear_desired(self, device_id: str) -> None:
         """Remove the retained desired model of a device (it was revoked)."""
@@ -92,7 +121,10 @@ class CloudPublisher:
         return message
 
     def _publish(self, topic: str, payload: bytes, *, retain: bool) -> None:
-        info = self._client.publish(topic, payload, qos=1, retain=retain)
+        self._wait(topic, self._client.publish(topic, payload, qos=1, retain=retain))
+
+    def _wait(self, topic: str, info: mqtt.MQTTMessageInfo) -> None:
+        """Until the broker acknowledged `info`; PublishError after `timeout` seconds without it."""
         try:
             info.wait_for_publish(self.timeout)
         except (RuntimeError, ValueError) as exc:

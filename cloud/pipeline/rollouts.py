@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from cloud.exceptions import ConflictError, NotFoundError, RegistryError
 from cloud.pipeline.rollout_checks import RolloutPlan, wave_health
+from cloud.publisher import Desired
 from cloud.registry.models import edge_manifest, get_model
 from cloud.registry.rollouts import OPEN_ROLLOUTS, create_rollout, lock_rollout
 from cloud.registry.tables import (
@@ -61,11 +62,10 @@ FAILED = (TargetState.failed, TargetState.rolled_back)  # a device-side rollback
 
 
 class DesiredPublisher(Protocol):
-    """Publishes one device's signed desired model (retained); `cloud.publisher.CloudPublisher` is one."""
+    """Publishes devices' signed desired models (retained) and returns once the broker has them all;
+    `cloud.publisher.CloudPublisher` is one."""
 
-    def publish_desired(
-        self, device_id: str, manifest: ArtifactManifest, *, rollback_of: str | None = None
-    ) -> object: ...
+    def publish_desired_many(self, wanted: Sequence[Desired]) -> object: ...
 
 
 @dataclass
@@ -285,7 +285,7 @@ def _offer(
     pending = [t for t in wave if t.state is TargetState.pending]
     devices = _devices(session, [t.device_id for t in pending])
     models = _ModelCache(session)
-    to_publish: list[tuple[str, str | None]] = []
+    to_publish: list[Desired] = []
     for target in pending:
         device = devices[target.device_id]
         if device.status is not DeviceStatus.active:  # revoked since the rollout was planned
@@ -299,7 +299,7 @@ def _offer(
             target.previous_model_id = device.reported_model_id
         target.state, target.reason = TargetState.offered, ""
         device.desired_model_id = model.id
-        to_publish.append((device.id, models.rollback_of(model, device.reported_model_id)))
+        to_publish.append(Desired(device.id, manifest, models.rollback_of(model, device.reported_model_id)))
     rollout.state = RolloutState.running
     _set_stage(
         rollout,
@@ -307,13 +307,12 @@ def _offer(
         offered_at=_stage(rollout, rollout.current_wave).get("offered_at") or now.isoformat(),
     )
     session.flush()  # the rows are locked before any device hears of them (its ack waits for the commit)
-    for device_id, rollback_of in to_publish:
-        publisher.publish_desired(device_id, manifest, rollback_of=rollback_of)
     if to_publish:
+        publisher.publish_desired_many(to_publish)
         log.info(
             "rollout %s: wave %s offered to %s devices", rollout.id, rollout.current_wave, len(to_publish)
         )
-    return [device_id for device_id, _ in to_publish]
+    return [desired.device_id for desired in to_publish]
 
 
 @dataclass(frozen=True)
@@ -365,7 +364,7 @@ def _roll_back(session: Session, publisher: DesiredPublisher, rollout: Rollout) 
     reached = [t for t in targets if t.state is not TargetState.pending]
     devices = _devices(session, [t.device_id for t in reached])
     models = _ModelCache(session)
-    to_publish: list[tuple[str, ArtifactManifest]] = []
+    to_publish: list[Desired] = []
     for target in targets:
         if target.state is TargetState.pending:
             target.reason = "not offered: the rollout was rolled back"
@@ -378,17 +377,17 @@ def _roll_back(session: Session, publisher: DesiredPublisher, rollout: Rollout) 
         target.state = TargetState.rolled_back
         target.reason = f"{was}; rolled back to {target.previous_model_id}"[:1000]
         devices[target.device_id].desired_model_id = target.previous_model_id
-        to_publish.append((target.device_id, manifest))
+        to_publish.append(Desired(target.device_id, manifest, rollback_of=rollout.model_id))
     rollout.state = RolloutState.rolled_back
     session.flush()
-    for device_id, manifest in to_publish:
-        publisher.publish_desired(device_id, manifest, rollback_of=rollout.model_id)
+    if to_publish:
+        publisher.publish_desired_many(to_publish)
     log.warning("rollout %s rolled back on %s devices: %s", rollout.id, len(to_publish), rollout.reason)
     return Step(
         rollout.id,
         rollout.state,
         rollout.current_wave,
-        rolled_back=[d for d, _ in to_publish],
+        rolled_back=[desired.device_id for desired in to_publish],
         note=rollout.reason,
     )
 
@@ -422,10 +421,9 @@ def _reconcile_cohort(session: Session, publisher: DesiredPublisher, cohort_id: 
     to_publish = []
     for device in devices:
         device.desired_model_id = model_id
-        to_publish.append((device.id, models.rollback_of(model, device.reported_model_id)))
+        to_publish.append(Desired(device.id, manifest, models.rollback_of(model, device.reported_model_id)))
     session.flush()
-    for device_id, rollback_of in to_publish:
-        publisher.publish_desired(device_id, manifest, rollback_of=rollback_of)
+    publisher.publish_desired_many(to_publish)
     log.info("cohort %s: %s devices given its current model %s", cohort_id, len(to_publish), model_id)
     return len(to_publish)
 

@@ -13,6 +13,7 @@ import os
 import socket
 import threading
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import cache
@@ -26,13 +27,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from cloud.artifacts import LocalArtifactStore
 from cloud.exceptions import ConflictError, NotFoundError
 from cloud.pipeline import cycle
-from cloud.publisher import CloudPublisher, PublishError
+from cloud.publisher import CloudPublisher, Desired, PublishError
 from cloud.registry import jobs, telemetry
 from cloud.registry.db import make_engine, session_factory, transaction
 from cloud.registry.tables import JobState
 from cloud.settings import Settings
 from cloud.worker.app import app
-from wire.manifest import ArtifactManifest
 
 log = logging.getLogger(__name__)
 
@@ -108,12 +108,12 @@ class _Publisher:
     def __init__(self, ctx: _Context, reason: str) -> None:
         self.ctx, self.reason = ctx, reason
 
-    def publish_desired(
-        self, device_id: str, manifest: ArtifactManifest, *, rollback_of: str | None = None
-    ) -> object:
-        document = self.ctx.publish().publish_desired(device_id, manifest, rollback_of=rollback_of)
-        PUBLISHED.labels("rollback" if rollback_of else self.reason).inc()
-        return document
+    def publish_desired_many(self, wanted: Sequence[Desired]) -> object:
+        documents = self.ctx.publish().publish_desired_many(wanted)
+        rollbacks = sum(1 for desired in wanted if desired.rollback_of)
+        PUBLISHED.labels("rollback").inc(rollbacks)
+        PUBLISHED.labels(self.reason).inc(len(wanted) - rollbacks)
+        return documents
 
 
 _ML = threading.Lock()  # one training at a time per worker process: they would fight for the cores

@@ -8,7 +8,7 @@ import pytest
 
 from broker.client import BrokerTarget
 from broker.mosquitto import free_ports
-from cloud.publisher import CloudPublisher, PublishError
+from cloud.publisher import CloudPublisher, Desired, PublishError
 from cloud.signing import KeyRing
 from tests.brokers import Probe, RunningBroker, new_device_id, provisioned_device
 from tests.cloud.factories import make_manifest
@@ -55,6 +55,32 @@ def test_a_desired_model_is_signed_retained_and_reaches_a_device_that_connects_l
     received = verify_raw(bytes(message.payload), keyring.trusted())
     assert received == sent
     assert (received.device_id, received.manifest.sha256) == (device_id, manifest.sha256)
+
+
+def test_a_wave_of_desired_models_goes_out_together_each_to_its_own_device(
+    broker: RunningBroker, keyring: KeyRing
+) -> None:
+    # Prepare: 200 devices, every tenth told to roll back
+    v1 = make_manifest(b"int8 v1", line="kitchen", version=1)
+    v2 = make_manifest(b"int8 v2", line="kitchen", version=2)
+    wave = [
+        Desired(new_device_id("wave"), v1, rollback_of=v2.model_id)
+        if n % 10 == 0
+        else Desired(new_device_id("wave"), v2)
+        for n in range(200)
+    ]
+
+    # Execute
+    with CloudPublisher(broker.cloud, keyring) as publisher:
+        sent = publisher.publish_desired_many(wave)
+
+    # Assert: what each of three devices finds retained is its own document
+    assert [(d.device_id, d.manifest, d.rollback_of) for d in sent] == [tuple(w) for w in wave]
+    for desired, document in [(wave[0], sent[0]), (wave[101], sent[101]), (wave[-1], sent[-1])]:
+        with subscribed_device(broker, desired.device_id, MessageKind.MODEL_DESIRED) as device:
+            message = device.expect_message(5.0)
+        assert message is not None and message.retain
+        assert verify_raw(bytes(message.payload), keyring.trusted()) == document
 
 
 def test_clearing_the_desired_model_removes_the_retained_document(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -13,10 +14,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from cloud.artifacts import ArtifactStore
+from cloud.publisher import Desired
 from cloud.registry import acks, devices, models
 from cloud.registry.tables import Device, Rollout, RolloutTarget, TargetState, Telemetry
 from tests.cloud.factories import make_cloud_model, make_cohort, make_device, make_edge_model
-from wire.manifest import ArtifactManifest
 from wire.messages import AckResult
 from wire.messages import ModelAck as AckMessage
 
@@ -42,15 +43,14 @@ class RecordingPublisher:
     fail_after: int | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def publish_desired(
-        self, device_id: str, manifest: ArtifactManifest, *, rollback_of: str | None = None
-    ) -> None:
-        if self.delay_s:
-            time.sleep(self.delay_s)  # widens the window two racing passes would both publish in
-        with self.lock:
-            if self.fail_after is not None and len(self.sent) >= self.fail_after:
-                raise ConnectionError("the broker went away")
-            self.sent.append(Sent(device_id, manifest.model_id, rollback_of))
+    def publish_desired_many(self, wanted: Sequence[Desired]) -> None:
+        for device_id, manifest, rollback_of in wanted:
+            if self.delay_s:
+                time.sleep(self.delay_s)  # widens the window two racing passes would both publish in
+            with self.lock:
+                if self.fail_after is not None and len(self.sent) >= self.fail_after:
+                    raise ConnectionError("the broker went away")
+                self.sent.append(Sent(device_id, manifest.model_id, rollback_of))
 
     def take(self) -> list[Sent]:
         """What was published since the last take."""
