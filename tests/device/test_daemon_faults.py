@@ -11,7 +11,7 @@ feedback, no more reports) to deliver what its spool still holds.
 from __future__ import annotations
 
 import secrets
-import time
+import signal
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -204,10 +204,20 @@ def test_daemon_killed_while_reports_are_spooled(rig: Rig, registry: Registry) -
     drain_and_check(rig, registry)
 
 
+def catches_sigterm(pid: int) -> bool:
+    """Whether the process has a handler for SIGTERM (the daemon installs one first thing in main)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    caught = next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(int(caught, 16) & (1 << (signal.SIGTERM - 1)))
+
+
 def test_sigterm_during_start_up_is_a_clean_stop(rig: Rig) -> None:
-    # Execute: systemd stops the daemon while it is still importing and loading its model
+    # Execute: systemd stops the daemon while it is still importing and loading its model (once its
+    # handler is there: a SIGTERM before the interpreter reached main kills any Python program)
     rig.daemon.start()
-    time.sleep(0.3)
+    assert rig.daemon.process is not None
+    pid = rig.daemon.process.pid
+    wait_until(lambda: catches_sigterm(pid), 30, lambda: f"no SIGTERM handler yet:\n{rig.daemon.tail()}")
     exit_code = rig.daemon.terminate()
 
     # Assert
