@@ -31,7 +31,7 @@ from broker.acl import (
 )
 from broker.client import BrokerTarget
 from broker.embedded import EmbeddedBrokerThread
-from tests.brokers import RunningBroker
+from tests.brokers import EXPECTED, RunningBroker
 
 ADMIN_USER = "admin"
 CLOUD_USER = "diredi-cloud"
@@ -96,7 +96,8 @@ class Peer:
         """Publish and wait until the broker acknowledged it (QoS 1) or it was written (QoS 0)."""
         self.client.publish(topic, payload, qos=qos, retain=retain).wait_for_publish(5.0)
 
-    def next_message(self, timeout: float = 5.0) -> mqtt.MQTTMessage:
+    def next_message(self, timeout: float = EXPECTED) -> mqtt.MQTTMessage:
+        """The next message delivered to this peer (raises queue.Empty if none came within `timeout`)."""
         return self.messages.get(timeout=timeout)
 
     def close(self) -> None:
