@@ -7,6 +7,7 @@ from bench import (
     ingest_throughput,
     learning_loop,
     pipeline_cycle,
+    publish_wave,
     rollout_fleet,
 )
 
@@ -16,6 +17,7 @@ if __name__ == "__main__":
     pipeline_cycle.main([])
     ingest_throughput.main([])
     device_daemon.main([])
+    publish_wave.main([])
     # These exit non-zero when one of their checks fails; each runs whatever the other found.
     failed = []
     for checked in (rollout_fleet, fleet_connections):

@@ -5,7 +5,6 @@ import secrets
 import threading
 from collections.abc import Sequence
 from types import TracebackType
-from typing import NamedTuple
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.properties import Properties
@@ -13,7 +12,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from broker.client import BrokerTarget
 from cloud.exceptions import CloudError
-from cloud.signing import KeyRing
+from cloud.signing import Desired, KeyRing
 from wire.desired import DesiredModel
 from wire.manifest import ArtifactManifest
 from wire.messages import Command, CommandName, encode
@@ -26,14 +25,6 @@ MAX_INFLIGHT = 100
 
 class PublishError(CloudError):
     """The broker could not be reached, or did not acknowledge a message in time."""
-
-
-class Desired(NamedTuple):
-    """The model one device should run, and the model it replaces if that is a rollback."""
-
-    device_id: str
-    manifest: ArtifactManifest
-    rollback_of: str | None = None
 
 
 class CloudPublisher:
@@ -100,11 +91,8 @@ class CloudPublisher:
         acknowledged them all: they go out together, so a wave costs a few round trips, not one per
         device (a caller holding locks holds them that much shorter)."""
         sent = []
-        for device_id, manifest, rollback_of in wanted:
-            document = self.keyring.sign_desired(
-                device_id=device_id, manifest=manifest, rollback_of=rollback_of
-            )
-            topic = device_topic(device_id, MessageKind.MODEL_DESIRED)
+        for document in self.keyring.sign_desired_many(wanted):
+            topic = device_topic(document.device_id, MessageKind.MODEL_DESIRED)
             sent.append((document, topic, self._client.publish(topic, encode(document), qos=1, retain=True)))
         for _, topic, info in sent:
             self._wait(topic, info)

@@ -12,16 +12,17 @@ import hashlib
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cloud.exceptions import SigningError
-from wire.desired import KEY_ID_PATTERN, DesiredModel, signing_bytes
+from wire.desired import KEY_ID_PATTERN, DesiredModel, canonical_json, signing_bytes
 from wire.manifest import ArtifactManifest
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,14 @@ class PublicKey:
     key_id: str
     public_key: str  # base64 of the 32-byte raw Ed25519 key
     active: bool
+
+
+class Desired(NamedTuple):
+    """The model one device should run, and the model it replaces if that is a rollback."""
+
+    device_id: str
+    manifest: ArtifactManifest
+    rollback_of: str | None = None
 
 
 class KeyRing:
@@ -151,19 +160,35 @@ class KeyRing:
         issued_at: datetime | None = None,
     ) -> DesiredModel:
         """A DesiredModel for one device, signed with the active key."""
+        return self.sign_desired_many([Desired(device_id, manifest, rollback_of)], issued_at=issued_at)[0]
+
+    def sign_desired_many(
+        self, wanted: Sequence[Desired], *, issued_at: datetime | None = None
+    ) -> list[DesiredModel]:
+        """A DesiredModel for each device, signed with the active key: the key is read once, and each
+        manifest made canonical once (for a wave it is one manifest, and most of the signed bytes)."""
         key_id = self.active_key_id
-        fields = {
-            "device_id": device_id,
-            "manifest": manifest,
-            "rollback_of": rollback_of,
-            "key_id": key_id,
-            "download_path": f"/api/v1/artifacts/{manifest.sha256}",
-        }
-        if issued_at is not None:
-            fields["issued_at"] = issued_at
-        unsigned = DesiredModel.model_validate(fields)
-        signature = self._private(key_id).sign(signing_bytes(unsigned.unsigned_document()))
-        return unsigned.model_copy(update={"signature": base64.b64encode(signature).decode()})
+        key = self._private(key_id)
+        canonical: dict[int, tuple[ArtifactManifest, bytes]] = {}  # by id(): the dict keeps each alive
+        signed = []
+        for device_id, manifest, rollback_of in wanted:
+            fields: dict[str, Any] = {
+                "device_id": device_id,
+                "manifest": manifest,
+                "rollback_of": rollback_of,
+                "key_id": key_id,
+                "download_path": f"/api/v1/artifacts/{manifest.sha256}",
+            }
+            if issued_at is not None:
+                fields["issued_at"] = issued_at
+            unsigned = DesiredModel.model_validate(fields)
+            document = unsigned.unsigned_document()
+            if id(manifest) not in canonical:
+                canonical[id(manifest)] = (manifest, canonical_json(document["manifest"]))
+            to_sign = signing_bytes(document, canonical_manifest=canonical[id(manifest)][1])
+            signature = base64.b64encode(key.sign(to_sign)).decode()
+            signed.append(unsigned.model_copy(update={"signature": signature}))
+        return signed
 
 
 def _valid_key_id(text: str) -> bool:

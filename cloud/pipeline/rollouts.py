@@ -22,7 +22,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from cloud.exceptions import ConflictError, NotFoundError, RegistryError
 from cloud.pipeline.rollout_checks import RolloutPlan, wave_health
-from cloud.publisher import Desired
 from cloud.registry.models import edge_manifest, get_model
 from cloud.registry.rollouts import OPEN_ROLLOUTS, create_rollout, lock_rollout
 from cloud.registry.tables import (
@@ -39,6 +38,7 @@ from cloud.registry.tables import (
     TargetState,
     utcnow,
 )
+from cloud.signing import Desired
 from wire.manifest import ArtifactManifest
 
 __all__ = [

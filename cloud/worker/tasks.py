@@ -27,11 +27,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from cloud.artifacts import LocalArtifactStore
 from cloud.exceptions import ConflictError, NotFoundError
 from cloud.pipeline import cycle
-from cloud.publisher import CloudPublisher, Desired, PublishError
+from cloud.publisher import CloudPublisher, PublishError
 from cloud.registry import jobs, telemetry
 from cloud.registry.db import make_engine, session_factory, transaction
 from cloud.registry.tables import JobState
 from cloud.settings import Settings
+from cloud.signing import Desired
 from cloud.worker.app import app
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cloud.exceptions import SigningError
-from cloud.signing import KeyRing
+from cloud.signing import Desired, KeyRing
 from tests.cloud.factories import make_manifest
 from wire import ContractError, DesiredModel
 from wire.desired import verify_raw
@@ -115,6 +115,22 @@ def test_a_rollback_document_verifies(tmp_path: Path) -> None:
     # Assert
     document.verify(ring.trusted())
     assert document.rollback_of == "kitchen.v2"
+
+
+def test_a_wave_signed_together_verifies_document_by_document_as_a_device_reads_it(tmp_path: Path) -> None:
+    # Prepare: two manifests among the devices, one of them a rollback
+    ring = KeyRing.open(tmp_path / "keys")
+    v1, v2 = manifest(1), manifest(2)
+    wanted = [Desired(f"cam-{i}", v2) for i in range(5)] + [Desired("cam-back", v1, rollback_of=v2.model_id)]
+
+    # Execute
+    documents = ring.sign_desired_many(wanted)
+
+    # Assert
+    assert [(d.device_id, d.manifest, d.rollback_of) for d in documents] == [tuple(w) for w in wanted]
+    for document in documents:
+        assert verify_raw(document.to_json().encode(), ring.trusted()) == document
+    assert len({d.signature for d in documents}) == len(documents)
 
 
 def tampered(document: DesiredModel, field: str) -> DesiredModel:

@@ -82,6 +82,28 @@ def test_signing_bytes_are_rfc8785_of_everything_but_the_signature(key: Ed25519P
     assert document["signature"] and document["schema"] == "diredi.desired/1"
 
 
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"rollback_of": "kitchen.v1"},
+        {"device_id": "z" * 63},
+    ],
+)
+def test_a_manifest_made_canonical_once_gives_the_same_signing_bytes(
+    key: Ed25519PrivateKey, fields: dict[str, Any]
+) -> None:
+    # Prepare
+    document: dict[str, Any] = json.loads(sign(key, **fields).to_json())
+    manifest = rfc8785.dumps(document["manifest"])
+
+    # Execute
+    spliced = signing_bytes(document, canonical_manifest=manifest)
+
+    # Assert
+    assert spliced == signing_bytes(document)
+
+
 def test_a_signed_document_verifies(key: Ed25519PrivateKey, trusted: dict[str, bytes]) -> None:
     # Prepare
     document = sign(key, rollback_of="kitchen.v3")

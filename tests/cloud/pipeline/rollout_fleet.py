@@ -14,9 +14,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from cloud.artifacts import ArtifactStore
-from cloud.publisher import Desired
 from cloud.registry import acks, devices, models
 from cloud.registry.tables import Device, Rollout, RolloutTarget, TargetState, Telemetry
+from cloud.signing import Desired
 from tests.cloud.factories import make_cloud_model, make_cohort, make_device, make_edge_model
 from wire.messages import AckResult
 from wire.messages import ModelAck as AckMessage

@@ -1,0 +1,155 @@
+"""Benchmark of publishing a rollout wave's signed desired models (`CloudPublisher`), which the rollout
+engine does inside the transaction that holds the wave's row locks (cloud/pipeline/rollouts.py).
+
+Against mosquitto with the production configuration (bench/mqtt_lab.py), for waves of several sizes:
+one `publish_desired` per device (each waits for its PUBACK), as the engine did before, against one
+`publish_desired_many` (all sent back to back, the PUBACKs awaited together). The documents carry a
+manifest of the production model's shape (10 classes, 64 features: about 4 KB signed). Each size runs
+`--repeats` times in alternation; the table gives medians. Writes bench/results/publish_wave.json.
+PostgreSQL comes from DIREDI_TEST_POSTGRES_URL (the lab's registry; this benchmark does not use it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from bench.mqtt_lab import lab
+from cloud.publisher import CloudPublisher
+from cloud.signing import Desired, KeyRing
+from wire.arrays import EncodedArray
+from wire.manifest import ArtifactManifest, ProbeOutput, TensorSpec
+from wire.messages import encode
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+NUM_CLASSES, FEATURE_DIM, SIDE = 10, 64, 8  # cloud.ml.nets.NetSpec's defaults
+
+
+def manifest(version: int) -> ArtifactManifest:
+    """A manifest of the production model's shape (the publisher does not look inside the artifact)."""
+    rng = np.random.default_rng(version)
+    blob = rng.bytes(25_000)
+    probe = ProbeOutput(
+        input=EncodedArray.from_numpy(rng.normal(size=(1, SIDE * SIDE)), "float32"),
+        features=EncodedArray.from_numpy(rng.integers(-128, 127, size=(1, FEATURE_DIM)), "int8"),
+        logits=EncodedArray.from_numpy(rng.integers(-128, 127, size=(1, NUM_CLASSES)), "int8"),
+    )
+    return ArtifactManifest(
+        model_id=f"bench.v{version}",
+        line="bench",
+        version=version,
+        sha256=hashlib.sha256(blob).hexdigest(),
+        size=len(blob),
+        signature="serving_default",
+        input=TensorSpec(name="x", shape=[1, SIDE * SIDE], scale=0.05, zero_point=-3),
+        features=TensorSpec(name="features", shape=[1, FEATURE_DIM], scale=0.1, zero_point=0),
+        logits=TensorSpec(name="logits", shape=[1, NUM_CLASSES], scale=0.2, zero_point=1),
+        num_classes=NUM_CLASSES,
+        feature_dim=FEATURE_DIM,
+        head_weight=EncodedArray.from_numpy(rng.normal(size=(NUM_CLASSES, FEATURE_DIM)), "float32"),
+        head_bias=EncodedArray.from_numpy(np.zeros(NUM_CLASSES), "float32"),
+        probes=[probe] * 4,
+    )
+
+
+def one_by_one(publisher: CloudPublisher, wave: list[Desired]) -> None:
+    for device_id, model, rollback_of in wave:
+        publisher.publish_desired(device_id, model, rollback_of=rollback_of)
+
+
+def together(publisher: CloudPublisher, wave: list[Desired]) -> None:
+    publisher.publish_desired_many(wave)
+
+
+WAYS: dict[str, Callable[[CloudPublisher, list[Desired]], None]] = {
+    "one by one": one_by_one,
+    "together": together,
+}
+
+
+def run(sizes: list[int], repeats: int) -> dict[str, Any]:
+    url = os.environ.get("DIREDI_TEST_POSTGRES_URL")
+    if not url:
+        raise SystemExit("set DIREDI_TEST_POSTGRES_URL (scripts/services.sh postgres prints it)")
+    model = manifest(2)
+    rows = []
+    with lab(url) as running:
+        ring = KeyRing.open(running.workdir / "keys")
+        document_bytes = len(encode(ring.sign_desired(device_id="dev-00000", manifest=model)))
+        with CloudPublisher(running.cloud, ring) as publisher:
+            together(publisher, [Desired("warm-up", model)])  # connection and signing key warm
+            for size in sizes:
+                wave = [Desired(f"dev-{size}-{i:05d}", model) for i in range(size)]
+                seconds: dict[str, list[float]] = {way: [] for way in WAYS}
+                for _ in range(repeats):
+                    for way, publish in WAYS.items():
+                        started = time.perf_counter()
+                        publish(publisher, wave)
+                        seconds[way].append(time.perf_counter() - started)
+                medians = {way: statistics.median(values) for way, values in seconds.items()}
+                rows.append({"devices": size, "seconds": seconds, "median_s": medians})
+    return {
+        "benchmark": "publish_wave",
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": sys.version.split()[0],
+            "platform": platform.platform(),
+        },
+        "document_bytes": document_bytes,
+        "repeats": repeats,
+        "rows": rows,
+    }
+
+
+def show(report: dict[str, Any]) -> None:
+    table = Table(
+        title=f"A wave's signed desired models published to mosquitto (~{report['document_bytes']:,} B each; "
+        f"median of {report['repeats']})"
+    )
+    for column in ("devices", "one by one", "together", "speed-up", "docs/s together"):
+        table.add_column(column, justify="right")
+    for row in report["rows"]:
+        slow, fast = row["median_s"]["one by one"], row["median_s"]["together"]
+        table.add_row(
+            f"{row['devices']:,}",
+            f"{slow * 1000:,.0f} ms",
+            f"{fast * 1000:,.0f} ms",
+            f"{slow / fast:.1f}×",
+            f"{row['devices'] / fast:,.0f}",
+        )
+    Console().print(table)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 495, 2000])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    if not args.sizes or min(args.sizes) < 1 or max(args.sizes) > 100_000:
+        parser.error("--sizes: wave sizes between 1 and 100,000")
+    if not 1 <= args.repeats <= 20:
+        parser.error("--repeats: between 1 and 20")
+    report = run(args.sizes, args.repeats)
+    show(report)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / "publish_wave.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()
