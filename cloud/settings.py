@@ -39,6 +39,12 @@ class Settings(BaseSettings):
         description="MQTT 5 shared-subscription group: ingests in one group split the messages",
     )
     ingest_batch_size: int = Field(1000, ge=1, le=100_000, description="messages per ingest commit, at most")
+    ingest_batch_bytes: int = Field(
+        8 << 20,
+        ge=1 << 16,
+        le=1 << 30,
+        description="payload bytes per ingest commit, at most (one message always fits)",
+    )
     ingest_batch_ms: float = Field(
         50.0, gt=0, le=10_000, description="the longest a received message waits for its commit"
     )

@@ -61,6 +61,7 @@ def ingest(
         name=name,
         group=settings.ingest_group,
         batch_size=settings.ingest_batch_size,
+        batch_bytes=settings.ingest_batch_bytes,
         batch_ms=settings.ingest_batch_ms,
     )
     if retire:

@@ -193,22 +193,29 @@ class IngestLink:
 
     # Receiving ------------------------------------------------------------------------------------
 
-    def receive(self, timeout: float) -> list[Inbound]:
-        """Every PUBLISH that has arrived, waiting up to `timeout` seconds for the first. Answers
-        keepalives and takes the broker's acks of our publishes on the way. Raises LinkError."""
-        messages, self._early = self._early + self._parse(), []
+    def receive(self, timeout: float, max_bytes: int | None = None) -> list[Inbound]:
+        """Every PUBLISH that has arrived, or as many as reach `max_bytes` of payload, waiting up to
+        `timeout` seconds for the first. Answers keepalives and takes the broker's acks of our
+        publishes on the way. Raises LinkError.
+
+        The socket is read only when nothing is left to parse, READ_SIZE at a time: what this link
+        holds stays within that and one batch, and a backlog waits in the kernel and the broker (TCP
+        flow control), however large the messages the broker lets through."""
+        messages, self._early = self._early + self._parse(max_bytes), []
         if not messages:
             self._fill(timeout)
-            messages = self._parse()
+            messages = self._parse(max_bytes)
         self.ping_if_due()
         return messages
 
-    def _parse(self) -> list[Inbound]:
+    def _parse(self, max_bytes: int | None = None) -> list[Inbound]:
         messages: list[Inbound] = []
-        while (packet := self._next_packet()) is not None:
+        size = 0
+        while (max_bytes is None or size < max_bytes) and (packet := self._next_packet()) is not None:
             kind, flags, body = packet
             if kind == PUBLISH:
-                messages.append(self._inbound(flags, body))
+                messages.append(inbound := self._inbound(flags, body))
+                size += len(inbound.payload)
             elif kind == PUBACK:
                 self._unacked.pop(struct.unpack_from("!H", body)[0], None)
             elif kind == DISCONNECT:

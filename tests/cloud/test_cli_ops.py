@@ -219,3 +219,15 @@ def test_a_bad_redis_url_is_refused_before_the_worker_starts(
 
     assert code == 2
     assert "redis_url" in output
+
+
+@pytest.mark.parametrize("value", ["8MiB", "1024", "-1", str(1 << 31)])
+def test_an_ingest_byte_budget_out_of_range_is_refused_before_it_starts(
+    env: Path, monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("DIREDI_INGEST_BATCH_BYTES", value)
+
+    code, output = invoke("ingest")
+
+    assert code == 2
+    assert "ingest_batch_bytes" in output

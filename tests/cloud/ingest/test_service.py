@@ -67,20 +67,19 @@ def store(tmp_path: Path) -> LocalArtifactStore:
 
 
 @pytest.fixture
-def start_ingest(broker: RunningBroker, sessions: sessionmaker[Session]) -> Iterator[Callable[[], Ingest]]:
+def start_ingest(broker: RunningBroker, sessions: sessionmaker[Session]) -> Iterator[Callable[..., Ingest]]:
     """Starts ingests of one shared-subscription group of this test's own; stops and retires them
     afterwards (else the session's mosquitto would queue their share for them for a day)."""
     group = f"test-{secrets.token_hex(4)}"
     started: list[Ingest] = []
 
-    def start() -> Ingest:
+    def start(**options: Any) -> Ingest:
         ingest = Ingest(
             broker.cloud,
             sessions,
             name=f"{group}-{len(started)}",
             group=group,
-            batch_size=100,
-            batch_ms=20,
+            **{"batch_size": 100, "batch_ms": 20, **options},
         )
         started.append(ingest)
         ingest.start()
@@ -175,7 +174,7 @@ def count(sessions: sessionmaker[Session], table: type[object]) -> int:
 
 @BOTH
 def test_statuses_become_telemetry_and_report_the_model(
-    start_ingest: Callable[[], Ingest],
+    start_ingest: Callable[..., Ingest],
     connect: Callable[..., ScriptedDevice],
     sessions: sessionmaker[Session],
     store: LocalArtifactStore,
@@ -202,9 +201,41 @@ def test_statuses_become_telemetry_and_report_the_model(
     assert row.reported_model_id == fleet.edge_model and row.last_seen is not None
 
 
+def batches_taken(ingest: Ingest) -> int:
+    """How many batches the ingest has taken from the broker."""
+    return int(ingest.metrics.registry.get_sample_value("diredi_ingest_batch_bytes_count") or 0)
+
+
+@BOTH
+def test_a_burst_is_taken_in_batches_within_the_byte_budget(
+    start_ingest: Callable[..., Ingest],
+    connect: Callable[..., ScriptedDevice],
+    sessions: sessionmaker[Session],
+    store: LocalArtifactStore,
+    broker: RunningBroker,
+) -> None:
+    # Prepare: batches that would otherwise gather a whole burst (1,000 messages, a second's wait)
+    fleet = enrol(sessions, store, broker, 1)
+    (cam,) = fleet.devices
+    budget = 4 * KIB
+    ingest = start_ingest(batch_size=1000, batch_ms=1000, batch_bytes=budget)
+    device = connect(fleet, cam)
+    settle(ingest, device)
+    stored, taken = ingest.metrics.value("stored", kind="status"), batches_taken(ingest)
+
+    # Execute
+    sent = [device.publish_status(model_id=fleet.edge_model, inference_count=i) for i in range(200)]
+
+    # Assert: all stored, in at least as many batches as the budget (plus one message) allows
+    wait_stored(ingest, "status", int(stored) + len(sent))
+    sizes = [len(encode(status)) for status in sent]
+    assert batches_taken(ingest) - taken >= sum(sizes) / (budget + max(sizes))
+    assert {s.msg_id for s in sent} <= telemetry_ids(sessions, cam)
+
+
 @BOTH
 def test_a_knowledge_report_is_receipted_only_after_its_row_is_committed(
-    start_ingest: Callable[[], Ingest],
+    start_ingest: Callable[..., Ingest],
     connect: Callable[..., ScriptedDevice],
     sessions: sessionmaker[Session],
     store: LocalArtifactStore,
@@ -247,7 +278,7 @@ def test_a_knowledge_report_is_receipted_only_after_its_row_is_committed(
 
 @BOTH
 def test_a_model_ack_is_receipted_and_moves_its_rollout_target(
-    start_ingest: Callable[[], Ingest],
+    start_ingest: Callable[..., Ingest],
     connect: Callable[..., ScriptedDevice],
     sessions: sessionmaker[Session],
     store: LocalArtifactStore,
@@ -278,7 +309,7 @@ def test_a_model_ack_is_receipted_and_moves_its_rollout_target(
 
 @BOTH
 def test_refused_payloads_are_counted_per_reason_and_write_nothing(
-    start_ingest: Callable[[], Ingest],
+    start_ingest: Callable[..., Ingest],
     connect: Callable[..., ScriptedDevice],
     sessions: sessionmaker[Session],
     store: LocalArtifactStore,
@@ -325,7 +356,7 @@ def test_refused_payloads_are_counted_per_reason_and_write_nothing(
 
 @BOTH
 def test_a_message_from_a_device_the_registry_does_not_know_is_refused(
-    start_ingest: Callable[[], Ingest],
+    start_ingest: Callable[..., Ingest],
     connect: Callable[..., ScriptedDevice],
     sessions: sessionmaker[Session],
     store: LocalArtifactStore,
@@ -366,7 +397,7 @@ def test_a_message_from_a_device_the_registry_does_not_know_is_refused(
 
 @BOTH
 def test_presence_goes_offline_by_the_will_when_the_connection_drops(
-    start_ingest: Callable[[], Ingest],
+    start_ingest: Callable[..., Ingest],
     connect: Callable[..., ScriptedDevice],
     sessions: sessionmaker[Session],
     store: LocalArtifactStore,
@@ -397,7 +428,7 @@ def test_presence_goes_offline_by_the_will_when_the_connection_drops(
 
 @BOTH
 def test_a_connection_that_takes_over_a_hung_one_stays_online(
-    start_ingest: Callable[[], Ingest],
+    start_ingest: Callable[..., Ingest],
     connect: Callable[..., ScriptedDevice],
     sessions: sessionmaker[Session],
     store: LocalArtifactStore,
@@ -423,7 +454,7 @@ def test_a_connection_that_takes_over_a_hung_one_stays_online(
 
 @BOTH
 def test_a_retained_presence_sent_while_no_ingest_ran_is_applied_when_it_starts(
-    start_ingest: Callable[[], Ingest],
+    start_ingest: Callable[..., Ingest],
     connect: Callable[..., ScriptedDevice],
     sessions: sessionmaker[Session],
     store: LocalArtifactStore,
@@ -447,7 +478,7 @@ def test_a_retained_presence_sent_while_no_ingest_ran_is_applied_when_it_starts(
 
 @MOSQUITTO
 def test_two_ingests_of_one_group_both_apply_every_presence_and_split_the_statuses(
-    start_ingest: Callable[[], Ingest],
+    start_ingest: Callable[..., Ingest],
     connect: Callable[..., ScriptedDevice],
     sessions: sessionmaker[Session],
     store: LocalArtifactStore,
