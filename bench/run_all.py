@@ -4,6 +4,7 @@ from bench import (
     api_listing,
     device_daemon,
     fleet_connections,
+    ingest_memory,
     ingest_throughput,
     learning_loop,
     pipeline_cycle,
@@ -16,6 +17,7 @@ if __name__ == "__main__":
     learning_loop.main()
     pipeline_cycle.main([])
     ingest_throughput.main([])
+    ingest_memory.main([])
     device_daemon.main([])
     publish_wave.main([])
     # These exit non-zero when one of their checks fails; each runs whatever the other found.
