@@ -2,11 +2,13 @@
 
 A device publishes `--messages` knowledge-topic messages of `--size` bytes (the contract's largest is
 256 KiB) while `diredi ingest` is stopped; mosquitto (production configuration) queues them for the
-ingest's persistent session. The ingest then starts again and takes the backlog; its peak RSS is
-sampled every 10 ms until it has handled every message, once with the byte budget per batch
-(`DIREDI_INGEST_BATCH_BYTES`, default 8 MiB) and once with the budget out of the way (1 GiB: what the
-ingest held before it had one). The payloads are refused as invalid (they are padding): the memory is
-in taking them, and a refusal is handled like a stored message (acknowledged after its batch).
+ingest's persistent session. The ingest then starts again and takes the backlog; its RSS is sampled
+every 10 ms from when it has connected until it has handled every message, and compared with the same
+ingest's RSS when it had nothing to take: once with the byte budget per batch
+(`DIREDI_INGEST_BATCH_BYTES`, default 8 MiB) and once with the budget out of the way (1 GiB: batches
+bounded only by count, 1,000, and time, 50 ms). The payloads are refused as invalid (they are
+padding): the memory is in taking them, and a refusal is handled like a stored message (acknowledged
+after its batch).
 Writes bench/results/ingest_memory.json. PostgreSQL comes from DIREDI_TEST_POSTGRES_URL.
 """
 
@@ -124,13 +126,13 @@ def backlog(lab_: Lab, device_id: str, secret: str, messages: int, size: int) ->
 
 def measure(lab_: Lab, device_id: str, secret: str, messages: int, size: int, budget: int) -> dict[str, Any]:
     name, group = f"mem-{secrets.token_hex(3)}", f"mem-{secrets.token_hex(3)}"
-    with ingest(lab_, name, group, budget) as (_, port):
-        idle = handled(port)  # (its session exists now; whatever was retained came in)
+    with ingest(lab_, name, group, budget) as (process, port):  # its session exists from now on
+        time.sleep(1.0)  # whatever was retained comes in
+        idle, base = handled(port), process.memory_info().rss  # an ingest with nothing to take
     backlog(lab_, device_id, secret, messages, size)
     started = time.monotonic()
     with ingest(lab_, name, group, budget) as (process, port):
-        base = process.memory_info().rss
-        peak = base
+        peak = process.memory_info().rss
         deadline = time.monotonic() + 300
         while handled(port) < messages + idle and time.monotonic() < deadline:
             peak = max(peak, process.memory_info().rss)
@@ -140,7 +142,7 @@ def measure(lab_: Lab, device_id: str, secret: str, messages: int, size: int, bu
     return {
         "batch_bytes": budget,
         "handled": done,
-        "rss_at_start_mb": base / 2**20,
+        "rss_idle_mb": base / 2**20,
         "rss_peak_mb": peak / 2**20,
         "rss_growth_mb": (peak - base) / 2**20,
         "seconds": seconds,
@@ -174,14 +176,14 @@ def show(report: dict[str, Any]) -> None:
         title=f"diredi ingest taking a backlog of {report['messages']:,} messages of "
         f"{report['message_bytes']:,} B ({report['backlog_mb']:.0f} MiB) from mosquitto"
     )
-    for column in ("budget per batch", "handled", "RSS at start", "peak RSS", "growth", "seconds"):
+    for column in ("budget per batch", "handled", "RSS idle", "peak RSS", "growth", "seconds"):
         table.add_column(column, justify="right")
     for row in report["rows"]:
         budget = "none (1 GiB)" if row["batch_bytes"] == UNBOUNDED else f"{row['batch_bytes'] >> 20} MiB"
         table.add_row(
             budget,
             f"{row['handled']:,}",
-            f"{row['rss_at_start_mb']:.0f} MiB",
+            f"{row['rss_idle_mb']:.0f} MiB",
             f"{row['rss_peak_mb']:.0f} MiB",
             f"{row['rss_growth_mb']:.0f} MiB",
             f"{row['seconds']:.1f}",

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess  # noqa: S404 (our own CLI, fixed argument lists)
 import sys
@@ -21,7 +20,6 @@ from urllib.error import URLError
 
 from pydantic import SecretStr
 
-from cloud.exceptions import CloudError
 from cloud.settings import Settings
 
 TAIL_LINES = 20
@@ -39,19 +37,6 @@ if os.getppid() != parent:
 from cloud.cli.main import app
 app()
 """
-
-
-class ChildExited(CloudError):
-    """A part of the system exited while it should be running; the text names it and ends with the
-    tail of its log."""
-
-    def __init__(self, name: str, returncode: int, log_path: Path, tail: str) -> None:
-        how = f"killed by {signal.Signals(-returncode).name}" if returncode < 0 else f"exit code {returncode}"
-        super().__init__(f"{name} exited unexpectedly ({how}); last lines of {log_path}:\n{tail}")
-        self.name = name
-        self.returncode = returncode
-        self.log_path = log_path
-        self.tail = tail
 
 
 @dataclass

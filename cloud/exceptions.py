@@ -1,5 +1,8 @@
 """Errors of the cloud package, under one base class; the CLI turns them into clear messages."""
 
+import signal
+from pathlib import Path
+
 
 class CloudError(Exception):
     """Base class of every error the cloud raises on purpose."""
@@ -44,3 +47,25 @@ class HookError(CloudError):
 
 class SigningError(CloudError):
     """A signing key is unusable or a signature does not verify."""
+
+
+class LocalSystemError(CloudError):
+    """The system could not start, or a part of it failed."""
+
+
+class LocalSystemConfigError(LocalSystemError):
+    """Options or settings that cannot work (a port in use, half a broker configuration); nothing was
+    started."""
+
+
+class ChildExited(LocalSystemError):
+    """A part of the system exited while it should be running; the text names it and ends with the
+    tail of its log."""
+
+    def __init__(self, name: str, returncode: int, log_path: Path, tail: str) -> None:
+        how = f"killed by {signal.Signals(-returncode).name}" if returncode < 0 else f"exit code {returncode}"
+        super().__init__(f"{name} exited unexpectedly ({how}); last lines of {log_path}:\n{tail}")
+        self.name = name
+        self.returncode = returncode
+        self.log_path = log_path
+        self.tail = tail

@@ -34,8 +34,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from broker.client import BrokerTarget, BrokerURLError
-from cloud.children import Child, ChildExited, child_environment, http_ok, port_in_use
-from cloud.exceptions import CloudError
+from cloud.children import Child, child_environment, http_ok, port_in_use
+from cloud.exceptions import ChildExited, LocalSystemConfigError, LocalSystemError
 from cloud.registry.tables import Role
 from cloud.settings import Settings
 
@@ -45,15 +45,6 @@ ADMIN_USER = "admin"
 CLOUD_USER = "diredi-cloud"
 BROKER_STATE = "broker/dynamic-security.json"
 PASSWORDS = "broker/passwords.json"
-
-
-class LocalSystemError(CloudError):
-    """The system could not start, or a part of it failed."""
-
-
-class LocalSystemConfigError(LocalSystemError):
-    """Options or settings that cannot work (a port in use, half a broker configuration); nothing was
-    started."""
 
 
 @dataclass(frozen=True)

@@ -89,7 +89,12 @@ class CloudPublisher:
     def publish_desired_many(self, wanted: Sequence[Desired]) -> list[DesiredModel]:
         """Sign and publish (retained) each device's desired model, and return once the broker has
         acknowledged them all: they go out together, so a wave costs a few round trips, not one per
-        device (a caller holding locks holds them that much shorter)."""
+        device (a caller holding locks holds them that much shorter).
+
+        PublishError when the connection is gone, or the broker leaves one unacknowledged for
+        `timeout` seconds (each is waited for in turn). Some devices may have theirs by then, and
+        others are still queued in this publisher: a caller that rolls back drops the publisher, as
+        the worker does."""
         sent = []
         for document in self.keyring.sign_desired_many(wanted):
             topic = device_topic(document.device_id, MessageKind.MODEL_DESIRED)

@@ -30,7 +30,8 @@ def signing_bytes(document: dict[str, Any], *, canonical_manifest: bytes | None 
     `canonical_manifest`, the canonical JSON of the document's manifest when the caller has it (a
     rollout signs one manifest for many devices, and the manifest is most of the work), is spliced in
     where the manifest goes rather than made again: RFC 8785 writes a member's value independently of
-    its siblings, so the result is the same bytes.
+    its siblings, so the result is the same bytes. It is trusted to be that manifest's: a signer
+    passes what it made from the same document (a wrong one signs bytes no device will match).
     """
     unsigned = {k: v for k, v in document.items() if k != SIGNATURE_FIELD}
     if canonical_manifest is None or "manifest" not in unsigned:

@@ -83,9 +83,11 @@ def ingest(
             raise _fail(CloudError("the ingest's writer stopped unexpectedly (see the log)"))
     log.info("ingest %s stopping", name)
     # Nothing may hold the process once it was told to stop (a thread stuck on the network or the
-    # database): past the deadline every thread's stack goes to the log, and the process exits.
+    # database): past the deadline every thread's stack goes to stderr (the log under `diredi up`
+    # and systemd) and the process exits with 1. What it had not acknowledged comes again.
     faulthandler.dump_traceback_later(STOP_DEADLINE_S, exit=True)
     service.stop(timeout=STOP_DEADLINE_S / 2)
+    faulthandler.cancel_dump_traceback_later()
     if service.running:
         log.error("ingest %s did not finish its batch in time: what it did not acknowledge comes again", name)
     else:

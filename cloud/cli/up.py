@@ -15,9 +15,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cloud.children import ChildExited
 from cloud.cli.ops import _fail, _settings
-from cloud.localsystem import LocalSystem, LocalSystemConfigError, LocalSystemError
+from cloud.exceptions import ChildExited, LocalSystemConfigError, LocalSystemError
+from cloud.localsystem import LocalSystem
 
 # Off a terminal (a log, a test) rich would wrap at 80 columns, splitting URLs and paths.
 console = Console(width=None if sys.stdout.isatty() else 200, highlight=False)

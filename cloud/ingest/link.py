@@ -118,7 +118,11 @@ class IngestLink:
             connack = self._expect(CONNACK, deadline)
             self._check_connack(connack)
             self._send(self._subscribe_packet())
-            self._check_suback(self._expect(SUBACK, deadline))
+            if not self.session_present:
+                self._check_suback(self._expect(SUBACK, deadline))
+            # A resumed session already holds the subscriptions, and the broker sends its in-flight
+            # window before it reads our SUBSCRIBE: the SUBACK comes behind those messages, which
+            # `receive` takes within its byte budget, and is checked when it comes.
             for packet_id, (topic, payload) in self._unacked.items():
                 self._send(self._publish_packet(topic, payload, packet_id, dup=True))
             self.epoch += 1
@@ -200,7 +204,8 @@ class IngestLink:
 
         The socket is read only when nothing is left to parse, READ_SIZE at a time: what this link
         holds stays within that and one batch, and a backlog waits in the kernel and the broker (TCP
-        flow control), however large the messages the broker lets through."""
+        flow control), however large the messages the broker lets through. What is read and not yet
+        parsed goes with the connection if it drops; QoS 1 messages come again."""
         messages, self._early = self._early + self._parse(max_bytes), []
         if not messages:
             self._fill(timeout)
@@ -218,6 +223,8 @@ class IngestLink:
                 size += len(inbound.payload)
             elif kind == PUBACK:
                 self._unacked.pop(struct.unpack_from("!H", body)[0], None)
+            elif kind == SUBACK:
+                self._check_suback(body)
             elif kind == DISCONNECT:
                 reason = body[0] if body else 0
                 self.close()

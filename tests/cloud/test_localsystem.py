@@ -26,8 +26,9 @@ from sqlalchemy import select
 
 from broker.client import BrokerTarget
 from broker.mosquitto import free_ports
-from cloud.children import ChildExited, port_in_use
-from cloud.localsystem import BROKER_STATE, PASSWORDS, LocalSystem, LocalSystemConfigError, Passwords
+from cloud.children import port_in_use
+from cloud.exceptions import ChildExited, LocalSystemConfigError
+from cloud.localsystem import BROKER_STATE, PASSWORDS, LocalSystem, Passwords
 from cloud.registry.db import make_engine, scratch_database
 from cloud.registry.tables import Device
 from cloud.settings import Settings
