@@ -169,7 +169,7 @@ class KeyRing:
         manifest made canonical once (for a wave it is one manifest, and most of the signed bytes)."""
         key_id = self.active_key_id
         key = self._private(key_id)
-        canonical: dict[int, tuple[ArtifactManifest, bytes]] = {}  # by id(): the dict keeps each alive
+        canonical: dict[int, bytes] = {}  # by id() of the manifest, which the signed documents hold
         signed = []
         for device_id, manifest, rollback_of in wanted:
             fields: dict[str, Any] = {
@@ -184,8 +184,8 @@ class KeyRing:
             unsigned = DesiredModel.model_validate(fields)
             document = unsigned.unsigned_document()
             if id(manifest) not in canonical:
-                canonical[id(manifest)] = (manifest, canonical_json(document["manifest"]))
-            to_sign = signing_bytes(document, canonical_manifest=canonical[id(manifest)][1])
+                canonical[id(manifest)] = canonical_json(document["manifest"])
+            to_sign = signing_bytes(document, canonical_manifest=canonical[id(manifest)])
             signature = base64.b64encode(key.sign(to_sign)).decode()
             signed.append(unsigned.model_copy(update={"signature": signature}))
         return signed

@@ -20,8 +20,9 @@ SIGNATURE_FIELD = "signature"
 
 
 # Stands in for the manifest while the rest of a document is made canonical (no other field may hold
-# a NUL: device ids, model ids, paths and key ids all have patterns).
+# a NUL: device ids, model ids, paths and key ids all have patterns), and how RFC 8785 writes it.
 _MANIFEST_SLOT = "\x00manifest"
+_MANIFEST_MARKER = rfc8785.dumps(_MANIFEST_SLOT)
 
 
 def signing_bytes(document: dict[str, Any], *, canonical_manifest: bytes | None = None) -> bytes:
@@ -36,9 +37,8 @@ def signing_bytes(document: dict[str, Any], *, canonical_manifest: bytes | None 
     unsigned = {k: v for k, v in document.items() if k != SIGNATURE_FIELD}
     if canonical_manifest is None or "manifest" not in unsigned:
         return canonical_json(unsigned)
-    marker = canonical_json(_MANIFEST_SLOT)
-    head, slot, tail = canonical_json({**unsigned, "manifest": _MANIFEST_SLOT}).partition(marker)
-    if not slot or marker in tail:  # not one slot: another field held the marker
+    head, slot, tail = canonical_json({**unsigned, "manifest": _MANIFEST_SLOT}).partition(_MANIFEST_MARKER)
+    if not slot or _MANIFEST_MARKER in tail:  # not one slot: another field held the marker
         return canonical_json(unsigned)
     return head + canonical_manifest + tail
 
