@@ -92,6 +92,9 @@ def _register_ops() -> None:
     from cloud.cli.demo import demo
 
     app.command("demo")(demo)
+    from cloud.cli.scenarios import scenarios_app
+
+    app.add_typer(scenarios_app, name="scenarios")
 
 
 _register_ops()
