@@ -1,7 +1,13 @@
 """Errors of the cloud package, under one base class; the CLI turns them into clear messages."""
 
+from __future__ import annotations
+
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cloud.ml.export import ExportAttempt
 
 
 class CloudError(Exception):
@@ -14,6 +20,16 @@ class ScenarioError(CloudError):
 
 class ExportError(CloudError):
     """An edge model could not be exported, or its int8 accuracy fell too far below float."""
+
+
+class ExportGaveUp(ExportError):
+    """No way of quantizing the model kept int8 accuracy within the limit; `attempts` holds each try."""
+
+    def __init__(self, attempts: list[ExportAttempt], max_drop: float) -> None:
+        tried = ", ".join(f"{a.method} {a.int8_acc:.4f} vs float {a.float_acc:.4f}" for a in attempts)
+        super().__init__(f"int8 export gave up after {len(attempts)} attempts (limit {max_drop}): {tried}")
+        self.attempts = attempts
+        self.max_drop = max_drop
 
 
 class KnowledgeError(CloudError):

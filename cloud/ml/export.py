@@ -2,32 +2,42 @@
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import hashlib
-import io
-import os
-import sys
-import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 import torch
 
-from cloud.exceptions import ExportError
-from cloud.ml.data import Split
-from cloud.ml.nets import Student, TwoOutputs
+from cloud.exceptions import ExportError, ExportGaveUp
+from cloud.ml.data import FloatArray, Split
+from cloud.ml.nets import Student
+from cloud.ml.quantize import (
+    DEFAULT_CALIBRATION,
+    Calibration,
+    QATConfig,
+    float_bytes,
+    ptq_bytes,
+    qat_bytes,
+)
 from device_firmware_py.runtime import Int8Model
 from wire import ArtifactManifest, EncodedArray, ProbeOutput, TensorSpec
 
 SIGNATURE = "serving_default"
 MAX_INT8_DROP = 0.010
-CALIBRATION_SAMPLES = 512
 PROBES = 4
+# The export's fallbacks, cheapest first: today's calibration, other activation observers over every
+# calibration input, the default observer over every input, then a quantization-aware fine-tune.
+LADDER: tuple[Calibration | QATConfig, ...] = (
+    DEFAULT_CALIBRATION,
+    Calibration("minmax", None),
+    Calibration("moving-average", None),
+    Calibration("histogram", None),
+    QATConfig(),
+)
 
 
 @dataclass(frozen=True)
@@ -50,57 +60,6 @@ class EdgeArtifact:
         return Int8Model(self.model, self.manifest)
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence the converter, which prints progress and C++ logs straight to stdout and stderr.
-
-    File descriptors 1 and 2 are redirected to a temporary file; if the conversion fails, its tail
-    goes into the ExportError so nothing useful is lost.
-    """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 1)
-        os.dup2(sink.fileno(), 2)
-        try:
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                yield
-        except Exception as exc:
-            sink.seek(0)
-            tail = sink.read()[-2000:].decode(errors="replace")
-            raise ExportError(f"conversion failed: {exc}\n{tail}") from exc
-        finally:
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            os.close(saved[0])
-            os.close(saved[1])
-
-
-def _convert(student: Student, calibration: npt.NDArray[np.float32] | None, batch: int) -> bytes:
-    module = TwoOutputs(copy.deepcopy(student)).eval()
-    example = (torch.zeros(batch, student.spec.input_dim),)
-    with _quiet():
-        import litert_torch
-        from litert_torch.quantize import pt2e_quantizer, quant_config
-        from torchao.quantization.pt2e import quantize_pt2e
-
-        if calibration is None:
-            return bytes(litert_torch.convert(module, example).model_content())
-        quantizer = pt2e_quantizer.PT2EQuantizer().set_global(
-            pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=True)
-        )
-        graph = torch.export.export(module, example).module()
-        prepared = quantize_pt2e.prepare_pt2e(graph, quantizer)
-        with torch.no_grad():  # the export has a fixed batch, so calibrate at that batch
-            usable = len(calibration) - len(calibration) % batch
-            for start in range(0, usable, batch):
-                prepared(torch.from_numpy(calibration[start : start + batch]))
-        quantized = quantize_pt2e.convert_pt2e(prepared, fold_quantize=False)
-        config = quant_config.QuantConfig(pt2e_quantizer=quantizer)
-        return bytes(litert_torch.convert(quantized, example, quant_config=config).model_content())
-
-
 def _tensor_spec(details: dict[str, Any], name: str) -> TensorSpec:
     scale, zero_point = details["quantization"]
     if details["dtype"] != np.int8 or not scale:
@@ -111,7 +70,7 @@ def _tensor_spec(details: dict[str, Any], name: str) -> TensorSpec:
 
 def export_int8(
     student: Student,
-    calibration: npt.NDArray[np.float32],
+    calibration: FloatArray,
     *,
     model_id: str,
     line: str,
@@ -119,8 +78,21 @@ def export_int8(
     batch: int = 1,
 ) -> EdgeArtifact:
     """Quantize `student` fully to int8 (weights, activations, input and outputs) and describe it."""
-    calib = calibration[:CALIBRATION_SAMPLES]
-    model = _convert(student, calib, batch)
+    model = ptq_bytes(student, calibration, DEFAULT_CALIBRATION, batch)
+    return _describe(model, student, calibration, model_id=model_id, line=line, version=version, batch=batch)
+
+
+def _describe(
+    model: bytes,
+    student: Student,
+    calibration: FloatArray,
+    *,
+    model_id: str,
+    line: str,
+    version: int,
+    batch: int,
+) -> EdgeArtifact:
+    """The artifact of int8 `model`: its manifest with `student`'s float head and the probes' outputs."""
     from ai_edge_litert.interpreter import Interpreter
 
     runner = Interpreter(model_content=model).get_signature_runner(SIGNATURE)
@@ -149,7 +121,7 @@ def export_int8(
         probes=[],
     )
     runtime = Int8Model(model, draft)
-    probe_x = calib[: PROBES * batch].reshape(PROBES, batch, -1)
+    probe_x = calibration[: PROBES * batch].reshape(PROBES, batch, -1)
     probes = []
     for x in probe_x:
         feats, logits = runtime.run_int8(x)
@@ -165,7 +137,7 @@ def export_int8(
 
 def float_file_bytes(student: Student) -> int:
     """Size of the same student exported as a float32 LiteRT file, for the size comparison."""
-    return len(_convert(student, None, 1))
+    return len(float_bytes(student))
 
 
 def weight_tensor_bytes(model: bytes) -> int:
@@ -185,19 +157,108 @@ def weight_tensor_bytes(model: bytes) -> int:
     return total
 
 
+def float_accuracy(student: Student, data: Split) -> float:
+    """Accuracy of the float student on `data`."""
+    with torch.no_grad():
+        return float((student(torch.from_numpy(data.x)).argmax(1).numpy() == data.y).mean())
+
+
 def int8_accuracy(artifact: EdgeArtifact, student: Student, data: Split) -> tuple[float, float]:
     """(float, int8) accuracy of the student and its artifact on `data`."""
-    with torch.no_grad():
-        float_acc = float((student(torch.from_numpy(data.x)).argmax(1).numpy() == data.y).mean())
-    return float_acc, float((artifact.load().predict(data.x) == data.y).mean())
+    return float_accuracy(student, data), float((artifact.load().predict(data.x) == data.y).mean())
+
+
+def within_limit(float_acc: float, int8_acc: float, max_drop: float = MAX_INT8_DROP) -> bool:
+    """Whether int8 accuracy is at most `max_drop` below float."""
+    return float_acc - int8_acc <= max_drop + 1e-9  # exactly at the limit is within it
 
 
 def check_int8_accuracy(artifact: EdgeArtifact, student: Student, val: Split) -> tuple[float, float]:
     """(float, int8) accuracy on `val`; ExportError if int8 loses more than 1.0 point."""
     float_acc, int8_acc = int8_accuracy(artifact, student, val)
-    if float_acc - int8_acc > MAX_INT8_DROP + 1e-9:  # exactly 1.0 point is within the limit
+    if not within_limit(float_acc, int8_acc):
         raise ExportError(
             f"int8 accuracy {int8_acc:.4f} is {float_acc - int8_acc:.4f} below float {float_acc:.4f} "
             f"(limit {MAX_INT8_DROP})"
         )
     return float_acc, int8_acc
+
+
+@dataclass(frozen=True)
+class ExportAttempt:
+    """One try of the guarded export: how it quantized, float and int8 accuracy, and the verdict."""
+
+    method: str
+    float_acc: float
+    int8_acc: float
+    accepted: bool
+    seconds: float = 0.0  # time the attempt took
+
+    def as_dict(self) -> dict[str, object]:
+        """A JSON-ready record."""
+        return {
+            "method": self.method,
+            "float_acc": self.float_acc,
+            "int8_acc": self.int8_acc,
+            "accepted": self.accepted,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def export_guarded(
+    student: Student,
+    calibration: FloatArray,
+    val: Split,
+    *,
+    model_id: str,
+    line: str,
+    version: int,
+    max_drop: float = MAX_INT8_DROP,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[Student, EdgeArtifact, list[ExportAttempt]]:
+    """The first int8 export on `LADDER` within `max_drop` of float on `val`, with every attempt.
+
+    The first rung is `export_int8` itself, so a model that passes there gets the same bytes. The
+    returned student is `student` unless the QAT rung fine-tuned it; its float weights and head are
+    then the fine-tuned ones (the manifest carries that head). A QAT artifact must be within the
+    limit of both the float student given and the fine-tuned one. ExportGaveUp if no rung passes.
+    """
+    float_acc = float_accuracy(student, val)
+    attempts: list[ExportAttempt] = []
+    rungs = _rungs(len(calibration))
+    for done, rung in enumerate(rungs):
+        if progress is not None:
+            progress(done, len(rungs))
+        clock = time.perf_counter()
+        candidate, reference = student, float_acc
+        if isinstance(rung, QATConfig):
+            candidate, model = qat_bytes(student, calibration, rung)
+            reference = max(float_acc, float_accuracy(candidate, val))
+        else:
+            model = ptq_bytes(student, calibration, rung)
+        artifact = _describe(
+            model, candidate, calibration, model_id=model_id, line=line, version=version, batch=1
+        )
+        _, int8_acc = int8_accuracy(artifact, candidate, val)
+        accepted = within_limit(reference, int8_acc, max_drop)
+        seconds = time.perf_counter() - clock
+        attempts.append(ExportAttempt(rung.method, reference, int8_acc, accepted, seconds))
+        if accepted:
+            if progress is not None:
+                progress(len(rungs), len(rungs))
+            return candidate, artifact, attempts
+    raise ExportGaveUp(attempts, max_drop)
+
+
+def _rungs(samples: int) -> list[Calibration | QATConfig]:
+    """`LADDER` without a recipe that would repeat an earlier one on this many calibration inputs."""
+    rungs: list[Calibration | QATConfig] = []
+    seen: set[tuple[str, int]] = set()
+    for rung in LADDER:
+        if isinstance(rung, Calibration):
+            key = (rung.observer, min(samples, rung.samples or samples))
+            if key in seen:
+                continue
+            seen.add(key)
+        rungs.append(rung)
+    return rungs
