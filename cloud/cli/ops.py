@@ -13,7 +13,7 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 
-from cloud.exceptions import CloudError
+from cloud.exceptions import CloudError, ExportGaveUp
 from cloud.registry.tables import Role
 from cloud.settings import Settings
 
@@ -39,7 +39,7 @@ def _settings() -> Settings:
 
 
 def _fail(exc: Exception) -> typer.Exit:
-    err.print(f"[red]error:[/red] {exc}")
+    err.print(f"[red]error:[/red] {exc}", soft_wrap=True)  # one line, however long, for logs and grep
     return typer.Exit(2)
 
 
@@ -218,6 +218,15 @@ line_app = typer.Typer(help="Model lines (a cohort's cloud and edge models).")
 def line_create(
     cohort: Annotated[str, typer.Option(help="The cohort whose first version this is (created if new).")],
     scenario: Annotated[Path, typer.Option(help="Scenario JSON whose presumed data trains the line.")],
+    max_int8_drop: Annotated[
+        float,
+        typer.Option(
+            min=-1.0,
+            max=1.0,
+            help="How far int8 validation accuracy may fall below float; the export tries its "
+            "fallbacks until one is within it, and gives up otherwise.",
+        ),
+    ] = 0.010,  # cloud.ml.export.MAX_INT8_DROP, not imported here: it loads torch
 ) -> None:
     """Train a cohort's first cloud and int8 edge model on presumed data and register them as candidates."""
     from cloud.artifacts import LocalArtifactStore
@@ -244,10 +253,15 @@ def line_create(
                 cohort_id=cohort,
                 scenario_path=scenario,
                 progress=progress,
+                max_int8_drop=max_int8_drop,
             )
         with transaction(sessions) as session:
             audit.record(session, actor="cli", action="line.create", target=edge_id, teacher=cloud_id)
             edge = get_model(session, edge_id)
+    except ExportGaveUp as exc:
+        raise _fail(
+            CloudError(f"{exc}; the bootstrap job is recorded as failed, with every attempt")
+        ) from None
     except CloudError as exc:
         raise _fail(exc) from None
     console.print(

@@ -319,12 +319,16 @@ def _record(
         "reports": reports,
         "moved_transfer_samples": result.moved_transfer_samples,
         "timings_s": {**result.timings_s, "total": elapsed},
+        "candidates": [c.as_dict() for c in result.candidates],  # every recipe tried, chosen or not
     }
+    if result.candidate is not None:
+        summary["export"] = [a.as_dict() for a in result.candidate.export]
     if result.verdict is not None:
         summary["gate"] = result.verdict.as_dict()
     cloud_id = edge_id = None
     with _fenced(sessions, job_id, owner) as session:
         knowledge.consume(session, chosen.msg_ids, job_id=job_id)
+        # No candidate: a no-op, or every candidate's int8 export gave up (rejected, nothing to register)
         if result.candidate is not None:
             metrics = {"gate": summary.get("gate", {}), "reason": result.reason, "reports": len(reports)}
             cloud, edge = register_line(

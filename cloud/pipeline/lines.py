@@ -12,9 +12,9 @@ import torch
 from sqlalchemy.orm import Session, sessionmaker
 
 from cloud.artifacts import ArtifactStore
-from cloud.exceptions import RegistryError
+from cloud.exceptions import ExportGaveUp, RegistryError
 from cloud.ml.cycle import EdgeLine, StageProgress
-from cloud.ml.export import EdgeArtifact
+from cloud.ml.export import MAX_INT8_DROP, EdgeArtifact
 from cloud.ml.nets import NetSpec, Student, Teacher
 from cloud.pipeline.cycle import TRAINING_DATA
 from cloud.registry import models
@@ -105,12 +105,14 @@ def bootstrap_line(
     cohort_id: str,
     scenario_path: Path,
     progress: StageProgress,
+    max_int8_drop: float = MAX_INT8_DROP,
 ) -> tuple[str, str]:
     """Train a cohort's first version on a scenario's presumed data (KD, int8 export, accuracy check)
     and register it as a candidate, with the job that made it; return the cloud and edge model ids.
 
     The job is committed before training and the models after it: no transaction (and no SQLite
-    write lock) is held while the model trains, and a failed training leaves a failed job behind.
+    write lock) is held while the model trains, and a failed training leaves a failed job behind
+    (with the export's attempts in its result when no int8 export kept within `max_int8_drop`).
     """
     from cloud.ml.cycle import TrainingPlan, train_line
     from cloud.ml.data import build_scenario_data
@@ -137,7 +139,7 @@ def bootstrap_line(
         line = train_line(
             data.train,
             spec,
-            TrainingPlan(seed=scenario.seed),
+            TrainingPlan(seed=scenario.seed, max_int8_drop=max_int8_drop),
             line=cohort_id,
             val=data.val,
             progress=progress,
@@ -148,11 +150,17 @@ def bootstrap_line(
             cloud, edge = register_line(session, store, line, spec, job_id=job_id, metrics=metrics)
             # What the cohort's RD cycles take their transfer and validation data from.
             cloud.metrics = {**metrics, TRAINING_DATA: json.loads(scenario.model_dump_json())}
-            jobs.finish(
-                session, job_id, state=JobState.succeeded, result={"models": [cloud.id, edge.id], **metrics}
-            )
+            result = {"models": [cloud.id, edge.id], **metrics, "export": [a.as_dict() for a in line.export]}
+            jobs.finish(session, job_id, state=JobState.succeeded, result=result)
             return cloud.id, edge.id
     except Exception as exc:
+        failed = {"export": [a.as_dict() for a in exc.attempts]} if isinstance(exc, ExportGaveUp) else None
         with transaction(sessions) as session:
-            jobs.finish(session, job_id, state=JobState.failed, error=f"{type(exc).__name__}: {exc}"[:2000])
+            jobs.finish(
+                session,
+                job_id,
+                state=JobState.failed,
+                result=failed,
+                error=f"{type(exc).__name__}: {exc}"[:2000],
+            )
         raise

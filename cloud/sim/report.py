@@ -16,6 +16,44 @@ def _pct(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.1f}"
 
 
+def _gap(user: dict[str, Any]) -> str:
+    if user["gap_closed"] is not None:
+        return f"{user['gap_closed']:.2f}"
+    return "—" if user["acc_v1"] is None or user["acc_oracle"] is None else "— (nothing to gain)"
+
+
+def _share(value: int | None, reference: int | None) -> str:
+    """`value` in bytes and its ratio to `reference`, or a dash when there is none."""
+    if value is None:
+        return "—"
+    return f"{value:,}" if not reference else f"{value:,} ({value / reference:.2f}×)"
+
+
+def _number(value: float | None, digits: int = 3) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def candidate_lines(user: dict[str, Any]) -> list[str]:
+    """One line per candidate recipe the user's cycles tried, with how it fared on the selection split."""
+    lines = []
+    for key, label in (("candidates", ""), ("candidates_dp", " with DP")):
+        for c in user.get(key) or []:
+            lines.append(
+                f"  candidate {c['recipe']}{label}: {c['status']}, agreement {_number(c['agreement'])}, "
+                f"untouched drop {_number(c['untouched_drop'])}, {c['seconds']:.1f} s"
+            )
+    return lines
+
+
+def export_line(attempts: list[dict[str, Any]]) -> str:
+    """The int8 export's attempts on one line: method, int8 vs float accuracy, accepted or not."""
+    return "; ".join(
+        f"{a['method']} {_pct(a['int8_acc'])} vs float {_pct(a['float_acc'])}"
+        f" {'accepted' if a['accepted'] else 'refused'}"
+        for a in attempts
+    )
+
+
 def accuracy_table(result: SimResult) -> Table:
     """Accuracy of every model on each user's world, int8 as deployed."""
     table = Table(title=f"DiReDi on {result.scenario}: accuracy (%) on each user's world, int8 models")
@@ -31,7 +69,6 @@ def accuracy_table(result: SimResult) -> Table:
     ):
         table.add_column(col, justify="right" if col != "user" else "left")
     for u in result.users:
-        gap = "— (nothing to gain)" if u["gap_closed"] is None else f"{u['gap_closed']:.2f}"
         table.add_row(
             u["id"],
             _pct(u["acc_v1"]),
@@ -40,7 +77,7 @@ def accuracy_table(result: SimResult) -> Table:
             _pct(u["acc_raw"]),
             _pct(u["acc_oracle"]),
             f"{_pct(u['acc_dp'])} ({u['dp_epsilon']:g})",
-            gap,
+            _gap(u),
         )
     return table
 
@@ -79,13 +116,16 @@ def int8_table(result: SimResult) -> Table:
     for col in ("", "accuracy %", "weight tensors B", "file B"):
         table.add_column(col, justify="right")
     table.add_row(
-        "float32", _pct(q["float_acc"]), f"{q['float_weight_bytes']:,}", f"{q['float_file_bytes']:,}"
+        "float32",
+        _pct(q.get("float_acc")),
+        _share(q.get("float_weight_bytes"), None),
+        _share(q.get("float_file_bytes"), None),
     )
     table.add_row(
         "int8",
-        _pct(q["int8_acc"]),
-        f"{q['int8_weight_bytes']:,} ({q['int8_weight_bytes'] / q['float_weight_bytes']:.2f}×)",
-        f"{q['int8_file_bytes']:,} ({q['int8_file_bytes'] / q['float_file_bytes']:.2f}×)",
+        _pct(q.get("int8_acc")),
+        _share(q.get("int8_weight_bytes"), q.get("float_weight_bytes")),
+        _share(q.get("int8_file_bytes"), q.get("float_file_bytes")),
     )
     return table
 
@@ -96,8 +136,19 @@ def print_report(result: SimResult, console: Console) -> None:
     console.print(detail_table(result))
     for u in result.users:
         console.print(f"gate for {u['id']}: {u['gate']['outcome']}: {u['gate']['reason']}")
-        console.print(f"gate for {u['id']} with DP: {u['gate_dp']['outcome']}: {u['gate_dp']['reason']}")
+        if u["gate_dp"] == u["gate"]:  # no v1 to improve, or no report: one reason for both
+            console.print(f"gate for {u['id']} with DP: the same")
+        else:
+            console.print(f"gate for {u['id']} with DP: {u['gate_dp']['outcome']}: {u['gate_dp']['reason']}")
+        for line in candidate_lines(u):
+            console.print(line, highlight=False, markup=False)
     console.print(int8_table(result))
+    if result.int8.get("export"):
+        console.print(
+            f"int8 export of the base model: {export_line(result.int8['export'])}",
+            highlight=False,
+            markup=False,
+        )
     total = sum(v for k, v in result.timings_s.items() if "." not in k or k.endswith(".total"))
     console.print(f"total {total:.1f} s: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings_s.items()))
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from cloud.exceptions import ExportGaveUp
 from cloud.ml.cycle import (
     CycleResult,
     EdgeLine,
@@ -26,7 +27,7 @@ from cloud.ml.cycle import (
 from cloud.ml.data import ScenarioData, Split, UserData, build_scenario_data, to_user_scenario
 from cloud.ml.distill import distill, train_classifier
 from cloud.ml.export import export_int8, float_file_bytes, int8_accuracy, weight_tensor_bytes
-from cloud.ml.nets import NetSpec, parameter_count
+from cloud.ml.nets import NetSpec, Student, parameter_count
 from cloud.ml.rd_update import RDConfig
 from cloud.ml.scenario import Scenario, UserSpec
 from device_firmware_py.exceptions import NotEnoughSamplesError
@@ -38,6 +39,14 @@ from wire.manifest import edge_model_id
 
 MIN_GAIN_FOR_GAP = 0.02  # DESIGN §3: gap_closed is null when the oracle gains less than this
 DP_BUDGET_EPSILON = 8.0
+INT8_FIGURES = (
+    "float_acc",
+    "int8_acc",
+    "float_weight_bytes",
+    "int8_weight_bytes",
+    "float_file_bytes",
+    "int8_file_bytes",
+)
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,7 @@ class SimConfig:
     rd: RDConfig = RDConfig()
     policy: RDPolicy = RDPolicy()
     dp: DPConfig = DPConfig()
+    raw_upload: bool = True  # the raw-upload baseline; a benchmark may skip it (acc_raw is then None)
 
 
 @dataclass
@@ -56,7 +66,7 @@ class SimResult:
 
     scenario: str
     users: list[dict[str, Any]]
-    int8: dict[str, float | int]
+    int8: dict[str, Any]  # the base edge model's figures (None when its export gave up) and "export"
     timings_s: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -178,13 +188,16 @@ def _simulate_user(
     v2_dp = dp_cycle.approved.artifact.load() if dp_cycle and dp_cycle.approved else v1
     timings["diredi_cycle"] = knowledge_to_approved
 
-    clock = time.perf_counter()
-    raw = Split(
-        x=np.concatenate([p.x for p in user_data.device_train]),
-        y=np.concatenate([p.y for p in user_data.device_train]),
-    )
-    raw_line = _raw_upload_line(base, data, raw, cfg.plan, f"{user.id}-raw")
-    timings["raw_upload"] = time.perf_counter() - clock
+    acc_raw = None
+    if cfg.raw_upload:
+        clock = time.perf_counter()
+        raw = Split(
+            x=np.concatenate([p.x for p in user_data.device_train]),
+            y=np.concatenate([p.y for p in user_data.device_train]),
+        )
+        raw_line = _raw_upload_line(base, data, raw, cfg.plan, f"{user.id}-raw")
+        acc_raw = accuracy(raw_line.artifact.load(), world)
+        timings["raw_upload"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
     oracle_train = to_user_scenario(data.train, user, data.input_scale, np.random.default_rng([seed, 99]))
@@ -208,7 +221,7 @@ def _simulate_user(
         "acc_v1": acc_v1,
         "acc_local": _device_only_accuracy(v1, payloads, world),
         "acc_v2": acc_v2,
-        "acc_raw": accuracy(raw_line.artifact.load(), world),
+        "acc_raw": acc_raw,
         "acc_oracle": acc_oracle,
         "acc_dp": accuracy(v2_dp, world),
         "dp_epsilon": cfg.dp.epsilon,
@@ -223,11 +236,43 @@ def _simulate_user(
         "knowledge_to_approved_s": knowledge_to_approved if cycle and cycle.approved else None,
         "gate": _gate_summary(cycle),
         "gate_dp": _gate_summary(dp_cycle),
+        "candidates": [c.as_dict() for c in cycle.candidates] if cycle else [],
+        "candidates_dp": [c.as_dict() for c in dp_cycle.candidates] if dp_cycle else [],
+        # How the chosen candidate was quantized (none when no candidate was made)
+        "export": [a.as_dict() for a in cycle.candidate.export] if cycle and cycle.candidate else [],
     }
     return result, timings
 
 
+def _unexported_user(user_data: UserData, spec: NetSpec, cfg: SimConfig, exc: ExportGaveUp) -> dict[str, Any]:
+    """A user's row when the base model has no int8 export, so there is no v1 to run or improve."""
+    user = user_data.spec
+    gate = {"outcome": "export-failed", "reason": f"the base model has no int8 edge model: {exc}"}
+    samples_per_device = max(len(p) for p in user_data.device_train)
+    return {
+        "id": user.id,
+        "devices": user.devices,
+        "reports": 0,
+        **dict.fromkeys(("acc_v1", "acc_local", "acc_v2", "acc_raw", "acc_oracle", "acc_dp")),
+        "dp_epsilon": cfg.dp.epsilon,
+        "dp_delta": cfg.dp.delta,
+        "gap_closed": None,
+        "untouched_acc_v1": None,
+        "untouched_acc_v2": None,
+        "knowledge_bytes": 0,
+        "edge_weights_bytes": parameter_count(Student(spec)) * 4,
+        "raw_private_bytes": samples_per_device * (spec.input_dim * 4 + 1),
+        "knowledge_to_approved_s": None,
+        "gate": gate,
+        "gate_dp": gate,
+        "candidates": [],
+        "candidates_dp": [],
+        "export": [a.as_dict() for a in exc.attempts],
+    }
+
+
 def _gate_summary(cycle: CycleResult | None) -> dict[str, Any]:
+    """The cycle's outcome and reason, with the gate's verdict when a candidate reached the gate."""
     if cycle is None:
         return {"outcome": "no-report", "reason": "no device had enough labelled samples"}
     summary: dict[str, Any] = {
@@ -255,14 +300,21 @@ def run_simulation(
     timings["data"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    base = train_line(
-        data.train,
-        spec,
-        plan,
-        line="base",
-        val=data.val,
-        progress=lambda s, d, t: progress(f"cloud KD: {s}", d, t),
-    )
+    try:
+        base = train_line(
+            data.train,
+            spec,
+            plan,
+            line="base",
+            val=data.val,
+            progress=lambda s, d, t: progress(f"cloud KD: {s}", d, t),
+        )
+    except ExportGaveUp as exc:  # no v1: an outcome of the scenario, reported on every user's row
+        timings["kd_and_export"] = time.perf_counter() - clock
+        int8: dict[str, Any] = dict.fromkeys(INT8_FIGURES)
+        int8["export"] = [a.as_dict() for a in exc.attempts]
+        users = [_unexported_user(u, spec, cfg, exc) for u in data.users]
+        return SimResult(scenario=scenario.name, users=users, int8=int8, timings_s=timings)
     float_acc, int8_acc = int8_accuracy(base.artifact, base.student, data.test)
     timings["kd_and_export"] = time.perf_counter() - clock
     int8 = {
@@ -272,6 +324,7 @@ def run_simulation(
         "int8_weight_bytes": weight_tensor_bytes(base.artifact.model),
         "float_file_bytes": float_file_bytes(base.student),
         "int8_file_bytes": len(base.artifact.model),
+        "export": [a.as_dict() for a in base.export],
     }
     users = []
     for i, user_data in enumerate(data.users):

@@ -13,9 +13,10 @@ from sqlalchemy import func, select
 from typer.testing import CliRunner
 
 from cloud.cli.main import app
+from cloud.ml.scenario import Scenario
 from cloud.registry import apikeys, migrate, telemetry
 from cloud.registry.db import make_engine, session_factory, transaction
-from cloud.registry.tables import ApiKey, AuditLog, Role, utcnow
+from cloud.registry.tables import ApiKey, AuditLog, Job, JobState, Model, Role, utcnow
 from tests.cloud.factories import make_cohort, make_device
 
 WIDE = {"COLUMNS": "300", "NO_COLOR": "1", "TERM": "dumb"}
@@ -183,6 +184,35 @@ def test_line_create_refuses_a_missing_scenario(env: Path, tmp_path: Path) -> No
 
     assert code == 2
     assert "none.json" in output
+
+
+@pytest.mark.slow
+def test_line_create_whose_export_gives_up_exits_with_one_line_and_leaves_a_failed_job(
+    env: Path, tmp_path: Path, small_scenario: Scenario
+) -> None:
+    # Prepare: an export guard no int8 model can meet (int8 a whole point above float)
+    invoke("db", "upgrade")
+    scenario = tmp_path / "small.json"
+    scenario.write_text(small_scenario.model_dump_json())
+
+    # Execute
+    run = CliRunner().invoke(
+        app,
+        ["line", "create", "--cohort", "home-cams", "--scenario", str(scenario), "--max-int8-drop", "-1"],
+    )
+
+    # Assert: one line of error, no traceback; the failed job holds the reason and every attempt
+    assert run.exit_code == 2, run.output
+    errors = run.stderr.strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith("error: int8 export gave up"), run.stderr
+    assert "Traceback" not in run.output
+    sessions = session_factory(make_engine(f"sqlite:///{env / 'registry.db'}"))
+    with sessions() as session:
+        job = session.scalars(select(Job)).one()
+        assert (job.type, job.cohort_id, job.state) == ("bootstrap", "home-cams", JobState.failed)
+        assert job.error.startswith("ExportGaveUp: int8 export gave up")
+        assert job.result["export"] and not any(a["accepted"] for a in job.result["export"])
+        assert session.scalar(select(func.count()).select_from(Model)) == 0
 
 
 def test_the_worker_refuses_to_start_on_an_unmigrated_registry(env: Path) -> None:

@@ -126,3 +126,40 @@ def test_a_bad_job_request_is_refused_and_nothing_is_stored(
     assert reply.headers["content-type"] == "application/problem+json"
     assert jobs.list_jobs(session, limit=10, offset=0)[1] == 0
     assert queued_jobs(settings) == []
+
+
+def test_a_finished_cycle_job_shows_every_candidate_it_tried(
+    client: TestClient, session: Session, viewer: dict[str, str]
+) -> None:
+    # Prepare: a cycle whose every candidate's int8 export gave up, as the pipeline records it
+    make_cohort(session)
+    job = jobs.create_job(session, type="rd_cycle", cohort_id="kitchen")
+    jobs.claim(session, job.id, owner="worker-a", lease_s=60)
+    attempt = {"method": "qat", "float_acc": 0.91, "int8_acc": 0.85, "accepted": False, "seconds": 0.2}
+    candidates = [
+        {
+            "recipe": recipe,
+            "status": "export-failed",
+            "reason": "int8 export gave up after 1 attempts (limit 0.01)",
+            "agreement": None,
+            "changed_samples": 0,
+            "untouched_drop": None,
+            "seconds": 3.5,
+            "export": [attempt],
+        }
+        for recipe in ("default", "unanchored")
+    ]
+    reason = "every candidate's int8 export gave up"
+    result = {"outcome": "rejected", "reason": reason, "candidates": candidates}
+    jobs.finish(session, job.id, state=JobState.succeeded, result=result, owner="worker-a")
+    session.commit()
+
+    # Execute
+    one = client.get(f"/api/v1/jobs/{job.id}", headers=viewer)
+    listed = client.get("/api/v1/jobs", params={"cohort_id": "kitchen"}, headers=viewer)
+
+    # Assert
+    assert one.status_code == 200, one.text
+    assert one.json()["result"] == result
+    assert listed.status_code == 200, listed.text
+    assert [j["result"]["candidates"] for j in listed.json()["items"]] == [candidates]

@@ -99,6 +99,10 @@ def test_knowledge_becomes_an_approved_model_with_its_lineage(
         assert (job.state, job.progress, job.lease_owner) == (JobState.succeeded, 1.0, None)
         assert job.result["outcome"] == "approved" and job.result["models"] == ["base.cloud.v2", "base.v2"]
         assert sorted(job.result["reports"]) == sorted(map(str, msg_ids))
+        statuses = [c["status"] for c in job.result["candidates"]]
+        assert statuses.count("chosen") == 1, job.result["candidates"]
+        assert all(c["export"] for c in job.result["candidates"])  # how each candidate was quantized
+        assert job.result["export"][-1]["accepted"]
 
 
 def test_a_job_whose_worker_died_runs_again_once(

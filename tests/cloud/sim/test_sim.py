@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
 from cloud.cli.main import app
+from cloud.ml.cycle import TrainingPlan
 from cloud.ml.scenario import Scenario, parse_scenario
-from cloud.sim.run import run_simulation
+from cloud.sim.report import print_report
+from cloud.sim.run import SimConfig, run_simulation
 
 pytestmark = pytest.mark.slow
 
 USER_KEYS = {
     "id", "acc_v1", "acc_local", "acc_v2", "acc_raw", "acc_oracle", "acc_dp", "dp_epsilon", "gap_closed",
     "untouched_acc_v1", "untouched_acc_v2", "knowledge_bytes", "edge_weights_bytes", "raw_private_bytes",
-    "knowledge_to_approved_s", "gate",
+    "knowledge_to_approved_s", "gate", "gate_dp", "candidates", "candidates_dp", "export",
 }  # fmt: skip
 INT8_KEYS = {
     "float_acc",
@@ -50,8 +54,13 @@ def user(result: dict[str, Any], user_id: str) -> dict[str, Any]:
     return found
 
 
-def without_timings(result: dict[str, Any]) -> list[dict[str, Any]]:
-    return [{k: v for k, v in u.items() if not k.endswith("_s")} for u in result["users"]]
+def without_timings(value: Any) -> Any:
+    """`value` without its wall-clock figures (keys ending in _s, and `seconds`), which differ per run."""
+    if isinstance(value, dict):
+        return {k: without_timings(v) for k, v in value.items() if not k.endswith("_s") and k != "seconds"}
+    if isinstance(value, list):
+        return [without_timings(v) for v in value]
+    return value
 
 
 def test_result_has_every_field(result: dict[str, Any]) -> None:
@@ -78,6 +87,18 @@ def test_a_user_with_a_preference_gets_it(result: dict[str, Any]) -> None:
     assert gina["gap_closed"] is not None and gina["gap_closed"] >= 0.90
     assert gina["untouched_acc_v1"] - gina["untouched_acc_v2"] <= 0.010
     assert gina["acc_v2"] > gina["acc_raw"]  # knowledge beats the raw upload it replaces
+
+
+def test_every_candidate_tried_and_every_export_attempt_is_on_record(result: dict[str, Any]) -> None:
+    gina, ivan = user(result, "gina"), user(result, "ivan")
+    statuses = [c["status"] for c in gina["candidates"]]
+    assert statuses.count("chosen") == 1, gina["candidates"]
+    assert set(statuses) <= {"chosen", "passed", "refused", "export-failed"}
+    for c in gina["candidates"] + gina["candidates_dp"]:
+        assert {"recipe", "reason", "agreement", "untouched_drop", "seconds", "export"} <= set(c)
+    assert gina["export"] and gina["export"][-1]["accepted"]
+    assert result["int8"]["export"][-1]["accepted"]
+    assert (ivan["candidates"], ivan["candidates_dp"], ivan["export"]) == ([], [], [])
 
 
 def test_knowledge_is_small(result: dict[str, Any]) -> None:
@@ -127,6 +148,33 @@ def test_cli_writes_json_and_plot_and_is_deterministic(result: dict[str, Any], t
     assert run.exit_code == 0, run.output
     assert "DiReDi v2" in run.output
     again = json.loads(out.read_text())
-    assert without_timings(again) == without_timings(json.loads(json.dumps(result)))
-    assert again["int8"] == result["int8"]
+    assert without_timings(again["users"]) == without_timings(json.loads(json.dumps(result["users"])))
+    assert without_timings(again["int8"]) == without_timings(result["int8"])
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_base_model_whose_export_gives_up_is_an_outcome_on_every_row(scenario: Scenario) -> None:
+    # Prepare: an export guard no int8 model can meet (int8 a whole point above float)
+    cfg = SimConfig(plan=TrainingPlan(max_int8_drop=-1.0))
+
+    # Execute
+    result = run_simulation(scenario, cfg)
+    out = io.StringIO()
+    print_report(result, Console(file=out, width=150))
+
+    # Assert: no v1, so no figures; the reason and every attempt on each row; a report that says so
+    assert [u["id"] for u in result.users] == ["gina", "hank", "ivan"]
+    for u in result.users:
+        assert USER_KEYS <= set(u)
+        assert u["gate"]["outcome"] == u["gate_dp"]["outcome"] == "export-failed"
+        assert "int8 export gave up" in u["gate"]["reason"]
+        assert all(
+            u[k] is None for k in ("acc_v1", "acc_v2", "acc_raw", "acc_oracle", "acc_dp", "gap_closed")
+        )
+        assert u["export"] and not any(a["accepted"] for a in u["export"])
+        assert (u["candidates"], u["candidates_dp"]) == ([], [])
+    assert all(result.int8[k] is None for k in INT8_KEYS)
+    assert len(result.int8["export"]) == len(result.users[0]["export"])
+    report = out.getvalue()
+    assert "gate for gina: export-failed" in report and "refused" in report
+    json.dumps(result.as_dict())  # still RESULT.json
