@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,18 +11,27 @@ pytest_plugins = ["tests.databases", "tests.brokers", "tests.embedded_broker"]
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = ROOT / "scenarios"
+# The learning loop's fixtures are seeded from this, so the suite can be run on other seeds to show
+# that what the tests assert holds across data splits and numerics, not only on one lucky split.
+FIXTURE_SEED = int(os.environ.get("DIREDI_TEST_FIXTURE_SEED", "3"))
 
 
 @pytest.fixture(scope="session")
 def small_scenario():  # type: ignore[no-untyped-def]
-    """Two users (one with a preference, one without), small private pools."""
+    """Two users (one with a preference, one without), small private pools.
+
+    The validation split is large enough (~300 samples) that the gate's 1.0-point limit on untouched
+    classes is a few samples, not one: a candidate is not refused for one sample's worth of numerics.
+    """
     from cloud.ml.scenario import parse_scenario
 
     return parse_scenario(
-        """{"name": "small", "dataset": "digits", "seed": 3, "presumed": {"test_fraction": 0.25},
+        """{"name": "small", "dataset": "digits", "seed": %d,
+            "presumed": {"test_fraction": 0.2, "val_fraction": 0.3},
             "users": [
               {"id": "dana", "label_map": {"3": 8}, "private_train": 100, "private_test": 100},
               {"id": "eve", "label_map": {}, "private_train": 100, "private_test": 100}]}"""
+        % FIXTURE_SEED
     )
 
 
@@ -37,7 +47,7 @@ def fast_plan():  # type: ignore[no-untyped-def]
     """The product's default epochs (a real, accurate model in seconds), seeded for the tests."""
     from cloud.ml.cycle import TrainingPlan
 
-    return TrainingPlan(seed=3)
+    return TrainingPlan(seed=FIXTURE_SEED)
 
 
 @pytest.fixture(scope="session")

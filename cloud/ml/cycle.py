@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -10,22 +12,30 @@ from typing import Literal
 
 import numpy as np
 import torch
+from torch.nn import functional as F  # noqa: N812
 
-from cloud.exceptions import ExportError
-from cloud.ml.data import Split
+from cloud.exceptions import ExportGaveUp
+from cloud.ml.data import FloatArray, IntArray, Split
 from cloud.ml.distill import (
     KDConfig,
     TrainConfig,
     distill,
-    finetune_to_targets,
     predict_proba,
     seed_everything,
     train_classifier,
 )
-from cloud.ml.export import EdgeArtifact, check_int8_accuracy, export_int8
+from cloud.ml.export import MAX_INT8_DROP, EdgeArtifact, ExportAttempt, export_guarded, export_int8
 from cloud.ml.gate import GateVerdict, gate
 from cloud.ml.nets import NetSpec, Student, Teacher
-from cloud.ml.rd_update import RDConfig, combine_reports, parse_reports, soft_targets, touched_classes
+from cloud.ml.rd_update import (
+    Knowledge,
+    RDConfig,
+    combine_reports,
+    parse_reports,
+    soft_targets,
+    touched_classes,
+)
+from cloud.ml.targets import KnowledgeTargets
 from wire import ArtifactManifest
 from wire.manifest import edge_model_id
 
@@ -46,6 +56,7 @@ class TrainingPlan:
     rekd: TrainConfig = TrainConfig(epochs=150, augment=True)
     kd: KDConfig = KDConfig()
     seed: int = 0
+    max_int8_drop: float = MAX_INT8_DROP  # the export guard: int8 within this of float
 
 
 @dataclass
@@ -57,6 +68,7 @@ class EdgeLine:
     teacher: Teacher
     student: Student
     artifact: EdgeArtifact
+    export: list[ExportAttempt] = field(default_factory=list)  # how the artifact was quantized
 
     @property
     def model_id(self) -> str:
@@ -94,8 +106,9 @@ def train_line(
 ) -> EdgeLine:
     """Train a teacher and KD a student from scratch, then export the int8 edge model (version 1).
 
-    With `val`, raises ExportError if the int8 model is more than 1.0 point less accurate than
-    float on it (reference models measured elsewhere pass None).
+    With `val`, the export tries the fallbacks of export_guarded until int8 is within 1.0 point of
+    float on it, and raises ExportGaveUp (with every attempt) if none is; reference models measured
+    elsewhere pass None.
     """
     seed_everything(plan.seed)  # initial weights are drawn from torch's global generator
     teacher = Teacher(spec)
@@ -119,10 +132,77 @@ def train_line(
         extra=extra,
         progress=lambda d, t: progress("distill", d, t),
     )
-    artifact = export_int8(student, train.x, model_id=edge_model_id(line, 1), line=line, version=1)
-    if val is not None:
-        check_int8_accuracy(artifact, student.eval(), val)
-    return EdgeLine(line, 1, teacher.eval(), student, artifact)
+    model_id = edge_model_id(line, 1)
+    if val is None:
+        artifact = export_int8(student.eval(), train.x, model_id=model_id, line=line, version=1)
+        return EdgeLine(line, 1, teacher.eval(), student, artifact)
+    student, artifact, attempts = export_guarded(
+        student.eval(),
+        train.x,
+        val,
+        model_id=model_id,
+        line=line,
+        version=1,
+        max_drop=plan.max_int8_drop,
+        progress=lambda d, t: progress("export", d, t),
+    )
+    return EdgeLine(line, 1, teacher.eval(), student, artifact, attempts)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One way to train a candidate from the same knowledge: the knobs the search varies."""
+
+    name: str
+    anchor: Literal["untouched", "unmoved", "none"] = "none"
+    teacher_augment: bool = False  # the teacher update also learns p* on shifted, noisy copies
+    # "head": the student's backbone stays the parent's (so do its int8 features, bit for bit) and
+    # only the linear head is distilled: a class-level preference is a change of head.
+    train: Literal["student", "head"] = "student"
+    target_temperature: float = 1.0
+    beta: float | None = None  # None: RDConfig's
+    teacher_epochs: int | None = None  # None: the plan's
+    rekd_epochs: int | None = None
+
+    def rd(self, config: RDConfig) -> RDConfig:
+        """`config` with this recipe's knobs."""
+        return dataclasses.replace(
+            config,
+            anchor=self.anchor,
+            target_temperature=self.target_temperature,
+            beta=config.beta if self.beta is None else self.beta,
+        )
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """The candidate search: recipes tried in order until one passes the gate's rules on the selection
+    split, within a time budget; the best is then judged once by the gate on the validation split."""
+
+    recipes: tuple[Recipe, ...] = (
+        Recipe("re-KD"),  # DESIGN's: the teacher fine-tuned towards p*, the student distilled from it
+        Recipe("anchored", anchor="untouched"),  # keeps the parent's decisions on untouched classes
+        Recipe("longer", teacher_epochs=30, rekd_epochs=250),  # follows the knowledge more closely
+    )
+    selection_fraction: float = 0.2  # of the transfer set, held out from every candidate's training
+    budget_s: float = 60.0  # no new recipe starts after this long
+
+
+@dataclass(frozen=True)
+class CandidateRecord:
+    """What one recipe made and how it fared on the selection split."""
+
+    recipe: str
+    status: str  # "chosen", "passed", "refused", "export-failed"
+    reason: str
+    agreement: float | None
+    changed_samples: int
+    untouched_drop: float | None
+    seconds: float
+    export: list[dict[str, object]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)
@@ -135,11 +215,120 @@ class CycleResult:
     verdict: GateVerdict | None
     moved_transfer_samples: int
     timings_s: dict[str, float] = field(default_factory=dict)
+    candidates: list[CandidateRecord] = field(default_factory=list)
 
     @property
     def approved(self) -> EdgeLine | None:
         """The candidate if the gate approved it."""
         return self.candidate if self.outcome == "approved" else None
+
+
+def _selection(n: int, fraction: float, seed: int) -> tuple[IntArray, IntArray]:
+    """(fit, selection) indices of the transfer set, disjoint and seeded."""
+    order = np.random.default_rng([seed, 17]).permutation(n)
+    held = int(round(n * fraction))
+    return np.sort(order[held:]), np.sort(order[:held])
+
+
+@dataclass(frozen=True)
+class _Trained:
+    line: EdgeLine
+    attempts: list[ExportAttempt]
+    selection_pred: IntArray
+
+
+def _train_candidate(
+    parent: EdgeLine,
+    knowledge: Knowledge,
+    recipe: Recipe,
+    fit: Split,
+    selection: Split,
+    selection_target: IntArray,
+    plan: TrainingPlan,
+    config: RDConfig,
+    *,
+    calibration: FloatArray,
+    line: str,
+    touched: set[int],
+    progress: StageProgress,
+) -> _Trained:
+    """Teacher update towards p* and re-KD of the student, both on `fit`, then the guarded export."""
+    cfg = recipe.rd(config)
+    targets = KnowledgeTargets(parent.teacher, parent.student, knowledge, cfg)
+    p_fit = F.softmax(targets(torch.from_numpy(fit.x)), dim=1).numpy()
+    p_t = predict_proba(parent.teacher, fit.x)
+    change = np.abs(p_fit - p_t).sum(axis=1)
+    weights = (1.0 + cfg.beta * np.where(p_fit.argmax(1) != p_t.argmax(1), change, 0.0)).astype(np.float32)
+    teacher_plan = plan.teacher_finetune
+    if recipe.teacher_epochs is not None:
+        teacher_plan = dataclasses.replace(teacher_plan, epochs=recipe.teacher_epochs)
+    teacher = copy.deepcopy(parent.teacher)
+    distill(  # towards p* at τ = 1 (no hard labels), on the samples and their shifted copies
+        teacher,
+        targets,
+        Split(x=fit.x, y=p_fit.argmax(axis=1)),
+        dataclasses.replace(teacher_plan, augment=recipe.teacher_augment),
+        KDConfig(alpha=0.0, tau=1.0),
+        seed=plan.seed + 2,
+        weights=weights,
+        progress=lambda d, t: progress("teacher", d, t),
+    )
+    teacher.eval()
+    # Re-KD from the updated teacher; with an anchor, the parent student's own outputs where the
+    # updated teacher's decision is on a class the knowledge left alone.
+    identity = dataclasses.replace(knowledge, preference=np.eye(len(knowledge.preference), dtype=np.float32))
+    source = KnowledgeTargets(
+        teacher,
+        parent.student,
+        dataclasses.replace(identity, deltas=[]),
+        cfg,
+        anchor=parent.student if cfg.anchor != "none" else None,
+        anchored_classes=set(touched) if cfg.anchor == "untouched" else set(),
+    )
+    student = copy.deepcopy(parent.student)
+    rekd_plan = plan.rekd
+    if recipe.rekd_epochs is not None:
+        rekd_plan = dataclasses.replace(rekd_plan, epochs=recipe.rekd_epochs)
+    if recipe.train == "head":
+        student.backbone.requires_grad_(False)  # Adam skips parameters without gradients
+    distill(
+        student,
+        source,
+        Split(x=fit.x, y=p_fit.argmax(axis=1)),
+        rekd_plan,
+        plan.kd,
+        seed=plan.seed + 3,
+        weights=weights,
+        progress=lambda d, t: progress("re-KD", d, t),
+    )
+    student.requires_grad_(True)
+    version = parent.version + 1
+    student, artifact, attempts = export_guarded(
+        student.eval(),
+        calibration,
+        Split(x=selection.x, y=selection_target),
+        model_id=edge_model_id(line, version),
+        line=line,
+        version=version,
+        max_drop=plan.max_int8_drop,
+        progress=lambda d, t: progress("export", d, t),
+    )
+    trained = EdgeLine(line, version, teacher, student, artifact, attempts)
+    return _Trained(trained, attempts, artifact.load().predict(selection.x))
+
+
+def _score(check: GateVerdict, config: RDConfig) -> float:
+    """How well a candidate met the gate's rules on the selection split: its smaller slack, each rule's
+    margin as a share of its limit (positive when both hold)."""
+    agreement = (
+        -1.0
+        if check.agreement is None
+        else (check.agreement - config.agreement_min) / (1 - config.agreement_min)
+    )
+    if check.untouched_acc_parent is None or check.untouched_acc_candidate is None:
+        return agreement
+    drop = check.untouched_acc_parent - check.untouched_acc_candidate
+    return min(agreement, (config.untouched_max_drop - drop) / config.untouched_max_drop)
 
 
 def rd_cycle(
@@ -151,16 +340,19 @@ def rd_cycle(
     config: RDConfig,
     *,
     line: str | None = None,
+    search: SearchConfig | None = None,
     progress: StageProgress = silent,
 ) -> CycleResult:
-    """Serialized knowledge reports → RD update → re-KD → int8 export → gate (DESIGN §3 steps 5–7)."""
+    """Serialized knowledge reports → RD update → candidates (re-KD, int8 export) chosen on a selection
+    split of the transfer set → the gate on `val`, once (DESIGN §3 steps 5–7)."""
+    search = search or SearchConfig()
     timings: dict[str, float] = {}
-    clock = time.perf_counter()
+    started = clock = time.perf_counter()
 
     def lap(stage: str) -> None:
         nonlocal clock
         now = time.perf_counter()
-        timings[stage] = now - clock
+        timings[stage] = timings.get(stage, 0.0) + now - clock
         clock = now
 
     reports = parse_reports(payloads)
@@ -177,56 +369,95 @@ def rd_cycle(
             "no-op", "the knowledge changes no decision on the transfer set", None, None, moved, timings
         )
 
-    weights = (1.0 + config.beta * change).astype(np.float32)
-    teacher = finetune_to_targets(
-        parent.teacher,
-        transfer.x,
-        p_star,
-        weights,
-        plan.teacher_finetune,
-        seed=plan.seed + 2,
-        progress=lambda d, t: progress("teacher", d, t),
-    )
-    lap("teacher_update")
-    student = Student(parent.student.spec)
-    student.load_state_dict(parent.student.state_dict())
-    targets = Split(x=transfer.x, y=p_star.argmax(axis=1).astype(np.int64))
-    distill(
-        student,
-        teacher,
-        targets,
-        plan.rekd,
-        plan.kd,
-        seed=plan.seed + 3,
-        weights=weights,
-        progress=lambda d, t: progress("re-KD", d, t),
-    )
-    lap("rekd")
     line = line or parent.line
-    version = parent.version + 1
+    fit_idx, sel_idx = _selection(len(transfer), search.selection_fraction, plan.seed)
+    fit = Split(x=transfer.x[fit_idx], y=transfer.y[fit_idx])
+    selection = Split(x=transfer.x[sel_idx], y=transfer.y[sel_idx])
+    sel_target, sel_teacher = p_star[sel_idx].argmax(axis=1), p_t[sel_idx].argmax(axis=1)
+    sel_parent = runtime.predict(selection.x)
+    records: list[CandidateRecord] = []
+    best: tuple[float, int, EdgeLine] | None = None
+    for recipe in search.recipes:
+        if records and time.perf_counter() - started > search.budget_s:
+            break
+        recipe_clock = time.perf_counter()
+        try:
+            trained = _train_candidate(
+                parent,
+                knowledge,
+                recipe,
+                fit,
+                selection,
+                sel_target,
+                plan,
+                config,
+                calibration=transfer.x,  # the parent's: a backbone left alone keeps its int8 features
+                line=line,
+                touched=touched,
+                progress=progress,
+            )
+        except ExportGaveUp as exc:
+            records.append(
+                CandidateRecord(
+                    recipe.name,
+                    "export-failed",
+                    str(exc),
+                    None,
+                    0,
+                    None,
+                    time.perf_counter() - recipe_clock,
+                    [a.as_dict() for a in exc.attempts],
+                )
+            )
+            lap("candidates")
+            continue
+        check = gate(
+            val_labels=selection.y,
+            parent_pred=sel_parent,
+            candidate_pred=trained.selection_pred,
+            target_top1=sel_target,
+            teacher_top1=sel_teacher,
+            touched=touched,
+            config=config,
+        )
+        score = _score(check, config)
+        records.append(
+            CandidateRecord(
+                recipe.name,
+                "passed" if check.approved else "refused",
+                check.reason,
+                check.agreement,
+                check.changed_samples,
+                None
+                if check.untouched_acc_parent is None or check.untouched_acc_candidate is None
+                else check.untouched_acc_parent - check.untouched_acc_candidate,
+                time.perf_counter() - recipe_clock,
+                [a.as_dict() for a in trained.attempts],
+            )
+        )
+        lap("candidates")
+        if best is None or score > best[0]:
+            best = (score, len(records) - 1, trained.line)
+        if check.approved:
+            break
+    if best is None:
+        reason = "every candidate's int8 export gave up: " + "; ".join(r.reason for r in records)
+        return CycleResult("rejected", reason, None, None, moved, timings, records)
+    _, chosen, candidate = best
+    records[chosen] = dataclasses.replace(records[chosen], status="chosen")
+
     p_t_val = predict_proba(parent.teacher, val.x)
     p_star_val, _ = soft_targets(knowledge, p_t_val, runtime.run(val.x)[0], head, config)
-    progress("export", 0, 1)
-    artifact = export_int8(
-        student.eval(), transfer.x, model_id=edge_model_id(line, version), line=line, version=version
-    )
-    candidate = EdgeLine(line, version, teacher.eval(), student, artifact)
-    try:  # the candidate's own labels are the knowledge's targets
-        check_int8_accuracy(artifact, student, Split(x=val.x, y=p_star_val.argmax(axis=1)))
-    except ExportError as exc:
-        return CycleResult("rejected", str(exc), candidate, None, moved, timings)
-    progress("export", 1, 1)
-    lap("export")
-
     verdict = gate(
         val_labels=val.y,
         parent_pred=runtime.predict(val.x),
-        candidate_pred=artifact.load().predict(val.x),
+        candidate_pred=candidate.artifact.load().predict(val.x),
         target_top1=p_star_val.argmax(axis=1),
         teacher_top1=p_t_val.argmax(axis=1),
         touched=touched,
         config=config,
+        support=knowledge.support,
     )
     lap("gate")
     outcome: Literal["approved", "rejected"] = "approved" if verdict.approved else "rejected"
-    return CycleResult(outcome, verdict.reason, candidate, verdict, moved, timings)
+    return CycleResult(outcome, verdict.reason, candidate, verdict, moved, timings, records)

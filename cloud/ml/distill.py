@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -120,30 +119,6 @@ def predict_proba(model: nn.Module, x: npt.NDArray[np.float32], tau: float = 1.0
     model.eval()
     out: npt.NDArray[np.float32] = F.softmax(model(torch.from_numpy(x)) / tau, dim=1).numpy()
     return out
-
-
-def finetune_to_targets(
-    model: M,
-    x: npt.NDArray[np.float32],
-    targets: npt.NDArray[np.float32],
-    weights: npt.NDArray[np.float32],
-    config: TrainConfig,
-    *,
-    seed: int,
-    progress: Progress | None = None,
-) -> M:
-    """A copy of `model` fine-tuned towards soft `targets` (KL at τ = 1), each sample weighted."""
-    tuned = copy.deepcopy(model)
-    gen = seed_everything(seed)
-    xt, pt, wt = torch.from_numpy(x), torch.from_numpy(targets), torch.from_numpy(weights)
-
-    def step(idx: torch.Tensor) -> torch.Tensor:
-        logp = F.log_softmax(tuned(xt[idx]), dim=1)
-        kl = (pt[idx] * (torch.log(pt[idx].clamp_min(1e-8)) - logp)).sum(dim=1)
-        return (wt[idx] * kl).sum() / wt[idx].sum()
-
-    _fit(tuned, len(x), step, config, gen, progress)
-    return tuned
 
 
 def distill(

@@ -23,6 +23,7 @@ class GateVerdict:
     untouched_samples: int
     untouched_acc_parent: float | None
     untouched_acc_candidate: float | None
+    unsupported: int = 0  # changed validation samples whose move no noised evidence supports
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -37,6 +38,7 @@ def gate(
     teacher_top1: IntArray,
     touched: set[int],
     config: RDConfig,
+    support: npt.NDArray[np.bool_] | None = None,
 ) -> GateVerdict:
     """Approve a candidate when (a) it follows the knowledge and (b) untouched classes keep accuracy.
 
@@ -44,13 +46,27 @@ def gate(
 
     Predictions are the int8 models' top-1 on the presumed validation split; `touched` is read from
     the knowledge (classes on either side of a top-1 it changed), never from a scenario.
+
+    With `support` (the cells of the reports' pooled counts that stand out of their noise, which
+    is public under DP and zero without), a third rule does not take the knowledge's targets on
+    trust: every changed sample's move (teacher's top-1 → target) must be one the reports' evidence
+    supports, on at least the agreement share of the changed samples. Noise that made up a
+    preference fails it.
     """
     changed = target_top1 != teacher_top1
     agreement = float((candidate_pred[changed] == target_top1[changed]).mean()) if changed.any() else None
     untouched = ~np.isin(val_labels, sorted(touched))
     acc_parent = float((parent_pred[untouched] == val_labels[untouched]).mean()) if untouched.any() else None
     acc_cand = float((candidate_pred[untouched] == val_labels[untouched]).mean()) if untouched.any() else None
+    unsupported = 0
+    if support is not None and changed.any():
+        unsupported = int((~support[teacher_top1[changed], target_top1[changed]]).sum())
     reasons = []
+    if changed.any() and unsupported > (1 - config.agreement_min) * int(changed.sum()) + 1e-9:
+        reasons.append(
+            f"{unsupported} of {int(changed.sum())} changed validation samples move where the reports' "
+            "evidence does not stand out of their noise"
+        )
     if agreement is None:
         reasons.append("no validation sample has a decision the knowledge changes, so none can be checked")
     elif agreement < config.agreement_min:
@@ -78,4 +94,5 @@ def gate(
         untouched_samples=int(untouched.sum()),
         untouched_acc_parent=acc_parent,
         untouched_acc_candidate=acc_cand,
+        unsupported=unsupported,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -25,8 +26,18 @@ class RDConfig:
     # confident decision moves ≥ 1.0, so θ < 1 only filters soft changes (measured: 0.7, not 0.3).
     theta: float = 0.7
     beta: float = 4.0  # re-KD weight 1 + β·‖p* − p_T‖₁
+    # Re-KD: transfer samples of classes the knowledge leaves alone take the parent student's own
+    # outputs as targets, so the new student keeps the parent's decisions there (the gate's untouched
+    # classes). "unmoved" anchors every sample the knowledge did not move, "none" nothing.
+    anchor: Literal["untouched", "unmoved", "none"] = "untouched"
     delta_weight: float = 0.3  # how much of the head delta's per-sample change enters p_Δ
-    dp_threshold_sigmas: float = 3.0  # noisy DP counts below this many σ are treated as zero
+    # Moved samples' targets are sharpened, p ← p^(1/T) renormalized: their top-1 stays, its margin
+    # grows, so the teacher and student learn a decision rather than a coin toss.
+    target_temperature: float = 1.0
+    # A noised (DP) count is evidence of a preference only this many σ above zero: the cohort's
+    # noise is public, and at 4σ a cohort without a preference shows a false cell about once in
+    # 300 maps of 90 off-diagonal cells.
+    dp_evidence_sigmas: float = 4.0
     agreement_min: float = 0.95  # gate (a)
     untouched_max_drop: float = 0.010  # gate (b)
 
@@ -37,6 +48,10 @@ class Knowledge:
 
     base_model_id: str
     preference: FloatArray  # C×C row-stochastic M̂
+    # C×C: which (model's top-1 → user's label) cells stand out of the reports' noise; without DP,
+    # every off-diagonal cell with a count. Only these moves change a decision.
+    support: npt.NDArray[np.bool_]
+    noised: bool  # some report was noised for differential privacy
     deltas: list[tuple[FloatArray, FloatArray]]  # usable (ΔW, Δb), one per report
     report_count: int
     sample_count: int
@@ -51,13 +66,6 @@ def parse_reports(payloads: list[bytes]) -> list[KnowledgeReport]:
         except ContractError as exc:
             raise KnowledgeError(f"report {i}: {exc}") from None
     return reports
-
-
-def _clean_counts(report: KnowledgeReport, config: RDConfig) -> npt.NDArray[np.float64]:
-    counts = report.counts()
-    if report.privacy is not None:  # post-processing of DP noise costs no privacy
-        counts = np.where(counts > config.dp_threshold_sigmas * report.privacy.sigma_map, counts, 0.0)
-    return counts
 
 
 def _robust_mean(stack: npt.NDArray[np.floating], ignore_nan: bool = False) -> FloatArray:
@@ -99,6 +107,33 @@ def combine_maps(counts: list[npt.NDArray[np.float64]], kappa: float) -> FloatAr
     return out
 
 
+def combine_noised_counts(
+    counts: list[npt.NDArray[np.float64]], sigmas: list[float], kappa: float, evidence_sigmas: float
+) -> tuple[FloatArray, npt.NDArray[np.bool_]]:
+    """(M̂, support) from count matrices of which some carry Gaussian DP noise of known σ.
+
+    Counts are pooled, not normalized per report: a device's row holds a few samples, which its
+    noise swamps, while the cohort's sum (from three reports, the median × their number, so one
+    device cannot steer it) keeps the signal and has noise σ·√K (× 1.25 for the median). An
+    off-diagonal cell counts only where it stands `evidence_sigmas` above zero; the diagonal is
+    kept (clipped at zero), so noise can weaken a class's own evidence but never invent a move.
+    """
+    stack = np.stack(counts)
+    k = len(counts)
+    if k >= ROBUST_MIN_REPORTS:
+        pooled = np.median(stack, axis=0) * k
+        sigma = 1.2533 * float(np.sqrt(np.mean(np.square(sigmas)) * k))
+    else:
+        pooled = stack.sum(axis=0)
+        sigma = float(np.sqrt(np.sum(np.square(sigmas))))
+    c = pooled.shape[0]
+    diagonal = np.eye(c, dtype=bool)
+    support = (pooled > evidence_sigmas * sigma) & ~diagonal
+    kept = np.where(support | diagonal, np.clip(pooled, 0.0, None), 0.0) + kappa * np.eye(c)
+    out: FloatArray = (kept / kept.sum(axis=1, keepdims=True)).astype(np.float32)
+    return out, support
+
+
 def _clip_norms(deltas: list[tuple[FloatArray, FloatArray]]) -> list[tuple[FloatArray, FloatArray]]:
     """Clip every Δ to the lower median of the Δ norms (with two reports: the smaller norm), so one
     report cannot dominate a clipped mean."""
@@ -131,7 +166,14 @@ def combine_reports(reports: list[KnowledgeReport], base: ArtifactManifest, conf
             )
         if (r.num_classes, r.feature_dim) != (base.num_classes, base.feature_dim):
             raise KnowledgeError(f"report {r.msg_id} has the wrong shape for {base.model_id}")
-    combined = combine_maps([_clean_counts(r, config) for r in reports], config.kappa)
+    counts = [r.counts() for r in reports]
+    noised = any(r.privacy is not None for r in reports)
+    if noised:
+        sigmas = [r.privacy.sigma_map if r.privacy is not None else 0.0 for r in reports]
+        combined, support = combine_noised_counts(counts, sigmas, config.kappa, config.dp_evidence_sigmas)
+    else:
+        combined = combine_maps(counts, config.kappa)
+        support = (np.sum(counts, axis=0) > 0) & ~np.eye(len(combined), dtype=bool)
     # A DP report's Δ is used only when it was sent (not when the whole budget went to the map).
     deltas = [r.head_delta() for r in reports if r.privacy is None or r.privacy.sigma_delta is not None]
     if 0 < len(deltas) < ROBUST_MIN_REPORTS:
@@ -139,6 +181,8 @@ def combine_reports(reports: list[KnowledgeReport], base: ArtifactManifest, conf
     return Knowledge(
         base_model_id=base.model_id,
         preference=combined,
+        support=support,
+        noised=noised,
         deltas=deltas,
         report_count=len(reports),
         sample_count=sum(r.sample_count for r in reports),
@@ -157,7 +201,8 @@ def soft_targets(
     The two parts of the knowledge compose: the head delta corrects the teacher's belief at input
     level, `p_Δ = p_T + w·(p_S' − p_S)`, and the preference map then moves that belief at class
     level, `p = p_Δ·M̂`. A head delta fitted on few samples can then soften the map's verdict only
-    by what it actually learned, never by a fixed share. `features` are the int8 artifact's
+    by what it actually learned, never by a fixed share. A top-1 change moves the sample only when
+    the reports' counts support it (`Knowledge.support`). `features` are the int8 artifact's
     features of the same inputs.
     """
     p_in = p_teacher
@@ -169,7 +214,14 @@ def soft_targets(
         p_in /= np.maximum(p_in.sum(axis=1, keepdims=True), 1e-12)
     p = p_in @ knowledge.preference
     change = np.abs(p - p_teacher).sum(axis=1)
-    moved = change > config.theta
+    before, after = p_teacher.argmax(axis=1), p.argmax(axis=1)
+    # A decision moves only along a cell of the reports' evidence: a head delta (or DP noise) cannot
+    # send a sample to a class that no sample of that class was labelled as.
+    supported = (before == after) | knowledge.support[before, after]
+    moved = (change > config.theta) & supported
+    if config.target_temperature != 1.0:
+        p = np.power(np.clip(p, 1e-12, None), 1.0 / config.target_temperature)
+        p /= p.sum(axis=1, keepdims=True)
     p_star = np.where(moved[:, None], p, p_teacher).astype(np.float32)
     return p_star, np.where(moved, change, 0.0).astype(np.float32)
 

@@ -15,7 +15,7 @@ from wire import EncodedArray, KnowledgeReport
 
 if TYPE_CHECKING:
     from cloud.ml.cycle import EdgeLine, TrainingPlan
-    from cloud.ml.data import ScenarioData, Split
+    from cloud.ml.data import ScenarioData, Split, UserData
     from device_firmware_py.runtime import Int8Model
 
 pytestmark = pytest.mark.slow
@@ -167,27 +167,37 @@ def test_one_poisoned_device_of_five_barely_moves_v2(
     assert acc_poisoned > world_accuracy(cohort_base.artifact.load(), world) + 0.05
 
 
-def test_gate_refuses_knowledge_that_breaks_untouched_classes(
-    base_line: EdgeLine, base_model: Int8Model, small_data: ScenarioData, fast_plan: TrainingPlan
-) -> None:
-    # Prepare: a real 3→8 preference from a device whose head delta is broken: it pushes every
-    # input towards class 0, which no label of the user supports
-    dana = small_data.users[0]
+def broken_report(base_model: Int8Model, dana: UserData) -> bytes:
+    """A real 3→8 preference from a device whose head delta is broken: it pushes every input towards
+    class 0, which no label of the user supports."""
     honest = KnowledgeReport.from_bytes(report_bytes(base_model, dana.device_train[0], "dana-d0"))
     dw, db = honest.head_delta()
     db[0] += 30.0
-    broken = honest.model_copy(update={"delta_bias": EncodedArray.from_numpy(db, "float16")})
+    return honest.model_copy(update={"delta_bias": EncodedArray.from_numpy(db, "float16")}).to_bytes()
+
+
+def test_a_broken_head_delta_cannot_move_a_class_the_map_does_not(
+    base_line: EdgeLine, base_model: Int8Model, small_data: ScenarioData, fast_plan: TrainingPlan
+) -> None:
+    # Prepare
+    dana = small_data.users[0]
+    payload = broken_report(base_model, dana)
 
     # Execute
     result = rd_cycle(
-        base_line, [broken.to_bytes()], small_data.train, small_data.val, fast_plan, RDConfig(), line="dana"
+        base_line, [payload], small_data.train, small_data.val, fast_plan, RDConfig(), line="dana"
     )
 
-    # Assert: a candidate was made, refused, and the reason names the untouched classes
-    assert result.outcome == "rejected"
-    assert result.approved is None
-    assert result.candidate is not None
-    assert "untouched" in result.reason
+    # Assert: the preference 3 → 8 is learned, nothing more is sent to class 0 than v1 sends there,
+    # and every candidate tried is on record
+    assert result.outcome == "approved", result.reason
+    assert result.verdict is not None and result.verdict.unsupported == 0
+    assert sum(c.status == "chosen" for c in result.candidates) == 1
+    v2 = result.candidate.artifact.load() if result.candidate else base_model
+    world = dana.world_test
+    assert (v2.predict(world.x) == 0).sum() <= (base_model.predict(world.x) == 0).sum() + 0.01 * len(world)
+    assert world_accuracy(v2, world) > world_accuracy(base_model, world) + 0.05
+    assert (v2.predict(world.x[world.y == 8]) == 8).mean() > 0.9
 
 
 def test_a_line_version_is_stored_and_loaded(

@@ -186,3 +186,23 @@ def test_no_untouched_samples_gives_no_untouched_accuracy() -> None:
     assert verdict.untouched_acc_parent is None
     assert verdict.untouched_acc_candidate is None
     assert verdict.approved
+
+
+def test_noised_knowledge_must_be_supported_by_the_reports_evidence() -> None:
+    # Prepare: the knowledge moves 3 → 8 and the candidate follows it, but the reports' pooled counts
+    # hold no evidence for 3 → 8 that stands out of their DP noise
+    case = dana_case()
+    unsupported = np.zeros((10, 10), dtype=bool)
+    supported = unsupported.copy()
+    supported[3, 8] = True
+
+    # Execute
+    refused = gate(**case, touched={3, 8}, config=RDConfig(), support=unsupported)
+    approved = gate(**case, touched={3, 8}, config=RDConfig(), support=supported)
+
+    # Assert
+    assert not refused.approved
+    assert refused.unsupported == 20
+    assert "evidence" in refused.reason
+    assert approved.approved
+    assert approved.unsupported == 0

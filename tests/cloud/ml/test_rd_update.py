@@ -296,26 +296,64 @@ def test_three_or_more_reports_keep_their_deltas_for_the_median(base_line: EdgeL
     assert [delta_norm(d) for d in knowledge.deltas] == pytest.approx([1.0, 2.0, 64.0])
 
 
-def test_dp_counts_under_three_sigma_are_zeroed(base_line: EdgeLine) -> None:
-    # Prepare: σ_map = 2, so counts ≤ 6 are noise
+def test_dp_noise_alone_never_moves_a_class(base_line: EdgeLine) -> None:
+    # Prepare: a device with 30 samples (3 a class) and no preference; its noise (σ = 1.84) put 6.5
+    # in cell 3→8 and took the diagonal of row 3 below zero: yesterday's per-report threshold kept
+    # the 6.5 and zeroed the diagonal, so every "3" moved to 8
     manifest = base_line.artifact.manifest
-    counts = (np.eye(C) * 20.0).astype(np.float32)
-    counts[3, 8] = 5.5  # under 3σ: zeroed
-    counts[2, 7] = -3.0  # negative noise: zeroed
-    counts[4, 9] = 7.0  # over 3σ: kept
-    counts[4, 4] = 28.0
-    report = make_report(manifest.model_id, counts, privacy=privacy(2.0, None), sample_count=200)
+    counts = (np.eye(C) * 3.0).astype(np.float32)
+    counts[3, 3] = -1.0
+    counts[3, 8] = 6.5
+    report = make_report(manifest.model_id, counts, privacy=privacy(1.84, None), sample_count=30)
+
+    # Execute
+    knowledge = combine_reports([report], manifest, RDConfig())
+
+    # Assert: 6.5 is under 4σ, so it is not evidence; the row stays on its own class
+    assert knowledge.noised
+    assert not knowledge.support.any()
+    assert knowledge.preference[3].argmax() == 3
+    assert knowledge.preference[3, 8] == 0.0
+
+
+def test_dp_evidence_pools_across_devices(base_line: EdgeLine) -> None:
+    # Prepare: four devices (σ = 2) each saw six "3"s labelled 8: alone, 6 is under 4σ = 8; the
+    # cohort's median × 4 = 24 stands above 4 × 1.25σ√4 ≈ 20
+    manifest = base_line.artifact.manifest
+    per_device = (np.eye(C) * 6.0).astype(np.float32)
+    per_device[3, 3] = 0.0
+    per_device[3, 8] = 6.0
+    reports = [
+        make_report(manifest.model_id, per_device, privacy=privacy(2.0, None), device_id=f"dana-d{i}")
+        for i in range(4)
+    ]
+
+    # Execute
+    alone = combine_reports(reports[:1], manifest, RDConfig())
+    pooled = combine_reports(reports, manifest, RDConfig())
+
+    # Assert
+    assert not alone.support[3, 8]
+    assert alone.preference[3].argmax() == 3
+    assert pooled.support[3, 8]
+    assert pooled.preference[3].argmax() == 8
+
+
+def test_dp_combination_keeps_a_real_preference_of_a_large_store(base_line: EdgeLine) -> None:
+    # Prepare: 150 samples, 15 "3"s all labelled 8, σ = 1.84: 15 stands out of the noise
+    manifest = base_line.artifact.manifest
+    counts = (np.eye(C) * 15.0).astype(np.float32)
+    counts[3, 3] = 0.4
+    counts[3, 8] = 15.3
+    report = make_report(manifest.model_id, counts, privacy=privacy(1.84, None), sample_count=150)
 
     # Execute
     knowledge = combine_reports([report], manifest, RDConfig())
 
     # Assert
-    assert knowledge.preference[3, 8] == 0.0
-    assert knowledge.preference[3, 3] == 1.0
-    assert knowledge.preference[2, 7] == 0.0
-    assert knowledge.preference[2, 2] == 1.0
-    assert knowledge.preference[4, 9] == pytest.approx(7.0 / 40.0)
-    assert knowledge.preference[4, 4] == pytest.approx(33.0 / 40.0)
+    assert knowledge.support[3, 8]
+    assert knowledge.preference[3].argmax() == 8
+    assert knowledge.preference[3, 8] == pytest.approx(15.3 / (15.3 + 0.4 + 5.0))
 
 
 def test_dp_report_without_a_delta_contributes_only_its_map(base_line: EdgeLine) -> None:
