@@ -16,6 +16,11 @@ MAX_USERS = 4
 MAX_DEVICES = 5
 MIN_PRIVATE_TRAIN = 20  # the device's default min_samples: every device of a generated user reports
 MAX_PRIVATE_TRAIN = 150
+MIN_PRIVATE_TEST = 60
+# A manufacturer's presumed data outweighs its users' private data: generated users take at most
+# this share of the dataset, so the cloud keeps a real transfer set (digits has only 1,797 samples;
+# at a quarter presumed, the transfer set fell to ~250 samples, 25 a class, for four relabelled classes).
+PRIVATE_SHARE = 0.45
 NO_PREFERENCE_SHARE = 0.2
 
 
@@ -71,14 +76,25 @@ def _label_map(kind: str, rng: np.random.Generator) -> dict[str, int]:
 
 
 def _fit_pools(users: list[dict[str, Any]]) -> None:
-    """Shrink private training pools, largest first, until a quarter of the dataset stays presumed."""
-    budget = DIGITS_SAMPLES - DIGITS_SAMPLES // 4
-    while (over := sum(u["devices"] * u["private_train"] + u["private_test"] for u in users) - budget) > 0:
+    """Shrink private pools until they take at most PRIVATE_SHARE of the dataset: training pools,
+    largest first, down to MIN_PRIVATE_TRAIN, then test pools, largest first, down to MIN_PRIVATE_TEST."""
+    budget = int(DIGITS_SAMPLES * PRIVATE_SHARE)
+
+    def over() -> int:
+        return sum(u["devices"] * u["private_train"] + u["private_test"] for u in users) - budget
+
+    while (excess := over()) > 0:
         user = max(users, key=lambda u: u["devices"] * u["private_train"])
-        cut = min(-(-over // user["devices"]), user["private_train"] - MIN_PRIVATE_TRAIN)
-        if cut <= 0:  # cannot happen with these bounds (at most 4 × 5 × 20 + 4 × 150 = 1,000)
-            raise AssertionError("private pools cannot be shrunk to fit the dataset")
+        cut = min(-(-excess // user["devices"]), user["private_train"] - MIN_PRIVATE_TRAIN)
+        if cut <= 0:
+            break
         user["private_train"] -= cut
+    while (excess := over()) > 0:
+        user = max(users, key=lambda u: u["private_test"])
+        cut = min(excess, user["private_test"] - MIN_PRIVATE_TEST)
+        if cut <= 0:  # cannot happen with these bounds (at most 4 × (5 × 20 + 60) = 640 samples)
+            raise AssertionError("private pools cannot be shrunk to fit the dataset")
+        user["private_test"] -= cut
 
 
 def generate_scenario(seed: int, index: int) -> Scenario:

@@ -16,6 +16,7 @@ from cloud.sim.generate import (
     DIGITS_CLASSES,
     DIGITS_SAMPLES,
     KINDS,
+    PRIVATE_SHARE,
     generate_scenario,
     generate_scenarios,
     preference_kind,
@@ -95,17 +96,17 @@ def test_every_generated_scenario_validates_and_fits_the_dataset() -> None:
             assert round(user.noise_std, 1) == user.noise_std
             assert 1 <= user.devices <= 5
             assert 20 <= user.private_train <= 150
-            assert 100 <= user.private_test <= 150
+            assert 60 <= user.private_test <= 150
 
 
 def test_pools_too_large_for_the_dataset_are_shrunk_to_just_fit() -> None:
     # Prepare
-    budget = DIGITS_SAMPLES - DIGITS_SAMPLES // 4
+    budget = int(DIGITS_SAMPLES * PRIVATE_SHARE)
 
     # Execute
     suite = generate_scenarios(300, 11)
 
-    # Assert: no scenario takes more than three quarters of the data, and those drawn too large take it all
+    # Assert: no scenario's users take more than their share, and those drawn too large take it all
     used = [sum(u.devices * u.private_train + u.private_test for u in s.users) for s in suite]
     assert max(used) <= budget
     assert any(budget - 5 < n for n in used)
