@@ -26,12 +26,13 @@ def small_scenario():  # type: ignore[no-untyped-def]
     from cloud.ml.scenario import parse_scenario
 
     return parse_scenario(
-        """{"name": "small", "dataset": "digits", "seed": %d,
+        """{"name": "small", "dataset": "digits", "seed": FIXTURE_SEED,
             "presumed": {"test_fraction": 0.2, "val_fraction": 0.3},
             "users": [
               {"id": "dana", "label_map": {"3": 8}, "private_train": 100, "private_test": 100},
-              {"id": "eve", "label_map": {}, "private_train": 100, "private_test": 100}]}"""
-        % FIXTURE_SEED
+              {"id": "eve", "label_map": {}, "private_train": 100, "private_test": 100}]}""".replace(
+            "FIXTURE_SEED", str(FIXTURE_SEED)
+        )
     )
 
 

@@ -174,6 +174,12 @@ class Recipe:
         )
 
 
+# Alternatives a search may add after re-KD (see docs/learning-loop.md: not yet on by default).
+ANCHORED = Recipe("anchored", anchor="untouched")  # keeps the parent's decisions on untouched classes
+LONGER = Recipe("longer", teacher_epochs=30, rekd_epochs=250)  # follows the knowledge more closely
+HEAD = Recipe("head", train="head")  # the backbone (and its int8 features) stays the parent's
+
+
 @dataclass(frozen=True)
 class SearchConfig:
     """The candidate search: recipes tried in order until one passes the gate's rules on the selection
@@ -181,8 +187,6 @@ class SearchConfig:
 
     recipes: tuple[Recipe, ...] = (
         Recipe("re-KD"),  # DESIGN's: the teacher fine-tuned towards p*, the student distilled from it
-        Recipe("anchored", anchor="untouched"),  # keeps the parent's decisions on untouched classes
-        Recipe("longer", teacher_epochs=30, rekd_epochs=250),  # follows the knowledge more closely
     )
     selection_fraction: float = 0.2  # of the transfer set, held out from every candidate's training
     budget_s: float = 60.0  # no new recipe starts after this long
@@ -258,7 +262,7 @@ def _train_candidate(
     p_fit = F.softmax(targets(torch.from_numpy(fit.x)), dim=1).numpy()
     p_t = predict_proba(parent.teacher, fit.x)
     change = np.abs(p_fit - p_t).sum(axis=1)
-    weights = (1.0 + cfg.beta * np.where(p_fit.argmax(1) != p_t.argmax(1), change, 0.0)).astype(np.float32)
+    weights = (1.0 + cfg.beta * change).astype(np.float32)  # p* is p_T where nothing moved
     teacher_plan = plan.teacher_finetune
     if recipe.teacher_epochs is not None:
         teacher_plan = dataclasses.replace(teacher_plan, epochs=recipe.teacher_epochs)
@@ -371,12 +375,14 @@ def rd_cycle(
 
     line = line or parent.line
     fit_idx, sel_idx = _selection(len(transfer), search.selection_fraction, plan.seed)
-    fit = Split(x=transfer.x[fit_idx], y=transfer.y[fit_idx])
+    # With one recipe there is nothing to choose: it trains on everything, the selection split only
+    # checks its export.
+    fit = transfer if len(search.recipes) == 1 else Split(x=transfer.x[fit_idx], y=transfer.y[fit_idx])
     selection = Split(x=transfer.x[sel_idx], y=transfer.y[sel_idx])
     sel_target, sel_teacher = p_star[sel_idx].argmax(axis=1), p_t[sel_idx].argmax(axis=1)
     sel_parent = runtime.predict(selection.x)
     records: list[CandidateRecord] = []
-    best: tuple[float, int, EdgeLine] | None = None
+    best: tuple[float, int, Recipe, EdgeLine] | None = None
     for recipe in search.recipes:
         if records and time.perf_counter() - started > search.budget_s:
             break
@@ -437,14 +443,33 @@ def rd_cycle(
         )
         lap("candidates")
         if best is None or score > best[0]:
-            best = (score, len(records) - 1, trained.line)
+            best = (score, len(records) - 1, recipe, trained.line)
         if check.approved:
             break
     if best is None:
         reason = "every candidate's int8 export gave up: " + "; ".join(r.reason for r in records)
         return CycleResult("rejected", reason, None, None, moved, timings, records)
-    _, chosen, candidate = best
+    _, chosen, recipe, candidate = best
     records[chosen] = dataclasses.replace(records[chosen], status="chosen")
+    if fit is not transfer:  # the chosen recipe again, on the whole transfer set: nothing held back
+        try:
+            candidate = _train_candidate(
+                parent,
+                knowledge,
+                recipe,
+                transfer,
+                selection,
+                sel_target,
+                plan,
+                config,
+                calibration=transfer.x,
+                line=line,
+                touched=touched,
+                progress=progress,
+            ).line
+        except ExportGaveUp:  # keep the candidate the selection judged
+            pass
+    lap("final")
 
     p_t_val = predict_proba(parent.teacher, val.x)
     p_star_val, _ = soft_targets(knowledge, p_t_val, runtime.run(val.x)[0], head, config)

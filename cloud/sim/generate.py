@@ -81,7 +81,7 @@ def _fit_pools(users: list[dict[str, Any]]) -> None:
     budget = int(DIGITS_SAMPLES * PRIVATE_SHARE)
 
     def over() -> int:
-        return sum(u["devices"] * u["private_train"] + u["private_test"] for u in users) - budget
+        return int(sum(u["devices"] * u["private_train"] + u["private_test"] for u in users)) - budget
 
     while (excess := over()) > 0:
         user = max(users, key=lambda u: u["devices"] * u["private_train"])
