@@ -195,7 +195,8 @@ def test_a_broken_head_delta_cannot_move_a_class_the_map_does_not(
     assert sum(c.status == "chosen" for c in result.candidates) == 1
     v2 = result.candidate.artifact.load() if result.candidate else base_model
     world = dana.world_test
-    assert (v2.predict(world.x) == 0).sum() <= (base_model.predict(world.x) == 0).sum() + 0.01 * len(world)
+    # (a delta obeyed would send dozens there; retraining shifts a few boundary samples either way)
+    assert (v2.predict(world.x) == 0).sum() <= (base_model.predict(world.x) == 0).sum() + 0.02 * len(world)
     assert world_accuracy(v2, world) > world_accuracy(base_model, world) + 0.05
     assert (v2.predict(world.x[world.y == 8]) == 8).mean() > 0.9
 
