@@ -280,11 +280,13 @@ def _train_candidate(
     teacher.eval()
     # Re-KD from the updated teacher; with an anchor, the parent student's own outputs where the
     # updated teacher's decision is on a class the knowledge left alone.
-    identity = dataclasses.replace(knowledge, preference=np.eye(len(knowledge.preference), dtype=np.float32))
+    passthrough = dataclasses.replace(
+        knowledge, preference=np.eye(len(knowledge.preference), dtype=np.float32), deltas=[]
+    )
     source = KnowledgeTargets(
         teacher,
         parent.student,
-        dataclasses.replace(identity, deltas=[]),
+        passthrough,
         cfg,
         anchor=parent.student if cfg.anchor != "none" else None,
         anchored_classes=set(touched) if cfg.anchor == "untouched" else set(),
