@@ -4,7 +4,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Self
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from cloud.api.deps import ReaderDep, Viewer
 from cloud.api.schemas import TelemetryPublic
@@ -13,13 +13,26 @@ from cloud.registry import telemetry
 router = APIRouter(prefix="/api/v1/telemetry", tags=["telemetry"])
 
 
+def _iso_8601(value: object) -> object:
+    """Only ISO 8601 text: pydantic would otherwise read `0.0` as a Unix time the schema never offers."""
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError("not an ISO 8601 date-time (e.g. 2026-01-01T00:00:00Z)") from None
+    return value
+
+
+IsoDateTime = Annotated[datetime, BeforeValidator(_iso_8601)]
+
+
 class TelemetryQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     device_id: str | None = Field(None, max_length=63)
     model_id: str | None = Field(None, max_length=128)
-    since: datetime | None = Field(None, description="inclusive, ISO 8601 with a time zone")
-    until: datetime | None = Field(None, description="exclusive, ISO 8601 with a time zone")
+    since: IsoDateTime | None = Field(None, description="inclusive, ISO 8601 with a time zone")
+    until: IsoDateTime | None = Field(None, description="exclusive, ISO 8601 with a time zone")
     limit: int = Field(1000, ge=1, le=10_000)
     offset: int = Field(0, ge=0, le=1_000_000_000)
 
