@@ -100,7 +100,9 @@ CASES: dict[str, Bad] = {
     "naive since": Bad(
         "GET", "/api/v1/telemetry", 422, ("since", "time zone"), {"params": {"since": "2026-01-01T00:00:00"}}
     ),
-    "numeric since": Bad("GET", "/api/v1/telemetry", 422, ("since", "ISO 8601"), {"params": {"since": "0.0"}}),
+    "numeric since": Bad(
+        "GET", "/api/v1/telemetry", 422, ("since", "ISO 8601"), {"params": {"since": "0.0"}}
+    ),
     "since after until": Bad(
         "GET",
         "/api/v1/telemetry",
