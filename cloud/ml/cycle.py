@@ -163,6 +163,15 @@ class Recipe:
     beta: float | None = None  # None: RDConfig's
     teacher_epochs: int | None = None  # None: the plan's
     rekd_epochs: int | None = None
+    # The hard labels of the α·CE terms: "target", the top-1 of p*; "mapped", on the samples the
+    # knowledge did not move, the transfer set's own labels sent through the knowledge's class map
+    # (`Knowledge.mapped_labels`), so that a sample the teacher got wrong is not taught wrong again.
+    labels: Literal["target", "mapped"] = "target"
+    teacher_alpha: float = 0.0  # the teacher update's α·CE on those labels
+    # "relabelled": the student's head starts as the parent's composed with the knowledge's class map
+    # (relabel_head); when that map is a permutation the composition is exact and a head-only recipe
+    # keeps it as it is.
+    head_init: Literal["parent", "relabelled"] = "parent"
 
     def rd(self, config: RDConfig) -> RDConfig:
         """`config` with this recipe's knobs."""
@@ -174,9 +183,17 @@ class Recipe:
         )
 
 
-# Alternatives a search may add after re-KD (see docs/learning-loop.md: not yet on by default).
-ANCHORED = Recipe("anchored", anchor="untouched")  # keeps the parent's decisions on untouched classes
-LONGER = Recipe("longer", teacher_epochs=30, rekd_epochs=250)  # follows the knowledge more closely
+# The search's default recipes (docs/learning-loop.md has the dev suite's figures behind them).
+# The parent's own decisions relabelled: exact for a class map that is a permutation (swaps, cycles).
+RELABEL = Recipe("relabel", train="head", head_init="relabelled")
+# DESIGN's teacher update and re-KD, keeping the parent's decisions on untouched classes and the
+# presumed labels wherever the knowledge moved nothing.
+REKD = Recipe("re-KD", anchor="untouched", labels="mapped", teacher_alpha=0.5, beta=8.0)
+# The same re-KD started from the relabelled parent: the class map's moves are in place before training.
+RELABEL_REKD = dataclasses.replace(REKD, name="relabel+re-KD", head_init="relabelled")
+# Alternatives measured on the dev suite and left out of the default search.
+PLAIN = Recipe("plain re-KD")  # p* and the updated teacher alone: untouched classes drift
+LONGER = dataclasses.replace(REKD, name="longer", teacher_epochs=30, rekd_epochs=250)
 HEAD = Recipe("head", train="head")  # the backbone (and its int8 features) stays the parent's
 
 
@@ -185,11 +202,18 @@ class SearchConfig:
     """The candidate search: recipes tried in order until one passes the gate's rules on the selection
     split, within a time budget; the best is then judged once by the gate on the validation split."""
 
-    recipes: tuple[Recipe, ...] = (
-        Recipe("re-KD"),  # DESIGN's: the teacher fine-tuned towards p*, the student distilled from it
-    )
+    recipes: tuple[Recipe, ...] = (RELABEL, REKD, RELABEL_REKD)
     selection_fraction: float = 0.2  # of the transfer set, held out from every candidate's training
     budget_s: float = 60.0  # no new recipe starts after this long
+
+
+def applies(recipe: Recipe, knowledge: Knowledge) -> bool:
+    """Whether `recipe` can make a candidate of this knowledge: an exact relabelling needs a class map
+    that permutes some classes."""
+    if recipe.head_init != "relabelled" or recipe.train != "head":
+        return True
+    mapping = knowledge.class_map()
+    return len(set(mapping.tolist())) == len(mapping) and bool((mapping != np.arange(len(mapping))).any())
 
 
 @dataclass(frozen=True)
@@ -263,6 +287,9 @@ def _train_candidate(
     p_t = predict_proba(parent.teacher, fit.x)
     change = np.abs(p_fit - p_t).sum(axis=1)
     weights = (1.0 + cfg.beta * change).astype(np.float32)  # p* is p_T where nothing moved
+    hard = p_fit.argmax(axis=1)
+    if recipe.labels == "mapped":  # a moved sample keeps its target: the gate checks exactly that
+        hard = np.where(change > 0, hard, knowledge.mapped_labels(fit.y))
     teacher_plan = plan.teacher_finetune
     if recipe.teacher_epochs is not None:
         teacher_plan = dataclasses.replace(teacher_plan, epochs=recipe.teacher_epochs)
@@ -270,9 +297,9 @@ def _train_candidate(
     distill(  # towards p* at τ = 1 (no hard labels), on the samples and their shifted copies
         teacher,
         targets,
-        Split(x=fit.x, y=p_fit.argmax(axis=1)),
+        Split(x=fit.x, y=hard),
         dataclasses.replace(teacher_plan, augment=recipe.teacher_augment),
-        KDConfig(alpha=0.0, tau=1.0),
+        KDConfig(alpha=recipe.teacher_alpha, tau=1.0),
         seed=plan.seed + 2,
         weights=weights,
         progress=lambda d, t: progress("teacher", d, t),
@@ -280,6 +307,7 @@ def _train_candidate(
     teacher.eval()
     # Re-KD from the updated teacher; with an anchor, the parent student's own outputs where the
     # updated teacher's decision is on a class the knowledge left alone.
+    touched_map = knowledge.class_map()
     passthrough = dataclasses.replace(
         knowledge, preference=np.eye(len(knowledge.preference), dtype=np.float32), deltas=[]
     )
@@ -290,23 +318,35 @@ def _train_candidate(
         cfg,
         anchor=parent.student if cfg.anchor != "none" else None,
         anchored_classes=set(touched) if cfg.anchor == "untouched" else set(),
+        # which classes an input belongs to is the parent teacher's call, as in the knowledge: the
+        # updated teacher may call a sample the knowledge moves by an untouched class's name
+        anchor_by=parent.teacher,
+        # the parent's doubts towards a class the user relabels follow the class map; noise in M̂'s
+        # other rows stays out of the classes the knowledge leaves alone
+        anchor_map=np.eye(len(touched_map), dtype=np.float32)[touched_map],
     )
     student = copy.deepcopy(parent.student)
     rekd_plan = plan.rekd
     if recipe.rekd_epochs is not None:
         rekd_plan = dataclasses.replace(rekd_plan, epochs=recipe.rekd_epochs)
+    exact = False
+    if recipe.head_init == "relabelled":
+        with torch.no_grad():
+            floor = float(parent.student(torch.from_numpy(fit.x)).min())
+        exact = relabel_head(student, knowledge.class_map(), floor)
     if recipe.train == "head":
         student.backbone.requires_grad_(False)  # Adam skips parameters without gradients
-    distill(
-        student,
-        source,
-        Split(x=fit.x, y=p_fit.argmax(axis=1)),
-        rekd_plan,
-        plan.kd,
-        seed=plan.seed + 3,
-        weights=weights,
-        progress=lambda d, t: progress("re-KD", d, t),
-    )
+    if not (exact and recipe.train == "head"):
+        distill(
+            student,
+            source,
+            Split(x=fit.x, y=hard),
+            rekd_plan,
+            plan.kd,
+            seed=plan.seed + 3,
+            weights=weights,
+            progress=lambda d, t: progress("re-KD", d, t),
+        )
     student.requires_grad_(True)
     version = parent.version + 1
     student, artifact, attempts = export_guarded(
@@ -321,6 +361,27 @@ def _train_candidate(
     )
     trained = EdgeLine(line, version, teacher, student, artifact, attempts)
     return _Trained(trained, attempts, artifact.load().predict(selection.x))
+
+
+@torch.no_grad()
+def relabel_head(student: Student, mapping: IntArray, floor: float) -> bool:
+    """Compose the student's head with a class map (`Knowledge.class_map`), in place; True if exact.
+
+    Class j's row becomes the row of the class mapped onto it: a permutation of the classes (a swap,
+    a cycle) is then the parent's own decisions relabelled, bit for bit on every other class. Rows
+    mapped onto one class are summed (a starting point for training, not exact), and a class nothing
+    maps onto gets a zero row with bias `floor` (the parent's lowest logit), so it is never top-1.
+    """
+    weight, bias = student.head.weight.clone(), student.head.bias.clone()
+    exact = True
+    for j in range(len(mapping)):
+        sources = torch.from_numpy(np.flatnonzero(mapping == j))
+        if len(sources) == 0:
+            student.head.weight[j], student.head.bias[j] = 0.0, floor
+        else:
+            student.head.weight[j], student.head.bias[j] = weight[sources].sum(0), bias[sources].sum()
+        exact = exact and len(sources) == 1
+    return exact
 
 
 def _score(check: GateVerdict, config: RDConfig) -> float:
@@ -376,16 +437,17 @@ def rd_cycle(
         )
 
     line = line or parent.line
+    recipes = [r for r in search.recipes if applies(r, knowledge)] or [REKD]
     fit_idx, sel_idx = _selection(len(transfer), search.selection_fraction, plan.seed)
     # With one recipe there is nothing to choose: it trains on everything, the selection split only
     # checks its export.
-    fit = transfer if len(search.recipes) == 1 else Split(x=transfer.x[fit_idx], y=transfer.y[fit_idx])
+    fit = transfer if len(recipes) == 1 else Split(x=transfer.x[fit_idx], y=transfer.y[fit_idx])
     selection = Split(x=transfer.x[sel_idx], y=transfer.y[sel_idx])
     sel_target, sel_teacher = p_star[sel_idx].argmax(axis=1), p_t[sel_idx].argmax(axis=1)
     sel_parent = runtime.predict(selection.x)
     records: list[CandidateRecord] = []
     best: tuple[float, int, Recipe, EdgeLine] | None = None
-    for recipe in search.recipes:
+    for recipe in recipes:
         if records and time.perf_counter() - started > search.budget_s:
             break
         recipe_clock = time.perf_counter()

@@ -8,6 +8,8 @@ learn the user's difference in the neighbourhood of every transfer sample, not o
 
 from __future__ import annotations
 
+import numpy as np
+import numpy.typing as npt
 import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
@@ -23,9 +25,12 @@ class KnowledgeTargets(nn.Module):
     Moved inputs get τ·log p*, so that a consumer distilling at temperature `tau` learns p* itself
     (softening a target that is already a probability would flatten the user's decision); unmoved
     inputs get the teacher's logits, softened by the consumer as in any KD. With an `anchor` (the
-    parent student), inputs the knowledge does not move and whose teacher top-1
-    is none of `anchored_classes` take the anchor's logits instead: a student trained on these
-    targets keeps the parent's decisions on the classes the knowledge leaves alone.
+    parent student), inputs the knowledge does not move and whose top-1 by `anchor_by` (the parent
+    teacher, whose beliefs the knowledge moved; by default `teacher`) is none of `anchored_classes`
+    take the anchor's logits instead (with `anchor_map`, the anchor's belief pushed through that
+    preference map, so the parent's doubts towards a class the user relabelled follow the user):
+    a student trained on these targets keeps the parent's decisions on the classes the knowledge
+    leaves alone.
     """
 
     def __init__(
@@ -37,10 +42,14 @@ class KnowledgeTargets(nn.Module):
         *,
         anchor: nn.Module | None = None,
         anchored_classes: set[int] | None = None,
+        anchor_by: nn.Module | None = None,
+        anchor_map: npt.NDArray[np.float32] | None = None,
         tau: float = 1.0,
     ) -> None:
         super().__init__()
         self.teacher, self.student, self.anchor = teacher, student, anchor
+        self.anchor_by = anchor_by or teacher
+        self.anchor_map = None if anchor_map is None else torch.from_numpy(anchor_map)
         self.preference = torch.from_numpy(knowledge.preference)
         self.support = torch.from_numpy(knowledge.support)
         deltas = knowledge.deltas if config.delta_weight > 0 else []
@@ -75,6 +84,10 @@ class KnowledgeTargets(nn.Module):
             p = p / p.sum(dim=1, keepdim=True)
         logits = torch.where(moved[:, None], self.tau * torch.log(p.clamp_min(1e-12)), self.teacher(x))
         if self.anchor is not None:
-            keep = ~moved & self.free[p_t.argmax(dim=1)]
-            logits = torch.where(keep[:, None], self.anchor(x), logits)
+            decided = p_t if self.anchor_by is self.teacher else F.softmax(self.anchor_by(x), dim=1)
+            keep = ~moved & self.free[decided.argmax(dim=1)]
+            anchored = self.anchor(x)
+            if self.anchor_map is not None:  # the parent's belief moved by the knowledge, as p* is
+                anchored = torch.log((F.softmax(anchored, dim=1) @ self.anchor_map).clamp_min(1e-12))
+            logits = torch.where(keep[:, None], anchored, logits)
         return logits

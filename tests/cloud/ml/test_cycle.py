@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pytest
 
-from cloud.ml.cycle import rd_cycle
+from cloud.ml.cycle import PLAIN, SearchConfig, rd_cycle
 from cloud.ml.rd_update import RDConfig
 from device_firmware_py.rd import extract_knowledge
 from wire import EncodedArray, KnowledgeReport
@@ -19,6 +19,12 @@ if TYPE_CHECKING:
     from device_firmware_py.runtime import Int8Model
 
 pytestmark = pytest.mark.slow
+
+# The head delta is off by default (RDConfig.delta_weight); the tests of its robust combination
+# turn it on as a deployment may, with the plain re-KD it was measured with, so that a poisoned or
+# broken delta has something to steer.
+WITH_DELTA = RDConfig(delta_weight=0.3)
+PLAIN_SEARCH = SearchConfig(recipes=(PLAIN,))
 
 
 def world_accuracy(model: Int8Model, world: Split) -> float:
@@ -138,7 +144,14 @@ def clean_accuracy(
     cohort: ScenarioData, cohort_base: EdgeLine, cohort_reports: list[bytes], fast_plan: TrainingPlan
 ) -> float:
     result = rd_cycle(
-        cohort_base, cohort_reports, cohort.train, cohort.val, fast_plan, RDConfig(), line="joe"
+        cohort_base,
+        cohort_reports,
+        cohort.train,
+        cohort.val,
+        fast_plan,
+        WITH_DELTA,
+        line="joe",
+        search=PLAIN_SEARCH,
     )
     assert result.approved is not None, result.reason
     return world_accuracy(result.approved.artifact.load(), cohort.users[0].world_test)
@@ -157,7 +170,16 @@ def test_one_poisoned_device_of_five_barely_moves_v2(
     poisoned = [*cohort_reports[:4], with_delta(cohort_reports[4], factor)]
 
     # Execute
-    result = rd_cycle(cohort_base, poisoned, cohort.train, cohort.val, fast_plan, RDConfig(), line="joe")
+    result = rd_cycle(
+        cohort_base,
+        poisoned,
+        cohort.train,
+        cohort.val,
+        fast_plan,
+        WITH_DELTA,
+        line="joe",
+        search=PLAIN_SEARCH,
+    )
 
     # Assert: approved, within one point of the clean run on joe's world, and better than v1
     assert result.approved is not None, result.reason
@@ -185,7 +207,14 @@ def test_a_broken_head_delta_cannot_move_a_class_the_map_does_not(
 
     # Execute
     result = rd_cycle(
-        base_line, [payload], small_data.train, small_data.val, fast_plan, RDConfig(), line="dana"
+        base_line,
+        [payload],
+        small_data.train,
+        small_data.val,
+        fast_plan,
+        WITH_DELTA,
+        line="dana",
+        search=PLAIN_SEARCH,
     )
 
     # Assert: the preference 3 → 8 is learned, nothing more is sent to class 0 than v1 sends there,

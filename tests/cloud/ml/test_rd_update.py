@@ -523,8 +523,9 @@ def test_one_wild_head_delta_of_five_does_not_move_targets(
     x = small_data.val.x
     p_t = predict_proba(base_line.teacher, x)
     features, head = base_model.run(x)[0], base_model.head()
-    # θ = 0.3 lets even soft changes through, so the median alone must hold the wild Δ back
-    config = RDConfig(theta=0.3)
+    # θ = 0.3 lets even soft changes through, so the median alone must hold the wild Δ back (with the
+    # head delta on, as a deployment may configure it)
+    config = RDConfig(theta=0.3, delta_weight=0.3)
     alone = combine_reports(reports[4:], manifest, config)
     assert (soft_targets(alone, p_t, features, head, config)[1] > 0).any()  # alone, it moves p*
 
