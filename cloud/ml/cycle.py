@@ -294,7 +294,7 @@ def _train_candidate(
     if recipe.teacher_epochs is not None:
         teacher_plan = dataclasses.replace(teacher_plan, epochs=recipe.teacher_epochs)
     teacher = copy.deepcopy(parent.teacher)
-    distill(  # towards p* at τ = 1 (no hard labels), on the samples and their shifted copies
+    distill(  # towards p* at τ = 1 (+ the recipe's α·CE), on the samples (and shifted copies)
         teacher,
         targets,
         Split(x=fit.x, y=hard),
@@ -306,8 +306,8 @@ def _train_candidate(
     )
     teacher.eval()
     # Re-KD from the updated teacher; with an anchor, the parent student's own outputs where the
-    # updated teacher's decision is on a class the knowledge left alone.
-    touched_map = knowledge.class_map()
+    # parent teacher's decision is on a class the knowledge left alone.
+    class_map = knowledge.class_map()
     passthrough = dataclasses.replace(
         knowledge, preference=np.eye(len(knowledge.preference), dtype=np.float32), deltas=[]
     )
@@ -323,7 +323,7 @@ def _train_candidate(
         anchor_by=parent.teacher,
         # the parent's doubts towards a class the user relabels follow the class map; noise in M̂'s
         # other rows stays out of the classes the knowledge leaves alone
-        anchor_map=np.eye(len(touched_map), dtype=np.float32)[touched_map],
+        anchor_map=np.eye(len(class_map), dtype=np.float32)[class_map],
     )
     student = copy.deepcopy(parent.student)
     rekd_plan = plan.rekd
@@ -333,7 +333,7 @@ def _train_candidate(
     if recipe.head_init == "relabelled":
         with torch.no_grad():
             floor = float(parent.student(torch.from_numpy(fit.x)).min())
-        exact = relabel_head(student, knowledge.class_map(), floor)
+        exact = relabel_head(student, class_map, floor)
     if recipe.train == "head":
         student.backbone.requires_grad_(False)  # Adam skips parameters without gradients
     if not (exact and recipe.train == "head"):
