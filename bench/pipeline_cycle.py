@@ -71,7 +71,7 @@ SCENARIO = ROOT / "scenarios" / "digits-two-users.json"
 USER = "alice"
 TARGET_S = 60.0
 FINISHED = (JobState.succeeded, JobState.failed)
-STAGES = ("rd_targets", "teacher_update", "rekd", "export", "gate")  # the job's own timings (cloud.ml.cycle)
+STAGES = ("rd_targets", "candidates", "final", "gate")  # the job's own timings (cloud.ml.cycle.rd_cycle)
 
 
 # --- the line and each run's cohort -----------------------------------------------------------------
