@@ -17,17 +17,14 @@ import os
 import platform
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from bench.learning_suite import _init_worker, _load_dir, crash_text
+from bench.learning_suite import _load_dir, crash_text, each_scenario
 from cloud.exceptions import ScenarioError
 from cloud.ml.cycle import HEAD, LONGER, PLAIN, REKD, RELABEL, RELABEL_REKD, Recipe
 from cloud.ml.scenario import Scenario, parse_scenario
@@ -163,20 +160,11 @@ def run(
     """Every scenario in `jobs` processes; (rows, crashes)."""
     rows: list[dict[str, Any]] = []
     crashes: list[dict[str, Any]] = []
-    with (
-        ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_init_worker) as pool,
-        Progress(
-            TextColumn("scenarios"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
-        ) as progress,
-    ):
-        bar = progress.add_task("scenarios", total=len(scenarios))
-        futures = {pool.submit(recipe_runs, s.model_dump_json(), names): s for s in scenarios}
-        for future in as_completed(futures):
-            try:
-                rows.extend(future.result())
-            except Exception as exc:  # one scenario's failure is a finding; the others go on
-                crashes.append({"scenario": futures[future].name, "error": crash_text(exc)})
-            progress.advance(bar)
+    for scenario, result in each_scenario(recipe_runs, scenarios, jobs, console, names):
+        if isinstance(result, BaseException):
+            crashes.append({"scenario": scenario.name, "error": crash_text(result)})
+        else:
+            rows.extend(result)
     rows.sort(key=lambda r: (r["scenario"], r["user"], names.index(r["recipe"])))
     return rows, crashes
 

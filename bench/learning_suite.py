@@ -14,7 +14,7 @@ import platform
 import re
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
@@ -194,6 +194,31 @@ def summarize(rows: list[dict[str, Any]], crashes: Sequence[dict[str, Any]] = ()
     }
 
 
+def each_scenario(
+    task: Callable[..., Any], scenarios: list[Scenario], jobs: int, console: Console, *args: Any
+) -> Iterator[tuple[Scenario, Any]]:
+    """`task(scenario_json, *args)` for every scenario in `jobs` spawned processes, with a progress bar;
+    yields (scenario, result) as each finishes, the exception as its result when it raised."""
+    # spawn: the workers import torch themselves rather than inheriting a forked copy of it
+    with (
+        ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_init_worker) as pool,
+        Progress(
+            TextColumn("scenarios"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+        ) as progress,
+    ):
+        bar = progress.add_task("scenarios", total=len(scenarios))
+        futures: dict[Future[Any], Scenario] = {
+            pool.submit(task, s.model_dump_json(), *args): s for s in scenarios
+        }
+        for future in as_completed(futures):
+            try:
+                result = future.result()
+            except Exception as exc:  # one scenario's failure is a finding; the others go on
+                result = exc
+            yield futures[future], result
+            progress.advance(bar)
+
+
 def run(
     scenarios: list[Scenario], jobs: int, console: Console
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
@@ -205,27 +230,12 @@ def run(
     rows: list[dict[str, Any]] = []
     crashes: list[dict[str, Any]] = []
     runs: list[dict[str, Any]] = []
-    # spawn: the workers import torch themselves rather than inheriting a forked copy of it
-    with (
-        ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_init_worker) as pool,
-        Progress(
-            TextColumn("scenarios"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
-        ) as progress,
-    ):
-        bar = progress.add_task("scenarios", total=len(scenarios))
-        futures: dict[Future[dict[str, Any]], Scenario] = {
-            pool.submit(simulate, s.model_dump_json()): s for s in scenarios
-        }
-        for future in as_completed(futures):
-            scenario = futures[future]
-            try:
-                result = future.result()
-            except Exception as exc:  # one scenario's failure is a finding; the others go on
-                crashes.append({"scenario": scenario.name, "error": crash_text(exc)})
-            else:
-                rows.extend(user_row(scenario, u) for u in result.get("users", []))
-                runs.append({k: v for k, v in result.items() if k != "users"})
-            progress.advance(bar)
+    for scenario, result in each_scenario(simulate, scenarios, jobs, console):
+        if isinstance(result, BaseException):
+            crashes.append({"scenario": scenario.name, "error": crash_text(result)})
+        else:
+            rows.extend(user_row(scenario, u) for u in result.get("users", []))
+            runs.append({k: v for k, v in result.items() if k != "users"})
     order = {s.name: i for i, s in enumerate(scenarios)}
     rows.sort(key=lambda r: (order[r["scenario"]], str(r["user"])))
     runs.sort(key=lambda r: order.get(r.get("scenario", ""), -1))
