@@ -205,6 +205,9 @@ class SearchConfig:
     recipes: tuple[Recipe, ...] = (RELABEL, REKD, RELABEL_REKD)
     selection_fraction: float = 0.2  # of the transfer set, held out from every candidate's training
     budget_s: float = 60.0  # no new recipe starts after this long
+    # Train the chosen recipe once more on the whole transfer set before the gate: one training more
+    # for the fifth of the data the selection held out (docs/learning-loop.md has what it buys).
+    retrain: bool = False
 
 
 def applies(recipe: Recipe, knowledge: Knowledge) -> bool:
@@ -515,7 +518,7 @@ def rd_cycle(
         return CycleResult("rejected", reason, None, None, moved, timings, records)
     _, chosen, recipe, candidate = best
     records[chosen] = dataclasses.replace(records[chosen], status="chosen")
-    if fit is not transfer:  # the chosen recipe again, on the whole transfer set: nothing held back
+    if search.retrain and fit is not transfer:  # the chosen recipe again, on the whole transfer set
         try:
             candidate = _train_candidate(
                 parent,

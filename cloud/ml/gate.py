@@ -19,11 +19,13 @@ class GateVerdict:
     approved: bool
     reason: str
     changed_samples: int  # validation samples whose top-1 the knowledge changed
-    agreement: float | None  # candidate's agreement with top-1 of p* on those
+    agreement: float | None  # candidate's agreement with top-1 of p* on the checked ones
     untouched_samples: int
     untouched_acc_parent: float | None
     untouched_acc_candidate: float | None
     unsupported: int = 0  # changed validation samples whose move no noised evidence supports
+    checked_samples: int = 0  # the changed samples the parent read as its teacher did: rule (a)'s
+    agreement_all: float | None = None  # agreement on every changed sample, for the record
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -44,6 +46,11 @@ def gate(
 
     With no validation sample to check (a) on, there is no evidence for the candidate: refused.
 
+    Rule (a) is checked on the changed samples the parent read as its teacher did (the parent's top-1
+    is the teacher's): elsewhere the target is a relabelling of a decision the parent never made, and
+    a candidate that follows the knowledge exactly, the parent relabelled, would be held to the
+    parent's own disagreement with its teacher. `agreement_all` keeps the share on every changed sample.
+
     Predictions are the int8 models' top-1 on the presumed validation split; `touched` is read from
     the knowledge (classes on either side of a top-1 it changed), never from a scenario.
 
@@ -54,7 +61,10 @@ def gate(
     preference fails it.
     """
     changed = target_top1 != teacher_top1
-    agreement = float((candidate_pred[changed] == target_top1[changed]).mean()) if changed.any() else None
+    checked = changed & (parent_pred == teacher_top1)
+    follows = candidate_pred == target_top1
+    agreement = float(follows[checked].mean()) if checked.any() else None
+    agreement_all = float(follows[changed].mean()) if changed.any() else None
     untouched = ~np.isin(val_labels, sorted(touched))
     acc_parent = float((parent_pred[untouched] == val_labels[untouched]).mean()) if untouched.any() else None
     acc_cand = float((candidate_pred[untouched] == val_labels[untouched]).mean()) if untouched.any() else None
@@ -67,12 +77,17 @@ def gate(
             f"{unsupported} of {int(changed.sum())} changed validation samples move where the reports' "
             "evidence does not stand out of their noise"
         )
-    if agreement is None:
+    if not changed.any():
         reasons.append("no validation sample has a decision the knowledge changes, so none can be checked")
+    elif agreement is None:
+        reasons.append(
+            f"the parent reads none of the {int(changed.sum())} changed validation samples as its "
+            "teacher does, so none can be checked"
+        )
     elif agreement < config.agreement_min:
         reasons.append(
-            f"agrees with the knowledge on {agreement:.1%} of {int(changed.sum())} changed validation "
-            f"samples, needs {config.agreement_min:.0%}"
+            f"agrees with the knowledge on {agreement:.1%} of {int(checked.sum())} changed validation "
+            f"samples the parent read as its teacher did, needs {config.agreement_min:.0%}"
         )
     # The tolerance keeps a drop of exactly the limit (e.g. 2 of 200 samples) on the right side of it.
     if (
@@ -95,4 +110,6 @@ def gate(
         untouched_acc_parent=acc_parent,
         untouched_acc_candidate=acc_cand,
         unsupported=unsupported,
+        checked_samples=int(checked.sum()),
+        agreement_all=agreement_all,
     )

@@ -88,6 +88,54 @@ def test_agreement_of_exactly_95_percent_is_enough() -> None:
     assert verdict.approved
 
 
+def test_agreement_is_checked_where_the_parent_read_the_sample_as_its_teacher_did() -> None:
+    # Prepare: the parent misread 4 of the 20 changed samples (class 3 read as 5) and the candidate,
+    # the parent relabelled 3 → 8, keeps those 4 readings; it follows the knowledge on the other 16
+    case = dana_case()
+    case["parent_pred"][:4] = 5
+    case["candidate_pred"][:4] = 5
+
+    # Execute
+    verdict = run_gate(case)
+
+    # Assert
+    assert verdict.approved, verdict.reason
+    assert verdict.changed_samples == 20
+    assert verdict.checked_samples == 16
+    assert verdict.agreement == 1.0
+    assert verdict.agreement_all == 0.8
+
+
+def test_a_candidate_that_stops_following_where_the_parent_read_right_is_refused() -> None:
+    # Prepare: the parent read every changed sample as its teacher did; the candidate misses 2 of 20
+    case = dana_case()
+    case["candidate_pred"][:2] = 5
+
+    # Execute
+    verdict = run_gate(case)
+
+    # Assert
+    assert not verdict.approved
+    assert verdict.checked_samples == 20
+    assert verdict.agreement == verdict.agreement_all == 0.9
+    assert "the parent read as its teacher did" in verdict.reason
+
+
+def test_a_parent_that_read_no_changed_sample_as_its_teacher_leaves_nothing_to_check() -> None:
+    # Prepare
+    case = dana_case()
+    case["parent_pred"][:20] = 5
+
+    # Execute
+    verdict = run_gate(case)
+
+    # Assert
+    assert not verdict.approved
+    assert verdict.agreement is None
+    assert verdict.agreement_all == 1.0
+    assert "none can be checked" in verdict.reason
+
+
 def test_rejects_a_candidate_that_loses_untouched_accuracy() -> None:
     # Prepare: 3 of 200 untouched samples go wrong (1.5 points)
     case = dana_case()
