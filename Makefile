@@ -11,7 +11,7 @@ RESULTS ?= results
 TEST_POSTGRES_URL := postgresql://diredi:diredi-test-only@127.0.0.1:5432/diredi
 export DIREDI_TEST_POSTGRES_URL ?= $(TEST_POSTGRES_URL)
 
-.PHONY: setup services demo sim test test-fast bench lint format clean
+.PHONY: setup services demo sim test test-fast test-matrix bench lint format clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,10 @@ test: setup services
 
 test-fast: setup services
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# The learning loop's tests under several CPU kernels and fixture seeds (CELLS="avx2:3 default:5 ...").
+test-matrix: setup services
+	scripts/loop_matrix.sh $(CELLS)
 
 bench: setup services
 	scripts/services.sh wrk

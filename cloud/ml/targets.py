@@ -63,7 +63,8 @@ class KnowledgeTargets(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p_t = F.softmax(self.teacher(x), dim=1)
+        teacher_logits = self.teacher(x)  # once: the teacher's forward is most of a training step
+        p_t = F.softmax(teacher_logits, dim=1)
         p_in = p_t
         if len(self.delta_w):
             feats = self.student.backbone(x)
@@ -82,7 +83,7 @@ class KnowledgeTargets(nn.Module):
         if self.config.target_temperature != 1.0:
             p = p.clamp_min(1e-12) ** (1.0 / self.config.target_temperature)
             p = p / p.sum(dim=1, keepdim=True)
-        logits = torch.where(moved[:, None], self.tau * torch.log(p.clamp_min(1e-12)), self.teacher(x))
+        logits = torch.where(moved[:, None], self.tau * torch.log(p.clamp_min(1e-12)), teacher_logits)
         if self.anchor is not None:
             decided = p_t if self.anchor_by is self.teacher else F.softmax(self.anchor_by(x), dim=1)
             keep = ~moved & self.free[decided.argmax(dim=1)]

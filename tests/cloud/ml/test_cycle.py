@@ -14,7 +14,7 @@ from device_firmware_py.rd import extract_knowledge
 from wire import EncodedArray, KnowledgeReport
 
 if TYPE_CHECKING:
-    from cloud.ml.cycle import EdgeLine, TrainingPlan
+    from cloud.ml.cycle import CycleResult, EdgeLine, TrainingPlan
     from cloud.ml.data import ScenarioData, Split, UserData
     from device_firmware_py.runtime import Int8Model
 
@@ -70,6 +70,41 @@ def test_preference_is_learned_and_approved(
     threes = dana.world_test.y == 8
     assert world_accuracy(v2, dana.world_test) > world_accuracy(base_model, dana.world_test) + 0.05
     assert (v2.predict(dana.world_test.x[threes]) == 8).mean() > 0.9
+
+
+def test_the_chosen_recipe_is_trained_again_on_the_whole_transfer_set_only_when_asked(
+    base_line: EdgeLine, base_model: Int8Model, small_data: ScenarioData, fast_plan: TrainingPlan
+) -> None:
+    # Prepare
+    payload = report_bytes(base_model, small_data.users[0].device_train[0], "dana-d0")
+    trainings = {False: 0, True: 0}
+
+    def cycle(retrain: bool) -> CycleResult:
+        def count(stage: str, done: int, total: int) -> None:
+            if stage == "teacher" and done == total:
+                trainings[retrain] += 1
+
+        return rd_cycle(
+            base_line,
+            [payload],
+            small_data.train,
+            small_data.val,
+            fast_plan,
+            RDConfig(),
+            line="dana",
+            search=SearchConfig(retrain=retrain),
+            progress=count,
+        )
+
+    # Execute
+    kept, retrained = cycle(False), cycle(True)
+
+    # Assert: one teacher update per candidate tried, and one more for the retraining
+    assert len(kept.candidates) == len(retrained.candidates) >= 1
+    assert trainings[False] == len(kept.candidates)
+    assert trainings[True] == len(retrained.candidates) + 1
+    assert kept.candidate is not None and retrained.candidate is not None
+    assert kept.candidate.artifact.model != retrained.candidate.artifact.model
 
 
 def test_no_preference_is_a_no_op(
