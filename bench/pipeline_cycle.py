@@ -1,5 +1,5 @@
 """Benchmark of the DiReDi cycle (DESIGN §7): a knowledge report received → an approved edge model
-registered, on the real path, median over runs (target ≤ 60 s on 2 cores).
+registered, on the real path, median over runs (target ≤ 60 s on 2 cores, aim ≤ 30 s: DESIGN §8).
 
 The whole system runs as in production on one machine (bench/system_lab.py): mosquitto with the
 production configuration, a scratch PostgreSQL registry, a redis-server of its own, and `LocalSystem`'s
@@ -34,6 +34,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import paho.mqtt.client as mqtt
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -70,6 +71,7 @@ RESULTS = ROOT / "bench" / "results"
 SCENARIO = ROOT / "scenarios" / "digits-two-users.json"
 USER = "alice"
 TARGET_S = 60.0
+AIM_S = 30.0  # issue 13's target with the candidate search on
 FINISHED = (JobState.succeeded, JobState.failed)
 STAGES = ("rd_targets", "candidates", "final", "gate")  # the job's own timings (cloud.ml.cycle.rd_cycle)
 
@@ -297,6 +299,8 @@ def run(admin_url: str, *, runs: int, scenario_path: Path, timeout: float) -> di
                     progress.advance(task)
     approved = [r["received_to_decided_s"] for r in rows if r["outcome"] == "approved"]
     median = statistics.median(approved) if approved else None
+    p90 = float(np.quantile(approved, 0.9)) if approved else None
+    all_approved = median is not None and len(approved) == len(rows)
     return {
         "benchmark": "pipeline_cycle",
         "scenario": scenario.name,
@@ -304,8 +308,11 @@ def run(admin_url: str, *, runs: int, scenario_path: Path, timeout: float) -> di
         "runs": rows,
         "approved_runs": len(approved),
         "median_received_to_approved_s": median,
+        "p90_received_to_approved_s": p90,
         "target_s": TARGET_S,
-        "meets_target": median is not None and len(approved) == len(rows) and median <= TARGET_S,
+        "meets_target": all_approved and median is not None and median <= TARGET_S,
+        "aim_s": AIM_S,
+        "meets_aim": all_approved and median is not None and median <= AIM_S,
         "line_training_s": train_s,
         "beat_period_s": 5.0,
         "cpus": os.cpu_count(),
@@ -342,9 +349,11 @@ def print_table(report: dict[str, Any], console: Console) -> None:
         )
     median = report["median_received_to_approved_s"]
     ok = "yes" if report["meets_target"] else "NO"
+    aim = "yes" if report["meets_aim"] else "NO"
     table.caption = (
-        f"median received → approved {_s(median)} s over {report['approved_runs']} approved run(s) of "
-        f"{len(report['runs'])} (target ≤ {report['target_s']:g} s: {ok}); line trained once in "
+        f"median received → approved {_s(median)} s, p90 {_s(report['p90_received_to_approved_s'])} s "
+        f"over {report['approved_runs']} approved run(s) of {len(report['runs'])} (target ≤ "
+        f"{report['target_s']:g} s: {ok}; aim ≤ {report['aim_s']:g} s: {aim}); line trained once in "
         f"{report['line_training_s']:.0f} s"
     )
     console.print(table)
