@@ -225,7 +225,13 @@ def soft_targets(
         w, b = head
         p_s = softmax(features @ w.T + b)
         diffs = np.stack([softmax(features @ (w + dw).T + (b + db)) - p_s for dw, db in knowledge.deltas])
-        p_in = np.clip(p_teacher + config.delta_weight * _robust_mean(diffs), 0.0, None)
+        diff = _robust_mean(diffs)
+        # A delta adds belief only where the reports' evidence goes from the sample's own decision: a
+        # broken or poisoned delta cannot feed a class that no label of that class went to.
+        own = p_teacher.argmax(axis=1)
+        towards = knowledge.support[own] | (np.arange(p_teacher.shape[1]) == own[:, None])
+        diff = np.where(towards | (diff < 0), diff, 0.0)
+        p_in = np.clip(p_teacher + config.delta_weight * diff, 0.0, None)
         p_in /= np.maximum(p_in.sum(axis=1, keepdims=True), 1e-12)
     p = p_in @ knowledge.preference
     change = np.abs(p - p_teacher).sum(axis=1)

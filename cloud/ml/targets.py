@@ -74,6 +74,9 @@ class KnowledgeTargets(nn.Module):
             diffs = F.softmax(moved_heads, dim=2) - p_s
             # the same combination as rd_update: median from three deltas, mean below
             diff = diffs.median(dim=0).values if len(diffs) >= 3 else diffs.mean(dim=0)
+            own = p_t.argmax(dim=1)  # as rd_update: a delta adds belief only along the evidence
+            towards = self.support[own] | (torch.arange(p_t.shape[1]) == own[:, None])
+            diff = torch.where(towards | (diff < 0), diff, torch.zeros_like(diff))
             p_in = (p_t + self.config.delta_weight * diff).clamp_min(0.0)
             p_in = p_in / p_in.sum(dim=1, keepdim=True).clamp_min(1e-12)
         p = p_in @ self.preference

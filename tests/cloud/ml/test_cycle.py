@@ -238,29 +238,34 @@ def test_a_broken_head_delta_cannot_move_a_class_the_map_does_not(
 ) -> None:
     # Prepare
     dana = small_data.users[0]
+    honest_payload = report_bytes(base_model, dana.device_train[0], "dana-d0")
     payload = broken_report(base_model, dana)
 
-    # Execute
-    result = rd_cycle(
-        base_line,
-        [payload],
-        small_data.train,
-        small_data.val,
-        fast_plan,
-        WITH_DELTA,
-        line="dana",
-        search=PLAIN_SEARCH,
-    )
+    def cycle(report: bytes) -> CycleResult:
+        return rd_cycle(
+            base_line,
+            [report],
+            small_data.train,
+            small_data.val,
+            fast_plan,
+            WITH_DELTA,
+            line="dana",
+            search=PLAIN_SEARCH,
+        )
 
-    # Assert: the preference 3 → 8 is learned, nothing more is sent to class 0 than v1 sends there,
-    # and every candidate tried is on record
+    # Execute
+    result, honest = cycle(payload), cycle(honest_payload)
+
+    # Assert: the preference 3 → 8 is learned, nothing more is sent to class 0 than the same cycle on
+    # the honest report sends there, and every candidate tried is on record
     assert result.outcome == "approved", result.reason
     assert result.verdict is not None and result.verdict.unsupported == 0
     assert sum(c.status == "chosen" for c in result.candidates) == 1
-    v2 = result.candidate.artifact.load() if result.candidate else base_model
+    assert result.candidate is not None and honest.candidate is not None
+    v2, honest_v2 = result.candidate.artifact.load(), honest.candidate.artifact.load()
     world = dana.world_test
-    # (a delta obeyed would send dozens there; retraining shifts a few boundary samples either way)
-    assert (v2.predict(world.x) == 0).sum() <= (base_model.predict(world.x) == 0).sum() + 0.02 * len(world)
+    # (a delta obeyed would send dozens there; the two trainings differ in their targets only)
+    assert (v2.predict(world.x) == 0).sum() <= (honest_v2.predict(world.x) == 0).sum() + 0.02 * len(world)
     assert world_accuracy(v2, world) > world_accuracy(base_model, world) + 0.05
     assert (v2.predict(world.x[world.y == 8]) == 8).mean() > 0.9
 

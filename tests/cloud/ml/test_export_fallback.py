@@ -17,7 +17,9 @@ from cloud.ml.export import (
     ExportAttempt,
     check_int8_accuracy,
     export_guarded,
+    export_int8,
     float_accuracy,
+    int8_accuracy,
 )
 from cloud.ml.nets import Student
 from cloud.ml.quantize import QATConfig, qat_bytes
@@ -39,8 +41,12 @@ def dense(student: Student, index: int) -> torch.nn.Linear:
     return layer
 
 
-def with_outlier_weight(student: Student) -> Student:
-    """A copy of `student` with one silent hidden unit whose outgoing weights are 100x the largest.
+OUTLIER_FACTORS = (100.0, 120.0, 140.0, 160.0, 180.0, 200.0)
+
+
+def with_outlier_weight(student: Student, factor: float = 100.0) -> Student:
+    """A copy of `student` with one silent hidden unit whose outgoing weights are `factor` times the
+    largest.
 
     The unit never fires, so the float model answers exactly as before; but per-channel int8 weights
     must now cover the outlier, which leaves the real weights a few steps each. Calibration cannot
@@ -51,7 +57,7 @@ def with_outlier_weight(student: Student) -> Student:
         dense(planted, 0).weight[5] = 0.0
         dense(planted, 0).bias[5] = -1.0
         second = dense(planted, 2).weight
-        second[:, 5] = second.abs().max(1).values * 100.0
+        second[:, 5] = second.abs().max(1).values * factor
     return planted
 
 
@@ -63,8 +69,18 @@ def methods(attempts: list[ExportAttempt]) -> list[str]:
 def rescued_by_qat(
     base_line: EdgeLine, small_data: ScenarioData
 ) -> tuple[Student, Student, EdgeArtifact, list[ExportAttempt]]:
-    """(planted student, returned student, artifact, attempts) of the guarded export of the outlier."""
-    planted = with_outlier_weight(base_line.student)
+    """(planted student, returned student, artifact, attempts) of the guarded export of the outlier.
+
+    How coarse its weights a model tolerates depends on its training, hence on the fixture's seed: the
+    outlier is the smallest of OUTLIER_FACTORS at which the first calibration misses the guard by more
+    than two points.
+    """
+    for factor in OUTLIER_FACTORS:
+        planted = with_outlier_weight(base_line.student, factor)
+        first = export_int8(planted, small_data.train.x, **IDS)
+        float_acc, int8_acc = int8_accuracy(first, planted, small_data.val)
+        if float_acc - int8_acc > 0.02:
+            break
     student, artifact, attempts = export_guarded(planted, small_data.train.x, small_data.val, **IDS)
     return planted, student, artifact, attempts
 

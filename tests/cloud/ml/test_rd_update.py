@@ -537,6 +537,32 @@ def test_one_wild_head_delta_of_five_does_not_move_targets(
     assert (change == 0).all()
 
 
+def test_a_head_delta_adds_belief_only_where_the_evidence_goes(
+    base_line: EdgeLine, base_model: Int8Model, small_data: ScenarioData
+) -> None:
+    # Prepare: a real 3 → 8 map, and a delta whose bias pushes every input towards class 0, which no
+    # label went to (with the head delta on, as a deployment may configure it)
+    manifest = base_line.artifact.manifest
+    bias = np.zeros(C, dtype=np.float32)
+    bias[0] = 30.0
+    report = make_report(manifest.model_id, preference_counts(45), delta_b=bias)
+    config = RDConfig(delta_weight=0.3)
+    knowledge = combine_reports([report], manifest, config)
+    x = small_data.val.x
+    p_t = predict_proba(base_line.teacher, x)
+
+    # Execute
+    p_star, _ = soft_targets(knowledge, p_t, base_model.run(x)[0], base_model.head(), config)
+
+    # Assert: class 0 gains no belief beyond the renormalisation of what the delta took from a sample's
+    # own class (at most the delta's weight), and no decision moves to it; the 3s still go to 8
+    others = p_t.argmax(axis=1) != 0
+    assert (p_star[others, 0] <= p_t[others, 0] / (1 - config.delta_weight) + 1e-6).all()
+    assert (p_star[others].argmax(axis=1) != 0).all()
+    threes = p_t[:, 3] > 0.9
+    assert threes.any() and (p_star[threes].argmax(axis=1) == 8).all()
+
+
 def test_one_device_counts_once_however_often_it_reports(base_line: EdgeLine) -> None:
     # Prepare: two honest devices agree on nothing moving; a third sends the same 3→8 report
     # three times (redelivery, or a device trying to out-vote the median)
