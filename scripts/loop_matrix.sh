@@ -22,12 +22,8 @@ for cell in "${cells[@]}"; do
     echo "== $cell → $log"
     env_args=(DIREDI_TEST_FIXTURE_SEED="$seed")
     [[ $kernel == default ]] || env_args+=(ATEN_CPU_CAPABILITY="$kernel")
-    if env "${env_args[@]}" .venv/bin/python -m pytest -q -p no:cacheprovider \
-        tests/cloud/ml tests/cloud/pipeline tests/cloud/worker >"$log" 2>&1; then
-        :
-    else
-        status=1
-    fi
+    env "${env_args[@]}" .venv/bin/python -m pytest -q -p no:cacheprovider \
+        tests/cloud/ml tests/cloud/pipeline tests/cloud/worker >"$log" 2>&1 || status=1
     summary[$cell]=$(tail -n 1 "$log")
 done
 printf '\n%-16s %s\n' "kernel:seed" "pytest"
