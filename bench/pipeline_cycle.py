@@ -1,5 +1,5 @@
 """Benchmark of the DiReDi cycle (DESIGN §7): a knowledge report received → an approved edge model
-registered, on the real path, median over runs (target ≤ 60 s on 2 cores, aim ≤ 30 s: DESIGN §7).
+registered, on the real path, median over runs (target ≤ 60 s on 2 cores, aim ≤ 30 s).
 
 The whole system runs as in production on one machine (bench/system_lab.py): mosquitto with the
 production configuration, a scratch PostgreSQL registry, a redis-server of its own, and `LocalSystem`'s
