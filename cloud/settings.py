@@ -79,6 +79,12 @@ class Settings(BaseSettings):
         "the API, the ingest and other trainings two threads waited on each other (measured: 10-31 s "
         "against 7-9 s for one)",
     )
+    rd_recipes: str = Field(
+        "relabel,re-KD,relabel+re-KD",
+        pattern=r"^[A-Za-z0-9+ -]{1,40}(,[A-Za-z0-9+ -]{1,40}){0,15}$",
+        description="the RD cycle's candidate recipes, tried in order until one passes "
+        "(docs/learning-loop.md): relabel, re-KD, relabel+re-KD, plain re-KD, longer, head",
+    )
     pipeline_auto_rollout: bool = Field(True, description="an approved model starts a rollout to its cohort")
     telemetry_retention_days: float = Field(7.0, gt=0, description="telemetry older than this is pruned")
     api_tune_gc: bool = Field(True, description="freeze start-up objects and collect garbage less often")

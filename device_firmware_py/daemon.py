@@ -42,7 +42,7 @@ from device_firmware_py.feedback import FeedbackServer, FeedbackStore
 from device_firmware_py.link import DeviceLink, Inbound
 from device_firmware_py.ota import ModelSlots, Updater, write_atomically
 from device_firmware_py.privacy import DPConfig, PrivacyAccountant
-from device_firmware_py.rd import RDPolicy, extract_knowledge, softmax
+from device_firmware_py.rd import RDPolicy, extract_knowledge
 from device_firmware_py.runtime import MAX_ARTIFACT_BYTES, Int8Model
 from device_firmware_py.sources import DirectorySource, InputSource, Sample, SimulatedSource
 from device_firmware_py.spool import Spool
@@ -253,8 +253,9 @@ class Daemon:
         started = time.perf_counter()
         _, logits = self.model.run(sample.input)
         latency_ms = (time.perf_counter() - started) * 1000
-        probabilities = softmax(logits)[0]
-        predicted = int(np.argmax(probabilities))
+        # the decision is the class of the top output; its confidence, that class's pooled belief
+        predicted = int(self.model.manifest.class_of_output()[int(np.argmax(logits[0]))])
+        probabilities = self.model.class_probabilities(logits)[0]
         # Accuracy is measured on the samples the user holds out, when the stream marks them.
         measured = sample.label if sample.held_out is not False else None
         self.window.record(latency_ms, float(probabilities[predicted]), predicted, measured)

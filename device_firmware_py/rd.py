@@ -14,7 +14,7 @@ import numpy.typing as npt
 
 from device_firmware_py.exceptions import InvalidSamplesError, NotEnoughSamplesError
 from device_firmware_py.privacy import DPConfig, PrivacyAccountant, privatize
-from device_firmware_py.runtime import FloatArray, Int8Model
+from device_firmware_py.runtime import FloatArray, Int8Model, softmax
 from wire import EncodedArray, KnowledgeMetrics, KnowledgeReport, PrivacyStatement
 
 IntArray = npt.NDArray[np.int64]
@@ -31,13 +31,6 @@ class RDPolicy:
     holdout_fraction: float = 0.2
 
 
-def softmax(z: FloatArray) -> FloatArray:
-    """Row-wise softmax, stable for large logits."""
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    out: FloatArray = (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
-    return out
-
-
 def preference_map(predicted: IntArray, labels: IntArray, num_classes: int) -> npt.NDArray[np.int32]:
     """C×C counts: row = the model's top-1, column = the user's label."""
     counts = np.zeros((num_classes, num_classes), dtype=np.int32)
@@ -46,18 +39,36 @@ def preference_map(predicted: IntArray, labels: IntArray, num_classes: int) -> n
 
 
 def fit_head_delta(
-    features: FloatArray, labels: IntArray, w: FloatArray, b: FloatArray, policy: RDPolicy
+    features: FloatArray,
+    labels: IntArray,
+    w: FloatArray,
+    b: FloatArray,
+    policy: RDPolicy,
+    class_of_output: IntArray | None = None,
 ) -> tuple[FloatArray, FloatArray]:
-    """Δ minimising CE((W+ΔW)f + b+Δb, y) + l2·½‖Δ‖², by full-batch Adam from Δ = 0."""
+    """Δ minimising CE((W+ΔW)f + b+Δb, y) + l2·½‖Δ‖², by full-batch Adam from Δ = 0.
+
+    With `class_of_output` (the manifest's output map) the CE is on the classes: a label's
+    probability is the sum of its outputs' softmax, and each of those outputs shares its gradient.
+    """
     n = len(labels)
-    onehot = np.eye(w.shape[0], dtype=np.float32)[labels]
+    classes = np.arange(w.shape[0]) if class_of_output is None else class_of_output
+    owns = (classes[None, :] == labels[:, None]).astype(np.float32)  # N×C: output k stands for y_n
+    outputs = owns.sum(axis=1, keepdims=True)
     dw, db = np.zeros_like(w), np.zeros_like(b)
     m = [np.zeros_like(w), np.zeros_like(b)]
     v = [np.zeros_like(w), np.zeros_like(b)]
     beta1, beta2, eps = 0.9, 0.999, 1e-8
     for t in range(1, policy.steps + 1):
         probs = softmax(features @ (w + dw).T + (b + db))
-        err = (probs - onehot) / n
+        # d(−log Σ_{k∈y} p_k)/dz = p − share, share = p·[k∈y]/Σ_{k∈y} p_k (the identity map: onehot(y));
+        # where the label's outputs underflow to 0 they share evenly, and a label no output stands for
+        # (a class the map merged away) has no gradient: the head cannot learn it, the map reports it
+        mine = probs * owns
+        total = mine.sum(axis=1, keepdims=True)
+        share = np.where(total > 0, mine / np.maximum(total, 1e-30), owns / np.maximum(outputs, 1.0))
+        share = np.where(outputs > 0, share, probs)
+        err = (probs - share) / n
         grads = (err.T @ features + policy.l2 * dw, err.sum(axis=0) + policy.l2 * db)
         for i, (param, grad) in enumerate(zip((dw, db), grads, strict=True)):
             m[i] = beta1 * m[i] + (1 - beta1) * grad
@@ -67,8 +78,11 @@ def fit_head_delta(
     return dw, db
 
 
-def _accuracy(features: FloatArray, labels: IntArray, w: FloatArray, b: FloatArray) -> float:
-    return float(np.mean(np.argmax(features @ w.T + b, axis=1) == labels)) if len(labels) else 0.0
+def _accuracy(
+    features: FloatArray, labels: IntArray, w: FloatArray, b: FloatArray, class_of_output: IntArray
+) -> float:
+    decided = class_of_output[np.argmax(features @ w.T + b, axis=1)]
+    return float(np.mean(decided == labels)) if len(labels) else 0.0
 
 
 def extract_knowledge(
@@ -108,7 +122,8 @@ def extract_knowledge(
     if dp is not None and accountant is not None and accountant.delta != dp.delta:
         raise ValueError(f"the accountant tracks δ={accountant.delta}, the report would use δ={dp.delta}")
     features, logits = model.run(inputs)
-    counts = preference_map(np.argmax(logits, axis=1), labels, c)
+    classes = manifest.class_of_output()
+    counts = preference_map(classes[np.argmax(logits, axis=1)], labels, c)
     w, b = model.head()
 
     metrics = None
@@ -116,13 +131,13 @@ def extract_knowledge(
         order = np.random.default_rng(seed).permutation(n)
         n_hold = int(round(n * policy.holdout_fraction))
         hold, train = order[:n_hold], order[n_hold:]
-        dw, db = fit_head_delta(features[train], labels[train], w, b, policy)
+        dw, db = fit_head_delta(features[train], labels[train], w, b, policy, classes)
         metrics = KnowledgeMetrics(
             holdout_size=n_hold,
-            holdout_acc_before=_accuracy(features[hold], labels[hold], w, b),
-            holdout_acc_after=_accuracy(features[hold], labels[hold], w + dw, b + db),
+            holdout_acc_before=_accuracy(features[hold], labels[hold], w, b, classes),
+            holdout_acc_after=_accuracy(features[hold], labels[hold], w + dw, b + db, classes),
         )
-    dw, db = fit_head_delta(features, labels, w, b, policy)
+    dw, db = fit_head_delta(features, labels, w, b, policy, classes)
 
     privacy = None
     map_out: npt.NDArray[np.float32] | npt.NDArray[np.int32] = counts

@@ -34,6 +34,21 @@ def dequantize(q: npt.NDArray[np.int8], spec: TensorSpec) -> FloatArray:
     return ((q.astype(np.float32) - spec.zero_point) * spec.scale).astype(np.float32)
 
 
+def softmax(z: FloatArray) -> FloatArray:
+    """Row-wise softmax, stable for large logits."""
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    out: FloatArray = (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+    return out
+
+
+def pool_outputs(p: FloatArray, class_of_output: npt.NDArray[np.int64]) -> FloatArray:
+    """Per-output probabilities (N×C) summed into the classes the outputs stand for."""
+    pooled = np.zeros_like(p)
+    for k, c in enumerate(class_of_output):
+        pooled[:, c] += p[:, k]
+    return pooled
+
+
 class Int8Model:
     """One loaded int8 edge model. Inputs are float; quantization happens here, as on the device."""
 
@@ -113,9 +128,15 @@ class Int8Model:
         return dequantize(feats, self.manifest.features), dequantize(logits, self.manifest.logits)
 
     def predict(self, x: npt.ArrayLike) -> npt.NDArray[np.int64]:
-        """Top-1 class per input."""
-        top1: npt.NDArray[np.int64] = np.argmax(self.run_int8(x)[1], axis=1).astype(np.int64)
-        return top1
+        """The class of the top-1 output per input (the manifest's `output_classes`)."""
+        top1 = np.argmax(self.run_int8(x)[1], axis=1)
+        decided: npt.NDArray[np.int64] = self.manifest.class_of_output()[top1]
+        return decided
+
+    def class_probabilities(self, logits: FloatArray) -> FloatArray:
+        """The model's belief per class for dequantized logits: softmax over the outputs, pooled into
+        the classes they stand for."""
+        return pool_outputs(softmax(logits), self.manifest.class_of_output())
 
     def self_test(self) -> None:
         """Compare the manifest's probe outputs with this runtime's; raise ArtifactError on mismatch."""

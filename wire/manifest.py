@@ -3,7 +3,18 @@
 from datetime import datetime
 from typing import Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+import numpy as np
+import numpy.typing as npt
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from wire.arrays import EncodedArray
 from wire.common import ModelId, utcnow
@@ -59,6 +70,23 @@ class ArtifactManifest(BaseModel):
     head_bias: EncodedArray  # C float32
     probes: list[ProbeOutput] = Field(max_length=32)
     created_at: datetime = Field(default_factory=utcnow)
+    # The class each output stands for, like a classifier's label file: the model's decision is
+    # output_classes[argmax(logits)] and its belief in a class the sum of its outputs' softmax.
+    # None is the identity. A relabelled model (docs/learning-loop.md) ships its parent's bytes
+    # under a new map, which is exact for any relabelling, merges included.
+    output_classes: list[StrictInt] | None = Field(None, max_length=4096)
+
+    @field_validator("output_classes")
+    @classmethod
+    def _classes_of_outputs(cls, value: list[int] | None, info: ValidationInfo) -> list[int] | None:
+        c = info.data.get("num_classes")
+        if value is None or c is None:  # num_classes failed on its own
+            return value
+        if len(value) != c:
+            raise ValueError(f"{len(value)} entries for C={c} outputs")
+        if not all(0 <= k < c for k in value):
+            raise ValueError(f"every entry must be a class in [0, {c})")
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
@@ -83,6 +111,12 @@ class ArtifactManifest(BaseModel):
             if (probe.input.dtype, probe.features.dtype, probe.logits.dtype) != ("float32", "int8", "int8"):
                 raise ValueError(f"probe {i} must hold a float32 input and int8 outputs")
         return self
+
+    def class_of_output(self) -> npt.NDArray[np.int64]:
+        """The class each output stands for (the identity unless the manifest says otherwise)."""
+        if self.output_classes is None:
+            return np.arange(self.num_classes, dtype=np.int64)
+        return np.asarray(self.output_classes, dtype=np.int64)
 
     def to_json(self) -> str:
         """The manifest as JSON, as stored next to the artifact."""

@@ -24,7 +24,14 @@ from cloud.ml.distill import (
     seed_everything,
     train_classifier,
 )
-from cloud.ml.export import MAX_INT8_DROP, EdgeArtifact, ExportAttempt, export_guarded, export_int8
+from cloud.ml.export import (
+    MAX_INT8_DROP,
+    EdgeArtifact,
+    ExportAttempt,
+    export_guarded,
+    export_int8,
+    relabelled,
+)
 from cloud.ml.gate import GateVerdict, gate
 from cloud.ml.nets import NetSpec, Student, Teacher
 from cloud.ml.rd_update import (
@@ -157,8 +164,10 @@ class Recipe:
     anchor: Literal["untouched", "unmoved", "none"] = "none"
     teacher_augment: bool = False  # the teacher update also learns p* on shifted, noisy copies
     # "head": the student's backbone stays the parent's (so do its int8 features, bit for bit) and
-    # only the linear head is distilled: a class-level preference is a change of head.
-    train: Literal["student", "head"] = "student"
+    # only the linear head is distilled: a class-level preference is a change of head. "outputs":
+    # nothing is trained, the parent's int8 model ships under its output map composed with the
+    # knowledge's class map (export.relabelled), its own decisions relabelled, exactly.
+    train: Literal["student", "head", "outputs"] = "student"
     target_temperature: float = 1.0
     beta: float | None = None  # None: RDConfig's
     teacher_epochs: int | None = None  # None: the plan's
@@ -170,7 +179,8 @@ class Recipe:
     teacher_alpha: float = 0.0  # the teacher update's α·CE on those labels
     # "relabelled": the student's head starts as the parent's composed with the knowledge's class map
     # (relabel_head); when that map is a permutation the composition is exact and a head-only recipe
-    # keeps it as it is.
+    # keeps it as it is. Any trained student has the identity output map: a parent that has another
+    # starts from its head composed with it.
     head_init: Literal["parent", "relabelled"] = "parent"
 
     def rd(self, config: RDConfig) -> RDConfig:
@@ -184,8 +194,8 @@ class Recipe:
 
 
 # The search's default recipes (docs/learning-loop.md has the dev suite's figures behind them).
-# The parent's own decisions relabelled: exact for a class map that is a permutation (swaps, cycles).
-RELABEL = Recipe("relabel", train="head", head_init="relabelled")
+# The parent's own int8 decisions relabelled through the class map: exact for any map.
+RELABEL = Recipe("relabel", train="outputs")
 # DESIGN's teacher update and re-KD, keeping the parent's decisions on untouched classes and the
 # presumed labels wherever the knowledge moved nothing.
 REKD = Recipe("re-KD", anchor="untouched", labels="mapped", teacher_alpha=0.5, beta=8.0)
@@ -210,13 +220,26 @@ class SearchConfig:
     retrain: bool = False
 
 
+RECIPES = {r.name: r for r in (RELABEL, REKD, RELABEL_REKD, PLAIN, LONGER, HEAD)}
+
+
+def search_of(names: str) -> SearchConfig:
+    """The default search with the recipes named in `names` (comma-separated, in order); ValueError
+    names an unknown one."""
+    chosen = [name.strip() for name in names.split(",")]
+    unknown = [name for name in chosen if name not in RECIPES]
+    if unknown or not chosen:
+        raise ValueError(f"unknown RD recipe {unknown[0]!r}; known: {', '.join(RECIPES)}")
+    return SearchConfig(recipes=tuple(RECIPES[name] for name in chosen))
+
+
 def applies(recipe: Recipe, knowledge: Knowledge) -> bool:
-    """Whether `recipe` can make a candidate of this knowledge: an exact relabelling needs a class map
-    that permutes some classes."""
-    if recipe.head_init != "relabelled" or recipe.train != "head":
+    """Whether `recipe` can make a candidate of this knowledge: a relabelling needs a class map that
+    moves some class."""
+    if recipe.train != "outputs":
         return True
     mapping = knowledge.class_map()
-    return len(set(mapping.tolist())) == len(mapping) and bool((mapping != np.arange(len(mapping))).any())
+    return bool((mapping != np.arange(len(mapping))).any())
 
 
 @dataclass(frozen=True)
@@ -308,9 +331,18 @@ def _train_candidate(
         progress=lambda d, t: progress("teacher", d, t),
     )
     teacher.eval()
+    class_map = knowledge.class_map()
+    outputs = parent.artifact.manifest.class_of_output()
+    version = parent.version + 1
+    if recipe.train == "outputs":
+        model_id = edge_model_id(line, version)
+        mapping = class_map[outputs]
+        artifact = relabelled(parent.artifact, mapping, model_id=model_id, line=line, version=version)
+        progress("relabel", 1, 1)
+        relabelled_line = EdgeLine(line, version, teacher, copy.deepcopy(parent.student), artifact)
+        return _Trained(relabelled_line, [], artifact.load().predict(selection.x))
     # Re-KD from the updated teacher; with an anchor, the parent student's own outputs where the
     # parent teacher's decision is on a class the knowledge left alone.
-    class_map = knowledge.class_map()
     passthrough = dataclasses.replace(
         knowledge, preference=np.eye(len(knowledge.preference), dtype=np.float32), deltas=[]
     )
@@ -326,17 +358,19 @@ def _train_candidate(
         anchor_by=parent.teacher,
         # the parent's doubts towards a class the user relabels follow the class map; noise in M̂'s
         # other rows stays out of the classes the knowledge leaves alone
-        anchor_map=np.eye(len(class_map), dtype=np.float32)[class_map],
+        # (its outputs first pooled into the classes they stand for)
+        anchor_map=np.eye(len(class_map), dtype=np.float32)[class_map[outputs]],
     )
     student = copy.deepcopy(parent.student)
     rekd_plan = plan.rekd
     if recipe.rekd_epochs is not None:
         rekd_plan = dataclasses.replace(rekd_plan, epochs=recipe.rekd_epochs)
     exact = False
-    if recipe.head_init == "relabelled":
+    start = class_map[outputs] if recipe.head_init == "relabelled" else outputs
+    if recipe.head_init == "relabelled" or (start != np.arange(len(start))).any():
         with torch.no_grad():
             floor = float(parent.student(torch.from_numpy(fit.x)).min())
-        exact = relabel_head(student, class_map, floor)
+        exact = relabel_head(student, start, floor)
     if recipe.train == "head":
         student.backbone.requires_grad_(False)  # Adam skips parameters without gradients
     if not (exact and recipe.train == "head"):
@@ -351,7 +385,6 @@ def _train_candidate(
             progress=lambda d, t: progress("re-KD", d, t),
         )
     student.requires_grad_(True)
-    version = parent.version + 1
     student, artifact, attempts = export_guarded(
         student.eval(),
         calibration,

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from cloud.exceptions import ExportError, ExportGaveUp
-from cloud.ml.data import FloatArray, Split
+from cloud.ml.data import FloatArray, IntArray, Split
 from cloud.ml.nets import Student
 from cloud.ml.quantize import (
     DEFAULT_CALIBRATION,
@@ -25,6 +25,7 @@ from cloud.ml.quantize import (
 )
 from device_firmware_py.runtime import Int8Model
 from wire import ArtifactManifest, EncodedArray, ProbeOutput, TensorSpec
+from wire.common import utcnow
 
 SIGNATURE = "serving_default"
 MAX_INT8_DROP = 0.010
@@ -58,6 +59,26 @@ class EdgeArtifact:
     def load(self) -> Int8Model:
         """This artifact in the same int8 runtime the devices run."""
         return Int8Model(self.model, self.manifest)
+
+
+def relabelled(
+    artifact: EdgeArtifact, class_of_output: IntArray, *, model_id: str, line: str, version: int
+) -> EdgeArtifact:
+    """The same int8 model, as a new version whose outputs stand for other classes.
+
+    Every decision is the artifact's own, sent through the map: exact for any relabelling of the
+    classes, merges included, which no linear head can be (a merge is a max over two outputs). The
+    bytes, probes and head are the artifact's; only the manifest's name and `output_classes` change.
+    """
+    classes = class_of_output.astype(int).tolist()
+    document = artifact.manifest.model_dump(by_alias=True) | {
+        "model_id": model_id,
+        "line": line,
+        "version": version,
+        "created_at": utcnow(),
+        "output_classes": None if classes == list(range(len(classes))) else classes,
+    }
+    return EdgeArtifact(model=artifact.model, manifest=ArtifactManifest.model_validate(document))
 
 
 def _tensor_spec(details: dict[str, Any], name: str) -> TensorSpec:
@@ -164,8 +185,12 @@ def float_accuracy(student: Student, data: Split) -> float:
 
 
 def int8_accuracy(artifact: EdgeArtifact, student: Student, data: Split) -> tuple[float, float]:
-    """(float, int8) accuracy of the student and its artifact on `data`."""
-    return float_accuracy(student, data), float((artifact.load().predict(data.x) == data.y).mean())
+    """(float, int8) accuracy of the student and its artifact on `data`, both through the artifact's
+    output map."""
+    classes = artifact.manifest.class_of_output()
+    with torch.no_grad():
+        top = student(torch.from_numpy(data.x)).argmax(1).numpy()
+    return float((classes[top] == data.y).mean()), float((artifact.load().predict(data.x) == data.y).mean())
 
 
 def within_limit(float_acc: float, int8_acc: float, max_drop: float = MAX_INT8_DROP) -> bool:

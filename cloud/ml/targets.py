@@ -55,6 +55,8 @@ class KnowledgeTargets(nn.Module):
         deltas = knowledge.deltas if config.delta_weight > 0 else []
         self.delta_w = torch.stack([torch.from_numpy(dw) for dw, _ in deltas]) if deltas else torch.zeros(0)
         self.delta_b = torch.stack([torch.from_numpy(db) for _, db in deltas]) if deltas else torch.zeros(0)
+        classes = knowledge.class_of_output  # output k's belief goes to class classes[k]
+        self.pool = None if classes is None else torch.eye(len(classes))[torch.from_numpy(classes)]
         self.free = torch.ones(knowledge.preference.shape[0], dtype=torch.bool)
         for c in anchored_classes or ():
             self.free[c] = False
@@ -74,6 +76,8 @@ class KnowledgeTargets(nn.Module):
             diffs = F.softmax(moved_heads, dim=2) - p_s
             # the same combination as rd_update: median from three deltas, mean below
             diff = diffs.median(dim=0).values if len(diffs) >= 3 else diffs.mean(dim=0)
+            if self.pool is not None:  # the base model's outputs pooled into the classes they stand for
+                diff = diff @ self.pool
             own = p_t.argmax(dim=1)  # as rd_update: a delta adds belief only along the evidence
             towards = self.support[own] | (torch.arange(p_t.shape[1]) == own[:, None])
             diff = torch.where(towards | (diff < 0), diff, torch.zeros_like(diff))

@@ -51,6 +51,7 @@ SHIPPABLE = (ModelStatus.approved, ModelStatus.retired)
 # Where each stage of the cycle starts and ends in the job's overall progress.
 STAGES: dict[str, tuple[float, float]] = {
     "teacher": (0.05, 0.25),
+    "relabel": (0.25, 0.95),
     "re-KD": (0.25, 0.85),
     "export": (0.85, 0.95),
 }
@@ -214,14 +215,18 @@ def run_cycle_job(
     owner: str,
     lease_s: float,
     progress_every: float = 2.0,
+    recipes: str | None = None,
 ) -> CycleOutcome:
-    """Run (or run again) one RD cycle job; see the module's docstring for what survives a crash."""
-    from cloud.ml.cycle import TrainingPlan, rd_cycle
+    """Run (or run again) one RD cycle job; see the module's docstring for what survives a crash.
+
+    `recipes` names the candidate search's recipes (`Settings.rd_recipes`; None: the default)."""
+    from cloud.ml.cycle import TrainingPlan, rd_cycle, search_of
     from cloud.ml.data import build_scenario_data
     from cloud.ml.rd_update import RDConfig
     from cloud.ml.scenario import parse_scenario
     from cloud.pipeline.lines import load_line
 
+    search = search_of(recipes) if recipes is not None else None  # a bad name fails before any claim
     with transaction(sessions) as session:
         if jobs.get_job(session, job_id).type != JOB_TYPE:  # never claim another kind of job
             return CycleOutcome(job_id, "skipped", f"not an {JOB_TYPE} job")
@@ -264,6 +269,7 @@ def run_cycle_job(
                 data.val,
                 TrainingPlan(seed=scenario.seed),
                 RDConfig(),
+                search=search,
                 progress=_stage_progress(lease),
             )
     except (KnowledgeError, ContractError) as exc:  # the reports themselves are unusable

@@ -115,10 +115,11 @@ def _device_only_accuracy(v1: Int8Model, payloads: list[bytes], world: Split) ->
     """Mean accuracy of each device's own fine-tuned head h+Δ on v1's int8 features."""
     feats = v1.run(world.x)[0]
     w, b = v1.head()
+    classes = v1.manifest.class_of_output()
     accs = []
     for payload in payloads:
         dw, db = KnowledgeReport.from_bytes(payload).head_delta()
-        accs.append(float(((feats @ (w + dw).T + (b + db)).argmax(axis=1) == world.y).mean()))
+        accs.append(float((classes[(feats @ (w + dw).T + (b + db)).argmax(axis=1)] == world.y).mean()))
     return float(np.mean(accs)) if accs else None
 
 

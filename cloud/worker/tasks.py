@@ -141,7 +141,12 @@ def run_job(self: Task[Any, Any], job_id: str) -> str:
         torch.set_num_threads(ctx.settings.worker_torch_threads)
         try:
             outcome = cycle.run_cycle_job(
-                ctx.sessions, ctx.store, key, owner=ctx.owner, lease_s=ctx.settings.job_lease_seconds
+                ctx.sessions,
+                ctx.store,
+                key,
+                owner=ctx.owner,
+                lease_s=ctx.settings.job_lease_seconds,
+                recipes=ctx.settings.rd_recipes,
             )
         except NotFoundError:
             log.error("run_job: no job %s; dropped", job_id)

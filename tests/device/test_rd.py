@@ -12,11 +12,12 @@ import pytest
 
 from device_firmware_py.exceptions import InvalidSamplesError, NotEnoughSamplesError
 from device_firmware_py.privacy import DPConfig
-from device_firmware_py.rd import RDPolicy, extract_knowledge, fit_head_delta, preference_map, softmax
-from device_firmware_py.runtime import FloatArray, Int8Model
+from device_firmware_py.rd import RDPolicy, extract_knowledge, fit_head_delta, preference_map
+from device_firmware_py.runtime import FloatArray, Int8Model, softmax
 from wire import KnowledgeReport
 
 if TYPE_CHECKING:
+    from cloud.ml.cycle import EdgeLine
     from cloud.ml.data import ScenarioData, Split
 
 IntArray = npt.NDArray[np.int64]
@@ -125,6 +126,57 @@ def test_fit_head_delta_with_no_steps_is_zero() -> None:
 
     # Assert
     assert not dw.any() and not db.any()
+
+
+def test_fit_head_delta_learns_the_classes_the_outputs_stand_for() -> None:
+    # Prepare: the head confuses classes 0 and 1; under a map swapping its outputs 0 and 1 it is right,
+    # as is the head with those rows swapped under the identity
+    features, labels, w, b = separable_problem()
+    swapped = np.array([1, 0, 2])
+    w_right, b_right = w[[1, 0, 2]], b[[1, 0, 2]]
+
+    # Execute
+    mapped = fit_head_delta(features, labels, w, b, RDPolicy(), swapped)
+    right = fit_head_delta(features, labels, w_right, b_right, RDPolicy())
+
+    # Assert: the same fit, its rows where the outputs are
+    np.testing.assert_allclose(mapped[0], right[0][[1, 0, 2]], atol=1e-5)
+    np.testing.assert_allclose(mapped[1], right[1][[1, 0, 2]], atol=1e-5)
+    decided = swapped[np.argmax(features @ (w + mapped[0]).T + b + mapped[1], axis=1)]
+    assert np.mean(decided == labels) > 0.98
+
+
+def test_labels_no_output_stands_for_teach_the_head_nothing() -> None:
+    # Prepare: outputs 0 and 1 both stand for class 0, so nothing can say class 1
+    features, labels, w, b = separable_problem()
+    merged = np.array([0, 0, 2])
+    ones = labels == 1
+
+    # Execute
+    dw, db = fit_head_delta(features[ones], labels[ones], w, b, RDPolicy(), merged)
+
+    # Assert
+    assert not dw.any() and not db.any()
+
+
+def test_the_preference_map_counts_the_classes_the_outputs_stand_for(
+    base_line: EdgeLine, small_data: ScenarioData
+) -> None:
+    # Prepare: dana labels 3 as 8; her model already merges output 3 into class 8
+    pool = dana_pool(small_data)
+    manifest = base_line.artifact.manifest.model_copy(
+        update={"output_classes": [0, 1, 2, 8, 4, 5, 6, 7, 8, 9]}
+    )
+    merged = Int8Model(base_line.artifact.model, manifest)
+
+    # Execute
+    report = extract_knowledge(merged, pool.x, pool.y, device_id="dev-1")
+
+    # Assert: no decision is a 3 any more, and the 3s she labels 8 are agreements, not a preference
+    counts = report.counts()
+    assert not counts[3].any()
+    assert counts[8, 8] >= (pool.y == 8).sum() * 0.9
+    assert report.metrics is not None and report.metrics.holdout_acc_before > 0.9
 
 
 def test_extract_knowledge_reports_dana_preference(base_model: Int8Model, small_data: ScenarioData) -> None:

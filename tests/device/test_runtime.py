@@ -175,6 +175,48 @@ def test_predict_is_the_argmax_of_the_logits(base_model: Int8Model, small_data: 
     np.testing.assert_array_equal(predicted, np.argmax(logits, axis=1))
 
 
+MERGE_3_INTO_8 = [0, 1, 2, 8, 4, 5, 6, 7, 8, 9]
+
+
+def under_map(base_line: EdgeLine, classes: list[int]) -> Int8Model:
+    """The base artifact's bytes under a manifest whose outputs stand for `classes`."""
+    manifest = base_line.artifact.manifest.model_copy(update={"output_classes": classes})
+    return Int8Model(base_line.artifact.model, manifest)
+
+
+def test_an_output_map_relabels_every_decision_exactly(
+    base_line: EdgeLine, base_model: Int8Model, small_data: ScenarioData
+) -> None:
+    # Prepare: output 3 stands for class 8 (the user merges 3 into 8)
+    mapped = under_map(base_line, MERGE_3_INTO_8)
+    x = small_data.test.x
+
+    # Execute
+    before, after = base_model.predict(x), mapped.predict(x)
+
+    # Assert: the same int8 decisions, sent through the map; class 3 is never decided
+    mapped.self_test()
+    np.testing.assert_array_equal(after, np.array(MERGE_3_INTO_8)[before])
+    assert (before == 3).any() and not (after == 3).any()
+
+
+def test_class_probabilities_pool_the_outputs_of_a_class(
+    base_line: EdgeLine, base_model: Int8Model, small_data: ScenarioData
+) -> None:
+    # Prepare
+    mapped = under_map(base_line, MERGE_3_INTO_8)
+    _, logits = base_model.run(small_data.test.x[:50])
+
+    # Execute
+    own, pooled = base_model.class_probabilities(logits), mapped.class_probabilities(logits)
+
+    # Assert: identity map → the softmax; the merge adds output 3's belief to class 8
+    np.testing.assert_allclose(own, runtime.softmax(logits), rtol=1e-6)
+    np.testing.assert_allclose(pooled[:, 8], own[:, 3] + own[:, 8], rtol=1e-5)
+    assert not pooled[:, 3].any()
+    np.testing.assert_allclose(pooled.sum(axis=1), 1.0, rtol=1e-5)
+
+
 def test_self_test_passes_on_the_real_artifact(base_model: Int8Model) -> None:
     # Execute / Assert (raises on a mismatch)
     base_model.self_test()

@@ -87,6 +87,12 @@ def test_real_manifest_accepts_bytes(base_line: EdgeLine) -> None:
         (put_in("features", "dtype", "float32"), "features.dtype"),
         (put_in("logits", "shape", []), "logits.shape"),
         (put_in("logits", "shape", [1, 1, 1, 1, 10]), "logits.shape"),
+        (put("output_classes", [0] * 9), "output_classes"),
+        (put("output_classes", [0] * 9 + [10]), "output_classes"),
+        (put("output_classes", [0] * 9 + [-1]), "output_classes"),
+        (put("output_classes", [0] * 9 + [True]), "output_classes"),
+        (put("output_classes", [0] * 9 + ["1"]), "output_classes"),
+        (put("output_classes", "0123456789"), "output_classes"),
     ],
     ids=[
         "sha-short",
@@ -112,6 +118,12 @@ def test_real_manifest_accepts_bytes(base_line: EdgeLine) -> None:
         "float-tensor",
         "rank-0",
         "rank-5",
+        "output-map-short",
+        "output-map-class-too-big",
+        "output-map-negative",
+        "output-map-bool",
+        "output-map-string-entry",
+        "output-map-string",
     ],
 )
 def test_garbage_is_refused_naming_the_field(
@@ -124,6 +136,20 @@ def test_garbage_is_refused_naming_the_field(
     # Execute / Assert
     with pytest.raises(ContractError, match=rf"invalid manifest at {field}\b"):
         ArtifactManifest.from_json(json.dumps(doc))
+
+
+def test_an_output_map_round_trips_and_decides_the_class(base_line: EdgeLine) -> None:
+    # Prepare: output 3 stands for class 8 (a merge), every other output for its own class
+    doc = manifest_doc(base_line)
+    doc["output_classes"] = [0, 1, 2, 8, 4, 5, 6, 7, 8, 9]
+
+    # Execute
+    parsed = ArtifactManifest.from_json(json.dumps(doc))
+
+    # Assert
+    assert ArtifactManifest.from_json(parsed.to_json()) == parsed
+    assert parsed.class_of_output().tolist() == [0, 1, 2, 8, 4, 5, 6, 7, 8, 9]
+    assert base_line.artifact.manifest.class_of_output().tolist() == list(range(10))
 
 
 def test_thirty_two_probes_are_accepted(base_line: EdgeLine) -> None:

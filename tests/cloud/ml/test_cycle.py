@@ -8,14 +8,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pytest
 
-from cloud.ml.cycle import PLAIN, SearchConfig, rd_cycle
+from cloud.ml.cycle import PLAIN, REKD, RELABEL_REKD, SearchConfig, rd_cycle
+from cloud.ml.data import Split
 from cloud.ml.rd_update import RDConfig
 from device_firmware_py.rd import extract_knowledge
 from wire import EncodedArray, KnowledgeReport
 
 if TYPE_CHECKING:
     from cloud.ml.cycle import CycleResult, EdgeLine, TrainingPlan
-    from cloud.ml.data import ScenarioData, Split, UserData
+    from cloud.ml.data import ScenarioData, UserData
     from device_firmware_py.runtime import Int8Model
 
 pytestmark = pytest.mark.slow
@@ -25,6 +26,8 @@ pytestmark = pytest.mark.slow
 # broken delta has something to steer.
 WITH_DELTA = RDConfig(delta_weight=0.3)
 PLAIN_SEARCH = SearchConfig(recipes=(PLAIN,))
+REKD_SEARCH = SearchConfig(recipes=(REKD,))
+MERGE_3_INTO_8 = [0, 1, 2, 8, 4, 5, 6, 7, 8, 9]
 
 
 def world_accuracy(model: Int8Model, world: Split) -> float:
@@ -72,6 +75,83 @@ def test_preference_is_learned_and_approved(
     assert (v2.predict(dana.world_test.x[threes]) == 8).mean() > 0.9
 
 
+def test_a_merge_ships_the_parents_int8_model_relabelled(
+    base_line: EdgeLine, base_model: Int8Model, small_data: ScenarioData, fast_plan: TrainingPlan
+) -> None:
+    # Prepare: dana labels 3 as 8
+    dana = small_data.users[0]
+    payload = report_bytes(base_model, dana.device_train[0], "dana-d0")
+
+    # Execute
+    result = rd_cycle(
+        base_line, [payload], small_data.train, small_data.val, fast_plan, RDConfig(), line="dana"
+    )
+
+    # Assert: the first recipe passes; v2 is v1's bytes whose output 3 stands for class 8, so every
+    # decision is v1's relabelled and every untouched class is exactly v1's
+    assert result.approved is not None, result.reason
+    assert [(c.recipe, c.status) for c in result.candidates] == [("relabel", "chosen")]
+    v2 = result.approved.artifact
+    assert v2.model == base_line.artifact.model
+    assert (v2.manifest.model_id, v2.manifest.output_classes) == ("dana.v2", MERGE_3_INTO_8)
+    before, after = base_model.predict(dana.world_test.x), v2.load().predict(dana.world_test.x)
+    np.testing.assert_array_equal(after, np.array(MERGE_3_INTO_8)[before])
+    verdict = result.verdict
+    assert verdict is not None and verdict.untouched_acc_candidate == verdict.untouched_acc_parent
+    assert world_accuracy(v2.load(), dana.world_test) > world_accuracy(base_model, dana.world_test) + 0.05
+
+
+def second_preference(model: Int8Model, pool: Split) -> bytes:
+    """A report from a user who, besides merging 3 into 8, now labels every 5 as 6."""
+    labels = np.where(pool.y == 3, 8, np.where(pool.y == 5, 6, pool.y))
+    return extract_knowledge(model, pool.x, labels, device_id="dana-d0", seed=1).to_bytes()
+
+
+@pytest.mark.parametrize("search", [None, REKD_SEARCH], ids=["relabel", "re-KD"])
+def test_a_relabelled_line_takes_its_next_preference(
+    search: SearchConfig | None,
+    base_line: EdgeLine,
+    base_model: Int8Model,
+    small_data: ScenarioData,
+    fast_plan: TrainingPlan,
+) -> None:
+    # Prepare: v2 merges 3 into 8 by its output map; dana then labels 5 as 6 too
+    dana = small_data.users[0]
+    first = rd_cycle(
+        base_line,
+        [report_bytes(base_model, dana.device_train[0], "dana-d0")],
+        small_data.train,
+        small_data.val,
+        fast_plan,
+        RDConfig(),
+        line="dana",
+    )
+    assert first.approved is not None, first.reason
+    v2 = first.approved
+    own = dana.device_train[0]
+    pool = Split(x=np.concatenate([own.x, small_data.val.x]), y=np.concatenate([own.y, small_data.val.y]))
+    payload = second_preference(v2.artifact.load(), pool)
+
+    # Execute
+    result = rd_cycle(v2, [payload], small_data.train, small_data.val, fast_plan, RDConfig(), search=search)
+
+    # Assert: v3 decides 3s as 8 and 5s as 6, relabelled again (the maps compose) or re-distilled
+    # (from v2's head composed with its map, with the identity map)
+    assert result.approved is not None, result.reason
+    v3 = result.approved.artifact
+    assert v3.manifest.model_id == "dana.v3"
+    decided = v3.load().predict(small_data.test.x)
+    for source, target in ((3, 8), (5, 6)):
+        assert (decided[small_data.test.y == source] == target).mean() > 0.9
+    if search is None:
+        assert v3.model == base_line.artifact.model
+        assert v3.manifest.output_classes == [0, 1, 2, 8, 4, 6, 6, 7, 8, 9]
+        assert not np.isin(decided, [3, 5]).any()
+    else:
+        assert v3.manifest.output_classes is None
+        assert np.isin(decided, [3, 5]).mean() < 0.02
+
+
 def test_the_chosen_recipe_is_trained_again_on_the_whole_transfer_set_only_when_asked(
     base_line: EdgeLine, base_model: Int8Model, small_data: ScenarioData, fast_plan: TrainingPlan
 ) -> None:
@@ -92,7 +172,7 @@ def test_the_chosen_recipe_is_trained_again_on_the_whole_transfer_set_only_when_
             fast_plan,
             RDConfig(),
             line="dana",
-            search=SearchConfig(retrain=retrain),
+            search=SearchConfig(recipes=(REKD, RELABEL_REKD), retrain=retrain),  # recipes that train
             progress=count,
         )
 
@@ -131,12 +211,19 @@ def test_same_inputs_give_the_same_model(
     # Prepare
     payload = report_bytes(base_model, small_data.users[0].device_train[0], "dana-d0")
 
-    # Execute
-    first = rd_cycle(
-        base_line, [payload], small_data.train, small_data.val, fast_plan, RDConfig(), line="dana"
-    )
-    second = rd_cycle(
-        base_line, [payload], small_data.train, small_data.val, fast_plan, RDConfig(), line="dana"
+    # Execute: a recipe that trains (relabelling ships the parent's bytes)
+    first, second = (
+        rd_cycle(
+            base_line,
+            [payload],
+            small_data.train,
+            small_data.val,
+            fast_plan,
+            RDConfig(),
+            line="dana",
+            search=REKD_SEARCH,
+        )
+        for _ in range(2)
     )
 
     # Assert: byte-identical artifacts

@@ -177,9 +177,10 @@ def test_single_report_map_is_counts_plus_kappa_row_normalized(base_line: EdgeLi
     # Execute
     knowledge = knowledge_of(manifest, preference_counts(45))
 
-    # Assert: (0 + κ) / 50 and 45 / 50 on row 3; (20 + κ) / 25 = 1 on other diagonals
-    assert knowledge.preference[3, 3] == pytest.approx(0.1)
-    assert knowledge.preference[3, 8] == pytest.approx(0.9)
+    # Assert: (0 + κ) / (45 + κ) and 45 / (45 + κ) on row 3; (20 + κ) / (20 + κ) = 1 on other diagonals
+    kappa = RDConfig().kappa
+    assert knowledge.preference[3, 3] == pytest.approx(kappa / (45 + kappa))
+    assert knowledge.preference[3, 8] == pytest.approx(45 / (45 + kappa))
     np.testing.assert_allclose(np.delete(np.diag(knowledge.preference), 3), 1.0)
 
 
@@ -223,8 +224,8 @@ def test_many_small_reports_count_like_one_large_one(base_line: EdgeLine) -> Non
     cohort = combine_reports(small, manifest, RDConfig()).preference
     single = combine_reports([large], manifest, RDConfig()).preference
 
-    # Assert: row 3 is (κ, 30) / 35 either way
-    assert cohort[3, 8] == pytest.approx(30 / 35)
+    # Assert: row 3 is (κ, 30) / (30 + κ) either way
+    assert cohort[3, 8] == pytest.approx(30 / (30 + RDConfig().kappa))
     np.testing.assert_allclose(cohort, single, atol=1e-6)
 
 
@@ -353,7 +354,7 @@ def test_dp_combination_keeps_a_real_preference_of_a_large_store(base_line: Edge
     # Assert
     assert knowledge.support[3, 8]
     assert knowledge.preference[3].argmax() == 8
-    assert knowledge.preference[3, 8] == pytest.approx(15.3 / (15.3 + 0.4 + 5.0))
+    assert knowledge.preference[3, 8] == pytest.approx(15.3 / (15.3 + 0.4 + RDConfig().kappa))
 
 
 def test_dp_report_without_a_delta_contributes_only_its_map(base_line: EdgeLine) -> None:
@@ -483,10 +484,11 @@ def test_soft_targets_on_confident_beliefs(base_line: EdgeLine) -> None:
     # Execute
     p_star, change = soft_targets(knowledge, p_t, features, head, RDConfig())
 
-    # Assert: every 3 becomes an 8 (change 1.638); every other sample changes < θ and keeps p_T exactly
+    # Assert: every 3 becomes an 8 (change 2 × 0.91 × M̂[3, 8], M̂[3, 8] = 45 / (45 + κ)); every other
+    # sample changes < θ and keeps p_T exactly
     is_3 = top1 == 3
     assert (p_star[is_3].argmax(axis=1) == 8).all()
-    np.testing.assert_allclose(change[is_3], 1.638, atol=1e-3)  # 2 × 0.91 × M̂[3, 8] = 2 × 0.91 × 0.9
+    np.testing.assert_allclose(change[is_3], 2 * 0.91 * 45 / (45 + RDConfig().kappa), atol=1e-3)
     np.testing.assert_array_equal(p_star[~is_3], p_t[~is_3])
     assert (change[~is_3] == 0).all()
 

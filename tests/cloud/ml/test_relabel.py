@@ -9,7 +9,7 @@ import numpy.typing as npt
 import pytest
 import torch
 
-from cloud.ml.cycle import REKD, RELABEL, RELABEL_REKD, applies, relabel_head
+from cloud.ml.cycle import RECIPES, REKD, RELABEL, RELABEL_REKD, applies, relabel_head, search_of
 from cloud.ml.nets import NetSpec, Student
 from cloud.ml.rd_update import Knowledge
 
@@ -103,12 +103,27 @@ def test_a_merge_is_not_exact_and_its_source_is_never_chosen(
     assert not (predictions(relabelled, x) == 3).any()
 
 
-def test_only_an_exact_relabelling_is_a_recipe_of_its_own() -> None:
+def test_relabelling_is_a_recipe_for_any_map_that_moves_a_class() -> None:
     # Prepare
     swap, merge, nothing = knowledge({3: 8, 8: 3}), knowledge({3: 8}), knowledge({})
 
-    # Execute / Assert: re-KD applies to any knowledge; relabelling alone needs a permutation that moves
+    # Execute / Assert: re-KD applies to any knowledge; relabelling needs a class the map moves
     assert applies(RELABEL, swap)
-    assert not applies(RELABEL, merge)
+    assert applies(RELABEL, merge)
     assert not applies(RELABEL, nothing)
     assert all(applies(recipe, k) for recipe in (REKD, RELABEL_REKD) for k in (swap, merge, nothing))
+
+
+def test_a_search_is_named_by_its_recipes_in_order() -> None:
+    # Execute
+    search = search_of("re-KD, relabel")
+
+    # Assert
+    assert [r.name for r in search.recipes] == ["re-KD", "relabel"]
+    assert [r.name for r in search_of(",".join(RECIPES)).recipes] == list(RECIPES)
+
+
+@pytest.mark.parametrize("names", ["bogus", "relabel,", "relabel,,re-KD", "RELABEL", ""])
+def test_an_unknown_recipe_is_refused_by_name(names: str) -> None:
+    with pytest.raises(ValueError, match="unknown RD recipe"):
+        search_of(names)

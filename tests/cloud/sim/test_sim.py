@@ -96,7 +96,11 @@ def test_every_candidate_tried_and_every_export_attempt_is_on_record(result: dic
     assert set(statuses) <= {"chosen", "passed", "refused", "export-failed"}
     for c in gina["candidates"] + gina["candidates_dp"]:
         assert {"recipe", "reason", "agreement", "untouched_drop", "seconds", "export"} <= set(c)
-    assert gina["export"] and gina["export"][-1]["accepted"]
+    chosen = next(c for c in gina["candidates"] if c["status"] == "chosen")
+    assert gina["export"] == chosen["export"]
+    for c in gina["candidates"] + gina["candidates_dp"]:  # a relabelled parent is not quantized again
+        assert bool(c["export"]) is (c["recipe"] != "relabel"), c
+    assert chosen["recipe"] == "relabel" or chosen["export"][-1]["accepted"]
     assert result["int8"]["export"][-1]["accepted"]
     assert (ivan["candidates"], ivan["candidates_dp"], ivan["export"]) == ([], [], [])
 

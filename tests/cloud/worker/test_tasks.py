@@ -12,8 +12,8 @@ import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from cloud.artifacts import LocalArtifactStore
-from cloud.registry import jobs, telemetry
-from cloud.registry.tables import JobState, Telemetry, utcnow
+from cloud.registry import jobs, knowledge, telemetry
+from cloud.registry.tables import JobState, KnowledgeStatus, Telemetry, utcnow
 from cloud.settings import Settings
 from cloud.worker import tasks
 from tests.cloud.factories import make_cloud_model, make_cohort, make_device, make_edge_model, make_report
@@ -66,6 +66,31 @@ def test_schedule_cycles_starts_one_job_per_cohort_with_knowledge(
         JobState.pending,
         {"trigger": "knowledge"},
     )
+
+
+def test_a_job_under_an_unknown_recipe_fails_naming_it_and_keeps_its_reports(
+    sent: list[uuid.UUID], session: Session, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: a due cohort, and a worker configured with a recipe that does not exist
+    make_cohort(session, "kitchen")
+    make_device(session, "cam-1", "kitchen")
+    store = LocalArtifactStore(tmp_path / "a")
+    teacher = make_cloud_model(session, store, "kitchen")
+    base = make_edge_model(session, store, teacher_id=teacher.id, cohort_id="kitchen")
+    msg_id = make_report(session, "cam-1", base.id)
+    session.commit()
+    (job_id,) = tasks.schedule_cycles.run()
+    monkeypatch.setattr(tasks.context().settings, "rd_recipes", "relabel,bogus")
+
+    # Execute
+    with pytest.raises(ValueError, match="unknown RD recipe 'bogus'"):
+        tasks.run_job.run(job_id)
+
+    # Assert
+    session.expire_all()
+    job = jobs.get_job(session, uuid.UUID(job_id))
+    assert job.state is JobState.failed and "unknown RD recipe 'bogus'" in (job.error or "")
+    assert knowledge.get_report(session, msg_id).status is KnowledgeStatus.received
 
 
 def test_reap_jobs_sends_again_a_job_whose_worker_died_and_gives_up_after_five(

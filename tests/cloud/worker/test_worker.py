@@ -163,7 +163,8 @@ def test_a_job_whose_worker_is_killed_completes_once(
     small_scenario: Scenario,
     record_property: Callable[[str, object], None],
 ) -> None:
-    # Prepare: the worker is killed while the job trains
+    # Prepare: the worker is killed while the job trains (re-KD: relabelling is over in seconds)
+    cloud.env["DIREDI_RD_RECIPES"] = "re-KD"
     ship_line(cloud.sessions, cloud.store, base_line, small_scenario)
     msg_id = report_knowledge(cloud.sessions, base_line, small_data, "cam-1")
     worker.start()
