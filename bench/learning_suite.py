@@ -162,6 +162,17 @@ def _gate_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"outcome": o, "reason": r, "diredi": plain[(o, r)], "dp": dp[(o, r)]} for o, r in keys]
 
 
+def _chosen(candidates: Any) -> str | None:
+    return next((c["recipe"] for c in candidates or [] if c.get("status") == "chosen"), None)
+
+
+def _recipe_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Approved cycles per recipe that made the model, of DiReDi's cycle and of the DP cycle."""
+    plain = Counter(_chosen(r.get("candidates")) for r in rows if r.get("gate_outcome") == "approved")
+    dp = Counter(_chosen(r.get("candidates_dp")) for r in rows if r.get("gate_dp_outcome") == "approved")
+    return [{"recipe": k, "diredi": plain[k], "dp": dp[k]} for k in sorted(set(plain) | set(dp), key=str)]
+
+
 def summarize(rows: list[dict[str, Any]], crashes: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
     """The suite's statistics from the per-user rows: per preference kind, the gate, timing, targets."""
     with_pref = [r for r in rows if r.get("kind") not in (None, "none")]
@@ -179,6 +190,7 @@ def summarize(rows: list[dict[str, Any]], crashes: Sequence[dict[str, Any]] = ()
             "change_median": _quantile(no_pref, 0.5),
         },
         "gates": _gate_table(rows),
+        "approved_by_recipe": _recipe_table(rows),
         "crashes": len(crashes),
         "knowledge_to_approved_s": {
             "n": len(seconds),
@@ -286,6 +298,12 @@ def print_summary(summary: dict[str, Any], crashes: Sequence[dict[str, Any]], co
     for g in summary["gates"]:
         gates.add_row(str(g["outcome"]), str(g["reason"]), str(g["diredi"]), str(g["dp"]))
     console.print(gates)
+    recipes = Table(title="Approved models by the recipe that made them")
+    for col in ("recipe", "DiReDi", "DiReDi+DP"):
+        recipes.add_column(col, justify="left" if col == "recipe" else "right")
+    for r in summary.get("approved_by_recipe", []):
+        recipes.add_row(str(r["recipe"]), str(r["diredi"]), str(r["dp"]))
+    console.print(recipes)
 
     none = summary["no_preference"]
     console.print(

@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import tempfile
 import threading
@@ -49,7 +50,7 @@ from bench.system_lab import local_system, processes, tree_cpu_seconds
 from broker.client import BrokerTarget
 from cloud.artifacts import LocalArtifactStore
 from cloud.localsystem import LocalSystem
-from cloud.ml.cycle import EdgeLine, TrainingPlan, train_line
+from cloud.ml.cycle import EdgeLine, TrainingPlan, search_of, train_line
 from cloud.ml.data import ScenarioData, build_scenario_data
 from cloud.ml.export import export_int8
 from cloud.ml.nets import NetSpec
@@ -59,6 +60,7 @@ from cloud.pipeline.lines import register_line
 from cloud.registry import models
 from cloud.registry.db import transaction
 from cloud.registry.tables import Job, JobState, KnowledgeReport, Model, ModelKind
+from cloud.settings import Settings
 from cloud.worker.scratch_redis import scratch_redis
 from device_firmware_py.rd import extract_knowledge
 from wire.common import utcnow
@@ -73,6 +75,7 @@ USER = "alice"
 TARGET_S = 60.0
 AIM_S = 30.0  # issue 13's target with the candidate search on
 FINISHED = (JobState.succeeded, JobState.failed)
+DEFAULT_RECIPES = Settings.model_fields["rd_recipes"].default
 STAGES = ("rd_targets", "candidates", "final", "gate")  # the job's own timings (cloud.ml.cycle.rd_cycle)
 
 
@@ -266,6 +269,9 @@ def one_run(
         "job_created_to_started_s": _seconds(job.created_at, job.started_at),
         "job_started_to_finished_s": _seconds(job.started_at, job.finished_at),
         "job_timings_s": timings,
+        "chosen": next(
+            (c["recipe"] for c in job.result.get("candidates") or [] if c["status"] == "chosen"), None
+        ),
         "decided_to_job_finished_s": _seconds(decided_at, job.finished_at),
         "worker_cpu_percent": 100 * worker_cpu / wall if wall else None,
         "load_1min_before": load_before,
@@ -274,7 +280,9 @@ def one_run(
     }
 
 
-def run(admin_url: str, *, runs: int, scenario_path: Path, timeout: float) -> dict[str, Any]:
+def run(
+    admin_url: str, *, runs: int, scenario_path: Path, timeout: float, recipes: str = DEFAULT_RECIPES
+) -> dict[str, Any]:
     scenario = load_scenario(scenario_path)
     data = build_scenario_data(scenario)
     rows = []
@@ -289,7 +297,7 @@ def run(admin_url: str, *, runs: int, scenario_path: Path, timeout: float) -> di
         ):
             task = progress.add_task("start the system", total=None)
             with local_system(
-                bench_lab, redis_url, pipeline_auto_rollout=False, pipeline_min_reports=1
+                bench_lab, redis_url, pipeline_auto_rollout=False, pipeline_min_reports=1, rd_recipes=recipes
             ) as system:
                 progress.remove_task(task)
                 store = LocalArtifactStore(system.settings.resolved_artifact_dir)
@@ -305,6 +313,7 @@ def run(admin_url: str, *, runs: int, scenario_path: Path, timeout: float) -> di
         "benchmark": "pipeline_cycle",
         "scenario": scenario.name,
         "user": USER,
+        "recipes": recipes,
         "runs": rows,
         "approved_runs": len(approved),
         "median_received_to_approved_s": median,
@@ -327,10 +336,12 @@ def _s(value: float | None) -> str:
 def print_table(report: dict[str, Any], console: Console) -> None:
     table = Table(
         title=f"DiReDi cycle: knowledge received → approved edge model, {report['scenario']} user "
-        f"{report['user']}, real ingest + worker on PostgreSQL + Redis ({report['cpus']} CPUs)"
+        f"{report['user']}, recipes {report['recipes']}, real ingest + worker on PostgreSQL + Redis "
+        f"({report['cpus']} CPUs)"
     )
     columns = ["run", "outcome", "received → decided s", "publish → stored s", "stored → job s"]
-    columns += ["queue s", "job s", *(f"{stage} s" for stage in STAGES), "worker CPU %", "load 1 min"]
+    columns += ["queue s", "job s", *(f"{stage} s" for stage in STAGES), "chosen", "worker CPU %"]
+    columns += ["load 1 min"]
     for column in columns:
         table.add_column(column, justify="right")
     for r in report["runs"]:
@@ -344,6 +355,7 @@ def print_table(report: dict[str, Any], console: Console) -> None:
             _s(r["job_created_to_started_s"]),
             _s(r["job_started_to_finished_s"]),
             *(_s(t.get(stage)) for stage in STAGES),
+            r["chosen"] or "—",
             "—" if r["worker_cpu_percent"] is None else f"{r['worker_cpu_percent']:.0f}",
             f"{r['load_1min_before']:.1f}",
         )
@@ -364,15 +376,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--scenario", type=Path, default=SCENARIO)
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds a run's job may take")
+    parser.add_argument(
+        "--recipes",
+        default=DEFAULT_RECIPES,
+        help="the worker's RD recipes (DIREDI_RD_RECIPES), e.g. re-KD for the cycle when no relabelling "
+        "applies; results go to pipeline_cycle.json for the default, pipeline_cycle-<recipes>.json else",
+    )
     args = parser.parse_args(argv)
+    try:
+        search_of(args.recipes)
+    except ValueError as exc:
+        parser.error(str(exc))
     admin_url = os.environ.get("DIREDI_TEST_POSTGRES_URL")
     if not admin_url:
         raise SystemExit("set DIREDI_TEST_POSTGRES_URL (scripts/services.sh postgres prints it)")
     console = Console(width=180)
-    report = run(admin_url, runs=args.runs, scenario_path=args.scenario, timeout=args.timeout)
+    report = run(
+        admin_url, runs=args.runs, scenario_path=args.scenario, timeout=args.timeout, recipes=args.recipes
+    )
     print_table(report, console)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "pipeline_cycle.json"
+    suffix = "" if args.recipes == DEFAULT_RECIPES else "-" + re.sub(r"[^A-Za-z0-9+-]+", "_", args.recipes)
+    out = RESULTS / f"pipeline_cycle{suffix}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     console.print(f"written to {out}")
 
