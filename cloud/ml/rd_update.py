@@ -110,9 +110,9 @@ def combine_maps(counts: list[npt.NDArray[np.float64]], kappa: float) -> FloatAr
 
     Each report's rows are normalized to frequencies (a row without samples says nothing) and
     combined coordinate-wise; the prior κ·I is then added once, against the cohort's evidence per
-    row (the sum of row counts, or the median × the number of reports from three reports up), so a
-    preference seen by many devices with a few samples each still counts as well as one device's.
-    With one report this is exactly rownormalize(counts + κI).
+    row (the sum of row counts, or, from three reports up, the median row count of the devices that
+    saw the class × their number), so a preference seen by many devices with a few samples each
+    still counts as well as one device's. With one report this is exactly rownormalize(counts + κI).
     """
     stack = np.stack(counts)
     rows = stack.sum(axis=2)  # reports × C
@@ -126,7 +126,13 @@ def combine_maps(counts: list[npt.NDArray[np.float64]], kappa: float) -> FloatAr
     combined[empty] = np.eye(c)[empty]
     combined = np.nan_to_num(combined, nan=0.0)
     combined /= np.maximum(combined.sum(axis=1, keepdims=True), 1e-12)
-    evidence = np.median(rows, axis=0) * len(rows) if len(rows) >= ROBUST_MIN_REPORTS else rows.sum(axis=0)
+    if len(rows) >= ROBUST_MIN_REPORTS:  # as if every device that saw the class saw the median of them
+        seen = rows > 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            evidence = np.nanmedian(np.where(seen, rows, np.nan), axis=0) * seen.sum(axis=0)
+    else:
+        evidence = rows.sum(axis=0)
     evidence = np.where(empty, 0.0, evidence)
     m_hat = evidence[:, None] * combined + kappa * np.eye(c)
     out: FloatArray = (m_hat / m_hat.sum(axis=1, keepdims=True)).astype(np.float32)

@@ -229,6 +229,24 @@ def test_many_small_reports_count_like_one_large_one(base_line: EdgeLine) -> Non
     np.testing.assert_allclose(cohort, single, atol=1e-6)
 
 
+def test_a_class_only_one_device_of_three_saw_counts_with_that_devices_samples(base_line: EdgeLine) -> None:
+    # Prepare: a swap 5 ↔ 8 across three devices of a few samples; only the second saw a 5, and labelled
+    # all three of them 8 (the others' row 5 is empty: they say nothing about it)
+    manifest = base_line.artifact.manifest
+    counts = [diagonal_counts(2) for _ in range(3)]
+    for c in counts:
+        c[5, 5], c[8, 8], c[8, 5] = 0, 0, 2
+    counts[1][5, 8] = 3
+    reports = [make_report(manifest.model_id, c, device_id=f"dana-d{i}") for i, c in enumerate(counts)]
+
+    # Execute
+    knowledge = combine_reports(reports, manifest, RDConfig())
+
+    # Assert: row 5 holds its one device's 3 samples against κ, and both directions of the swap move
+    assert knowledge.preference[5, 8] == pytest.approx(3 / (3 + RDConfig().kappa))
+    assert knowledge.class_map()[[5, 8]].tolist() == [8, 5]
+
+
 def test_a_row_without_samples_is_the_identity(base_line: EdgeLine) -> None:
     # Prepare: nobody's model ever answered 5
     manifest = base_line.artifact.manifest
