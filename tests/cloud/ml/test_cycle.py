@@ -140,13 +140,16 @@ def test_a_relabelled_line_takes_its_next_preference(
     assert result.approved is not None, result.reason
     v3 = result.approved.artifact
     assert v3.manifest.model_id == "dana.v3"
-    decided = v3.load().predict(small_data.test.x)
-    for source, target in ((3, 8), (5, 6)):
-        assert (decided[small_data.test.y == source] == target).mean() > 0.9
+    test = small_data.test
+    decided, before = v3.load().predict(test.x), base_model.predict(test.x)
+    for source, target in ((3, 8), (5, 6)):  # as often as v1 recognised the source class
+        recognised = (before[test.y == source] == source).mean()
+        assert (decided[test.y == source] == target).mean() >= recognised - 0.05
     if search is None:
+        composed = [0, 1, 2, 8, 4, 6, 6, 7, 8, 9]
         assert v3.model == base_line.artifact.model
-        assert v3.manifest.output_classes == [0, 1, 2, 8, 4, 6, 6, 7, 8, 9]
-        assert not np.isin(decided, [3, 5]).any()
+        assert v3.manifest.output_classes == composed
+        np.testing.assert_array_equal(decided, np.array(composed)[before])
     else:
         assert v3.manifest.output_classes is None
         assert np.isin(decided, [3, 5]).mean() < 0.02
