@@ -49,9 +49,10 @@ class EdgeArtifact:
     manifest: ArtifactManifest
 
     def save(self, directory: Path) -> Path:
-        """Write `<sha256>.tflite` and `<sha256>.manifest.json`; return the model's path."""
+        """Write `<model_id>.tflite` and `<model_id>.manifest.json`; return the model's path. By model id,
+        not by sha256: a relabelled version shares its parent's bytes under another manifest."""
         directory.mkdir(parents=True, exist_ok=True)
-        path = directory / f"{self.manifest.sha256}.tflite"
+        path = directory / f"{self.manifest.model_id}.tflite"
         path.write_bytes(self.model)
         path.with_suffix(".manifest.json").write_text(self.manifest.to_json())
         return path

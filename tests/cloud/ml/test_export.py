@@ -20,6 +20,7 @@ from cloud.ml.export import (
     check_int8_accuracy,
     export_int8,
     float_file_bytes,
+    relabelled,
     weight_tensor_bytes,
 )
 from cloud.ml.nets import Student, parameter_count
@@ -179,21 +180,26 @@ def test_int8_exactly_one_point_below_float_is_accepted(
     assert (float_acc, int8_acc) == (0.5, 0.49)
 
 
-def test_save_writes_the_artifact_and_its_manifest_by_sha(base_line: EdgeLine, tmp_path: Path) -> None:
-    # Prepare
+def test_save_writes_the_artifact_and_its_manifest_by_model_id(base_line: EdgeLine, tmp_path: Path) -> None:
+    # Prepare: a relabelled version shares the base's bytes under another manifest
     artifact = base_line.artifact
+    merged = relabelled(
+        artifact, np.array([0, 1, 2, 8, 4, 5, 6, 7, 8, 9]), model_id="base.v2", line="base", version=2
+    )
     directory = tmp_path / "artifacts" / "base"
 
     # Execute
-    path = artifact.save(directory)
+    paths = [a.save(directory) for a in (artifact, merged)]
 
-    # Assert
-    sha = artifact.manifest.sha256
-    assert path == directory / f"{sha}.tflite"
-    assert sorted(p.name for p in directory.iterdir()) == sorted([f"{sha}.tflite", f"{sha}.manifest.json"])
-    assert path.read_bytes() == artifact.model
-    saved = ArtifactManifest.from_json((directory / f"{sha}.manifest.json").read_text())
-    assert saved == artifact.manifest
+    # Assert: each version has its own pair of files; neither overwrote the other
+    assert paths == [directory / "base.v1.tflite", directory / "base.v2.tflite"]
+    names = ["base.v1.tflite", "base.v1.manifest.json", "base.v2.tflite", "base.v2.manifest.json"]
+    assert sorted(p.name for p in directory.iterdir()) == sorted(names)
+    for a, path in zip((artifact, merged), paths, strict=True):
+        assert path.read_bytes() == artifact.model
+        assert ArtifactManifest.from_json(path.with_suffix(".manifest.json").read_text()) == a.manifest
+    assert merged.manifest.output_classes == [0, 1, 2, 8, 4, 5, 6, 7, 8, 9]
+    assert merged.manifest.sha256 == artifact.manifest.sha256
 
 
 def test_saved_artifact_loads_in_the_device_runtime(
