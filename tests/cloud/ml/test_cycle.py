@@ -50,20 +50,29 @@ def with_delta(payload: bytes, factor: float) -> bytes:
     ).to_bytes()
 
 
-def test_preference_is_learned_and_approved(
+def test_preference_is_distilled_and_approved(
     base_line: EdgeLine, base_model: Int8Model, small_data: ScenarioData, fast_plan: TrainingPlan
 ) -> None:
-    # Prepare: dana labels 3 as 8 on her device
+    # Prepare: dana labels 3 as 8 on her device; the cycle re-distils (as for a preference no
+    # relabelling fits)
     dana = small_data.users[0]
     payload = report_bytes(base_model, dana.device_train[0], "dana-d0")
 
     # Execute
     result = rd_cycle(
-        base_line, [payload], small_data.train, small_data.val, fast_plan, RDConfig(), line="dana"
+        base_line,
+        [payload],
+        small_data.train,
+        small_data.val,
+        fast_plan,
+        RDConfig(),
+        line="dana",
+        search=REKD_SEARCH,
     )
 
-    # Assert: approved, version 2 of her line, and far better on her world
+    # Assert: approved, version 2 of her line, a new int8 model, and far better on her world
     assert result.outcome == "approved", result.reason
+    assert result.candidate is not None and result.candidate.artifact.model != base_line.artifact.model
     assert result.candidate is not None
     assert result.candidate.model_id == "dana.v2"
     assert result.verdict is not None and result.verdict.agreement is not None
