@@ -254,7 +254,7 @@ class Daemon:
         _, logits = self.model.run(sample.input)
         latency_ms = (time.perf_counter() - started) * 1000
         # the decision is the class of the top output; its confidence, that class's pooled belief
-        predicted = int(self.model.manifest.class_of_output()[int(np.argmax(logits[0]))])
+        predicted = int(self.model.decide(logits)[0])
         probabilities = self.model.class_probabilities(logits)[0]
         # Accuracy is measured on the samples the user holds out, when the stream marks them.
         measured = sample.label if sample.held_out is not False else None

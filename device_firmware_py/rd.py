@@ -123,7 +123,7 @@ def extract_knowledge(
         raise ValueError(f"the accountant tracks δ={accountant.delta}, the report would use δ={dp.delta}")
     features, logits = model.run(inputs)
     classes = manifest.class_of_output()
-    counts = preference_map(classes[np.argmax(logits, axis=1)], labels, c)
+    counts = preference_map(model.decide(logits), labels, c)
     w, b = model.head()
 
     metrics = None

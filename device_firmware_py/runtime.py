@@ -129,8 +129,11 @@ class Int8Model:
 
     def predict(self, x: npt.ArrayLike) -> npt.NDArray[np.int64]:
         """The class of the top-1 output per input (the manifest's `output_classes`)."""
-        top1 = np.argmax(self.run_int8(x)[1], axis=1)
-        decided: npt.NDArray[np.int64] = self.manifest.class_of_output()[top1]
+        return self.decide(self.run_int8(x)[1])
+
+    def decide(self, logits: npt.NDArray[Any]) -> npt.NDArray[np.int64]:
+        """The class each row of logits (int8 or dequantized) decides: its top output's class."""
+        decided: npt.NDArray[np.int64] = self.manifest.class_of_output()[np.argmax(logits, axis=1)]
         return decided
 
     def class_probabilities(self, logits: FloatArray) -> FloatArray:

@@ -228,7 +228,7 @@ def search_of(names: str) -> SearchConfig:
     names an unknown one."""
     chosen = [name.strip() for name in names.split(",")]
     unknown = [name for name in chosen if name not in RECIPES]
-    if unknown or not chosen:
+    if unknown:
         raise ValueError(f"unknown RD recipe {unknown[0]!r}; known: {', '.join(RECIPES)}")
     return SearchConfig(recipes=tuple(RECIPES[name] for name in chosen))
 

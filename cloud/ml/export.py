@@ -179,19 +179,19 @@ def weight_tensor_bytes(model: bytes) -> int:
     return total
 
 
-def float_accuracy(student: Student, data: Split) -> float:
-    """Accuracy of the float student on `data`."""
+def float_accuracy(student: Student, data: Split, class_of_output: IntArray | None = None) -> float:
+    """Accuracy of the float student on `data` (its top output read through `class_of_output`)."""
     with torch.no_grad():
-        return float((student(torch.from_numpy(data.x)).argmax(1).numpy() == data.y).mean())
+        top = student(torch.from_numpy(data.x)).argmax(1).numpy()
+    decided = top if class_of_output is None else class_of_output[top]
+    return float((decided == data.y).mean())
 
 
 def int8_accuracy(artifact: EdgeArtifact, student: Student, data: Split) -> tuple[float, float]:
     """(float, int8) accuracy of the student and its artifact on `data`, both through the artifact's
     output map."""
-    classes = artifact.manifest.class_of_output()
-    with torch.no_grad():
-        top = student(torch.from_numpy(data.x)).argmax(1).numpy()
-    return float((classes[top] == data.y).mean()), float((artifact.load().predict(data.x) == data.y).mean())
+    float_acc = float_accuracy(student, data, artifact.manifest.class_of_output())
+    return float_acc, float((artifact.load().predict(data.x) == data.y).mean())
 
 
 def within_limit(float_acc: float, int8_acc: float, max_drop: float = MAX_INT8_DROP) -> bool:
