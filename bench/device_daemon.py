@@ -52,7 +52,7 @@ from broker.mosquitto import MosquittoProcess, bootstrap, free_ports, init_dynse
 from cloud.ml.cycle import TrainingPlan, train_line
 from cloud.ml.data import build_scenario_data
 from cloud.ml.export import EdgeArtifact
-from cloud.ml.nets import NetSpec
+from cloud.ml.families import NetSpec
 from cloud.ml.scenario import load_scenario
 from device_firmware_py.daemon import STATE_FILES
 from device_firmware_py.ota import ModelSlots

@@ -53,7 +53,7 @@ from cloud.localsystem import LocalSystem
 from cloud.ml.cycle import EdgeLine, TrainingPlan, search_of, train_line
 from cloud.ml.data import ScenarioData, build_scenario_data
 from cloud.ml.export import export_int8
-from cloud.ml.nets import NetSpec
+from cloud.ml.families import NetSpec
 from cloud.ml.scenario import Scenario, load_scenario
 from cloud.pipeline.cycle import JOB_TYPE, TRAINING_DATA
 from cloud.pipeline.lines import register_line

@@ -63,7 +63,7 @@ from cloud.ml.cycle import EdgeLine
 from cloud.ml.data import build_scenario_data
 from cloud.ml.distill import seed_everything
 from cloud.ml.export import export_int8
-from cloud.ml.nets import NetSpec, Student, Teacher
+from cloud.ml.families import NetSpec
 from cloud.ml.scenario import load_scenario
 from cloud.pipeline.lines import register_line
 from cloud.registry import models
@@ -103,7 +103,8 @@ def ship_versions(lab: Lab, store: LocalArtifactStore) -> tuple[str, str, int]:
     data = build_scenario_data(scenario)
     spec = NetSpec(num_classes=data.num_classes)
     seed_everything(scenario.seed)
-    teacher, student = Teacher(spec).eval(), Student(spec).eval()
+    teacher, student = spec.build()
+    teacher.eval(), student.eval()
     artifacts = [
         export_int8(student, calibration, model_id=edge_model_id(COHORT, v), line=COHORT, version=v)
         for v, calibration in ((1, data.train.x), (2, data.train.x[256:]))

@@ -219,7 +219,7 @@ class Demo:
                 self.progress(uid, 0, f"training v1: {name} {done}/{total}")
 
             _, edge_id = bootstrap_line(
-                sessions, store, cohort_id=cohort_id, scenario_path=self.scenario_path, progress=stage
+                sessions, store, cohort_id=cohort_id, scenario=scenario, progress=stage
             )
             self.api.call("POST", f"/api/v1/models/{edge_id}/approve", {"reason": "the manufacturer's v1"})
             device_id = f"{uid}-cam-1"

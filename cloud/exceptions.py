@@ -18,6 +18,15 @@ class ScenarioError(CloudError):
     """A scenario file is missing, not JSON, or breaks the format; the text names the field."""
 
 
+class DataError(ScenarioError):
+    """A data source (a built-in name, an `.npz`, an image folder) cannot be read as labelled samples;
+    the text names the file or field."""
+
+
+class FamilyError(CloudError):
+    """A model family cannot be built or breaks the contract (docs/model-families.md); one line says why."""
+
+
 class ExportError(CloudError):
     """An edge model could not be exported, or its int8 accuracy fell too far below float."""
 

@@ -55,7 +55,7 @@ def fast_plan():  # type: ignore[no-untyped-def]
 def base_line(small_data, fast_plan):  # type: ignore[no-untyped-def]
     """A real teacher, student and int8 artifact (line 'base', version 1)."""
     from cloud.ml.cycle import train_line
-    from cloud.ml.nets import NetSpec
+    from cloud.ml.families import NetSpec
 
     return train_line(
         small_data.train,

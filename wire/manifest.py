@@ -1,7 +1,7 @@
 """The ArtifactManifest (DESIGN §2): what an exported int8 edge model is and how to check it."""
 
 from datetime import datetime
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
 import numpy as np
 import numpy.typing as npt
@@ -9,10 +9,13 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
     StrictInt,
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -48,6 +51,9 @@ class ProbeOutput(BaseModel):
     logits: EncodedArray
 
 
+OPTIONAL_ADDITIONS = ("output_classes", "pixel_scale")
+
+
 class ArtifactManifest(BaseModel):
     """Describes one exported edge model; travels inside DesiredModel and next to the artifact."""
 
@@ -75,6 +81,9 @@ class ArtifactManifest(BaseModel):
     # None is the identity. A relabelled model (docs/learning-loop.md) ships its parent's bytes
     # under a new map, which is exact for any relabelling, merges included.
     output_classes: list[StrictInt] | None = Field(None, max_length=4096)
+    # Set on models that take images: the input is C×H×W (channels first) pixel values divided by
+    # pixel_scale, so a device can feed the model image files (docs/model-families.md).
+    pixel_scale: float | None = Field(None, gt=0, allow_inf_nan=False)
 
     @field_validator("output_classes")
     @classmethod
@@ -88,8 +97,25 @@ class ArtifactManifest(BaseModel):
             raise ValueError(f"every entry must be a class in [0, {c})")
         return value
 
+    @model_serializer(mode="wrap")
+    def _without_absent_additions(
+        self, handler: SerializerFunctionWrapHandler, info: SerializationInfo
+    ) -> Any:
+        """The optional fields added after diredi.manifest/1 are left out when they are None, so a
+        device that predates them still reads every manifest that does not use them."""
+        document = handler(self)
+        if isinstance(document, dict):
+            for name in OPTIONAL_ADDITIONS:
+                if document.get(name, 0) is None:
+                    del document[name]
+        return document
+
     @model_validator(mode="after")
     def _consistent(self) -> Self:
+        if self.pixel_scale is not None and (len(self.input.shape) != 4 or self.input.shape[1] not in (1, 3)):
+            raise ValueError(
+                f"pixel_scale is for image inputs B×C×H×W with 1 or 3 channels, not {self.input.shape}"
+            )
         c, d = self.num_classes, self.feature_dim
         if self.features.shape[1:] != [d] or self.logits.shape[1:] != [c]:
             raise ValueError(

@@ -44,11 +44,11 @@ def demo(
     pipeline → gate → rollout → install, with real device daemons, and print what they measured."""
     from broker.mosquitto import free_ports
     from cloud.demo import STEPS, DemoError, demo_settings, run_demo
-    from cloud.ml.scenario import load_scenario
+    from cloud.ml.scenario import load_simulation
 
     logging.getLogger().setLevel(logging.ERROR)  # the converters log chattily at INFO/WARNING
     try:
-        users = [u.id for u in load_scenario(scenario).users]
+        users = [u.id for u in load_simulation(scenario).users]
     except CloudError as exc:
         raise _fail(exc) from None
     if out is not None and (out.suffix != ".json" or not out.parent.is_dir()):

@@ -51,12 +51,12 @@ def sim(
         if path is not None:
             _check_output(path, suffixes)
     from cloud.cli.progress import stage_bars
-    from cloud.ml.scenario import load_scenario
+    from cloud.ml.scenario import load_simulation
     from cloud.sim.report import print_report, write_json, write_plot
     from cloud.sim.run import run_simulation
 
     try:
-        spec = load_scenario(scenario)
+        spec = load_simulation(scenario)
         with stage_bars(console) as progress:
             result = run_simulation(spec, progress=progress)
     except (CloudError, DeviceError, ContractError) as exc:

@@ -217,7 +217,33 @@ line_app = typer.Typer(help="Model lines (a cohort's cloud and edge models).")
 @line_app.command("create")
 def line_create(
     cohort: Annotated[str, typer.Option(help="The cohort whose first version this is (created if new).")],
-    scenario: Annotated[Path, typer.Option(help="Scenario JSON whose presumed data trains the line.")],
+    scenario: Annotated[
+        Path | None,
+        typer.Option(
+            "--scenario",
+            "--line-file",
+            help="A line or scenario JSON: its data, family, seed and presumed split train the line "
+            "(a scenario's users keep their private samples out of it).",
+        ),
+    ] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(help="The presumed data: digits, mnist-5k, an .npz (x, y) or an image folder."),
+    ] = None,
+    family: Annotated[
+        str | None,
+        typer.Option(help="The model family: mlp, conv or package.module:factory (default: by the data)."),
+    ] = None,
+    image_size: Annotated[
+        str | None, typer.Option(help="An image folder's images are resized to HxW, e.g. 28x28.")
+    ] = None,
+    channels: Annotated[
+        int | None,
+        typer.Option(min=1, max=3, help="An image folder's images become 1 (grey) or 3 (RGB) channels."),
+    ] = None,
+    seed: Annotated[
+        int, typer.Option(min=0, help="The seed of the split and the training (with --data).")
+    ] = 0,
     max_int8_drop: Annotated[
         float,
         typer.Option(
@@ -228,9 +254,13 @@ def line_create(
         ),
     ] = 0.010,  # cloud.ml.export.MAX_INT8_DROP, not imported here: it loads torch
 ) -> None:
-    """Train a cohort's first cloud and int8 edge model on presumed data and register them as candidates."""
+    """Train a cohort's first cloud and int8 edge model on presumed data and register them as candidates.
+
+    Name the data and family with flags, or in a line file (a scenario's format; flags override it).
+    """
     from cloud.artifacts import LocalArtifactStore
     from cloud.cli.progress import stage_bars
+    from cloud.ml.scenario import line_scenario
     from cloud.pipeline.lines import bootstrap_line
     from cloud.registry import audit
     from cloud.registry.db import make_engine, session_factory, transaction
@@ -240,6 +270,12 @@ def line_create(
 
     logging.getLogger().setLevel(logging.ERROR)  # the converters log chattily
     settings = _settings()
+    try:
+        spec = line_scenario(
+            cohort, scenario, data=data, family=family, image_size=image_size, channels=channels, seed=seed
+        )
+    except CloudError as exc:
+        raise _fail(exc) from None
     sessions = session_factory(make_engine(settings.resolved_database_url))
     try:
         with transaction(sessions) as session:
@@ -251,7 +287,7 @@ def line_create(
                 sessions,
                 LocalArtifactStore(settings.resolved_artifact_dir),
                 cohort_id=cohort,
-                scenario_path=scenario,
+                scenario=spec,
                 progress=progress,
                 max_int8_drop=max_int8_drop,
             )

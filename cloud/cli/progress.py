@@ -1,7 +1,9 @@
-"""Progress bars for long CLI work: one bar per stage, fed by the ML's `(stage, done, total)` callback."""
+"""Progress for long CLI work, fed by the ML's `(stage, done, total)` callback: a bar per stage on a
+terminal, log lines elsewhere (a CI log, a pipe, systemd's journal)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -13,9 +15,16 @@ if TYPE_CHECKING:  # the type only: importing cloud.ml loads torch
     from cloud.ml.cycle import StageProgress
 
 
+LOG_EVERY_S = 10.0
+
+
 @contextmanager
 def stage_bars(console: Console, *, label_width: int = 40) -> Iterator[StageProgress]:
-    """A progress callback that draws a bar per stage while the block runs, and clears them after."""
+    """A progress callback that draws a bar per stage while the block runs, and clears them after;
+    off a terminal, one line when a stage starts and ends and at most one every LOG_EVERY_S between."""
+    if not console.is_terminal:
+        yield _log_lines(Console(stderr=True, soft_wrap=True))
+        return
     with Progress(
         TextColumn(f"{{task.description:<{label_width}}}"),
         BarColumn(),
@@ -32,3 +41,17 @@ def stage_bars(console: Console, *, label_width: int = 40) -> Iterator[StageProg
             bars.update(tasks[stage], completed=done, total=total)
 
         yield progress
+
+
+def _log_lines(log: Console) -> StageProgress:
+    started = time.monotonic()
+    last: dict[str, float] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if stage in last and done < total and now - last[stage] < LOG_EVERY_S:
+            return
+        last[stage] = now
+        log.print(f"[{now - started:6.1f} s] {stage}: {done}/{total}", highlight=False)
+
+    return progress

@@ -7,23 +7,11 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from cloud.ml.datasources import Dataset, load_dataset
 from cloud.ml.scenario import Scenario, UserSpec
 
 FloatArray = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int64]
-
-DIGITS_PIXEL_MAX = 16.0
-
-
-@dataclass(frozen=True)
-class Dataset:
-    """Raw inputs in the dataset's own units, integer labels, and how to scale inputs for the models."""
-
-    name: str
-    inputs: FloatArray
-    labels: IntArray
-    num_classes: int
-    input_scale: float  # model input = raw / input_scale
 
 
 @dataclass(frozen=True)
@@ -53,26 +41,12 @@ class ScenarioData:
 
     num_classes: int
     input_scale: float
+    input_shape: tuple[int, ...]
+    pixel_scale: float | None  # set when samples are images a device may decode from files
     train: Split  # presumed training data: also the cloud's transfer set
     val: Split  # presumed validation split: the gate's data, neither transfer nor test
     test: Split
     users: list[UserData]
-
-
-def load_dataset(name: str) -> Dataset:
-    """A dataset that ships with an installed package; nothing is downloaded."""
-    if name != "digits":
-        raise ValueError(f"unknown dataset {name!r}")
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    return Dataset(
-        name="digits",
-        inputs=np.asarray(bunch.data, dtype=np.float32),
-        labels=np.asarray(bunch.target, dtype=np.int64),
-        num_classes=10,
-        input_scale=DIGITS_PIXEL_MAX,
-    )
 
 
 def to_user_scenario(split: Split, user: UserSpec, scale: float, rng: np.random.Generator) -> Split:
@@ -130,6 +104,8 @@ def build_scenario_data(scenario: Scenario, dataset: Dataset | None = None) -> S
     return ScenarioData(
         num_classes=ds.num_classes,
         input_scale=ds.input_scale,
+        input_shape=ds.input_shape,
+        pixel_scale=ds.pixel_scale,
         train=pool(train_idx),
         val=pool(val_idx),
         test=test,

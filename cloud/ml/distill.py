@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
 from cloud.ml.data import Split
+from cloud.ml.nets import image_shape
 
 Progress = Callable[[int, int], None]  # (done epochs, total epochs)
 M = TypeVar("M", bound=nn.Module)
@@ -48,12 +49,16 @@ def seed_everything(seed: int) -> torch.Generator:
     return gen
 
 
-def augment(x: torch.Tensor, side: int, noise: float, gen: torch.Generator) -> torch.Tensor:
-    """A copy of flat square images shifted by up to one pixel each way, plus Gaussian noise."""
-    images = x.view(-1, 1, side, side)
-    padded = F.pad(images, (1, 1, 1, 1))
-    dy, dx = torch.randint(0, 3, (2,), generator=gen).tolist()
-    shifted = padded[:, :, dy : dy + side, dx : dx + side].reshape(x.shape)
+def augment(x: torch.Tensor, noise: float, gen: torch.Generator) -> torch.Tensor:
+    """A copy of a batch of images (C×H×W, or flat square ones) shifted by up to one pixel each way,
+    plus Gaussian noise; other vectors get the noise only."""
+    shape = image_shape(tuple(x.shape[1:]))
+    shifted = x
+    if shape is not None:
+        _, h, w = shape
+        padded = F.pad(x.reshape(-1, *shape), (1, 1, 1, 1))
+        dy, dx = torch.randint(0, 3, (2,), generator=gen).tolist()
+        shifted = padded[:, :, dy : dy + h, dx : dx + w].reshape(x.shape)
     return shifted + noise * torch.randn(shifted.shape, generator=gen)
 
 
@@ -147,12 +152,11 @@ def distill(
     teacher.eval()
     with torch.no_grad():
         soft = F.softmax(teacher(x) / kd.tau, dim=1)
-    side = int(round(x.shape[1] ** 0.5))
 
     def step(idx: torch.Tensor) -> torch.Tensor:
         xb, yb, pb, wb = x[idx], y[idx], soft[idx], wt[idx]
         if config.augment:
-            xa = augment(xb, side, config.augment_noise, gen)
+            xa = augment(xb, config.augment_noise, gen)
             with torch.no_grad():
                 pa = F.softmax(teacher(xa) / kd.tau, dim=1)
             xb, yb, pb, wb = (torch.cat(pair) for pair in ((xb, xa), (yb, yb), (pb, pa), (wb, wb)))

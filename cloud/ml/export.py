@@ -14,7 +14,7 @@ import torch
 
 from cloud.exceptions import ExportError, ExportGaveUp
 from cloud.ml.data import FloatArray, IntArray, Split
-from cloud.ml.nets import Student
+from cloud.ml.nets import EdgeStudent
 from cloud.ml.quantize import (
     DEFAULT_CALIBRATION,
     Calibration,
@@ -91,28 +91,39 @@ def _tensor_spec(details: dict[str, Any], name: str) -> TensorSpec:
 
 
 def export_int8(
-    student: Student,
+    student: EdgeStudent,
     calibration: FloatArray,
     *,
     model_id: str,
     line: str,
     version: int,
     batch: int = 1,
+    pixel_scale: float | None = None,
 ) -> EdgeArtifact:
     """Quantize `student` fully to int8 (weights, activations, input and outputs) and describe it."""
     model = ptq_bytes(student, calibration, DEFAULT_CALIBRATION, batch)
-    return _describe(model, student, calibration, model_id=model_id, line=line, version=version, batch=batch)
+    return _describe(
+        model,
+        student,
+        calibration,
+        model_id=model_id,
+        line=line,
+        version=version,
+        batch=batch,
+        pixel_scale=pixel_scale,
+    )
 
 
 def _describe(
     model: bytes,
-    student: Student,
+    student: EdgeStudent,
     calibration: FloatArray,
     *,
     model_id: str,
     line: str,
     version: int,
     batch: int,
+    pixel_scale: float | None = None,
 ) -> EdgeArtifact:
     """The artifact of int8 `model`: its manifest with `student`'s float head and the probes' outputs."""
     from ai_edge_litert.interpreter import Interpreter
@@ -136,14 +147,15 @@ def _describe(
         # flatbuffer's own output order is.
         features=_tensor_spec(outputs["output_0"], "output_0"),
         logits=_tensor_spec(outputs["output_1"], "output_1"),
-        num_classes=student.spec.num_classes,
-        feature_dim=student.spec.feature_dim,
+        num_classes=student.head.out_features,
+        feature_dim=student.head.in_features,
         head_weight=EncodedArray.from_numpy(head_w, "float32"),
         head_bias=EncodedArray.from_numpy(head_b, "float32"),
         probes=[],
+        pixel_scale=pixel_scale,
     )
     runtime = Int8Model(model, draft)
-    probe_x = calibration[: PROBES * batch].reshape(PROBES, batch, -1)
+    probe_x = calibration[: PROBES * batch].reshape(PROBES, batch, *calibration.shape[1:])
     probes = []
     for x in probe_x:
         feats, logits = runtime.run_int8(x)
@@ -157,9 +169,9 @@ def _describe(
     return EdgeArtifact(model=model, manifest=draft.model_copy(update={"probes": probes}))
 
 
-def float_file_bytes(student: Student) -> int:
+def float_file_bytes(student: EdgeStudent, input_shape: tuple[int, ...]) -> int:
     """Size of the same student exported as a float32 LiteRT file, for the size comparison."""
-    return len(float_bytes(student))
+    return len(float_bytes(student, input_shape))
 
 
 def weight_tensor_bytes(model: bytes) -> int:
@@ -179,7 +191,7 @@ def weight_tensor_bytes(model: bytes) -> int:
     return total
 
 
-def float_accuracy(student: Student, data: Split, class_of_output: IntArray | None = None) -> float:
+def float_accuracy(student: EdgeStudent, data: Split, class_of_output: IntArray | None = None) -> float:
     """Accuracy of the float student on `data` (its top output read through `class_of_output`)."""
     with torch.no_grad():
         top = student(torch.from_numpy(data.x)).argmax(1).numpy()
@@ -187,7 +199,7 @@ def float_accuracy(student: Student, data: Split, class_of_output: IntArray | No
     return float((decided == data.y).mean())
 
 
-def int8_accuracy(artifact: EdgeArtifact, student: Student, data: Split) -> tuple[float, float]:
+def int8_accuracy(artifact: EdgeArtifact, student: EdgeStudent, data: Split) -> tuple[float, float]:
     """(float, int8) accuracy of the student and its artifact on `data`, both through the artifact's
     output map."""
     float_acc = float_accuracy(student, data, artifact.manifest.class_of_output())
@@ -199,7 +211,7 @@ def within_limit(float_acc: float, int8_acc: float, max_drop: float = MAX_INT8_D
     return float_acc - int8_acc <= max_drop + 1e-9  # exactly at the limit is within it
 
 
-def check_int8_accuracy(artifact: EdgeArtifact, student: Student, val: Split) -> tuple[float, float]:
+def check_int8_accuracy(artifact: EdgeArtifact, student: EdgeStudent, val: Split) -> tuple[float, float]:
     """(float, int8) accuracy on `val`; ExportError if int8 loses more than 1.0 point."""
     float_acc, int8_acc = int8_accuracy(artifact, student, val)
     if not within_limit(float_acc, int8_acc):
@@ -232,7 +244,7 @@ class ExportAttempt:
 
 
 def export_guarded(
-    student: Student,
+    student: EdgeStudent,
     calibration: FloatArray,
     val: Split,
     *,
@@ -240,8 +252,9 @@ def export_guarded(
     line: str,
     version: int,
     max_drop: float = MAX_INT8_DROP,
+    pixel_scale: float | None = None,
     progress: Callable[[int, int], None] | None = None,
-) -> tuple[Student, EdgeArtifact, list[ExportAttempt]]:
+) -> tuple[EdgeStudent, EdgeArtifact, list[ExportAttempt]]:
     """The first int8 export on `LADDER` within `max_drop` of float on `val`, with every attempt.
 
     The first rung is `export_int8` itself, so a model that passes there gets the same bytes. The
@@ -263,7 +276,14 @@ def export_guarded(
         else:
             model = ptq_bytes(student, calibration, rung)
         artifact = _describe(
-            model, candidate, calibration, model_id=model_id, line=line, version=version, batch=1
+            model,
+            candidate,
+            calibration,
+            model_id=model_id,
+            line=line,
+            version=version,
+            batch=1,
+            pixel_scale=pixel_scale,
         )
         _, int8_acc = int8_accuracy(artifact, candidate, val)
         accepted = within_limit(reference, int8_acc, max_drop)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from cloud.exceptions import ExportError
-from cloud.ml.nets import Student, TwoOutputs
+from cloud.ml.nets import EdgeStudent, TwoOutputs
 
 if TYPE_CHECKING:
     from torch.fx import GraphModule
@@ -126,47 +126,50 @@ def _to_litert(quantized: GraphModule, quantizer: Any, example: tuple[torch.Tens
     return bytes(litert_torch.convert(quantized, example, quant_config=config).model_content())
 
 
-def _example(student: Student, batch: int) -> tuple[torch.Tensor]:
-    return (torch.zeros(batch, student.spec.input_dim),)
+def _example(input_shape: tuple[int, ...], batch: int) -> tuple[torch.Tensor]:
+    return (torch.zeros(batch, *input_shape),)
 
 
-def _exported(student: Student, batch: int, dynamic: bool = False) -> GraphModule:
+def _exported(
+    student: EdgeStudent, input_shape: tuple[int, ...], batch: int, dynamic: bool = False
+) -> GraphModule:
     """The student traced at `batch`, or for any batch size if `dynamic` (then `batch` must be > 1)."""
     module = TwoOutputs(copy.deepcopy(student)).eval()
-    example = _example(student, batch)
+    example = _example(input_shape, batch)
     shapes = ({0: torch.export.Dim("batch", min=1)},) if dynamic else None
     graph = torch.export.export(module, example, dynamic_shapes=shapes).module()
     return graph
 
 
-def float_bytes(student: Student, batch: int = 1) -> bytes:
+def float_bytes(student: EdgeStudent, input_shape: tuple[int, ...], batch: int = 1) -> bytes:
     """The student as a float32 LiteRT file."""
     with quiet():
         import litert_torch
 
         module = TwoOutputs(copy.deepcopy(student)).eval()
-        return bytes(litert_torch.convert(module, _example(student, batch)).model_content())
+        return bytes(litert_torch.convert(module, _example(input_shape, batch)).model_content())
 
 
-def ptq_bytes(student: Student, calibration: FloatArray, recipe: Calibration, batch: int = 1) -> bytes:
+def ptq_bytes(student: EdgeStudent, calibration: FloatArray, recipe: Calibration, batch: int = 1) -> bytes:
     """Static int8 quantization calibrated on `calibration` as `recipe` says, as LiteRT bytes."""
     calib = calibration if recipe.samples is None else calibration[: recipe.samples]
     with quiet(), _one_thread():
         from torchao.quantization.pt2e import quantize_pt2e
 
         quantizer = _quantizer(recipe.observer)
-        prepared = quantize_pt2e.prepare_pt2e(_exported(student, batch), quantizer)
+        shape = calibration.shape[1:]
+        prepared = quantize_pt2e.prepare_pt2e(_exported(student, shape, batch), quantizer)
         with torch.no_grad():  # the export has a fixed batch, so calibrate at that batch
             usable = len(calib) - len(calib) % batch
             for start in range(0, usable, batch):
                 prepared(torch.from_numpy(calib[start : start + batch]))
         quantized = quantize_pt2e.convert_pt2e(prepared, fold_quantize=False)
-        return _to_litert(quantized, quantizer, _example(student, batch))
+        return _to_litert(quantized, quantizer, _example(shape, batch))
 
 
 def qat_bytes(
-    student: Student, calibration: FloatArray, config: QATConfig = QATConfig(), batch: int = 1
-) -> tuple[Student, bytes]:
+    student: EdgeStudent, calibration: FloatArray, config: QATConfig = QATConfig(), batch: int = 1
+) -> tuple[EdgeStudent, bytes]:
     """Fine-tune a copy of `student` with int8 fake quantization, then convert it.
 
     The targets are the float student's own outputs on `calibration` (soft, plus its top-1 as a hard
@@ -182,7 +185,9 @@ def qat_bytes(
 
         quantizer = _quantizer(None)
         # a dynamic batch: trained in mini-batches, converted at the export's fixed batch
-        prepared = quantize_pt2e.prepare_qat_pt2e(_exported(student, config.batch, dynamic=True), quantizer)
+        shape = calibration.shape[1:]
+        exported = _exported(student, shape, config.batch, dynamic=True)
+        prepared = quantize_pt2e.prepare_qat_pt2e(exported, quantizer)
         move_exported_model_to_train(prepared)
         params = [p for p in prepared.parameters() if p.requires_grad]
         optimizer = torch.optim.Adam(params, lr=config.lr)
@@ -199,15 +204,15 @@ def qat_bytes(
                 optimizer.step()
         tuned = _float_weights(prepared, student)
         quantized = quantize_pt2e.convert_pt2e(prepared, fold_quantize=False)
-        return tuned, _to_litert(quantized, quantizer, _example(student, batch))
+        return tuned, _to_litert(quantized, quantizer, _example(shape, batch))
 
 
 @contextlib.contextmanager
 def _one_thread() -> Iterator[None]:
     """Run torch on one thread, then restore the caller's setting.
 
-    The student is a 17k-parameter MLP run at batch 1 (calibration) or 32 (QAT): more threads only
-    synchronise, and on busy cores each step then waits ~100x longer. One thread also makes the
+    The students are small (17k–25k parameters), run at batch 1 (calibration) or 32 (QAT): more
+    threads only synchronise, and on busy cores each step then waits ~100x longer. One thread also makes the
     result independent of the host's thread setting.
     """
     threads = torch.get_num_threads()
@@ -218,13 +223,13 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _float_weights(prepared: GraphModule, student: Student) -> Student:
-    """A fresh student holding the fine-tuned float weights of the prepared graph."""
+def _float_weights(prepared: GraphModule, student: EdgeStudent) -> EdgeStudent:
+    """A copy of the student holding the fine-tuned float weights of the prepared graph."""
     state = {
         name.removeprefix("student."): value.detach().clone()
         for name, value in prepared.state_dict().items()
         if name.removeprefix("student.") in student.state_dict()
     }
-    tuned = Student(student.spec)
+    tuned = copy.deepcopy(student)
     tuned.load_state_dict(state)
     return tuned.eval()

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal, Self
+from typing import Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cloud.exceptions import ScenarioError
+from cloud.ml.datasources import DataSource, parse_data_option, resolve_paths
 from wire.errors import describe
 
 MAX_SCENARIO_BYTES = 1024 * 1024
@@ -64,10 +65,15 @@ class Scenario(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=128)
-    dataset: Literal["digits"]
+    # a built-in name ("digits", "mnist-5k"), {"npz": path} or {"folder": path, ...}: cloud/ml/datasources.py
+    dataset: DataSource
+    # the model family (cloud/ml/families.py): "mlp", "conv" or "package.module:factory"; None: the
+    # built-in family for the data's shape
+    family: str | None = Field(None, min_length=1, max_length=200)
     seed: int = Field(ge=0, le=2**32 - 1, strict=True)
     presumed: PresumedSplit
-    users: list[UserSpec] = Field(min_length=1, max_length=64)
+    # A line file is a scenario without users; a simulation needs at least one.
+    users: list[UserSpec] = Field(default_factory=list, max_length=64)
 
     @field_validator("users")
     @classmethod
@@ -107,7 +113,7 @@ def parse_scenario(text: str | bytes, source: str = "scenario") -> Scenario:
 
 
 def load_scenario(path: Path) -> Scenario:
-    """Read and validate a scenario file."""
+    """Read and validate a scenario file; a data file it names by a relative path is found beside it."""
     try:
         size = path.stat().st_size
         if size > MAX_SCENARIO_BYTES:
@@ -115,4 +121,45 @@ def load_scenario(path: Path) -> Scenario:
         text = path.read_bytes()
     except OSError as exc:
         raise ScenarioError(f"{path}: cannot read: {exc.strerror}") from None
-    return parse_scenario(text, str(path))
+    scenario = parse_scenario(text, str(path))
+    return scenario.model_copy(update={"dataset": resolve_paths(scenario.dataset, path.parent)})
+
+
+def load_simulation(path: Path) -> Scenario:
+    """A scenario file to simulate: `load_scenario`, and at least one user."""
+    scenario = load_scenario(path)
+    if not scenario.users:
+        raise ScenarioError(f"{path}: users: a simulation needs at least one user")
+    return scenario
+
+
+def line_scenario(
+    name: str,
+    path: Path | None,
+    *,
+    data: str | None = None,
+    family: str | None = None,
+    image_size: str | None = None,
+    channels: int | None = None,
+    seed: int = 0,
+) -> Scenario:
+    """What `diredi line create` trains on: a line or scenario file, with the data source and family
+    options taking precedence over it, or those options alone (the seed and a default split then);
+    ScenarioError naming the option or field."""
+    if path is None and data is None:
+        raise ScenarioError(
+            "name the data: --data (digits, mnist-5k, an .npz or an image folder) or --scenario FILE"
+        )
+    scenario = (
+        load_scenario(path)
+        if path is not None
+        else Scenario(name=name, dataset="digits", seed=seed, presumed=PresumedSplit(test_fraction=0.2))
+    )
+    changes: dict[str, object] = {}
+    if data is not None:
+        changes["dataset"] = parse_data_option(data, image_size, channels)
+    elif image_size is not None or channels is not None:
+        raise ScenarioError("--image-size and --channels go with --data naming an image folder")
+    if family is not None:
+        changes["family"] = family
+    return scenario.model_copy(update=changes)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from cloud.ml.nets import Student
+from cloud.ml.nets import EdgeStudent
 from cloud.ml.rd_update import Knowledge, RDConfig
 
 
@@ -36,7 +36,7 @@ class KnowledgeTargets(nn.Module):
     def __init__(
         self,
         teacher: nn.Module,
-        student: Student,
+        student: EdgeStudent,
         knowledge: Knowledge,
         config: RDConfig,
         *,
@@ -69,7 +69,7 @@ class KnowledgeTargets(nn.Module):
         p_t = F.softmax(teacher_logits, dim=1)
         p_in = p_t
         if len(self.delta_w):
-            feats = self.student.backbone(x)
+            feats = self.student.features(x)
             w, b = self.student.head.weight, self.student.head.bias
             p_s = F.softmax(feats @ w.T + b, dim=1)
             moved_heads = torch.einsum("nd,kcd->knc", feats, w + self.delta_w) + (b + self.delta_b)[:, None]

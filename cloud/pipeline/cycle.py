@@ -40,7 +40,7 @@ from wire.errors import ContractError
 
 if TYPE_CHECKING:  # the types only: importing cloud.ml loads torch, which the API never needs
     from cloud.ml.cycle import CycleResult
-    from cloud.ml.nets import NetSpec
+    from cloud.ml.families import NetSpec
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ def run_cycle_job(
     """Run (or run again) one RD cycle job; see the module's docstring for what survives a crash.
 
     `recipes` names the candidate search's recipes (`Settings.rd_recipes`; None: the default)."""
-    from cloud.ml.cycle import TrainingPlan, rd_cycle, search_of
+    from cloud.ml.cycle import plan_for, rd_cycle, search_of
     from cloud.ml.data import build_scenario_data
     from cloud.ml.rd_update import RDConfig
     from cloud.ml.scenario import parse_scenario
@@ -267,7 +267,7 @@ def run_cycle_job(
                 chosen.payloads,
                 data.train,
                 data.val,
-                TrainingPlan(seed=scenario.seed),
+                plan_for(spec, scenario.seed),
                 RDConfig(),
                 search=search,
                 progress=_stage_progress(lease),

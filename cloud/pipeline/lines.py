@@ -1,35 +1,38 @@
 """A model line version in the registry: the cloud model (teacher + float student) and its int8 edge model."""
 
-import dataclasses
 import io
 import json
 import pickle  # noqa: S403 - only for the error torch.load(weights_only=True) raises
 import uuid
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from sqlalchemy.orm import Session, sessionmaker
 
 from cloud.artifacts import ArtifactStore
-from cloud.exceptions import ExportGaveUp, RegistryError
+from cloud.exceptions import ExportGaveUp, FamilyError, RegistryError
 from cloud.ml.cycle import EdgeLine, StageProgress
 from cloud.ml.export import MAX_INT8_DROP, EdgeArtifact
-from cloud.ml.nets import NetSpec, Student, Teacher
+from cloud.ml.families import NetSpec
+from cloud.ml.nets import EdgeStudent
 from cloud.pipeline.cycle import TRAINING_DATA
 from cloud.registry import models
 from cloud.registry.tables import Model, ModelKind
 
-WEIGHTS_FORMAT = 1
+if TYPE_CHECKING:
+    from cloud.ml.scenario import Scenario
+
+WEIGHTS_FORMAT = 2  # 1: the MLP pair only, its spec {side, num_classes, hidden, feature_dim}
 
 
 def pack_cloud_weights(line: EdgeLine, spec: NetSpec) -> bytes:
-    """The cloud model's bytes: the net spec and the teacher's and float student's state dicts."""
+    """The cloud model's bytes: the net spec (family, input shape, classes) and the teacher's and float
+    student's state dicts."""
     buffer = io.BytesIO()
     torch.save(
         {
             "format": WEIGHTS_FORMAT,
-            "spec": dataclasses.asdict(spec),
+            "spec": spec.as_dict(),
             "teacher": line.teacher.state_dict(),
             "student": line.student.state_dict(),
         },
@@ -38,17 +41,26 @@ def pack_cloud_weights(line: EdgeLine, spec: NetSpec) -> bytes:
     return buffer.getvalue()
 
 
-def unpack_cloud_weights(data: bytes) -> tuple[NetSpec, Teacher, Student]:
-    """Rebuild the nets from `pack_cloud_weights` bytes (tensors only: nothing is unpickled as code)."""
+def unpack_cloud_weights(data: bytes) -> tuple[NetSpec, torch.nn.Module, EdgeStudent]:
+    """Rebuild the nets from `pack_cloud_weights` bytes (tensors only: nothing is unpickled as code;
+    the family's factory builds the modules)."""
     try:
         content: dict[str, Any] = torch.load(io.BytesIO(data), weights_only=True)
-        if content.get("format") != WEIGHTS_FORMAT:
+        if content.get("format") not in (1, WEIGHTS_FORMAT):
             raise ValueError(f"unknown weights format {content.get('format')!r}")
-        spec = NetSpec(**content["spec"])
-        teacher, student = Teacher(spec), Student(spec)
+        spec = NetSpec.from_dict(content["spec"])
+        teacher, student = spec.build()
         teacher.load_state_dict(content["teacher"])
         student.load_state_dict(content["student"])
-    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, KeyError, TypeError) as exc:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        RuntimeError,
+        ValueError,
+        KeyError,
+        TypeError,
+        FamilyError,
+    ) as exc:
         raise RegistryError(f"cloud model weights are unreadable: {exc}") from None
     return spec, teacher.eval(), student.eval()
 
@@ -103,45 +115,56 @@ def bootstrap_line(
     store: ArtifactStore,
     *,
     cohort_id: str,
-    scenario_path: Path,
+    scenario: Scenario,
     progress: StageProgress,
     max_int8_drop: float = MAX_INT8_DROP,
 ) -> tuple[str, str]:
     """Train a cohort's first version on a scenario's presumed data (KD, int8 export, accuracy check)
     and register it as a candidate, with the job that made it; return the cloud and edge model ids.
+    The scenario's family (or the built-in one for its data's shape) is checked against the contract
+    first (FamilyError).
 
     The job is committed before training and the models after it: no transaction (and no SQLite
     write lock) is held while the model trains, and a failed training leaves a failed job behind
     (with the export's attempts in its result when no int8 export kept within `max_int8_drop`).
     """
-    from cloud.ml.cycle import TrainingPlan, train_line
+    from cloud.ml.cycle import plan_for, train_line
     from cloud.ml.data import build_scenario_data
+    from cloud.ml.datasources import describe_source
     from cloud.ml.export import int8_accuracy
-    from cloud.ml.scenario import load_scenario
+    from cloud.ml.families import check_family, default_family
     from cloud.registry import jobs
     from cloud.registry.db import transaction
     from cloud.registry.devices import get_cohort
     from cloud.registry.tables import JobState
 
-    scenario = load_scenario(scenario_path)
     with transaction(sessions) as session:
         get_cohort(session, cohort_id)
         job_id = jobs.create_job(
             session,
             type="bootstrap",
             cohort_id=cohort_id,
-            params={"scenario": scenario.name, "seed": scenario.seed},
+            params={
+                "scenario": scenario.name,
+                "seed": scenario.seed,
+                "data": describe_source(scenario.dataset),
+                "family": scenario.family,
+            },
         ).id
         jobs.report_progress(session, job_id, progress=0.0, stage="train")
     try:
         data = build_scenario_data(scenario)
-        spec = NetSpec(num_classes=data.num_classes)
+        spec = NetSpec(
+            scenario.family or default_family(data.input_shape), data.input_shape, data.num_classes
+        )
+        check_family(spec, data.train.x[:64])
         line = train_line(
             data.train,
             spec,
-            TrainingPlan(seed=scenario.seed, max_int8_drop=max_int8_drop),
+            plan_for(spec, scenario.seed, max_int8_drop),
             line=cohort_id,
             val=data.val,
+            pixel_scale=data.pixel_scale,
             progress=progress,
         )
         float_acc, int8_acc = int8_accuracy(line.artifact, line.student, data.val)

@@ -20,6 +20,7 @@ from cloud.ml.cycle import (
     EdgeLine,
     StageProgress,
     TrainingPlan,
+    plan_for,
     rd_cycle,
     silent,
     train_line,
@@ -27,7 +28,8 @@ from cloud.ml.cycle import (
 from cloud.ml.data import ScenarioData, Split, UserData, build_scenario_data, to_user_scenario
 from cloud.ml.distill import distill, train_classifier
 from cloud.ml.export import export_int8, float_file_bytes, int8_accuracy, weight_tensor_bytes
-from cloud.ml.nets import NetSpec, Student, parameter_count
+from cloud.ml.families import NetSpec, default_family
+from cloud.ml.nets import parameter_count
 from cloud.ml.rd_update import RDConfig
 from cloud.ml.scenario import Scenario, UserSpec
 from device_firmware_py.exceptions import NotEnoughSamplesError
@@ -53,7 +55,7 @@ INT8_FIGURES = (
 class SimConfig:
     """Everything the simulation can be tuned with; defaults are the product's defaults."""
 
-    plan: TrainingPlan = TrainingPlan()
+    plan: TrainingPlan | None = None  # None: the family's (cycle.plan_for)
     rd: RDConfig = RDConfig()
     policy: RDPolicy = RDPolicy()
     dp: DPConfig = DPConfig()
@@ -135,7 +137,12 @@ def _raw_upload_line(
     student = copy.deepcopy(base.student)
     distill(student, teacher.eval(), data.train, plan.rekd, plan.kd, seed=plan.seed + 3, extra=raw)
     artifact = export_int8(
-        student.eval(), data.train.x, model_id=edge_model_id(line, 2), line=line, version=2
+        student.eval(),
+        data.train.x,
+        model_id=edge_model_id(line, 2),
+        line=line,
+        version=2,
+        pixel_scale=data.pixel_scale,
     )
     return EdgeLine(line, 2, teacher, student, artifact)
 
@@ -147,8 +154,10 @@ def _simulate_user(
     base: EdgeLine,
     spec: NetSpec,
     cfg: SimConfig,
+    plan: TrainingPlan,
     progress: StageProgress,
 ) -> tuple[dict[str, Any], dict[str, float]]:
+    """One user's loop and baselines, trained as `plan` says."""
     user, world = user_data.spec, user_data.world_test
     timings: dict[str, float] = {}
     v1 = base.artifact.load()
@@ -158,13 +167,11 @@ def _simulate_user(
     def stage(name: str) -> StageProgress:
         return lambda s, d, t: progress(f"{user.id}: {name} {s}", d, t)
 
-    seed = cfg.plan.seed + 1000 * (index + 1)
+    seed = plan.seed + 1000 * (index + 1)
     payloads = _device_reports(v1, user, user_data.device_train, cfg.policy, None, seed)
     started = time.perf_counter()
     cycle = (
-        rd_cycle(
-            base, payloads, data.train, data.val, cfg.plan, cfg.rd, line=user.id, progress=stage("DiReDi")
-        )
+        rd_cycle(base, payloads, data.train, data.val, plan, cfg.rd, line=user.id, progress=stage("DiReDi"))
         if payloads
         else None
     )
@@ -178,7 +185,7 @@ def _simulate_user(
             dp_payloads,
             data.train,
             data.val,
-            cfg.plan,
+            plan,
             cfg.rd,
             line=f"{user.id}-dp",
             progress=stage("DP"),
@@ -196,14 +203,14 @@ def _simulate_user(
             x=np.concatenate([p.x for p in user_data.device_train]),
             y=np.concatenate([p.y for p in user_data.device_train]),
         )
-        raw_line = _raw_upload_line(base, data, raw, cfg.plan, f"{user.id}-raw")
+        raw_line = _raw_upload_line(base, data, raw, plan, f"{user.id}-raw")
         acc_raw = accuracy(raw_line.artifact.load(), world)
         timings["raw_upload"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
     oracle_train = to_user_scenario(data.train, user, data.input_scale, np.random.default_rng([seed, 99]))
     oracle = train_line(
-        oracle_train, spec, cfg.plan, line=f"{user.id}-oracle", val=None, progress=stage("oracle")
+        oracle_train, spec, plan, line=f"{user.id}-oracle", val=None, progress=stage("oracle")
     )
     timings["oracle"] = time.perf_counter() - clock
 
@@ -233,7 +240,7 @@ def _simulate_user(
         "knowledge_bytes": per_report,
         "edge_weights_bytes": parameter_count(base.student) * 4,
         # What the device would upload instead: its float32 inputs and one byte of label each.
-        "raw_private_bytes": samples_per_device * (spec.input_dim * 4 + 1),
+        "raw_private_bytes": samples_per_device * (int(np.prod(spec.input_shape)) * 4 + 1),
         "knowledge_to_approved_s": knowledge_to_approved if cycle and cycle.approved else None,
         "gate": _gate_summary(cycle),
         "gate_dp": _gate_summary(dp_cycle),
@@ -261,8 +268,8 @@ def _unexported_user(user_data: UserData, spec: NetSpec, cfg: SimConfig, exc: Ex
         "untouched_acc_v1": None,
         "untouched_acc_v2": None,
         "knowledge_bytes": 0,
-        "edge_weights_bytes": parameter_count(Student(spec)) * 4,
-        "raw_private_bytes": samples_per_device * (spec.input_dim * 4 + 1),
+        "edge_weights_bytes": parameter_count(spec.build()[1]) * 4,
+        "raw_private_bytes": samples_per_device * (int(np.prod(spec.input_shape)) * 4 + 1),
         "knowledge_to_approved_s": None,
         "gate": gate,
         "gate_dp": gate,
@@ -291,14 +298,13 @@ def run_simulation(
 ) -> SimResult:
     """The whole loop for every user of `scenario`, with every baseline of DESIGN §3."""
     cfg = cfg or SimConfig()
-    # Every seed derives from the scenario's, so a scenario file fixes every figure of the run.
-    plan = dataclasses.replace(cfg.plan, seed=scenario.seed)
-    cfg = dataclasses.replace(cfg, plan=plan)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     data = build_scenario_data(scenario)
-    spec = NetSpec(num_classes=data.num_classes)
+    spec = NetSpec(scenario.family or default_family(data.input_shape), data.input_shape, data.num_classes)
     timings["data"] = time.perf_counter() - clock
+    # Every seed derives from the scenario's, so a scenario file fixes every figure of the run.
+    plan = dataclasses.replace(cfg.plan or plan_for(spec), seed=scenario.seed)
 
     clock = time.perf_counter()
     try:
@@ -308,6 +314,7 @@ def run_simulation(
             plan,
             line="base",
             val=data.val,
+            pixel_scale=data.pixel_scale,
             progress=lambda s, d, t: progress(f"cloud KD: {s}", d, t),
         )
     except ExportGaveUp as exc:  # no v1: an outcome of the scenario, reported on every user's row
@@ -323,14 +330,14 @@ def run_simulation(
         "int8_acc": int8_acc,
         "float_weight_bytes": parameter_count(base.student) * 4,
         "int8_weight_bytes": weight_tensor_bytes(base.artifact.model),
-        "float_file_bytes": float_file_bytes(base.student),
+        "float_file_bytes": float_file_bytes(base.student, data.input_shape),
         "int8_file_bytes": len(base.artifact.model),
         "export": [a.as_dict() for a in base.export],
     }
     users = []
     for i, user_data in enumerate(data.users):
         clock = time.perf_counter()
-        result, user_timings = _simulate_user(i, user_data, data, base, spec, cfg, progress)
+        result, user_timings = _simulate_user(i, user_data, data, base, spec, cfg, plan, progress)
         users.append(result)
         timings.update({f"{user_data.spec.id}.{k}": v for k, v in user_timings.items()})
         timings[f"{user_data.spec.id}.total"] = time.perf_counter() - clock

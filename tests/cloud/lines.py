@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from cloud.artifacts import ArtifactStore
 from cloud.ml.cycle import EdgeLine
 from cloud.ml.data import ScenarioData
-from cloud.ml.nets import NetSpec
+from cloud.ml.families import NetSpec
 from cloud.ml.scenario import Scenario
 from cloud.pipeline.cycle import TRAINING_DATA
 from cloud.pipeline.lines import register_line

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from cloud.artifacts import LocalArtifactStore
 from cloud.ingest.service import Ingest
-from cloud.ml.nets import NetSpec
+from cloud.ml.families import NetSpec
 from cloud.pipeline.lines import register_line
 from cloud.registry import migrate
 from cloud.registry.db import make_engine, scratch_database, session_factory

@@ -28,7 +28,7 @@ from broker.dynsec import DynsecAdmin
 from broker.mosquitto import free_ports
 from cloud.artifacts import LocalArtifactStore
 from cloud.ingest.service import Ingest
-from cloud.ml.nets import NetSpec
+from cloud.ml.families import NetSpec
 from cloud.pipeline.lines import register_line
 from cloud.publisher import CloudPublisher
 from cloud.registry import migrate, models

@@ -8,7 +8,9 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from cloud.ml.data import Dataset, ScenarioData, Split, build_scenario_data, load_dataset
+from cloud.exceptions import DataError
+from cloud.ml.data import ScenarioData, Split, build_scenario_data
+from cloud.ml.datasources import Dataset, load_dataset
 from cloud.ml.scenario import Scenario, parse_scenario
 
 SYNTHETIC_ROWS = 1000
@@ -263,5 +265,5 @@ def test_load_dataset_digits() -> None:
 
 def test_load_dataset_refuses_unknown_names() -> None:
     # Execute
-    with pytest.raises(ValueError, match="nope"):
-        load_dataset("nope")
+    with pytest.raises(DataError, match="nope"):
+        load_dataset("nope")  # type: ignore[arg-type]

@@ -23,7 +23,7 @@ from cloud.ml.export import (
     relabelled,
     weight_tensor_bytes,
 )
-from cloud.ml.nets import Student, parameter_count
+from cloud.ml.nets import EdgeStudent, parameter_count
 from device_firmware_py.runtime import Int8Model
 from wire import ArtifactManifest
 
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from cloud.ml.data import ScenarioData
 
 
-def rolled_head(student: Student) -> Student:
+def rolled_head(student: EdgeStudent) -> EdgeStudent:
     """A copy of `student` that answers class c + 1 wherever `student` answers c."""
     broken = copy.deepcopy(student)
     with torch.no_grad():
@@ -41,7 +41,7 @@ def rolled_head(student: Student) -> Student:
     return broken
 
 
-def float_accuracy(student: Student, split: Split) -> float:
+def float_accuracy(student: EdgeStudent, split: Split) -> float:
     with torch.no_grad():
         return float((student(torch.from_numpy(split.x)).argmax(1).numpy() == split.y).mean())
 
@@ -59,7 +59,7 @@ def test_int8_weights_take_at_most_30_percent_of_float(base_line: EdgeLine) -> N
 
 def test_int8_file_is_smaller_than_the_float_file(base_line: EdgeLine) -> None:
     # Execute
-    float_size = float_file_bytes(base_line.student)
+    float_size = float_file_bytes(base_line.student, (64,))
 
     # Assert
     assert (

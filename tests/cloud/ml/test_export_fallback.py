@@ -21,7 +21,7 @@ from cloud.ml.export import (
     float_accuracy,
     int8_accuracy,
 )
-from cloud.ml.nets import Student
+from cloud.ml.nets import EdgeStudent, Student
 from cloud.ml.quantize import QATConfig, qat_bytes
 
 if TYPE_CHECKING:
@@ -34,8 +34,9 @@ IDS: dict[str, Any] = {"model_id": "base.v2", "line": "base", "version": 2}
 PTQ_METHODS = ["ptq-histogram-512", "ptq-minmax-all", "ptq-moving-average-all", "ptq-histogram-all"]
 
 
-def dense(student: Student, index: int) -> torch.nn.Linear:
+def dense(student: EdgeStudent, index: int) -> torch.nn.Linear:
     """The backbone's layer `index`, typed."""
+    assert isinstance(student, Student)
     layer = student.backbone[index]
     assert isinstance(layer, torch.nn.Linear)
     return layer
@@ -44,7 +45,7 @@ def dense(student: Student, index: int) -> torch.nn.Linear:
 OUTLIER_FACTORS = (100.0, 120.0, 140.0, 160.0, 180.0, 200.0)
 
 
-def with_outlier_weight(student: Student, factor: float = 100.0) -> Student:
+def with_outlier_weight(student: EdgeStudent, factor: float = 100.0) -> EdgeStudent:
     """A copy of `student` with one silent hidden unit whose outgoing weights are `factor` times the
     largest.
 
@@ -68,7 +69,7 @@ def methods(attempts: list[ExportAttempt]) -> list[str]:
 @pytest.fixture(scope="module")
 def rescued_by_qat(
     base_line: EdgeLine, small_data: ScenarioData
-) -> tuple[Student, Student, EdgeArtifact, list[ExportAttempt]]:
+) -> tuple[EdgeStudent, EdgeStudent, EdgeArtifact, list[ExportAttempt]]:
     """(planted student, returned student, artifact, attempts) of the guarded export of the outlier.
 
     How coarse its weights a model tolerates depends on its training, hence on the fixture's seed: the
@@ -127,7 +128,7 @@ def test_a_misleading_calibration_prefix_is_rescued_by_calibrating_on_every_inpu
 
 
 def test_an_outlier_weight_no_calibration_helps_is_rescued_by_qat(
-    rescued_by_qat: tuple[Student, Student, EdgeArtifact, list[ExportAttempt]],
+    rescued_by_qat: tuple[EdgeStudent, EdgeStudent, EdgeArtifact, list[ExportAttempt]],
     small_data: ScenarioData,
 ) -> None:
     # Prepare
@@ -148,7 +149,7 @@ def test_an_outlier_weight_no_calibration_helps_is_rescued_by_qat(
 
 
 def test_qat_returns_the_fine_tuned_student_whose_head_the_manifest_carries(
-    rescued_by_qat: tuple[Student, Student, EdgeArtifact, list[ExportAttempt]],
+    rescued_by_qat: tuple[EdgeStudent, EdgeStudent, EdgeArtifact, list[ExportAttempt]],
 ) -> None:
     # Prepare
     planted, returned, artifact, _ = rescued_by_qat

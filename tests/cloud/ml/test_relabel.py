@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from cloud.ml.cycle import RECIPES, REKD, RELABEL, RELABEL_REKD, applies, relabel_head, search_of
-from cloud.ml.nets import NetSpec, Student
+from cloud.ml.families import NetSpec
+from cloud.ml.nets import EdgeStudent
 from cloud.ml.rd_update import Knowledge
 
 C = 10
@@ -34,16 +35,16 @@ def knowledge(moves: dict[int, int], *, supported: bool = True, share: float = 0
     )
 
 
-def predictions(student: Student, x: torch.Tensor) -> npt.NDArray[np.int64]:
+def predictions(student: EdgeStudent, x: torch.Tensor) -> npt.NDArray[np.int64]:
     with torch.no_grad():
         out: npt.NDArray[np.int64] = student(x).argmax(dim=1).numpy()
     return out
 
 
 @pytest.fixture
-def student_and_inputs() -> tuple[Student, torch.Tensor, float]:
+def student_and_inputs() -> tuple[EdgeStudent, torch.Tensor, float]:
     torch.manual_seed(0)
-    student = Student(NetSpec()).eval()
+    student = NetSpec().build()[1].eval()
     x = torch.rand(2000, 64)
     with torch.no_grad():
         floor = float(student(x).min())
@@ -70,7 +71,7 @@ def test_a_split_row_keeps_its_class() -> None:
 
 
 def test_relabelling_by_a_permutation_is_exact(
-    student_and_inputs: tuple[Student, torch.Tensor, float],
+    student_and_inputs: tuple[EdgeStudent, torch.Tensor, float],
 ) -> None:
     # Prepare: a swap 3 ↔ 8 and a cycle 1 → 2 → 5 → 1
     student, x, floor = student_and_inputs
@@ -87,7 +88,7 @@ def test_relabelling_by_a_permutation_is_exact(
 
 
 def test_a_merge_is_not_exact_and_its_source_is_never_chosen(
-    student_and_inputs: tuple[Student, torch.Tensor, float],
+    student_and_inputs: tuple[EdgeStudent, torch.Tensor, float],
 ) -> None:
     # Prepare: 3 merges into 8; class 3 then has nothing mapped onto it
     student, x, floor = student_and_inputs

@@ -13,7 +13,7 @@ from cloud.artifacts import LocalArtifactStore
 from cloud.exceptions import RegistryError
 from cloud.ml.cycle import EdgeLine
 from cloud.ml.data import ScenarioData
-from cloud.ml.nets import NetSpec
+from cloud.ml.families import NetSpec
 from cloud.pipeline.lines import load_line, register_line, unpack_cloud_weights
 from tests.cloud.factories import make_cohort
 

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cloud.cli.main import app
-from cloud.ml.data import load_dataset
+from cloud.ml.datasources import load_dataset
 from cloud.ml.scenario import Scenario, load_scenario
 from cloud.sim.generate import (
     DIGITS_CLASSES,
