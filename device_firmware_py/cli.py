@@ -3,6 +3,7 @@
     diredi-device run --config /etc/diredi-device/device.toml
     diredi-device check --config /etc/diredi-device/device.toml
     diredi-device feedback add --config /etc/diredi-device/device.toml --label 8 sample.npy
+    diredi-device feedback add --config /etc/diredi-device/device.toml --label 8 photo.png
 
 Exit codes follow sysexits.h (`config.ExitCode`): 78 for a wrong configuration, which systemd does
 not restart on; 70 for an unexpected failure, which it does.
@@ -43,10 +44,14 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--config", type=Path, required=True)
     feedback = commands.add_parser("feedback", help="the user's private labelled samples")
     actions = feedback.add_subparsers(dest="action", required=True, parser_class=_Parser)
-    add = actions.add_parser("add", help="label one input (.npy); it never leaves the device")
+    add = actions.add_parser("add", help="label one input (.npy, or an image); it never leaves the device")
     add.add_argument("--config", type=Path, required=True)
     add.add_argument("--label", type=int, required=True, help="the class the user says it is")
-    add.add_argument("file", type=Path, help="the input, a .npy array of the model's input shape")
+    add.add_argument(
+        "file",
+        type=Path,
+        help="the input: a .npy array of the model's input shape, or a PNG/JPEG if the model takes images",
+    )
     return parser
 
 
@@ -110,6 +115,7 @@ def _feedback_add(config: DeviceConfig, label: int, file: Path) -> None:
     from device_firmware_py.config import ConfigError, prepare_state_dir
     from device_firmware_py.daemon import STATE_FILES
     from device_firmware_py.feedback import FeedbackStore
+    from device_firmware_py.images import ImageInput
     from device_firmware_py.ota import ModelSlots
 
     state_dir = prepare_state_dir(config)
@@ -122,5 +128,5 @@ def _feedback_add(config: DeviceConfig, label: int, file: Path) -> None:
         input_shape=tuple(manifest.input.shape[1:]),
         num_classes=manifest.num_classes,
     )
-    count = store.add_file(file, label)
+    count = store.add_file(file, label, ImageInput.of(manifest))
     sys.stdout.write(f"stored; {count} labelled samples on this device (they never leave it)\n")

@@ -39,6 +39,7 @@ from device_firmware_py.exceptions import (
     SpoolError,
 )
 from device_firmware_py.feedback import FeedbackServer, FeedbackStore
+from device_firmware_py.images import ImageInput
 from device_firmware_py.link import DeviceLink, Inbound
 from device_firmware_py.ota import ModelSlots, Updater, write_atomically
 from device_firmware_py.privacy import DPConfig, PrivacyAccountant
@@ -242,7 +243,7 @@ class Daemon:
             if settings.source == "simulated":
                 self.source = SimulatedSource(settings.path, shape, classes, offset=self._stream_consumed)
             else:
-                self.source = DirectorySource(settings.path, shape)
+                self.source = DirectorySource(settings.path, shape, ImageInput.of(model.manifest))
 
     def _infer_one(self) -> None:
         if self.model is None or self.source is None:

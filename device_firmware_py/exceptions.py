@@ -13,6 +13,11 @@ class InvalidSamplesError(DeviceError, ValueError):
     """Private samples or labels that do not fit the model (shape, count or class range)."""
 
 
+class ImageError(DeviceError, ValueError):
+    """An image file that cannot be the model's input: unreadable, too large, or for a model that does
+    not take images; the text names the file."""
+
+
 class PrivacyStateError(DeviceError):
     """The privacy accountant's state file is unreadable or inconsistent."""
 

@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from device_firmware_py.exceptions import FeedbackError, FeedbackFullError, FeedbackStoreError
+from device_firmware_py.exceptions import FeedbackError, FeedbackFullError, FeedbackStoreError, ImageError
+from device_firmware_py.images import ImageInput, is_image_file
 from device_firmware_py.sqlite_file import PrivateSQLiteFile
 
 log = logging.getLogger(__name__)
@@ -160,8 +161,16 @@ class FeedbackStore(PrivateSQLiteFile):
         log.debug("feedback store: %d samples stored", count + 1)
         return count + 1
 
-    def add_file(self, path: Path, label: int | np.integer[Any]) -> int:
-        """Store the sample in the `.npy` file at `path` (no pickles; size capped before reading)."""
+    def add_file(self, path: Path, label: int | np.integer[Any], image: ImageInput | None = None) -> int:
+        """Store the sample in the `.npy` file at `path` (no pickles; size capped before reading), or
+        in the image file (PNG, JPEG) at `path` decoded as `image` says, for a model that takes images."""
+        if is_image_file(path):
+            if image is None:
+                raise FeedbackError(f"{path}: the installed model does not take images; give a .npy input")
+            try:
+                return self.add(image.decode(path), label)
+            except ImageError as exc:
+                raise FeedbackError(str(exc)) from None
         limit = NPY_HEADER_ALLOWANCE + 8 * math.prod(self.input_shape)  # float64 is the widest we take
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: a FIFO must not hang us

@@ -1,6 +1,7 @@
 """Where the daemon's inputs come from: a simulated stream replaying a scenario user's samples, or a
-directory where a camera (or any app) drops `.npy` inputs. Both validate what they read; a bad input
-is skipped with a log line, never fed to the model."""
+directory where a camera (or any app) drops `.npy` inputs, or image files (PNG, JPEG) for a model that
+takes images. Both validate what they read; a bad input is skipped with a log line, never fed to the
+model."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from device_firmware_py.exceptions import DeviceError
+from device_firmware_py.images import ImageInput, is_image_file
 
 log = logging.getLogger(__name__)
 
@@ -95,14 +97,18 @@ class SimulatedSource:
 
 
 class DirectorySource:
-    """Takes the `.npy` files dropped into a directory, oldest name first, and removes each once read;
-    a file that is not a valid input is moved to `rejected/` beside them (kept for the owner to see)."""
+    """Takes the `.npy` files (and, with `image`, the PNG and JPEG files) dropped into a directory,
+    first name first, and removes each once read; a file that is not a valid input is moved to
+    `rejected/` beside them (kept for the owner to see)."""
 
-    def __init__(self, directory: Path, input_shape: tuple[int, ...]) -> None:
+    def __init__(
+        self, directory: Path, input_shape: tuple[int, ...], image: ImageInput | None = None
+    ) -> None:
         if not directory.is_dir():
             raise SourceError(f"{directory}: not a directory")
         self.directory = directory
         self.input_shape = input_shape
+        self.image = image
         self._waiting: Iterator[Path] = iter(())
 
     def next(self) -> Sample | None:
@@ -110,22 +116,28 @@ class DirectorySource:
             sample = self._read(path)
             if sample is not None:
                 return sample
-        self._waiting = iter(sorted(self.directory.glob("*.npy")))
+        self._waiting = iter(sorted(p for p in self.directory.iterdir() if self._takes(p)))
         for path in self._waiting:
             sample = self._read(path)
             if sample is not None:
                 return sample
         return None
 
+    def _takes(self, path: Path) -> bool:
+        return path.suffix == ".npy" or (self.image is not None and is_image_file(path))
+
     def _read(self, path: Path) -> Sample | None:
         try:
             if path.stat().st_size > MAX_INPUT_FILE_BYTES:
                 raise SourceError(f"larger than {MAX_INPUT_FILE_BYTES} bytes")
-            array = np.load(path, allow_pickle=False)
+            if self.image is not None and is_image_file(path):
+                array = self.image.decode(path)
+            else:
+                array = np.load(path, allow_pickle=False)
             sample = Sample(_check_input(np.asarray(array), self.input_shape, "the input"))
         except FileNotFoundError:
             return None  # taken away meanwhile
-        except (OSError, ValueError, SourceError) as exc:
+        except (OSError, ValueError, SourceError) as exc:  # ImageError is a ValueError
             log.warning("input %s rejected: %s", path.name, exc)
             rejected = self.directory / "rejected"
             try:

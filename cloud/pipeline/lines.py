@@ -1,5 +1,7 @@
 """A model line version in the registry: the cloud model (teacher + float student) and its int8 edge model."""
 
+from __future__ import annotations
+
 import io
 import json
 import pickle  # noqa: S403 - only for the error torch.load(weights_only=True) raises
