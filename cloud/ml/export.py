@@ -133,6 +133,10 @@ def _describe(
     if len(inputs) != 1 or set(outputs) != {"output_0", "output_1"}:
         raise ExportError(f"unexpected signature: inputs {list(inputs)}, outputs {list(outputs)}")
     (in_name,) = inputs
+    computed_in_float = float_tensors(model)
+    if computed_in_float:
+        shown = ", ".join(computed_in_float[:3])
+        raise ExportError(f"the model is not fully int8: {len(computed_in_float)} float tensors ({shown})")
     head_w = student.head.weight.detach().numpy()
     head_b = student.head.bias.detach().numpy()
     draft = ArtifactManifest(
@@ -172,6 +176,23 @@ def _describe(
 def float_file_bytes(student: EdgeStudent, input_shape: tuple[int, ...]) -> int:
     """Size of the same student exported as a float32 LiteRT file, for the size comparison."""
     return len(float_bytes(student, input_shape))
+
+
+def float_tensors(model: bytes) -> list[str]:
+    """Names of the float tensors of a LiteRT flatbuffer: none in a fully int8 model (whose weights and
+    activations are int8, its biases and shapes int32)."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    floats = (schema.TensorType.FLOAT32, schema.TensorType.FLOAT16, schema.TensorType.FLOAT64)
+    root = schema.Model.GetRootAs(model, 0)
+    names = []
+    for s in range(root.SubgraphsLength()):
+        graph = root.Subgraphs(s)
+        for t in range(graph.TensorsLength()):
+            tensor = graph.Tensors(t)
+            if tensor.Type() in floats:
+                names.append((tensor.Name() or b"?").decode(errors="replace"))
+    return names
 
 
 def weight_tensor_bytes(model: bytes) -> int:

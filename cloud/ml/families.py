@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any, cast
 
 import numpy as np
@@ -38,7 +41,19 @@ class NetSpec:
 
     def build(self) -> tuple[nn.Module, EdgeStudent]:
         """A fresh (teacher, student) of this spec, checked against the contract's shapes."""
-        teacher, student = resolve_family(self.family)(self.input_shape, self.num_classes)
+        factory = resolve_family(self.family)
+        try:
+            built: object = factory(self.input_shape, self.num_classes)
+        except Exception as exc:  # a manufacturer's factory may fail in any way
+            raise FamilyError(
+                f"family {self.family!r}: the factory fails: {type(exc).__name__}: {exc}"
+            ) from None
+        if not (isinstance(built, tuple) and len(built) == 2):
+            raise FamilyError(
+                f"family {self.family!r}: the factory must return (teacher, student), "
+                f"not a {type(built).__name__}"
+            )
+        teacher, student = built
         return teacher, _check_modules(self, teacher, student)
 
     def as_dict(self) -> dict[str, Any]:
@@ -70,13 +85,30 @@ def resolve_family(name: str) -> Factory:
         )
     module_name, attribute = name.split(":")
     try:
-        module = importlib.import_module(module_name)
+        module = _import(module_name)
     except ImportError as exc:
         raise FamilyError(f"family {name!r}: cannot import {module_name}: {exc}") from None
+    except Exception as exc:  # the module's own code failed
+        raise FamilyError(
+            f"family {name!r}: importing {module_name} fails: {type(exc).__name__}: {exc}"
+        ) from None
     factory = getattr(module, attribute, None)
     if not callable(factory):
         raise FamilyError(f"family {name!r}: {module_name} has no callable {attribute}")
     return cast(Factory, factory)
+
+
+def _import(module_name: str) -> ModuleType:
+    """The module, found where Python finds it or else in the working directory (as uvicorn and Celery
+    find an app's module): a manufacturer's family may live beside the command that names it."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        here = os.getcwd()
+        if exc.name != module_name.split(".")[0] or here in sys.path:
+            raise
+        sys.path.append(here)
+        return importlib.import_module(module_name)
 
 
 def _check_modules(spec: NetSpec, teacher: object, student: object) -> EdgeStudent:
@@ -104,7 +136,7 @@ def _check_modules(spec: NetSpec, teacher: object, student: object) -> EdgeStude
         )
     if math.prod(spec.input_shape) > MAX_INPUT_VALUES:
         raise FamilyError(f"family {name!r}: inputs of {spec.input_shape} are too large for an edge model")
-    x = torch.zeros(2, *spec.input_shape)
+    x = torch.rand(2, *spec.input_shape, generator=torch.Generator().manual_seed(0))
     edge = cast(EdgeStudent, student)
     try:
         with torch.no_grad():
@@ -136,12 +168,7 @@ def check_family(spec: NetSpec, sample: npt.NDArray[np.float32]) -> None:
     from cloud.exceptions import ExportError
     from cloud.ml.export import export_int8
 
-    try:
-        _, student = spec.build()
-    except FamilyError:
-        raise
-    except Exception as exc:
-        raise FamilyError(f"family {spec.family!r}: the factory fails: {type(exc).__name__}: {exc}") from None
+    _, student = spec.build()
     try:
         export_int8(student.eval(), sample, model_id="contract-check-v1", line="contract-check", version=1)
     except ExportError as exc:

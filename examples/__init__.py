@@ -1,0 +1,1 @@
+"""Worked examples of what a manufacturer brings to DiReDi fleet (docs/model-families.md)."""
