@@ -20,6 +20,7 @@ from wire import ArtifactManifest
 
 FloatArray = npt.NDArray[np.float32]
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
+IMAGE_FORMATS = ("PNG", "JPEG")
 MAX_IMAGE_BYTES = 16 * 1024 * 1024
 MAX_IMAGE_PIXELS = 4096 * 4096  # checked before decoding: a larger file is a decompression bomb
 
@@ -54,14 +55,15 @@ class ImageInput:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: a FIFO must not hang us
         except OSError as exc:
             raise ImageError(f"cannot open {path}: {exc.strerror}") from None
-        with os.fdopen(fd, "rb") as fh:
-            info = os.fstat(fh.fileno())
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_IMAGE_BYTES:
+            os.close(fd)
             if not stat.S_ISREG(info.st_mode):
                 raise ImageError(f"{path} is not a regular file")
-            if info.st_size > MAX_IMAGE_BYTES:
-                raise ImageError(f"{path} has {info.st_size} bytes, more than {MAX_IMAGE_BYTES}")
+            raise ImageError(f"{path} has {info.st_size} bytes, more than {MAX_IMAGE_BYTES}")
+        with os.fdopen(fd, "rb") as fh:
             try:
-                with Image.open(fh) as image:
+                with Image.open(fh, formats=IMAGE_FORMATS) as image:
                     if image.width * image.height > MAX_IMAGE_PIXELS:
                         raise ImageError(
                             f"{path}: {image.width}×{image.height} is more than {MAX_IMAGE_PIXELS} pixels"

@@ -25,6 +25,7 @@ IntArray = npt.NDArray[np.int64]
 
 BuiltIn = Literal["digits", "mnist-5k"]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+IMAGE_FORMATS = ("PNG", "JPEG")
 MAX_NPZ_BYTES = 2 * 1024**3
 MAX_SAMPLES = 200_000
 MAX_IMAGE_PIXELS = 4096 * 4096  # decoded before any resize: a larger file is a decompression bomb
@@ -191,7 +192,13 @@ def _checked(
     """The dataset, once its labels are a usable classification problem."""
     if len(labels) > MAX_SAMPLES:
         raise DataError(f"{name}: {len(labels)} samples, more than {MAX_SAMPLES}")
-    counts = np.bincount(labels) if len(labels) else np.zeros(0, np.int64)
+    if len(labels) == 0:
+        raise DataError(f"{name}: has no samples")
+    if labels.max() >= len(labels):  # every class needs a sample: a larger label skips one
+        raise DataError(
+            f"{name}: label {int(labels.max())} with {len(labels)} samples; labels must be 0..C-1, each used"
+        )
+    counts = np.bincount(labels)
     num_classes = len(counts)
     if num_classes < 2:
         raise DataError(f"{name}: needs at least 2 classes, has {num_classes}")
@@ -280,7 +287,8 @@ def _load_folder(source: FolderSource) -> Dataset:
     if total > MAX_SAMPLES:
         raise DataError(f"{root}: {total} images, more than {MAX_SAMPLES}")
     first = files[0][1][0]
-    _, channels, size = _decode(first, source.channels, source.size)
+    _, own_channels, own_size = _decode(first, source.channels, source.size)
+    channels, size = source.channels or own_channels, source.size or own_size
     samples: list[FloatArray] = []
     for _, paths in files:
         for path in paths:
@@ -309,7 +317,7 @@ def _decode(
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
+        with Image.open(path, formats=IMAGE_FORMATS) as image:
             if image.width * image.height > MAX_IMAGE_PIXELS:
                 raise DataError(
                     f"{path}: {image.width}×{image.height} is more than {MAX_IMAGE_PIXELS} pixels"

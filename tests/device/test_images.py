@@ -34,15 +34,6 @@ GREY = ImageInput(channels=1, height=HEIGHT, width=WIDTH, pixel_scale=255.0)
 COLOUR = ImageInput(channels=3, height=HEIGHT, width=WIDTH, pixel_scale=127.5)
 Pixels = npt.NDArray[np.uint8]
 
-# images.py ImageInput.decode: os.open succeeds on a directory, then os.fdopen raises IsADirectoryError
-# ("[Errno 21] Is a directory: <fd>", no file name) before the S_ISREG check, and the fd is never closed.
-DIRECTORY_ESCAPES = pytest.mark.xfail(
-    strict=True,
-    raises=IsADirectoryError,
-    reason="device_firmware_py/images.py ImageInput.decode: os.fdopen on a directory's fd raises "
-    "IsADirectoryError (not ImageError, no file name) and leaks the fd",
-)
-
 
 def image_manifest(input_shape: list[int], pixel_scale: float | None) -> ArtifactManifest:
     """A valid manifest of a 3-class model taking `input_shape` (the device reads only its fields)."""
@@ -236,7 +227,7 @@ def missing(path: Path) -> None:
         pytest.param(corrupt, "is not a readable image", id="corrupt"),
         pytest.param(truncated, "is not a readable image", id="truncated"),
         pytest.param(empty, "is not a readable image", id="empty"),
-        pytest.param(directory, "is not a regular file", id="directory", marks=DIRECTORY_ESCAPES),
+        pytest.param(directory, "is not a regular file", id="directory"),
         pytest.param(missing, "cannot open", id="missing"),
     ],
 )
@@ -398,7 +389,7 @@ def test_add_file_of_an_image_for_a_model_that_takes_no_images_is_refused(
     ("make", "says"),
     [
         pytest.param(corrupt, "is not a readable image", id="corrupt"),
-        pytest.param(directory, "is not a regular file", id="directory", marks=DIRECTORY_ESCAPES),
+        pytest.param(directory, "is not a regular file", id="directory"),
     ],
 )
 def test_add_file_of_a_bad_image_is_a_feedback_error_naming_it(

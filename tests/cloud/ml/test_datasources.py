@@ -27,13 +27,6 @@ from cloud.ml.scenario import load_scenario, parse_scenario
 HEIGHT, WIDTH = 4, 5
 Pixels = npt.NDArray[np.uint8]
 
-# _load_folder takes the first image's own channels and size (`_, channels, size = _decode(first, ...)`)
-# and decodes every image to those, so a FolderSource's `channels` and `size` are not applied.
-FOLDER_OPTIONS_IGNORED = (
-    "cloud/ml/datasources.py _load_folder: every image is converted and resized to the first image's own "
-    "mode and size, not to the FolderSource's `channels` and `size`"
-)
-
 
 def grey(value: int, height: int = HEIGHT, width: int = WIDTH) -> Pixels:
     """A grey image whose pixels count up from `value` (row by row), so orientation shows."""
@@ -128,7 +121,6 @@ def test_an_image_folder_of_rgb_images_loads_channels_first(tmp_path: Path) -> N
     np.testing.assert_allclose(dataset.inputs[1], 90.0, atol=2)
 
 
-@pytest.mark.xfail(strict=True, reason=FOLDER_OPTIONS_IGNORED)
 def test_size_resizes_every_image_of_a_folder(tmp_path: Path) -> None:
     # Prepare: images of two sizes, neither of them the size asked for
     save(tmp_path / "a" / "1.png", flat(40, height=6, width=8))
@@ -143,7 +135,6 @@ def test_size_resizes_every_image_of_a_folder(tmp_path: Path) -> None:
     np.testing.assert_array_equal(dataset.inputs[1], 80.0)
 
 
-@pytest.mark.xfail(strict=True, reason=FOLDER_OPTIONS_IGNORED)
 def test_channels_1_converts_rgb_images_to_grey(tmp_path: Path) -> None:
     # Prepare
     save(tmp_path / "a" / "1.png", rgb(0))
@@ -158,7 +149,6 @@ def test_channels_1_converts_rgb_images_to_grey(tmp_path: Path) -> None:
     np.testing.assert_array_equal(dataset.inputs[1, 0], expected)
 
 
-@pytest.mark.xfail(strict=True, reason=FOLDER_OPTIONS_IGNORED)
 def test_channels_3_converts_grey_images_to_rgb_even_mixed_with_rgb_ones(tmp_path: Path) -> None:
     # Prepare: a grey image first, an RGB one after it
     save(tmp_path / "a" / "1.png", grey(10))
@@ -439,14 +429,6 @@ def test_an_npz_of_object_arrays_is_refused_without_unpickling_it(tmp_path: Path
     assert not mark.exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason=(
-        "cloud/ml/datasources.py _checked: np.bincount(labels) runs on unbounded labels; a huge label "
-        "raises numpy's ValueError 'array is too big' (or allocates label × 8 bytes) instead of DataError"
-    ),
-)
 def test_an_npz_with_an_absurdly_large_label_is_one_line_naming_the_file(tmp_path: Path) -> None:
     # Prepare
     path = write_npz(tmp_path / "huge.npz", x=VECTORS[:3], y=np.array([0, 1, 2**62]))
