@@ -396,6 +396,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scenarios", type=Path, help="a directory of scenario files (instead of a suite)")
     parser.add_argument("--count", type=int, help=f"generated scenarios (default {DEFAULT_COUNT})")
     parser.add_argument("--seed", type=int, help=f"the generated suite's seed (default {DEFAULT_SEED})")
+    parser.add_argument("--dataset", default="digits", choices=["digits", "mnist-5k"], help="a suite's data")
     parser.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)), help="worker processes")
     parser.add_argument("--out", type=Path, default=RESULTS / "learning_suite.json")
     parser.add_argument("--plot", type=Path, default=RESULTS / "learning_suite.png")
@@ -409,7 +410,9 @@ def main(argv: list[str] | None = None) -> None:
     if not args.scenarios and not (1 <= count <= 1000 and seed >= 0):
         parser.error("--count must be 1..1000 and --seed not negative")
     try:
-        scenarios = _load_dir(args.scenarios) if args.scenarios else generate_scenarios(count, seed)
+        scenarios = (
+            _load_dir(args.scenarios) if args.scenarios else generate_scenarios(count, seed, args.dataset)
+        )
     except ScenarioError as exc:
         parser.error(str(exc))
 
@@ -423,7 +426,7 @@ def main(argv: list[str] | None = None) -> None:
         "machine": platform.platform(),
         "cpus": len(os.sched_getaffinity(0)),
         "jobs": args.jobs,
-        "generator": None if args.scenarios else {"count": count, "seed": seed},
+        "generator": None if args.scenarios else {"count": count, "seed": seed, "dataset": args.dataset},
         "scenarios_dir": str(args.scenarios) if args.scenarios else None,
         "wall_s": wall,
         "summary": summary,

@@ -42,7 +42,8 @@ class TensorSpec(BaseModel):
 
 
 class ProbeOutput(BaseModel):
-    """A probe input (float) and the int8 outputs the artifact must produce for it (self-test)."""
+    """A probe input and the int8 outputs the artifact must produce for it (self-test). The input is
+    float32, or int8 when it is the quantized input itself (large inputs: docs/model-families.md)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -134,8 +135,11 @@ class ArtifactManifest(BaseModel):
             shapes = (probe.input.shape, probe.features.shape, probe.logits.shape)
             if shapes != (self.input.shape, self.features.shape, self.logits.shape):
                 raise ValueError(f"probe {i} does not have the model's tensor shapes")
-            if (probe.input.dtype, probe.features.dtype, probe.logits.dtype) != ("float32", "int8", "int8"):
-                raise ValueError(f"probe {i} must hold a float32 input and int8 outputs")
+            if probe.input.dtype not in ("float32", "int8") or (probe.features.dtype, probe.logits.dtype) != (
+                "int8",
+                "int8",
+            ):
+                raise ValueError(f"probe {i} must hold a float32 or int8 input and int8 outputs")
         return self
 
     def class_of_output(self) -> npt.NDArray[np.int64]:

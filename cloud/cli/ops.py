@@ -260,6 +260,7 @@ def line_create(
     """
     from cloud.artifacts import LocalArtifactStore
     from cloud.cli.progress import stage_bars
+    from cloud.ml.families import resolve_family
     from cloud.ml.scenario import line_scenario
     from cloud.pipeline.lines import bootstrap_line
     from cloud.registry import audit
@@ -274,6 +275,8 @@ def line_create(
         spec = line_scenario(
             cohort, scenario, data=data, family=family, image_size=image_size, channels=channels, seed=seed
         )
+        if spec.family is not None:  # found before anything is stored; the contract is checked later
+            resolve_family(spec.family)
     except CloudError as exc:
         raise _fail(exc) from None
     sessions = session_factory(make_engine(settings.resolved_database_url))

@@ -27,6 +27,7 @@ def generate(
     count: Annotated[int, typer.Option(help=f"How many scenarios (1–{MAX_COUNT}).")],
     seed: Annotated[int, typer.Option(help="The suite's seed; scenario i depends only on (seed, i).")],
     out: Annotated[Path, typer.Option(help="Directory to write <name>.json files into (created).")],
+    dataset: Annotated[str, typer.Option(help="The built-in data: digits or mnist-5k.")] = "digits",
 ) -> None:
     """Write COUNT generated scenarios, named gen-s<seed>-<i>, as JSON files into OUT."""
     from cloud.sim.generate import generate_scenarios
@@ -35,13 +36,15 @@ def generate(
         raise _fail(f"--count must be between 1 and {MAX_COUNT}, got {count}")
     if seed < 0:
         raise _fail(f"--seed must not be negative, got {seed}")
+    if dataset not in ("digits", "mnist-5k"):
+        raise _fail(f"--dataset must be digits or mnist-5k, got {dataset!r}")
     if out.exists() and not out.is_dir():
         raise _fail(f"--out {out}: exists and is not a directory")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise _fail(f"--out {out}: cannot create: {exc.strerror}") from None
-    scenarios = generate_scenarios(count, seed)
+    scenarios = generate_scenarios(count, seed, dataset)
     try:
         for scenario in scenarios:
             text = json.dumps(scenario.model_dump(mode="json"), indent=2) + "\n"

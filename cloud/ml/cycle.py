@@ -68,13 +68,15 @@ class TrainingPlan:
     max_int8_drop: float = MAX_INT8_DROP  # the export guard: int8 within this of float
 
 
-# The conv pair on mnist-5k (3,000 training images of 28×28): ~1 s an epoch for the teacher, ~0.4 s
-# for the student on this machine's two cores; the shifted copies of `augment` did not help there.
+# The conv pair on mnist-5k (~2,800 training images of 28×28): ~1 s an epoch for the teacher, ~1 s for
+# the student with its augmented copies on this machine's two cores. The copies' noise (0.1, a tenth of
+# the pixel range) keeps the student as robust to noisy inputs as its teacher: 93.0% rather than 90.3%
+# on test images with noise of 25 pixel levels (93.5% and 93.3% on clean ones).
 CONV_PLAN = TrainingPlan(
     teacher=TrainConfig(epochs=15),
-    student=TrainConfig(epochs=40, lr=3e-3),
+    student=TrainConfig(epochs=30, lr=3e-3, augment=True, augment_noise=0.1),
     teacher_finetune=TrainConfig(epochs=5, lr=5e-4),
-    rekd=TrainConfig(epochs=40, lr=3e-3),
+    rekd=TrainConfig(epochs=30, lr=3e-3, augment=True, augment_noise=0.1),
 )
 
 

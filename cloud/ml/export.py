@@ -23,13 +23,17 @@ from cloud.ml.quantize import (
     ptq_bytes,
     qat_bytes,
 )
-from device_firmware_py.runtime import Int8Model
+from device_firmware_py.runtime import Int8Model, quantize
 from wire import ArtifactManifest, EncodedArray, ProbeOutput, TensorSpec
 from wire.common import utcnow
+from wire.limits import DEFAULT_MAX_PAYLOAD_BYTES
 
 SIGNATURE = "serving_default"
 MAX_INT8_DROP = 0.010
 PROBES = 4
+# What a manifest may take of a DesiredModel document (DESIGN §2: at most 16 KiB), leaving room for
+# the document's other fields (device id, download path, dates, key id, signature: ~400 bytes).
+MANIFEST_BUDGET = DEFAULT_MAX_PAYLOAD_BYTES - 1024
 # The export's fallbacks, cheapest first: today's calibration, other activation observers over every
 # calibration input, the default observer over every input, then a quantization-aware fine-tune.
 LADDER: tuple[Calibration | QATConfig, ...] = (
@@ -170,7 +174,30 @@ def _describe(
                 logits=EncodedArray.from_numpy(logits, "int8"),
             )
         )
-    return EdgeArtifact(model=model, manifest=draft.model_copy(update={"probes": probes}))
+    return EdgeArtifact(model=model, manifest=_fitted(draft, probes))
+
+
+def _fitted(draft: ArtifactManifest, probes: list[ProbeOutput]) -> ArtifactManifest:
+    """The manifest with as many of `probes` as a DesiredModel document can carry (DESIGN §2: 16 KiB).
+
+    Probe inputs stay float32, which every device reads, while the manifest fits; a model with larger
+    inputs (images) gets them as int8, the quantized input the model sees, and fewer probes if need
+    be (at least one). ExportError if even that does not fit: the head (C×D floats) is too large.
+    """
+    spec = draft.input
+    compact = [
+        p.model_copy(update={"input": EncodedArray.from_numpy(quantize(p.input.to_numpy(), spec), "int8")})
+        for p in probes
+    ]
+    for candidates in (probes, *(compact[:n] for n in range(len(compact), 0, -1))):
+        manifest = draft.model_copy(update={"probes": list(candidates)})
+        if len(manifest.model_dump_json(by_alias=True)) <= MANIFEST_BUDGET:
+            return manifest
+    size = len(draft.model_copy(update={"probes": compact[:1]}).model_dump_json(by_alias=True))
+    raise ExportError(
+        f"the manifest is {size} bytes with one probe, more than the {MANIFEST_BUDGET} a signed DesiredModel "
+        f"can carry: the head ({draft.num_classes}×{draft.feature_dim} floats) is too large"
+    )
 
 
 def float_file_bytes(student: EdgeStudent, input_shape: tuple[int, ...]) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -9,9 +10,20 @@ import numpy as np
 from cloud.ml.scenario import Scenario
 
 KINDS = ("merge", "swap", "cycle", "mix", "none")
-# The digits dataset (the only one today), as cloud.ml.data loads it; not loaded here, to stay light.
-DIGITS_CLASSES = 10
-DIGITS_SAMPLES = 1797
+
+
+@dataclass(frozen=True)
+class BuiltInData:
+    """What the generator needs to know of a built-in dataset (not loaded here, to stay light)."""
+
+    classes: int
+    samples: int
+    max_noise: float  # in the data's own units: an eighth of its value range
+
+
+DATASETS = {"digits": BuiltInData(10, 1797, 2.0), "mnist-5k": BuiltInData(10, 5000, 32.0)}
+DIGITS_CLASSES = DATASETS["digits"].classes
+DIGITS_SAMPLES = DATASETS["digits"].samples
 MAX_USERS = 4
 MAX_DEVICES = 5
 MIN_PRIVATE_TRAIN = 20  # the device's default min_samples: every device of a generated user reports
@@ -75,10 +87,11 @@ def _label_map(kind: str, rng: np.random.Generator) -> dict[str, int]:
     return {str(src): dst for src, dst in mapping.items()}
 
 
-def _fit_pools(users: list[dict[str, Any]]) -> None:
-    """Shrink private pools until they take at most PRIVATE_SHARE of the dataset: training pools,
-    largest first, down to MIN_PRIVATE_TRAIN, then test pools, largest first, down to MIN_PRIVATE_TEST."""
-    budget = int(DIGITS_SAMPLES * PRIVATE_SHARE)
+def _fit_pools(users: list[dict[str, Any]], samples: int) -> None:
+    """Shrink private pools until they take at most PRIVATE_SHARE of the dataset's `samples`: training
+    pools, largest first, down to MIN_PRIVATE_TRAIN, then test pools, largest first, down to
+    MIN_PRIVATE_TEST."""
+    budget = int(samples * PRIVATE_SHARE)
 
     def over() -> int:
         return int(sum(u["devices"] * u["private_train"] + u["private_test"] for u in users)) - budget
@@ -97,8 +110,10 @@ def _fit_pools(users: list[dict[str, Any]]) -> None:
         user["private_test"] -= cut
 
 
-def generate_scenario(seed: int, index: int) -> Scenario:
-    """Scenario `index` of the suite `seed`, drawn from its own generator seeded by (seed, index)."""
+def generate_scenario(seed: int, index: int, dataset: str = "digits") -> Scenario:
+    """Scenario `index` of the suite `seed` on a built-in `dataset`, drawn from its own generator seeded
+    by (seed, index) (the same draws on every dataset; noise scales with the data's value range)."""
+    data = DATASETS[dataset]
     rng = np.random.default_rng([seed, index])
     users: list[dict[str, Any]] = []
     for j in range(int(rng.integers(1, MAX_USERS + 1))):
@@ -107,17 +122,18 @@ def generate_scenario(seed: int, index: int) -> Scenario:
             {
                 "id": f"u{j:02d}-{kind}",
                 "label_map": _label_map(kind, rng),
-                "noise_std": round(float(rng.uniform(0.0, 2.0)), 1),
+                "noise_std": round(float(rng.uniform(0.0, 2.0)) * data.max_noise / 2.0, 1),
                 "devices": int(rng.integers(1, MAX_DEVICES + 1)),
                 "private_train": int(rng.integers(MIN_PRIVATE_TRAIN, MAX_PRIVATE_TRAIN + 1)),
                 "private_test": int(rng.integers(100, 151)),
             }
         )
-    _fit_pools(users)
+    _fit_pools(users, data.samples)
+    prefix = "gen" if dataset == "digits" else f"gen-{dataset}"
     scenario = Scenario.model_validate(
         {
-            "name": f"gen-s{seed}-{index}",
-            "dataset": "digits",
+            "name": f"{prefix}-s{seed}-{index}",
+            "dataset": dataset,
             "seed": int(rng.integers(0, 2**32)),
             "presumed": {
                 "test_fraction": round(float(rng.uniform(0.15, 0.3)), 2),
@@ -126,12 +142,14 @@ def generate_scenario(seed: int, index: int) -> Scenario:
             "users": users,
         }
     )
-    scenario.check_against(DIGITS_CLASSES, DIGITS_SAMPLES)
+    scenario.check_against(data.classes, data.samples)
     return scenario
 
 
-def generate_scenarios(count: int, seed: int) -> list[Scenario]:
-    """`count` scenarios of the suite `seed`; scenario i depends only on (seed, i)."""
+def generate_scenarios(count: int, seed: int, dataset: str = "digits") -> list[Scenario]:
+    """`count` scenarios of the suite `seed` on `dataset`; scenario i depends only on (seed, i)."""
     if count < 0 or seed < 0:
         raise ValueError(f"count and seed must not be negative, got count={count}, seed={seed}")
-    return [generate_scenario(seed, i) for i in range(count)]
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; built in: {', '.join(DATASETS)}")
+    return [generate_scenario(seed, i, dataset) for i in range(count)]

@@ -99,3 +99,20 @@ def float_only(input_shape: tuple[int, ...], num_classes: int) -> tuple[nn.Modul
 
 def broken(input_shape: tuple[int, ...], num_classes: int) -> tuple[nn.Module, nn.Module]:
     raise RuntimeError("the factory's own bug")
+
+
+class Wide(TinyStudent):
+    """2,048 features: its float head alone is larger than a DesiredModel document may be."""
+
+    def __init__(self, channels: int, num_classes: int) -> None:
+        super().__init__(channels, num_classes, nn.Linear(2048, num_classes))
+        self.widen = nn.Linear(16, 2048)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = torch.relu(self.widen(self.backbone(x)))
+        return out
+
+
+def wide(input_shape: tuple[int, ...], num_classes: int) -> tuple[nn.Module, nn.Module]:
+    c, h, w = input_shape
+    return TinyTeacher(c, h, w, num_classes), Wide(c, num_classes)

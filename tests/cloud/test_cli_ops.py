@@ -8,6 +8,7 @@ import uuid
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import pytest
 from sqlalchemy import func, select
 from typer.testing import CliRunner
@@ -16,7 +17,7 @@ from cloud.cli.main import app
 from cloud.ml.scenario import Scenario
 from cloud.registry import apikeys, migrate, telemetry
 from cloud.registry.db import make_engine, session_factory, transaction
-from cloud.registry.tables import ApiKey, AuditLog, Job, JobState, Model, Role, utcnow
+from cloud.registry.tables import ApiKey, AuditLog, Cohort, Job, JobState, Model, Role, utcnow
 from tests.cloud.factories import make_cohort, make_device
 
 WIDE = {"COLUMNS": "300", "NO_COLOR": "1", "TERM": "dumb"}
@@ -201,10 +202,12 @@ def test_line_create_whose_export_gives_up_exits_with_one_line_and_leaves_a_fail
         ["line", "create", "--cohort", "home-cams", "--scenario", str(scenario), "--max-int8-drop", "-1"],
     )
 
-    # Assert: one line of error, no traceback; the failed job holds the reason and every attempt
+    # Assert: one line of error after the progress lines, no traceback; the failed job holds the
+    # reason and every attempt
     assert run.exit_code == 2, run.output
-    errors = run.stderr.strip().splitlines()
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: int8 export gave up"), run.stderr
+    assert run.stderr.strip().splitlines()[-1] == errors[0]
     assert "Traceback" not in run.output
     sessions = session_factory(make_engine(f"sqlite:///{env / 'registry.db'}"))
     with sessions() as session:
@@ -261,3 +264,80 @@ def test_an_ingest_byte_budget_out_of_range_is_refused_before_it_starts(
 
     assert code == 2
     assert "ingest_batch_bytes" in output
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--data", "nope"], "--data nope: not digits, mnist-5k, an existing .npz file or an image folder"),
+        (["--data", "missing.npz"], "--data missing.npz: not digits, mnist-5k"),
+        (["--data", "digits", "--image-size", "8x8"], "--image-size and --channels are for image folders"),
+        (["--data", "{folder}", "--image-size", "12by4"], "--image-size 12by4: must be HxW"),
+        (["--data", "digits", "--family", "no_such_module_here:f"], "cannot import no_such_module_here"),
+        (["--data", "digits", "--family", "bad name"], "not one of mlp, conv nor an import path"),
+        ([], "name the data: --data"),
+    ],
+)
+def test_line_create_refuses_bad_data_and_family_options_before_storing_anything(
+    env: Path, tmp_path: Path, args: list[str], says: str
+) -> None:
+    # Prepare
+    invoke("db", "upgrade")
+    folder = tmp_path / "images"
+    folder.mkdir()
+
+    # Execute
+    run = CliRunner().invoke(
+        app, ["line", "create", "--cohort", "home-cams", *[a.format(folder=folder) for a in args]]
+    )
+
+    # Assert: one line, and no cohort or job left behind
+    assert run.exit_code == 2, run.output
+    errors = run.stderr.strip().splitlines()
+    assert len(errors) == 1 and says in errors[0], run.stderr
+    sessions = session_factory(make_engine(f"sqlite:///{env / 'registry.db'}"))
+    with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Job)) == 0
+        assert session.execute(select(func.count()).select_from(Cohort)).scalar() == 0
+
+
+@pytest.mark.slow
+def test_line_create_trains_a_family_named_by_import_path_on_an_npz_and_logs_progress_off_a_terminal(
+    env: Path, tmp_path: Path
+) -> None:
+    # Prepare: 3 classes of 12×12 grey images that differ by where their bright square is
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 60)
+    images = rng.integers(0, 60, size=(len(labels), 12, 12), dtype=np.uint8)
+    for i, label in enumerate(labels):
+        images[i, 4 * label : 4 * label + 4, 2:10] = 250
+    data = tmp_path / "squares.npz"
+    np.savez(data, x=images, y=labels, class_names=np.array(["top", "middle", "bottom"]))
+    invoke("db", "upgrade")
+
+    # Execute
+    run = CliRunner().invoke(
+        app,
+        [
+            "line",
+            "create",
+            "--cohort",
+            "squares",
+            "--data",
+            str(data),
+            "--family",
+            "tests.cloud.families:tiny",
+        ],
+    )
+
+    # Assert: registered; each stage logged as lines (CliRunner is not a terminal)
+    assert run.exit_code == 0, run.output
+    assert "registered squares.cloud.v1 (cloud) and squares.v1 (edge" in " ".join(run.stdout.split())
+    logged = run.stderr.splitlines()
+    for stage in ("teacher", "distill", "export"):
+        assert any(f"] {stage}: " in line for line in logged), run.stderr
+    sessions = session_factory(make_engine(f"sqlite:///{env / 'registry.db'}"))
+    with sessions() as session:
+        job = session.scalars(select(Job)).one()
+        assert job.params["family"] == "tests.cloud.families:tiny" and job.params["data"] == str(data)
+        assert job.state is JobState.succeeded

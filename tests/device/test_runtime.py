@@ -479,3 +479,24 @@ def test_from_files_refuses_a_file_that_does_not_match_its_manifest(
     # Execute / Assert
     with pytest.raises(ArtifactError, match="does not match its manifest"):
         Int8Model.from_files(model_path, model_path.with_suffix(".manifest.json"))
+
+
+def test_probes_with_int8_inputs_self_test_like_their_float_inputs(base_line: EdgeLine) -> None:
+    # Prepare: the probes as a model with large inputs carries them, its quantized inputs
+    from device_firmware_py.runtime import quantize
+
+    artifact = base_line.artifact
+    spec = artifact.manifest.input
+    probes = [
+        p.model_copy(update={"input": EncodedArray.from_numpy(quantize(p.input.to_numpy(), spec), "int8")})
+        for p in artifact.manifest.probes
+    ]
+    tampered = probes[0].logits.to_numpy().astype(np.int16)
+    wrong = probes[0].model_copy(
+        update={"logits": EncodedArray.from_numpy(np.where(tampered > 0, tampered - 5, tampered + 5), "int8")}
+    )
+
+    # Execute / Assert: the same outputs pass, wrong ones are caught
+    Int8Model(artifact.model, artifact.manifest.model_copy(update={"probes": probes})).self_test()
+    with pytest.raises(ArtifactError, match="probe 0 logits differs by 5"):
+        Int8Model(artifact.model, artifact.manifest.model_copy(update={"probes": [wrong]})).self_test()

@@ -127,8 +127,9 @@ def test_a_line_on_own_data_learns_a_preference_in_one_cycle(
         ("one_module", "must return (teacher, student)"),
         ("two_layer_head", "must be one nn.Linear over the features"),
         ("shortcut", "forward(x) is not head(features(x))"),
-        ("float_only", "cannot be exported fully int8"),
+        ("float_only", "the student cannot be exported: the model is not fully int8"),
         ("broken", "the factory fails: RuntimeError: the factory's own bug"),
+        ("wide", "the head (3×2048 floats) is too large"),
         ("absent", "has no callable absent"),
     ],
 )
