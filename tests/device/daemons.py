@@ -39,9 +39,11 @@ def write_config(
     resend_after_s: float = 1,
     name: str = "device.toml",
     rd: dict[str, float] | None = None,
+    source: str = "simulated",
 ) -> Path:
     """A device configuration `directory/name` (its state under `directory/state`), with its secret
-    file; `rd` adds settings to its [rd] section (epsilon, budget_epsilon, schedule_s...)."""
+    file; `rd` adds settings to its [rd] section (epsilon, budget_epsilon, schedule_s...); with
+    `source="directory"`, `stream` is the directory its inputs are dropped into."""
     rd_settings = "".join(f"{key} = {value}\n" for key, value in (rd or {}).items())
     secret_file = directory / "secret"
     secret_file.write_text(secret + "\n")
@@ -65,7 +67,7 @@ def write_config(
         "[trust]\n"
         f"{keys}\n"
         "[input]\n"
-        'source = "simulated"\n'
+        f'source = "{source}"\n'
         f'path = "{stream}"\n'
         f"rate_hz = {rate_hz}\n"
         f"feedback_every = {feedback_every}\n"
@@ -99,9 +101,10 @@ def write_stream(path: Path, inputs: np.ndarray, labels: np.ndarray) -> Path:
 class DaemonProcess:
     """`diredi-device run --config` as a child process, its log (stderr) kept across restarts."""
 
-    def __init__(self, config: Path, log_dir: Path) -> None:
+    def __init__(self, config: Path, log_dir: Path, env: dict[str, str] | None = None) -> None:
         self.config = config
         self.log_dir = log_dir
+        self.env = env  # None: this process's
         self.runs = 0
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -116,6 +119,7 @@ class DaemonProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                env=self.env,
             )
         return self
 
