@@ -104,7 +104,10 @@ def test_shipped_scenarios_load() -> None:
     loaded = {p.stem: load_scenario(p) for p in paths}
 
     # Assert
-    assert set(loaded) == {"digits-one-user", "digits-two-users"}
+    assert set(loaded) == {"digits-one-user", "digits-two-users", "mnist-two-users"}
+    mnist = loaded["mnist-two-users"]
+    assert (mnist.dataset, mnist.family) == ("mnist-5k", "conv")
+    assert [u.label_map for u in mnist.users] == [{4: 9}, {1: 7, 3: 5}]
     two = loaded["digits-two-users"]
     assert [u.id for u in two.users] == ["alice", "bob"]
     assert two.users[1].label_map == {1: 7, 4: 9}
