@@ -9,7 +9,7 @@ import pytest
 
 from cloud.exceptions import ScenarioError
 from cloud.ml.data import build_scenario_data
-from cloud.ml.scenario import MAX_SCENARIO_BYTES, Scenario, load_scenario, parse_scenario
+from cloud.ml.scenario import MAX_SCENARIO_BYTES, Scenario, load_scenario, load_simulation, parse_scenario
 
 SCENARIOS = Path(__file__).resolve().parents[3] / "scenarios"
 
@@ -61,7 +61,16 @@ MALFORMED: list[tuple[str, bytes | None, str]] = [
     ("not-json", b'{"name": "case", ', "not valid JSON"),
     ("json-list", encode([scenario()]), "(top level)"),
     ("missing-name", encode(without(scenario(), "name")), ": name:"),
-    ("dataset-imagenet", encode(scenario(dataset="imagenet")), ": dataset:"),
+    (
+        "dataset-imagenet",
+        encode(scenario(dataset="imagenet")),
+        ": dataset.built-in: Input should be 'digits'",
+    ),
+    (
+        "dataset-a-number",
+        encode(scenario(dataset=5)),
+        ': dataset: must be "digits", "mnist-5k", {"npz": path}',
+    ),
     ("negative-seed", encode(scenario(seed=-1)), ": seed:"),
     ("test-fraction-0", encode(scenario(presumed={"test_fraction": 0})), ": presumed.test_fraction:"),
     ("test-fraction-1.5", encode(scenario(presumed={"test_fraction": 1.5})), ": presumed.test_fraction:"),
@@ -173,9 +182,9 @@ def test_malformed_file_is_one_scenario_error_naming_the_field(
     # Prepare
     path = write(tmp_path, content)
 
-    # Execute
+    # Execute: as a simulation reads it (a line file may have no users)
     with pytest.raises(ScenarioError) as caught:
-        load_scenario(path)
+        load_simulation(path)
 
     # Assert: the message names the file and the field (or why the file is unreadable)
     message = str(caught.value)
