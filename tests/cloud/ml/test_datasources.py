@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from cloud.exceptions import DataError, ScenarioError
-from cloud.ml.data import ScenarioData, Split, build_scenario_data
+from cloud.ml.data import Split, build_scenario_data
 from cloud.ml.datasources import (
     DataSource,
     FolderSource,
@@ -23,6 +23,7 @@ from cloud.ml.datasources import (
     parse_data_option,
 )
 from cloud.ml.scenario import load_scenario, parse_scenario
+from tests.cloud.ml.test_data import all_pools
 
 HEIGHT, WIDTH = 4, 5
 Pixels = npt.NDArray[np.uint8]
@@ -661,15 +662,6 @@ def image_ids(split: Split) -> npt.NDArray[np.int64]:
     return ids
 
 
-def image_pools(data: ScenarioData) -> dict[str, Split]:
-    pools = {"train": data.train, "val": data.val, "test": data.test}
-    for user in data.users:
-        for i, device in enumerate(user.device_train):
-            pools[f"{user.spec.id}.device{i}"] = device
-        pools[f"{user.spec.id}.private_test"] = user.private_test
-    return pools
-
-
 def image_scenario(npz: Path, seed: int = 3) -> str:
     doc = {
         "name": "images",
@@ -695,10 +687,10 @@ def test_an_npz_of_images_is_cut_into_disjoint_pools_of_images(tmp_path: Path) -
     assert data.input_shape == (1, SIDE, SIDE)
     assert data.pixel_scale == data.input_scale == 255.0
     assert data.num_classes == CLASSES
-    ids = {name: image_ids(pool) for name, pool in image_pools(data).items()}
+    ids = {name: image_ids(pool) for name, pool in all_pools(data).items()}
     everything = np.concatenate(list(ids.values()))
     assert sorted(everything.tolist()) == list(range(ROWS))  # disjoint, and every sample used
-    for name, pool in image_pools(data).items():
+    for name, pool in all_pools(data).items():
         assert pool.x.shape == (len(pool), 1, SIDE, SIDE), name
         assert pool.x.dtype == np.float32, name
     for pool in (data.train, data.val, data.test):
@@ -718,7 +710,7 @@ def test_pools_of_images_are_the_same_for_the_same_seed_and_differ_for_another(t
     other = build_scenario_data(parse_scenario(image_scenario(npz, seed=4)))
 
     # Assert
-    for name, pool in image_pools(first).items():
-        np.testing.assert_array_equal(pool.x, image_pools(again)[name].x, err_msg=name)
-        np.testing.assert_array_equal(pool.y, image_pools(again)[name].y, err_msg=name)
+    for name, pool in all_pools(first).items():
+        np.testing.assert_array_equal(pool.x, all_pools(again)[name].x, err_msg=name)
+        np.testing.assert_array_equal(pool.y, all_pools(again)[name].y, err_msg=name)
     assert image_ids(first.test).tolist() != image_ids(other.test).tolist()
