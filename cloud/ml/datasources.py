@@ -29,7 +29,7 @@ IMAGE_FORMATS = ("PNG", "JPEG")
 MAX_NPZ_BYTES = 2 * 1024**3
 MAX_SAMPLES = 200_000
 MAX_IMAGE_PIXELS = 4096 * 4096  # decoded before any resize: a larger file is a decompression bomb
-MAX_SAMPLE_VALUES = 3 * 256 * 256
+MAX_SAMPLE_VALUES = 3 * 256 * 256  # a sample larger than a 256×256 colour image is not an edge model's
 PIXEL_MAX = 255.0
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 

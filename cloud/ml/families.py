@@ -23,12 +23,12 @@ import torch
 from torch import nn
 
 from cloud.exceptions import FamilyError
+from cloud.ml.datasources import MAX_SAMPLE_VALUES
 from cloud.ml.nets import EdgeStudent, conv_family, mlp_family
 
 Factory = Callable[[tuple[int, ...], int], tuple[nn.Module, nn.Module]]
 BUILT_IN: dict[str, Factory] = {"mlp": mlp_family, "conv": conv_family}
 IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-MAX_INPUT_VALUES = 3 * 256 * 256  # a sample larger than a 256×256 colour image is not an edge model's
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ def _check_modules(spec: NetSpec, teacher: object, student: object) -> EdgeStude
             f"family {name!r}: the student's head has {head.out_features} outputs "
             f"for {spec.num_classes} classes"
         )
-    if math.prod(spec.input_shape) > MAX_INPUT_VALUES:
+    if math.prod(spec.input_shape) > MAX_SAMPLE_VALUES:
         raise FamilyError(f"family {name!r}: inputs of {spec.input_shape} are too large for an edge model")
     x = torch.rand(2, *spec.input_shape, generator=torch.Generator().manual_seed(0))
     edge = cast(EdgeStudent, student)
