@@ -31,6 +31,14 @@ class TrainConfig:
     # transfer data makes the student follow the teacher more closely on inputs it never saw.
     augment: bool = False
     augment_noise: float = 0.03  # Gaussian noise on the scaled inputs (0.03 ≈ half a digits pixel level)
+    # At least this many optimiser steps: a small dataset gets more epochs than `epochs` says.
+    min_steps: int = 0
+
+    def epochs_for(self, n: int, mix: int = 0) -> int:
+        """The epochs of a run over `n` samples (batches half as large when `mix`ed with a second pool)."""
+        per_batch = max(1, self.batch_size // 2) if mix else self.batch_size
+        steps = -(-n // per_batch)
+        return max(self.epochs, -(-self.min_steps // max(1, steps)))
 
 
 @dataclass(frozen=True)
@@ -87,13 +95,14 @@ def _fit(
 ) -> None:
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     model.train()
-    for epoch in range(config.epochs):
+    epochs = config.epochs_for(n, mix)
+    for epoch in range(epochs):
         for idx in _batches(n, config.batch_size, gen, mix):
             opt.zero_grad()
             torch.autograd.backward(step(idx))
             opt.step()
         if progress:
-            progress(epoch + 1, config.epochs)
+            progress(epoch + 1, epochs)
     model.eval()
 
 

@@ -6,7 +6,16 @@ import json
 from pathlib import Path
 from typing import Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from cloud.exceptions import ScenarioError
 from cloud.ml.datasources import DataSource, parse_data_option, resolve_paths
@@ -74,6 +83,20 @@ class Scenario(BaseModel):
     presumed: PresumedSplit
     # A line file is a scenario without users; a simulation needs at least one.
     users: list[UserSpec] = Field(default_factory=list, max_length=64)
+
+    @field_validator("dataset", mode="wrap")
+    @classmethod
+    def _source_error_without_its_tag(cls, value: object, handler: ValidatorFunctionWrapHandler) -> object:
+        """A bad source's error as `dataset.<field>: reason`, without the kind of source pydantic
+        puts in its path (`dataset.npz.npz`)."""
+        try:
+            return handler(value)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"][1:])
+            reason = str(first["msg"]).removeprefix("Value error, ")
+            detail = f"{where}: {reason}" if where else reason
+            raise PydanticCustomError("data_source", "{detail}", {"detail": detail}) from None
 
     @field_validator("users")
     @classmethod

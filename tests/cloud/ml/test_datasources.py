@@ -560,26 +560,24 @@ def test_a_scenarios_dataset_is_a_built_in_an_npz_or_a_folder(dataset: object, s
         pytest.param({"a": 1}, 'dataset: must be "digits", "mnist-5k"', id="unknown-key"),
         pytest.param(["digits"], 'dataset: must be "digits", "mnist-5k"', id="list"),
         pytest.param(None, 'dataset: must be "digits", "mnist-5k"', id="null"),
+        pytest.param("imagenet", "dataset: Input should be 'digits' or 'mnist-5k'", id="unknown-name"),
         pytest.param(
-            "imagenet", "dataset.built-in: Input should be 'digits' or 'mnist-5k'", id="unknown-name"
-        ),
-        pytest.param(
-            {"folder": "x", "channels": 2}, "dataset.folder.channels: Input should be 1 or 3", id="channels-2"
+            {"folder": "x", "channels": 2}, "dataset: channels: Input should be 1 or 3", id="channels-2"
         ),
         pytest.param(
             {"folder": "x", "size": [0, 5]},
-            "dataset.folder: Value error, size must be two sides",
+            "dataset: size must be two sides",
             id="size-zero",
         ),
-        pytest.param({"folder": "x", "size": [5]}, "dataset.folder.size", id="size-one-side"),
+        pytest.param({"folder": "x", "size": [5]}, "dataset: size.1: Field required", id="size-one-side"),
         pytest.param(
             {"npz": "a.npz", "size": [2, 2]},
-            "dataset.npz.size: Extra inputs are not permitted",
+            "dataset: size: Extra inputs are not permitted",
             id="size-for-an-npz",
         ),
         pytest.param(
             {"npz": "a.npz", "folder": "b"},
-            "dataset.npz.folder: Extra inputs are not permitted",
+            "dataset: folder: Extra inputs are not permitted",
             id="npz-and-folder",
         ),
     ],

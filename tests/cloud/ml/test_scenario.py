@@ -64,7 +64,7 @@ MALFORMED: list[tuple[str, bytes | None, str]] = [
     (
         "dataset-imagenet",
         encode(scenario(dataset="imagenet")),
-        ": dataset.built-in: Input should be 'digits'",
+        ": dataset: Input should be 'digits'",
     ),
     (
         "dataset-a-number",

@@ -81,7 +81,10 @@ def own_scenario(source: FolderSource | NpzSource, family: str | None) -> Scenar
     )
 
 
-@pytest.mark.parametrize("kind", ["folder", "npz"])
+# One backend each: the registry's paths are tested on both elsewhere, this is about the data.
+@pytest.mark.parametrize(
+    ("migrated_engine", "kind"), [("sqlite", "folder"), ("postgresql", "npz")], indirect=["migrated_engine"]
+)
 def test_a_line_on_own_data_learns_a_preference_in_one_cycle(
     kind: str, sessions: sessionmaker[Session], tmp_path: Path, image_folder: Path, npz_file: Path
 ) -> None:
