@@ -218,3 +218,38 @@ def test_cli_refuses_an_out_it_cannot_create_with_exit_2(tmp_path: Path) -> None
     # Assert
     assert result.exit_code == 2, result.output
     assert f"error: --out {blocker / 'sub'}: cannot create:" in flat(result.output)
+
+
+def test_an_mnist_suite_draws_what_the_digits_suite_draws_with_noise_in_pixel_levels() -> None:
+    # Execute
+    digits, mnist = generate_scenarios(20, 7), generate_scenarios(20, 7, "mnist-5k")
+
+    # Assert: the same users and preferences, noise scaled to 0..255, pools within mnist-5k's share
+    for d, m in zip(digits, mnist, strict=True):
+        assert m.name == d.name.replace("gen-", "gen-mnist-5k-") and m.dataset == "mnist-5k"
+        assert [u.label_map for u in m.users] == [u.label_map for u in d.users]
+        for du, mu in zip(d.users, m.users, strict=True):
+            assert mu.noise_std == pytest.approx(du.noise_std * 16, abs=0.8)  # both rounded to 0.1
+        m.check_against(10, 5000)
+    assert max(u.noise_std for s in mnist for u in s.users) <= 32.0
+
+
+def test_cli_generates_an_mnist_suite_and_refuses_an_unknown_dataset(tmp_path: Path) -> None:
+    # Execute
+    made = CliRunner().invoke(
+        app,
+        ["scenarios", "generate", "--count", "2", "--seed", "3", "--out", str(tmp_path / "m")]
+        + ["--dataset", "mnist-5k"],
+        env=WIDE,
+    )
+    refused = CliRunner().invoke(
+        app,
+        ["scenarios", "generate", "--count", "2", "--seed", "3", "--out", str(tmp_path / "x")]
+        + ["--dataset", "imagenet"],
+        env=WIDE,
+    )
+
+    # Assert
+    assert made.exit_code == 0, made.output
+    assert {load_scenario(p).dataset for p in (tmp_path / "m").glob("*.json")} == {"mnist-5k"}
+    assert refused.exit_code == 2 and "--dataset must be digits or mnist-5k" in flat(refused.output)
