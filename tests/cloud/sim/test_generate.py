@@ -229,7 +229,7 @@ def test_an_mnist_suite_draws_what_the_digits_suite_draws_with_noise_in_pixel_le
         assert m.name == d.name.replace("gen-", "gen-mnist-5k-") and m.dataset == "mnist-5k"
         assert [u.label_map for u in m.users] == [u.label_map for u in d.users]
         for du, mu in zip(d.users, m.users, strict=True):
-            assert mu.noise_std == pytest.approx(du.noise_std * 16, abs=0.8)  # both rounded to 0.1
+            assert mu.noise_std == pytest.approx(du.noise_std * 16, abs=0.85)  # both rounded to 0.1
         m.check_against(10, 5000)
     assert max(u.noise_std for s in mnist for u in s.users) <= 32.0
 
