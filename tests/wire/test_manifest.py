@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from wire import ArtifactManifest, ContractError
+from wire.manifest import OPTIONAL_ADDITIONS
 
 if TYPE_CHECKING:
     from cloud.ml.cycle import EdgeLine
@@ -220,4 +221,43 @@ def test_fields_that_contradict_each_other_are_refused(
 
     # Execute / Assert
     with pytest.raises(ContractError, match=reason):
+        ArtifactManifest.from_json(json.dumps(doc))
+
+
+def test_optional_additions_are_left_out_when_not_set_so_older_devices_read_the_manifest(
+    base_line: EdgeLine,
+) -> None:
+    # Prepare: what a device of diredi.manifest/1 before the additions accepts (extra fields forbidden)
+    original = {name for name in ArtifactManifest.model_fields if name not in OPTIONAL_ADDITIONS}
+    keys = {"schema" if name == "schema_" else name for name in original}
+
+    # Execute
+    document = json.loads(base_line.artifact.manifest.to_json())
+    desired_part = json.loads(base_line.artifact.manifest.model_dump_json(by_alias=True))
+
+    # Assert
+    assert set(document) == set(desired_part) == keys
+
+
+def test_pixel_scale_is_for_image_inputs_only(base_line: EdgeLine) -> None:
+    # Prepare: the digits model takes flat vectors of 64
+    doc = manifest_doc(base_line)
+    doc["pixel_scale"] = 255.0
+
+    # Execute / Assert
+    with pytest.raises(ContractError, match="pixel_scale is for image inputs B×C×H×W"):
+        ArtifactManifest.from_json(json.dumps(doc))
+    for bad in (0, -1, "255", float("inf")):
+        doc["pixel_scale"] = bad
+        with pytest.raises(ContractError, match="pixel_scale"):
+            ArtifactManifest.from_json(json.dumps(doc))
+
+
+def test_a_probe_input_of_another_dtype_is_refused(base_line: EdgeLine) -> None:
+    # Prepare
+    doc = manifest_doc(base_line)
+    doc["probes"][0]["input"]["dtype"] = "int32"
+
+    # Execute / Assert
+    with pytest.raises(ContractError, match="probe 0 must hold a float32 or int8 input"):
         ArtifactManifest.from_json(json.dumps(doc))
