@@ -142,7 +142,7 @@ def train_line(
     elsewhere pass None. `pixel_scale` goes into the manifest of a model that takes images.
     """
     seed_everything(plan.seed)  # initial weights are drawn from torch's global generator
-    teacher, _ = spec.build()
+    teacher, student = spec.build()
     train_classifier(
         teacher,
         train,
@@ -151,7 +151,6 @@ def train_line(
         extra=extra,
         progress=lambda d, t: progress("teacher", d, t),
     )
-    _, student = spec.build()
     seed_everything(plan.seed + 1)
     for module in student.modules():  # the student's initial weights drawn from this seed alone
         if isinstance(module, _RESETTABLE):
