@@ -8,7 +8,7 @@ username and client id are its device id, and a role of its own that allows exac
 
 from typing import Any
 
-from wire.topics import CLOUD_TOPICS, DEVICE_PUBLISHES, DEVICE_SUBSCRIBES, device_topic
+from wire.topics import CLOUD_TOPICS, DEVICE_PUBLISHES, DEVICE_SUBSCRIBES, device_topic, reserved_device_id
 
 CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
 RESPONSE_TOPIC = f"{CONTROL_TOPIC}/response"
@@ -24,7 +24,8 @@ def device_role(device_id: str) -> str:
 
 def device_acls(device_id: str) -> list[Command]:
     """Publish to its own presence/status/knowledge/model-ack; subscribe (exactly, no wildcards) to its
-    own model/desired, receipt and cmd."""
+    own model/desired, receipt and cmd, and receive only those (the default denies receiving, so a
+    session inherited by mistake delivers a device nothing else)."""
     publish = [
         {"acltype": "publishClientSend", "topic": device_topic(device_id, kind), "priority": 0, "allow": True}
         for kind in DEVICE_PUBLISHES
@@ -32,7 +33,7 @@ def device_acls(device_id: str) -> list[Command]:
     subscribe = [
         {"acltype": acltype, "topic": device_topic(device_id, kind), "priority": 0, "allow": True}
         for kind in DEVICE_SUBSCRIBES
-        for acltype in ("subscribeLiteral", "unsubscribeLiteral")
+        for acltype in ("subscribeLiteral", "unsubscribeLiteral", "publishClientReceive")
     ]
     return publish + subscribe
 
@@ -58,7 +59,10 @@ def cloud_acls() -> list[Command]:
 
 
 def provision_commands(device_id: str, secret: str) -> list[Command]:
-    """Create the device's role and client (client id bound to the device id)."""
+    """Create the device's role and client (client id bound to the device id). Raises ValueError for an
+    id in the services' namespace."""
+    if (reason := reserved_device_id(device_id)) is not None:
+        raise ValueError(reason)
     role = device_role(device_id)
     return [
         {"command": "createRole", "rolename": role, "acls": device_acls(device_id)},
@@ -81,13 +85,13 @@ def revoke_commands(device_id: str) -> list[Command]:
 
 
 def default_access_commands() -> list[Command]:
-    """Deny by default: a client may publish or subscribe only where a role allows it."""
+    """Deny by default: a client may publish, subscribe or receive only where a role allows it."""
     return [
         {
             "command": "setDefaultACLAccess",
             "acls": [
                 {"acltype": "publishClientSend", "allow": False},
-                {"acltype": "publishClientReceive", "allow": True},  # receive what a subscription allowed
+                {"acltype": "publishClientReceive", "allow": False},
                 {"acltype": "subscribe", "allow": False},
                 {"acltype": "unsubscribe", "allow": True},
             ],

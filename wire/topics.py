@@ -7,6 +7,9 @@ import re
 from wire.errors import ContractError
 
 DEVICE_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{2,62}$"
+# The cloud's own MQTT client ids (ingest, publisher, admin) all start with this, and no device id may:
+# a device logging in with a service's client id would take that service's session over.
+SERVICE_ID_PREFIX = "diredi"
 _DEVICE_ID = re.compile(DEVICE_ID_PATTERN)
 _PREFIX = "diredi/v1/dev/"
 _SHARE_GROUP = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -29,6 +32,13 @@ def check_device_id(device_id: str) -> str:
     if not _DEVICE_ID.fullmatch(device_id):
         raise ContractError(f"device_id {device_id!r} does not match {DEVICE_ID_PATTERN}")
     return device_id
+
+
+def reserved_device_id(device_id: str) -> str | None:
+    """Why `device_id` may not be given to a device (it imitates a service's client id), or None."""
+    if device_id.startswith(SERVICE_ID_PREFIX):
+        return f"device ids may not start with {SERVICE_ID_PREFIX!r}: it names the cloud's own services"
+    return None
 
 
 def device_topic(device_id: str, kind: MessageKind) -> str:

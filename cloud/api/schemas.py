@@ -7,7 +7,7 @@ from typing import Annotated, Any, Generic, TypeVar, cast
 
 import orjson
 from fastapi import Response
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from cloud.pipeline.rollout_checks import RolloutPlan
 from cloud.registry.tables import (
@@ -22,7 +22,7 @@ from cloud.registry.tables import (
     TargetState,
 )
 from wire.common import ModelId
-from wire.topics import DEVICE_ID_PATTERN
+from wire.topics import DEVICE_ID_PATTERN, reserved_device_id
 
 T = TypeVar("T")
 Slug = Annotated[str, StringConstraints(pattern=DEVICE_ID_PATTERN)]
@@ -118,8 +118,15 @@ class CohortPublic(Output):
     created_at: datetime
 
 
+def _not_reserved(device_id: str) -> str:
+    reason = reserved_device_id(device_id)
+    if reason is not None:
+        raise ValueError(reason)
+    return device_id
+
+
 class DeviceCreate(Input):
-    id: Slug = Field(examples=["cam-0042"])
+    id: Annotated[Slug, AfterValidator(_not_reserved)] = Field(examples=["cam-0042"])
     cohort_id: Slug = Field(examples=["kitchen-cams"])
     labels: dict[Label, Label] = Field(default_factory=dict, max_length=32, examples=[{"site": "lab-2"}])
 

@@ -8,7 +8,7 @@ from typing import Any, cast
 from sqlalchemy import Select, Table, Update, and_, bindparam, exists, or_, select, update
 from sqlalchemy.orm import Session
 
-from cloud.exceptions import ConflictError, NotFoundError
+from cloud.exceptions import ConflictError, NotFoundError, RegistryError
 from cloud.registry.common import hash_secret, new_secret, paginate, paginate_rows, secret_matches
 from cloud.registry.tables import (
     Cohort,
@@ -23,6 +23,7 @@ from cloud.registry.tables import (
     TargetState,
     utcnow,
 )
+from wire.topics import reserved_device_id
 
 
 def create_cohort(session: Session, *, cohort_id: str, description: str = "") -> Cohort:
@@ -52,6 +53,8 @@ def provision_device(
     session: Session, *, device_id: str, cohort_id: str, labels: dict[str, str] | None = None
 ) -> tuple[Device, str]:
     """Register a device; return it and its one-time secret (only the secret's hash is stored)."""
+    if (reason := reserved_device_id(device_id)) is not None:
+        raise RegistryError(reason)
     get_cohort(session, cohort_id)
     if session.get(Device, device_id) is not None:
         # A revoked id stays taken: its history (reports, telemetry) belongs to the old device.

@@ -189,7 +189,9 @@ def test_unsubscribe_acls() -> None:
 def test_unknown_and_anonymous_users_get_the_default(state: DynamicSecurity) -> None:
     assert not state.may_publish("nobody", device_topic(A, MessageKind.STATUS))
     assert not state.may_subscribe(None, "#")
-    assert state.may_receive(None, "x")  # the default lets a subscription that was allowed receive
+    assert not state.may_receive(None, "x")  # receiving, too, needs a role that allows it
+    assert state.may_receive(A, device_topic(A, MessageKind.CMD))
+    assert not state.may_receive(A, device_topic(B, MessageKind.CMD))  # even through an inherited session
 
 
 def test_the_role_of_higher_priority_decides_first() -> None:

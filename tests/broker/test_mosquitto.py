@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.acl import CONTROL_TOPIC, revoke_commands
+from broker.acl import CONTROL_TOPIC, provision_commands, revoke_commands
 from broker.dynsec import DynsecAdmin
 from broker.mosquitto import (
     MosquittoError,
@@ -248,6 +248,47 @@ def test_a_device_cannot_take_over_another_devices_session(mosquitto: RunningBro
         # Assert
         assert reason is not None and reason.is_failure
         assert device_b.wait_disconnect(0.3) is None
+
+
+@pytest.mark.parametrize("device_id", ["diredi-ingest-1", "diredi-publisher-1", "diredi-admin-1"])
+def test_no_device_client_is_made_in_the_services_namespace(device_id: str) -> None:
+    with pytest.raises(ValueError, match="cloud's own services"):
+        provision_commands(device_id, secrets.token_urlsafe(32))
+
+
+def test_a_subscription_without_a_receive_grant_delivers_nothing(
+    mosquitto: RunningBroker, pair: Pair, watcher: Probe
+) -> None:
+    # Prepare: a client whose role lets it subscribe to the fleet but grants no receiving, as a session
+    # inherited by a client of another role would be.
+    name = new_device_id("subonly")
+    password = secrets.token_urlsafe(16)
+    acls = [{"acltype": "subscribePattern", "topic": "diredi/v1/#", "priority": 0, "allow": True}]
+    with DynsecAdmin(mosquitto.admin) as admin:
+        admin.execute(
+            [
+                {"command": "createRole", "rolename": name, "acls": acls},
+                {
+                    "command": "createClient",
+                    "username": name,
+                    "password": password,
+                    "clientid": name,
+                    "roles": [{"rolename": name, "priority": 0}],
+                },
+            ]
+        )
+    target = device_topic(pair.b, MessageKind.CMD)
+    with Probe(mosquitto.target.with_credentials(name, password), name) as probe:
+        connected = probe.connect()
+        assert connected is not None and not connected.is_failure
+        reason = probe.subscribe(target)
+
+        # Execute
+        watcher.publish(target, b'{"for": "b"}')
+
+        # Assert
+        assert not reason.is_failure  # subscribed...
+        assert probe.expect_message(0.5) is None  # ...but nothing is delivered
 
 
 BAD_LOGINS: dict[str, Callable[[RunningBroker, Pair], tuple[str | None, str | None, str]]] = {

@@ -241,6 +241,29 @@ def test_a_revoked_id_cannot_be_provisioned_again(
     assert response.status_code == 409
 
 
+SERVICE_LIKE = ["diredi-ingest-1", "diredi-publisher-0a1b2c3d", "diredi-admin-7", "diredi"]
+
+
+@pytest.mark.parametrize("device_id", SERVICE_LIKE)
+def test_a_device_may_not_be_named_like_a_service(
+    settings: Settings, session: Session, operator: dict[str, str], device_id: str
+) -> None:
+    # Prepare
+    make_cohort(session)
+    session.commit()
+    hook = RecordingHook()
+
+    # Execute
+    with hooked_client(settings, hook) as client:
+        response = client.post(DEVICES, json={"id": device_id, "cohort_id": "kitchen"}, headers=operator)
+
+    # Assert
+    assert response.status_code == 422, response.text
+    assert "cloud's own services" in response.text
+    assert hook.calls == []
+    assert session.get(Device, device_id) is None
+
+
 def test_the_hook_is_told_of_provisioning_and_every_revocation(
     settings: Settings, session: Session, operator: dict[str, str]
 ) -> None:

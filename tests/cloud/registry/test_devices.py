@@ -9,7 +9,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from cloud.artifacts import LocalArtifactStore
-from cloud.exceptions import ConflictError, NotFoundError
+from cloud.exceptions import ConflictError, NotFoundError, RegistryError
 from cloud.registry import devices, models, rollouts
 from cloud.registry.tables import (
     Device,
@@ -45,6 +45,12 @@ def test_provision_stores_only_the_sha256_of_the_secret(session: Session) -> Non
     assert all(secret not in str(value) for value in stored)
     assert device.status is DeviceStatus.active
     assert device.presence is Presence.unknown
+
+
+def test_provision_refuses_an_id_in_the_services_namespace(session: Session) -> None:
+    make_cohort(session)
+    with pytest.raises(RegistryError, match="cloud's own services"):
+        devices.provision_device(session, device_id="diredi-ingest-1", cohort_id="kitchen")
 
 
 def test_provision_gives_every_device_a_different_secret(session: Session) -> None:
