@@ -70,6 +70,10 @@ class HookError(CloudError):
     """A provisioning hook failed; its message is safe to log and to show (it never holds a secret)."""
 
 
+class InsecureFileError(CloudError):
+    """A file or directory that holds secrets is open to other users; the text says how to fix it."""
+
+
 class SigningError(CloudError):
     """A signing key is unusable or a signature does not verify."""
 

@@ -21,7 +21,8 @@ from typing import Any, NamedTuple
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from cloud.exceptions import SigningError
+from cloud.exceptions import InsecureFileError, SigningError
+from cloud.filemodes import check_private
 from wire.desired import KEY_ID_PATTERN, DesiredModel, canonical_json, signing_bytes
 from wire.manifest import ArtifactManifest
 
@@ -75,6 +76,11 @@ class KeyRing:
         with ring._locked():  # several API workers may start on a fresh directory at once
             if not (directory / "active").exists():
                 ring._rotate()
+        for path in sorted(directory.glob("*.key")):
+            try:
+                check_private(path, "the signing key")
+            except InsecureFileError as exc:
+                raise SigningError(str(exc)) from None
         return ring
 
     @contextlib.contextmanager

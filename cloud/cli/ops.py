@@ -49,7 +49,10 @@ def _migrated_engine(settings: Settings) -> Engine:
     from cloud.registry import migrate
     from cloud.registry.db import make_engine
 
-    engine = make_engine(settings.resolved_database_url)
+    try:
+        engine = make_engine(settings.resolved_database_url)
+    except CloudError as exc:  # an SQLite registry that others can read
+        raise _fail(exc) from None
     if migrate.current(engine) != migrate.head():
         engine.dispose()
         raise _fail(
@@ -103,7 +106,11 @@ def db_current() -> None:
     from cloud.registry import migrate
     from cloud.registry.db import make_engine
 
-    console.print(migrate.current(make_engine(_settings().resolved_database_url)) or "base (empty)")
+    try:
+        engine = make_engine(_settings().resolved_database_url)
+    except CloudError as exc:
+        raise _fail(exc) from None
+    console.print(migrate.current(engine) or "base (empty)")
 
 
 @apikey_app.command("create")
@@ -113,9 +120,9 @@ def apikey_create(
 ) -> None:
     """Create an API key and print it once; only its hash is stored."""
     from cloud.registry import apikeys, audit
-    from cloud.registry.db import make_engine, session_factory, transaction
+    from cloud.registry.db import session_factory, transaction
 
-    with transaction(session_factory(make_engine(_settings().resolved_database_url))) as session:
+    with transaction(session_factory(_migrated_engine(_settings()))) as session:
         row, secret = apikeys.create_key(session, role=role, name=name)
         audit.record(session, actor="cli", action="apikey.create", target=row.id, role=role.value)
     err.print(f"created {role.value} key {row.id}; it is shown once, store it now:")
@@ -160,11 +167,11 @@ def telemetry_prune(
 ) -> None:
     """Delete telemetry older than the retention."""
     from cloud.registry import telemetry
-    from cloud.registry.db import make_engine, session_factory
+    from cloud.registry.db import session_factory
 
     settings = _settings()
     retention = timedelta(days=settings.telemetry_retention_days if days is None else days)
-    with session_factory(make_engine(settings.resolved_database_url))() as session:
+    with session_factory(_migrated_engine(settings))() as session:
         deleted = telemetry.prune(session, retention=retention)
     console.print(f"deleted {deleted} telemetry rows older than {retention}")
 
@@ -264,7 +271,7 @@ def line_create(
     from cloud.ml.scenario import line_scenario
     from cloud.pipeline.lines import bootstrap_line
     from cloud.registry import audit
-    from cloud.registry.db import make_engine, session_factory, transaction
+    from cloud.registry.db import session_factory, transaction
     from cloud.registry.devices import create_cohort
     from cloud.registry.models import get_model
     from cloud.registry.tables import Cohort
@@ -279,7 +286,7 @@ def line_create(
             resolve_family(spec.family)
     except CloudError as exc:
         raise _fail(exc) from None
-    sessions = session_factory(make_engine(settings.resolved_database_url))
+    sessions = session_factory(_migrated_engine(settings))
     try:
         with transaction(sessions) as session:
             if session.get(Cohort, cohort) is None:

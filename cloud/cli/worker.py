@@ -12,6 +12,7 @@ import typer
 
 from cloud.cli.ops import _check_name, _fail, _migrated_engine, _settings
 from cloud.exceptions import CloudError
+from cloud.filemodes import private_dir
 
 
 def worker(
@@ -45,7 +46,7 @@ def worker(
     _check_name(name)
     settings = _settings()
     _migrated_engine(settings).dispose()
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(settings.data_dir)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Every periodic task would log three lines every few seconds; the tasks log what they did.
     for chatty in ("celery.beat", "celery.worker.strategy", "celery.app.trace"):

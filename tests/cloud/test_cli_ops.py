@@ -54,6 +54,34 @@ def test_db_upgrade_downgrade_and_current(env: Path) -> None:
     assert after == (0, "base (empty)")
 
 
+def test_db_upgrade_makes_the_registry_owner_only(env: Path) -> None:
+    # Execute
+    code, _ = invoke("db", "upgrade")
+
+    # Assert: the registry (credential hashes, knowledge, the audit log) and its WAL are the owner's alone
+    assert code == 0
+    assert stat.S_IMODE(env.stat().st_mode) == 0o700
+    files = [p for p in env.iterdir() if p.name.startswith("registry.db")]
+    assert files and all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in files)
+
+
+@pytest.mark.parametrize(("path", "mode", "fix"), [("registry.db", 0o644, "chmod 600"), (".", 0o777, "go-w")])
+def test_a_registry_that_others_can_read_or_replace_is_refused(
+    env: Path, path: str, mode: int, fix: str
+) -> None:
+    # Prepare
+    invoke("db", "upgrade")
+    (env / path).chmod(mode)
+
+    # Execute
+    results = [invoke("db", "upgrade"), invoke("apikey", "create", "--role", "admin", "--name", "x")]
+
+    # Assert: one line naming the file and the fix, for the migration and for any other command
+    for code, output in results:
+        assert code == 2, output
+        assert "the registry" in output and fix in output and "Traceback" not in output
+
+
 def test_a_database_url_of_another_kind_is_refused(env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Prepare
     monkeypatch.setenv("DIREDI_DATABASE_URL", "mysql://somewhere/db")

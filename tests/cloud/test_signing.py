@@ -87,6 +87,17 @@ def test_open_again_keeps_the_key_and_tightens_the_directory(tmp_path: Path) -> 
     assert mode(directory) == 0o700
 
 
+def test_a_key_that_others_can_read_is_refused_at_open(tmp_path: Path) -> None:
+    # Prepare
+    ring = KeyRing.open(tmp_path / "keys")
+    key_file = tmp_path / "keys" / f"{ring.active_key_id}.key"
+    key_file.chmod(0o644)
+
+    # Execute / Assert
+    with pytest.raises(SigningError, match=r"open to others \(mode 0644\): chmod 600"):
+        KeyRing.open(tmp_path / "keys")
+
+
 def test_a_signed_desired_model_verifies_with_the_trusted_keys(tmp_path: Path) -> None:
     # Prepare
     ring = KeyRing.open(tmp_path / "keys")
