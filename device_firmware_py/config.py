@@ -3,6 +3,7 @@
 ```toml
 device_id = "cam-kitchen-1"
 state_dir = "/var/lib/diredi-device"         # spool, models, feedback, privacy ledger
+allow_plaintext = false                      # mqtt:// and http:// only to loopback (true: a closed lab)
 
 [broker]
 url = "mqtts://broker.example:8883"          # mqtt:// or mqtts://, ?protocol=3.1.1 for old brokers
@@ -40,11 +41,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import os
 import stat
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -138,6 +141,9 @@ class DeviceConfig(_Section):
 
     device_id: str = Field(pattern=DEVICE_ID_PATTERN)
     state_dir: Path
+    # Plain mqtt:// and http:// are for this machine's loopback only (a remote host would see the
+    # secret and could serve any artifact); true allows them to another host, for a closed lab network.
+    allow_plaintext: bool = False
     broker: BrokerConfig
     credentials: CredentialsConfig
     api: ApiConfig
@@ -159,6 +165,24 @@ class DeviceConfig(_Section):
                 raise ValueError(f"key {key_id} is {len(raw)} bytes, an Ed25519 public key is 32")
         return keys
 
+    @model_validator(mode="after")
+    def _encrypted_unless_loopback(self) -> DeviceConfig:
+        if self.allow_plaintext:
+            return self
+        broker = urlsplit(self.broker.url)
+        if broker.scheme == "mqtt" and not _loopback(broker.hostname):
+            raise ValueError(
+                f"broker.url: plain mqtt:// to {broker.hostname} would send the secret unencrypted; use "
+                "mqtts:// (or allow_plaintext = true on a closed lab network)"
+            )
+        api = urlsplit(self.api.url)
+        if api.scheme == "http" and not _loopback(api.hostname):
+            raise ValueError(
+                f"api.url: plain http:// to {api.hostname} would send the secret unencrypted; use "
+                "https:// (or allow_plaintext = true on a closed lab network)"
+            )
+        return self
+
     def trusted_keys(self) -> dict[str, bytes]:
         """The cloud's public keys, raw, by key_id."""
         return {key_id: base64.b64decode(encoded) for key_id, encoded in self.trust.items()}
@@ -167,6 +191,17 @@ class DeviceConfig(_Section):
         """The broker, as this device."""
         target = BrokerTarget.parse(self.broker.url, ca_file=self.broker.ca_file)
         return target.with_credentials(self.device_id, secret)
+
+
+def _loopback(host: str | None) -> bool:
+    if host is None:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def load_config(path: Path) -> DeviceConfig:

@@ -121,6 +121,33 @@ def test_dp_needs_a_budget(tmp_path: Path) -> None:
         load_config(path)
 
 
+@pytest.mark.parametrize(
+    ("key", "line", "says"),
+    [
+        ("url", 'url = "mqtt://broker.example:1883"', "broker.url: plain mqtt:// to broker.example"),
+        ("url", 'url = "http://fleet.example"', "api.url: plain http:// to fleet.example"),
+        ("url", 'url = "mqtt://10.0.0.7:1883"', "broker.url: plain mqtt:// to 10.0.0.7"),
+    ],
+)
+def test_plaintext_to_a_remote_host_is_refused(tmp_path: Path, key: str, line: str, says: str) -> None:
+    # Prepare: replace the broker's or the API's URL (both lines are `url = ...`)
+    document = write_config(tmp_path).read_text()
+    old = 'url = "mqtt://127.0.0.1:1883"' if "mqtt" in line else 'url = "http://127.0.0.1:8000"'
+    path = write_config(tmp_path, document.replace(old, line))
+
+    # Execute / Assert
+    with pytest.raises(ConfigError, match=says.replace(".", r"\.")):
+        load_config(path)
+    lab = write_config(tmp_path, "allow_plaintext = true\n" + document.replace(old, line))
+    assert load_config(lab).allow_plaintext
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::1]", "127.0.0.2"])
+def test_plaintext_to_loopback_is_allowed(tmp_path: Path, host: str) -> None:
+    document = write_config(tmp_path).read_text().replace("127.0.0.1", host)
+    assert load_config(write_config(tmp_path, document)).broker.url.startswith(f"mqtt://{host}")
+
+
 def test_a_secret_others_can_read_is_refused(tmp_path: Path) -> None:
     # Prepare
     config = load_config(write_config(tmp_path))
