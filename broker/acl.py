@@ -8,7 +8,14 @@ username and client id are its device id, and a role of its own that allows exac
 
 from typing import Any
 
-from wire.topics import CLOUD_TOPICS, DEVICE_PUBLISHES, DEVICE_SUBSCRIBES, device_topic, reserved_device_id
+from wire.topics import (
+    CLOUD_TOPICS,
+    DEVICE_PUBLISHES,
+    DEVICE_SUBSCRIBES,
+    TRUST_TOPIC,
+    device_topic,
+    reserved_device_id,
+)
 
 CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
 RESPONSE_TOPIC = f"{CONTROL_TOPIC}/response"
@@ -24,15 +31,15 @@ def device_role(device_id: str) -> str:
 
 def device_acls(device_id: str) -> list[Command]:
     """Publish to its own presence/status/knowledge/model-ack; subscribe (exactly, no wildcards) to its
-    own model/desired, receipt and cmd, and receive only those (the default denies receiving, so a
-    session inherited by mistake delivers a device nothing else)."""
+    own model/desired, receipt and cmd and to the fleet's trust chain, and receive only those (the
+    default denies receiving, so a session inherited by mistake delivers a device nothing else)."""
     publish = [
         {"acltype": "publishClientSend", "topic": device_topic(device_id, kind), "priority": 0, "allow": True}
         for kind in DEVICE_PUBLISHES
     ]
     subscribe = [
-        {"acltype": acltype, "topic": device_topic(device_id, kind), "priority": 0, "allow": True}
-        for kind in DEVICE_SUBSCRIBES
+        {"acltype": acltype, "topic": topic, "priority": 0, "allow": True}
+        for topic in [*(device_topic(device_id, kind) for kind in DEVICE_SUBSCRIBES), TRUST_TOPIC]
         for acltype in ("subscribeLiteral", "unsubscribeLiteral", "publishClientReceive")
     ]
     return publish + subscribe

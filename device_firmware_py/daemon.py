@@ -39,9 +39,10 @@ from device_firmware_py.exceptions import (
     SpoolError,
 )
 from device_firmware_py.feedback import FeedbackServer, FeedbackStore
+from device_firmware_py.files import write_atomically
 from device_firmware_py.images import ImageInput
 from device_firmware_py.link import DeviceLink, Inbound
-from device_firmware_py.ota import ModelSlots, Updater, write_atomically
+from device_firmware_py.ota import ModelSlots, Updater
 from device_firmware_py.privacy import DPConfig, PrivacyAccountant
 from device_firmware_py.rd import RDPolicy, extract_knowledge
 from device_firmware_py.runtime import MAX_ARTIFACT_BYTES, Int8Model

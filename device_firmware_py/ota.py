@@ -6,8 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -19,11 +18,15 @@ from device_firmware_py.exceptions import (
     DownloadError,
     SlotError,
 )
+from device_firmware_py.files import private_dir, write_atomically
 from device_firmware_py.runtime import Int8Model
+from device_firmware_py.trust import clock_is_set
 from wire import AckResult, ArtifactManifest, ContractError, DesiredModel, MessageKind
-from wire.desired import verify_raw
+from wire.common import utcnow
+from wire.desired import UnknownKeyError, verify_raw
 from wire.errors import shown
 from wire.limits import max_payload_bytes
+from wire.trust import MAX_CLOCK_SKEW, check_issued_at
 
 log = logging.getLogger(__name__)
 
@@ -31,35 +34,6 @@ SLOTS = ("a", "b")
 MODEL_FILE = "model.tflite"
 MANIFEST_FILE = "manifest.json"
 POINTER_FILE = "active.json"
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` so a crash leaves either the old or the new file, never a mix (0600)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)  # a temp file left by a crash keeps its old mode through O_TRUNC
-        with os.fdopen(fd, "wb", closefd=False) as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _private_dir(path: Path) -> None:
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(path, 0o700)
 
 
 @dataclass(frozen=True)
@@ -79,9 +53,9 @@ class ModelSlots:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        _private_dir(root)
+        private_dir(root)
         for name in SLOTS:
-            _private_dir(root / name)
+            private_dir(root / name)
 
     def _read_pointer(self) -> _Pointer:
         path = self.root / POINTER_FILE
@@ -143,7 +117,7 @@ class ModelSlots:
         self._write_pointer(_Pointer(active=pointer.active))
         model_path, manifest_path = self.files(target)
         try:
-            _private_dir(model_path.parent)
+            private_dir(model_path.parent)
             write_atomically(model_path, model)
             write_atomically(manifest_path, manifest.to_json().encode())
         except OSError as exc:
@@ -195,10 +169,21 @@ class UpdateOutcome:
     model_id: str | None = None  # the model the document named, if it could be parsed
     running_model_id: str | None = None  # what serves after the attempt
     model: Int8Model | None = None
+    # Apply the same document again later: it waits for the clock to be set (no ack yet), or was
+    # signed by a key that a trust update may still bring.
+    retry: bool = False
 
 
 class _Refused(Exception):
     """One check failed; the text is the ack's reason."""
+
+    def __init__(self, reason: str, *, retry: bool = False) -> None:
+        super().__init__(reason)
+        self.retry = retry
+
+
+class _Waiting(Exception):
+    """The document cannot be judged yet (the clock is not set); the text says why."""
 
 
 class Updater:
@@ -209,17 +194,20 @@ class Updater:
     def __init__(
         self,
         device_id: str,
-        trusted_keys: dict[str, bytes],
+        trusted_keys: Mapping[str, bytes],
         slots: ModelSlots,
         fetch: Callable[[DesiredModel], bytes],
         state_file: Path,
         *,
+        now: Callable[[], datetime] = utcnow,
         on_switched: Callable[[Path], None] | None = None,
     ) -> None:
-        """`on_switched` is a test seam: called with the new active model's path between the switch and
-        the post-swap reload, so a test can corrupt the file as a failing disk would."""
+        """`trusted_keys` may change between documents (a TrustStore). `on_switched` is a test seam:
+        called with the new active model's path between the switch and the post-swap reload, so a test
+        can corrupt the file as a failing disk would."""
         self.device_id = device_id
         self.trusted_keys = trusted_keys
+        self.now = now
         self.slots = slots
         self.fetch = fetch
         self.state_file = state_file
@@ -264,8 +252,11 @@ class Updater:
             return self._install(desired)
         except DownloadCancelled:
             raise
+        except _Waiting as exc:
+            log.info("desired model waits: %s", exc)
+            return UpdateOutcome(None, str(exc), retry=True)
         except _Refused as exc:
-            outcome = self._failed(desired, str(exc))
+            outcome = self._failed(desired, str(exc), retry=exc.retry)
         except Exception as exc:  # an unforeseen failure must not kill the daemon or the old model
             log.exception("unexpected error while applying a desired model")
             outcome = self._failed(desired, f"unexpected error: {type(exc).__name__}: {shown(str(exc))}")
@@ -280,21 +271,27 @@ class Updater:
             return None
         return None if current is None else current[1]
 
-    def _failed(self, desired: DesiredModel | None, reason: str) -> UpdateOutcome:
+    def _failed(self, desired: DesiredModel | None, reason: str, *, retry: bool = False) -> UpdateOutcome:
         running = self._running()
         return UpdateOutcome(
             AckResult.failed,
             reason[:1024],
             desired.manifest.model_id if desired is not None else None,
             running.model_id if running is not None else None,
+            retry=retry,
         )
 
     def _verified(self, payload: bytes) -> DesiredModel:
         limit = max_payload_bytes(MessageKind.MODEL_DESIRED)
         if len(payload) > limit:
             raise _Refused(f"document of {len(payload)} bytes exceeds the {limit}-byte limit")
+        now = self.now()
+        if not clock_is_set(now):
+            raise _Waiting(f"the clock ({now.isoformat()}) is not set yet")
         try:
             desired = verify_raw(payload, self.trusted_keys)
+        except UnknownKeyError as exc:
+            raise _Refused(f"rejected document: {exc}", retry=True) from None
         except ContractError as exc:
             raise _Refused(f"rejected document: {exc}") from None
         except ValueError as exc:  # not JSON at all, or JSON the signature check cannot read
@@ -303,7 +300,15 @@ class Updater:
             raise _Refused(f"document is for device {desired.device_id}, not {self.device_id}")
         if desired.issued_at.tzinfo is None:
             raise _Refused("document's issued_at has no time zone")
+        try:
+            check_issued_at(desired.issued_at, now, "the document")
+        except ContractError as exc:
+            raise _Refused(str(exc)) from None
         last = self._last_issued_at()
+        if last is not None and last > now + MAX_CLOCK_SKEW:
+            # Accepted by a firmware that did not bound dates: it would refuse every later document.
+            log.warning("the last accepted document is dated %s, in the future: forgotten", last.isoformat())
+            last = None
         if last is not None and desired.issued_at < last:
             raise _Refused(
                 f"replayed document: issued_at {desired.issued_at.isoformat()} is older than "
@@ -387,8 +392,8 @@ class Updater:
 
     def _accept(self, desired: DesiredModel) -> None:
         last = self._last_issued_at()
-        if last is not None and last >= desired.issued_at:
+        if last is not None and desired.issued_at <= last <= self.now() + MAX_CLOCK_SKEW:
             return
         data = json.dumps({"last_issued_at": desired.issued_at.isoformat()}).encode()
-        _private_dir(self.state_file.parent)
+        private_dir(self.state_file.parent)
         write_atomically(self.state_file, data)

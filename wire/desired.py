@@ -2,7 +2,7 @@
 
 import base64
 import binascii
-import json
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, Literal, Self
 
@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from wire.common import DeviceId, ModelId, utcnow
 from wire.errors import ContractError, describe
 from wire.manifest import ArtifactManifest
+from wire.strictjson import strict_json
 
 KEY_ID_PATTERN = r"^[0-9a-f]{16}$"
 SIGNATURE_FIELD = "signature"
@@ -49,6 +50,10 @@ def canonical_json(value: Any) -> bytes:
         return rfc8785.dumps(value)
     except rfc8785.CanonicalizationError as exc:
         raise ContractError(f"desired model cannot be canonicalized: {exc}") from None
+
+
+class UnknownKeyError(ContractError):
+    """A document signed by a key the verifier does not trust (yet: a trust update may bring it)."""
 
 
 class DesiredModel(BaseModel):
@@ -89,22 +94,24 @@ class DesiredModel(BaseModel):
         except ValidationError as exc:
             raise ContractError(f"invalid desired model at {describe(exc)}") from None
 
-    def verify(self, trusted: dict[str, bytes]) -> None:
+    def verify(self, trusted: Mapping[str, bytes]) -> None:
         """Check the signature against the trusted raw Ed25519 public keys by key_id; raise ContractError."""
         _check_signature(self.key_id, self.signature, signing_bytes(self.unsigned_document()), trusted)
 
 
-def verify_raw(payload: bytes, trusted: dict[str, bytes]) -> DesiredModel:
-    """Parse and verify a received document, checking the signature over the fields as sent."""
+def verify_raw(payload: bytes, trusted: Mapping[str, bytes]) -> DesiredModel:
+    """Parse and verify a received document, checking the signature over the fields as sent (strict
+    JSON: with duplicate keys, what was signed and what is read could differ)."""
+    document = strict_json(payload)
     model = DesiredModel.from_bytes(payload)
-    _check_signature(model.key_id, model.signature, signing_bytes(json.loads(payload)), trusted)
+    _check_signature(model.key_id, model.signature, signing_bytes(document), trusted)
     return model
 
 
-def _check_signature(key_id: str, signature: str, message: bytes, trusted: dict[str, bytes]) -> None:
+def _check_signature(key_id: str, signature: str, message: bytes, trusted: Mapping[str, bytes]) -> None:
     key = trusted.get(key_id)
     if key is None:
-        raise ContractError(f"desired model signed with unknown key_id {key_id}")
+        raise UnknownKeyError(f"desired model signed with unknown key_id {key_id}")
     try:
         Ed25519PublicKey.from_public_bytes(key).verify(base64.b64decode(signature, validate=True), message)
     except (InvalidSignature, binascii.Error, ValueError):

@@ -62,6 +62,8 @@ def parse_device_topic(topic: str) -> tuple[str, MessageKind]:
 # Who sends what (DESIGN §2): the ACL of a device and the ingest's subscriptions follow from these.
 DEVICE_PUBLISHES = (MessageKind.PRESENCE, MessageKind.STATUS, MessageKind.KNOWLEDGE, MessageKind.MODEL_ACK)
 DEVICE_SUBSCRIBES = (MessageKind.MODEL_DESIRED, MessageKind.RECEIPT, MessageKind.CMD)
+# The fleet's trust chain (wire/trust.py), retained; every device subscribes to it.
+TRUST_TOPIC = "diredi/v1/trust"
 CLOUD_TOPICS = "diredi/v1/#"  # the cloud's service account may publish and subscribe under it
 
 

@@ -6,6 +6,7 @@ import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,7 +15,7 @@ import numpy as np
 from cloud.signing import KeyRing
 from device_firmware_py.download import http_fetcher
 from device_firmware_py.ota import ModelSlots, UpdateOutcome, Updater
-from tests.device.artifacts import DEVICE, MAX_BYTES, SECRET, ArtifactServer, signed
+from tests.device.artifacts import DEVICE, MAX_BYTES, SECRET, T0, ArtifactServer, signed
 from wire import AckResult, DesiredModel
 
 if TYPE_CHECKING:
@@ -36,10 +37,17 @@ def make_device(
     fetch: Callable[[DesiredModel], bytes],
     on_switched: Callable[[Path], None] | None = None,
 ) -> Device:
-    """A device trusting `ring`'s keys, with its slots and replay state under `root`."""
+    """A device trusting `ring`'s keys, with its slots and replay state under `root`; its clock reads a
+    day after T0, when the test documents were issued."""
     slots = ModelSlots(root / "models")
     updater = Updater(
-        DEVICE, ring.trusted(), slots, fetch, root / "state" / "ota.json", on_switched=on_switched
+        DEVICE,
+        ring.trusted(),
+        slots,
+        fetch,
+        root / "state" / "ota.json",
+        now=lambda: T0 + timedelta(days=1),
+        on_switched=on_switched,
     )
     return Device(root, slots, updater)
 

@@ -7,7 +7,7 @@ import json
 import logging
 import threading
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -422,3 +422,74 @@ def test_the_first_install_rolled_back_leaves_no_model(
     assert (outcome.result, outcome.running_model_id) == (AckResult.rolled_back, None)
     assert "rolled back to no model" in outcome.reason
     assert device.updater.load_active() is None
+
+
+def test_a_document_dated_in_the_future_is_refused_and_locks_nothing_out(
+    tmp_path: Path, ring: KeyRing, artifact_server: ArtifactServer, base_line: EdgeLine, v2: EdgeArtifact
+) -> None:
+    # Prepare: validly signed, but dated a thousand years after the device's clock
+    device = device_on_v1(tmp_path, ring, artifact_server, base_line.artifact)
+    artifact_server.offer(v2)
+    future = signed(ring, v2.manifest, 1000 * 365 * 24 * 60)
+
+    # Execute
+    refused = device.updater.apply(future)
+    normal = device.updater.apply(signed(ring, v2.manifest, 2))
+
+    # Assert
+    assert_refused(refused, "in the future of this device's clock")
+    assert normal.result is AckResult.installed, normal.reason
+
+
+def test_a_future_date_an_older_firmware_accepted_is_forgotten(
+    tmp_path: Path, ring: KeyRing, artifact_server: ArtifactServer, base_line: EdgeLine, v2: EdgeArtifact
+) -> None:
+    # Prepare: the replay state as a firmware without the date bound left it after a document of 2999
+    device = device_on_v1(tmp_path, ring, artifact_server, base_line.artifact)
+    (device.root / "state" / "ota.json").write_text(
+        json.dumps({"last_issued_at": "2999-01-01T00:00:00+00:00"})
+    )
+    artifact_server.offer(v2)
+
+    # Execute
+    outcome = device.updater.apply(signed(ring, v2.manifest, 2))
+
+    # Assert
+    assert outcome.result is AckResult.installed, outcome.reason
+
+
+def test_a_device_whose_clock_is_not_set_waits_and_installs_once_it_is(
+    tmp_path: Path, ring: KeyRing, artifact_server: ArtifactServer, base_line: EdgeLine, v2: EdgeArtifact
+) -> None:
+    # Prepare: a Raspberry Pi without a battery-backed clock, booted before NTP answered
+    device = device_on_v1(tmp_path, ring, artifact_server, base_line.artifact)
+    artifact_server.offer(v2)
+    document = signed(ring, v2.manifest, 1)
+    requests = len(artifact_server.requests)
+    device.updater.now = lambda: datetime(1970, 1, 1, tzinfo=UTC)
+
+    # Execute
+    waiting = device.updater.apply(document)
+    fetched_while_waiting = len(artifact_server.requests) - requests
+    device.updater.now = lambda: T0 + timedelta(days=1)
+    later = device.updater.apply(document)
+
+    # Assert: no ack while waiting, nothing fetched; the same document installs once the clock is set
+    assert (waiting.result, waiting.retry) == (None, True) and "clock" in waiting.reason
+    assert fetched_while_waiting == 0 and later.result is AckResult.installed
+
+
+def test_a_document_by_a_key_not_yet_trusted_is_refused_for_now(
+    tmp_path: Path, artifact_server: ArtifactServer, base_line: EdgeLine, v2: EdgeArtifact, ring: KeyRing
+) -> None:
+    # Prepare
+    device = device_on_v1(tmp_path, ring, artifact_server, base_line.artifact)
+    other = KeyRing.open(tmp_path / "other-keys")
+    artifact_server.offer(v2)
+
+    # Execute
+    outcome = device.updater.apply(signed(other, v2.manifest, 1))
+
+    # Assert: refused (and acked so), but to be tried again after a trust update
+    assert_refused(outcome, "unknown key_id")
+    assert outcome.retry
