@@ -503,6 +503,31 @@ def _delete_role(state: DynamicSecurity, command: dict[str, Any], outcome: Outco
     outcome.changed = True
 
 
+@_command("getRole")
+def _get_role(state: DynamicSecurity, command: dict[str, Any], outcome: Outcome) -> dict[str, Any]:
+    return {"role": state._role(command).to_json()}
+
+
+@_command("addRoleACL")
+def _add_role_acl(state: DynamicSecurity, command: dict[str, Any], outcome: Outcome) -> None:
+    role, acl = state._role(command), _acl(command)
+    if any((a.acltype, a.topic) == (acl.acltype, acl.topic) for a in role.acls):
+        raise CommandError("ACL with this topic already exists")
+    role.acls.append(acl)
+    outcome.changed = True
+
+
+@_command("removeRoleACL")
+def _remove_role_acl(state: DynamicSecurity, command: dict[str, Any], outcome: Outcome) -> None:
+    role = state._role(command)
+    acltype, topic = command.get("acltype"), command.get("topic")
+    kept = [a for a in role.acls if (a.acltype, a.topic) != (acltype, topic)]
+    if len(kept) == len(role.acls):
+        raise CommandError("ACL not found")
+    role.acls = kept
+    outcome.changed = True
+
+
 @_command("setDefaultACLAccess")
 def _set_default_access(state: DynamicSecurity, command: dict[str, Any], outcome: Outcome) -> None:
     acls = command.get("acls")

@@ -16,7 +16,8 @@ from cloud.signing import Desired, KeyRing
 from wire.desired import DesiredModel
 from wire.manifest import ArtifactManifest
 from wire.messages import Command, CommandName, encode
-from wire.topics import MessageKind, device_topic
+from wire.topics import TRUST_TOPIC, MessageKind, device_topic
+from wire.trust import TrustChain
 
 # Our QoS 1 messages the broker has not acknowledged yet, at most (the broker's receive maximum may cap
 # it lower): a wave's desired models go out back to back, not one round trip each.
@@ -102,6 +103,10 @@ class CloudPublisher:
         for _, topic, info in sent:
             self._wait(topic, info)
         return [document for document, _, _ in sent]
+
+    def publish_trust(self, chain: TrustChain) -> None:
+        """Publish (retained) the fleet's trust chain: every device, connected now or later, gets it."""
+        self._publish(TRUST_TOPIC, chain.to_json().encode(), retain=True)
 
     def clear_desired(self, device_id: str) -> None:
         """Remove the retained desired model of a device (it was revoked)."""

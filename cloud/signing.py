@@ -1,14 +1,15 @@
-"""The cloud's Ed25519 signing keys: created on first start, rotatable, exported for device provisioning.
+"""The cloud's Ed25519 signing keys and the trust chain that carries them to devices.
 
-Layout of the key directory (owner-only): `<key_id>.key` private keys (PKCS#8 PEM), `<key_id>.pub`
-public keys still trusted, `active` naming the key that signs. Rotating adds a key and makes it
-active; the old public key stays trusted until it is retired, so devices accept both meanwhile.
+Layout of the key directory (owner-only): `<key_id>.key` private keys (PKCS#8 PEM) and `<key_id>.pub`
+their public halves, `active` naming the key that signs desired models, `trust/<version>.json` the
+signed trust documents (wire/trust.py), the newest of which says which keys devices trust. A rotation
+stages a new key (trusted, not yet signing), the fleet learns it from the chain, then it is activated;
+a revoked key leaves the trust set, so devices refuse what it signs (docs/security.md).
 """
 
 import base64
 import contextlib
 import fcntl
-import hashlib
 import logging
 import os
 import re
@@ -20,18 +21,19 @@ from typing import Any, NamedTuple
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pydantic import ValidationError
 
 from cloud.exceptions import InsecureFileError, SigningError
 from cloud.filemodes import check_private
+from wire.common import utcnow
 from wire.desired import KEY_ID_PATTERN, DesiredModel, canonical_json, signing_bytes
+from wire.errors import ContractError
 from wire.manifest import ArtifactManifest
+from wire.strictjson import strict_json
+from wire.trust import MAX_CHAIN, KeySignature, TrustChain, TrustDocument, key_id_of
 
 log = logging.getLogger(__name__)
-
-
-def key_id_of(public_raw: bytes) -> str:
-    """A key's id: the first 16 hex digits of the SHA-256 of its raw public key."""
-    return hashlib.sha256(public_raw).hexdigest()[:16]
+TRUST_DIR = "trust"
 
 
 def _public_raw(key: Ed25519PrivateKey) -> bytes:
@@ -42,6 +44,12 @@ def _write_private(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
+
+
+def _replace(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 @dataclass(frozen=True)
@@ -62,20 +70,29 @@ class Desired(NamedTuple):
 
 
 class KeyRing:
-    """The signing keys in one directory."""
+    """The signing keys in one directory, and the trust chain that tells devices which keys to trust.
+
+    A key is *trusted* when the latest trust document lists it, and *active* when it signs desired
+    models. `stage` adds a key to the trust set without making it active, so devices learn it first;
+    `activate` makes it sign; `revoke` removes a key from the trust set (and from the disk).
+    """
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
 
     @classmethod
     def open(cls, directory: Path) -> "KeyRing":
-        """Open the key ring, creating its first key when the directory holds none."""
+        """Open the key ring, creating its first key (and trust document) when the directory holds none."""
         ring = cls(directory)
         directory.mkdir(parents=True, exist_ok=True)
         os.chmod(directory, 0o700)
         with ring._locked():  # several API workers may start on a fresh directory at once
             if not (directory / "active").exists():
-                ring._rotate()
+                ring._set_active(ring._new_key())
+            if not ring._trust_files():
+                # The first trust document (or a key ring from before trust documents): every key here.
+                keys = {path.stem: path.read_text().strip() for path in sorted(directory.glob("*.pub"))}
+                ring._issue({k: v for k, v in keys.items() if _valid_key_id(k)}, previous=None)
         for path in sorted(directory.glob("*.key")):
             try:
                 check_private(path, "the signing key")
@@ -92,25 +109,67 @@ class KeyRing:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def rotate(self) -> str:
-        """Create a new key and make it the active one; return its key_id."""
-        with self._locked():
-            return self._rotate()
+    # --- keys --------------------------------------------------------------------------------------
 
-    def _rotate(self) -> str:
-        key = Ed25519PrivateKey.generate()
-        public_raw = _public_raw(key)
-        key_id = key_id_of(public_raw)
-        pem = key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-        _write_private(self.directory / f"{key_id}.key", pem)
-        (self.directory / f"{key_id}.pub").write_text(base64.b64encode(public_raw).decode() + "\n")
-        tmp = self.directory / "active.tmp"
-        tmp.write_text(key_id + "\n")
-        tmp.replace(self.directory / "active")
-        log.info("signing key %s is now active", key_id)  # the id only, never the key
+    def stage(self) -> str:
+        """Create a new key and add it to the trust set without making it active; return its key_id.
+        Devices learn it from the trust chain; `activate` makes it sign once they have."""
+        with self._locked():
+            key_id = self._new_key()
+            latest = self.trust()
+            self._issue({**latest.keys, key_id: self._public_b64(key_id)}, previous=latest)
+            return key_id
+
+    def rotate(self) -> str:
+        """Stage a new key and make it active at once (devices that do not trust it yet refuse what it
+        signs until the trust chain reaches them); return its key_id."""
+        key_id = self.stage()
+        self.activate(key_id)
         return key_id
+
+    def activate(self, key_id: str) -> None:
+        """Make a trusted key the one that signs."""
+        with self._locked():
+            if key_id not in self.trust().keys:
+                raise SigningError(f"no trusted key {key_id[:40]!r} to activate")
+            self._private(key_id)  # held, and the file holds that key
+            self._set_active(key_id)
+
+    def revoke(self, key_id: str) -> None:
+        """Remove a key from the trust set, so devices refuse what it signs, and delete it here. A
+        revoked active key hands signing to the newest other trusted key."""
+        with self._locked():
+            latest = self.trust()
+            if not _valid_key_id(key_id) or key_id not in latest.keys:
+                raise SigningError(f"no trusted key {key_id[:40]!r} to revoke")
+            remaining = {k: v for k, v in latest.keys.items() if k != key_id}
+            if not remaining:
+                raise SigningError("the only trusted key cannot be revoked; stage another first")
+            if key_id == self.active_key_id:
+                held = [k for k in self._introduced(latest) if k in remaining and self._holds(k)]
+                if not held:
+                    raise SigningError("no other trusted key is held here to take over signing")
+                self._set_active(held[-1])
+            self._issue(remaining, previous=latest)
+            for suffix in (".key", ".pub"):
+                (self.directory / f"{key_id}{suffix}").unlink(missing_ok=True)
+            log.warning("signing key %s revoked (trust version %d)", key_id, latest.version + 1)
+
+    def retire(self, key_id: str) -> None:
+        """Revoke a key that no longer signs."""
+        if key_id == self.active_key_id:
+            raise SigningError("the active key cannot be retired; activate another first")
+        self.revoke(key_id)
+
+    def staged(self) -> tuple[str, int] | None:
+        """The newest trusted key that is not active but was added after it, with the trust version that
+        added it: the key waiting for the fleet to trust it. None when there is none."""
+        latest = self.trust()
+        introduced = self._introduced(latest)
+        active = self.active_key_id
+        order = list(introduced)
+        waiting = [k for k in order if order.index(k) > order.index(active)] if active in order else []
+        return (waiting[-1], introduced[waiting[-1]]) if waiting else None
 
     @property
     def active_key_id(self) -> str:
@@ -123,6 +182,96 @@ class KeyRing:
             raise SigningError(f"{self.directory / 'active'} does not name a key")
         return key_id
 
+    def public_keys(self) -> list[PublicKey]:
+        """Every trusted public key, the active one marked."""
+        active = self.active_key_id
+        return [PublicKey(k, v, k == active) for k, v in sorted(self.trust().keys.items())]
+
+    def trusted(self) -> dict[str, bytes]:
+        """The trusted raw public keys by key_id, as a device holds them."""
+        return self.trust().raw_keys()
+
+    # --- the trust chain ---------------------------------------------------------------------------
+
+    def trust(self) -> TrustDocument:
+        """The latest trust document."""
+        files = self._trust_files()
+        if not files:
+            raise SigningError(f"no trust document in {self.directory / TRUST_DIR}")
+        return self._read_trust(files[-1])
+
+    def trust_chain(self) -> TrustChain:
+        """The latest trust documents (at most MAX_CHAIN), oldest first: what devices are sent."""
+        return TrustChain(documents=[self._read_trust(p) for p in self._trust_files()[-MAX_CHAIN:]])
+
+    def _trust_files(self) -> list[Path]:
+        return sorted((self.directory / TRUST_DIR).glob("*.json"))
+
+    def _read_trust(self, path: Path) -> TrustDocument:
+        try:
+            return TrustDocument.model_validate(strict_json(path.read_bytes()))
+        except (OSError, ContractError, ValidationError) as exc:
+            raise SigningError(f"trust document {path} is unreadable: {type(exc).__name__}") from None
+
+    def _introduced(self, latest: TrustDocument) -> dict[str, int]:
+        """The keys of `latest` by the trust version that added them, oldest first."""
+        found: dict[str, int] = {}
+        for path in self._trust_files():
+            for key_id in self._read_trust(path).keys:
+                found.setdefault(key_id, int(path.stem))
+        return {k: v for k, v in sorted(found.items(), key=lambda kv: kv[1]) if k in latest.keys}
+
+    def _issue(self, keys: dict[str, str], previous: TrustDocument | None) -> TrustDocument:
+        """Write the next trust document, listing `keys`, signed by every key held here of the previous
+        and the new set; refuse if those signatures do not meet either set's threshold."""
+        document = TrustDocument(
+            version=1 if previous is None else previous.version + 1,
+            keys=keys,
+            threshold=min(2, len(keys)),  # one stolen key alone cannot rewrite the set
+            issued_at=utcnow(),
+        )
+        message = document.signed_bytes()
+        signers = sorted(k for k in {**(previous.keys if previous else {}), **keys} if self._holds(k))
+        signatures = [
+            KeySignature(key_id=k, signature=base64.b64encode(self._private(k).sign(message)).decode())
+            for k in signers
+        ]
+        document = document.model_copy(update={"signatures": signatures})
+        for needed, keyset, name in (
+            (previous.threshold if previous else 0, previous.raw_keys() if previous else {}, "the trusted"),
+            (document.threshold, document.raw_keys(), "the new"),
+        ):
+            if len(document.signers(keyset)) < needed:
+                raise SigningError(f"the keys held here cannot sign for {needed} of {name} keys")
+        path = self.directory / TRUST_DIR / f"{document.version:08d}.json"
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        _replace(path, document.model_dump_json(by_alias=True))
+        log.info("trust version %d: keys %s", document.version, ", ".join(sorted(keys)))
+        return document
+
+    # --- files -------------------------------------------------------------------------------------
+
+    def _new_key(self) -> str:
+        key = Ed25519PrivateKey.generate()
+        public_raw = _public_raw(key)
+        key_id = key_id_of(public_raw)
+        pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        _write_private(self.directory / f"{key_id}.key", pem)
+        (self.directory / f"{key_id}.pub").write_text(base64.b64encode(public_raw).decode() + "\n")
+        return key_id
+
+    def _set_active(self, key_id: str) -> None:
+        _replace(self.directory / "active", key_id + "\n")
+        log.info("signing key %s is now active", key_id)  # the id only, never the key
+
+    def _public_b64(self, key_id: str) -> str:
+        return base64.b64encode(_public_raw(self._private(key_id))).decode()
+
+    def _holds(self, key_id: str) -> bool:
+        return (self.directory / f"{key_id}.key").is_file()
+
     def _private(self, key_id: str) -> Ed25519PrivateKey:
         try:
             key = serialization.load_pem_private_key((self.directory / f"{key_id}.key").read_bytes(), None)
@@ -133,29 +282,6 @@ class KeyRing:
         if not isinstance(key, Ed25519PrivateKey) or key_id_of(_public_raw(key)) != key_id:
             raise SigningError(f"signing key file {key_id}.key does not hold key {key_id}")
         return key
-
-    def retire(self, key_id: str) -> None:
-        """Stop trusting a key that no longer signs (devices re-provisioned with the new set)."""
-        with self._locked():
-            if key_id == self.active_key_id:
-                raise SigningError("the active key cannot be retired; rotate first")
-            if not _valid_key_id(key_id) or not (self.directory / f"{key_id}.pub").is_file():
-                raise SigningError(f"no trusted key {key_id[:40]!r} to retire")
-            for suffix in (".key", ".pub"):
-                (self.directory / f"{key_id}{suffix}").unlink(missing_ok=True)
-
-    def public_keys(self) -> list[PublicKey]:
-        """Every trusted public key, the active one marked."""
-        active = self.active_key_id
-        keys = []
-        for path in sorted(self.directory.glob("*.pub")):
-            if _valid_key_id(path.stem):
-                keys.append(PublicKey(path.stem, path.read_text().strip(), path.stem == active))
-        return keys
-
-    def trusted(self) -> dict[str, bytes]:
-        """The trusted raw public keys by key_id, as a device holds them."""
-        return {k.key_id: base64.b64decode(k.public_key) for k in self.public_keys()}
 
     def sign_desired(
         self,

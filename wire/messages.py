@@ -58,6 +58,9 @@ class Status(Envelope):
     cpu_percent: Annotated[float, Field(ge=0, le=25_600, allow_inf_nan=False)] | None = None
     mem_bytes: Count | None = None
     temp_c: Annotated[float, Field(ge=-100, le=200, allow_inf_nan=False)] | None = None
+    # The version of the trust chain (wire/trust.py) the device holds; the cloud signs with a new key
+    # once every device reports the version that brought it.
+    trust_version: Annotated[int, Field(ge=0, le=(1 << 31) - 1)] | None = None
 
 
 class AckResult(enum.StrEnum):

@@ -11,6 +11,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 
 from cloud.pipeline.rollout_checks import RolloutPlan
 from cloud.registry.tables import (
+    BrokerSync,
     DeviceStatus,
     JobState,
     KnowledgeStatus,
@@ -142,6 +143,12 @@ class DevicePublic(Output):
     last_seen: datetime | None
     created_at: datetime
     revoked_at: datetime | None
+    trust_version: int | None = Field(description="the version of the signing keys' trust chain it holds")
+    broker_sync: BrokerSync | None = Field(
+        description="whether the broker reflects this device's state yet (pending: the reconciler is "
+        "still applying a provisioning or a revocation); null when no broker is managed"
+    )
+    broker_error: str | None = Field(description="why the broker could not be updated yet, if it could not")
 
 
 class TrustedKey(Output):
@@ -156,6 +163,7 @@ class DeviceProvisioned(Output):
     device: DevicePublic
     secret: str = Field(description="the device's password for MQTT and artifact downloads; shown once")
     trusted_keys: list[TrustedKey]
+    trust_version: int = Field(description="the trust chain's version those keys are (the device's root)")
 
 
 class ModelPublic(Output):

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
     from sqlalchemy import Engine
 
+    from cloud.signing import KeyRing
+
 console = Console()
 err = Console(stderr=True)
 
@@ -132,31 +134,110 @@ def apikey_create(
 @keys_app.command("export")
 def keys_export() -> None:
     """Print the trusted public keys as JSON {key_id: base64 public key}, for provisioning devices."""
-    from cloud.signing import KeyRing
-
-    ring = KeyRing.open(_settings().resolved_signing_key_dir)
+    ring = _keyring(_settings())
     console.print_json(json.dumps({k.key_id: k.public_key for k in ring.public_keys()}))
 
 
-@keys_app.command("rotate")
-def keys_rotate() -> None:
-    """Create a new signing key and make it active; the old one stays trusted until retired."""
-    from cloud.signing import KeyRing
+@keys_app.command("status")
+def keys_status() -> None:
+    """The trust chain's version, each trusted key (active, staged) and how many devices are behind."""
+    from cloud.registry.db import session_factory
+    from cloud.registry.devices import behind_on_trust
 
-    key_id = KeyRing.open(_settings().resolved_signing_key_dir).rotate()
+    settings = _settings()
+    ring = _keyring(settings)
+    trust = ring.trust()
+    staged = ring.staged()
+    with session_factory(_migrated_engine(settings))() as session:
+        behind = behind_on_trust(session, trust.version)
+    console.print(
+        f"trust version {trust.version} (threshold {trust.threshold}); {behind} active devices behind it"
+    )
+    for key in ring.public_keys():
+        state = "active" if key.active else "staged" if staged and staged[0] == key.key_id else "trusted"
+        console.print(f"  {key.key_id}  {state}")
+
+
+@keys_app.command("rotate")
+def keys_rotate(
+    now: Annotated[
+        bool, typer.Option("--now", help="Sign with the new key at once, before devices trust it.")
+    ] = False,
+) -> None:
+    """Stage a new signing key: devices learn it from the trust chain, and it signs once every active
+    device reports that version (the worker's beat checks), or at `keys activate --force`."""
+    ring = _keyring(_settings())
+    try:
+        key_id = ring.rotate() if now else ring.stage()
+    except CloudError as exc:
+        raise _fail(exc) from None
+    version = ring.trust().version
+    if now:
+        console.print(f"active signing key: {key_id} (trust version {version})")
+    else:
+        console.print(
+            f"staged signing key {key_id} in trust version {version}: it signs once every active device "
+            f"reports that version (`diredi keys status`), or at `diredi keys activate {key_id} --force`"
+        )
+
+
+@keys_app.command("activate")
+def keys_activate(
+    key_id: str,
+    force: Annotated[bool, typer.Option("--force", help="Even if devices do not trust it yet.")] = False,
+) -> None:
+    """Make a trusted (staged) key the one that signs."""
+    from cloud.registry.db import session_factory
+    from cloud.registry.devices import behind_on_trust
+
+    settings = _settings()
+    ring = _keyring(settings)
+    with session_factory(_migrated_engine(settings))() as session:
+        behind = behind_on_trust(session, ring.trust().version)
+    if behind and not force:
+        raise _fail(
+            CloudError(
+                f"{behind} active devices do not report trust version {ring.trust().version} yet and would "
+                "refuse what this key signs until they do; --force to activate anyway"
+            )
+        )
+    try:
+        ring.activate(key_id)
+    except CloudError as exc:
+        raise _fail(exc) from None
     console.print(f"active signing key: {key_id}")
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str) -> None:
+    """Remove a key from the trust chain (a compromised or retired key): devices refuse what it signs
+    once the chain reaches them. A revoked active key hands signing to the newest other trusted key."""
+    ring = _keyring(_settings())
+    try:
+        ring.revoke(key_id)
+    except CloudError as exc:
+        raise _fail(exc) from None
+    console.print(f"revoked {key_id}: trust version {ring.trust().version}, active key {ring.active_key_id}")
 
 
 @keys_app.command("retire")
 def keys_retire(key_id: str) -> None:
-    """Stop trusting an old key (after every device has the new one)."""
-    from cloud.signing import KeyRing
-
+    """Revoke an old key that no longer signs."""
+    ring = _keyring(_settings())
     try:
-        KeyRing.open(_settings().resolved_signing_key_dir).retire(key_id)
+        ring.retire(key_id)
     except CloudError as exc:
         raise _fail(exc) from None
     console.print(f"retired {key_id}")
+
+
+def _keyring(settings: Settings) -> KeyRing:
+    from cloud.signing import KeyRing
+
+    try:
+        return KeyRing.open(settings.resolved_signing_key_dir)
+    except CloudError as exc:
+        raise _fail(exc) from None
 
 
 @telemetry_app.command("prune")

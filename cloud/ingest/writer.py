@@ -19,12 +19,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from cloud.exceptions import CloudError
 from cloud.registry import acks, knowledge, telemetry
 from cloud.registry.devices import (
+    KnownDevice,
     PresenceUpdate,
     apply_presences,
     existing_models,
     known_devices,
     mark_seen,
     report_model,
+    report_trust,
 )
 from cloud.registry.tables import DeviceStatus, utcnow
 from wire.errors import ContractError, Rejection
@@ -96,7 +98,7 @@ class BatchWriter:
             admitted: list[Accepted] = []
             for accepted in batch:
                 state = devices.get(accepted.message.device_id)
-                if state is None or state[0] is not DeviceStatus.active:
+                if state is None or state.status is not DeviceStatus.active:
                     why = "is not provisioned" if state is None else "is revoked"
                     error = ContractError(f"device {accepted.message.device_id} {why}", Rejection.refused)
                     written.refused.append((accepted, error))
@@ -120,7 +122,7 @@ class BatchWriter:
     def _statuses(
         session: Session,
         batch: list[Accepted],
-        devices: dict[str, tuple[DeviceStatus, str | None]],
+        devices: dict[str, KnownDevice],
         written: Written,
     ) -> None:
         statuses = [a.message for a in batch if isinstance(a.message, Status)]
@@ -128,11 +130,17 @@ class BatchWriter:
         written.stored[MessageKind.STATUS] += len(new)
         written.duplicates[MessageKind.STATUS] += len(statuses) - len(new)
         latest: dict[str, str] = {}
+        trust: dict[str, int] = {}
         for status in sorted(statuses, key=lambda s: s.sent_at):
             # A redelivered status was heard before: its model may since have been replaced.
-            if status.model_id is not None and status.msg_id in new:
+            if status.msg_id not in new:
+                continue
+            if status.model_id is not None:
                 latest[status.device_id] = status.model_id
-        changed = {d: m for d, m in latest.items() if devices[d][1] != m}
+            if status.trust_version is not None:
+                trust[status.device_id] = status.trust_version
+        report_trust(session, {d: v for d, v in trust.items() if devices[d].trust_version != v})
+        changed = {d: m for d, m in latest.items() if devices[d].reported_model_id != m}
         known = existing_models(session, set(changed.values()))  # one query; an unknown model is skipped
         for device_id, model_id in changed.items():
             if model_id in known:

@@ -3,14 +3,15 @@
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
-from sqlalchemy import Select, Table, Update, and_, bindparam, exists, or_, select, update
+from sqlalchemy import Integer, Select, Table, Update, and_, bindparam, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from cloud.exceptions import ConflictError, NotFoundError, RegistryError
 from cloud.registry.common import hash_secret, new_secret, paginate, paginate_rows, secret_matches
 from cloud.registry.tables import (
+    BrokerSync,
     Cohort,
     Device,
     DeviceStatus,
@@ -87,6 +88,33 @@ def revoke_device(session: Session, device_id: str) -> Device:
     return device
 
 
+def broker_applied(session: Session, device_id: str) -> None:
+    """The broker now reflects the device's registry state."""
+    session.execute(
+        update(Device).where(Device.id == device_id).values(broker_sync=BrokerSync.synced, broker_error=None)
+    )
+
+
+def broker_failed(session: Session, device_id: str, error: str) -> None:
+    """The broker could not be told of the device's state; the reconciler tries again."""
+    session.execute(
+        update(Device)
+        .where(Device.id == device_id)
+        .values(broker_sync=BrokerSync.pending, broker_error=error[:1000])
+    )
+
+
+def broker_pending(session: Session, *, limit: int = 500) -> list[tuple[str, DeviceStatus]]:
+    """Devices whose state the broker does not reflect yet (id, status), oldest change first."""
+    rows = session.execute(
+        select(Device.id, Device.status)
+        .where(Device.broker_sync == BrokerSync.pending)
+        .order_by(Device.revoked_at, Device.id)
+        .limit(limit)
+    )
+    return [(row.id, row.status) for row in rows]
+
+
 # What a device listing reads: these columns as plain rows (never the credential hash). Rows, not ORM
 # objects: a page of 100 devices read into objects cost the API more than the query itself.
 LISTED = (
@@ -100,6 +128,9 @@ LISTED = (
     Device.last_seen,
     Device.created_at,
     Device.revoked_at,
+    Device.trust_version,
+    Device.broker_sync,
+    Device.broker_error,
 )
 
 
@@ -163,16 +194,51 @@ def offered_to(session: Session, device: Device, sha256: str) -> bool:
     return bool(session.scalar(select(or_(exists(by_device), exists(by_rollout)))))
 
 
-def known_devices(
-    session: Session, device_ids: Collection[str]
-) -> dict[str, tuple[DeviceStatus, str | None]]:
-    """(status, reported model) of those of `device_ids` the registry knows, in one query."""
+class KnownDevice(NamedTuple):
+    """What the ingest needs to know of a device a message came from."""
+
+    status: DeviceStatus
+    reported_model_id: str | None
+    trust_version: int | None = None
+
+
+def known_devices(session: Session, device_ids: Collection[str]) -> dict[str, KnownDevice]:
+    """Those of `device_ids` the registry knows, in one query."""
     if not device_ids:
         return {}
     rows = session.execute(
-        select(Device.id, Device.status, Device.reported_model_id).where(Device.id.in_(device_ids))
+        select(Device.id, Device.status, Device.reported_model_id, Device.trust_version).where(
+            Device.id.in_(device_ids)
+        )
     )
-    return {row.id: (row.status, row.reported_model_id) for row in rows}
+    return {row.id: KnownDevice(row.status, row.reported_model_id, row.trust_version) for row in rows}
+
+
+def behind_on_trust(session: Session, version: int) -> int:
+    """How many active devices have not reported trust version `version` (or a later one) yet."""
+    return int(
+        session.scalar(
+            select(func.count())
+            .select_from(Device)
+            .where(Device.status == DeviceStatus.active)
+            .where(or_(Device.trust_version.is_(None), Device.trust_version < version))
+        )
+        or 0
+    )
+
+
+def report_trust(session: Session, versions: dict[str, int]) -> None:
+    """Record the trust version each device reports (one statement for a batch)."""
+    if versions:
+        table = cast(Table, Device.__table__)
+        statement = (
+            update(table)
+            .where(table.c.id == bindparam("t_id", type_=Device.id.type))
+            .values(trust_version=bindparam("t_version", type_=Integer()))
+        )
+        session.connection().execute(
+            statement, [{"t_id": device_id, "t_version": version} for device_id, version in versions.items()]
+        )
 
 
 def mark_seen(session: Session, device_ids: Collection[str], at: datetime) -> None:

@@ -103,6 +103,13 @@ class DeviceStatus(enum.StrEnum):
     revoked = "revoked"
 
 
+class BrokerSync(enum.StrEnum):
+    """Whether the broker reflects a device's registry state (null: no broker is managed)."""
+
+    pending = "pending"  # the registry changed; the reconciler has yet to apply it to the broker
+    synced = "synced"
+
+
 class Presence(enum.StrEnum):
     unknown = "unknown"
     online = "online"
@@ -180,6 +187,9 @@ class Device(Base):
     last_seen: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     revoked_at: Mapped[datetime | None]
+    trust_version: Mapped[int | None] = mapped_column(Integer)  # of the signing keys, as it reports
+    broker_sync: Mapped[BrokerSync | None] = mapped_column(_enum(BrokerSync), index=True)
+    broker_error: Mapped[str | None] = mapped_column(Text)  # why the last attempt to apply it failed
 
     cohort: Mapped[Cohort] = relationship()
 

@@ -25,6 +25,8 @@ BEAT = {
     "reap-jobs": ("diredi.reap_jobs", 15.0),
     "advance-rollouts": ("diredi.advance_rollouts", 2.0),  # it sets the pace of the waves
     "reconcile-desired": ("diredi.reconcile_desired", 30.0),
+    "distribute-trust": ("diredi.distribute_trust", 15.0),
+    "reconcile-broker": ("diredi.reconcile_broker", 15.0),
     "prune-telemetry": ("diredi.prune_telemetry", 3600.0),
 }
 

@@ -2,8 +2,8 @@
 
 `run_job` runs a job under its lease (a second delivery finds it finished or leased and does nothing);
 the periodic tasks (see `cloud.worker.app.BEAT`) start jobs for cohorts with knowledge waiting, send
-again the jobs whose worker died, advance rollouts, give devices their cohort's model, and prune
-telemetry.
+again the jobs whose worker died, advance rollouts, give devices their cohort's model, distribute the
+trust chain of the signing keys, make the broker reflect the registry, and prune telemetry.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,21 +25,26 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from broker.client import BrokerTarget
+from broker.dynsec import DynsecAdmin
 from cloud.artifacts import LocalArtifactStore
-from cloud.exceptions import ConflictError, NotFoundError
+from cloud.broker_hook import BrokerCredentialHook, reconcile
+from cloud.exceptions import ConflictError, HookError, NotFoundError
 from cloud.pipeline import cycle
 from cloud.publisher import CloudPublisher, PublishError
 from cloud.registry import jobs, telemetry
 from cloud.registry.db import make_engine, session_factory, transaction
+from cloud.registry.devices import behind_on_trust
 from cloud.registry.tables import JobState
 from cloud.settings import Settings
-from cloud.signing import Desired
+from cloud.signing import Desired, KeyRing
 from cloud.worker.app import app
 
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 5  # a job claimed this many times without finishing is failed for good
 REQUEUE_HOLD_S = 120.0  # a job sent again is not sent again for this long while it waits in the queue
+BROKER_SWEEP_S = 600.0  # how often the broker is compared whole with the registry
 
 METRICS = CollectorRegistry()
 JOBS = Counter("diredi_worker_jobs", "Jobs run, by outcome.", ["type", "outcome"], registry=METRICS)
@@ -67,6 +73,9 @@ class _Context:
     owner: str
     publisher_lock: threading.Lock
     publisher: CloudPublisher | None = None
+    trust_published: int | None = None  # the trust version this process last published
+    broker_hook: BrokerCredentialHook | None = None
+    last_sweep: float = 0.0  # monotonic time of the broker reconciler's last full sweep
 
     def publish(self) -> CloudPublisher:
         """The worker's connection to the broker, opened on first use and again after an error."""
@@ -277,6 +286,61 @@ def reconcile_desired() -> int:
     from cloud.pipeline.rollouts import reconcile_desired as reconcile
 
     return _with_publisher("reconcile", reconcile)
+
+
+@app.task(name="diredi.distribute_trust")
+def distribute_trust() -> int:
+    """Publish the trust chain (retained) when it has a version this process has not published, and
+    make a staged signing key active once every active device reports the trust version that added
+    it; returns the published trust version."""
+    ctx = context()
+    ring = KeyRing.open(ctx.settings.resolved_signing_key_dir)
+    chain = ring.trust_chain()
+    if ctx.trust_published != chain.latest.version:
+        with ctx.publisher_lock:
+            try:
+                ctx.publish().publish_trust(chain)
+            except PublishError:
+                ctx.drop_publisher()
+                raise
+        ctx.trust_published = chain.latest.version
+        log.info("published trust version %d", chain.latest.version)
+    staged = ring.staged()
+    if staged is not None:
+        key_id, version = staged
+        with ctx.sessions() as session:
+            behind = behind_on_trust(session, version)
+        if behind == 0:
+            ring.activate(key_id)
+            log.warning(
+                "every active device trusts key %s (trust version %d): it signs from now on", key_id, version
+            )
+        else:
+            log.info("key %s waits for %d devices to report trust version %d", key_id, behind, version)
+    return chain.latest.version
+
+
+@app.task(name="diredi.reconcile_broker")
+def reconcile_broker() -> int:
+    """Apply to the broker what the registry holds and the broker does not yet (a revocation made while
+    it was down), and sweep the whole broker every `BROKER_SWEEP_S`; returns the devices applied."""
+    ctx = context()
+    if ctx.settings.mqtt_admin_url is None:
+        return 0  # no broker is managed
+    if ctx.broker_hook is None:
+        target = BrokerTarget.parse(
+            ctx.settings.mqtt_admin_url.get_secret_value(), ca_file=ctx.settings.mqtt_ca_file
+        )
+        ctx.broker_hook = BrokerCredentialHook(DynsecAdmin(target))
+    sweep = time.monotonic() - ctx.last_sweep >= BROKER_SWEEP_S
+    try:
+        done = reconcile(ctx.sessions, ctx.broker_hook, sweep=sweep)
+    except HookError as exc:
+        log.warning("the broker could not be reconciled: %s", exc)
+        return 0
+    if sweep and not done.failed:
+        ctx.last_sweep = time.monotonic()
+    return len(done.applied)
 
 
 @app.task(name="diredi.prune_telemetry")

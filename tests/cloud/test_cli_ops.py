@@ -132,7 +132,7 @@ def test_apikey_create_refuses_an_unknown_role(env: Path, role: str) -> None:
 def test_keys_export_rotate_and_retire(env: Path) -> None:
     # Execute
     first = json.loads(invoke("keys", "export")[1])
-    code, rotated = invoke("keys", "rotate")
+    code, rotated = invoke("keys", "rotate", "--now")
     both = json.loads(invoke("keys", "export")[1])
     old = next(iter(first))
     retired = invoke("keys", "retire", old)
@@ -140,11 +140,49 @@ def test_keys_export_rotate_and_retire(env: Path) -> None:
 
     # Assert
     assert code == 0 and len(first) == 1
-    new = rotated.split()[-1]
+    new = rotated.split()[3]
+    assert rotated.endswith("(trust version 2)")
     assert set(both) == {old, new}
     assert retired == (0, f"retired {old}")
     assert set(last) == {new}
     assert stat.S_IMODE((env / "keys").stat().st_mode) == 0o700
+
+
+def test_keys_rotate_stages_and_activate_waits_for_the_fleet(env: Path) -> None:
+    # Prepare: one active device that has not reported the new trust version
+    invoke("db", "upgrade")
+    sessions = session_factory(make_engine(f"sqlite:///{env / 'registry.db'}"))
+    with transaction(sessions) as session:
+        make_cohort(session)
+        make_device(session, "cam-a")
+    old = next(iter(json.loads(invoke("keys", "export")[1])))
+
+    # Execute
+    code, staged = invoke("keys", "rotate")
+    new = staged.split()[3]
+    status = invoke("keys", "status")
+    refused = invoke("keys", "activate", new)
+    forced = invoke("keys", "activate", new, "--force")
+
+    # Assert
+    assert code == 0 and "staged signing key" in staged and "trust version 2" in staged
+    assert status[0] == 0 and "1 active devices behind" in status[1]
+    assert f"{old} active" in status[1] and f"{new} staged" in status[1]
+    assert refused[0] == 2 and "1 active devices do not report trust version 2" in refused[1]
+    assert forced == (0, f"active signing key: {new}")
+
+
+def test_keys_revoke_removes_a_key_from_the_chain(env: Path) -> None:
+    # Prepare
+    old = next(iter(json.loads(invoke("keys", "export")[1])))
+    new = invoke("keys", "rotate")[1].split()[3]
+
+    # Execute: the active key is the compromised one
+    code, output = invoke("keys", "revoke", old)
+
+    # Assert
+    assert code == 0 and f"trust version 3, active key {new}" in output
+    assert set(json.loads(invoke("keys", "export")[1])) == {new}
 
 
 @pytest.mark.parametrize("key_id", ["../keys", "0123456789abcdef", "active"])

@@ -63,7 +63,15 @@ def test_first_open_creates_one_owner_only_key(tmp_path: Path) -> None:
     assert re.fullmatch(r"[0-9a-f]{16}", key_id)
     assert mode(directory) == 0o700
     assert mode(directory / f"{key_id}.key") == 0o600
-    assert {p.name for p in directory.iterdir()} == {".lock", "active", f"{key_id}.key", f"{key_id}.pub"}
+    assert {p.name for p in directory.iterdir()} == {
+        ".lock",
+        "active",
+        f"{key_id}.key",
+        f"{key_id}.pub",
+        "trust",
+    }
+    assert [p.name for p in (directory / "trust").iterdir()] == ["00000001.json"]
+    assert (ring.trust().version, ring.trust().threshold) == (1, 1)
     (public,) = ring.public_keys()
     assert (public.key_id, public.active) == (key_id, True)
     raw = base64.b64decode(public.public_key)
@@ -230,7 +238,7 @@ def test_the_active_key_cannot_be_retired(tmp_path: Path) -> None:
     key_id = ring.active_key_id
 
     # Execute / Assert
-    with pytest.raises(SigningError, match="rotate first"):
+    with pytest.raises(SigningError, match="activate another first"):
         ring.retire(key_id)
     assert ring.trusted().keys() == {key_id}
     ring.sign_desired(device_id="cam-a", manifest=manifest()).verify(ring.trusted())

@@ -19,8 +19,15 @@ from cloud.api.schemas import (
 )
 from cloud.provisioning import describe_failure
 from cloud.registry import audit
-from cloud.registry.devices import get_device, list_devices, provision_device, revoke_device
-from cloud.registry.tables import DeviceStatus, Presence
+from cloud.registry.devices import (
+    broker_applied,
+    broker_failed,
+    get_device,
+    list_devices,
+    provision_device,
+    revoke_device,
+)
+from cloud.registry.tables import BrokerSync, DeviceStatus, Presence
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1/devices", tags=["devices"])
@@ -55,7 +62,8 @@ async def list_(reader: ReaderDep, _: Viewer, query: Annotated[DeviceFilter, Que
         {
             404: "no such cohort",
             409: "a device with this id exists",
-            502: "the broker refused the credentials",
+            422: "the id is invalid, or in the namespace of the cloud's own services",
+            502: "the broker refused the credentials (nothing was created)",
         }
     ),
 )
@@ -63,7 +71,9 @@ def provision(
     body: DeviceCreate, session: SessionDep, services: ServicesDep, caller: Operator
 ) -> DeviceProvisioned:
     """Provision a device. The response holds its secret, shown this once (only a hash is stored),
-    and the cloud's trusted signing keys, which the device needs to verify its desired models."""
+    and the cloud's trusted signing keys with their trust version, which the device needs to verify
+    its desired models. The broker learns the credentials before the registry commits: the secret is
+    never stored, so a device the broker refused is not created."""
     device, secret = provision_device(
         session, device_id=body.id, cohort_id=body.cohort_id, labels=body.labels
     )
@@ -79,9 +89,17 @@ def provision(
         raise Problem(
             502, "Bad Gateway", f"the broker did not accept the device: {describe_failure(exc)}"
         ) from None
+    if services.hooks:
+        device.broker_sync = BrokerSync.synced
     session.commit()
+    trust = services.keyring.trust()
     keys = [TrustedKey.model_validate(k) for k in services.keyring.public_keys()]
-    return DeviceProvisioned(device=DevicePublic.model_validate(device), secret=secret, trusted_keys=keys)
+    return DeviceProvisioned(
+        device=DevicePublic.model_validate(device),
+        secret=secret,
+        trusted_keys=keys,
+        trust_version=trust.version,
+    )
 
 
 @router.get("/{device_id}", responses=errors({404: "no such device"}))
@@ -92,25 +110,40 @@ async def get(device_id: str, reader: ReaderDep, _: Viewer) -> DevicePublic:
 
 @router.post(
     "/{device_id}/revoke",
-    responses=errors({404: "no such device", 502: "revoked here, but the broker hook failed"}),
+    responses={
+        202: {
+            "model": DevicePublic,
+            "description": "revoked in the registry; the broker could not be told yet (`broker_sync` is "
+            "pending, `broker_error` says why): the reconciler applies it when the broker is back",
+        },
+        **errors({404: "no such device"}),
+    },
 )
-def revoke(device_id: str, session: SessionDep, services: ServicesDep, caller: Operator) -> DevicePublic:
-    """Revoke a device: its credentials stop working and its live broker session is ended.
-    Revoking again is allowed and re-runs the broker hook."""
+def revoke(
+    device_id: str, session: SessionDep, services: ServicesDep, caller: Operator, response: Response
+) -> DevicePublic:
+    """Revoke a device: its credentials stop working and its live broker session is ended. The
+    registry records it first; the broker is told at once, and if it cannot be, the reconciler retries
+    until it is. Revoking again is allowed and re-runs the broker hook."""
     device = get_device(session, device_id)
     again = device.status is DeviceStatus.revoked
     if not again:
         revoke_device(session, device_id)
+    if services.hooks:
+        device.broker_sync = BrokerSync.pending
     audit.record(session, actor=caller.actor, action="device.revoke", target=device_id, again=again)
     session.commit()
-    try:
-        for hook in services.hooks:
-            hook.revoked(device_id)
-    except Exception as exc:
-        log.error("revocation hook failed for %s: %s", device_id, describe_failure(exc))
-        raise Problem(
-            502,
-            "Bad Gateway",
-            f"revoked in the registry, but the broker hook failed: {describe_failure(exc)}",
-        ) from None
+    if services.hooks:
+        try:
+            for hook in services.hooks:
+                hook.revoked(device_id)
+        except Exception as exc:
+            reason = describe_failure(exc)
+            log.error("revocation of %s not yet applied to the broker: %s", device_id, reason)
+            broker_failed(session, device_id, reason)
+            response.status_code = 202
+        else:
+            broker_applied(session, device_id)
+        session.commit()
+        session.refresh(device)
     return DevicePublic.model_validate(device)

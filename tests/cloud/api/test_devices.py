@@ -17,7 +17,7 @@ from cloud.api.schemas import DevicePublic, Page
 from cloud.artifacts import LocalArtifactStore
 from cloud.exceptions import HookError
 from cloud.registry.devices import revoke_device
-from cloud.registry.tables import AuditLog, Device, Presence
+from cloud.registry.tables import AuditLog, BrokerSync, Device, Presence
 from cloud.settings import Settings
 from tests.cloud.api.conftest import basic
 from tests.cloud.factories import make_cloud_model, make_cohort, make_device
@@ -341,12 +341,33 @@ def test_a_failing_revocation_hook_still_revokes(
     with hooked_client(settings, RecordingHook(fail="revoked")) as client:
         response = client.post(f"{DEVICES}/cam-0001/revoke", headers=operator)
 
-    # Assert: the registry is the source of truth; the operator is told to revoke again
-    assert response.status_code == 502
-    assert "revoked in the registry" in response.json()["detail"]
+    # Assert: the registry is the source of truth; the broker is still to be told, and the view says so
+    assert response.status_code == 202
+    body = response.json()
+    assert (body["status"], body["broker_sync"]) == ("revoked", "pending")
+    assert body["broker_error"] == "RuntimeError (details withheld)"
     with sessions() as check:
-        assert check.get_one(Device, "cam-0001").status.value == "revoked"
+        device = check.get_one(Device, "cam-0001")
+        assert (device.status.value, device.broker_sync) == ("revoked", BrokerSync.pending)
     assert row_count(sessions, AuditLog) == 1
+
+
+def test_a_revocation_the_broker_took_is_synced(
+    settings: Settings, session: Session, sessions: sessionmaker[Session], operator: dict[str, str]
+) -> None:
+    # Prepare
+    make_cohort(session)
+    session.commit()
+    hook = RecordingHook()
+    with hooked_client(settings, hook) as client:
+        provision(client, operator, "cam-0001")
+
+        # Execute
+        response = client.post(f"{DEVICES}/cam-0001/revoke", headers=operator)
+
+    # Assert
+    assert response.status_code == 200
+    assert (response.json()["broker_sync"], response.json()["broker_error"]) == ("synced", None)
 
 
 def test_cohorts_are_created_listed_and_read(

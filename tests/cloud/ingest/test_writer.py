@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from cloud.artifacts import LocalArtifactStore
 from cloud.ingest.writer import Accepted, BatchWriter, Written
 from cloud.registry import devices, models, rollouts
-from cloud.registry.devices import known_devices
+from cloud.registry.devices import KnownDevice, known_devices
 from cloud.registry.tables import (
     Device,
     DeviceStatus,
@@ -171,7 +171,8 @@ def test_a_status_becomes_a_telemetry_row_with_every_field(
     with sessions() as session:
         (row,) = telemetry_rows(session)
         stored = {c.name: getattr(row, c.name) for c in Telemetry.__table__.columns if c.name != "id"}
-    sent = message.model_dump(exclude={"schema_", "sent_at"}) | {"at": message.sent_at}
+    # trust_version is the device's state, not telemetry: it goes to the device's row
+    sent = message.model_dump(exclude={"schema_", "sent_at", "trust_version"}) | {"at": message.sent_at}
     assert stored == sent  # every field of the status has its column, and every column its field
     assert stored["at"].tzinfo is not None
 
@@ -447,12 +448,10 @@ def test_a_message_the_database_rejects_is_refused_alone(
     # Prepare: the registry check lets cam-ghost through, so its ack breaks the foreign key
     fleet = two_lines(sessions, store)
 
-    def also_ghost(
-        session: Session, device_ids: Collection[str]
-    ) -> dict[str, tuple[DeviceStatus, str | None]]:
+    def also_ghost(session: Session, device_ids: Collection[str]) -> dict[str, KnownDevice]:
         known = known_devices(session, device_ids)
         if "cam-ghost" in device_ids:
-            known["cam-ghost"] = (DeviceStatus.active, None)
+            known["cam-ghost"] = KnownDevice(DeviceStatus.active, None)
         return known
 
     monkeypatch.setattr("cloud.ingest.writer.known_devices", also_ghost)
