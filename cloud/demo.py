@@ -130,6 +130,7 @@ def device_config(
     broker_url: str,
     api_url: str,
     trusted_keys: dict[str, str],
+    trust_version: int,
     stream: Path,
     rate_hz: float,
     new_samples: int,
@@ -142,6 +143,7 @@ def device_config(
     path.write_text(
         f"device_id = {q(device_id)}\n"
         f"state_dir = {q(str(directory / 'state'))}\n"
+        f"trust_version = {trust_version}\n"
         f"[broker]\nurl = {q(broker_url)}\nkeepalive_s = 15\n"
         f"[credentials]\nfile = {q(str(directory / 'secret'))}\n"
         f"[api]\nurl = {q(api_url)}\ntimeout_s = 30\n"
@@ -237,6 +239,7 @@ class Demo:
                 broker_url=self.system.broker_target.url(),
                 api_url=self.system.api_url,
                 trusted_keys={k["key_id"]: k["public_key"] for k in provisioned["trusted_keys"]},
+                trust_version=provisioned["trust_version"],
                 stream=stream,
                 rate_hz=self.options.rate_hz,
                 new_samples=feedback,

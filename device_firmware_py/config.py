@@ -4,6 +4,7 @@
 device_id = "cam-kitchen-1"
 state_dir = "/var/lib/diredi-device"         # spool, models, feedback, privacy ledger
 allow_plaintext = false                      # mqtt:// and http:// only to loopback (true: a closed lab)
+trust_version = 1                            # of the [trust] keys, as provisioning returned them
 
 [broker]
 url = "mqtts://broker.example:8883"          # mqtt:// or mqtts://, ?protocol=3.1.1 for old brokers
@@ -16,7 +17,7 @@ file = "/etc/diredi-device/secret"           # the one-time secret from provisio
 [api]
 url = "https://fleet.example"                # artifact downloads, with the device's credentials
 
-[trust]                                      # the cloud's Ed25519 public keys, by key_id
+[trust]                                      # the cloud's Ed25519 public keys, by key_id (the root)
 "0123456789abcdef" = "base64 of the raw 32-byte key"
 
 [input]
@@ -148,6 +149,8 @@ class DeviceConfig(_Section):
     credentials: CredentialsConfig
     api: ApiConfig
     trust: dict[Annotated[str, Field(pattern=KEY_ID_PATTERN)], str] = Field(min_length=1)
+    # The trust chain's version those keys are (from provisioning); later versions come over MQTT.
+    trust_version: int = Field(0, ge=0, le=(1 << 31) - 1)
     input: InputConfig
     rd: RDConfig = RDConfig()
     status: StatusConfig = StatusConfig()

@@ -42,17 +42,18 @@ from device_firmware_py.feedback import FeedbackServer, FeedbackStore
 from device_firmware_py.files import write_atomically
 from device_firmware_py.images import ImageInput
 from device_firmware_py.link import DeviceLink, Inbound
-from device_firmware_py.ota import ModelSlots, Updater
+from device_firmware_py.ota import ModelSlots, UpdateOutcome, Updater
 from device_firmware_py.privacy import DPConfig, PrivacyAccountant
 from device_firmware_py.rd import RDPolicy, extract_knowledge
 from device_firmware_py.runtime import MAX_ARTIFACT_BYTES, Int8Model
 from device_firmware_py.sources import DirectorySource, InputSource, Sample, SimulatedSource
 from device_firmware_py.spool import Spool
 from device_firmware_py.systemd import Notifier
+from device_firmware_py.trust import TrustStore
 from wire.desired import DesiredModel
 from wire.errors import ContractError
 from wire.messages import Command, CommandName, ModelAck, Receipt, Status, decode, encode
-from wire.topics import MessageKind, device_topic
+from wire.topics import TRUST_TOPIC, MessageKind, device_topic
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ STATE_FILES = {
     "feedback": "feedback",
     "privacy": "privacy.json",
     "desired": "desired-state.json",
+    "trust": "trust.json",
     "socket": "feedback.sock",
     "stream": "stream-position.json",
 }
@@ -148,7 +150,13 @@ class Daemon:
             timeout=config.api.timeout_s,
             cancelled=self.stopping,
         )
-        self.updater = Updater(self.device_id, config.trusted_keys(), self.slots, fetch, files["desired"])
+        self.trust = TrustStore(config.trusted_keys(), files["trust"], root_version=config.trust_version)
+        self.updater = Updater(self.device_id, self.trust, self.slots, fetch, files["desired"])
+        # Documents to apply again: a trust chain or desired model that waits for the clock to be set,
+        # and a desired model signed by a key that a later trust chain may bring.
+        self._retry_trust: bytes | None = None
+        self._desired_for_clock: bytes | None = None
+        self._desired_for_trust: bytes | None = None
         self.model: Int8Model | None = self.updater.load_active()
         self.feedback_dir = files["feedback"]
         self.feedback: FeedbackStore | None = None
@@ -207,6 +215,7 @@ class Daemon:
         self._infer_one()
         now = time.monotonic()
         if now - self._last_status >= self.config.status.interval_s:
+            self._retry_for_clock()
             self._publish_status()
             self._save_stream_position()
             self._last_status = now
@@ -330,6 +339,7 @@ class Daemon:
             else None,
             mem_bytes=_rss_bytes(),
             temp_c=_temperature(),
+            trust_version=self.trust.version,
         )
         self.link.publish(MessageKind.STATUS, encode(status))
 
@@ -403,6 +413,10 @@ class Daemon:
                 log.exception("could not handle a message on %s", inbound.topic)
 
     def _handle(self, inbound: Inbound) -> None:
+        if inbound.topic == TRUST_TOPIC:
+            if inbound.payload:
+                self._trust(inbound.payload)
+            return
         try:
             kind, message = decode(inbound.topic, inbound.payload)
         except ContractError as exc:
@@ -426,10 +440,36 @@ class Daemon:
         elif command.command is CommandName.report_now:
             self._last_status = 0.0
 
+    def _trust(self, payload: bytes) -> None:
+        try:
+            reached = self.trust.apply(payload)
+        except ContractError as exc:
+            # A chain that does not verify is ignored; one that waits for the clock is tried again.
+            self._retry_trust = payload if "clock" in str(exc) else None
+            log.warning("trust chain not applied: %s", exc)
+            return
+        self._retry_trust = None
+        if reached is not None:
+            self._last_status = 0.0  # tell the cloud at once: it waits for the fleet to trust a new key
+            if self._desired_for_trust is not None:
+                self._desired(self._desired_for_trust, None)
+
+    def _retry_for_clock(self) -> None:
+        if self._retry_trust is not None:
+            self._trust(self._retry_trust)
+        if self._desired_for_clock is not None:
+            self._desired(self._desired_for_clock, None)
+
     def _desired(self, payload: bytes, document: DesiredModel | None) -> None:
         named = document.manifest.model_id if document else "(unreadable document)"
         self.notifier.status(f"updating to {named}")
         outcome = self.updater.apply(payload)
+        waits = outcome.retry and outcome.result is None
+        self._desired_for_clock = payload if waits else None
+        self._desired_for_trust = payload if outcome.retry and not waits else None
+        self._after_update(outcome)
+
+    def _after_update(self, outcome: UpdateOutcome) -> None:
         if outcome.result is None:
             return
         if outcome.result.value == "installed":

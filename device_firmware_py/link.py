@@ -24,7 +24,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from broker.client import PROTOCOLS, BrokerTarget
 from wire.common import utcnow
 from wire.messages import Presence, PresenceState, encode
-from wire.topics import DEVICE_SUBSCRIBES, MessageKind, device_topic
+from wire.topics import DEVICE_SUBSCRIBES, TRUST_TOPIC, MessageKind, device_topic
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,8 @@ class DeviceLink:
         self._was_up = True
         self.connections += 1
         log.info("connected to %s as %s (connection %s)", self.target, self.device_id, self._conn)
-        client.subscribe([(device_topic(self.device_id, kind), 1) for kind in DEVICE_SUBSCRIBES])
+        topics = [device_topic(self.device_id, kind) for kind in DEVICE_SUBSCRIBES] + [TRUST_TOPIC]
+        client.subscribe([(topic, 1) for topic in topics])
         topic, payload = self._presence(PresenceState.online)
         client.publish(topic, payload, qos=1, retain=True)
         self._connected.set()

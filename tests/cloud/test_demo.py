@@ -82,6 +82,7 @@ def test_a_device_configuration_the_demo_writes_is_one_the_daemon_loads(tmp_path
         broker_url="mqtt://127.0.0.1:1883?protocol=3.1.1",
         api_url="http://127.0.0.1:8000",
         trusted_keys={"0123456789abcdef": "A" * 43 + "="},
+        trust_version=3,
         stream=tmp_path / "stream.npz",
         rate_hz=50,
         new_samples=120,
@@ -91,6 +92,7 @@ def test_a_device_configuration_the_demo_writes_is_one_the_daemon_loads(tmp_path
     # Assert
     config = load_config(path)
     assert (config.device_id, config.input.rate_hz, config.rd.new_samples) == ("alice-cam-1", 50, 120)
+    assert config.trust_version == 3
     assert tomllib.loads(path.read_text())["input"]["source"] == "simulated"
 
 
