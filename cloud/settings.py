@@ -99,6 +99,16 @@ class Settings(BaseSettings):
         "a key revoked through another process keeps working in this one for at most this long",
     )
     api_max_body_bytes: int = Field(1 << 20, gt=0, description="requests with a larger body get 413")
+    api_auth_failure_burst: int = Field(
+        20,
+        ge=1,
+        le=10_000,
+        description="failed authentications one source address may make within the window; after that "
+        "it gets 429 without its credentials being checked (counted per API process)",
+    )
+    api_auth_failure_window_seconds: float = Field(
+        60.0, gt=0, le=86_400, description="the sliding window over which failed authentications are counted"
+    )
 
     @field_validator("database_url")
     @classmethod

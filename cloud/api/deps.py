@@ -7,11 +7,13 @@ transaction (`SessionDep`) that the route commits.
 
 import base64
 import binascii
+import email.message
+import json
 import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
@@ -21,6 +23,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 
+from cloud.api.guard import AuthGuard
 from cloud.api.problems import Problem
 from cloud.artifacts import LocalArtifactStore
 from cloud.provisioning import CredentialHook
@@ -90,6 +93,7 @@ class Services:
     keyring: KeyRing
     hooks: list[CredentialHook]
     keys: KeyCache
+    guard: AuthGuard
     # Bound to the event loop, so made when the app starts (the lifespan) and closed when it stops.
     readers: async_sessionmaker[AsyncSession] | None = None
 
@@ -139,6 +143,16 @@ MAX_SECRET = 128
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="diredi", Basic realm="diredi-devices"'}
 
 
+def unauthorized() -> Problem:
+    """The 401 every guarded route answers without valid credentials."""
+    return Problem(
+        401,
+        "Unauthorized",
+        "a valid API key (Bearer) or device credentials (Basic) are needed",
+        headers=CHALLENGE,
+    )
+
+
 def _authenticate(session: Session, header: str) -> Caller:
     scheme, _, credentials = header.partition(" ")
     scheme = scheme.lower()
@@ -158,12 +172,7 @@ def _authenticate(session: Session, header: str) -> Caller:
         device = authenticate_device(session, device_id, secret) if well_formed else None
         if device is not None:
             return Caller(actor=f"device:{device.id}", device=device)
-    raise Problem(
-        401,
-        "Unauthorized",
-        "a valid API key (Bearer) or device credentials (Basic) are needed",
-        headers=CHALLENGE,
-    )
+    raise unauthorized()
 
 
 def _touch(session: Session, key_id: str) -> None:
@@ -177,31 +186,52 @@ def _touch(session: Session, key_id: str) -> None:
         session.rollback()
 
 
+def _source(request: Request) -> str:
+    # The peer's address, or the client's as a trusted proxy (uvicorn's --forwarded-allow-ips) gave it.
+    return request.client.host if request.client is not None else "unknown"
+
+
 async def authenticate(request: Request, reader: AsyncSession) -> Caller:
-    """Who is calling, or a 401 problem."""
+    """Who is calling, or a 401 problem (429 for a source with too many failed authentications)."""
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
-    keys = (await get_services(request)).keys
+    services = await get_services(request)
+    keys, guard = services.keys, services.guard
     bearer = scheme.lower() == "bearer"
     if bearer and (cached := keys.get(token.strip())) is not None:
-        return cached
-    caller = await reader.run_sync(_authenticate, header)
+        return cached  # served even from a limited source: a guess is never in the cache
+    source = _source(request)
+    if (wait := guard.refusal(source, header)) is not None:
+        raise Problem(
+            429,
+            "Too Many Requests",
+            f"too many failed authentications from {source}; try again in {wait} s",
+            headers={"Retry-After": str(wait)},
+        )
+    try:
+        caller = await reader.run_sync(_authenticate, header)
+    except Problem:
+        if header:  # a request without credentials guesses nothing
+            guard.failed(source)
+        raise
+    guard.remember(header)
     if bearer:
         keys.put(token.strip(), caller)
     return caller
 
 
-async def is_authenticated(request: Request) -> bool:
-    """Whether the request carries valid credentials of either kind (for error paths before routing)."""
+async def authentication_problem(request: Request) -> Problem | None:
+    """None when the request carries valid credentials, else the problem to answer (401 or 429); for
+    error paths that run before the route's own guard."""
     services = await get_services(request)
     if services.readers is None:
-        return False
+        return unauthorized()
     async with services.readers() as reader:
         try:
             await authenticate(request, reader)
-        except Problem:
-            return False
-    return True
+        except Problem as problem:
+            return problem
+    return None
 
 
 class RequireRole:
@@ -246,6 +276,91 @@ def single_valued_query(request: Request) -> None:
                 [{"type": "repeated", "loc": ("query", key), "msg": "is given more than once", "input": None}]
             )
         seen.add(key)
+
+
+class _Duplicate(Exception):
+    """A JSON object gives a key more than once."""
+
+
+class _Repeated(dict[str, Any]):
+    """A JSON object that gave `key` more than once (json keeps the last value; we refuse it)."""
+
+    def __init__(self, pairs: list[tuple[str, Any]], key: str) -> None:
+        super().__init__(pairs)
+        self.key = key
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    found = dict(pairs)
+    if len(found) < len(pairs):
+        raise _Duplicate
+    return found
+
+
+def _marked(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            return _Repeated(pairs, key)
+        seen.add(key)
+    return dict(pairs)
+
+
+def repeated_key(body: bytes) -> tuple[str | int, ...] | None:
+    """Where a JSON document gives an object key more than once (the path to it, ending with the key),
+    or None; a document that does not parse is left to the route's own parser to refuse."""
+    try:
+        json.loads(body, object_pairs_hook=_unique)  # the common case: one pass, nothing kept
+        return None
+    except _Duplicate:
+        document = json.loads(body, object_pairs_hook=_marked)  # refused anyway: find where
+    except (ValueError, RecursionError):
+        return None
+    pending: list[tuple[tuple[str | int, ...], Any]] = [((), document)]
+    while pending:  # iterative: JSON nests deeper than Python's recursion limit allows
+        path, value = pending.pop()
+        if isinstance(value, _Repeated):
+            return (*path, value.key)
+        if isinstance(value, dict):
+            pending.extend(((*path, key), item) for key, item in value.items())
+        elif isinstance(value, list):
+            pending.extend(((*path, index), item) for index, item in enumerate(value))
+    return None
+
+
+def _is_json(content_type: str | None) -> bool:
+    # The media types FastAPI parses as JSON (fastapi.routing.get_request_handler).
+    if not content_type:
+        return False
+    message = email.message.Message()
+    message["content-type"] = content_type
+    if message.get_content_maintype() != "application":
+        return False
+    subtype = message.get_content_subtype()
+    return subtype == "json" or subtype.endswith("+json")
+
+
+async def strict_json_body(request: Request) -> None:
+    """Refuse a JSON body that gives an object key more than once, at any depth: JSON parsers keep one of
+    the values and silently drop the other, so `{"id": "a", "id": "b"}` could mean either. (A validation
+    error, like a repeated query parameter: an unauthenticated caller still gets the 401.)"""
+    if getattr(request.scope.get("route"), "body_field", None) is None or not _is_json(
+        request.headers.get("content-type")
+    ):
+        return  # the route reads no JSON body: nothing was parsed, nothing to check
+    body = await request.body()  # already read (and cached) by FastAPI before any dependency runs
+    if not body or (path := repeated_key(body)) is None:
+        return
+    raise RequestValidationError(
+        [
+            {
+                "type": "duplicate_key",
+                "loc": ("body", *path),
+                "msg": f"duplicate key {path[-1]!r} in one object (which value was meant?)",
+                "input": None,
+            }
+        ]
+    )
 
 
 class PageQuery(BaseModel):

@@ -7,7 +7,8 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 
 from cloud.api import problems
-from cloud.api.deps import KeyCache, Services, single_valued_query
+from cloud.api.deps import KeyCache, Services, single_valued_query, strict_json_body
+from cloud.api.guard import AuthGuard
 from cloud.api.limits import BodyLimit
 from cloud.api.metrics import RequestMetrics
 from cloud.api.metrics import router as metrics_router
@@ -57,6 +58,7 @@ def create_app(settings: Settings | None = None, *, hooks: Sequence[CredentialHo
         keyring=KeyRing.open(settings.resolved_signing_key_dir),
         hooks=list(hooks),
         keys=KeyCache(settings.api_key_cache_seconds),
+        guard=AuthGuard(settings.api_auth_failure_burst, settings.api_auth_failure_window_seconds),
     )
 
     @asynccontextmanager
@@ -73,7 +75,7 @@ def create_app(settings: Settings | None = None, *, hooks: Sequence[CredentialHo
         version="1",
         description=DESCRIPTION,
         openapi_tags=[{"name": "health", "description": "liveness and readiness"}],
-        dependencies=[Depends(single_valued_query)],
+        dependencies=[Depends(single_valued_query), Depends(strict_json_body)],
     )
     app.state.services = services
     problems.install(app)

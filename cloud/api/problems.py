@@ -7,8 +7,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import iter_route_contexts
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from cloud.exceptions import ArtifactStoreError, CloudError, ConflictError, NotFoundError, SigningError
 
@@ -44,6 +46,7 @@ TITLES = {
     413: "Content Too Large",
     415: "Unsupported Media Type",
     422: "Unprocessable Content",
+    429: "Too Many Requests",
     500: "Internal Server Error",
     502: "Bad Gateway",
     503: "Service Unavailable",
@@ -54,6 +57,16 @@ def _location(loc: tuple[Any, ...]) -> str:
     return ".".join(str(part) for part in loc)
 
 
+def _allowed(request: Request) -> str:
+    """Every method some route serves on the request's path, for the Allow header of a 405."""
+    methods: set[str] = set()
+    for context in iter_route_contexts(request.app.routes):
+        match, _ = context.matches(request.scope)
+        if match is not Match.NONE:
+            methods |= context.methods or set()
+    return ", ".join(sorted(methods))
+
+
 def install(app: FastAPI) -> None:
     """Register the handlers that turn errors into problems."""
 
@@ -62,23 +75,28 @@ def install(app: FastAPI) -> None:
         return problem(exc.status, exc.title, exc.detail, headers=exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         title = TITLES.get(exc.status_code, "Error")
-        return problem(exc.status_code, title, str(exc.detail), headers=exc.headers)
+        detail, headers = str(exc.detail), dict(exc.headers or {})
+        if exc.status_code == 405:
+            # The router names the methods of the first route on this path only (GET of GET and POST).
+            headers["Allow"] = _allowed(request) or headers.get("Allow", "")
+        # The router's own 404 and 405 say no more than their title; say what the caller can do.
+        if detail == title and exc.status_code == 404:
+            detail = f"no route {request.url.path}"
+        elif detail == title and exc.status_code == 405:
+            detail = f"this route allows {headers['Allow']}"
+        return problem(exc.status_code, title, detail, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        # FastAPI validates the body before any dependency runs; an unauthenticated caller still
-        # gets the 401 every route promises, and learns nothing about the body's shape.
-        from cloud.api.deps import CHALLENGE, is_authenticated
+        # FastAPI parses the body before any dependency runs; an unauthenticated caller still gets the
+        # 401 every route promises (or the 429 of a source with too many failures), and learns nothing
+        # about the body's shape.
+        from cloud.api.deps import authentication_problem
 
-        if not await is_authenticated(request):
-            return problem(
-                401,
-                TITLES[401],
-                "a valid API key (Bearer) or device credentials (Basic) are needed",
-                headers=CHALLENGE,
-            )
+        if (refused := await authentication_problem(request)) is not None:
+            return problem(refused.status, refused.title, refused.detail, headers=refused.headers)
         errors = [{"location": _location(e["loc"]), "message": e["msg"]} for e in exc.errors()]
         detail = "; ".join(f"{e['location']}: {e['message']}" for e in errors[:5])
         return problem(422, TITLES[422], detail, errors=errors)
@@ -128,7 +146,7 @@ def install(app: FastAPI) -> None:
 
 def document(app: FastAPI, *, public: set[str]) -> None:
     """Make the OpenAPI tell the truth about errors: problem+json bodies, the 422's field errors, and
-    the 401/403 every route but the `public` ones can answer."""
+    the 401/403/429 every route but the `public` ones can answer."""
     from cloud.api.schemas import Problem, ValidationProblem
 
     generate = app.openapi
@@ -145,6 +163,16 @@ def document(app: FastAPI, *, public: set[str]) -> None:
         for name in ("HTTPValidationError", "ValidationError"):
             components.pop(name, None)
         problem_ref = {MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}
+        too_many = {
+            "description": "too many failed authentications from this address; credentials not checked",
+            "headers": {
+                "Retry-After": {
+                    "description": "whole seconds until this address may try again",
+                    "schema": {"type": "integer", "minimum": 1},
+                }
+            },
+            "content": problem_ref,
+        }
         for path, operations in schema["paths"].items():
             for operation in operations.values():
                 responses = operation.setdefault("responses", {})
@@ -163,6 +191,7 @@ def document(app: FastAPI, *, public: set[str]) -> None:
                     responses.setdefault(
                         "403", {"description": "a role too low for this route", "content": problem_ref}
                     )
+                    responses.setdefault("429", too_many)
         app.openapi_schema = schema
         return schema
 

@@ -87,8 +87,10 @@ def test_healthz_needs_no_credentials(client: TestClient) -> None:
 @pytest.mark.parametrize("kind", BAD_CREDENTIALS)
 @pytest.mark.usefixtures("keys")
 def test_bad_or_missing_credentials_get_401_everywhere(app: FastAPI, client: TestClient, kind: str) -> None:
-    # Prepare
+    # Prepare: one failure per route from one address is a flood; this test is about each route's
+    # own 401, the flood's 429 is test_guard.py's
     headers = BAD_CREDENTIALS[kind]
+    app.state.services.guard.burst = len(guarded(app)) + 1
 
     # Execute
     answers = {e.name: call(client, e, headers) for e in guarded(app)}
@@ -207,6 +209,21 @@ def test_unauthenticated_requests_are_refused_before_the_body_is_validated(clien
     )
 
     # Assert: a 422 would tell a stranger how the route parses its body
+    assert is_unauthorized(response)
+
+
+@pytest.mark.parametrize("headers", [{}, BAD_CREDENTIALS["unknown key"]], ids=["none", "unknown key"])
+def test_unauthenticated_requests_with_duplicate_keys_get_401(
+    client: TestClient, headers: dict[str, str]
+) -> None:
+    # Execute
+    response = client.post(
+        "/api/v1/cohorts",
+        content=b'{"id": "garden", "id": "porch"}',
+        headers={**headers, "Content-Type": "application/json"},
+    )
+
+    # Assert
     assert is_unauthorized(response)
 
 

@@ -39,6 +39,55 @@ def device(**fields: Any) -> dict[str, Any]:
 
 CASES: dict[str, Bad] = {
     "not json": Bad("POST", DEVICES, 422, ("JSON",), {"content": b"{not json"}),
+    "duplicate id": Bad(
+        "POST",
+        DEVICES,
+        422,
+        ("body.id", "duplicate key 'id'"),
+        {"content": b'{"id": "cam-0002", "cohort_id": "kitchen", "id": "cam-0003"}'},
+    ),
+    "duplicate escaped key": Bad(
+        "POST",
+        DEVICES,
+        422,
+        ("body.cohort_id", "duplicate"),
+        {"content": b'{"id": "cam-0002", "cohort_id": "kitchen", "cohort\\u005fid": "garden"}'},
+    ),
+    "duplicate nested label": Bad(
+        "POST",
+        DEVICES,
+        422,
+        ("body.labels.site", "duplicate key 'site'"),
+        {"content": b'{"id": "cam-0002", "cohort_id": "kitchen", "labels": {"site": "a", "site": "b"}}'},
+    ),
+    "duplicate cohort id": Bad(
+        "POST",
+        "/api/v1/cohorts",
+        422,
+        ("body.id", "duplicate"),
+        {"content": b'{"id": "garden", "id": "porch"}'},
+    ),
+    "duplicate in a list": Bad(
+        "POST",
+        "/api/v1/cohorts",
+        422,
+        ("body.extra.1.k", "duplicate key 'k'"),
+        {"content": b'{"id": "garden", "extra": [{"k": 1}, {"k": 1, "k": 2}]}'},
+    ),
+    "duplicate role": Bad(
+        "POST",
+        "/api/v1/api-keys",
+        422,
+        ("body.role", "duplicate"),
+        {"content": b'{"role": "viewer", "name": "ci", "role": "admin"}'},
+    ),
+    "duplicate reason": Bad(
+        "POST",
+        f"/api/v1/models/{CANDIDATE}/approve",
+        422,
+        ("body.reason",),
+        {"content": b'{"reason": "ok", "reason": "ok"}'},
+    ),
     "json array": Bad("POST", DEVICES, 422, ("body", "object"), {"json": [{"id": "cam-0002"}]}),
     "json string": Bad("POST", DEVICES, 422, ("body", "object"), {"json": "cam-0002"}),
     "id of wrong type": Bad("POST", DEVICES, 422, ("body.id", "string"), device(id=5)),
@@ -308,3 +357,46 @@ def test_a_time_outside_the_utc_range_is_refused(
 
     # Assert
     assert_problem(response, 422, "since")
+
+
+@pytest.mark.usefixtures("fleet")
+def test_the_same_key_in_different_objects_is_not_a_duplicate(
+    client: TestClient, operator: dict[str, str]
+) -> None:
+    # Prepare: "id" and "cohort_id" again, but inside labels
+    body = b'{"id": "cam-0002", "cohort_id": "kitchen", "labels": {"id": "x", "cohort_id": "y"}}'
+
+    # Execute
+    response = client.post(
+        DEVICES, content=body, headers={**operator, "Content-Type": "application/json; charset=utf-8"}
+    )
+
+    # Assert: the route read the body as sent
+    assert response.status_code == 201, response.text
+    assert response.json()["device"]["labels"] == {"id": "x", "cohort_id": "y"}
+
+
+@pytest.mark.parametrize("content_type", ["application/json; charset=utf-8", "application/merge-patch+json"])
+@pytest.mark.usefixtures("fleet")
+def test_duplicate_keys_are_refused_under_every_json_media_type(
+    client: TestClient, sessions: sessionmaker[Session], operator: dict[str, str], content_type: str
+) -> None:
+    # Prepare
+    before = counts(sessions)
+
+    # Execute
+    response = client.post(
+        "/api/v1/cohorts",
+        content=b'{"id": "garden", "description": "a", "description": "b"}',
+        headers={**operator, "Content-Type": content_type},
+    )
+
+    # Assert
+    assert_problem(response, 422, "body.description", "duplicate key 'description'")
+    assert response.json()["errors"] == [
+        {
+            "location": "body.description",
+            "message": "duplicate key 'description' in one object (which value was meant?)",
+        }
+    ]
+    assert counts(sessions) == before
