@@ -6,12 +6,14 @@ username and client id are its device id, and a role of its own that allows exac
 (dynamic security has no `%u` substitution). Anything not allowed is denied.
 """
 
+import re
 from typing import Any
 
 from wire.topics import (
     CLOUD_TOPICS,
     DEVICE_PUBLISHES,
     DEVICE_SUBSCRIBES,
+    SERVICE_ID_PREFIX,
     TRUST_TOPIC,
     device_topic,
     reserved_device_id,
@@ -103,6 +105,27 @@ def default_access_commands() -> list[Command]:
                 {"acltype": "unsubscribe", "allow": True},
             ],
         }
+    ]
+
+
+def service_account_commands(name: str, password: str) -> list[Command]:
+    """One cloud service's own account (an ingest's, a worker's): the cloud's role, and bound to the
+    client id `name` (also its username), so it can neither take another client's session over nor be
+    taken over. Raises ValueError for a name outside the services' namespace."""
+    if not re.fullmatch(rf"{SERVICE_ID_PREFIX}-[A-Za-z0-9_-]{{1,57}}", name):
+        raise ValueError(
+            f"a service account's name is {SERVICE_ID_PREFIX}- and up to 57 letters, digits, - or _, "
+            f"not {name[:70]!r}"
+        )
+    return [
+        {"command": "createRole", "rolename": CLOUD_ROLE, "acls": cloud_acls()},
+        {
+            "command": "createClient",
+            "username": name,
+            "password": password,
+            "clientid": name,
+            "roles": [{"rolename": CLOUD_ROLE, "priority": 0}],
+        },
     ]
 
 

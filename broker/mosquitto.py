@@ -14,7 +14,13 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from broker.acl import CLOUD_ROLE, Command, cloud_account_commands, default_access_commands
+from broker.acl import (
+    CLOUD_ROLE,
+    Command,
+    cloud_account_commands,
+    default_access_commands,
+    service_account_commands,
+)
 from broker.client import BrokerTarget
 from broker.dynsec import BrokerAdminError, DynsecAdmin
 
@@ -266,6 +272,24 @@ def bootstrap(admin_target: BrokerTarget, *, cloud_user: str, cloud_password: st
             account = {"username": cloud_user}
             admin.execute([{"command": "setClientPassword", **account, "password": cloud_password}])
             found = admin.execute([{"command": "getClient", **account}])[0]["data"]["client"]
+            if CLOUD_ROLE not in {r.get("rolename") for r in found.get("roles", [])}:
+                admin.execute(
+                    [{"command": "addClientRole", **account, "rolename": CLOUD_ROLE, "priority": 0}]
+                )
+
+
+def ensure_service_account(admin_target: BrokerTarget, name: str, password: str) -> None:
+    """Create a service's own account bound to client id `name` (broker.acl.service_account_commands),
+    or give an existing one `password` and its role back. Safe to run again."""
+    with DynsecAdmin(admin_target) as admin:
+        for command in service_account_commands(name, password):
+            if _create(admin, command) or command["command"] != "createClient":
+                continue
+            account = {"username": name}
+            admin.execute([{"command": "setClientPassword", **account, "password": password}])
+            found = admin.execute([{"command": "getClient", **account}])[0]["data"]["client"]
+            if found.get("clientid") != name:
+                raise BrokerAdminError(f"{name} exists but is not bound to client id {name}: delete it first")
             if CLOUD_ROLE not in {r.get("rolename") for r in found.get("roles", [])}:
                 admin.execute(
                     [{"command": "addClientRole", **account, "rolename": CLOUD_ROLE, "priority": 0}]

@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 
 ADMIN_USER = "admin"
 CLOUD_USER = "diredi-cloud"
+# The services that connect to the broker, each with an account of its own bound to its client id (the
+# ingest's is the one its default name gives it). They share the cloud account's password.
+SERVICE_ACCOUNTS = {"ingest": "diredi-ingest-1", "worker": "diredi-worker-1"}
 BROKER_STATE = "broker/dynamic-security.json"
 PASSWORDS = "broker/passwords.json"
 
@@ -249,8 +252,8 @@ class LocalSystem:
             self._check_queue()
             self._start_broker()
             env = self.environment()
-            for child in self.children.values():
-                child.start(env)
+            for name, child in self.children.items():
+                child.start(env | self._service_account(name))
             self._wait_ready()
         except BaseException:
             self.stop()
@@ -350,7 +353,7 @@ class LocalSystem:
 
     def _start_broker(self) -> None:
         from broker.dynsec import BrokerAdminError
-        from broker.mosquitto import bootstrap
+        from broker.mosquitto import bootstrap, ensure_service_account
 
         if self.embedded:
             from broker.embedded import EmbeddedBrokerError, EmbeddedBrokerThread
@@ -375,10 +378,21 @@ class LocalSystem:
         admin, cloud = self.admin_target, self.cloud_target
         try:
             bootstrap(admin, cloud_user=str(cloud.username), cloud_password=str(cloud.password))
+            for child in self.children:
+                if child in SERVICE_ACCOUNTS:
+                    ensure_service_account(admin, SERVICE_ACCOUNTS[child], str(cloud.password))
         except BrokerAdminError as exc:
             raise LocalSystemError(f"cannot set up the cloud's account on the broker: {exc}") from None
         kind = "embedded" if self.embedded else "configured"
         self._on_ready("broker", f"{kind}, {self.broker_target}; the cloud's account {cloud.username}")
+
+    def _service_account(self, child: str) -> dict[str, str]:
+        """The ingest's and the worker's own broker accounts (bound to their client ids), as variables."""
+        if child not in SERVICE_ACCOUNTS:
+            return {}
+        name, cloud = SERVICE_ACCOUNTS[child], self.cloud_target
+        url = cloud.with_credentials(name, str(cloud.password)).url()
+        return {"DIREDI_MQTT_URL": url, "DIREDI_MQTT_CLIENT_ID": name}
 
     def _wait_ready(self) -> None:
         pending = dict(self.children)

@@ -32,13 +32,16 @@ class CloudPublisher:
     """A connected publisher; use as a context manager. Every publish returns once the broker has
     acknowledged it (PUBACK)."""
 
-    def __init__(self, target: BrokerTarget, keyring: KeyRing, *, timeout: float = 10.0) -> None:
+    def __init__(
+        self, target: BrokerTarget, keyring: KeyRing, *, timeout: float = 10.0, client_id: str | None = None
+    ) -> None:
+        """`client_id`: the one the broker binds this account to, if it does."""
         self.target = target
         self.keyring = keyring
         self.timeout = timeout
         self._connected = threading.Event()
         self._refusal: str | None = None
-        self._client = target.client(f"diredi-publisher-{secrets.token_hex(4)}")
+        self._client = target.client(client_id or f"diredi-publisher-{secrets.token_hex(4)}")
         self._client.max_inflight_messages_set(MAX_INFLIGHT)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect

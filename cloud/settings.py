@@ -33,6 +33,13 @@ class Settings(BaseSettings):
         "removes device credentials in the running broker",
     )
     mqtt_ca_file: Path | None = Field(None, description="CA bundle that signed the broker's TLS certificate")
+    mqtt_client_id: str | None = Field(
+        None,
+        pattern=r"^diredi-[A-Za-z0-9_-]{1,57}$",
+        description="the client id this process connects with: the name of its own service account, which "
+        "the broker binds to it (`diredi broker account`); default: diredi-ingest-NAME for an ingest, "
+        "a random diredi-publisher-... for a worker (an account not bound to a client id)",
+    )
     ingest_group: str = Field(
         "diredi-ingest",
         pattern=r"^[A-Za-z0-9_-]{1,64}$",

@@ -59,6 +59,7 @@ def ingest(
         target,
         session_factory(engine),
         name=name,
+        client_id=settings.mqtt_client_id,
         group=settings.ingest_group,
         batch_size=settings.ingest_batch_size,
         batch_bytes=settings.ingest_batch_bytes,

@@ -145,6 +145,7 @@ class Ingest:
         sessions: sessionmaker[Session],
         *,
         name: str = "1",
+        client_id: str | None = None,
         group: str = "diredi-ingest",
         batch_size: int = 1000,
         batch_bytes: int = 8 << 20,
@@ -159,7 +160,8 @@ class Ingest:
         self.batch_bytes = batch_bytes
         self.batch_wait = batch_ms / 1000
         self.metrics = metrics or IngestMetrics()
-        self.client_id = f"diredi-ingest-{name}"
+        # Its own account's bound client id when it has one, else named after the ingest.
+        self.client_id = client_id or f"diredi-ingest-{name}"
         self._refused = RejectionLog()
         self._stop = threading.Event()
         self._subscribed = threading.Event()

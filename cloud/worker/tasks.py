@@ -86,7 +86,8 @@ class _Context:
             target = BrokerTarget.parse(
                 self.settings.mqtt_url.get_secret_value(), ca_file=self.settings.mqtt_ca_file
             )
-            publisher = CloudPublisher(target, KeyRing.open(self.settings.resolved_signing_key_dir))
+            keyring = KeyRing.open(self.settings.resolved_signing_key_dir)
+            publisher = CloudPublisher(target, keyring, client_id=self.settings.mqtt_client_id)
             self.publisher = publisher.__enter__()
         return self.publisher
 

@@ -21,6 +21,7 @@ from broker.mosquitto import (
     MosquittoError,
     MosquittoProcess,
     bootstrap,
+    ensure_service_account,
     free_ports,
     init_dynsec,
     render_config,
@@ -589,3 +590,52 @@ def test_bootstrap_is_idempotent_and_sets_the_accounts_password(mosquitto: Runni
     assert old is not None and old.value == NOT_AUTHORIZED
     assert new is not None and not new.is_failure
     assert granted.value == 1  # still in its role
+
+
+def test_a_service_account_logs_in_only_with_its_own_client_id(mosquitto: RunningBroker, pair: Pair) -> None:
+    # Prepare: an ingest's own account, and device b connected
+    name = f"diredi-ingest-{secrets.token_hex(3)}"
+    password = secrets.token_urlsafe(16)
+    ensure_service_account(mosquitto.admin, name, password)
+    account = mosquitto.target.with_credentials(name, password)
+
+    with Probe(mosquitto.as_device(pair.b, pair.b_secret), pair.b) as device_b:
+        assert device_b.connect() is not None
+
+        # Execute: the service's account with a device's client id, another service's, and its own
+        with Probe(account, pair.b) as as_device:
+            taking_device = as_device.connect()
+        with Probe(account, "diredi-ingest-someone-else") as as_other:
+            taking_service = as_other.connect()
+        with Probe(account, name) as as_itself:
+            own = as_itself.connect()
+            granted = as_itself.subscribe(device_filter(MessageKind.STATUS, shared_group="g"))
+
+        # Assert: refused, so the device keeps its session; its own id works with the cloud's role
+        assert taking_device is not None and taking_device.value == NOT_AUTHORIZED
+        assert taking_service is not None and taking_service.value == NOT_AUTHORIZED
+        assert device_b.wait_disconnect(0.3) is None
+        assert own is not None and not own.is_failure and granted.value == 1
+
+
+def test_ensure_service_account_is_idempotent_and_refuses_a_name_outside_the_namespace(
+    mosquitto: RunningBroker,
+) -> None:
+    # Prepare
+    name = f"diredi-worker-{secrets.token_hex(3)}"
+    first, second = secrets.token_urlsafe(16), secrets.token_urlsafe(16)
+    ensure_service_account(mosquitto.admin, name, first)
+
+    # Execute
+    ensure_service_account(mosquitto.admin, name, second)
+
+    # Assert
+    with Probe(mosquitto.target.with_credentials(name, first), name) as probe:
+        old = probe.connect()
+    with Probe(mosquitto.target.with_credentials(name, second), name) as probe:
+        new = probe.connect()
+    assert old is not None and old.value == NOT_AUTHORIZED
+    assert new is not None and not new.is_failure
+    for bad in ("cam-1", "diredi-", "diredi-a b", "diredi-" + "x" * 58):
+        with pytest.raises(ValueError, match="service account"):
+            ensure_service_account(mosquitto.admin, bad, first)

@@ -28,7 +28,7 @@ from broker.client import BrokerTarget
 from broker.mosquitto import free_ports
 from cloud.children import port_in_use
 from cloud.exceptions import ChildExited, LocalSystemConfigError
-from cloud.localsystem import BROKER_STATE, PASSWORDS, LocalSystem, Passwords
+from cloud.localsystem import BROKER_STATE, PASSWORDS, SERVICE_ACCOUNTS, LocalSystem, Passwords
 from cloud.registry.db import make_engine, scratch_database
 from cloud.registry.tables import Device
 from cloud.settings import Settings
@@ -379,10 +379,14 @@ def test_configured_system_on_mosquitto_postgresql_and_redis(tmp_path: Path) -> 
     redis_port = redis_url.rsplit(":", 1)[1]  # "PORT/0"; Celery shows the URL with a masked password
     assert re.search(rf"Connected to redis://\S*127\.0\.0\.1:{redis_port}\b", worker_log), worker_log
     assert stored == [device_id]
-    for env in environments.values():
+    for name, env in environments.items():
         assert env["DIREDI_REDIS_URL"] == redis_url
         assert env["DIREDI_DATABASE_URL"] == database_url
-        assert env["DIREDI_MQTT_URL"] == broker.cloud.url()
+        # the ingest and the worker each log in with an account of their own, bound to their client id
+        own = SERVICE_ACCOUNTS.get(name)
+        account = broker.cloud.with_credentials(own, str(broker.cloud.password)) if own else broker.cloud
+        assert env["DIREDI_MQTT_URL"] == account.url()
+        assert env.get("DIREDI_MQTT_CLIENT_ID") == own
     assert isinstance(died, ChildExited) and died.name == "api" and "SIGKILL" in str(died)
     assert not (tmp_path / "data" / "broker").exists()  # no embedded broker
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
