@@ -98,3 +98,7 @@ class ChildExited(LocalSystemError):
         self.returncode = returncode
         self.log_path = log_path
         self.tail = tail
+
+
+class FrontConfigError(CloudError):
+    """A value for the nginx front's configuration (cloud/front.py) cannot be used; one line says which."""

@@ -8,6 +8,9 @@
 #   scripts/services.sh redis      -> redis-server; nothing is started: the tests run their own on free
 #                                     ports (tests/redis_server.py), and the system service the package
 #                                     starts on 6379 is stopped and disabled when this installs it
+#   scripts/services.sh nginx      -> nginx, the API's front (deploy/nginx/nginx.conf); nothing is started:
+#                                     the tests run their own on free ports (tests/front/), and the system
+#                                     service the package starts on port 80 is stopped and disabled
 # Prints the environment the tests read (DIREDI_TEST_POSTGRES_URL=...).
 set -euo pipefail
 
@@ -70,6 +73,18 @@ install_redis() {
     fi
 }
 
+install_nginx() {
+    # Any nginx already installed (nginx, nginx-light, a developer's own build) is left as it is.
+    if command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]]; then return; fi
+    need_apt nginx
+    if [[ -d /run/systemd/system ]]; then
+        systemctl disable --now nginx >/dev/null 2>&1 || true
+    else  # sysvinit, or a container where the package's init script started it
+        service nginx stop >/dev/null 2>&1 || true
+        command -v update-rc.d >/dev/null && update-rc.d nginx disable >/dev/null 2>&1 || true
+    fi
+}
+
 for service in "$@"; do
     case "$service" in
         postgres) start_postgres ;;
@@ -77,6 +92,7 @@ for service in "$@"; do
         mosquitto) need_apt mosquitto mosquitto-clients openssl ;;
         systemd) command -v systemd-analyze >/dev/null || need_apt systemd ;;
         redis) install_redis ;;
+        nginx) install_nginx ;;
         *) echo "unknown service: $service" >&2; exit 2 ;;
     esac
 done

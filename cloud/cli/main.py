@@ -95,6 +95,12 @@ def _register_ops() -> None:
     from cloud.cli.scenarios import scenarios_app
 
     app.add_typer(scenarios_app, name="scenarios")
+    from cloud.cli.front import front_app
+
+    app.add_typer(front_app, name="front")
+    from cloud.cli.broker import broker_app
+
+    app.add_typer(broker_app, name="broker")
 
 
 _register_ops()
