@@ -8,6 +8,8 @@ from __future__ import annotations
 import base64
 import contextlib
 import http.client
+import math
+import random
 import socket
 import ssl
 import threading
@@ -15,12 +17,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from device_firmware_py.exceptions import DownloadCancelled, DownloadError
+from device_firmware_py.exceptions import DownloadBusy, DownloadCancelled, DownloadError
 from wire import DesiredModel
 from wire.errors import shown
 
 CHUNK_BYTES = 64 * 1024
 CANCEL_POLL_SECONDS = 0.1
+BUSY_ATTEMPTS = 5
+MAX_RETRY_AFTER_S = 60.0
 
 
 @contextlib.contextmanager
@@ -104,6 +108,11 @@ def download(
         with _cancel_watch(conn.sock, cancelled):
             conn.request("GET", prefix.rstrip("/") + download_path, headers=headers)
             response = conn.getresponse()
+            if response.status in (429, 503):
+                raise DownloadBusy(
+                    f"HTTP {response.status} {shown(response.reason, 60)}: the server is busy",
+                    _retry_after(response.getheader("Retry-After")),
+                )
             if response.status != 200:
                 raise _status_error(response.status, response.reason)
             return _read_body(response, limit, expected_size, cancelled)
@@ -117,6 +126,15 @@ def download(
         raise DownloadError(f"network error: {type(exc).__name__}: {shown(str(exc))}") from None
     finally:
         conn.close()
+
+
+def _retry_after(header: str | None) -> float:
+    """The wait a Retry-After header asks for (seconds; an HTTP date or garbage counts as 1 s), 1–60 s."""
+    try:
+        seconds = float(header) if header is not None else 1.0
+    except ValueError:
+        seconds = 1.0
+    return min(max(seconds, 1.0), MAX_RETRY_AFTER_S) if math.isfinite(seconds) else 1.0
 
 
 def _read_body(
@@ -152,19 +170,30 @@ def http_fetcher(
     timeout: float,
     cancelled: threading.Event,
 ) -> Callable[[DesiredModel], bytes]:
-    """The `fetch` an Updater needs: download the document's artifact from the cloud's API."""
+    """The `fetch` an Updater needs: download the document's artifact from the cloud's API. A busy
+    answer (429 or 503: the front limits each address, and many devices may share one behind a NAT)
+    is tried again after the wait it asks for, with jitter, `BUSY_ATTEMPTS` times in all."""
 
     def fetch(desired: DesiredModel) -> bytes:
-        return download(
-            api_url,
-            desired.download_path,
-            device_id=device_id,
-            secret=secret,
-            expected_size=desired.manifest.size,
-            max_bytes=max_bytes,
-            ca_file=ca_file,
-            timeout=timeout,
-            cancelled=cancelled,
-        )
+        for attempt in range(1, BUSY_ATTEMPTS + 1):
+            try:
+                return download(
+                    api_url,
+                    desired.download_path,
+                    device_id=device_id,
+                    secret=secret,
+                    expected_size=desired.manifest.size,
+                    max_bytes=max_bytes,
+                    ca_file=ca_file,
+                    timeout=timeout,
+                    cancelled=cancelled,
+                )
+            except DownloadBusy as exc:
+                if attempt == BUSY_ATTEMPTS:
+                    raise
+                wait = exc.retry_after * random.uniform(1.0, 1.5)  # noqa: S311 (jitter, not secrecy)
+                if cancelled.wait(wait):
+                    raise DownloadCancelled("download cancelled while waiting to try again") from None
+        raise AssertionError("unreachable")
 
     return fetch

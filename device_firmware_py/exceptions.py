@@ -59,5 +59,13 @@ class DownloadError(DeviceError):
     status, network) so it can go into a model ack as is."""
 
 
+class DownloadBusy(DownloadError):
+    """The server asked to try again later (429 or 503); `retry_after` seconds, as it said."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class DownloadCancelled(DeviceError):
     """A download stopped because the daemon is shutting down; not a failed install, nothing to ack."""

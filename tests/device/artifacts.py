@@ -35,8 +35,9 @@ class Route:
     """What the server answers for one path: a body and how it misbehaves."""
 
     body: bytes
-    mode: str = "ok"  # ok | truncate | claim_more | no_length | slow | stall | redirect | status
+    mode: str = "ok"  # ok | truncate | claim_more | no_length | slow | stall | redirect | status | busy
     status: int = 200
+    busy: int = 0  # busy: answer 429 (Retry-After: 1) this many times, then serve the body
 
 
 @dataclass
@@ -74,6 +75,13 @@ def handler_for(server: ArtifactServer) -> type[BaseHTTPRequestHandler]:
             if route.mode == "status":
                 self.send_error(route.status)
                 return
+            if route.mode == "busy" and route.busy > 0:
+                route.busy -= 1
+                self.send_response(429)
+                self.send_header("Retry-After", "1")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             if route.mode == "redirect":
                 self.send_response(302)
                 self.send_header("Location", "http://127.0.0.1:9/elsewhere")
@@ -81,7 +89,9 @@ def handler_for(server: ArtifactServer) -> type[BaseHTTPRequestHandler]:
                 return
             body = route.body
             self.send_response(200)
-            length = {"ok": len(body), "truncate": len(body), "claim_more": 10**9}.get(route.mode)
+            length = {"ok": len(body), "busy": len(body), "truncate": len(body), "claim_more": 10**9}.get(
+                route.mode
+            )
             if route.mode in ("slow", "stall"):
                 length = len(body)
             if length is not None:

@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from device_firmware_py.download import download
+from device_firmware_py.download import download, http_fetcher
 from device_firmware_py.exceptions import DownloadCancelled, DownloadError
 from tests.device.artifacts import DEVICE, MAX_BYTES, SECRET, ArtifactServer, Route
+from wire import DesiredModel
 
 if TYPE_CHECKING:
     from cloud.ml.export import EdgeArtifact
@@ -110,7 +111,13 @@ def test_download_refuses_an_artifact_larger_than_max_bytes(
 
 @pytest.mark.parametrize(
     ("status", "reason"),
-    [(404, "HTTP 404 .*not offered"), (403, "HTTP 403 .*may not download"), (503, "HTTP 503 .*server error")],
+    [
+        (404, "HTTP 404 .*not offered"),
+        (403, "HTTP 403 .*may not download"),
+        (500, "HTTP 500 .*server error"),
+        (503, "HTTP 503 .*busy"),
+        (429, "HTTP 429 .*busy"),
+    ],
 )
 def test_download_maps_http_errors(
     artifact_server: ArtifactServer, v2: EdgeArtifact, status: int, reason: str
@@ -122,6 +129,67 @@ def test_download_maps_http_errors(
     # Execute / Assert
     with pytest.raises(DownloadError, match=reason):
         fetch_bytes(artifact_server, v2)
+
+
+def signed_document(artifact: EdgeArtifact) -> DesiredModel:
+    """A desired model naming `artifact` (the fetch reads only its path and size; nothing verifies it)."""
+    return DesiredModel(
+        device_id=DEVICE,
+        manifest=artifact.manifest,
+        download_path=f"/api/v1/artifacts/{artifact.manifest.sha256}",
+        key_id="0123456789abcdef",
+    )
+
+
+def test_a_busy_server_is_tried_again_after_the_wait_it_asks_for(
+    artifact_server: ArtifactServer, v2: EdgeArtifact
+) -> None:
+    # Prepare: the front answers 429 twice (many devices behind one address), then serves
+    path = f"/api/v1/artifacts/{v2.manifest.sha256}"
+    artifact_server.routes[path] = Route(v2.model, "busy", busy=2)
+    fetch = http_fetcher(
+        artifact_server.url,
+        device_id=DEVICE,
+        secret=SECRET,
+        max_bytes=MAX_BYTES,
+        ca_file=None,
+        timeout=10.0,
+        cancelled=threading.Event(),
+    )
+
+    # Execute
+    started = time.monotonic()
+    body = fetch(signed_document(v2))
+
+    # Assert: three requests, and at least the two seconds the server asked for
+    assert body == v2.model
+    assert artifact_server.requests == [path] * 3
+    assert time.monotonic() - started >= 2.0
+
+
+def test_a_server_busy_for_longer_fails_the_download_and_cancelling_stops_the_wait(
+    artifact_server: ArtifactServer, v2: EdgeArtifact
+) -> None:
+    # Prepare
+    path = f"/api/v1/artifacts/{v2.manifest.sha256}"
+    artifact_server.routes[path] = Route(v2.model, "busy", busy=1000)
+    cancelled = threading.Event()
+    fetch = http_fetcher(
+        artifact_server.url,
+        device_id=DEVICE,
+        secret=SECRET,
+        max_bytes=MAX_BYTES,
+        ca_file=None,
+        timeout=10.0,
+        cancelled=cancelled,
+    )
+    threading.Timer(0.3, cancelled.set).start()
+
+    # Execute / Assert: the wait between attempts ends as soon as the daemon stops
+    started = time.monotonic()
+    with pytest.raises(DownloadCancelled, match="waiting to try again"):
+        fetch(signed_document(v2))
+    assert time.monotonic() - started < 1.0
 
 
 def test_download_with_wrong_credentials_is_unauthorized(
