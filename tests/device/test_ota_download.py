@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -131,6 +132,19 @@ def test_download_maps_http_errors(
         fetch_bytes(artifact_server, v2)
 
 
+def fetcher(server: ArtifactServer, cancelled: threading.Event) -> Callable[[DesiredModel], bytes]:
+    """The daemon's fetch (with its retries) from `server`."""
+    return http_fetcher(
+        server.url,
+        device_id=DEVICE,
+        secret=SECRET,
+        max_bytes=MAX_BYTES,
+        ca_file=None,
+        timeout=10.0,
+        cancelled=cancelled,
+    )
+
+
 def signed_document(artifact: EdgeArtifact) -> DesiredModel:
     """A desired model naming `artifact` (the fetch reads only its path and size; nothing verifies it)."""
     return DesiredModel(
@@ -147,15 +161,7 @@ def test_a_busy_server_is_tried_again_after_the_wait_it_asks_for(
     # Prepare: the front answers 429 twice (many devices behind one address), then serves
     path = f"/api/v1/artifacts/{v2.manifest.sha256}"
     artifact_server.routes[path] = Route(v2.model, "busy", busy=2)
-    fetch = http_fetcher(
-        artifact_server.url,
-        device_id=DEVICE,
-        secret=SECRET,
-        max_bytes=MAX_BYTES,
-        ca_file=None,
-        timeout=10.0,
-        cancelled=threading.Event(),
-    )
+    fetch = fetcher(artifact_server, threading.Event())
 
     # Execute
     started = time.monotonic()
@@ -174,15 +180,7 @@ def test_a_server_busy_for_longer_fails_the_download_and_cancelling_stops_the_wa
     path = f"/api/v1/artifacts/{v2.manifest.sha256}"
     artifact_server.routes[path] = Route(v2.model, "busy", busy=1000)
     cancelled = threading.Event()
-    fetch = http_fetcher(
-        artifact_server.url,
-        device_id=DEVICE,
-        secret=SECRET,
-        max_bytes=MAX_BYTES,
-        ca_file=None,
-        timeout=10.0,
-        cancelled=cancelled,
-    )
+    fetch = fetcher(artifact_server, cancelled)
     threading.Timer(0.3, cancelled.set).start()
 
     # Execute / Assert: the wait between attempts ends as soon as the daemon stops
