@@ -73,11 +73,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def api_server(database_url: str, workers: int) -> Iterator[str]:
-    """`diredi api` in a subprocess on a free loopback port; yields its base URL."""
+def api_server(database_url: str, workers: int, extra_env: dict[str, str] | None = None) -> Iterator[str]:
+    """`diredi api` in a subprocess on a free loopback port (with `extra_env`); yields its base URL."""
     port = free_port()
     with tempfile.TemporaryDirectory() as data_dir:
         env = {**os.environ, "DIREDI_DATABASE_URL": database_url, "DIREDI_DATA_DIR": data_dir}
+        env |= extra_env or {}
         command = [
             str(Path(sys.executable).parent / "diredi"),
             "api",
