@@ -131,6 +131,7 @@ def device_config(
     api_url: str,
     trusted_keys: dict[str, str],
     trust_version: int,
+    trust_threshold: int = 1,
     stream: Path,
     rate_hz: float,
     new_samples: int,
@@ -144,6 +145,7 @@ def device_config(
         f"device_id = {q(device_id)}\n"
         f"state_dir = {q(str(directory / 'state'))}\n"
         f"trust_version = {trust_version}\n"
+        f"trust_threshold = {trust_threshold}\n"
         f"[broker]\nurl = {q(broker_url)}\nkeepalive_s = 15\n"
         f"[credentials]\nfile = {q(str(directory / 'secret'))}\n"
         f"[api]\nurl = {q(api_url)}\ntimeout_s = 30\n"
@@ -240,6 +242,7 @@ class Demo:
                 api_url=self.system.api_url,
                 trusted_keys={k["key_id"]: k["public_key"] for k in provisioned["trusted_keys"]},
                 trust_version=provisioned["trust_version"],
+                trust_threshold=provisioned["trust_threshold"],
                 stream=stream,
                 rate_hz=self.options.rate_hz,
                 new_samples=feedback,

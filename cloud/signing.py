@@ -92,7 +92,12 @@ class KeyRing:
             if not ring._trust_files():
                 # The first trust document (or a key ring from before trust documents): every key here.
                 keys = {path.stem: path.read_text().strip() for path in sorted(directory.glob("*.pub"))}
-                ring._issue({k: v for k, v in keys.items() if _valid_key_id(k)}, previous=None)
+                try:
+                    ring._issue({k: v for k, v in keys.items() if _valid_key_id(k)}, previous=None)
+                except ValidationError as exc:
+                    raise SigningError(
+                        f"the public keys in {directory} do not make a trust document: {exc}"
+                    ) from None
         for path in sorted(directory.glob("*.key")):
             try:
                 check_private(path, "the signing key")
@@ -117,7 +122,12 @@ class KeyRing:
         with self._locked():
             key_id = self._new_key()
             latest = self.trust()
-            self._issue({**latest.keys, key_id: self._public_b64(key_id)}, previous=latest)
+            try:
+                self._issue({**latest.keys, key_id: self._public_b64(key_id)}, previous=latest)
+            except SigningError:
+                for suffix in (".key", ".pub"):  # a key no trust document names must not linger
+                    (self.directory / f"{key_id}{suffix}").unlink(missing_ok=True)
+                raise
             return key_id
 
     def rotate(self) -> str:
@@ -145,12 +155,15 @@ class KeyRing:
             remaining = {k: v for k, v in latest.keys.items() if k != key_id}
             if not remaining:
                 raise SigningError("the only trusted key cannot be revoked; stage another first")
+            successor = None
             if key_id == self.active_key_id:
                 held = [k for k in self._introduced(latest) if k in remaining and self._holds(k)]
                 if not held:
                     raise SigningError("no other trusted key is held here to take over signing")
-                self._set_active(held[-1])
-            self._issue(remaining, previous=latest)
+                successor = held[-1]
+            self._issue(remaining, previous=latest)  # first: if it is refused, nothing has changed
+            if successor is not None:
+                self._set_active(successor)
             for suffix in (".key", ".pub"):
                 (self.directory / f"{key_id}{suffix}").unlink(missing_ok=True)
             log.warning("signing key %s revoked (trust version %d)", key_id, latest.version + 1)

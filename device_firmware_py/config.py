@@ -5,6 +5,7 @@ device_id = "cam-kitchen-1"
 state_dir = "/var/lib/diredi-device"         # spool, models, feedback, privacy ledger
 allow_plaintext = false                      # mqtt:// and http:// only to loopback (true: a closed lab)
 trust_version = 1                            # of the [trust] keys, as provisioning returned them
+trust_threshold = 1                          # signatures by them a new trust version needs (idem)
 
 [broker]
 url = "mqtts://broker.example:8883"          # mqtt:// or mqtts://, ?protocol=3.1.1 for old brokers
@@ -149,8 +150,10 @@ class DeviceConfig(_Section):
     credentials: CredentialsConfig
     api: ApiConfig
     trust: dict[Annotated[str, Field(pattern=KEY_ID_PATTERN)], str] = Field(min_length=1)
-    # The trust chain's version those keys are (from provisioning); later versions come over MQTT.
+    # The trust chain's version those keys are, and how many of them must sign the next version (both
+    # from provisioning); later versions come over MQTT.
     trust_version: int = Field(0, ge=0, le=(1 << 31) - 1)
+    trust_threshold: int = Field(1, ge=1, le=16)
     input: InputConfig
     rd: RDConfig = RDConfig()
     status: StatusConfig = StatusConfig()
@@ -167,6 +170,14 @@ class DeviceConfig(_Section):
             if len(raw) != 32:
                 raise ValueError(f"key {key_id} is {len(raw)} bytes, an Ed25519 public key is 32")
         return keys
+
+    @model_validator(mode="after")
+    def _threshold_fits(self) -> DeviceConfig:
+        if self.trust_threshold > len(self.trust):
+            raise ValueError(
+                f"trust_threshold {self.trust_threshold} is more than the {len(self.trust)} [trust] keys"
+            )
+        return self
 
     @model_validator(mode="after")
     def _encrypted_unless_loopback(self) -> DeviceConfig:

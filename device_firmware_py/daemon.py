@@ -150,7 +150,12 @@ class Daemon:
             timeout=config.api.timeout_s,
             cancelled=self.stopping,
         )
-        self.trust = TrustStore(config.trusted_keys(), files["trust"], root_version=config.trust_version)
+        self.trust = TrustStore(
+            config.trusted_keys(),
+            files["trust"],
+            root_version=config.trust_version,
+            root_threshold=config.trust_threshold,
+        )
         self.updater = Updater(self.device_id, self.trust, self.slots, fetch, files["desired"])
         # Documents to apply again: a trust chain or desired model that waits for the clock to be set,
         # and a desired model signed by a key that a later trust chain may bring.

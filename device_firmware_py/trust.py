@@ -1,8 +1,9 @@
 """The keys this device trusts, and its clock.
 
-The device starts from the keys of its configuration (`[trust]`, version `trust_version`, one
-signature needed to change them). The cloud's trust chain (wire/trust.py), retained on the fleet's
-trust topic, moves it to later versions: each accepted document is kept in the state directory, so a
+The device starts from the keys of its configuration (`[trust]`, version `trust_version`, and
+`trust_threshold` signatures by them needed to change them, all three as provisioning returned
+them). The cloud's trust chain (wire/trust.py), retained on the fleet's trust topic, moves it to
+later versions: each accepted document is kept in the state directory, so a
 restart resumes from it and an older chain can never take the device back.
 
 A Raspberry Pi has no battery-backed clock: until NTP has set it, it may read 1970 or the time it was
@@ -44,13 +45,14 @@ class TrustStore(Mapping[str, bytes]):
         state_file: Path,
         *,
         root_version: int = 0,
+        root_threshold: int = 1,
         now: Callable[[], datetime] = utcnow,
     ) -> None:
         self.state_file = state_file
         self.now = now
         self._keys = dict(root)
         self.version = root_version
-        self.threshold = 1
+        self.threshold = root_threshold
         saved = self._load()
         if saved is not None and saved.version > root_version:
             self._adopt(saved)

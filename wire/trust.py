@@ -143,8 +143,9 @@ class TrustChain(BaseModel):
     @classmethod
     def from_bytes(cls, payload: bytes | str) -> "TrustChain":
         """Parse a received chain (strict JSON); a violation is a ContractError naming the field."""
-        if len(payload) > MAX_TRUST_BYTES:
-            raise ContractError(f"trust chain of {len(payload)} bytes exceeds {MAX_TRUST_BYTES}")
+        size = len(payload.encode() if isinstance(payload, str) else payload)
+        if size > MAX_TRUST_BYTES:
+            raise ContractError(f"trust chain of {size} bytes exceeds {MAX_TRUST_BYTES}")
         document = strict_json(payload)
         try:
             return cls.model_validate(document)

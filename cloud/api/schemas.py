@@ -164,6 +164,7 @@ class DeviceProvisioned(Output):
     secret: str = Field(description="the device's password for MQTT and artifact downloads; shown once")
     trusted_keys: list[TrustedKey]
     trust_version: int = Field(description="the trust chain's version those keys are (the device's root)")
+    trust_threshold: int = Field(description="how many of those keys must sign the chain's next version")
 
 
 class ModelPublic(Output):

@@ -228,13 +228,16 @@ def behind_on_trust(session: Session, version: int) -> int:
 
 
 def report_trust(session: Session, versions: dict[str, int]) -> None:
-    """Record the trust version each device reports (one statement for a batch)."""
+    """Record the trust version each device reports (one statement for a batch). Versions only grow:
+    a status that arrives late does not take a device back."""
     if versions:
         table = cast(Table, Device.__table__)
+        version = bindparam("t_version", type_=Integer())
         statement = (
             update(table)
             .where(table.c.id == bindparam("t_id", type_=Device.id.type))
-            .values(trust_version=bindparam("t_version", type_=Integer()))
+            .where(or_(table.c.trust_version.is_(None), table.c.trust_version < version))
+            .values(trust_version=version)
         )
         session.connection().execute(
             statement, [{"t_id": device_id, "t_version": version} for device_id, version in versions.items()]

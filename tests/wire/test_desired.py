@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tests.cloud.factories import make_manifest
 from wire import ContractError, DesiredModel
-from wire.desired import signing_bytes, verify_raw
+from wire.desired import UnknownKeyError, signing_bytes, verify_raw
 
 BLOB = b"an int8 flatbuffer" * 50
 MANIFEST = make_manifest(BLOB, line="kitchen", version=2)
@@ -326,3 +326,41 @@ def test_download_path_must_name_the_manifests_artifact(key: Ed25519PrivateKey) 
     # Execute / Assert
     with pytest.raises(ContractError, match="download_path"):
         DesiredModel.from_bytes(json.dumps(document))
+
+
+@pytest.mark.parametrize(
+    ("field", "other"),
+    [('"device_id":"cam-a"', '"device_id":"cam-b"'), ('"rollback_of":null', '"rollback_of":"kitchen.v1"')],
+)
+def test_verify_raw_refuses_duplicate_keys(
+    key: Ed25519PrivateKey, trusted: dict[str, bytes], field: str, other: str
+) -> None:
+    # Prepare: the signature covers one value; a lenient parser would read the other
+    sent = sign(key).to_json()
+    assert field in sent
+    doubled = sent.replace(field, f"{field},{other}", 1)
+
+    # Execute / Assert
+    with pytest.raises(ContractError, match="duplicate key"):
+        verify_raw(doubled.encode(), trusted)
+    with pytest.raises(ContractError, match="duplicate key"):
+        verify_raw(sent.replace(field, f"{other},{field}", 1).encode(), trusted)
+
+
+def test_an_unknown_key_is_an_unknown_key_error_and_a_bad_signature_is_not(
+    key: Ed25519PrivateKey, trusted: dict[str, bytes]
+) -> None:
+    # Prepare: the updater applies a document of an unknown key again after a trust update, never a forgery
+    document = sign(key)
+    forged = document.model_copy(update={"device_id": "cam-b"})
+
+    # Execute
+    with pytest.raises(UnknownKeyError) as unknown:
+        verify_raw(document.to_json().encode(), {})
+    with pytest.raises(ContractError) as bad:
+        verify_raw(forged.to_json().encode(), trusted)
+
+    # Assert
+    assert isinstance(unknown.value, ContractError)
+    assert f"unknown key_id {key_id_of(key)}" in str(unknown.value)
+    assert not isinstance(bad.value, UnknownKeyError)

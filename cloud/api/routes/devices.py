@@ -99,6 +99,7 @@ def provision(
         secret=secret,
         trusted_keys=keys,
         trust_version=trust.version,
+        trust_threshold=trust.threshold,
     )
 
 

@@ -499,3 +499,67 @@ def test_an_empty_batch_writes_nothing(writer: BatchWriter, sessions: sessionmak
 
     # Assert
     assert written == Written()
+
+
+def test_a_status_reports_the_trust_version_the_device_holds(
+    writer: BatchWriter, sessions: sessionmaker[Session], store: LocalArtifactStore
+) -> None:
+    # Prepare: the batch holds cam-a's newest status first; cam-b's firmware does not report one
+    fleet = two_lines(sessions, store)
+    batch = [
+        arrived(status("cam-a", fleet.now, trust_version=3)),
+        arrived(status("cam-a", fleet.now - timedelta(seconds=2), trust_version=2)),
+        arrived(status("cam-b", fleet.now)),
+        arrived(status("cam-old", fleet.now, trust_version=3)),  # revoked: refused
+    ]
+
+    # Execute
+    writer.write(batch)
+    writer.write([arrived(status("cam-a", fleet.now + timedelta(seconds=1)))])  # no version: kept
+
+    # Assert
+    with sessions() as session:
+        versions = {d: device(session, d).trust_version for d in ("cam-a", "cam-b", "cam-g", "cam-old")}
+    assert versions == {"cam-a": 3, "cam-b": None, "cam-g": None, "cam-old": None}
+
+
+def test_the_trust_version_is_written_only_when_it_changed(
+    writer: BatchWriter,
+    sessions: sessionmaker[Session],
+    store: LocalArtifactStore,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare: every heartbeat carries the version; the registry is told only of changes
+    fleet = two_lines(sessions, store)
+    told: list[dict[str, int]] = []
+
+    def recording(session: Session, versions: dict[str, int]) -> None:
+        told.append(dict(versions))
+        devices.report_trust(session, versions)
+
+    monkeypatch.setattr("cloud.ingest.writer.report_trust", recording)
+
+    # Execute
+    for seconds, version in [(0, 1), (1, 1), (2, 2), (3, 2)]:
+        at = fleet.now + timedelta(seconds=seconds)
+        writer.write([arrived(status("cam-a", at, trust_version=version)), arrived(status("cam-b", at))])
+
+    # Assert
+    assert [t for t in told if t] == [{"cam-a": 1}, {"cam-a": 2}]
+    with sessions() as session:
+        assert (device(session, "cam-a").trust_version, device(session, "cam-b").trust_version) == (2, None)
+
+
+def test_a_status_that_arrives_late_does_not_take_the_trust_version_back(
+    writer: BatchWriter, sessions: sessionmaker[Session], store: LocalArtifactStore
+) -> None:
+    # Prepare: version 3 recorded; an older heartbeat of version 2 arrives afterwards, in a later batch
+    fleet = two_lines(sessions, store)
+    writer.write([arrived(status("cam-a", fleet.now, trust_version=3))])
+
+    # Execute
+    writer.write([arrived(status("cam-a", fleet.now - timedelta(seconds=30), trust_version=2))])
+
+    # Assert
+    with sessions() as session:
+        assert device(session, "cam-a").trust_version == 3

@@ -285,3 +285,35 @@ def test_a_withdrawn_rollout_offers_its_model_to_no_one(
 
     # Execute / Assert
     assert devices.offered_to(session, devices.get_device(session, "cam-a"), edge.sha256) is offered
+
+
+def test_behind_on_trust_counts_active_devices_below_the_version_or_without_one(session: Session) -> None:
+    # Prepare: cam-a never reported a version; cam-old is revoked (and behind), so it does not count
+    make_cohort(session)
+    for name in ("cam-a", "cam-b", "cam-c", "cam-d", "cam-old"):
+        make_device(session, name)
+    devices.report_trust(session, {"cam-b": 1, "cam-c": 2, "cam-d": 3, "cam-old": 1})
+    devices.revoke_device(session, "cam-old")
+    session.commit()
+
+    # Execute
+    behind = {version: devices.behind_on_trust(session, version) for version in (1, 2, 3, 4)}
+
+    # Assert
+    assert behind == {1: 1, 2: 2, 3: 3, 4: 4}
+    assert devices.known_devices(session, ["cam-c", "cam-old"]) == {
+        "cam-c": devices.KnownDevice(DeviceStatus.active, None, 2),
+        "cam-old": devices.KnownDevice(DeviceStatus.revoked, None, 1),
+    }
+
+
+def test_behind_on_trust_is_zero_for_an_empty_or_caught_up_fleet(session: Session) -> None:
+    # Prepare
+    make_cohort(session)
+    empty = devices.behind_on_trust(session, 1)
+    make_device(session, "cam-a")
+    devices.report_trust(session, {"cam-a": 5})
+    session.commit()
+
+    # Execute / Assert
+    assert (empty, devices.behind_on_trust(session, 5), devices.behind_on_trust(session, 6)) == (0, 0, 1)
