@@ -85,12 +85,13 @@ class BrokerCredentialHook:
                 have = {_acl_key(a) for a in answer.get("data", {}).get("role", {}).get("acls", [])}
                 want = {_acl_key(a): a for a in device_acls(device_id)}
                 role = device_role(device_id)
+                # Removals first: a grant turned into a deny shares its (acltype, topic) with the grant.
                 changes = [
-                    {"command": "addRoleACL", "rolename": role, **a} for k, a in want.items() if k not in have
-                ]
-                changes += [
                     {"command": "removeRoleACL", "rolename": role, "acltype": k[0], "topic": k[1]}
                     for k in have - want.keys()
+                ]
+                changes += [
+                    {"command": "addRoleACL", "rolename": role, **a} for k, a in want.items() if k not in have
                 ]
                 if changes:
                     fixes += changes
@@ -98,6 +99,16 @@ class BrokerCredentialHook:
             if fixes:
                 self._execute(fixes)
         return repaired
+
+    def has_client(self, device_id: str) -> bool:
+        """Whether the broker has a client for the device."""
+        try:
+            self.admin.execute([{"command": "getClient", "username": device_id}])
+        except BrokerAdminError as exc:
+            if exc.failures and all(f.error.endswith("not found") for f in exc.failures):
+                return False
+            raise HookError(f"broker: {exc}") from None
+        return True
 
     def _execute(self, commands: list[Command]) -> list[dict[str, Any]]:
         try:
@@ -118,6 +129,9 @@ class BrokerCredentialHook:
         except BrokerAdminError as exc:
             if not (exc.failures and all(f.error.endswith("not found") for f in exc.failures)):
                 log.warning("could not undo the broker's half of provisioning %s: %s", device_id, exc)
+
+
+MISSING = "the broker has no client for it: provision it again"
 
 
 def _acl_key(acl: dict[str, Any]) -> tuple[str, str, bool]:
@@ -151,6 +165,8 @@ def reconcile(
         try:
             if status is DeviceStatus.revoked:
                 hook.revoked(device_id)
+            elif not hook.has_client(device_id):
+                raise HookError(MISSING)
             else:
                 hook.repair_roles([device_id])
         except HookError as exc:
@@ -183,7 +199,7 @@ def _sweep(sessions: sessionmaker[Session], hook: BrokerCredentialHook, done: Re
     if done.missing:
         with sessions() as session, session.begin():
             for device_id in done.missing:
-                broker_failed(session, device_id, "the broker has no client for it: provision it again")
+                broker_failed(session, device_id, MISSING)
     log.info(
         "broker sweep: %d device clients, %d removed, %d roles repaired, %d missing",
         len(clients),

@@ -75,7 +75,7 @@ class _Context:
     publisher: CloudPublisher | None = None
     trust_published: int | None = None  # the trust version this process last published
     broker_hook: BrokerCredentialHook | None = None
-    last_sweep: float = 0.0  # monotonic time of the broker reconciler's last full sweep
+    last_sweep: float | None = None  # monotonic time of the broker reconciler's last full sweep
 
     def publish(self) -> CloudPublisher:
         """The worker's connection to the broker, opened on first use and again after an error."""
@@ -333,7 +333,7 @@ def reconcile_broker() -> int:
             ctx.settings.mqtt_admin_url.get_secret_value(), ca_file=ctx.settings.mqtt_ca_file
         )
         ctx.broker_hook = BrokerCredentialHook(DynsecAdmin(target))
-    sweep = time.monotonic() - ctx.last_sweep >= BROKER_SWEEP_S
+    sweep = ctx.last_sweep is None or time.monotonic() - ctx.last_sweep >= BROKER_SWEEP_S
     try:
         done = reconcile(ctx.sessions, ctx.broker_hook, sweep=sweep)
     except HookError as exc:
