@@ -55,8 +55,8 @@ from cloud.ml.data import ScenarioData, build_scenario_data
 from cloud.ml.export import export_int8
 from cloud.ml.families import NetSpec
 from cloud.ml.scenario import Scenario, load_scenario
-from cloud.pipeline.cycle import JOB_TYPE, TRAINING_DATA
 from cloud.pipeline.lines import register_line
+from cloud.pipeline.scheduling import JOB_TYPE, TRAINING_DATA
 from cloud.registry import models
 from cloud.registry.db import transaction
 from cloud.registry.tables import Job, JobState, KnowledgeReport, Model, ModelKind

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import signal
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from cloud.ml.export import ExportAttempt
 
 
 class CloudError(Exception):
@@ -29,6 +26,27 @@ class FamilyError(CloudError):
 
 class ExportError(CloudError):
     """An edge model could not be exported, or its int8 accuracy fell too far below float."""
+
+
+@dataclass(frozen=True)
+class ExportAttempt:
+    """One try of the guarded export: how it quantized, float and int8 accuracy, and the verdict."""
+
+    method: str
+    float_acc: float
+    int8_acc: float
+    accepted: bool
+    seconds: float = 0.0  # time the attempt took
+
+    def as_dict(self) -> dict[str, object]:
+        """A JSON-ready record."""
+        return {
+            "method": self.method,
+            "float_acc": self.float_acc,
+            "int8_acc": self.int8_acc,
+            "accepted": self.accepted,
+            "seconds": round(self.seconds, 3),
+        }
 
 
 class ExportGaveUp(ExportError):

@@ -6,7 +6,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 
-from cloud.api import problems
+from cloud.api import handlers
 from cloud.api.deps import KeyCache, Services, single_valued_query, strict_json_body
 from cloud.api.guard import AuthGuard
 from cloud.api.limits import BodyLimit
@@ -78,8 +78,8 @@ def create_app(settings: Settings | None = None, *, hooks: Sequence[CredentialHo
         dependencies=[Depends(single_valued_query), Depends(strict_json_body)],
     )
     app.state.services = services
-    problems.install(app)
-    problems.document(app, public={"/healthz"})
+    handlers.install(app)
+    handlers.document(app, public={"/healthz"})
     for module in (
         health,
         cohorts,

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from cloud.cli.main import console
+from cloud.cli.common import console
 from cloud.cli.ops import _fail, _settings
 from cloud.exceptions import CloudError
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
+from cloud.cli.common import console
 from cloud.exceptions import CloudError
 from device_firmware_py.exceptions import DeviceError
 from wire import ContractError
@@ -17,8 +16,6 @@ from wire import ContractError
 app = typer.Typer(
     help="DiReDi fleet: keep edge models fitting their users without their data leaving the device."
 )
-# Off a terminal rich would wrap the tables at 80 columns; the sim table needs more.
-console = Console(width=None if sys.stdout.isatty() else 150)
 
 
 @app.callback()

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F  # noqa: N812
 
-from cloud.exceptions import ExportGaveUp
+from cloud.exceptions import ExportAttempt, ExportGaveUp
 from cloud.ml.data import FloatArray, IntArray, Split
 from cloud.ml.distill import (
     KDConfig,
@@ -27,7 +27,6 @@ from cloud.ml.distill import (
 from cloud.ml.export import (
     MAX_INT8_DROP,
     EdgeArtifact,
-    ExportAttempt,
     export_guarded,
     export_int8,
     relabelled,

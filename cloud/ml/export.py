@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cloud.exceptions import ExportError, ExportGaveUp
+from cloud.exceptions import ExportAttempt, ExportError, ExportGaveUp
 from cloud.ml.data import FloatArray, IntArray, Split
 from cloud.ml.nets import EdgeStudent
 from cloud.ml.quantize import (
@@ -268,27 +268,6 @@ def check_int8_accuracy(artifact: EdgeArtifact, student: EdgeStudent, val: Split
             f"(limit {MAX_INT8_DROP})"
         )
     return float_acc, int8_acc
-
-
-@dataclass(frozen=True)
-class ExportAttempt:
-    """One try of the guarded export: how it quantized, float and int8 accuracy, and the verdict."""
-
-    method: str
-    float_acc: float
-    int8_acc: float
-    accepted: bool
-    seconds: float = 0.0  # time the attempt took
-
-    def as_dict(self) -> dict[str, object]:
-        """A JSON-ready record."""
-        return {
-            "method": self.method,
-            "float_acc": self.float_acc,
-            "int8_acc": self.int8_acc,
-            "accepted": self.accepted,
-            "seconds": round(self.seconds, 3),
-        }
 
 
 def export_guarded(

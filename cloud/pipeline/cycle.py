@@ -1,4 +1,5 @@
-"""An RD cycle job: a cohort's `received` knowledge → RD update → re-KD → int8 export → gate → a
+"""An RD cycle job, as a worker runs it (it loads the ML: what the API and the beat need of jobs is in
+`scheduling.py`): a cohort's `received` knowledge → RD update → re-KD → int8 export → gate → a
 registered model (`approved` or `rejected`, with the reason) or a no-op, under the job's lease.
 
 The job takes its lease, reads what it needs, and trains with no transaction open. Everything it
@@ -18,13 +19,20 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from cloud.artifacts import ArtifactStore
-from cloud.exceptions import ConflictError, KnowledgeError, RegistryError
+from cloud.exceptions import KnowledgeError, RegistryError
+from cloud.ml.cycle import CycleResult, plan_for, rd_cycle, search_of
+from cloud.ml.data import build_scenario_data
+from cloud.ml.families import NetSpec
+from cloud.ml.rd_update import RDConfig
+from cloud.ml.scenario import parse_scenario
+from cloud.pipeline.lines import load_line, register_line
+from cloud.pipeline.scheduling import JOB_TYPE, TRAINING_DATA
 from cloud.registry import jobs, knowledge, models
 from cloud.registry.db import transaction
 from cloud.registry.tables import (
@@ -38,14 +46,8 @@ from cloud.registry.tables import (
 )
 from wire.errors import ContractError
 
-if TYPE_CHECKING:  # the types only: importing cloud.ml loads torch, which the API never needs
-    from cloud.ml.cycle import CycleResult
-    from cloud.ml.families import NetSpec
-
 log = logging.getLogger(__name__)
 
-JOB_TYPE = "rd_cycle"
-TRAINING_DATA = "training_data"  # the cloud model's metrics key holding the scenario it was trained on
 SHIPPABLE = (ModelStatus.approved, ModelStatus.retired)
 
 # Where each stage of the cycle starts and ends in the job's overall progress.
@@ -78,42 +80,6 @@ class _Knowledge:
     parent_id: str
     msg_ids: list[uuid.UUID]
     payloads: list[bytes]
-
-
-def create_cycle_job(
-    session: Session, *, cohort_id: str, trigger: str, rollout: dict[str, Any] | None = None
-) -> Job:
-    """A pending RD cycle job for the cohort, or ConflictError if one is already pending or running."""
-    existing = jobs.open_job(session, cohort_id=cohort_id, type=JOB_TYPE)
-    if existing is not None:
-        raise ConflictError(f"cohort {cohort_id} already has {existing.state.value} job {existing.id}")
-    params: dict[str, Any] = {"trigger": trigger}
-    if rollout is not None:
-        params["rollout"] = rollout
-    return jobs.create_job(session, type=JOB_TYPE, cohort_id=cohort_id, params=params)
-
-
-def cohorts_due(session: Session, *, min_reports: int, max_wait_s: float) -> list[str]:
-    """Cohorts whose received knowledge should start a job now: at least `min_reports` reports, or
-    an oldest report that has waited `max_wait_s`; cohorts with an open cycle job are left alone."""
-    rows = session.execute(
-        select(Device.cohort_id, KnowledgeReport.received_at)
-        .join(Device, Device.id == KnowledgeReport.device_id)
-        .where(KnowledgeReport.status == KnowledgeStatus.received)
-    ).all()
-    counts: dict[str, int] = {}
-    oldest: dict[str, float] = {}
-    now = time.time()
-    for cohort_id, received_at in rows:
-        counts[cohort_id] = counts.get(cohort_id, 0) + 1
-        age = now - received_at.timestamp()
-        oldest[cohort_id] = max(oldest.get(cohort_id, 0.0), age)
-    return [
-        cohort_id
-        for cohort_id, count in sorted(counts.items())
-        if (count >= min_reports or oldest[cohort_id] >= max_wait_s)
-        and jobs.open_job(session, cohort_id=cohort_id, type=JOB_TYPE) is None
-    ]
 
 
 def _select_knowledge(session: Session, job: Job) -> _Knowledge | str:
@@ -220,11 +186,6 @@ def run_cycle_job(
     """Run (or run again) one RD cycle job; see the module's docstring for what survives a crash.
 
     `recipes` names the candidate search's recipes (`Settings.rd_recipes`; None: the default)."""
-    from cloud.ml.cycle import plan_for, rd_cycle, search_of
-    from cloud.ml.data import build_scenario_data
-    from cloud.ml.rd_update import RDConfig
-    from cloud.ml.scenario import parse_scenario
-    from cloud.pipeline.lines import load_line
 
     search = search_of(recipes) if recipes is not None else None  # a bad name fails before any claim
     with transaction(sessions) as session:
@@ -315,7 +276,6 @@ def _record(
     elapsed: float,
 ) -> CycleOutcome:
     """Register what the cycle made, consume its reports and finish the job, in one transaction."""
-    from cloud.pipeline.lines import register_line
 
     reports = [str(m) for m in chosen.msg_ids]
     summary: dict[str, Any] = {

@@ -17,7 +17,7 @@ from cloud.ml.cycle import EdgeLine, StageProgress
 from cloud.ml.export import MAX_INT8_DROP, EdgeArtifact
 from cloud.ml.families import NetSpec
 from cloud.ml.nets import EdgeStudent
-from cloud.pipeline.cycle import TRAINING_DATA
+from cloud.pipeline.scheduling import TRAINING_DATA
 from cloud.registry import models
 from cloud.registry.tables import Model, ModelKind
 

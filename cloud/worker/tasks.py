@@ -30,7 +30,7 @@ from broker.dynsec import DynsecAdmin
 from cloud.artifacts import LocalArtifactStore
 from cloud.broker_hook import BrokerCredentialHook, reconcile
 from cloud.exceptions import ConflictError, HookError, NotFoundError
-from cloud.pipeline import cycle
+from cloud.pipeline import cycle, scheduling
 from cloud.publisher import CloudPublisher, PublishError
 from cloud.registry import jobs, telemetry
 from cloud.registry.db import make_engine, session_factory, transaction
@@ -145,7 +145,7 @@ def run_job(self: Task[Any, Any], job_id: str) -> str:
         log.error("run_job: %r is not a job id; dropped", job_id)
         return "bad id"
     ctx = context()
-    with _ML, JOB_SECONDS.labels(cycle.JOB_TYPE, "any").time():
+    with _ML, JOB_SECONDS.labels(scheduling.JOB_TYPE, "any").time():
         import torch  # here: the thread count is the running thread's (OpenMP)
 
         torch.set_num_threads(ctx.settings.worker_torch_threads)
@@ -163,7 +163,7 @@ def run_job(self: Task[Any, Any], job_id: str) -> str:
             return "no such job"
         except cycle.LeaseLost as exc:
             log.warning("%s", exc)
-            JOBS.labels(cycle.JOB_TYPE, "lease-lost").inc()
+            JOBS.labels(scheduling.JOB_TYPE, "lease-lost").inc()
             return "lease lost"
         except OperationalError as exc:  # the database went away: try again later, lease given up
             _release(ctx, key)
@@ -172,10 +172,10 @@ def run_job(self: Task[Any, Any], job_id: str) -> str:
                 raise
             raise self.retry(exc=exc, countdown=min(300, 5 * 2**self.request.retries)) from None
         except Exception as exc:
-            JOBS.labels(cycle.JOB_TYPE, "error").inc()
+            JOBS.labels(scheduling.JOB_TYPE, "error").inc()
             cycle.fail_job(ctx.sessions, key, owner=ctx.owner, error=f"{type(exc).__name__}: {exc}")
             raise
-    JOBS.labels(cycle.JOB_TYPE, outcome.outcome).inc()
+    JOBS.labels(scheduling.JOB_TYPE, outcome.outcome).inc()
     if outcome.outcome == "approved" and outcome.edge_model_id and ctx.settings.pipeline_auto_rollout:
         _start_rollout(ctx, key, outcome.edge_model_id)
     return outcome.outcome
@@ -222,13 +222,13 @@ def schedule_cycles() -> list[str]:
     ctx = context()
     started = []
     with transaction(ctx.sessions) as session:
-        due = cycle.cohorts_due(
+        due = scheduling.cohorts_due(
             session,
             min_reports=ctx.settings.pipeline_min_reports,
             max_wait_s=ctx.settings.pipeline_max_wait_s,
         )
         for cohort_id in due:
-            started.append(cycle.create_cycle_job(session, cohort_id=cohort_id, trigger="knowledge").id)
+            started.append(scheduling.create_cycle_job(session, cohort_id=cohort_id, trigger="knowledge").id)
     for job_id in started:  # after the commit, so the worker finds the job
         enqueue(job_id)
         log.info("job %s started for received knowledge", job_id)
@@ -243,7 +243,7 @@ def reap_jobs() -> list[str]:
     again = []
     with transaction(ctx.sessions) as session:
         stale = jobs.stale_jobs(
-            session, types=[cycle.JOB_TYPE], pending_for=2 * ctx.settings.job_lease_seconds
+            session, types=[scheduling.JOB_TYPE], pending_for=2 * ctx.settings.job_lease_seconds
         )
         for job in stale:
             if job.attempts >= MAX_ATTEMPTS:

@@ -12,8 +12,8 @@ from cloud.ml.cycle import EdgeLine
 from cloud.ml.data import ScenarioData
 from cloud.ml.families import NetSpec
 from cloud.ml.scenario import Scenario
-from cloud.pipeline.cycle import TRAINING_DATA
 from cloud.pipeline.lines import register_line
+from cloud.pipeline.scheduling import TRAINING_DATA
 from cloud.registry import knowledge, models
 from cloud.registry.db import transaction
 from device_firmware_py.rd import extract_knowledge

@@ -11,8 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cloud.api.deps import Operator, PageQuery, ReaderDep, ServicesDep, SessionDep, Viewer
 from cloud.api.schemas import JobPublic, Page, Slug, errors
-from cloud.pipeline.cycle import JOB_TYPE, create_cycle_job
 from cloud.pipeline.rollout_checks import RolloutPlan
+from cloud.pipeline.scheduling import JOB_TYPE, create_cycle_job
 from cloud.registry import audit
 from cloud.registry.devices import get_cohort
 from cloud.registry.jobs import get_job, list_jobs

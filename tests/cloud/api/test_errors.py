@@ -145,13 +145,13 @@ def test_an_unexpected_exception_is_a_logged_500_problem(
     failing: FastAPI, caplog: pytest.LogCaptureFixture, path: str
 ) -> None:
     # Execute
-    with caplog.at_level(logging.ERROR, logger="cloud.api.problems"):
+    with caplog.at_level(logging.ERROR, logger="cloud.api.handlers"):
         with TestClient(failing, raise_server_exceptions=False) as client:
             response = client.get(path)
 
     # Assert
     assert_problem(response, 500)
     assert "secret detail" not in response.text  # the exception is logged, never answered
-    logged = [r for r in caplog.records if r.name == "cloud.api.problems"]
+    logged = [r for r in caplog.records if r.name == "cloud.api.handlers"]
     assert len(logged) == 1 and path in logged[0].getMessage()
     assert logged[0].exc_info is not None and "secret detail" in str(logged[0].exc_info[1])

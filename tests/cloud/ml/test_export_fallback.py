@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from cloud.exceptions import ExportGaveUp
+from cloud.exceptions import ExportAttempt, ExportGaveUp
 from cloud.ml.data import Split
 from cloud.ml.export import (
     LADDER,
     EdgeArtifact,
-    ExportAttempt,
     check_int8_accuracy,
     export_guarded,
     export_int8,

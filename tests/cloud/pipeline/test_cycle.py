@@ -16,7 +16,7 @@ from cloud.exceptions import ConflictError
 from cloud.ml.cycle import EdgeLine
 from cloud.ml.data import ScenarioData
 from cloud.ml.scenario import Scenario
-from cloud.pipeline import cycle
+from cloud.pipeline import cycle, scheduling
 from cloud.registry import jobs, knowledge, models
 from cloud.registry.db import transaction
 from cloud.registry.tables import (
@@ -60,7 +60,7 @@ def _report(
 
 def _job(sessions: sessionmaker[Session]) -> uuid.UUID:
     with transaction(sessions) as session:
-        return cycle.create_cycle_job(session, cohort_id="base", trigger="test").id
+        return scheduling.create_cycle_job(session, cohort_id="base", trigger="test").id
 
 
 def test_knowledge_becomes_an_approved_model_with_its_lineage(
@@ -91,7 +91,7 @@ def test_knowledge_becomes_an_approved_model_with_its_lineage(
             "base.cloud.v2",
             job_id,
         )
-        assert cycle.TRAINING_DATA in models.get_model(session, "base.cloud.v2").metrics
+        assert scheduling.TRAINING_DATA in models.get_model(session, "base.cloud.v2").metrics
         reports = session.scalars(select(KnowledgeReport)).all()
         assert {r.msg_id for r in reports} == msg_ids
         assert {(r.status, r.job_id) for r in reports} == {(KnowledgeStatus.consumed, job_id)}
@@ -119,7 +119,7 @@ def test_a_job_whose_worker_died_runs_again_once(
     job_id = _job(sessions)
     with transaction(sessions) as session:
         jobs.claim(session, job_id, owner="worker-a", lease_s=LEASE_S, now=utcnow() - timedelta(minutes=5))
-        assert [j.id for j in jobs.stale_jobs(session, types=[cycle.JOB_TYPE])] == [job_id]
+        assert [j.id for j in jobs.stale_jobs(session, types=[scheduling.JOB_TYPE])] == [job_id]
 
     # Execute
     first = cycle.run_cycle_job(sessions, store, job_id, owner="worker-b", lease_s=LEASE_S)
@@ -198,11 +198,11 @@ def test_a_cohort_has_one_open_cycle_job_and_is_due_by_count_or_age(
 
     # Execute / Assert
     with transaction(sessions) as session:
-        assert cycle.cohorts_due(session, min_reports=2, max_wait_s=3600) == []
-        assert cycle.cohorts_due(session, min_reports=1, max_wait_s=3600) == ["base"]
-        assert cycle.cohorts_due(session, min_reports=5, max_wait_s=0.0) == ["base"]
-        cycle.create_cycle_job(session, cohort_id="base", trigger="test")
-        assert cycle.cohorts_due(session, min_reports=1, max_wait_s=3600) == []
+        assert scheduling.cohorts_due(session, min_reports=2, max_wait_s=3600) == []
+        assert scheduling.cohorts_due(session, min_reports=1, max_wait_s=3600) == ["base"]
+        assert scheduling.cohorts_due(session, min_reports=5, max_wait_s=0.0) == ["base"]
+        scheduling.create_cycle_job(session, cohort_id="base", trigger="test")
+        assert scheduling.cohorts_due(session, min_reports=1, max_wait_s=3600) == []
         with pytest.raises(ConflictError, match="already has pending job"):
-            cycle.create_cycle_job(session, cohort_id="base", trigger="test")
+            scheduling.create_cycle_job(session, cohort_id="base", trigger="test")
         assert session.scalars(select(Job)).one().params == {"trigger": "test"}

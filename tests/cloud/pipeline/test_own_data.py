@@ -19,7 +19,7 @@ from cloud.ml.data import build_scenario_data
 from cloud.ml.datasources import FolderSource, NpzSource, load_dataset
 from cloud.ml.families import NetSpec, check_family
 from cloud.ml.scenario import PresumedSplit, Scenario, UserSpec
-from cloud.pipeline import cycle
+from cloud.pipeline import cycle, scheduling
 from cloud.pipeline.lines import bootstrap_line, load_line
 from cloud.registry import jobs, models
 from cloud.registry.db import transaction
@@ -104,7 +104,7 @@ def test_a_line_on_own_data_learns_a_preference_in_one_cycle(
     data = build_scenario_data(scenario)
     report_knowledge(sessions, v1, data, "cam-1")
     with transaction(sessions) as session:
-        job_id = cycle.create_cycle_job(session, cohort_id="own", trigger="test").id
+        job_id = scheduling.create_cycle_job(session, cohort_id="own", trigger="test").id
     outcome = cycle.run_cycle_job(sessions, store, job_id, owner="worker-a", lease_s=60.0)
 
     # Assert: the line is the family asked for, on the data's shape; v2 follows the user
