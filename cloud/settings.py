@@ -83,7 +83,8 @@ class Settings(BaseSettings):
         ge=1,
         le=256,
         description="threads a worker's training uses; the nets are small, and on a machine shared with "
-        "the API, the ingest and other trainings more threads wait on each other (docs/pipeline-benchmarks.md)",
+        "the API, the ingest and other trainings more threads wait on each other "
+        "(docs/pipeline-benchmarks.md)",
     )
     rd_recipes: str = Field(
         "relabel,re-KD,relabel+re-KD",
