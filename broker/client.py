@@ -15,13 +15,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from wire.errors import ContractError
+from broker.exceptions import BrokerURLError
 
 PROTOCOLS = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
-
-
-class BrokerURLError(ContractError):
-    """An MQTT URL that cannot be used; the text says which part is wrong (never the password)."""
 
 
 @dataclass(frozen=True)

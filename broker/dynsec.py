@@ -11,7 +11,6 @@ import os
 import secrets
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -20,46 +19,12 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from broker.acl import CONTROL_TOPIC, RESPONSE_TOPIC, Command
 from broker.client import BrokerTarget
+from broker.exceptions import BrokerAdminError, Failure
 
 log = logging.getLogger(__name__)
 
 # What names the subject of a command in a message (never "password").
 _SUBJECT_FIELDS = ("username", "rolename", "groupname")
-
-
-@dataclass(frozen=True)
-class Failure:
-    """One command the broker refused: its name, what it was about, and the broker's reason."""
-
-    command: str
-    subject: str
-    error: str
-
-    def __str__(self) -> str:
-        about = f" {self.subject}" if self.subject else ""
-        return f"{self.command}{about}: {self.error}"
-
-
-class BrokerAdminError(Exception):
-    """The broker could not be reached as the admin, or refused a command. The message names the
-    broker (never its password) and each refused command and its subject (never a client's password).
-
-    `results` holds the broker's response to each command, in order, when it answered; `failures`
-    the refused ones. `sent`: the commands reached the connection, so they may have run even when no
-    answer came."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        results: Sequence[dict[str, Any]] = (),
-        failures: Sequence[Failure] = (),
-        sent: bool = False,
-    ) -> None:
-        super().__init__(message)
-        self.results = list(results)
-        self.failures = list(failures)
-        self.sent = sent or bool(results)
 
 
 def _subject(command: Command) -> str:

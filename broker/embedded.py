@@ -45,6 +45,7 @@ from amqtt.session import Session  # type: ignore[import-untyped]
 from broker.acl import CONTROL_TOPIC, RESPONSE_TOPIC
 from broker.client import BrokerTarget
 from broker.embedded_acl import ACCEPTED, NOT_AUTHORIZED, Client, DynamicSecurity
+from broker.exceptions import EmbeddedBrokerError
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +53,6 @@ log = logging.getLogger(__name__)
 MAX_PACKET_SIZE = 262_144 + 4_096
 CONNECT_TIMEOUT = 10.0  # seconds from TCP accept to CONNECT
 _GENERATED_ID = "amqtt/"  # how amqtt names a client that sent an empty client id
-
-
-class EmbeddedBrokerError(Exception):
-    """The embedded broker cannot start (port taken, unreadable state file, no admin password)."""
 
 
 # --- amqtt, adapted ---------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from broker.acl import CONTROL_TOPIC
+from broker.exceptions import CommandError
 
 PUBLISH_SEND = "publishClientSend"
 PUBLISH_RECEIVE = "publishClientReceive"
@@ -193,10 +194,6 @@ class Client:
             data["groups"] = []
         data["disabled"] = self.disabled
         return data
-
-
-class CommandError(ValueError):
-    """A control command (or a state document) that cannot be used; the text is the response's `error`."""
 
 
 @dataclass

@@ -22,7 +22,8 @@ from broker.acl import (
     service_account_commands,
 )
 from broker.client import BrokerTarget
-from broker.dynsec import BrokerAdminError, DynsecAdmin
+from broker.dynsec import DynsecAdmin
+from broker.exceptions import BrokerAdminError, MosquittoError
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +42,6 @@ PLUGIN_DIRS = (  # Debian/Ubuntu (multiarch), then source and other distribution
 )
 _RUNNING = re.compile(rb"mosquitto version \S+ running")
 OPEN_FILES = 65_536  # the soft NOFILE limit asked for mosquitto: one descriptor per connection
-
-
-class MosquittoError(RuntimeError):
-    """mosquitto or one of its tools is missing, refused its configuration, or did not start."""
 
 
 def find_binary(name: str) -> Path:

@@ -11,7 +11,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from broker.acl import Command, device_acls, device_role, provision_commands, revoke_commands
 from broker.client import BrokerTarget
-from broker.dynsec import BrokerAdminError, DynsecAdmin
+from broker.dynsec import DynsecAdmin
+from broker.exceptions import BrokerAdminError
 from cloud.exceptions import HookError
 from cloud.provisioning import CredentialHook
 from cloud.registry.devices import broker_applied, broker_failed, broker_pending

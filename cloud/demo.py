@@ -30,7 +30,7 @@ from urllib.error import HTTPError, URLError
 
 import numpy as np
 
-from cloud.exceptions import CloudError
+from cloud.exceptions import DemoError
 from cloud.localsystem import LocalSystem
 from cloud.ml.data import UserData
 from cloud.settings import Settings
@@ -39,10 +39,6 @@ log = logging.getLogger(__name__)
 
 STEPS = 8  # the milestones of one user's loop, for progress bars
 Progress = Callable[[str, int, str], None]  # (user id, milestones reached, what is happening)
-
-
-class DemoError(CloudError):
-    """The demo could not run the loop to its end (a part failed, or it took too long)."""
 
 
 @dataclass(frozen=True)

@@ -120,3 +120,19 @@ class ChildExited(LocalSystemError):
 
 class FrontConfigError(CloudError):
     """A value for the nginx front's configuration (cloud/front.py) cannot be used; one line says which."""
+
+
+class PublishError(CloudError):
+    """The broker could not be reached, or did not acknowledge a message in time."""
+
+
+class LeaseLost(RegistryError):
+    """The job's lease went to another worker; this one's result is not registered."""
+
+
+class DemoError(CloudError):
+    """The demo could not run the loop to its end (a part failed, or it took too long)."""
+
+
+class LinkError(CloudError, ConnectionError):
+    """The connection failed, was refused, or broke; the text says which (never the password)."""

@@ -33,7 +33,8 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
 
-from broker.client import BrokerTarget, BrokerURLError
+from broker.client import BrokerTarget
+from broker.exceptions import BrokerURLError
 from cloud.children import Child, child_environment, http_ok, port_in_use
 from cloud.exceptions import ChildExited, LocalSystemConfigError, LocalSystemError
 from cloud.registry.tables import Role
@@ -352,11 +353,12 @@ class LocalSystem:
         self._on_ready("queue", f"Redis at {where}")
 
     def _start_broker(self) -> None:
-        from broker.dynsec import BrokerAdminError
+        from broker.exceptions import BrokerAdminError
         from broker.mosquitto import bootstrap, ensure_service_account
 
         if self.embedded:
-            from broker.embedded import EmbeddedBrokerError, EmbeddedBrokerThread
+            from broker.embedded import EmbeddedBrokerThread
+            from broker.exceptions import EmbeddedBrokerError
 
             state = self.data_dir / BROKER_STATE
             passwords = Passwords.load_or_create(self.data_dir / PASSWORDS, broker_state=state)

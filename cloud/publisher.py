@@ -11,7 +11,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from broker.client import BrokerTarget
-from cloud.exceptions import CloudError
+from cloud.exceptions import PublishError
 from cloud.signing import Desired, KeyRing
 from wire.desired import DesiredModel
 from wire.manifest import ArtifactManifest
@@ -22,10 +22,6 @@ from wire.trust import TrustChain
 # Our QoS 1 messages the broker has not acknowledged yet, at most (the broker's receive maximum may cap
 # it lower): a wave's desired models go out back to back, not one round trip each.
 MAX_INFLIGHT = 100
-
-
-class PublishError(CloudError):
-    """The broker could not be reached, or did not acknowledge a message in time."""
 
 
 class CloudPublisher:

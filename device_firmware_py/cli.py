@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
-    from device_firmware_py.config import ConfigError, load_config
-    from device_firmware_py.exceptions import DeviceError
+    from device_firmware_py.config import load_config
+    from device_firmware_py.exceptions import ConfigError, DeviceError
 
     try:
         config = load_config(args.config)
@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _run(config: DeviceConfig, stopping: threading.Event) -> None:
-    from device_firmware_py.config import ConfigError
     from device_firmware_py.daemon import Daemon
+    from device_firmware_py.exceptions import ConfigError
 
     try:
         daemon = Daemon(config, stopping=stopping)
@@ -112,8 +112,9 @@ def _check(config: DeviceConfig) -> None:
 
 
 def _feedback_add(config: DeviceConfig, label: int, file: Path) -> None:
-    from device_firmware_py.config import ConfigError, prepare_state_dir
+    from device_firmware_py.config import prepare_state_dir
     from device_firmware_py.daemon import STATE_FILES
+    from device_firmware_py.exceptions import ConfigError
     from device_firmware_py.feedback import FeedbackStore
     from device_firmware_py.images import ImageInput
     from device_firmware_py.ota import ModelSlots

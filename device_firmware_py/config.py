@@ -53,7 +53,9 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from broker.client import BrokerTarget, BrokerURLError
+from broker.client import BrokerTarget
+from broker.exceptions import BrokerURLError
+from device_firmware_py.exceptions import ConfigError
 from device_firmware_py.exitcodes import ExitCode
 from wire.desired import KEY_ID_PATTERN
 from wire.errors import describe
@@ -63,10 +65,6 @@ __all__ = ["ConfigError", "DeviceConfig", "ExitCode", "load_config", "prepare_st
 
 MAX_CONFIG_BYTES = 64 * 1024
 MAX_SECRET_BYTES = 1024
-
-
-class ConfigError(Exception):
-    """The configuration file is missing, unreadable or invalid; the message names the key."""
 
 
 class _Section(BaseModel):

@@ -69,3 +69,11 @@ class DownloadBusy(DownloadError):
 
 class DownloadCancelled(DeviceError):
     """A download stopped because the daemon is shutting down; not a failed install, nothing to ack."""
+
+
+class ConfigError(DeviceError):
+    """The configuration file is missing, unreadable or invalid; the message names the key."""
+
+
+class SourceError(DeviceError):
+    """An input source cannot be opened (its file or directory is missing or malformed)."""

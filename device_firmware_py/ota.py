@@ -23,8 +23,8 @@ from device_firmware_py.runtime import Int8Model
 from device_firmware_py.trust import clock_is_set
 from wire import AckResult, ArtifactManifest, ContractError, DesiredModel, MessageKind
 from wire.common import utcnow
-from wire.desired import UnknownKeyError, verify_raw
-from wire.errors import shown
+from wire.desired import verify_raw
+from wire.errors import UnknownKeyError, shown
 from wire.limits import max_payload_bytes
 from wire.trust import MAX_CLOCK_SKEW, check_issued_at
 

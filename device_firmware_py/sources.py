@@ -15,7 +15,7 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from device_firmware_py.exceptions import DeviceError
+from device_firmware_py.exceptions import SourceError
 from device_firmware_py.images import ImageInput, is_image_file
 
 log = logging.getLogger(__name__)
@@ -23,10 +23,6 @@ log = logging.getLogger(__name__)
 FloatArray = npt.NDArray[np.float32]
 MAX_INPUT_FILE_BYTES = 16 * 1024 * 1024
 MAX_STREAM_FILE_BYTES = 512 * 1024 * 1024
-
-
-class SourceError(DeviceError):
-    """An input source cannot be opened (its file or directory is missing or malformed)."""
 
 
 @dataclass(frozen=True)

@@ -69,8 +69,8 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningBroke
 def running_mosquitto(state: Path) -> Iterator[RunningBroker]:
     """A mosquitto of its own in `state` (for tests whose counts must see no other test's traffic,
     such as the retained presence and late wills the session's broker carries)."""
+    from broker.exceptions import MosquittoError
     from broker.mosquitto import (
-        MosquittoError,
         MosquittoProcess,
         bootstrap,
         find_binary,

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from wire.common import DeviceId, ModelId, utcnow
-from wire.errors import ContractError, describe
+from wire.errors import ContractError, UnknownKeyError, describe
 from wire.manifest import ArtifactManifest
 from wire.strictjson import strict_json
 
@@ -50,10 +50,6 @@ def canonical_json(value: Any) -> bytes:
         return rfc8785.dumps(value)
     except rfc8785.CanonicalizationError as exc:
         raise ContractError(f"desired model cannot be canonicalized: {exc}") from None
-
-
-class UnknownKeyError(ContractError):
-    """A document signed by a key the verifier does not trust (yet: a trust update may bring it)."""
 
 
 class DesiredModel(BaseModel):

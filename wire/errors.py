@@ -41,3 +41,7 @@ def describe(exc: ValidationError) -> str:
     first = exc.errors()[0]
     where = ".".join(shown(str(p), 40) for p in first["loc"]) or "(top level)"
     return f"{shown(where)}: {shown(first['msg'])}"
+
+
+class UnknownKeyError(ContractError):
+    """A document signed by a key the verifier does not trust (yet: a trust update may bring it)."""

@@ -20,7 +20,8 @@ err = Console(stderr=True)
 
 
 def _admin_target() -> BrokerTarget:
-    from broker.client import BrokerTarget, BrokerURLError
+    from broker.client import BrokerTarget
+    from broker.exceptions import BrokerURLError
 
     settings = _settings()
     if settings.mqtt_admin_url is None:
@@ -38,7 +39,7 @@ def account(
     """Create (or give a new password to) one service process's own account, bound to the client id
     NAME; print its password once. Run each ingest and worker with it: DIREDI_MQTT_URL as NAME and
     DIREDI_MQTT_CLIENT_ID=NAME."""
-    from broker.dynsec import BrokerAdminError
+    from broker.exceptions import BrokerAdminError
     from broker.mosquitto import ensure_service_account
 
     target = _admin_target()

@@ -270,7 +270,7 @@ def api(
     from cloud.signing import KeyRing
 
     KeyRing.open(settings.resolved_signing_key_dir)  # the first key, made once before the workers start
-    from broker.client import BrokerURLError
+    from broker.exceptions import BrokerURLError
     from cloud.broker_hook import hooks_from_settings
 
     try:

@@ -19,15 +19,12 @@ import time
 from dataclasses import dataclass
 
 from broker.client import BrokerTarget
+from cloud.exceptions import LinkError
 
 CONNECT, CONNACK, PUBLISH, PUBACK, SUBSCRIBE, SUBACK = 1, 2, 3, 4, 8, 9
 PINGREQ, PINGRESP, DISCONNECT = 12, 13, 14
 READ_SIZE = 1 << 18
 SESSION_EXPIRY = 86_400  # seconds the broker keeps an MQTT 5 session of a disconnected ingest
-
-
-class LinkError(ConnectionError):
-    """The connection failed, was refused, or broke; the text says which (never the password)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,7 +29,8 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from broker.client import BrokerTarget
-from cloud.ingest.link import Inbound, IngestLink, LinkError
+from cloud.exceptions import LinkError
+from cloud.ingest.link import Inbound, IngestLink
 from cloud.ingest.writer import Accepted, BatchWriter, Written
 from wire.errors import ContractError, Rejection
 from wire.messages import Receipt, decode, encode

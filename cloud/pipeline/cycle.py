@@ -25,7 +25,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from cloud.artifacts import ArtifactStore
-from cloud.exceptions import KnowledgeError, RegistryError
+from cloud.exceptions import KnowledgeError, LeaseLost
 from cloud.ml.cycle import CycleResult, plan_for, rd_cycle, search_of
 from cloud.ml.data import build_scenario_data
 from cloud.ml.families import NetSpec
@@ -57,10 +57,6 @@ STAGES: dict[str, tuple[float, float]] = {
     "re-KD": (0.25, 0.85),
     "export": (0.85, 0.95),
 }
-
-
-class LeaseLost(RegistryError):
-    """The job's lease went to another worker; this one's result is not registered."""
 
 
 @dataclass(frozen=True)

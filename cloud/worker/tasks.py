@@ -29,9 +29,9 @@ from broker.client import BrokerTarget
 from broker.dynsec import DynsecAdmin
 from cloud.artifacts import LocalArtifactStore
 from cloud.broker_hook import BrokerCredentialHook, reconcile
-from cloud.exceptions import ConflictError, HookError, NotFoundError
+from cloud.exceptions import ConflictError, HookError, LeaseLost, NotFoundError, PublishError
 from cloud.pipeline import cycle, scheduling
-from cloud.publisher import CloudPublisher, PublishError
+from cloud.publisher import CloudPublisher
 from cloud.registry import jobs, telemetry
 from cloud.registry.db import make_engine, session_factory, transaction
 from cloud.registry.devices import behind_on_trust
@@ -161,7 +161,7 @@ def run_job(self: Task[Any, Any], job_id: str) -> str:
         except NotFoundError:
             log.error("run_job: no job %s; dropped", job_id)
             return "no such job"
-        except cycle.LeaseLost as exc:
+        except LeaseLost as exc:
             log.warning("%s", exc)
             JOBS.labels(scheduling.JOB_TYPE, "lease-lost").inc()
             return "lease lost"

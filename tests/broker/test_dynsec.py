@@ -16,8 +16,9 @@ from sqlalchemy import Engine
 
 from broker import dynsec
 from broker.acl import device_role, provision_commands
-from broker.client import BrokerTarget, BrokerURLError
-from broker.dynsec import BrokerAdminError, DynsecAdmin
+from broker.client import BrokerTarget
+from broker.dynsec import DynsecAdmin
+from broker.exceptions import BrokerAdminError, BrokerURLError
 from broker.mosquitto import free_ports
 from cloud.broker_hook import BrokerCredentialHook, hooks_from_settings
 from cloud.exceptions import HookError

@@ -20,8 +20,9 @@ import pytest
 
 from broker.acl import CONTROL_TOPIC, RESPONSE_TOPIC, provision_commands, revoke_commands
 from broker.client import BrokerTarget
-from broker.dynsec import BrokerAdminError, DynsecAdmin
-from broker.embedded import MAX_PACKET_SIZE, EmbeddedBrokerError, EmbeddedBrokerThread
+from broker.dynsec import DynsecAdmin
+from broker.embedded import MAX_PACKET_SIZE, EmbeddedBrokerThread
+from broker.exceptions import BrokerAdminError, EmbeddedBrokerError
 from tests.brokers import RunningBroker
 from tests.embedded_broker import STATE_FILE, Peer, control, control_raw, running_embedded_broker
 from wire.topics import DEVICE_PUBLISHES, DEVICE_SUBSCRIBES, MessageKind, device_topic

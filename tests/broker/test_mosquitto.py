@@ -17,8 +17,8 @@ import pytest
 
 from broker.acl import CONTROL_TOPIC, provision_commands, revoke_commands
 from broker.dynsec import DynsecAdmin
+from broker.exceptions import MosquittoError
 from broker.mosquitto import (
-    MosquittoError,
     MosquittoProcess,
     bootstrap,
     ensure_service_account,

@@ -21,7 +21,8 @@ from sqlalchemy import Engine, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from broker.acl import device_role, provision_commands
-from broker.dynsec import BrokerAdminError, DynsecAdmin
+from broker.dynsec import DynsecAdmin
+from broker.exceptions import BrokerAdminError
 from cloud.broker_hook import BrokerCredentialHook, reconcile
 from cloud.registry import apikeys
 from cloud.registry.devices import broker_failed, get_device, provision_device, revoke_device

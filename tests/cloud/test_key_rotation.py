@@ -16,7 +16,8 @@ from device_firmware_py.trust import CLOCK_FLOOR, TrustStore
 from tests.cloud.factories import make_manifest
 from wire import ContractError, DesiredModel
 from wire.common import utcnow
-from wire.desired import UnknownKeyError, verify_raw
+from wire.desired import verify_raw
+from wire.errors import UnknownKeyError
 from wire.manifest import ArtifactManifest
 from wire.trust import MAX_CHAIN, TrustDocument, next_trust
 

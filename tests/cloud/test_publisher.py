@@ -8,7 +8,8 @@ import pytest
 
 from broker.client import BrokerTarget
 from broker.mosquitto import free_ports
-from cloud.publisher import CloudPublisher, PublishError
+from cloud.exceptions import PublishError
+from cloud.publisher import CloudPublisher
 from cloud.signing import Desired, KeyRing
 from tests.brokers import Probe, RunningBroker, new_device_id, provisioned_device
 from tests.cloud.factories import make_manifest

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from device_firmware_py.config import ConfigError, ExitCode, load_config, prepare_state_dir, read_secret
+from device_firmware_py.config import ExitCode, load_config, prepare_state_dir, read_secret
+from device_firmware_py.exceptions import ConfigError
 
 KEY = base64.b64encode(bytes(range(32))).decode()
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from device_firmware_py.exceptions import SourceError
 from device_firmware_py.link import BACKOFF_MAX_S, backoff_delay
-from device_firmware_py.sources import DirectorySource, SimulatedSource, SourceError
+from device_firmware_py.sources import DirectorySource, SimulatedSource
 
 SHAPE = (8, 8, 1)
 

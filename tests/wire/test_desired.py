@@ -14,7 +14,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tests.cloud.factories import make_manifest
 from wire import ContractError, DesiredModel
-from wire.desired import UnknownKeyError, signing_bytes, verify_raw
+from wire.desired import signing_bytes, verify_raw
+from wire.errors import UnknownKeyError
 
 BLOB = b"an int8 flatbuffer" * 50
 MANIFEST = make_manifest(BLOB, line="kitchen", version=2)
