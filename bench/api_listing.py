@@ -33,8 +33,9 @@ from sqlalchemy import insert, text
 
 from cloud.registry import apikeys, migrate
 from cloud.registry.common import hash_secret
-from cloud.registry.db import make_engine, scratch_database, session_factory, transaction
+from cloud.registry.db import make_engine, session_factory, transaction
 from cloud.registry.tables import Cohort, Device, Presence, Role
+from testsupport.postgres import scratch_database
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"

@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.api_listing import RESULTS, api_server, seed
-from cloud.registry.db import scratch_database
+from testsupport.postgres import scratch_database
 
 VALID_SOURCE = "198.51.100.10"
 FLOOD_SOURCE = "203.0.113.66"

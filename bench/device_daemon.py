@@ -48,7 +48,8 @@ from rich.table import Table
 from broker.acl import provision_commands
 from broker.client import BrokerTarget
 from broker.dynsec import DynsecAdmin
-from broker.mosquitto import MosquittoProcess, bootstrap, free_ports, init_dynsec, render_config
+from broker.mosquitto import bootstrap, init_dynsec, render_config
+from cloud.children import free_ports
 from cloud.ml.cycle import TrainingPlan, train_line
 from cloud.ml.data import build_scenario_data
 from cloud.ml.export import EdgeArtifact
@@ -56,6 +57,7 @@ from cloud.ml.families import NetSpec
 from cloud.ml.scenario import load_scenario
 from device_firmware_py.daemon import STATE_FILES
 from device_firmware_py.ota import ModelSlots
+from testsupport.mosquitto import MosquittoProcess
 from wire.knowledge import KnowledgeReport
 from wire.messages import Receipt, Status, decode, encode
 from wire.topics import MessageKind, device_topic

@@ -34,7 +34,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from bench.mqtt_lab import Lab, lab, provision
-from broker.mosquitto import free_ports
+from cloud.children import free_ports
 from wire.topics import MessageKind, device_topic
 
 ROOT = Path(__file__).resolve().parent.parent

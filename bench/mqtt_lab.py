@@ -26,11 +26,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from broker.acl import provision_commands
 from broker.client import BrokerTarget
 from broker.dynsec import DynsecAdmin
-from broker.mosquitto import DYNSEC_NAME, MosquittoProcess, bootstrap, free_ports, init_dynsec, render_config
+from broker.mosquitto import DYNSEC_NAME, bootstrap, init_dynsec, render_config
+from cloud.children import free_ports
 from cloud.registry import migrate
-from cloud.registry.db import make_engine, scratch_database, session_factory, transaction
+from cloud.registry.db import make_engine, session_factory, transaction
 from cloud.registry.devices import create_cohort, provision_device
 from cloud.registry.tables import Telemetry
+from testsupport.mosquitto import MosquittoProcess
+from testsupport.postgres import scratch_database
 
 ROOT = Path(__file__).resolve().parent.parent
 CERTS_SCRIPT = ROOT / "broker" / "certs.sh"

@@ -61,8 +61,8 @@ from cloud.registry import models
 from cloud.registry.db import transaction
 from cloud.registry.tables import Job, JobState, KnowledgeReport, Model, ModelKind
 from cloud.settings import Settings
-from cloud.worker.scratch_redis import scratch_redis
 from device_firmware_py.rd import extract_knowledge
+from testsupport.redis import scratch_redis
 from wire.common import utcnow
 from wire.manifest import edge_model_id
 from wire.messages import Receipt, decode

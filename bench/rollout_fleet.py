@@ -70,8 +70,8 @@ from cloud.registry import models
 from cloud.registry.db import transaction
 from cloud.registry.tables import Device, Role, Rollout, RolloutState, RolloutTarget, TargetState
 from cloud.signing import KeyRing
-from cloud.worker.scratch_redis import scratch_redis
 from device_firmware_py.download import download
+from testsupport.redis import scratch_redis
 from wire.common import utcnow
 from wire.desired import DesiredModel, verify_raw
 from wire.errors import ContractError

@@ -12,7 +12,7 @@ import psutil
 from pydantic import SecretStr
 
 from bench.mqtt_lab import Lab
-from broker.mosquitto import free_ports
+from cloud.children import free_ports
 from cloud.localsystem import LocalSystem
 from cloud.settings import Settings
 

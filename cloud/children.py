@@ -119,3 +119,16 @@ def http_ok(url: str, timeout: float = 1.0) -> str | None:
             return answer.read().decode(errors="replace") if answer.status == 200 else None
     except (URLError, OSError, ValueError):
         return None
+
+
+def free_ports(count: int) -> list[int]:
+    """Loopback ports nobody listens on now (held open together, so they differ): for the parts of a
+    system started on free ports (the demo's), and for tests and benchmarks."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()

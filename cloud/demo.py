@@ -352,7 +352,7 @@ class Demo:
 def demo_settings(data_dir: Path, base: Settings | None = None) -> Settings:
     """The demo's settings: the given ones (configured services, if any) with the demo's data directory
     and a job for every knowledge report."""
-    from broker.mosquitto import free_ports
+    from cloud.children import free_ports
 
     base = base or Settings()
     ingest_port, worker_port = free_ports(2)

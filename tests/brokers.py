@@ -29,7 +29,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from broker.acl import provision_commands
 from broker.client import BrokerTarget
 from broker.dynsec import DynsecAdmin
-from broker.mosquitto import free_ports
+from cloud.children import free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 CERTS_SCRIPT = ROOT / "broker" / "certs.sh"
@@ -70,14 +70,8 @@ def running_mosquitto(state: Path) -> Iterator[RunningBroker]:
     """A mosquitto of its own in `state` (for tests whose counts must see no other test's traffic,
     such as the retained presence and late wills the session's broker carries)."""
     from broker.exceptions import MosquittoError
-    from broker.mosquitto import (
-        MosquittoProcess,
-        bootstrap,
-        find_binary,
-        find_plugin,
-        init_dynsec,
-        render_config,
-    )
+    from broker.mosquitto import bootstrap, find_binary, find_plugin, init_dynsec, render_config
+    from testsupport.mosquitto import MosquittoProcess
 
     try:
         find_binary("mosquitto")

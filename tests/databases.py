@@ -16,8 +16,9 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from cloud.registry import migrate
-from cloud.registry.db import make_engine, scratch_database, session_factory
+from cloud.registry.db import make_engine, session_factory
 from cloud.registry.tables import Base
+from testsupport.postgres import scratch_database
 
 BACKENDS = ["sqlite", "postgresql"]
 POSTGRES_ENV = "DIREDI_TEST_POSTGRES_URL"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cloud.worker.scratch_redis import RedisUnavailable, redis_binary, scratch_redis
+from testsupport.redis import RedisUnavailable, redis_binary, scratch_redis
 
 
 @contextmanager

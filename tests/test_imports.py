@@ -93,7 +93,7 @@ def lint_imports(tree: Path) -> subprocess.CompletedProcess[str]:
 
 def test_the_contracts_hold_and_fail_on_a_forbidden_import(tmp_path: Path) -> None:
     # Prepare: a copy of the product code, then the same with the API importing the ML
-    for name in PACKAGES:
+    for name in [*PACKAGES, "testsupport"]:
         shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
 

@@ -42,7 +42,7 @@ def demo(
 ) -> None:
     """Run the whole DiReDi loop on one machine: KD → dispatch → private feedback → RD → knowledge →
     pipeline → gate → rollout → install, with real device daemons, and print what they measured."""
-    from broker.mosquitto import free_ports
+    from cloud.children import free_ports
     from cloud.demo import STEPS, demo_settings, run_demo
     from cloud.exceptions import DemoError
     from cloud.ml.scenario import load_simulation

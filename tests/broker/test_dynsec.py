@@ -19,8 +19,8 @@ from broker.acl import device_role, provision_commands
 from broker.client import BrokerTarget
 from broker.dynsec import DynsecAdmin
 from broker.exceptions import BrokerAdminError, BrokerURLError
-from broker.mosquitto import free_ports
 from cloud.broker_hook import BrokerCredentialHook, hooks_from_settings
+from cloud.children import free_ports
 from cloud.exceptions import HookError
 from cloud.registry import apikeys
 from cloud.registry.db import session_factory, transaction

@@ -18,16 +18,11 @@ import pytest
 from broker.acl import CONTROL_TOPIC, provision_commands, revoke_commands
 from broker.dynsec import DynsecAdmin
 from broker.exceptions import MosquittoError
-from broker.mosquitto import (
-    MosquittoProcess,
-    bootstrap,
-    ensure_service_account,
-    free_ports,
-    init_dynsec,
-    render_config,
-)
+from broker.mosquitto import bootstrap, ensure_service_account, init_dynsec, render_config
+from cloud.children import free_ports
 from tests.brokers import CERTS_SCRIPT, Probe, RunningBroker, new_device_id, provisioned_device
 from tests.polling import wait_until
+from testsupport.mosquitto import MosquittoProcess
 from wire.topics import DEVICE_PUBLISHES, DEVICE_SUBSCRIBES, MessageKind, device_filter, device_topic
 
 NOT_AUTHORIZED = 0x87

@@ -13,15 +13,15 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from broker.mosquitto import free_ports
+from cloud.children import free_ports
 from cloud.demo import DemoOptions, DemoResult, DeviceRun, demo_settings, device_config, run_demo
-from cloud.registry.db import scratch_database
 from cloud.settings import Settings
 from device_firmware_py.config import load_config
 from tests.brokers import running_mosquitto
 from tests.conftest import SCENARIOS
 from tests.databases import postgres_admin_url
 from tests.redis_server import running_redis
+from testsupport.postgres import scratch_database
 
 DIREDI = Path(sys.executable).with_name("diredi")
 TWO_USERS = SCENARIOS / "digits-two-users.json"

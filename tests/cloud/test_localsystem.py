@@ -25,17 +25,17 @@ from pydantic import SecretStr
 from sqlalchemy import select
 
 from broker.client import BrokerTarget
-from broker.mosquitto import free_ports
-from cloud.children import port_in_use
+from cloud.children import free_ports, port_in_use
 from cloud.exceptions import ChildExited, LocalSystemConfigError
 from cloud.localsystem import BROKER_STATE, PASSWORDS, SERVICE_ACCOUNTS, LocalSystem, Passwords
-from cloud.registry.db import make_engine, scratch_database
+from cloud.registry.db import make_engine
 from cloud.registry.tables import Device
 from cloud.settings import Settings
 from tests.brokers import Probe, new_device_id, running_mosquitto
 from tests.databases import postgres_admin_url
 from tests.polling import wait_until
 from tests.redis_server import running_redis
+from testsupport.postgres import scratch_database
 from wire.messages import Presence, PresenceState, encode
 from wire.topics import MessageKind, device_topic
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from broker.client import BrokerTarget
-from broker.mosquitto import free_ports
+from cloud.children import free_ports
 from cloud.exceptions import PublishError
 from cloud.publisher import CloudPublisher
 from cloud.signing import Desired, KeyRing

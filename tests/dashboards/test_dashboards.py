@@ -20,12 +20,13 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from cloud.registry import migrate
-from cloud.registry.db import make_engine, scratch_database
+from cloud.registry.db import make_engine
 from dashboards.build import DASHBOARDS, JSON_DIR
 from dashboards.validate import walk
 from tests.dashboards.grafana_macros import TimeRange, Variable, interpolate
 from tests.dashboards.seed import seed
 from tests.databases import postgres_admin_url
+from testsupport.postgres import scratch_database
 
 RANGE = timedelta(hours=6)  # the dashboards' default time range, now-6h to now
 INTERVAL = timedelta(minutes=1)  # $__interval for a ~360 px wide panel over 6 hours

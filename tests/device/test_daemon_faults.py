@@ -27,7 +27,7 @@ from cloud.ingest.service import Ingest
 from cloud.ml.families import NetSpec
 from cloud.pipeline.lines import register_line
 from cloud.registry import migrate
-from cloud.registry.db import make_engine, scratch_database, session_factory
+from cloud.registry.db import make_engine, session_factory
 from cloud.registry.devices import create_cohort, provision_device
 from cloud.registry.tables import KnowledgeReport
 from device_firmware_py.config import ExitCode
@@ -37,6 +37,7 @@ from device_firmware_py.spool import Spool
 from tests.brokers import RunningBroker, provisioned_device, running_mosquitto
 from tests.databases import postgres_admin_url
 from tests.device.daemons import DaemonProcess, install_model, wait_until, write_config, write_stream
+from testsupport.postgres import scratch_database
 
 NEW_SAMPLES = 10  # a report every 10 labelled samples: the stream's 100 make 10 reports
 KEY = {"0123456789abcdef": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}  # no update in these tests

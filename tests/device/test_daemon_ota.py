@@ -25,14 +25,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from broker.acl import provision_commands
 from broker.dynsec import DynsecAdmin
-from broker.mosquitto import free_ports
 from cloud.artifacts import LocalArtifactStore
+from cloud.children import free_ports
 from cloud.ingest.service import Ingest
 from cloud.ml.families import NetSpec
 from cloud.pipeline.lines import register_line
 from cloud.publisher import CloudPublisher
 from cloud.registry import migrate, models
-from cloud.registry.db import make_engine, scratch_database, session_factory
+from cloud.registry.db import make_engine, session_factory
 from cloud.registry.devices import create_cohort, provision_device
 from cloud.registry.tables import Device, ModelAck
 from cloud.signing import KeyRing
@@ -43,6 +43,7 @@ from tests.brokers import RunningBroker, running_mosquitto
 from tests.databases import postgres_admin_url
 from tests.device.artifacts import DEVICE, SECRET, ArtifactServer
 from tests.device.daemons import DaemonProcess, install_model, wait_until, write_config, write_stream
+from testsupport.postgres import scratch_database
 
 DIREDI = Path(sys.executable).with_name("diredi")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.mosquitto import free_ports
+from cloud.children import free_ports
 from tests.front.nginx import (
     CERTS_SCRIPT,
     Front,

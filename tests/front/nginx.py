@@ -21,8 +21,8 @@ from typing import Any
 import psutil
 import pytest
 
-from broker.mosquitto import free_ports
 from cloud.api.problems import MEDIA_TYPE, PROBLEM_TYPE
+from cloud.children import free_ports
 from cloud.front import FrontLimits, find_nginx, nginx_command, render_config
 from tests.polling import wait_until
 

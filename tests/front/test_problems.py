@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.mosquitto import free_ports
+from cloud.children import free_ports
 from cloud.front import DEFAULT_MAX_BODY
 from cloud.settings import Settings
 from tests.front.nginx import Front, assert_problem, exchange, get, needs_nginx, running_front

@@ -14,7 +14,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from broker.client import BrokerTarget
-from broker.mosquitto import free_ports
+from cloud.children import free_ports
 from tests.device.daemons import DaemonProcess, write_config, write_stream
 from tests.polling import wait_until
 

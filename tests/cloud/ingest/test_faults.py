@@ -28,11 +28,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from broker.mosquitto import free_ports
 from cloud.artifacts import LocalArtifactStore
+from cloud.children import free_ports
 from cloud.ingest.service import Ingest
 from cloud.registry import migrate
-from cloud.registry.db import make_engine, scratch_database, session_factory
+from cloud.registry.db import make_engine, session_factory
 from cloud.registry.tables import KnowledgeReport, Telemetry
 from tests.brokers import RunningBroker
 from tests.cloud.factories import knowledge_payload
@@ -45,6 +45,7 @@ from tests.cloud.ingest.device_script import (
 )
 from tests.databases import postgres_admin_url
 from tests.polling import wait_until
+from testsupport.postgres import scratch_database
 
 log = logging.getLogger(__name__)
 

@@ -31,13 +31,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from cloud.ingest.service import Ingest
 from cloud.registry import migrate
-from cloud.registry.db import make_engine, scratch_database, session_factory
+from cloud.registry.db import make_engine, session_factory
 from cloud.registry.tables import Device, KnowledgeReport, ModelAck, Telemetry
 from tests.brokers import Probe, RunningBroker, new_device_id, provisioned_device, running_mosquitto
 from tests.cloud.factories import knowledge_payload, make_cohort, make_device
 from tests.databases import postgres_admin_url
 from tests.embedded_broker import running_embedded_broker
 from tests.wire.test_messages import json_values, payload_of, valid_doc
+from testsupport.postgres import scratch_database
 from wire.arrays import EncodedArray
 from wire.errors import ContractError, Rejection
 from wire.limits import max_payload_bytes

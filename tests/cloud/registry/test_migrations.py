@@ -14,9 +14,10 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, inspect
 
 from cloud.registry import migrate
-from cloud.registry.db import make_engine, scratch_database
+from cloud.registry.db import make_engine
 from cloud.registry.tables import Base
 from tests.databases import BACKENDS, postgres_admin_url
+from testsupport.postgres import scratch_database
 
 BOOKKEEPING = {"alembic_version"}
 

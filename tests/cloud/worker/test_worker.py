@@ -21,12 +21,13 @@ from cloud.ml.cycle import EdgeLine
 from cloud.ml.data import ScenarioData
 from cloud.ml.scenario import Scenario
 from cloud.registry import jobs, knowledge, migrate
-from cloud.registry.db import make_engine, scratch_database, session_factory
+from cloud.registry.db import make_engine, session_factory
 from cloud.registry.tables import Job, JobState, KnowledgeStatus, Model, ModelKind, ModelStatus
 from tests.cloud.lines import report_knowledge, ship_line
 from tests.databases import postgres_admin_url
 from tests.polling import wait_until
 from tests.redis_server import running_redis
+from testsupport.postgres import scratch_database
 
 pytestmark = pytest.mark.slow
 LEASE_S = 10  # short, so a dead worker's job is taken up again quickly

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import redis
 
-from broker.mosquitto import free_ports
+from cloud.children import free_ports
 from cloud.exceptions import CloudError
 
 START_TIMEOUT = 10.0
