@@ -55,6 +55,7 @@ from cloud.ml.data import build_scenario_data
 from cloud.ml.export import EdgeArtifact
 from cloud.ml.families import NetSpec
 from cloud.ml.scenario import load_scenario
+from device_firmware_py.config import DeviceConfig, write_config
 from device_firmware_py.daemon import STATE_FILES
 from device_firmware_py.ota import ModelSlots
 from testsupport.mosquitto import MosquittoProcess
@@ -133,36 +134,25 @@ def write_device(directory: Path, target: BrokerTarget, secret: str, stream: Pat
     secret_file = directory / "secret"
     secret_file.write_text(secret + "\n")
     secret_file.chmod(0o600)
-    scheme = "mqtts" if target.tls else "mqtt"
-    ca_line = f'ca_file = "{target.ca_file}"\n' if target.ca_file else ""
     key_id = secrets.token_hex(8)  # no update comes in this bench: any well-formed key will do
     key = base64.b64encode(secrets.token_bytes(32)).decode()
-    path = directory / "device.toml"
-    path.write_text(
-        f'device_id = "{DEVICE_ID}"\n'
-        f'state_dir = "{directory / "state"}"\n'
-        "[broker]\n"
-        f'url = "{scheme}://{target.host}:{target.port}"\n'
-        f"{ca_line}"
-        "keepalive_s = 30\n"
-        "[credentials]\n"
-        f'file = "{secret_file}"\n'
-        "[api]\n"
-        'url = "http://127.0.0.1:9"\n'
-        "[trust]\n"
-        f'"{key_id}" = "{key}"\n'
-        "[input]\n"
-        'source = "simulated"\n'
-        f'path = "{stream}"\n'
-        f"rate_hz = {rate_hz:g}\n"
-        "feedback_every = 10\n"
-        "[rd]\n"
-        "min_samples = 20\n"
-        "new_samples = 100\n"
-        "[status]\n"
-        "interval_s = 5\n"
+    broker: dict[str, Any] = {"url": f"{'mqtts' if target.tls else 'mqtt'}://{target.host}:{target.port}"}
+    if target.ca_file:
+        broker["ca_file"] = target.ca_file
+    config = DeviceConfig.model_validate(
+        {
+            "device_id": DEVICE_ID,
+            "state_dir": directory / "state",
+            "broker": broker,
+            "credentials": {"file": secret_file},
+            "api": {"url": "http://127.0.0.1:9"},
+            "trust": {key_id: key},
+            "input": {"source": "simulated", "path": stream, "rate_hz": rate_hz, "feedback_every": 10},
+            "rd": {"min_samples": 20, "new_samples": 100},
+            "status": {"interval_s": 5},
+        }
     )
-    return path
+    return write_config(directory / "device.toml", config)
 
 
 def install_model(state: Path, artifact: EdgeArtifact) -> None:

@@ -34,6 +34,7 @@ from cloud.exceptions import DemoError
 from cloud.localsystem import LocalSystem
 from cloud.ml.data import UserData
 from cloud.settings import Settings
+from device_firmware_py.config import DeviceConfig, write_config
 
 log = logging.getLogger(__name__)
 
@@ -134,24 +135,23 @@ def device_config(
     status_interval_s: float,
 ) -> Path:
     """Write a device's configuration (the daemon's TOML format) and return its path."""
-    q = json.dumps  # a JSON string of ASCII is a TOML basic string
-    keys = "\n".join(f"{q(key_id)} = {q(key)}" for key_id, key in trusted_keys.items())
-    path = directory / "device.toml"
-    path.write_text(
-        f"device_id = {q(device_id)}\n"
-        f"state_dir = {q(str(directory / 'state'))}\n"
-        f"trust_version = {trust_version}\n"
-        f"trust_threshold = {trust_threshold}\n"
-        f"[broker]\nurl = {q(broker_url)}\nkeepalive_s = 15\n"
-        f"[credentials]\nfile = {q(str(directory / 'secret'))}\n"
-        f"[api]\nurl = {q(api_url)}\ntimeout_s = 30\n"
-        f"[trust]\n{keys}\n"
-        f'[input]\nsource = "simulated"\npath = {q(str(stream))}\nrate_hz = {rate_hz}\nfeedback_every = 1\n'
-        f"[rd]\nmin_samples = 20\nnew_samples = {new_samples}\n"
-        f"[status]\ninterval_s = {status_interval_s}\n"
-        "[spool]\nresend_after_s = 10\n"
+    config = DeviceConfig.model_validate(
+        {
+            "device_id": device_id,
+            "state_dir": directory / "state",
+            "trust_version": trust_version,
+            "trust_threshold": trust_threshold,
+            "broker": {"url": broker_url, "keepalive_s": 15},
+            "credentials": {"file": directory / "secret"},
+            "api": {"url": api_url, "timeout_s": 30},
+            "trust": trusted_keys,
+            "input": {"source": "simulated", "path": stream, "rate_hz": rate_hz, "feedback_every": 1},
+            "rd": {"min_samples": 20, "new_samples": new_samples},
+            "status": {"interval_s": status_interval_s},
+            "spool": {"resend_after_s": 10},
+        }
     )
-    return path
+    return write_config(directory / "device.toml", config)
 
 
 def write_user_stream(path: Path, user: UserData) -> int:

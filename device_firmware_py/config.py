@@ -44,7 +44,9 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+import json
 import os
+import re
 import stat
 import tomllib
 from pathlib import Path
@@ -61,7 +63,16 @@ from wire.desired import KEY_ID_PATTERN
 from wire.errors import describe
 from wire.topics import DEVICE_ID_PATTERN
 
-__all__ = ["ConfigError", "DeviceConfig", "ExitCode", "load_config", "prepare_state_dir", "read_secret"]
+__all__ = [
+    "ConfigError",
+    "DeviceConfig",
+    "ExitCode",
+    "load_config",
+    "prepare_state_dir",
+    "read_secret",
+    "to_toml",
+    "write_config",
+]
 
 MAX_CONFIG_BYTES = 64 * 1024
 MAX_SECRET_BYTES = 1024
@@ -214,6 +225,38 @@ def _loopback(host: str | None) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(str(value))  # a JSON string is a TOML basic string
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
+
+
+def to_toml(config: DeviceConfig) -> str:
+    """The configuration as the daemon's TOML file: what `load_config` reads back as `config`. The one
+    writer of device configurations (provisioning tools, the demo, tests, benchmarks)."""
+    document = config.model_dump(mode="python", exclude_none=True)
+    top = [f"{key} = {_toml_value(value)}" for key, value in document.items() if not isinstance(value, dict)]
+    lines = [*top, ""]
+    for section, values in document.items():
+        if isinstance(values, dict):
+            lines.append(f"[{section}]")
+            lines += [f"{_toml_key(str(key))} = {_toml_value(value)}" for key, value in values.items()]
+            lines.append("")
+    return "\n".join(lines)
+
+
+def write_config(path: Path, config: DeviceConfig) -> Path:
+    """Write `config` to `path` as TOML (see `to_toml`) and return the path."""
+    path.write_text(to_toml(config))
+    return path
 
 
 def load_config(path: Path) -> DeviceConfig:

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 
 from broker.client import BrokerTarget
+from device_firmware_py.config import DeviceConfig
+from device_firmware_py.config import write_config as write_device_config
 from device_firmware_py.daemon import STATE_FILES
 from device_firmware_py.ota import ModelSlots
 from tests.polling import wait_until
@@ -32,6 +34,8 @@ def write_config(
     stream: Path,
     *,
     trust: dict[str, str],
+    trust_version: int = 0,
+    trust_threshold: int = 1,
     api_url: str = "http://127.0.0.1:9",
     rate_hz: float = 200,
     feedback_every: int = 1,
@@ -44,43 +48,32 @@ def write_config(
     """A device configuration `directory/name` (its state under `directory/state`), with its secret
     file; `rd` adds settings to its [rd] section (epsilon, budget_epsilon, schedule_s...); with
     `source="directory"`, `stream` is the directory its inputs are dropped into."""
-    rd_settings = "".join(f"{key} = {value}\n" for key, value in (rd or {}).items())
     secret_file = directory / "secret"
     secret_file.write_text(secret + "\n")
     secret_file.chmod(0o600)
-    keys = "\n".join(f'"{key_id}" = "{key}"' for key_id, key in trust.items())
-    broker_settings = f'url = "{"mqtts" if broker.tls else "mqtt"}://{broker.host}:{broker.port}"\n'
+    broker_settings: dict[str, Any] = {
+        "url": f"{'mqtts' if broker.tls else 'mqtt'}://{broker.host}:{broker.port}",
+        "keepalive_s": 10,
+    }
     if broker.ca_file is not None:
-        broker_settings += f'ca_file = "{broker.ca_file}"\n'
-    path = directory / name
-    path.write_text(
-        f'device_id = "{device_id}"\n'
-        f'state_dir = "{directory / "state"}"\n'
-        "[broker]\n"
-        f"{broker_settings}"
-        "keepalive_s = 10\n"
-        "[credentials]\n"
-        f'file = "{secret_file}"\n'
-        "[api]\n"
-        f'url = "{api_url}"\n'
-        "timeout_s = 10\n"
-        "[trust]\n"
-        f"{keys}\n"
-        "[input]\n"
-        f'source = "{source}"\n'
-        f'path = "{stream}"\n'
-        f"rate_hz = {rate_hz}\n"
-        f"feedback_every = {feedback_every}\n"
-        "[rd]\n"
-        "min_samples = 20\n"
-        f"new_samples = {new_samples}\n"
-        f"{rd_settings}"
-        "[status]\n"
-        "interval_s = 1\n"
-        "[spool]\n"
-        f"resend_after_s = {resend_after_s}\n"
+        broker_settings["ca_file"] = broker.ca_file
+    config = DeviceConfig.model_validate(
+        {
+            "device_id": device_id,
+            "state_dir": directory / "state",
+            "trust_version": trust_version,
+            "trust_threshold": trust_threshold,
+            "broker": broker_settings,
+            "credentials": {"file": secret_file},
+            "api": {"url": api_url, "timeout_s": 10},
+            "trust": trust,
+            "input": {"source": source, "path": stream, "rate_hz": rate_hz, "feedback_every": feedback_every},
+            "rd": {"min_samples": 20, "new_samples": new_samples, **(rd or {})},
+            "status": {"interval_s": 1},
+            "spool": {"resend_after_s": resend_after_s},
+        }
     )
-    return path
+    return write_device_config(directory / name, config)
 
 
 def install_model(directory: Path, model: bytes, manifest: Any) -> None:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from device_firmware_py.config import ExitCode, load_config, prepare_state_dir, read_secret
+from device_firmware_py.config import ExitCode, load_config, prepare_state_dir, read_secret, to_toml
+from device_firmware_py.config import write_config as write_device_config
 from device_firmware_py.exceptions import ConfigError
 
 KEY = base64.b64encode(bytes(range(32))).decode()
@@ -204,3 +205,17 @@ def test_the_command_line_exits_78_on_a_wrong_configuration(tmp_path: Path) -> N
     assert wrong.returncode == ExitCode.CONFIG and "input.source" in wrong.stderr
     assert fine.returncode == ExitCode.OK, fine.stderr
     assert usage.returncode == ExitCode.USAGE and "--config" in usage.stderr
+
+
+def test_the_one_writer_writes_what_load_config_reads_back(tmp_path: Path) -> None:
+    # Prepare: configurations with every section, with and without local DP
+    loaded = load_config(write_config(tmp_path))
+    text = write_config(tmp_path).read_text() + "[rd]\nepsilon = 2.0\nbudget_epsilon = 8.0\n"
+    with_dp = load_config(write_config(tmp_path, text))
+
+    # Execute
+    written = [write_device_config(tmp_path / f"again-{i}.toml", c) for i, c in enumerate((loaded, with_dp))]
+
+    # Assert
+    assert [load_config(path) for path in written] == [loaded, with_dp]
+    assert to_toml(loaded).startswith('device_id = "cam-kitchen-1"\n')

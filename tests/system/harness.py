@@ -59,11 +59,9 @@ def provisioned_daemon(
         str(provisioning["secret"]),
         write_stream(directory / "stream.npz", inputs, labels),
         trust={str(key["key_id"]): str(key["public_key"]) for key in provisioning["trusted_keys"]},
+        trust_version=int(provisioning["trust_version"]),
+        trust_threshold=int(provisioning["trust_threshold"]),
         api_url=api_url,
         feedback_every=0,
     )
-    # top-level settings: before the first [table]
-    trust = f"trust_version = {provisioning['trust_version']}\n"
-    trust += f"trust_threshold = {provisioning['trust_threshold']}\n"
-    config.write_text(trust + config.read_text())
     return DaemonProcess(config, directory)
