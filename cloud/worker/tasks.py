@@ -135,6 +135,12 @@ _ML = threading.Lock()  # one training at a time per worker process: they would 
     bind=True,
     acks_late=True,
     reject_on_worker_lost=True,
+    # The database went away: Celery sends the job again later, 5 s, 10 s, 20 s... (at most 5 min,
+    # with jitter), MAX_ATTEMPTS times.
+    autoretry_for=(OperationalError,),
+    retry_backoff=5,
+    retry_backoff_max=300,
+    retry_jitter=True,
     max_retries=MAX_ATTEMPTS,
 )
 def run_job(self: Task[Any, Any], job_id: str) -> str:
@@ -165,12 +171,11 @@ def run_job(self: Task[Any, Any], job_id: str) -> str:
             log.warning("%s", exc)
             JOBS.labels(scheduling.JOB_TYPE, "lease-lost").inc()
             return "lease lost"
-        except OperationalError as exc:  # the database went away: try again later, lease given up
+        except OperationalError as exc:  # retried by Celery (autoretry_for), the lease given up first
             _release(ctx, key)
             if self.request.retries >= MAX_ATTEMPTS:
                 cycle.fail_job(ctx.sessions, key, owner=ctx.owner, error=f"database unavailable: {exc}")
-                raise
-            raise self.retry(exc=exc, countdown=min(300, 5 * 2**self.request.retries)) from None
+            raise
         except Exception as exc:
             JOBS.labels(scheduling.JOB_TYPE, "error").inc()
             cycle.fail_job(ctx.sessions, key, owner=ctx.owner, error=f"{type(exc).__name__}: {exc}")

@@ -9,9 +9,11 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from cloud.artifacts import LocalArtifactStore
+from cloud.pipeline import cycle
 from cloud.registry import jobs, knowledge, telemetry
 from cloud.registry.tables import JobState, KnowledgeStatus, Telemetry, utcnow
 from cloud.settings import Settings
@@ -135,3 +137,29 @@ def test_prune_telemetry_deletes_what_is_older_than_the_retention(
     # Assert
     assert deleted == 1
     assert len(telemetry.query(session, device_id="cam-1", limit=10, offset=0)) == 1
+
+
+def test_a_job_the_database_keeps_failing_is_retried_by_celery_then_failed(
+    sent: list[uuid.UUID], session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: a pending job whose every run finds the database gone
+    make_cohort(session, "kitchen")
+    job = jobs.create_job(session, type="rd_cycle", cohort_id="kitchen", params={})
+    session.commit()
+    runs: list[int] = []
+
+    def database_gone(*args: object, **kwargs: object) -> None:
+        runs.append(1)
+        raise OperationalError("SELECT 1", {}, Exception("connection refused"))
+
+    monkeypatch.setattr(cycle, "run_cycle_job", database_gone)
+    monkeypatch.setattr(cycle, "fail_job", lambda sessions, key, *, owner, error: failed.append(error))
+    failed: list[str] = []
+
+    # Execute: eagerly, as a worker would (Celery runs the retries in place, without their countdown)
+    result = tasks.run_job.apply(args=(str(job.id),))
+
+    # Assert: the first run and MAX_ATTEMPTS retries, then the job is failed with the reason
+    assert len(runs) == tasks.MAX_ATTEMPTS + 1
+    assert isinstance(result.result, OperationalError)
+    assert len(failed) == 1 and failed[0].startswith("database unavailable")
