@@ -13,20 +13,10 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import os
 import queue
-import resource
-import signal
 import threading
 import time
 import uuid
-from collections import Counter
-from dataclasses import dataclass, field
-from pathlib import Path
-from types import FrameType
-
-import numpy as np
 
 from device_firmware_py.config import DeviceConfig, prepare_state_dir, read_secret
 from device_firmware_py.download import http_fetcher
@@ -48,11 +38,12 @@ from device_firmware_py.rd import RDPolicy, extract_knowledge
 from device_firmware_py.runtime import MAX_ARTIFACT_BYTES, Int8Model
 from device_firmware_py.sources import DirectorySource, InputSource, Sample, SimulatedSource
 from device_firmware_py.spool import Spool
-from device_firmware_py.systemd import Notifier
+from device_firmware_py.systemd import Notifier, stop_on_signals
+from device_firmware_py.telemetry import Window, cpu_seconds
 from device_firmware_py.trust import TrustStore
 from wire.desired import DesiredModel
 from wire.errors import ContractError
-from wire.messages import Command, CommandName, ModelAck, Receipt, Status, decode, encode
+from wire.messages import Command, CommandName, ModelAck, Receipt, decode, encode
 from wire.topics import TRUST_TOPIC, MessageKind, device_topic
 
 log = logging.getLogger(__name__)
@@ -67,58 +58,6 @@ STATE_FILES = {
     "socket": "feedback.sock",
     "stream": "stream-position.json",
 }
-
-
-@dataclass
-class Window:
-    """What the daemon measured since its last status."""
-
-    latencies_ms: list[float] = field(default_factory=list)
-    confidences: list[float] = field(default_factory=list)
-    classes: Counter[int] = field(default_factory=Counter)
-    correct: int = 0
-    known: int = 0
-
-    def record(self, latency_ms: float, confidence: float, predicted: int, label: int | None) -> None:
-        self.latencies_ms.append(latency_ms)
-        self.confidences.append(confidence)
-        self.classes[predicted] += 1
-        if label is not None:
-            self.known += 1
-            self.correct += int(predicted == label)
-
-
-def _percentile(values: list[float], q: float) -> float | None:
-    return float(np.percentile(values, q)) if values else None
-
-
-def _temperature() -> float | None:
-    """The SoC's temperature on a Raspberry Pi (and most Linux boards), if the kernel exposes it."""
-    try:
-        celsius = int(Path("/sys/class/thermal/thermal_zone0/temp").read_text().strip()) / 1000
-    except (OSError, ValueError):
-        return None
-    return celsius if -100 <= celsius <= 200 else None
-
-
-def _rss_bytes() -> int | None:
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return pages * os.sysconf("SC_PAGE_SIZE")
-
-
-def stop_on_signals(stopping: threading.Event) -> None:
-    """Make SIGTERM and SIGINT set `stopping` (from the main thread). The command line calls this
-    before the daemon's slow imports and start-up, so a stop during start-up is a clean one too."""
-
-    def on_signal(number: int, _frame: FrameType | None) -> None:
-        log.info("%s: stopping", signal.Signals(number).name)
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
 
 
 class Daemon:
@@ -182,7 +121,7 @@ class Daemon:
         self._rd_requested = False
         self._last_rd = time.monotonic()
         self._last_status = 0.0
-        self._cpu_at_status = (time.monotonic(), self._cpu_seconds())
+        self._cpu_at_status = (time.monotonic(), cpu_seconds())
         self.stream_state = files["stream"]
         self._stream_consumed = self._load_stream_position()
         if self.model is not None:
@@ -317,33 +256,18 @@ class Daemon:
 
     # Status ---------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _cpu_seconds() -> float:
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        return usage.ru_utime + usage.ru_stime
-
     def _publish_status(self) -> None:
-        w, self.window = self.window, Window()
-        now, cpu = time.monotonic(), self._cpu_seconds()
+        window, self.window = self.window, Window()
+        now, cpu = time.monotonic(), cpu_seconds()
         then, cpu_then = self._cpu_at_status
         self._cpu_at_status = (now, cpu)
-        cpu_percent = 100 * (cpu - cpu_then) / (now - then) if now > then else None
-        status = Status(
-            device_id=self.device_id,
+        status = window.status(
+            self.device_id,
             model_id=self.model.manifest.model_id if self.model else None,
             uptime_s=now - self.started,
             inference_count=self.inference_count,
-            latency_p50_ms=_percentile(w.latencies_ms, 50),
-            latency_p95_ms=_percentile(w.latencies_ms, 95),
-            mean_confidence=float(np.mean(w.confidences)) if w.confidences else None,
-            class_histogram={str(c): n for c, n in w.classes.most_common(256)},
-            labelled_count=min(self.feedback.count(), 2**31 - 1) if self.feedback else None,
-            accuracy=w.correct / w.known if w.known else None,
-            cpu_percent=min(cpu_percent, 25_600.0)
-            if cpu_percent is not None and math.isfinite(cpu_percent)
-            else None,
-            mem_bytes=_rss_bytes(),
-            temp_c=_temperature(),
+            labelled_count=self.feedback.count() if self.feedback else None,
+            cpu_percent=100 * (cpu - cpu_then) / (now - then) if now > then else None,
             trust_version=self.trust.version,
         )
         self.link.publish(MessageKind.STATUS, encode(status))

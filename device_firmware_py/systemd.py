@@ -1,12 +1,16 @@
-"""The daemon's side of systemd's notification protocol (sd_notify(3)): READY, WATCHDOG, STATUS,
-STOPPING, sent as datagrams to $NOTIFY_SOCKET. Outside systemd (no socket) every call does nothing."""
+"""The daemon's life under systemd: the notification protocol (sd_notify(3): READY, WATCHDOG, STATUS,
+STOPPING, sent as datagrams to $NOTIFY_SOCKET; outside systemd, no socket, every call does nothing),
+and SIGTERM/SIGINT as a request to stop."""
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import threading
 import time
+from types import FrameType
 
 log = logging.getLogger(__name__)
 
@@ -68,3 +72,15 @@ class Notifier:
         if self._socket is not None:
             self._socket.close()
             self._socket = None
+
+
+def stop_on_signals(stopping: threading.Event) -> None:
+    """Make SIGTERM and SIGINT set `stopping` (from the main thread). The command line calls this
+    before the daemon's slow imports and start-up, so a stop during start-up is a clean one too."""
+
+    def on_signal(number: int, _frame: FrameType | None) -> None:
+        log.info("%s: stopping", signal.Signals(number).name)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
