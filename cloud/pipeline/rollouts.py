@@ -17,21 +17,31 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from sqlalchemy import case, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from cloud.exceptions import ConflictError, NotFoundError, RegistryError
+from cloud.exceptions import ConflictError, RegistryError
 from cloud.pipeline.rollout_checks import RolloutPlan, wave_health
 from cloud.registry.models import edge_manifest, get_model
-from cloud.registry.rollouts import OPEN_ROLLOUTS, create_rollout, lock_rollout
+from cloud.registry.rollouts import (
+    active_device_of,
+    canaries_first,
+    cohorts_with_completed_rollouts,
+    create_rollout,
+    current_rollout,
+    devices_by_id,
+    devices_to_reconcile,
+    lock_cohort,
+    lock_rollout,
+    offered_count,
+    open_rollout,
+    rollouts_in,
+    targets_of,
+)
 from cloud.registry.tables import (
-    Cohort,
-    Device,
     DeviceStatus,
     Model,
     ModelKind,
     ModelStatus,
-    Presence,
     Rollout,
     RolloutState,
     RolloutTarget,
@@ -98,29 +108,16 @@ def start_rollout(
     model = get_model(session, model_id)
     if model.kind is not ModelKind.edge or model.status is not ModelStatus.approved:
         raise ConflictError(f"model {model_id} is not an approved edge model")
-    _lock_cohort(session, model.cohort_id)
-    busy = session.scalar(
-        select(Rollout.id)
-        .where(Rollout.cohort_id == model.cohort_id, Rollout.state.in_(OPEN_ROLLOUTS))
-        .limit(1)
-    )
+    lock_cohort(session, model.cohort_id)
+    busy = open_rollout(session, model.cohort_id)
     if busy is not None:
         raise ConflictError(
             f"cohort {model.cohort_id} already has an open rollout {busy}; let it finish or roll it back"
         )
     if device_ids is None:
-        devices: Sequence[Device] = session.scalars(
-            select(Device)
-            .where(Device.cohort_id == model.cohort_id, Device.status == DeviceStatus.active)
-            # Devices online now make the better canaries: they answer at once.
-            .order_by(
-                case((Device.presence == Presence.online, 0), else_=1),
-                Device.last_seen.desc().nulls_last(),
-                Device.id,
-            )
-        ).all()
+        devices = canaries_first(session, model.cohort_id)
     else:
-        devices = [_active_device(session, d, model.cohort_id) for d in dict.fromkeys(device_ids)]
+        devices = [active_device_of(session, d, model.cohort_id) for d in dict.fromkeys(device_ids)]
     eligible = [d.id for d in devices if d.reported_model_id != model_id]
     waves = plan.split(eligible)
     stages = [{"size": len(w), "offered_at": None, "settled_at": None, "health": None} for w in waves]
@@ -149,11 +146,7 @@ def resume(session: Session, rollout_id: uuid.UUID) -> Rollout:
     rollout = lock_rollout(session, rollout_id)
     if rollout.state is not RolloutState.paused:
         raise ConflictError(f"rollout {rollout_id} is {rollout.state.value}, not paused")
-    offered = session.scalar(
-        select(func.count())
-        .select_from(RolloutTarget)
-        .where(RolloutTarget.rollout_id == rollout_id, RolloutTarget.state != TargetState.pending)
-    )
+    offered = offered_count(session, rollout_id)
     rollout.state = RolloutState.running if offered else RolloutState.pending
     rollout.reason = ""
     return rollout
@@ -166,14 +159,10 @@ def request_rollback(
     completed rollout can be rolled back while it is its cohort's current one and nothing newer is open."""
     rollout = lock_rollout(session, rollout_id)
     if rollout.state is RolloutState.completed:
-        _lock_cohort(session, rollout.cohort_id)
-        if _current_rollout(session, rollout.cohort_id) != rollout.id:
+        lock_cohort(session, rollout.cohort_id)
+        if current_rollout(session, rollout.cohort_id) != rollout.id:
             raise ConflictError(f"rollout {rollout_id} is no longer its cohort's current rollout")
-        other = session.scalar(
-            select(Rollout.id)
-            .where(Rollout.cohort_id == rollout.cohort_id, Rollout.state.in_(OPEN_ROLLOUTS))
-            .limit(1)
-        )
+        other = open_rollout(session, rollout.cohort_id)
         if other is not None:
             raise ConflictError(
                 f"rollout {other} of cohort {rollout.cohort_id} is open; roll that one back first"
@@ -187,7 +176,7 @@ def request_rollback(
 
 def current_model(session: Session, cohort_id: str) -> str | None:
     """The cohort's approved model: that of its latest completed rollout (None before the first)."""
-    rollout_id = _current_rollout(session, cohort_id)
+    rollout_id = current_rollout(session, cohort_id)
     return None if rollout_id is None else session.get_one(Rollout, rollout_id).model_id
 
 
@@ -202,9 +191,7 @@ def advance_rollouts(
     a transaction of its own; a publish error propagates (the worker retries the pass)."""
     now = now or utcnow()
     with sessions() as session:
-        rollout_ids = session.scalars(
-            select(Rollout.id).where(Rollout.state.in_(ADVANCED)).order_by(Rollout.created_at, Rollout.id)
-        ).all()
+        rollout_ids = rollouts_in(session, ADVANCED)
     steps = []
     for rollout_id in rollout_ids:
         try:
@@ -223,9 +210,7 @@ def reconcile_desired(sessions: sessionmaker[Session], publisher: DesiredPublish
     differs (a device that joined the cohort later, or one a rollback left elsewhere); return how many
     desired models were published."""
     with sessions() as session:
-        cohorts = session.scalars(
-            select(Rollout.cohort_id).where(Rollout.state == RolloutState.completed).distinct()
-        ).all()
+        cohorts = cohorts_with_completed_rollouts(session)
     published = 0
     for cohort_id in sorted(cohorts):
         with sessions() as session, session.begin():
@@ -242,9 +227,7 @@ def _advance(
     if rollout.state not in ADVANCED:  # paused or finished since the list was read
         return None
     plan = _plan(rollout)
-    targets = session.scalars(
-        select(RolloutTarget).where(RolloutTarget.rollout_id == rollout.id).order_by(RolloutTarget.wave)
-    ).all()
+    targets = targets_of(session, rollout.id, by="wave")
     if not targets:  # every device already ran the model: it is the cohort's approved model now
         rollout.state, rollout.reason = RolloutState.completed, "no device needed the model"
         return Step(rollout.id, rollout.state, 0, note="completed")
@@ -283,7 +266,7 @@ def _offer(
     model = get_model(session, rollout.model_id)
     manifest = edge_manifest(model)
     pending = [t for t in wave if t.state is TargetState.pending]
-    devices = _devices(session, [t.device_id for t in pending])
+    devices = devices_by_id(session, [t.device_id for t in pending])
     models = _ModelCache(session)
     to_publish: list[Desired] = []
     for target in pending:
@@ -358,11 +341,9 @@ def _roll_back(session: Session, publisher: DesiredPublisher, rollout: Rollout) 
     """Send every device the rollout reached back to the model it ran before, with a signed rollback
     (`rollback_of` = the rollout's model): installed, offered (the retained document would install it
     later) and failed ones alike; then the rollout is rolled back."""
-    targets = session.scalars(
-        select(RolloutTarget).where(RolloutTarget.rollout_id == rollout.id).order_by(RolloutTarget.device_id)
-    ).all()
+    targets = targets_of(session, rollout.id, by="device")
     reached = [t for t in targets if t.state is not TargetState.pending]
-    devices = _devices(session, [t.device_id for t in reached])
+    devices = devices_by_id(session, [t.device_id for t in reached])
     models = _ModelCache(session)
     to_publish: list[Desired] = []
     for target in targets:
@@ -396,22 +377,7 @@ def _reconcile_cohort(session: Session, publisher: DesiredPublisher, cohort_id: 
     model_id = current_model(session, cohort_id)
     if model_id is None:
         return 0
-    in_open_rollout = (
-        select(RolloutTarget.device_id)
-        .join(Rollout, Rollout.id == RolloutTarget.rollout_id)
-        .where(Rollout.cohort_id == cohort_id, Rollout.state.in_(OPEN_ROLLOUTS))
-    )
-    devices = session.scalars(
-        select(Device)
-        .where(
-            Device.cohort_id == cohort_id,
-            Device.status == DeviceStatus.active,
-            or_(Device.desired_model_id.is_(None), Device.desired_model_id != model_id),
-            Device.id.not_in(in_open_rollout),
-        )
-        .order_by(Device.id)
-        .with_for_update(key_share=True)
-    ).all()
+    devices = devices_to_reconcile(session, cohort_id, model_id)
     if not devices:
         return 0
     models = _ModelCache(session)
@@ -459,41 +425,6 @@ class _ModelCache:
         if running is None or running.cohort_id != target.cohort_id or running.kind is not target.kind:
             return None
         return running.id if running.version > target.version else None
-
-
-def _devices(session: Session, device_ids: Sequence[str]) -> dict[str, Device]:
-    if not device_ids:
-        return {}
-    rows = session.scalars(select(Device).where(Device.id.in_(device_ids)).order_by(Device.id))
-    return {d.id: d for d in rows}
-
-
-def _active_device(session: Session, device_id: str, cohort_id: str) -> Device:
-    device = session.get(Device, device_id)
-    if device is None:
-        raise NotFoundError("device", device_id)
-    if device.cohort_id != cohort_id:
-        raise ConflictError(f"device {device_id} is not in cohort {cohort_id}")
-    if device.status is not DeviceStatus.active:
-        raise ConflictError(f"device {device_id} is {device.status.value}")
-    return device
-
-
-def _lock_cohort(session: Session, cohort_id: str) -> None:
-    """Serialise the rollout decisions of one cohort (as `lock_rollout` does for one rollout)."""
-    if session.get_bind().dialect.name == "sqlite":
-        session.execute(update(Cohort).where(Cohort.id == cohort_id).values(description=Cohort.description))
-    if session.scalar(select(Cohort.id).where(Cohort.id == cohort_id).with_for_update()) is None:
-        raise NotFoundError("cohort", cohort_id)
-
-
-def _current_rollout(session: Session, cohort_id: str) -> uuid.UUID | None:
-    return session.scalar(
-        select(Rollout.id)
-        .where(Rollout.cohort_id == cohort_id, Rollout.state == RolloutState.completed)
-        .order_by(Rollout.created_at.desc(), Rollout.id.desc())
-        .limit(1)
-    )
 
 
 def _plan(rollout: Rollout) -> RolloutPlan:

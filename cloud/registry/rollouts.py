@@ -1,10 +1,10 @@
 """Rollouts and their targets: the plan and the per-device state; cloud/pipeline/rollouts.py steers them."""
 
 import uuid
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Collection, Sequence
+from typing import Any, Literal
 
-from sqlalchemy import Select, func, select, update
+from sqlalchemy import Select, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from cloud.exceptions import ConflictError, NotFoundError
@@ -12,8 +12,12 @@ from cloud.registry.common import paginate
 from cloud.registry.devices import get_device
 from cloud.registry.models import get_model
 from cloud.registry.tables import (
+    Cohort,
+    Device,
+    DeviceStatus,
     ModelKind,
     ModelStatus,
+    Presence,
     Rollout,
     RolloutState,
     RolloutTarget,
@@ -129,3 +133,125 @@ def list_targets(
         .order_by(RolloutTarget.wave, RolloutTarget.device_id)
     )
     return paginate(session, statement, limit=limit, offset=offset)
+
+
+# --- what the rollout engine (cloud/pipeline/rollouts.py) reads and locks -----------------------------
+
+
+def lock_cohort(session: Session, cohort_id: str) -> None:
+    """Serialise the rollout decisions of one cohort (as `lock_rollout` does for one rollout)."""
+    if session.get_bind().dialect.name == "sqlite":
+        session.execute(update(Cohort).where(Cohort.id == cohort_id).values(description=Cohort.description))
+    if session.scalar(select(Cohort.id).where(Cohort.id == cohort_id).with_for_update()) is None:
+        raise NotFoundError("cohort", cohort_id)
+
+
+def open_rollout(session: Session, cohort_id: str) -> uuid.UUID | None:
+    """The cohort's rollout that is not finished (pending, running, paused, or halted and not yet rolled
+    back), if any."""
+    return session.scalar(
+        select(Rollout.id).where(Rollout.cohort_id == cohort_id, Rollout.state.in_(OPEN_ROLLOUTS)).limit(1)
+    )
+
+
+def current_rollout(session: Session, cohort_id: str) -> uuid.UUID | None:
+    """The cohort's latest completed rollout: its model is the cohort's approved one."""
+    return session.scalar(
+        select(Rollout.id)
+        .where(Rollout.cohort_id == cohort_id, Rollout.state == RolloutState.completed)
+        .order_by(Rollout.created_at.desc(), Rollout.id.desc())
+        .limit(1)
+    )
+
+
+def rollouts_in(session: Session, states: Collection[RolloutState]) -> list[uuid.UUID]:
+    """The rollouts in `states`, oldest first."""
+    rows = session.scalars(
+        select(Rollout.id).where(Rollout.state.in_(states)).order_by(Rollout.created_at, Rollout.id)
+    )
+    return list(rows)
+
+
+def cohorts_with_completed_rollouts(session: Session) -> list[str]:
+    """Cohorts with at least one completed rollout (they have a current model)."""
+    rows = session.scalars(
+        select(Rollout.cohort_id).where(Rollout.state == RolloutState.completed).distinct()
+    )
+    return list(rows)
+
+
+def offered_count(session: Session, rollout_id: uuid.UUID) -> int:
+    """How many of the rollout's targets have been offered the model (or got further)."""
+    count = session.scalar(
+        select(func.count())
+        .select_from(RolloutTarget)
+        .where(RolloutTarget.rollout_id == rollout_id, RolloutTarget.state != TargetState.pending)
+    )
+    return int(count or 0)
+
+
+def targets_of(
+    session: Session, rollout_id: uuid.UUID, *, by: Literal["wave", "device"]
+) -> list[RolloutTarget]:
+    """The rollout's targets, by wave or by device id."""
+    order = RolloutTarget.wave if by == "wave" else RolloutTarget.device_id
+    return list(
+        session.scalars(select(RolloutTarget).where(RolloutTarget.rollout_id == rollout_id).order_by(order))
+    )
+
+
+def canaries_first(session: Session, cohort_id: str) -> list[Device]:
+    """The cohort's active devices, those online now first (they make the better canaries: they answer
+    at once), then by when they were last seen."""
+    rows = session.scalars(
+        select(Device)
+        .where(Device.cohort_id == cohort_id, Device.status == DeviceStatus.active)
+        .order_by(
+            case((Device.presence == Presence.online, 0), else_=1),
+            Device.last_seen.desc().nulls_last(),
+            Device.id,
+        )
+    )
+    return list(rows)
+
+
+def active_device_of(session: Session, device_id: str, cohort_id: str) -> Device:
+    """The device, which must be active and in the cohort (NotFoundError, ConflictError)."""
+    device = session.get(Device, device_id)
+    if device is None:
+        raise NotFoundError("device", device_id)
+    if device.cohort_id != cohort_id:
+        raise ConflictError(f"device {device_id} is not in cohort {cohort_id}")
+    if device.status is not DeviceStatus.active:
+        raise ConflictError(f"device {device_id} is {device.status.value}")
+    return device
+
+
+def devices_by_id(session: Session, device_ids: Sequence[str]) -> dict[str, Device]:
+    """The devices of `device_ids` by id, read in one query."""
+    if not device_ids:
+        return {}
+    rows = session.scalars(select(Device).where(Device.id.in_(device_ids)).order_by(Device.id))
+    return {d.id: d for d in rows}
+
+
+def devices_to_reconcile(session: Session, cohort_id: str, model_id: str) -> list[Device]:
+    """The cohort's active devices outside its open rollouts whose desired model is not `model_id`,
+    locked (key share) for the transaction that gives them it."""
+    in_open_rollout = (
+        select(RolloutTarget.device_id)
+        .join(Rollout, Rollout.id == RolloutTarget.rollout_id)
+        .where(Rollout.cohort_id == cohort_id, Rollout.state.in_(OPEN_ROLLOUTS))
+    )
+    rows = session.scalars(
+        select(Device)
+        .where(
+            Device.cohort_id == cohort_id,
+            Device.status == DeviceStatus.active,
+            or_(Device.desired_model_id.is_(None), Device.desired_model_id != model_id),
+            Device.id.not_in(in_open_rollout),
+        )
+        .order_by(Device.id)
+        .with_for_update(key_share=True)
+    )
+    return list(rows)
