@@ -50,10 +50,10 @@ from broker.client import BrokerTarget
 from broker.dynsec import DynsecAdmin
 from broker.mosquitto import bootstrap, init_dynsec, render_config
 from cloud.children import free_ports
-from cloud.ml.cycle import TrainingPlan, train_line
 from cloud.ml.data import build_scenario_data
 from cloud.ml.export import EdgeArtifact
 from cloud.ml.families import NetSpec
+from cloud.ml.line import TrainingPlan, train_line
 from cloud.ml.scenario import load_scenario
 from device_firmware_py.config import DeviceConfig, write_config
 from device_firmware_py.daemon import STATE_FILES

@@ -56,10 +56,10 @@ def train(case: Case, workdir: Path, progress: Progress) -> dict[str, Any]:
     the cloud-side figures."""
     from PIL import Image
 
-    from cloud.ml.cycle import plan_for, train_line
     from cloud.ml.data import build_scenario_data
     from cloud.ml.export import float_file_bytes, int8_accuracy, weight_tensor_bytes
     from cloud.ml.families import NetSpec, default_family
+    from cloud.ml.line import plan_for, train_line
     from cloud.ml.nets import parameter_count
     from cloud.ml.scenario import load_scenario
 

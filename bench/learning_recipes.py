@@ -37,9 +37,10 @@ DEFAULT_RECIPES = (RELABEL.name, REKD.name, RELABEL_REKD.name)
 
 def recipe_runs(scenario_json: str, names: list[str]) -> list[dict[str, Any]]:
     """Every named recipe alone on every user with a preference of one scenario (in a worker process)."""
-    from cloud.ml.cycle import SearchConfig, TrainingPlan, applies, rd_cycle, train_line
+    from cloud.ml.cycle import SearchConfig, applies, rd_cycle
     from cloud.ml.data import build_scenario_data
     from cloud.ml.families import NetSpec
+    from cloud.ml.line import TrainingPlan, train_line
     from cloud.ml.rd_update import RDConfig, combine_reports, parse_reports
     from device_firmware_py.rd import extract_knowledge
 

@@ -59,11 +59,11 @@ from bench.system_lab import local_system, processes, tree_cpu_seconds
 from broker.client import BrokerTarget
 from cloud.artifacts import LocalArtifactStore
 from cloud.children import http_ok
-from cloud.ml.cycle import EdgeLine
 from cloud.ml.data import build_scenario_data
 from cloud.ml.distill import seed_everything
 from cloud.ml.export import export_int8
 from cloud.ml.families import NetSpec
+from cloud.ml.line import EdgeLine
 from cloud.ml.scenario import load_scenario
 from cloud.pipeline.lines import register_line
 from cloud.registry import models

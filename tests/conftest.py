@@ -46,7 +46,7 @@ def small_data(small_scenario):  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="session")
 def fast_plan():  # type: ignore[no-untyped-def]
     """The product's default epochs (a real, accurate model in seconds), seeded for the tests."""
-    from cloud.ml.cycle import TrainingPlan
+    from cloud.ml.line import TrainingPlan
 
     return TrainingPlan(seed=FIXTURE_SEED)
 
@@ -54,8 +54,8 @@ def fast_plan():  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="session")
 def base_line(small_data, fast_plan):  # type: ignore[no-untyped-def]
     """A real teacher, student and int8 artifact (line 'base', version 1)."""
-    from cloud.ml.cycle import train_line
     from cloud.ml.families import NetSpec
+    from cloud.ml.line import train_line
 
     return train_line(
         small_data.train,

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 if TYPE_CHECKING:  # the type only: importing cloud.ml loads torch
-    from cloud.ml.cycle import StageProgress
+    from cloud.ml.line import StageProgress
 
 
 LOG_EVERY_S = 10.0

@@ -13,9 +13,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from cloud.artifacts import ArtifactStore
 from cloud.exceptions import ExportGaveUp, FamilyError, RegistryError
-from cloud.ml.cycle import EdgeLine, StageProgress
 from cloud.ml.export import MAX_INT8_DROP, EdgeArtifact
 from cloud.ml.families import NetSpec
+from cloud.ml.line import EdgeLine, StageProgress
 from cloud.ml.nets import EdgeStudent
 from cloud.pipeline.scheduling import TRAINING_DATA
 from cloud.registry import models
@@ -130,11 +130,11 @@ def bootstrap_line(
     write lock) is held while the model trains, and a failed training leaves a failed job behind
     (with the export's attempts in its result when no int8 export kept within `max_int8_drop`).
     """
-    from cloud.ml.cycle import plan_for, train_line
     from cloud.ml.data import build_scenario_data
     from cloud.ml.datasources import describe_source
     from cloud.ml.export import int8_accuracy
     from cloud.ml.families import check_family, default_family
+    from cloud.ml.line import plan_for, train_line
     from cloud.registry import jobs
     from cloud.registry.db import transaction
     from cloud.registry.devices import get_cohort

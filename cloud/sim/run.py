@@ -15,20 +15,12 @@ from typing import Any
 import numpy as np
 
 from cloud.exceptions import ExportGaveUp
-from cloud.ml.cycle import (
-    CycleResult,
-    EdgeLine,
-    StageProgress,
-    TrainingPlan,
-    plan_for,
-    rd_cycle,
-    silent,
-    train_line,
-)
+from cloud.ml.cycle import CycleResult, rd_cycle
 from cloud.ml.data import ScenarioData, Split, UserData, build_scenario_data, to_user_scenario
 from cloud.ml.distill import distill, train_classifier
 from cloud.ml.export import export_int8, float_file_bytes, int8_accuracy, weight_tensor_bytes
 from cloud.ml.families import NetSpec, default_family
+from cloud.ml.line import EdgeLine, StageProgress, TrainingPlan, plan_for, silent, train_line
 from cloud.ml.nets import parameter_count
 from cloud.ml.rd_update import RDConfig
 from cloud.ml.scenario import Scenario, UserSpec
@@ -55,7 +47,7 @@ INT8_FIGURES = (
 class SimConfig:
     """Everything the simulation can be tuned with; defaults are the product's defaults."""
 
-    plan: TrainingPlan | None = None  # None: the family's (cycle.plan_for)
+    plan: TrainingPlan | None = None  # None: the family's (line.plan_for)
     rd: RDConfig = RDConfig()
     policy: RDPolicy = RDPolicy()
     dp: DPConfig = DPConfig()

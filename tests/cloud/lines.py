@@ -8,9 +8,9 @@ import uuid
 from sqlalchemy.orm import Session, sessionmaker
 
 from cloud.artifacts import ArtifactStore
-from cloud.ml.cycle import EdgeLine
 from cloud.ml.data import ScenarioData
 from cloud.ml.families import NetSpec
+from cloud.ml.line import EdgeLine
 from cloud.ml.scenario import Scenario
 from cloud.pipeline.lines import register_line
 from cloud.pipeline.scheduling import TRAINING_DATA

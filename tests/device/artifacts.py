@@ -17,9 +17,9 @@ from cloud.signing import KeyRing
 from wire import ArtifactManifest
 
 if TYPE_CHECKING:
-    from cloud.ml.cycle import EdgeLine
     from cloud.ml.data import ScenarioData
     from cloud.ml.export import EdgeArtifact
+    from cloud.ml.line import EdgeLine
 
 DEVICE = "cam-01"
 SECRET = "device-secret-0123"  # noqa: S105 - the test server's device credential

@@ -15,9 +15,9 @@ from cloud.signing import KeyRing
 from tests.device.artifacts import ArtifactServer, make_ring, make_v2, running_server
 
 if TYPE_CHECKING:
-    from cloud.ml.cycle import EdgeLine
     from cloud.ml.data import ScenarioData
     from cloud.ml.export import EdgeArtifact
+    from cloud.ml.line import EdgeLine
 
 ROOT = Path(__file__).resolve().parents[2]
 

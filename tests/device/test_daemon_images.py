@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cloud.ml.cycle import EdgeLine, TrainingPlan, train_line
 from cloud.ml.data import Split
 from cloud.ml.datasources import load_dataset
 from cloud.ml.distill import TrainConfig
 from cloud.ml.families import NetSpec
+from cloud.ml.line import EdgeLine, TrainingPlan, train_line
 from tests.brokers import Probe, RunningBroker, new_device_id, provisioned_device
 from tests.device.daemons import DaemonProcess, install_model, wait_until, write_config
 from wire.knowledge import KnowledgeReport

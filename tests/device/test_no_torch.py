@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from cloud.ml.cycle import EdgeLine
     from cloud.ml.data import ScenarioData
+    from cloud.ml.line import EdgeLine
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -18,9 +18,9 @@ from tests.device.artifacts import ArtifactServer
 from tests.device.ota_devices import assert_serves, device_on_v1, mode
 
 if TYPE_CHECKING:
-    from cloud.ml.cycle import EdgeLine
     from cloud.ml.data import ScenarioData
     from cloud.ml.export import EdgeArtifact
+    from cloud.ml.line import EdgeLine
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -30,9 +30,9 @@ from tests.device.ota_devices import (
 from wire import AckResult, ArtifactManifest, EncodedArray
 
 if TYPE_CHECKING:
-    from cloud.ml.cycle import EdgeLine
     from cloud.ml.data import ScenarioData
     from cloud.ml.export import EdgeArtifact
+    from cloud.ml.line import EdgeLine
 
 
 @pytest.fixture

@@ -17,8 +17,8 @@ from device_firmware_py.runtime import FloatArray, Int8Model, softmax
 from wire import KnowledgeReport
 
 if TYPE_CHECKING:
-    from cloud.ml.cycle import EdgeLine
     from cloud.ml.data import ScenarioData, Split
+    from cloud.ml.line import EdgeLine
 
 IntArray = npt.NDArray[np.int64]
 

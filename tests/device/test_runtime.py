@@ -17,9 +17,9 @@ from device_firmware_py.runtime import Int8Model, dequantize
 from wire import ArtifactManifest, EncodedArray
 
 if TYPE_CHECKING:
-    from cloud.ml.cycle import EdgeLine
     from cloud.ml.data import ScenarioData
     from cloud.ml.export import EdgeArtifact
+    from cloud.ml.line import EdgeLine
 
 NUM_CLASSES, FEATURE_DIM = 10, 64
 

@@ -24,8 +24,8 @@ from wire.desired import verify_raw
 from wire.trust import KeySignature, TrustChain, TrustDocument
 
 if TYPE_CHECKING:
-    from cloud.ml.cycle import EdgeLine
     from cloud.ml.export import EdgeArtifact
+    from cloud.ml.line import EdgeLine
 
 CLOCK = T0 + timedelta(days=1)  # the device's clock: set, and after every document of these tests
 

@@ -12,7 +12,7 @@ from wire import ArtifactManifest, ContractError
 from wire.manifest import OPTIONAL_ADDITIONS
 
 if TYPE_CHECKING:
-    from cloud.ml.cycle import EdgeLine
+    from cloud.ml.line import EdgeLine
 
 Doc = dict[str, Any]
 

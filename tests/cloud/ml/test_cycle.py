@@ -16,8 +16,9 @@ from device_firmware_py.rd import extract_knowledge
 from wire import EncodedArray, KnowledgeReport
 
 if TYPE_CHECKING:
-    from cloud.ml.cycle import CycleResult, EdgeLine, TrainingPlan
+    from cloud.ml.cycle import CycleResult
     from cloud.ml.data import ScenarioData, UserData
+    from cloud.ml.line import EdgeLine, TrainingPlan
     from device_firmware_py.runtime import Int8Model
 
 pytestmark = pytest.mark.slow
@@ -260,7 +261,7 @@ def cohort() -> ScenarioData:
 
 @pytest.fixture(scope="module")
 def cohort_base(cohort: ScenarioData, fast_plan: TrainingPlan) -> EdgeLine:
-    from cloud.ml.cycle import train_line
+    from cloud.ml.line import train_line
 
     return train_line(cohort.train, NetSpec(), fast_plan, line="base", val=cohort.val)
 
@@ -373,7 +374,7 @@ def test_a_line_version_is_stored_and_loaded(
     base_line: EdgeLine, small_data: ScenarioData, tmp_path: Path
 ) -> None:
     # Prepare
-    from cloud.ml.cycle import EdgeLine as Line
+    from cloud.ml.line import EdgeLine as Line
     from cloud.ml.distill import predict_proba
 
     # Execute

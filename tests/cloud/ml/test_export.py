@@ -28,8 +28,8 @@ from device_firmware_py.runtime import Int8Model
 from wire import ArtifactManifest
 
 if TYPE_CHECKING:
-    from cloud.ml.cycle import EdgeLine
     from cloud.ml.data import ScenarioData
+    from cloud.ml.line import EdgeLine
 
 
 def rolled_head(student: EdgeStudent) -> EdgeStudent:

@@ -24,8 +24,8 @@ from cloud.ml.nets import EdgeStudent, Student
 from cloud.ml.quantize import QATConfig, qat_bytes
 
 if TYPE_CHECKING:
-    from cloud.ml.cycle import EdgeLine
     from cloud.ml.data import ScenarioData
+    from cloud.ml.line import EdgeLine
 
 pytestmark = pytest.mark.slow
 

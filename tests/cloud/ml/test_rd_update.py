@@ -21,8 +21,8 @@ from cloud.ml.rd_update import (
 from wire import EncodedArray, KnowledgeMetrics, KnowledgeReport, PrivacyStatement
 
 if TYPE_CHECKING:
-    from cloud.ml.cycle import EdgeLine
     from cloud.ml.data import ScenarioData
+    from cloud.ml.line import EdgeLine
     from device_firmware_py.runtime import Int8Model
     from wire import ArtifactManifest
 

@@ -13,8 +13,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from cloud.artifacts import LocalArtifactStore
 from cloud.exceptions import ConflictError
-from cloud.ml.cycle import EdgeLine
 from cloud.ml.data import ScenarioData
+from cloud.ml.line import EdgeLine
 from cloud.ml.scenario import Scenario
 from cloud.pipeline import cycle, scheduling
 from cloud.registry import jobs, knowledge, models

@@ -11,9 +11,9 @@ from sqlalchemy.orm import Session
 
 from cloud.artifacts import LocalArtifactStore
 from cloud.exceptions import RegistryError
-from cloud.ml.cycle import EdgeLine
 from cloud.ml.data import ScenarioData
 from cloud.ml.families import NetSpec
+from cloud.ml.line import EdgeLine
 from cloud.pipeline.lines import load_line, register_line, unpack_cloud_weights
 from tests.cloud.factories import make_cohort
 

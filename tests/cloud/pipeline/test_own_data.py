@@ -14,10 +14,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from cloud.artifacts import LocalArtifactStore
 from cloud.exceptions import FamilyError
-from cloud.ml.cycle import silent
 from cloud.ml.data import build_scenario_data
 from cloud.ml.datasources import FolderSource, NpzSource, load_dataset
 from cloud.ml.families import NetSpec, check_family
+from cloud.ml.line import silent
 from cloud.ml.scenario import PresumedSplit, Scenario, UserSpec
 from cloud.pipeline import cycle, scheduling
 from cloud.pipeline.lines import bootstrap_line, load_line

@@ -18,7 +18,7 @@ from cloud.registry.tables import ModelKind
 from tests.cloud.factories import make_cloud_model, make_cohort, make_device, make_edge_model, make_report
 
 if TYPE_CHECKING:
-    from cloud.ml.cycle import EdgeLine
+    from cloud.ml.line import EdgeLine
 
 
 @dataclass

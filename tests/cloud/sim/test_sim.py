@@ -12,7 +12,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from cloud.cli.main import app
-from cloud.ml.cycle import TrainingPlan
+from cloud.ml.line import TrainingPlan
 from cloud.ml.scenario import Scenario, parse_scenario
 from cloud.sim.report import print_report
 from cloud.sim.run import SimConfig, run_simulation

@@ -17,8 +17,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from cloud.artifacts import LocalArtifactStore
-from cloud.ml.cycle import EdgeLine
 from cloud.ml.data import ScenarioData
+from cloud.ml.line import EdgeLine
 from cloud.ml.scenario import Scenario
 from cloud.registry import jobs, knowledge, migrate
 from cloud.registry.db import make_engine, session_factory
