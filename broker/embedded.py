@@ -1,9 +1,9 @@
 """The embedded MQTT 3.1.1 broker (amqtt) of the demo and the unit tests, with mosquitto dynamic
 security's credentials, ACLs and control API (`$CONTROL/dynamic-security/v1`, broker/embedded_acl.py).
 
-`EmbeddedBroker` runs on the caller's event loop; `EmbeddedBrokerThread` runs one on a loop of its own in
-a background thread. The state (clients, roles, default access) lives in a JSON file like the plugin's
-own, owner-only and replaced atomically on every change.
+`EmbeddedBroker` runs on the caller's event loop; `embedded_thread.EmbeddedBrokerThread` runs one on a
+loop of its own in a background thread. The state (clients, roles, default access) lives in a JSON file
+like the plugin's own, owner-only and replaced atomically on every change.
 
 amqtt 0.12.1 is pinned: `_DynsecBroker` overrides a few of its internal methods where its plugin hooks
 come too late or not at all (see docs/embedded-broker.md):
@@ -27,10 +27,8 @@ import math
 import os
 import signal
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Coroutine
-from concurrent.futures import Future
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +42,8 @@ from amqtt.session import Session  # type: ignore[import-untyped]
 
 from broker.acl import CONTROL_TOPIC, RESPONSE_TOPIC
 from broker.client import BrokerTarget
-from broker.embedded_acl import ACCEPTED, NOT_AUTHORIZED, Client, DynamicSecurity
+from broker.dynsec_state import ACCEPTED, NOT_AUTHORIZED, Client
+from broker.embedded_acl import DynamicSecurity
 from broker.exceptions import EmbeddedBrokerError
 
 log = logging.getLogger(__name__)
@@ -405,93 +404,3 @@ class EmbeddedBroker:
             await stopping.wait()
         finally:
             await self.stop()
-
-
-class EmbeddedBrokerThread:
-    """An `EmbeddedBroker` on an event loop of its own, in a background thread (the demo, the tests).
-    It can be stopped (or killed) and started again: same port, same state file."""
-
-    def __init__(
-        self,
-        state_file: Path,
-        *,
-        host: str = "127.0.0.1",
-        port: int = 1883,
-        admin_user: str = "admin",
-        admin_password: str | None = None,
-        max_packet_size: int = MAX_PACKET_SIZE,
-    ) -> None:
-        self.broker = EmbeddedBroker(
-            state_file,
-            host=host,
-            port=port,
-            admin_user=admin_user,
-            admin_password=admin_password,
-            max_packet_size=max_packet_size,
-        )
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def target(self) -> BrokerTarget:
-        return self.broker.target
-
-    def __enter__(self) -> EmbeddedBrokerThread:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def start(self, timeout: float = 10.0) -> None:
-        """Start the broker; it returns once the port is listening (connections are accepted)."""
-        if self._thread is not None:
-            raise EmbeddedBrokerError("the embedded broker is already running")
-        loop = asyncio.new_event_loop()
-        started: Future[None] = Future()
-        thread = threading.Thread(target=self._run, args=(loop, started), name="embedded-broker", daemon=True)
-        thread.start()
-        try:
-            started.result(timeout)
-        except TimeoutError:
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join(timeout)
-            raise EmbeddedBrokerError(f"the embedded broker did not start within {timeout:g} s") from None
-        except BaseException:
-            thread.join(timeout)
-            raise
-        self._loop, self._thread = loop, thread
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Disconnect every client, stop listening and end the thread."""
-        self._end(self.broker.stop, timeout)
-
-    def kill(self, timeout: float = 10.0) -> None:
-        """Cut every connection without a word and end the thread (a crash, to the clients)."""
-        self._end(self.broker.kill, timeout)
-
-    def _end(self, how: Callable[[], Coroutine[Any, Any, None]], timeout: float) -> None:
-        loop, thread, self._loop, self._thread = self._loop, self._thread, None, None
-        if loop is None or thread is None:
-            return
-        try:
-            asyncio.run_coroutine_threadsafe(how(), loop).result(timeout)
-        finally:
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join(timeout)
-
-    def _run(self, loop: asyncio.AbstractEventLoop, started: Future[None]) -> None:
-        asyncio.set_event_loop(loop)
-        try:
-            loop.run_until_complete(self.broker.start())
-        except Exception as exc:  # handed to start()'s caller
-            started.set_exception(exc)
-        else:
-            started.set_result(None)
-            loop.run_forever()
-        finally:
-            pending = asyncio.all_tasks(loop)
-            for task in pending:
-                task.cancel()
-            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-            loop.close()

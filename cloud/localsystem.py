@@ -357,7 +357,7 @@ class LocalSystem:
         from broker.mosquitto import bootstrap, ensure_service_account
 
         if self.embedded:
-            from broker.embedded import EmbeddedBrokerThread
+            from broker.embedded_thread import EmbeddedBrokerThread
             from broker.exceptions import EmbeddedBrokerError
 
             state = self.data_dir / BROKER_STATE

@@ -30,7 +30,7 @@ from broker.acl import (
     default_access_commands,
 )
 from broker.client import BrokerTarget
-from broker.embedded import EmbeddedBrokerThread
+from broker.embedded_thread import EmbeddedBrokerThread
 from tests.brokers import EXPECTED, RunningBroker
 
 ADMIN_USER = "admin"

@@ -21,7 +21,8 @@ import pytest
 from broker.acl import CONTROL_TOPIC, RESPONSE_TOPIC, provision_commands, revoke_commands
 from broker.client import BrokerTarget
 from broker.dynsec import DynsecAdmin
-from broker.embedded import MAX_PACKET_SIZE, EmbeddedBrokerThread
+from broker.embedded import MAX_PACKET_SIZE
+from broker.embedded_thread import EmbeddedBrokerThread
 from broker.exceptions import BrokerAdminError, EmbeddedBrokerError
 from tests.brokers import RunningBroker
 from tests.embedded_broker import STATE_FILE, Peer, control, control_raw, running_embedded_broker

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker import embedded_acl
+from broker import dynsec_state
 from broker.acl import (
     CONTROL_TOPIC,
     RESPONSE_TOPIC,
@@ -20,15 +20,15 @@ from broker.acl import (
     provision_commands,
     revoke_commands,
 )
-from broker.embedded_acl import (
+from broker.dynsec_state import (
     IDENTIFIER_REJECTED,
     NOT_AUTHORIZED,
     Client,
-    DynamicSecurity,
     filter_covered,
     topic_matches,
     valid_filter,
 )
+from broker.embedded_acl import DynamicSecurity
 from wire.topics import DEVICE_PUBLISHES, DEVICE_SUBSCRIBES, MessageKind, device_topic
 
 A, B = "cam-a", "cam-b"
@@ -62,7 +62,7 @@ def fleet() -> DynamicSecurity:
 def quick_hashes() -> Iterator[None]:
     """New password hashes of one iteration: these tests are about logic, not hashing cost."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(embedded_acl, "HASH_ITERATIONS", 1)
+        patch.setattr(dynsec_state, "HASH_ITERATIONS", 1)
         yield
 
 

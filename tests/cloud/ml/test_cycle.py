@@ -374,8 +374,8 @@ def test_a_line_version_is_stored_and_loaded(
     base_line: EdgeLine, small_data: ScenarioData, tmp_path: Path
 ) -> None:
     # Prepare
-    from cloud.ml.line import EdgeLine as Line
     from cloud.ml.distill import predict_proba
+    from cloud.ml.line import EdgeLine as Line
 
     # Execute
     base_line.save(tmp_path / "base.v1")
