@@ -26,7 +26,7 @@ from rich.table import Table
 
 from bench.learning_suite import _load_dir, crash_text, each_scenario
 from cloud.exceptions import ScenarioError
-from cloud.ml.cycle import HEAD, LONGER, PLAIN, REKD, RELABEL, RELABEL_REKD, Recipe
+from cloud.ml.recipes import HEAD, LONGER, PLAIN, REKD, RELABEL, RELABEL_REKD, Recipe
 from cloud.ml.scenario import Scenario, parse_scenario
 from cloud.sim.generate import generate_scenarios, preference_kind
 
@@ -37,11 +37,12 @@ DEFAULT_RECIPES = (RELABEL.name, REKD.name, RELABEL_REKD.name)
 
 def recipe_runs(scenario_json: str, names: list[str]) -> list[dict[str, Any]]:
     """Every named recipe alone on every user with a preference of one scenario (in a worker process)."""
-    from cloud.ml.cycle import SearchConfig, applies, rd_cycle
+    from cloud.ml.cycle import rd_cycle
     from cloud.ml.data import build_scenario_data
     from cloud.ml.families import NetSpec
     from cloud.ml.line import TrainingPlan, train_line
     from cloud.ml.rd_update import RDConfig, combine_reports, parse_reports
+    from cloud.ml.recipes import SearchConfig, applies
     from device_firmware_py.rd import extract_knowledge
 
     scenario = parse_scenario(scenario_json)

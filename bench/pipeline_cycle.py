@@ -50,11 +50,11 @@ from bench.system_lab import local_system, processes, tree_cpu_seconds
 from broker.client import BrokerTarget
 from cloud.artifacts import LocalArtifactStore
 from cloud.localsystem import LocalSystem
-from cloud.ml.cycle import search_of
 from cloud.ml.data import ScenarioData, build_scenario_data
 from cloud.ml.export import export_int8
 from cloud.ml.families import NetSpec
 from cloud.ml.line import EdgeLine, TrainingPlan, train_line
+from cloud.ml.recipes import search_of
 from cloud.ml.scenario import Scenario, load_scenario
 from cloud.pipeline.lines import register_line
 from cloud.pipeline.scheduling import JOB_TYPE, TRAINING_DATA

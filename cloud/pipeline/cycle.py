@@ -26,11 +26,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from cloud.artifacts import ArtifactStore
 from cloud.exceptions import KnowledgeError, LeaseLost
-from cloud.ml.cycle import CycleResult, rd_cycle, search_of
+from cloud.ml.cycle import CycleResult, rd_cycle
 from cloud.ml.data import build_scenario_data
 from cloud.ml.families import NetSpec
 from cloud.ml.line import plan_for
 from cloud.ml.rd_update import RDConfig
+from cloud.ml.recipes import search_of
 from cloud.ml.scenario import parse_scenario
 from cloud.pipeline.lines import load_line, register_line
 from cloud.pipeline.scheduling import JOB_TYPE, TRAINING_DATA

@@ -9,7 +9,7 @@ from cloud.settings import Settings
 
 
 def test_the_default_recipes_are_the_searchs() -> None:
-    from cloud.ml.cycle import SearchConfig, search_of
+    from cloud.ml.recipes import SearchConfig, search_of
 
     assert search_of(Settings().rd_recipes) == SearchConfig()
 

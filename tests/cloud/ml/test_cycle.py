@@ -8,10 +8,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pytest
 
-from cloud.ml.cycle import PLAIN, REKD, RELABEL_REKD, SearchConfig, rd_cycle
+from cloud.ml.cycle import rd_cycle
 from cloud.ml.data import Split
 from cloud.ml.families import NetSpec
 from cloud.ml.rd_update import RDConfig
+from cloud.ml.recipes import PLAIN, REKD, RELABEL_REKD, SearchConfig
 from device_firmware_py.rd import extract_knowledge
 from wire import EncodedArray, KnowledgeReport
 

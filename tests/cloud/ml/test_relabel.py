@@ -9,10 +9,11 @@ import numpy.typing as npt
 import pytest
 import torch
 
-from cloud.ml.cycle import RECIPES, REKD, RELABEL, RELABEL_REKD, applies, relabel_head, search_of
+from cloud.ml.cycle import relabel_head
 from cloud.ml.families import NetSpec
 from cloud.ml.nets import EdgeStudent
 from cloud.ml.rd_update import Knowledge
+from cloud.ml.recipes import RECIPES, REKD, RELABEL, RELABEL_REKD, applies, search_of
 
 C = 10
 
