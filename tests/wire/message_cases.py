@@ -10,10 +10,12 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import strategies as st
 
 from tests.wire.test_desired import sign
 from tests.wire.test_knowledge import make_report
 from wire import (
+    DEVICE_ID_PATTERN,
     AckResult,
     Command,
     CommandName,
@@ -145,3 +147,23 @@ def assert_bounded(error: ContractError) -> None:
 
 
 STATUS_TEXT = _valid_payload(MessageKind.STATUS).decode()
+
+
+# Strategies of the property tests: decode returns the topic's message or a ContractError, nothing else
+
+device_ids = st.from_regex(DEVICE_ID_PATTERN, fullmatch=True)
+contract_topics = st.builds(device_topic, device_ids, st.sampled_from(list(MessageKind)))
+any_topics = (
+    contract_topics | st.text(max_size=80) | st.sampled_from(["diredi/v1/dev/+/status", "diredi/v1/#"])
+)
+json_scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30)
+json_values = st.recursive(
+    json_scalars,
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5)
+    ),
+    max_leaves=15,
+)
+field_names = st.sampled_from(sorted({f for kind in MessageKind for f in valid_doc(kind)})) | st.text(
+    max_size=12
+)

@@ -15,45 +15,27 @@ from tests.wire.message_cases import (
     SCHEMAS,
     STATUS_TEXT,
     TYPES,
+    any_topics,
     assert_bounded,
+    contract_topics,
+    field_names,
+    json_values,
     payload_of,
     refusal,
     topic_of,
     valid_doc,
 )
 from wire import (
-    DEVICE_ID_PATTERN,
     ContractError,
     MessageKind,
     Rejection,
     decode,
-    device_topic,
     encode,
     parse_device_topic,
 )
 from wire.messages import MAX_NESTING
 
 PROPERTY = settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-
-# Property: decode returns the topic's message or a ContractError, and nothing else
-
-device_ids = st.from_regex(DEVICE_ID_PATTERN, fullmatch=True)
-contract_topics = st.builds(device_topic, device_ids, st.sampled_from(list(MessageKind)))
-any_topics = (
-    contract_topics | st.text(max_size=80) | st.sampled_from(["diredi/v1/dev/+/status", "diredi/v1/#"])
-)
-json_scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30)
-json_values = st.recursive(
-    json_scalars,
-    lambda children: (
-        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5)
-    ),
-    max_leaves=15,
-)
-field_names = st.sampled_from(sorted({f for kind in MessageKind for f in valid_doc(kind)})) | st.text(
-    max_size=12
-)
 
 
 def assert_topic_message_or_contract_error(topic: str, payload: bytes) -> None:

@@ -37,7 +37,7 @@ from tests.brokers import Probe, RunningBroker, new_device_id, provisioned_devic
 from tests.cloud.factories import knowledge_payload, make_cohort, make_device
 from tests.databases import postgres_admin_url
 from tests.embedded_broker import running_embedded_broker
-from tests.wire.test_messages import json_values, payload_of, valid_doc
+from tests.wire.message_cases import json_values, payload_of, valid_doc
 from testsupport.postgres import scratch_database
 from wire.arrays import EncodedArray
 from wire.errors import ContractError, Rejection
