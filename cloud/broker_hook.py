@@ -53,7 +53,7 @@ class BrokerCredentialHook:
         try:
             self.admin.execute(revoke_commands(device_id))
         except BrokerAdminError as exc:
-            if exc.failures and all(f.error.endswith("not found") for f in exc.failures):
+            if _only_not_found(exc):
                 return
             raise HookError(f"broker: {exc}") from None
 
@@ -106,7 +106,7 @@ class BrokerCredentialHook:
         try:
             self.admin.execute([{"command": "getClient", "username": device_id}])
         except BrokerAdminError as exc:
-            if exc.failures and all(f.error.endswith("not found") for f in exc.failures):
+            if _only_not_found(exc):
                 return False
             raise HookError(f"broker: {exc}") from None
         return True
@@ -128,7 +128,7 @@ class BrokerCredentialHook:
         try:
             self.admin.execute(undo)
         except BrokerAdminError as exc:
-            if not (exc.failures and all(f.error.endswith("not found") for f in exc.failures)):
+            if not _only_not_found(exc):
                 log.warning("could not undo the broker's half of provisioning %s: %s", device_id, exc)
 
 
@@ -210,9 +210,20 @@ def _sweep(sessions: sessionmaker[Session], hook: BrokerCredentialHook, done: Re
     )
 
 
-def hooks_from_settings(settings: Settings) -> list[CredentialHook]:
-    """The broker hook when the admin URL is set (it connects on first use), else none."""
+def _only_not_found(exc: BrokerAdminError) -> bool:
+    """Whether the broker refused only because what the commands name does not exist."""
+    return bool(exc.failures) and all(f.error.endswith("not found") for f in exc.failures)
+
+
+def hook_from_settings(settings: Settings) -> BrokerCredentialHook | None:
+    """The broker hook when the admin URL is set (it connects on first use), else None."""
     if settings.mqtt_admin_url is None:
-        return []
+        return None
     target = BrokerTarget.parse(settings.mqtt_admin_url.get_secret_value(), ca_file=settings.mqtt_ca_file)
-    return [BrokerCredentialHook(DynsecAdmin(target))]
+    return BrokerCredentialHook(DynsecAdmin(target))
+
+
+def hooks_from_settings(settings: Settings) -> list[CredentialHook]:
+    """The hooks the API tells of device credentials: the broker's, when it is managed."""
+    hook = hook_from_settings(settings)
+    return [] if hook is None else [hook]

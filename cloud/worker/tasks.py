@@ -25,10 +25,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from broker.client import BrokerTarget
-from broker.dynsec import DynsecAdmin
 from cloud.artifacts import LocalArtifactStore
-from cloud.broker_hook import BrokerCredentialHook, reconcile
+from cloud.broker_hook import BrokerCredentialHook, hook_from_settings, reconcile
 from cloud.exceptions import ConflictError, HookError, LeaseLost, NotFoundError, PublishError
 from cloud.pipeline import cycle, scheduling
 from cloud.publisher import CloudPublisher
@@ -331,13 +329,10 @@ def reconcile_broker() -> int:
     """Apply to the broker what the registry holds and the broker does not yet (a revocation made while
     it was down), and sweep the whole broker every `BROKER_SWEEP_S`; returns the devices applied."""
     ctx = context()
-    if ctx.settings.mqtt_admin_url is None:
-        return 0  # no broker is managed
     if ctx.broker_hook is None:
-        target = BrokerTarget.parse(
-            ctx.settings.mqtt_admin_url.get_secret_value(), ca_file=ctx.settings.mqtt_ca_file
-        )
-        ctx.broker_hook = BrokerCredentialHook(DynsecAdmin(target))
+        ctx.broker_hook = hook_from_settings(ctx.settings)
+        if ctx.broker_hook is None:
+            return 0  # no broker is managed
     sweep = ctx.last_sweep is None or time.monotonic() - ctx.last_sweep >= BROKER_SWEEP_S
     try:
         done = reconcile(ctx.sessions, ctx.broker_hook, sweep=sweep)
