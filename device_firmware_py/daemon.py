@@ -21,6 +21,7 @@ import uuid
 from device_firmware_py.config import DeviceConfig, prepare_state_dir, read_secret
 from device_firmware_py.download import http_fetcher
 from device_firmware_py.exceptions import (
+    ClockNotSetError,
     DeviceError,
     DownloadCancelled,
     FeedbackFullError,
@@ -374,7 +375,7 @@ class Daemon:
             reached = self.trust.apply(payload)
         except ContractError as exc:
             # A chain that does not verify is ignored; one that waits for the clock is tried again.
-            self._retry_trust = payload if "clock" in str(exc) else None
+            self._retry_trust = payload if isinstance(exc, ClockNotSetError) else None
             log.warning("trust chain not applied: %s", exc)
             return
         self._retry_trust = None

@@ -1,8 +1,15 @@
 """Errors of the device package, one base class so callers can catch them together."""
 
+from wire.errors import ContractError
+
 
 class DeviceError(Exception):
     """Base class of every error the device package raises on purpose."""
+
+
+class ClockNotSetError(DeviceError, ContractError):
+    """A signed document cannot be judged yet: the device's clock is not set (before NTP answered);
+    it is to be applied again once it is."""
 
 
 class ArtifactError(DeviceError):

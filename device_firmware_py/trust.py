@@ -20,6 +20,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from device_firmware_py.exceptions import ClockNotSetError
 from device_firmware_py.files import write_atomically
 from wire.common import utcnow
 from wire.errors import ContractError
@@ -69,11 +70,12 @@ class TrustStore(Mapping[str, bytes]):
     def apply(self, payload: bytes) -> TrustDocument | None:
         """Move to the newest version of a received chain this device can reach; return it, or None
         when the chain holds nothing newer. Raises ContractError (nothing changes) for a chain that does
-        not verify, and when the clock is not set (the chain is to be applied again later)."""
+        not verify, and ClockNotSetError (one) when the clock is not set: the chain is to be applied
+        again later."""
         chain = TrustChain.from_bytes(payload)
         now = self.now()
         if not clock_is_set(now):
-            raise ContractError(f"the clock ({now.isoformat()}) is not set yet")
+            raise ClockNotSetError(f"the clock ({now.isoformat()}) is not set yet")
         reached = next_trust(self._keys, self.threshold, self.version, chain, now)
         if reached is None:
             return None
