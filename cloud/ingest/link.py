@@ -1,14 +1,16 @@
 """The ingest's MQTT connection: a lean subscriber for one purpose, many QoS 1 messages in, few out.
 
-Why not paho (which the devices and the other cloud parts use): on this machine paho's receive path
-alone tops out near 7,700 QoS 1 messages a second — it reads a packet in several one-byte system
-calls and runs its callbacks on a thread of its own that contends for the interpreter with the
-writer — while mosquitto passes 19,000–28,000 through. This link reads what the socket has in one
-call, parses every complete packet in the buffer, and acknowledges a whole batch in one write; it
-runs on the caller's thread. It speaks MQTT 5 (mosquitto) and 3.1.1 (the embedded broker), over TCP
-or TLS, and implements what the ingest needs and nothing more: CONNECT with a persistent session,
-SUBSCRIBE at QoS 1, PUBLISH in at QoS 0/1 with manual PUBACK, PUBLISH out at QoS 1 (receipts) with
-re-sending after a reconnect, keepalive, DISCONNECT.
+Why not paho (which the devices and the other cloud parts use, through broker/connection.py): paho
+reads a packet in several system calls, so even on its external-loop API, on the caller's thread with
+manual acknowledgement, it receives at 0.4x the rate of this link (`python -m bench.ingest_link`,
+docs/mqtt.md). This link reads what the socket has in one call, parses every complete packet in the
+buffer, and acknowledges a whole batch in one write; it runs on the caller's thread. It speaks MQTT 5
+(mosquitto) and 3.1.1 (the embedded broker), over TCP or TLS, and implements what the ingest needs
+and nothing more: CONNECT with a persistent session, SUBSCRIBE at QoS 1, PUBLISH in at QoS 0/1 with
+manual PUBACK, PUBLISH out at QoS 1 (receipts) with re-sending after a reconnect, keepalive,
+DISCONNECT. Of the broker's CONNACK properties it obeys Server Keep Alive, Receive Maximum (receipts
+beyond it wait for acknowledgements) and Maximum Packet Size; a reason string goes into the error.
+Every wait has a deadline. tests/cloud/ingest/test_link.py plays the broker's side byte by byte.
 """
 
 import select
@@ -16,15 +18,36 @@ import socket
 import ssl
 import struct
 import time
+from collections import deque
 from dataclasses import dataclass
 
 from broker.client import BrokerTarget
 from cloud.exceptions import LinkError
+from cloud.ingest.packets import (
+    CONNACK,
+    CONNECT,
+    DISCONNECT,
+    MAX_PACKET,
+    MAXIMUM_PACKET_SIZE,
+    PINGRESP,
+    PUBACK,
+    PUBLISH,
+    RECEIVE_MAXIMUM,
+    SERVER_KEEP_ALIVE,
+    SUBACK,
+    SUBSCRIBE,
+    int_property,
+    packet,
+    properties_at,
+    reason_of,
+    string,
+    varint,
+    varint_at,
+)
 
-CONNECT, CONNACK, PUBLISH, PUBACK, SUBSCRIBE, SUBACK = 1, 2, 3, 4, 8, 9
-PINGREQ, PINGRESP, DISCONNECT = 12, 13, 14
 READ_SIZE = 1 << 18
 SESSION_EXPIRY = 86_400  # seconds the broker keeps an MQTT 5 session of a disconnected ingest
+SEND_TIMEOUT = 10.0  # seconds a write may wait for the broker to take data before the link gives up
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,24 +57,6 @@ class Inbound:
     topic: bytes  # as sent; the wire contract decodes it
     payload: bytes
     packet_id: int  # 0 for QoS 0 (nothing to acknowledge)
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value % 128, value // 128
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def _string(text: str | bytes) -> bytes:
-    data = text.encode() if isinstance(text, str) else text
-    return struct.pack("!H", len(data)) + data
-
-
-def _packet(kind: int, flags: int, body: bytes) -> bytes:
-    return bytes([kind << 4 | flags]) + _varint(len(body)) + body
 
 
 class IngestLink:
@@ -66,13 +71,15 @@ class IngestLink:
         persistent: bool = True,
         receive_maximum: int = 2000,
         keepalive: int = 30,
+        send_timeout: float = SEND_TIMEOUT,
     ) -> None:
         self.target = target
         self.client_id = client_id
         self.subscriptions = subscriptions
         self.persistent = persistent
         self.receive_maximum = receive_maximum
-        self.keepalive = keepalive
+        self.keepalive = keepalive  # the broker's Server Keep Alive replaces it once connected
+        self.send_timeout = send_timeout
         self.v5 = target.protocol == "5"
         self.session_present = False
         self.epoch = 0  # counts successful connections: packet ids mean something only within one
@@ -82,6 +89,9 @@ class IngestLink:
         self._last_sent = 0.0
         self._next_id = 0
         self._unacked: dict[int, tuple[bytes, bytes]] = {}  # our QoS 1 publishes: id → (topic, payload)
+        self._waiting: deque[tuple[bytes, bytes]] = deque()  # publishes beyond the broker's window
+        self.broker_receive_maximum = 65_535  # our QoS 1 publishes the broker takes unacknowledged
+        self.broker_max_packet = MAX_PACKET  # the largest packet the broker accepts (MQTT's limit)
 
     @property
     def connected(self) -> bool:
@@ -89,8 +99,8 @@ class IngestLink:
 
     @property
     def unacked(self) -> int:
-        """Our publishes the broker has not acknowledged yet."""
-        return len(self._unacked)
+        """Our publishes the broker has not acknowledged yet (sent, or waiting for room to be sent)."""
+        return len(self._unacked) + len(self._waiting)
 
     # Connecting -----------------------------------------------------------------------------------
 
@@ -110,72 +120,85 @@ class IngestLink:
         except (OSError, ssl.SSLError) as exc:
             raise LinkError(f"cannot reach the broker {self.target}: {exc}") from None
         self._sock, self._buffer, self._early = sock, bytearray(), []
+        requested_keepalive = self.keepalive
         try:
-            self._send(self._connect_packet())
+            self._send(self._connectpacket())
             connack = self._expect(CONNACK, deadline)
             self._check_connack(connack)
-            self._send(self._subscribe_packet())
+            self._send(self._subscribepacket())
             if not self.session_present:
                 self._check_suback(self._expect(SUBACK, deadline))
             # A resumed session already holds the subscriptions, and the broker sends its in-flight
             # window before it reads our SUBSCRIBE: the SUBACK comes behind those messages, which
             # `receive` takes within its byte budget, and is checked when it comes.
-            for packet_id, (topic, payload) in self._unacked.items():
-                self._send(self._publish_packet(topic, payload, packet_id, dup=True))
+            for packet_id, (topic, payload) in list(self._unacked.items()):
+                if len(self._unacked) - len(self._waiting) > self.broker_receive_maximum:
+                    self._waiting.appendleft(self._unacked.pop(packet_id))  # (the broker's window shrank)
+                else:
+                    self._send(self._publishpacket(topic, payload, packet_id, dup=True))
+            self._send_waiting()
             self.epoch += 1
         except BaseException:
+            self.keepalive = requested_keepalive
             self.close()
             raise
 
-    def _connect_packet(self) -> bytes:
+    def _connectpacket(self) -> bytes:
         flags = 0x00 if self.persistent else 0x02  # clean start / clean session
         if self.target.username is not None:
             flags |= 0x80
             if self.target.password is not None:
                 flags |= 0x40
-        body = _string("MQTT") + bytes([5 if self.v5 else 4, flags]) + struct.pack("!H", self.keepalive)
+        body = string("MQTT") + bytes([5 if self.v5 else 4, flags]) + struct.pack("!H", self.keepalive)
         if self.v5:
             props = b"\x21" + struct.pack("!H", self.receive_maximum)
             if self.persistent:
                 props = b"\x11" + struct.pack("!I", SESSION_EXPIRY) + props
-            body += _varint(len(props)) + props
-        body += _string(self.client_id)
+            body += varint(len(props)) + props
+        body += string(self.client_id)
         if self.target.username is not None:
-            body += _string(self.target.username)
+            body += string(self.target.username)
             if self.target.password is not None:
-                body += _string(self.target.password)
-        return _packet(CONNECT, 0, body)
+                body += string(self.target.password)
+        return packet(CONNECT, 0, body)
 
     def _check_connack(self, body: bytes) -> None:
         if len(body) < 2:
             raise LinkError("malformed CONNACK")
-        self.session_present = bool(body[0] & 0x01)
+        properties = properties_at(body, 2)[0] if self.v5 and len(body) > 2 else {}
         if body[1] != 0:
-            raise LinkError(f"the broker {self.target} refused the connection (reason code 0x{body[1]:02x})")
+            raise LinkError(
+                f"the broker {self.target} refused the connection "
+                f"(reason code 0x{body[1]:02x}){reason_of(properties)}"
+            )
+        self.session_present = bool(body[0] & 0x01)
+        self.keepalive = int_property(properties, SERVER_KEEP_ALIVE, self.keepalive)
+        self.broker_receive_maximum = int_property(properties, RECEIVE_MAXIMUM, 65_535)
+        self.broker_max_packet = int_property(properties, MAXIMUM_PACKET_SIZE, MAX_PACKET)
+        if self.broker_receive_maximum == 0:
+            raise LinkError(f"the broker {self.target} sent a Receive Maximum of 0 (a protocol error)")
 
-    def _subscribe_packet(self) -> bytes:
+    def _subscribepacket(self) -> bytes:
         body = struct.pack("!H", self._packet_id()) + (b"\x00" if self.v5 else b"")
         for topic_filter in self.subscriptions:
-            body += _string(topic_filter) + b"\x01"  # QoS 1
-        return _packet(SUBSCRIBE, 0x02, body)
+            body += string(topic_filter) + b"\x01"  # QoS 1
+        return packet(SUBSCRIBE, 0x02, body)
 
     def _check_suback(self, body: bytes) -> None:
-        offset = 2
-        if self.v5:
-            length, offset = self._read_varint(body, offset)
-            offset += length
+        properties, offset = properties_at(body, 2) if self.v5 else ({}, 2)
         codes = body[offset:]
         refused = [f"{f} (0x{c:02x})" for f, c in zip(self.subscriptions, codes, strict=False) if c >= 0x80]
         if refused or len(codes) != len(self.subscriptions):
             raise LinkError(
-                f"the broker refused the subscriptions: {', '.join(refused) or 'malformed SUBACK'}"
+                "the broker refused the subscriptions: "
+                f"{', '.join(refused) or 'malformed SUBACK'}{reason_of(properties)}"
             )
 
     def _expect(self, kind: int, deadline: float) -> bytes:
         """Wait for the next packet of `kind`. A resumed session's messages may come first: they are
         kept for the next `receive`."""
         while True:
-            packet = self._next_packet()
+            packet = self._nextpacket()
             if packet is not None:
                 got, flags, body = packet
                 if got == kind:
@@ -183,7 +206,7 @@ class IngestLink:
                 if got == PUBLISH:
                     self._early.append(self._inbound(flags, body))
                 elif got == PUBACK:
-                    self._unacked.pop(struct.unpack_from("!H", body)[0], None)
+                    self._acked(body)
                 elif got != PINGRESP:
                     raise LinkError(f"expected packet type {kind}, got {got}")
                 continue
@@ -213,19 +236,23 @@ class IngestLink:
     def _parse(self, max_bytes: int | None = None) -> list[Inbound]:
         messages: list[Inbound] = []
         size = 0
-        while (max_bytes is None or size < max_bytes) and (packet := self._next_packet()) is not None:
+        while (max_bytes is None or size < max_bytes) and (packet := self._nextpacket()) is not None:
             kind, flags, body = packet
             if kind == PUBLISH:
                 messages.append(inbound := self._inbound(flags, body))
                 size += len(inbound.payload)
             elif kind == PUBACK:
-                self._unacked.pop(struct.unpack_from("!H", body)[0], None)
+                self._acked(body)
             elif kind == SUBACK:
                 self._check_suback(body)
             elif kind == DISCONNECT:
                 reason = body[0] if body else 0
+                properties = properties_at(body, 1)[0] if self.v5 and len(body) > 1 else {}
                 self.close()
-                raise LinkError(f"the broker {self.target} ended the session (reason code 0x{reason:02x})")
+                raise LinkError(
+                    f"the broker {self.target} ended the session "
+                    f"(reason code 0x{reason:02x}){reason_of(properties)}"
+                )
             elif kind != PINGRESP:
                 raise LinkError(f"unexpected packet type {kind}")
         return messages
@@ -240,26 +267,18 @@ class IngestLink:
             (packet_id,) = struct.unpack_from("!H", body, offset)
             offset += 2
         if self.v5:
-            props, offset = self._read_varint(body, offset)
+            props, offset = varint_at(body, offset)
             offset += props
         return Inbound(topic, body[offset:], packet_id)
 
-    def _next_packet(self) -> tuple[int, int, bytes] | None:
+    def _nextpacket(self) -> tuple[int, int, bytes] | None:
         buffer = self._buffer
         if len(buffer) < 2:
             return None
-        length, multiplier, offset = 0, 1, 1
-        while True:
-            if offset >= len(buffer):
-                return None
-            byte = buffer[offset]
-            length += (byte & 0x7F) * multiplier
-            offset += 1
-            if not byte & 0x80:
-                break
-            multiplier *= 128
-            if offset > 4:
-                raise LinkError("malformed packet length")
+        try:
+            length, offset = varint_at(buffer, 1)
+        except IndexError:
+            return None  # the length's bytes are not all here yet
         end = offset + length
         if len(buffer) < end:
             return None
@@ -267,17 +286,6 @@ class IngestLink:
         body = bytes(buffer[offset:end])
         del buffer[:end]
         return header >> 4, header & 0x0F, body
-
-    @staticmethod
-    def _read_varint(data: bytes, offset: int) -> tuple[int, int]:
-        value, multiplier = 0, 1
-        while True:
-            byte = data[offset]
-            offset += 1
-            value += (byte & 0x7F) * multiplier
-            if not byte & 0x80:
-                return value, offset
-            multiplier *= 128
 
     def _fill(self, timeout: float) -> None:
         """Read what the socket has, waiting up to `timeout` for something."""
@@ -306,15 +314,34 @@ class IngestLink:
             self._send(b"".join(b"\x40\x02" + struct.pack("!H", i) for i in ids))
 
     def publish(self, topic: str, payload: bytes) -> None:
-        """Publish at QoS 1; kept until the broker acknowledges it, re-sent after a reconnect."""
-        packet_id = self._packet_id()
+        """Publish at QoS 1; kept until the broker acknowledges it, re-sent after a reconnect. Beyond
+        the broker's Receive Maximum it waits for an acknowledgement to make room. LinkError when the
+        packet is larger than the broker accepts."""
         data = (topic.encode(), payload)
-        self._unacked[packet_id] = data
-        self._send(self._publish_packet(*data, packet_id))
+        size = len(self._publishpacket(*data, 1))
+        if size > self.broker_max_packet:
+            raise LinkError(
+                f"a publish of {size} bytes exceeds the broker's maximum of {self.broker_max_packet}"
+            )
+        self._waiting.append(data)
+        self._send_waiting()
 
-    def _publish_packet(self, topic: bytes, payload: bytes, packet_id: int, *, dup: bool = False) -> bytes:
-        body = _string(topic) + struct.pack("!H", packet_id) + (b"\x00" if self.v5 else b"") + payload
-        return _packet(PUBLISH, 0x02 | (0x08 if dup else 0), body)
+    def _send_waiting(self) -> None:
+        while self._waiting and len(self._unacked) < self.broker_receive_maximum:
+            packet_id = self._packet_id()
+            self._unacked[packet_id] = data = self._waiting.popleft()
+            self._send(self._publishpacket(*data, packet_id))
+
+    def _acked(self, body: bytes) -> None:
+        if len(body) < 2:
+            raise LinkError("malformed PUBACK")
+        self._unacked.pop(struct.unpack_from("!H", body)[0], None)
+        if self._waiting and self._sock is not None:
+            self._send_waiting()
+
+    def _publishpacket(self, topic: bytes, payload: bytes, packet_id: int, *, dup: bool = False) -> bytes:
+        body = string(topic) + struct.pack("!H", packet_id) + (b"\x00" if self.v5 else b"") + payload
+        return packet(PUBLISH, 0x02 | (0x08 if dup else 0), body)
 
     def ping_if_due(self) -> None:
         """Send PINGREQ when nothing was sent for half the keepalive."""
@@ -329,16 +356,25 @@ class IngestLink:
         raise LinkError("every packet id is in use")
 
     def _send(self, data: bytes) -> None:
+        """Write all of `data`, waiting at most `send_timeout` while the broker takes none of it."""
         sock = self._require()
         view = memoryview(data)
+        deadline = time.monotonic() + self.send_timeout
         try:
             while view:
                 try:
                     sent = sock.send(view)
                 except (BlockingIOError, ssl.SSLWantWriteError):
-                    select.select([], [sock], [], 5.0)
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        self.close()
+                        raise LinkError(
+                            f"the broker {self.target} took nothing for {self.send_timeout:g} s"
+                        ) from None
+                    select.select([], [sock], [], left)
                     continue
                 view = view[sent:]
+                deadline = time.monotonic() + self.send_timeout
         except OSError as exc:
             self.close()
             raise LinkError(f"lost the broker {self.target}: {exc}") from None

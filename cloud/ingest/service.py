@@ -33,7 +33,8 @@ from cloud.exceptions import LinkError
 from cloud.ingest.link import Inbound, IngestLink
 from cloud.ingest.writer import Accepted, BatchWriter, Written
 from wire.errors import ContractError, Rejection
-from wire.messages import Receipt, decode, encode
+from wire.fastpath import decode_fast
+from wire.messages import Receipt, encode
 from wire.topics import MessageKind, device_filter, device_topic
 
 log = logging.getLogger(__name__)
@@ -297,7 +298,7 @@ class Ingest:
         for inbound in batch:
             topic = inbound.topic.decode("utf-8", errors="replace")
             try:
-                kind, message = decode(topic, inbound.payload)
+                kind, message = decode_fast(topic, inbound.payload)
             except ContractError as invalid:
                 self._refuse(topic, invalid)
                 continue

@@ -30,6 +30,7 @@ from cloud.registry.devices import (
 )
 from cloud.registry.tables import DeviceStatus, utcnow
 from wire.errors import ContractError, Rejection
+from wire.fastpath import StatusRecord
 from wire.knowledge import KnowledgeReport
 from wire.messages import Message, ModelAck, Presence, PresenceState, Status
 from wire.topics import MessageKind
@@ -42,7 +43,7 @@ class Accepted:
     """A message that satisfied the contract, with the bytes it arrived as."""
 
     kind: MessageKind
-    message: Message
+    message: Message | StatusRecord  # a status the fast path vouched for is a StatusRecord
     payload: bytes
 
 
@@ -125,7 +126,7 @@ class BatchWriter:
         devices: dict[str, KnownDevice],
         written: Written,
     ) -> None:
-        statuses = [a.message for a in batch if isinstance(a.message, Status)]
+        statuses = [a.message for a in batch if isinstance(a.message, Status | StatusRecord)]
         new = telemetry.add_statuses(session, statuses)
         written.stored[MessageKind.STATUS] += len(new)
         written.duplicates[MessageKind.STATUS] += len(statuses) - len(new)

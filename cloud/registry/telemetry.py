@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from cloud.registry.common import insert_new
 from cloud.registry.tables import Telemetry, utcnow
+from wire.fastpath import StatusRecord
 from wire.messages import Status
 
 PRUNE_BATCH = 10_000  # rows deleted per statement, so pruning never holds a long lock
@@ -23,7 +24,7 @@ def add_samples(session: Session, samples: Iterable[dict[str, Any]]) -> set[uuid
     return insert_new(session, Telemetry, list(samples), key="msg_id")
 
 
-def sample_of(status: Status) -> dict[str, Any]:
+def sample_of(status: Status | StatusRecord) -> dict[str, Any]:
     """The telemetry row of a status message."""
     return {
         "msg_id": status.msg_id,
@@ -34,7 +35,7 @@ def sample_of(status: Status) -> dict[str, Any]:
     }
 
 
-def add_statuses(session: Session, statuses: Sequence[Status]) -> set[uuid.UUID]:
+def add_statuses(session: Session, statuses: Sequence[Status | StatusRecord]) -> set[uuid.UUID]:
     """Store validated status messages, each msg_id once; return the msg_ids that were new.
 
     On PostgreSQL the batch is copied straight into the table, inside a savepoint: nearly always every
@@ -76,7 +77,7 @@ INCOMING = "telemetry_incoming"
 NULL = "\\N"  # COPY's text format
 
 
-def _copy_line(s: Status) -> str:
+def _copy_line(s: Status | StatusRecord) -> str:
     """`s` as a line of COPY's text format, in the order of `COPY_COLUMNS`, written out field by field
     (this runs a thousand times a batch). No value needs escaping: the contract's patterns keep
     backslashes, tabs and line ends out of device and model ids; the rest are numbers, a time, a
