@@ -1,6 +1,7 @@
 """The pieces of mosquitto's dynamic-security state as the embedded broker keeps them: ACL types and
 the default access, topic filters and how an ACL matches them, PBKDF2 password hashes, clients, roles,
-and what a control message did. Pure: no I/O (`embedded_acl.DynamicSecurity` holds and checks them)."""
+what a control message did, and the CONNECT fields a login is checked on. Pure: no I/O
+(`embedded_acl.DynamicSecurity` holds and checks them)."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ HASH_ITERATIONS = 10_000
 _SALT_BYTES = 12
 
 # CONNACK return codes of MQTT 3.1.1 (what mosquitto answers a refused login with).
-ACCEPTED, IDENTIFIER_REJECTED, NOT_AUTHORIZED = 0, 2, 5
+ACCEPTED, UNACCEPTABLE_PROTOCOL, IDENTIFIER_REJECTED, NOT_AUTHORIZED = 0, 1, 2, 5
 
 
 # --- Topic matching ---------------------------------------------------------------------------------
@@ -195,3 +196,65 @@ class Outcome:
     response: dict[str, Any]
     kick: set[str] = field(default_factory=set)
     changed: bool = False
+
+
+# --- A CONNECT, as the login reads it ---------------------------------------------------------------
+
+
+class _Fields:
+    """A cursor over a packet: bytes, and length-prefixed binary data or UTF-8 strings (MQTT §1.5.3)."""
+
+    def __init__(self, data: bytes, at: int) -> None:
+        self.data, self.at = data, at
+
+    def take(self, n: int) -> bytes:
+        if self.at + n > len(self.data):
+            raise ValueError("the CONNECT packet ends early")
+        self.at += n
+        return self.data[self.at - n : self.at]
+
+    def binary(self) -> bytes:
+        return self.take(int.from_bytes(self.take(2), "big"))
+
+    def text(self) -> str:
+        return self.binary().decode()  # a UnicodeDecodeError is a ValueError
+
+
+@dataclass(frozen=True)
+class Hello:
+    """What a login is checked on, read from a CONNECT packet (MQTT 3.1.1 §3.1)."""
+
+    level: int  # the protocol level, 4 for 3.1.1; of another level nothing more is read
+    client_id: str = ""
+    clean_session: bool = True
+    keepalive: int = 0
+    will_topic: str | None = None
+    will_retain: bool = False
+    username: str | None = None
+    password: str | None = None  # its bytes as sent (surrogate escapes), which the hash takes back
+
+    @classmethod
+    def parse(cls, packet: bytes) -> Hello:
+        """Read a whole CONNECT packet, fixed header included; ValueError if it is not a valid one."""
+        if packet[:1] != b"\x10":
+            raise ValueError("the first packet is not a CONNECT")
+        fields = _Fields(packet, 1)
+        while fields.take(1)[0] & 0x80:  # the remaining length
+            pass
+        if fields.text() != "MQTT":
+            raise ValueError("not MQTT 3.1.1")
+        level, flags = fields.take(2)
+        keepalive = int.from_bytes(fields.take(2), "big")
+        if level != 4:
+            return cls(level)
+        if flags & 0x01 or flags & 0x18 == 0x18:
+            raise ValueError("a reserved flag or a will QoS of 3 in CONNECT")
+        client_id = fields.text()
+        will_topic = None
+        if flags & 0x04:
+            will_topic = fields.text()
+            fields.binary()  # the will's message
+        username = fields.text() if flags & 0x80 else None
+        password = fields.binary().decode(errors="surrogateescape") if flags & 0x40 else None
+        clean, will_retain = bool(flags & 0x02), bool(flags & 0x20)
+        return cls(level, client_id, clean, keepalive, will_topic, will_retain, username, password)

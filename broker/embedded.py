@@ -5,22 +5,18 @@ security's credentials, ACLs and control API (`$CONTROL/dynamic-security/v1`, br
 loop of its own in a background thread. The state (clients, roles, default access) lives in a JSON file
 like the plugin's own, owner-only and replaced atomically on every change.
 
-amqtt 0.12.1 is pinned: `_DynsecBroker` overrides a few of its internal methods where its plugin hooks
-come too late or not at all (see docs/embedded-broker.md):
-- the password, client id and will topic are checked as soon as CONNECT is read: amqtt asks its auth
-  plugins only after it has dropped the old session of that client id or taken over its connection,
-  and never checks where a will goes;
-- `$CONTROL/dynamic-security/v1` is served (amqtt drops every publish to a `$` topic);
-- a PUBLISH to a wildcard topic ends the connection (amqtt stops reading it but leaves it open);
-- a client silent for 1.5 keepalives is disconnected, its will sent (amqtt ignores the timeout);
-- CONNECT must come within 10 s, and a packet larger than `max_packet_size` ends the connection
-  before its body is read (amqtt reads any size).
+It accepts each connection itself and reads CONNECT first: the login is checked before amqtt touches
+any session, a packet over `max_packet_size` or a client silent for 1.5 keepalives ends the stream
+amqtt reads. amqtt's plugin hooks decide publish, subscribe and receive; three private methods of the
+pinned amqtt are overridden where it has no hook (docs/embedded-broker.md, "Its dependency on amqtt";
+tests/broker/test_embedded_amqtt_contract.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -29,20 +25,20 @@ import signal
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from amqtt.adapters import ReaderAdapter, StreamWriterAdapter  # type: ignore[import-untyped]
 from amqtt.broker import Broker  # type: ignore[import-untyped]
 from amqtt.contexts import Action  # type: ignore[import-untyped]
-from amqtt.errors import BrokerError, MQTTError  # type: ignore[import-untyped]
-from amqtt.mqtt.connack import ConnackPacket  # type: ignore[import-untyped]
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler  # type: ignore[import-untyped]
+from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin  # type: ignore[import-untyped]
 from amqtt.session import Session  # type: ignore[import-untyped]
 
 from broker.acl import CONTROL_TOPIC, RESPONSE_TOPIC
 from broker.client import BrokerTarget
-from broker.dynsec_state import ACCEPTED, NOT_AUTHORIZED, Client
+from broker.dynsec_state import ACCEPTED, NOT_AUTHORIZED, UNACCEPTABLE_PROTOCOL, Client, Hello
 from broker.embedded_acl import DynamicSecurity
 from broker.exceptions import EmbeddedBrokerError
 
@@ -51,213 +47,220 @@ log = logging.getLogger(__name__)
 # mosquitto.conf's max_packet_size: a 256 KiB knowledge report plus 4 KiB of header and topic.
 MAX_PACKET_SIZE = 262_144 + 4_096
 CONNECT_TIMEOUT = 10.0  # seconds from TCP accept to CONNECT
-_GENERATED_ID = "amqtt/"  # how amqtt names a client that sent an empty client id
+LISTENER = "default"  # amqtt's name of the listener whose connections EmbeddedBroker accepts
 
 
-# --- amqtt, adapted ---------------------------------------------------------------------------------
+# --- The connection, before and under amqtt ---------------------------------------------------------
 
 
-class _BoundedReader(ReaderAdapter):  # type: ignore[misc]
-    """A client's byte stream that ends at the fixed header of a packet larger than `limit`, so a
-    large packet is never read into memory (amqtt then sees the end of the stream and disconnects)."""
+class _Gate(ReaderAdapter):  # type: ignore[misc]
+    """A client's byte stream as amqtt reads it, passed on one whole packet at a time. It ends (amqtt
+    then closes the connection and sends the will) at a packet over `limit` bytes, before its body is
+    read, and after `silence` seconds without a byte (None: no limit)."""
 
     def __init__(self, reader: asyncio.StreamReader, limit: int) -> None:
         self._reader = reader
         self._limit = limit
-        self._header = bytearray()  # the current packet's fixed header, while it is being read
-        self._body_left = 0  # bytes of the current packet's body not read yet
-        self._refused = False
+        self.silence: float | None = None
+        self._buffer = bytearray()  # read from the client, not yet by amqtt
+        self._next: asyncio.Future[bytes] | None = None  # the packet being read
+        self._ended = False
+        self._first = True
+
+    async def packet(self) -> bytes:
+        """The next whole packet, fixed header included; b"" once the stream has ended."""
+        if self._ended:
+            return b""
+        if self._next is None:
+            self._next = asyncio.ensure_future(self._read_packet())
+        # Shielded: amqtt's own keepalive timer cancels its read, which must not lose half a packet.
+        packet = await asyncio.shield(self._next)
+        self._next = None
+        self._ended = not packet
+        return packet
+
+    def unread(self, packet: bytes) -> None:
+        """Hand `packet` to amqtt before the rest of the stream."""
+        self._buffer[:0] = packet
 
     async def read(self, n: int = -1) -> bytes:
-        if self._refused:
-            return b""
-        data = await (self._reader.read(n) if n < 0 else self._reader.readexactly(n))
-        if self._body_left > 0:
-            self._body_left -= len(data)
-            return data
-        self._header += data  # amqtt reads a fixed header one byte at a time
-        if len(self._header) >= 2 and not self._header[-1] & 0x80:
-            length = sum((byte & 0x7F) << (7 * i) for i, byte in enumerate(self._header[1:]))
-            self._header.clear()
-            self._body_left = length
-            if length > self._limit:
-                log.warning("closing a connection: a packet of %d bytes is over the limit", length)
-                self._refused = True
-        elif len(self._header) > 5:  # not MQTT: a remaining length has at most four bytes
-            self._refused = True
+        while len(self._buffer) < (n if n >= 0 else 1) and (packet := await self.packet()):
+            self._buffer += packet
+        size = len(self._buffer) if n < 0 else min(n, len(self._buffer))
+        data = bytes(self._buffer[:size])
+        del self._buffer[:size]
         return data
 
     def feed_eof(self) -> None:
-        self._reader.feed_eof()
+        self._ended = True
+
+    def close(self) -> None:
+        if self._next is not None:
+            self._next.cancel()
+
+    async def _read_packet(self) -> bytes:
+        try:
+            header = bytearray(await self._exactly(1))
+            if self._first and header[0] != 0x10:
+                raise ValueError("the first packet is not a CONNECT")
+            self._first = False
+            for _ in range(4):
+                header += await self._exactly(1)
+                if not header[-1] & 0x80:
+                    break
+            else:
+                raise ValueError("not MQTT: a remaining length has at most four bytes")
+            length = sum((byte & 0x7F) << (7 * i) for i, byte in enumerate(header[1:]))
+            if length > self._limit:
+                raise ValueError(f"a packet of {length} bytes is over the limit")
+            body = bytearray()
+            while len(body) < length:
+                chunk = await asyncio.wait_for(self._reader.read(length - len(body)), self.silence)
+                if not chunk:
+                    return b""
+                body += chunk
+            topic = body[2 : 2 + int.from_bytes(body[:2], "big")]
+            if header[0] >> 4 == 3 and (not topic or b"+" in topic or b"#" in topic):
+                # amqtt would stop reading this PUBLISH at its topic, and take its payload for a packet
+                raise ValueError("a PUBLISH to an empty or wildcard topic")
+            return bytes(header + body)
+        except TimeoutError:
+            log.info("closing a connection silent for %s s", self.silence)
+        except ValueError as exc:
+            log.warning("closing a connection: %s", exc)
+        except (EOFError, OSError):
+            pass  # the client closed it
+        return b""
+
+    async def _exactly(self, n: int) -> bytes:
+        return await asyncio.wait_for(self._reader.readexactly(n), self.silence)
 
 
-class _Handler(BrokerProtocolHandler):  # type: ignore[misc]
-    """amqtt's protocol handler, except that a client silent for its keepalive is disconnected."""
+# --- amqtt's broker, with dynamic security ----------------------------------------------------------
 
-    _closing: asyncio.Task[None] | None = None
 
-    def handle_read_timeout(self) -> None:
-        self._closing = asyncio.ensure_future(self.handle_connection_closed())
+class DynsecPlugin(BaseAuthPlugin, BaseTopicPlugin):  # type: ignore[misc]
+    """Dynamic security's ACLs as amqtt's topic plugin: publish, subscribe, receive. As its auth plugin
+    it accepts every session: amqtt asks only after it has dropped or taken over the client id's old
+    session, so the login was checked before, as CONNECT was read (`_DynsecBroker.admit`)."""
+
+    @dataclass
+    class Config:
+        dynsec: DynamicSecurity
+
+    async def authenticate(self, *, session: Session) -> bool:
+        return True
+
+    async def topic_filtering(
+        self, *, session: Session | None = None, topic: str | None = None, action: Action | None = None
+    ) -> bool:
+        dynsec: DynamicSecurity = self.config.dynsec
+        username = session.username if session is not None else None
+        if topic is None:
+            return False
+        if action == Action.PUBLISH:
+            return dynsec.may_publish(username, topic)
+        if action == Action.SUBSCRIBE:
+            return dynsec.may_subscribe(username, topic)
+        return action == Action.RECEIVE and dynsec.may_receive(username, topic)
 
 
 class _DynsecBroker(Broker):  # type: ignore[misc]
-    """amqtt's broker with dynamic security's login, ACLs and control topic."""
+    """amqtt's broker with dynamic security's login and control topic. Connections come from
+    `EmbeddedBroker` through the public `external_connected`, once `admit` accepted their CONNECT."""
 
-    def __init__(
-        self,
-        config: dict[str, Any],
-        *,
-        dynsec: DynamicSecurity,
-        save: Callable[[DynamicSecurity], None],
-        max_packet_size: int,
-    ) -> None:
-        super().__init__(config)
+    def __init__(self, dynsec: DynamicSecurity, save_state: Callable[[DynamicSecurity], None]) -> None:
+        plugins = {f"{__name__}.DynsecPlugin": {"dynsec": dynsec}}
+        super().__init__({"listeners": {LISTENER: {"type": "external"}}, "plugins": plugins})
         self.dynsec = dynsec
-        self._save = save
-        self._max_packet_size = max_packet_size
-        self._connections: set[asyncio.StreamWriter] = set()
+        self.save_state = save_state
 
-    def bound_port(self) -> int:
-        port: int = self._servers["default"].instance.sockets[0].getsockname()[1]
-        return port
+    async def admit(self, hello: Hello) -> int:
+        """The CONNACK code for `hello`, decided before any session of its client id is touched. Once
+        accepted, the client id's live connection is ended ([MQTT-3.1.4-2])."""
+        if hello.level != 4:
+            return UNACCEPTABLE_PROTOCOL
+        found = self.dynsec.login(hello.username, hello.client_id)
+        # The hash runs off the event loop; a control command may change the client meanwhile.
+        checked = found.password if isinstance(found, Client) else None
+        good = await asyncio.to_thread(self.dynsec.verify_password, found, hello.password)
+        if isinstance(found, int):
+            return found
+        if not good or not self.dynsec.still_valid(found, checked):
+            return NOT_AUTHORIZED
+        if hello.will_topic is not None and not self.may_send_will(hello.username, hello.will_topic):
+            return NOT_AUTHORIZED  # like mosquitto: a will goes where its client may publish, or nowhere
+        await self.take_over(hello)
+        return ACCEPTED
 
-    def abort(self) -> None:
-        """Stop listening and cut every connection at once, sending nothing (a crash, to clients)."""
-        for server in self._servers.values():
-            server.instance.close()
-        for writer in self._connections:
-            writer.transport.abort()
+    def may_send_will(self, username: str | None, topic: str) -> bool:
+        valid = topic and not topic.startswith("$") and "+" not in topic and "#" not in topic
+        return bool(valid) and self.dynsec.may_publish(username, topic)
+
+    async def take_over(self, hello: Hello) -> None:
+        """End the live connection of the client id, if any, and wait until it is marked disconnected.
+        (amqtt leaves it open for a clean session, and otherwise races with its cleanup, which can mark
+        the new connection's session disconnected.)"""
+        session, handler = self.sessions.get(hello.client_id, (None, None))
+        if session is None:
+            return
+        if session.transitions.is_connected():
+            log.info("client %s connected again: closing its previous connection", hello.client_id)
+            await handler.handle_connection_closed()
+            deadline = time.monotonic() + 2.0  # its will is sent first; a dead peer must not hold us long
+            while session.transitions.is_connected() and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
+        if not hello.clean_session:  # amqtt copies the new CONNECT's will to a kept session, but this flag
+            session.will_retain = hello.will_retain
 
     async def kick(self, username: str) -> None:
         """End the live sessions of `username` without their wills, like dynsec's kick."""
-        for session, handler in list(self._sessions.values()):
+        for session, handler in list(self.sessions.values()):
             if session.username == username and session.transitions.is_connected():
                 log.info("disconnecting %s (client %s): its credentials changed", username, session.client_id)
                 session.will_flag = False
                 await handler.handle_connection_closed()
 
-    async def stream_connected(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
-    ) -> None:
-        self._connections.add(writer)
-        try:
-            bounded = _BoundedReader(reader, self._max_packet_size)
-            await self._client_connected(listener_name, bounded, StreamWriterAdapter(writer))
-        finally:
-            self._connections.discard(writer)
-            writer.close()  # amqtt leaves some refused connections open
-
-    async def _initialize_client_session(
-        self, reader: ReaderAdapter, writer: StreamWriterAdapter, remote_address: str, remote_port: int
-    ) -> tuple[BrokerProtocolHandler, Session]:
-        # amqtt's own, with the login checked before an existing session of the client id is touched.
-        try:
-            connect = _Handler.init_from_connect(reader, writer, self.plugins_manager)
-            handler, session = await asyncio.wait_for(connect, CONNECT_TIMEOUT)
-        except (TimeoutError, MQTTError) as exc:
-            raise MQTTError(f"no valid CONNECT from {remote_address}:{remote_port}") from exc
-        code = await self._login(session)
-        if code != ACCEPTED:
-            await ConnackPacket.build(0, code).to_stream(writer)
-            raise MQTTError(f"refused {session.username!r} as {session.client_id!r} (CONNACK {code})")
-        await self._take_over(session.client_id)
-        if session.clean_session:
-            await self._delete_session(session.client_id)
-            session.parent = 0
-        elif session.client_id in self._sessions:
-            existing, _ = self._sessions[session.client_id]
-            for name in ("will_flag", "will_message", "will_topic", "will_qos", "will_retain", "keep_alive"):
-                setattr(existing, name, getattr(session, name))
-            existing.username, existing.password = session.username, session.password
-            session, session.parent = existing, 1
-        else:
-            session.parent = 0
-        session.keep_alive = math.ceil(session.keep_alive * 1.5)  # MQTT 3.1.2.10: 1.5 keepalives
-        return handler, session
-
-    async def _take_over(self, client_id: str) -> None:
-        """End the live connection of `client_id`, if any, and wait until it is marked disconnected
-        [MQTT-3.1.4-2]. (amqtt leaves it open for a clean session, and otherwise races with its cleanup,
-        which can mark the new connection's session disconnected.)"""
-        old_session, old_handler = self._sessions.get(client_id, (None, None))
-        if old_session is None or not old_session.transitions.is_connected():
-            return
-        log.info("client %s connected again: closing its previous connection", client_id)
-        await old_handler.handle_connection_closed()
-        deadline = time.monotonic() + 2.0  # its will is sent first; a dead peer must not hold us long
-        while old_session.transitions.is_connected() and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
-
-    async def _login(self, session: Session) -> int:
-        client_id = session.client_id
-        found = self.dynsec.login(
-            session.username, None if client_id.startswith(_GENERATED_ID) else client_id
-        )
-        # The hash runs off the event loop; a control command may change the client meanwhile.
-        checked = found.password if isinstance(found, Client) else None
-        good = await asyncio.to_thread(self.dynsec.verify_password, found, session.password)
-        if isinstance(found, int):
-            return found
-        if not good or not self.dynsec.still_valid(found, checked):
-            return NOT_AUTHORIZED
-        if session.will_flag and not self._may_publish_will(session):
-            return NOT_AUTHORIZED  # like mosquitto: a will goes where its client may publish, or nowhere
-        return ACCEPTED
-
-    def _may_publish_will(self, session: Session) -> bool:
-        topic = session.will_topic or ""
-        valid = topic and not topic.startswith("$") and "+" not in topic and "#" not in topic
-        return bool(valid) and self.dynsec.may_publish(session.username, topic)
-
-    async def _authenticate(self, session: Session, listener: Any) -> bool:
-        return True  # every session that gets here was logged in by _initialize_client_session
-
-    async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
-        if action == Action.PUBLISH:
-            return self.dynsec.may_publish(session.username, topic)
-        if action == Action.SUBSCRIBE:
-            return self.dynsec.may_subscribe(session.username, topic)
-        return self.dynsec.may_receive(session.username, topic)
+    # amqtt's private methods, overridden: their names and signatures are checked by
+    # tests/broker/test_embedded_amqtt_contract.py against the pinned amqtt.
 
     async def _publish_retained_messages_for_subscription(
         self, subscription: tuple[str, int], session: Session
     ) -> None:
         # On every connection amqtt calls this for each filter any client subscribed to, which sent a
         # device the retained messages of others (their presence, their signed desired models).
-        if any(holder is session for holder, _ in self._subscriptions.get(subscription[0], ())):
+        if any(holder is session for holder, _ in self.subscriptions.get(subscription[0], ())):
             await super()._publish_retained_messages_for_subscription(subscription, session)
 
     async def _handle_unsubscription(
-        self, session: Session, handler: BrokerProtocolHandler, unsubscribe_waiter: asyncio.Future[Any]
+        self, client_session: Session, handler: BrokerProtocolHandler, unsubscribe_waiter: asyncio.Future[Any]
     ) -> None:
         # amqtt has no hook here: a refused unsubscribe is acknowledged and the subscription kept.
         request = unsubscribe_waiter.result()
-        request.topics = [t for t in request.topics if self.dynsec.may_unsubscribe(session.username, t)]
-        await super()._handle_unsubscription(session, handler, unsubscribe_waiter)
+        username = client_session.username
+        request.topics = [t for t in request.topics if self.dynsec.may_unsubscribe(username, t)]
+        await super()._handle_unsubscription(client_session, handler, unsubscribe_waiter)
 
     async def _handle_message_delivery(
-        self, session: Session, handler: BrokerProtocolHandler, wait_deliver: asyncio.Future[Any]
+        self, client_session: Session, handler: BrokerProtocolHandler, wait_deliver: asyncio.Future[Any]
     ) -> bool:
+        # amqtt ends the client's message loop, not its connection, at a `$` topic.
         message = wait_deliver.result()
-        if message is not None and (not message.topic or "+" in message.topic or "#" in message.topic):
-            log.warning("disconnecting client %s: PUBLISH to an invalid topic", session.client_id)
-            await handler.handle_connection_closed()  # the will is sent, as for any protocol error
-            return True
-        if message is not None and message.topic.startswith("$"):
-            if message.topic == CONTROL_TOPIC and self.dynsec.may_publish(session.username, message.topic):
-                await self._control(session, handler, bytes(message.data))
-            else:
-                log.info("dropped a publish of %s to %s", session.client_id, message.topic)
-            return True
-        result: bool = await super()._handle_message_delivery(session, handler, wait_deliver)
-        return result
+        if message is None or not message.topic.startswith("$"):
+            result: bool = await super()._handle_message_delivery(client_session, handler, wait_deliver)
+            return result
+        if message.topic == CONTROL_TOPIC and self.dynsec.may_publish(client_session.username, CONTROL_TOPIC):
+            await self.serve_control(handler, bytes(message.data))
+        else:
+            log.info("dropped a publish of %s to %s", client_session.client_id, message.topic)
+        return True
 
-    async def _control(self, session: Session, handler: BrokerProtocolHandler, payload: bytes) -> None:
+    async def serve_control(self, handler: BrokerProtocolHandler, payload: bytes) -> None:
         """Run a control message and answer the client that sent it (only it, like mosquitto)."""
         outcome = self.dynsec.execute(payload)
         if outcome.changed:
             try:
-                self._save(self.dynsec)
+                self.save_state(self.dynsec)
             except OSError:
                 log.exception("cannot save the dynamic-security state; the change holds until a restart")
         for username in sorted(outcome.kick):
@@ -336,6 +339,8 @@ class EmbeddedBroker:
         self._admin = (admin_user, admin_password)
         self._max_packet_size = max_packet_size
         self._broker: _DynsecBroker | None = None
+        self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.StreamWriter] = set()
 
     @property
     def port(self) -> int:
@@ -362,33 +367,25 @@ class EmbeddedBroker:
                 raise EmbeddedBrokerError(f"{self.state.path} does not exist: an admin password creates it")
             state = DynamicSecurity.initial(user, password)
             self.state.save(state)
-        config = {
-            "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self._port}"}},
-            "plugins": {},
-        }
-        broker = _DynsecBroker(
-            config, dynsec=state, save=self.state.save, max_packet_size=self._max_packet_size
-        )
+        broker = _DynsecBroker(state, self.state.save)
+        await broker.start()
+        accept = functools.partial(self._accept, broker)
         try:
-            await broker.start()
-        except BrokerError as exc:
-            raise EmbeddedBrokerError(f"cannot listen on {self.host}:{self._port}: {exc.__cause__}") from None
-        self._port = broker.bound_port()
-        self._broker = broker
+            server = await asyncio.start_server(accept, self.host, self._port, reuse_address=True)
+        except OSError as exc:
+            await broker.shutdown()
+            raise EmbeddedBrokerError(f"cannot listen on {self.host}:{self._port}: {exc}") from None
+        self._port = server.sockets[0].getsockname()[1]
+        self._broker, self._server = broker, server
         log.info("embedded broker listening on %s:%d, state in %s", self.host, self._port, self.state.path)
 
     async def stop(self) -> None:
         """Disconnect every client and stop listening (the state is already saved)."""
-        broker, self._broker = self._broker, None
-        if broker is not None:
-            await broker.shutdown()
+        await self._end(abort=False)
 
     async def kill(self) -> None:
         """Stop as a killed process would, to its clients: connections cut, nothing sent."""
-        broker, self._broker = self._broker, None
-        if broker is not None:
-            broker.abort()
-            await broker.shutdown()
+        await self._end(abort=True)
 
     def run(self) -> None:
         """Serve until SIGINT or SIGTERM (for a command line)."""
@@ -404,3 +401,44 @@ class EmbeddedBroker:
             await stopping.wait()
         finally:
             await self.stop()
+
+    async def _accept(
+        self, broker: _DynsecBroker, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """Serve one connection: its CONNECT is checked here, then amqtt reads it again and serves the
+        client (`external_connected`, amqtt's entry for connections accepted by another server)."""
+        self._connections.add(writer)
+        gate = _Gate(reader, self._max_packet_size)
+        try:
+            connect = await asyncio.wait_for(gate.packet(), CONNECT_TIMEOUT)
+            if not connect:
+                return  # closed by the client, or by the gate (which said why)
+            hello = Hello.parse(connect)
+            code = await broker.admit(hello)
+            if code != ACCEPTED:
+                log.info("refused %r as %r (CONNACK %d)", hello.username, hello.client_id, code)
+                writer.write(bytes([0x20, 2, 0, code]))  # CONNACK: no session present, refused
+                await writer.drain()
+                return
+            gate.silence = math.ceil(hello.keepalive * 1.5) or None  # MQTT 3.1.2.10: 1.5 keepalives
+            gate.unread(connect)
+            await broker.external_connected(gate, StreamWriterAdapter(writer), LISTENER)
+        except (ValueError, OSError) as exc:  # OSError: TimeoutError, or the client went away
+            log.info("closing a connection without a valid CONNECT: %s", str(exc) or "timed out")
+        finally:
+            gate.close()
+            self._connections.discard(writer)
+            writer.close()
+
+    async def _end(self, *, abort: bool) -> None:
+        broker, server, self._broker, self._server = self._broker, self._server, None, None
+        if broker is None or server is None:
+            return
+        server.close()
+        if abort:
+            for writer in list(self._connections):
+                writer.transport.abort()
+        await broker.shutdown()
+        for writer in list(self._connections):
+            writer.close()  # those still in their CONNECT
+        await server.wait_closed()

@@ -78,7 +78,8 @@ class IngestLink:
         self.subscriptions = subscriptions
         self.persistent = persistent
         self.receive_maximum = receive_maximum
-        self.keepalive = keepalive  # the broker's Server Keep Alive replaces it once connected
+        self.requested_keepalive = keepalive  # what CONNECT asks for
+        self.keepalive = keepalive  # what applies: the broker's Server Keep Alive when it sends one
         self.send_timeout = send_timeout
         self.v5 = target.protocol == "5"
         self.session_present = False
@@ -120,36 +121,36 @@ class IngestLink:
         except (OSError, ssl.SSLError) as exc:
             raise LinkError(f"cannot reach the broker {self.target}: {exc}") from None
         self._sock, self._buffer, self._early = sock, bytearray(), []
-        requested_keepalive = self.keepalive
         try:
-            self._send(self._connectpacket())
+            self._send(self._connect_packet())
             connack = self._expect(CONNACK, deadline)
             self._check_connack(connack)
-            self._send(self._subscribepacket())
+            self._send(self._subscribe_packet())
             if not self.session_present:
                 self._check_suback(self._expect(SUBACK, deadline))
             # A resumed session already holds the subscriptions, and the broker sends its in-flight
             # window before it reads our SUBSCRIBE: the SUBACK comes behind those messages, which
             # `receive` takes within its byte budget, and is checked when it comes.
-            for packet_id, (topic, payload) in list(self._unacked.items()):
-                if len(self._unacked) - len(self._waiting) > self.broker_receive_maximum:
-                    self._waiting.appendleft(self._unacked.pop(packet_id))  # (the broker's window shrank)
-                else:
-                    self._send(self._publishpacket(topic, payload, packet_id, dup=True))
+            # Re-sent within the broker's window (it may have shrunk); the rest wait their turn, in order.
+            held_back = list(self._unacked)[self.broker_receive_maximum :]
+            self._waiting.extendleft(reversed([self._unacked.pop(packet_id) for packet_id in held_back]))
+            for packet_id, (topic, payload) in self._unacked.items():
+                self._send(self._publish_packet(topic, payload, packet_id, dup=True))
             self._send_waiting()
             self.epoch += 1
         except BaseException:
-            self.keepalive = requested_keepalive
             self.close()
             raise
 
-    def _connectpacket(self) -> bytes:
+    def _connect_packet(self) -> bytes:
         flags = 0x00 if self.persistent else 0x02  # clean start / clean session
         if self.target.username is not None:
             flags |= 0x80
             if self.target.password is not None:
                 flags |= 0x40
-        body = string("MQTT") + bytes([5 if self.v5 else 4, flags]) + struct.pack("!H", self.keepalive)
+        body = (
+            string("MQTT") + bytes([5 if self.v5 else 4, flags]) + struct.pack("!H", self.requested_keepalive)
+        )
         if self.v5:
             props = b"\x21" + struct.pack("!H", self.receive_maximum)
             if self.persistent:
@@ -172,13 +173,13 @@ class IngestLink:
                 f"(reason code 0x{body[1]:02x}){reason_of(properties)}"
             )
         self.session_present = bool(body[0] & 0x01)
-        self.keepalive = int_property(properties, SERVER_KEEP_ALIVE, self.keepalive)
+        self.keepalive = int_property(properties, SERVER_KEEP_ALIVE, self.requested_keepalive)
         self.broker_receive_maximum = int_property(properties, RECEIVE_MAXIMUM, 65_535)
         self.broker_max_packet = int_property(properties, MAXIMUM_PACKET_SIZE, MAX_PACKET)
         if self.broker_receive_maximum == 0:
             raise LinkError(f"the broker {self.target} sent a Receive Maximum of 0 (a protocol error)")
 
-    def _subscribepacket(self) -> bytes:
+    def _subscribe_packet(self) -> bytes:
         body = struct.pack("!H", self._packet_id()) + (b"\x00" if self.v5 else b"")
         for topic_filter in self.subscriptions:
             body += string(topic_filter) + b"\x01"  # QoS 1
@@ -198,9 +199,9 @@ class IngestLink:
         """Wait for the next packet of `kind`. A resumed session's messages may come first: they are
         kept for the next `receive`."""
         while True:
-            packet = self._nextpacket()
-            if packet is not None:
-                got, flags, body = packet
+            framed = self._next_packet()
+            if framed is not None:
+                got, flags, body = framed
                 if got == kind:
                     return body
                 if got == PUBLISH:
@@ -225,19 +226,24 @@ class IngestLink:
         The socket is read only when nothing is left to parse, READ_SIZE at a time: what this link
         holds stays within that and one batch, and a backlog waits in the kernel and the broker (TCP
         flow control), however large the messages the broker lets through. What is read and not yet
-        parsed goes with the connection if it drops; QoS 1 messages come again."""
-        messages, self._early = self._early + self._parse(max_bytes), []
-        if not messages:
-            self._fill(timeout)
-            messages = self._parse(max_bytes)
-        self.ping_if_due()
+        parsed goes with the connection if it drops; QoS 1 messages come again. A malformed packet
+        ends the connection (what follows it cannot be framed)."""
+        try:
+            messages, self._early = self._early + self._parse(max_bytes), []
+            if not messages:
+                self._fill(timeout)
+                messages = self._parse(max_bytes)
+            self.ping_if_due()
+        except LinkError:
+            self.close()
+            raise
         return messages
 
     def _parse(self, max_bytes: int | None = None) -> list[Inbound]:
         messages: list[Inbound] = []
         size = 0
-        while (max_bytes is None or size < max_bytes) and (packet := self._nextpacket()) is not None:
-            kind, flags, body = packet
+        while (max_bytes is None or size < max_bytes) and (framed := self._next_packet()) is not None:
+            kind, flags, body = framed
             if kind == PUBLISH:
                 messages.append(inbound := self._inbound(flags, body))
                 size += len(inbound.payload)
@@ -258,20 +264,24 @@ class IngestLink:
         return messages
 
     def _inbound(self, flags: int, body: bytes) -> Inbound:
-        qos = (flags >> 1) & 0x03
-        (length,) = struct.unpack_from("!H", body)
-        offset = 2 + length
-        topic = body[2:offset]
-        packet_id = 0
-        if qos:
-            (packet_id,) = struct.unpack_from("!H", body, offset)
-            offset += 2
-        if self.v5:
-            props, offset = varint_at(body, offset)
-            offset += props
+        try:
+            (length,) = struct.unpack_from("!H", body)
+            offset = 2 + length
+            topic = body[2:offset]
+            packet_id = 0
+            if (flags >> 1) & 0x03:  # QoS 1 or 2: a packet id follows the topic
+                (packet_id,) = struct.unpack_from("!H", body, offset)
+                offset += 2
+            if self.v5:
+                props, offset = varint_at(body, offset)
+                offset += props
+        except (struct.error, IndexError):
+            raise LinkError("malformed PUBLISH") from None
+        if offset > len(body):
+            raise LinkError("malformed PUBLISH (its properties run past its end)")
         return Inbound(topic, body[offset:], packet_id)
 
-    def _nextpacket(self) -> tuple[int, int, bytes] | None:
+    def _next_packet(self) -> tuple[int, int, bytes] | None:
         buffer = self._buffer
         if len(buffer) < 2:
             return None
@@ -318,7 +328,7 @@ class IngestLink:
         the broker's Receive Maximum it waits for an acknowledgement to make room. LinkError when the
         packet is larger than the broker accepts."""
         data = (topic.encode(), payload)
-        size = len(self._publishpacket(*data, 1))
+        size = len(self._publish_packet(*data, 1))
         if size > self.broker_max_packet:
             raise LinkError(
                 f"a publish of {size} bytes exceeds the broker's maximum of {self.broker_max_packet}"
@@ -330,7 +340,7 @@ class IngestLink:
         while self._waiting and len(self._unacked) < self.broker_receive_maximum:
             packet_id = self._packet_id()
             self._unacked[packet_id] = data = self._waiting.popleft()
-            self._send(self._publishpacket(*data, packet_id))
+            self._send(self._publish_packet(*data, packet_id))
 
     def _acked(self, body: bytes) -> None:
         if len(body) < 2:
@@ -339,7 +349,7 @@ class IngestLink:
         if self._waiting and self._sock is not None:
             self._send_waiting()
 
-    def _publishpacket(self, topic: bytes, payload: bytes, packet_id: int, *, dup: bool = False) -> bytes:
+    def _publish_packet(self, topic: bytes, payload: bytes, packet_id: int, *, dup: bool = False) -> bytes:
         body = string(topic) + struct.pack("!H", packet_id) + (b"\x00" if self.v5 else b"") + payload
         return packet(PUBLISH, 0x02 | (0x08 if dup else 0), body)
 
