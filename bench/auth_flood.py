@@ -14,9 +14,6 @@ rate, and writes bench/results/auth_flood.json.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import threading
 import time
 from collections import Counter
@@ -25,9 +22,9 @@ from typing import Any
 import httpx
 import numpy as np
 from rich.console import Console
-from rich.table import Table
 
-from bench.api_listing import RESULTS, api_server, seed
+from bench import harness
+from bench.api_listing import api_server, seed
 from testsupport.postgres import scratch_database
 
 VALID_SOURCE = "198.51.100.10"
@@ -97,7 +94,7 @@ def phase(base: str, key: str, args: argparse.Namespace, *, flooding: bool) -> d
 
 
 def run(admin_url: str, args: argparse.Namespace) -> dict[str, Any]:
-    report: dict[str, Any] = {"machine": platform.node(), "config": vars(args), "phases": {}}
+    report: dict[str, Any] = {"machine": harness.machine(), "config": vars(args), "phases": {}}
     with scratch_database(admin_url, prefix="diredi_bench") as database:
         key = seed(database, 1000)
         for label, burst in (("limit on", None), ("limit off", "10000")):
@@ -110,11 +107,11 @@ def run(admin_url: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def print_table(report: dict[str, Any], console: Console) -> None:
-    table = Table(
-        title="A valid client's latency (device list, 50 a page) while another address floods wrong keys"
+    table = harness.table(
+        "A valid client's latency (device list, 50 a page) while another address floods wrong keys",
+        ("phase", "p50 ms", "p99 ms", "flood answers", "flood req/s"),
+        left=1,
     )
-    for column in ("phase", "p50 ms", "p99 ms", "flood answers", "flood req/s"):
-        table.add_column(column, justify="right" if column != "phase" else "left")
     for name, row in report["phases"].items():
         answers = ", ".join(f"{k}: {v}" for k, v in row.get("flood_answers", {}).items()) or "-"
         rate = f"{row['flood_rate']:.0f}" if "flood_rate" in row else "-"
@@ -123,20 +120,15 @@ def print_table(report: dict[str, Any], console: Console) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = harness.parser(__doc__, "auth_flood")
     parser.add_argument("--requests", type=int, default=300, help="the valid client's requests per phase")
     parser.add_argument("--flood", type=int, default=5000, help="wrong-key requests per flood, at most")
     parser.add_argument("--flooders", type=int, default=4, help="flooding threads")
     args = parser.parse_args(argv)
-    admin_url = os.environ.get("DIREDI_TEST_POSTGRES_URL")
-    if not admin_url:
-        raise SystemExit("set DIREDI_TEST_POSTGRES_URL (scripts/services.sh postgres prints it)")
-    report = run(admin_url, args)
-    print_table(report, Console(width=150))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / "auth_flood.json"
-    path.write_text(json.dumps(report, indent=2, default=str))
-    print(f"results written to {path}")
+    report = run(harness.postgres_url(), args)
+    console = Console(width=150)
+    print_table(report, console)
+    harness.write_results(report, args.out, console)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -28,10 +26,9 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 from rich.progress import Progress, TaskID
-from rich.table import Table
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
+from bench import harness
+
 INPUTS = 200  # files the device reads, each PASSES times
 PASSES = 3
 RD_RUNS = 5
@@ -63,7 +60,7 @@ def train(case: Case, workdir: Path, progress: Progress) -> dict[str, Any]:
     from cloud.ml.nets import parameter_count
     from cloud.ml.scenario import load_scenario
 
-    scenario = load_scenario(ROOT / case.scenario)
+    scenario = load_scenario(harness.ROOT / case.scenario)
     data = build_scenario_data(scenario)
     family = case.family or scenario.family or default_family(data.input_shape)
     spec = NetSpec(family, data.input_shape, data.num_classes)
@@ -182,7 +179,7 @@ def run_child(workdir: Path, model_path: str) -> dict[str, Any]:
     child = subprocess.run(  # noqa: S603
         [sys.executable, "-m", "bench.edge_models", "--device", str(workdir), model_path],
         env=env,
-        cwd=ROOT,
+        cwd=harness.ROOT,
         capture_output=True,
         text=True,
         timeout=600,
@@ -193,25 +190,25 @@ def run_child(workdir: Path, model_path: str) -> dict[str, Any]:
     return figures
 
 
-def print_table(rows: list[dict[str, Any]], console: Console) -> None:
-    table = Table(
-        title=f"Edge models on the device, no torch (Python {platform.python_version()}, {_cpus()} CPUs)"
+def print_table(report: dict[str, Any], console: Console) -> None:
+    table = harness.table(
+        f"Edge models on the device, no torch (Python {report['python']}, {report['cpus']} CPUs)",
+        (
+            "family · data",
+            "input",
+            "params",
+            "int8 / float weights B",
+            "int8 file B",
+            "acc float → int8 %",
+            "decode ms",
+            "infer ms p50 / p95",
+            "RD s (samples)",
+            "knowledge B",
+            "RSS MB",
+        ),
+        left=1,
     )
-    for column in (
-        "family · data",
-        "input",
-        "params",
-        "int8 / float weights B",
-        "int8 file B",
-        "acc float → int8 %",
-        "decode ms",
-        "infer ms p50 / p95",
-        "RD s (samples)",
-        "knowledge B",
-        "RSS MB",
-    ):
-        table.add_column(column, justify="left" if column == "family · data" else "right")
-    for r in rows:
+    for r in report["rows"]:
         table.add_row(
             r["case"],
             "×".join(map(str, r["input_shape"])),
@@ -229,14 +226,9 @@ def print_table(rows: list[dict[str, Any]], console: Console) -> None:
     console.print(table)
 
 
-def _cpus() -> int:
-    return len(os.sched_getaffinity(0))
-
-
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__, "edge_models")
     parser.add_argument("--device", nargs=2, metavar=("WORKDIR", "MODEL"), help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, default=RESULTS / "edge_models.json")
     args = parser.parse_args(argv)
     if args.device:  # the child
         print(json.dumps(device_side(Path(args.device[0]), Path(args.device[1]))))
@@ -250,11 +242,9 @@ def main(argv: list[str] | None = None) -> None:
             cloud = train(case, workdir, progress)
             model_path = cloud.pop("model_path")
             rows.append({**cloud, **run_child(workdir, model_path)})
-    print_table(rows, console)
-    report = {"benchmark": "edge_models", "machine": platform.platform(), "cpus": _cpus(), "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    console.print(f"written to {args.out}")
+    report = {"benchmark": "edge_models", **harness.machine_keys(), "rows": rows}
+    print_table(report, console)
+    harness.write_results(report, args.out, console)
 
 
 if __name__ == "__main__":

@@ -20,23 +20,18 @@ Writes bench/results/fleet_connections.json.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import psutil
 from rich.console import Console
 from rich.progress import Progress, TaskID
-from rich.table import Table
 from sqlalchemy import select
 
+from bench import harness
 from bench.device_swarm import SimDevice, Swarm, connected
 from bench.mqtt_lab import Lab, UsageMeter, ingests, lab, provision, raise_open_files, stored_telemetry
 from cloud.artifacts import LocalArtifactStore
@@ -45,8 +40,6 @@ from cloud.registry.models import register_cloud_model
 from cloud.registry.tables import Device, Presence
 from wire.common import utcnow
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
 TARGET_CONNECTIONS = 2000
 COHORT = "fleet"
 SETTLE_TIMEOUT = 60.0  # seconds the registry may take to reflect what the devices did
@@ -254,8 +247,7 @@ def run(admin_url: str, *, count: int, heartbeat_s: float, periods: float, qos: 
         "ok": ok,
         "meets_target": ok and connect["connected"] >= TARGET_CONNECTIONS,
         "target_connections": TARGET_CONNECTIONS,
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
+        **harness.machine_keys(),
     }
 
 
@@ -272,10 +264,7 @@ def print_table(report: dict[str, Any], console: Console) -> None:
         f"Fleet: {n:,} authenticated devices on one mosquitto, heartbeat every {report['heartbeat_s']:g} s "
         f"(QoS {report['heartbeat_qos']}), 1 ingest ({report['cpus']} CPUs)"
     )
-    table = Table(title=title)
-    table.add_column("figure")
-    table.add_column("value", justify="right")
-    table.add_column("ok", justify="right")
+    table = harness.table(title, ("figure", "value", "ok"), left=1)
     connack = f"{c['connack_ms_p50'] or 0:.0f} / {c['connack_ms_p99'] or 0:.0f} ms"
     rows_stored = f"{s['telemetry_rows']:,} / {s['heartbeats_acknowledged']:,}"
     broker = f"{s['mosquitto_cpu_percent']:.1f} / {s['mosquitto_rss_mb']:.0f} / {s['mosquitto_fds']:,}"
@@ -304,24 +293,19 @@ def print_table(report: dict[str, Any], console: Console) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__, "fleet_connections")
     parser.add_argument("--devices", type=int, default=TARGET_CONNECTIONS)
     parser.add_argument("--heartbeat", type=float, default=10.0, help="seconds between two heartbeats")
     parser.add_argument("--periods", type=float, default=2.0, help="heartbeat periods of steady state")
     parser.add_argument("--qos", type=int, choices=(0, 1), default=1, help="QoS of the heartbeats")
     args = parser.parse_args(argv)
-    admin_url = os.environ.get("DIREDI_TEST_POSTGRES_URL")
-    if not admin_url:
-        raise SystemExit("set DIREDI_TEST_POSTGRES_URL (scripts/services.sh postgres prints it)")
+    admin_url = harness.postgres_url()
     console = Console()
     report = run(
         admin_url, count=args.devices, heartbeat_s=args.heartbeat, periods=args.periods, qos=args.qos
     )
     print_table(report, console)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "fleet_connections.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    console.print(f"written to {out}")
+    harness.write_results(report, args.out, console)
     if not report["ok"]:
         raise SystemExit("fleet benchmark: a check failed (see the table)")
 

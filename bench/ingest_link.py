@@ -8,26 +8,20 @@ publish to the last acknowledgement sent. Writes bench/results/ingest_link.json.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
 import select
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from rich.console import Console
-from rich.table import Table
 
+from bench import harness
 from bench.ingest_throughput import DEVICES, publish, status_messages
 from bench.mqtt_lab import Lab, lab, provision
 from cloud.ingest.link import IngestLink
 from wire.topics import MessageKind, device_filter
 
-RESULTS = Path(__file__).resolve().parent / "results"
 BATCH = 1000
 TOPIC_FILTER = device_filter(MessageKind.STATUS)
 
@@ -126,30 +120,26 @@ def run(admin_url: str, *, count: int, rounds: int) -> dict[str, Any]:
         "benchmark": "ingest_link",
         "messages": count,
         "runs": runs,
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
+        **harness.machine_keys(),
     }
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__, "ingest_link")
     parser.add_argument("--messages", type=int, default=50_000)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
-    admin_url = os.environ.get("DIREDI_TEST_POSTGRES_URL")
-    if not admin_url:
-        raise SystemExit("set DIREDI_TEST_POSTGRES_URL (scripts/services.sh postgres prints it)")
-    report = run(admin_url, count=args.messages, rounds=args.rounds)
-    title = f"MQTT receive path: {report['messages']:,} QoS 1 messages, acked in batches of {BATCH}"
-    table = Table(title=title)
-    table.add_column("client")
-    for n in range(args.rounds):
-        table.add_column(f"run {n + 1} msg/s", justify="right")
+    report = run(harness.postgres_url(), count=args.messages, rounds=args.rounds)
+    table = harness.table(
+        f"MQTT receive path: {report['messages']:,} QoS 1 messages, acked in batches of {BATCH}",
+        ["client", *(f"run {n + 1} msg/s" for n in range(args.rounds))],
+        left=1,
+    )
     for label, runs in report["runs"].items():
         table.add_row(label, *(f"{r['msg_per_s']:,.0f}" for r in runs))
-    Console().print(table)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "ingest_link.json").write_text(json.dumps(report, indent=2) + "\n")
+    console = Console()
+    console.print(table)
+    harness.write_results(report, args.out, console)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,6 @@ Writes bench/results/ingest_memory.json. PostgreSQL comes from DIREDI_TEST_POSTG
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import secrets
 import subprocess
@@ -31,14 +29,12 @@ import psutil
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.progress import Progress
-from rich.table import Table
 
+from bench import harness
 from bench.mqtt_lab import Lab, lab, provision
 from cloud.children import free_ports
 from wire.topics import MessageKind, device_topic
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
 UNBOUNDED = 1 << 30
 
 
@@ -149,12 +145,9 @@ def measure(lab_: Lab, device_id: str, secret: str, messages: int, size: int, bu
     }
 
 
-def run(messages: int, size: int) -> dict[str, Any]:
-    url = os.environ.get("DIREDI_TEST_POSTGRES_URL")
-    if not url:
-        raise SystemExit("set DIREDI_TEST_POSTGRES_URL (scripts/services.sh postgres prints it)")
+def run(admin_url: str, messages: int, size: int) -> dict[str, Any]:
     rows = []
-    with lab(url) as running, Progress() as progress:
+    with lab(admin_url) as running, Progress() as progress:
         device_id = "mem-cam-1"
         secret = provision(running, [device_id])[device_id]
         task = progress.add_task("backlogs", total=2)
@@ -163,7 +156,7 @@ def run(messages: int, size: int) -> dict[str, Any]:
             progress.advance(task)
     return {
         "benchmark": "ingest_memory",
-        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "machine": harness.machine(),
         "messages": messages,
         "message_bytes": size,
         "backlog_mb": messages * size / 2**20,
@@ -171,13 +164,12 @@ def run(messages: int, size: int) -> dict[str, Any]:
     }
 
 
-def show(report: dict[str, Any]) -> None:
-    table = Table(
-        title=f"diredi ingest taking a backlog of {report['messages']:,} messages of "
-        f"{report['message_bytes']:,} B ({report['backlog_mb']:.0f} MiB) from mosquitto"
+def show(report: dict[str, Any], console: Console) -> None:
+    table = harness.table(
+        f"diredi ingest taking a backlog of {report['messages']:,} messages of "
+        f"{report['message_bytes']:,} B ({report['backlog_mb']:.0f} MiB) from mosquitto",
+        ("budget per batch", "handled", "RSS idle", "peak RSS", "growth", "seconds"),
     )
-    for column in ("budget per batch", "handled", "RSS idle", "peak RSS", "growth", "seconds"):
-        table.add_column(column, justify="right")
     for row in report["rows"]:
         budget = "none (1 GiB)" if row["batch_bytes"] == UNBOUNDED else f"{row['batch_bytes'] >> 20} MiB"
         table.add_row(
@@ -188,11 +180,11 @@ def show(report: dict[str, Any]) -> None:
             f"{row['rss_growth_mb']:.0f} MiB",
             f"{row['seconds']:.1f}",
         )
-    Console().print(table)
+    console.print(table)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__, "ingest_memory")
     parser.add_argument("--messages", type=int, default=400)
     parser.add_argument("--size", type=int, default=250_000, help="bytes per message (at most 262,144)")
     args = parser.parse_args(argv)
@@ -200,12 +192,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--messages: between 1 and 1,000 (mosquitto queues 256 MiB for a session)")
     if not 1024 <= args.size <= 262_144:
         parser.error("--size: between 1,024 and 262,144 bytes")
-    report = run(args.messages, args.size)
-    show(report)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "ingest_memory.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"written to {out}")
+    report = run(harness.postgres_url(), args.messages, args.size)
+    console = Console()
+    show(report, console)
+    harness.write_results(report, args.out, console)
 
 
 if __name__ == "__main__":

@@ -12,27 +12,20 @@ Targets: ≥ 5,000 msg/s and ≥ 0.5× the pass-through. Writes bench/results/in
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
 import subprocess
 import time
-from pathlib import Path
 from typing import Any
 
 import psutil
 from rich.console import Console
 from rich.progress import Progress
-from rich.table import Table
 
+from bench import harness
 from bench.mqtt_lab import Lab, UsageMeter, ingests, lab, last_telemetry_id, provision, stored_telemetry
 from broker.mosquitto import find_binary
 from wire.messages import Status, encode
 from wire.topics import MessageKind, device_filter, device_topic
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
 DEVICES = [f"bench-{n:04d}" for n in range(100)]
 TARGET_RATE = 5000
 TARGET_RATIO = 0.5
@@ -197,25 +190,16 @@ def run(admin_url: str, *, count: int, processes: list[int], batch_size: int) ->
         "passthrough": reference,
         "runs": runs,
         "targets": {"msg_per_s": TARGET_RATE, "ratio_to_passthrough": TARGET_RATIO},
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
+        **harness.machine_keys(),
     }
 
 
 def print_table(report: dict[str, Any], console: Console) -> None:
-    table = Table(
-        title=f"Ingest: {report['messages']:,} QoS 1 status messages of {report['payload_bytes']} B into "
-        f"PostgreSQL ({report['cpus']} CPUs)"
+    table = harness.table(
+        f"Ingest: {report['messages']:,} QoS 1 status messages of {report['payload_bytes']} B into "
+        f"PostgreSQL ({report['cpus']} CPUs)",
+        ("path", "msg/s", "seconds", "× pass-through", "≥ 5,000/s and ≥ 0.5×", "CPU % (broker+ingest)"),
     )
-    for column in (
-        "path",
-        "msg/s",
-        "seconds",
-        "× pass-through",
-        "≥ 5,000/s and ≥ 0.5×",
-        "CPU % (broker+ingest)",
-    ):
-        table.add_column(column, justify="right")
     p = report["passthrough"]
     table.add_row(
         "broker pass-through (mosquitto_sub)",
@@ -239,23 +223,18 @@ def print_table(report: dict[str, Any], console: Console) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__, "ingest_throughput")
     parser.add_argument("--messages", type=int, default=50_000)
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     parser.add_argument(
         "--batch-size", type=int, default=1000, help="DIREDI_INGEST_BATCH_SIZE of the ingests"
     )
     args = parser.parse_args(argv)
-    admin_url = os.environ.get("DIREDI_TEST_POSTGRES_URL")
-    if not admin_url:
-        raise SystemExit("set DIREDI_TEST_POSTGRES_URL (scripts/services.sh postgres prints it)")
+    admin_url = harness.postgres_url()
     console = Console()
     report = run(admin_url, count=args.messages, processes=args.processes, batch_size=args.batch_size)
     print_table(report, console)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "ingest_throughput.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    console.print(f"written to {out}")
+    harness.write_results(report, args.out, console)
 
 
 if __name__ == "__main__":

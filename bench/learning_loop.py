@@ -6,20 +6,15 @@ Times are wall-clock on this machine; compare ratios measured in one run.
 
 from __future__ import annotations
 
-import json
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
+from bench import harness
 from cloud.ml.scenario import load_scenario
 from cloud.sim.run import run_simulation
-
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
 
 
 def run(scenarios: list[Path]) -> dict[str, Any]:
@@ -51,13 +46,7 @@ def run(scenarios: list[Path]) -> dict[str, Any]:
                     "sim_wall_s": wall,
                 }
             )
-    return {"machine": platform.platform(), "cpus": _cpus(), "rows": rows}
-
-
-def _cpus() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0))
+    return {**harness.machine_keys(), "rows": rows}
 
 
 def _ratio(value: float | None) -> str:
@@ -66,22 +55,13 @@ def _ratio(value: float | None) -> str:
 
 def print_table(report: dict[str, Any], console: Console) -> None:
     """The benchmark's table; targets from issue 2 (DESIGN §7 allows 60 s for the cycle)."""
-    table = Table(title="Learning loop (targets: gap ≥ 0.90, drop ≤ 0.010, weights/knowledge ≥ 10, ≤ 40 s)")
-    for col in (
-        "scenario",
-        "user",
-        "gap",
-        "untouched drop",
-        "knowledge B",
-        "weights/kn",
-        "raw/kn",
-        "kn→approved s",
-        "int8 w ratio",
-        "int8 file ratio",
-        "int8 acc drop",
-        "sim wall s",
-    ):
-        table.add_column(col, justify="right")
+    table = harness.table(
+        "Learning loop (targets: gap ≥ 0.90, drop ≤ 0.010, weights/knowledge ≥ 10, ≤ 40 s)",
+        (
+            "scenario", "user", "gap", "untouched drop", "knowledge B", "weights/kn", "raw/kn",
+            "kn→approved s", "int8 w ratio", "int8 file ratio", "int8 acc drop", "sim wall s",
+        ),
+    )  # fmt: skip
     for r in report["rows"]:
         gap = "null" if r["gap_closed"] is None else f"{r['gap_closed']:.3f}"
         seconds = r["knowledge_to_approved_s"]
@@ -102,16 +82,13 @@ def print_table(report: dict[str, Any], console: Console) -> None:
     console.print(table)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Run, print, write JSON."""
-    scenarios = sorted((ROOT / "scenarios").glob("*.json"))
-    report = run(scenarios)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "learning_loop.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    args = harness.parser(__doc__, "learning_loop").parse_args(argv)
+    report = run(sorted((harness.ROOT / "scenarios").glob("*.json")))
     console = Console(width=160)
     print_table(report, console)
-    console.print(f"written to {out}")
+    harness.write_results(report, args.out, console)
 
 
 if __name__ == "__main__":

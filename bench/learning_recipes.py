@@ -11,10 +11,6 @@ development suite only (docs/learning-loop.md). Writes bench/results/learning_re
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -22,15 +18,14 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
-from rich.table import Table
 
+from bench import harness
 from bench.learning_suite import _load_dir, crash_text, each_scenario
 from cloud.exceptions import ScenarioError
 from cloud.ml.recipes import HEAD, LONGER, PLAIN, REKD, RELABEL, RELABEL_REKD, Recipe
 from cloud.ml.scenario import Scenario, parse_scenario
 from cloud.sim.generate import generate_scenarios, preference_kind
 
-ROOT = Path(__file__).resolve().parent.parent
 RECIPES: dict[str, Recipe] = {r.name: r for r in (RELABEL, REKD, RELABEL_REKD, PLAIN, LONGER, HEAD)}
 DEFAULT_RECIPES = (RELABEL.name, REKD.name, RELABEL_REKD.name)
 
@@ -134,12 +129,14 @@ def _cell(value: Any, fmt: str) -> str:
 
 
 def print_summary(summary: list[dict[str, Any]], console: Console) -> None:
-    table = Table(title="Each recipe alone (candidates on the users' world test sets)")
-    for column in (
-        "recipe", "users", "n/a", "approved", "refused: agreement", "refused: untouched", "no-op",
-        "gain median", "untouched min", "s median",
-    ):  # fmt: skip
-        table.add_column(column, justify="left" if column == "recipe" else "right")
+    table = harness.table(
+        "Each recipe alone (candidates on the users' world test sets)",
+        (
+            "recipe", "users", "n/a", "approved", "refused: agreement", "refused: untouched", "no-op",
+            "gain median", "untouched min", "s median",
+        ),
+        left=1,
+    )  # fmt: skip
     for s in summary:
         table.add_row(
             s["recipe"],
@@ -173,7 +170,7 @@ def run(
 
 def main(argv: list[str] | None = None) -> None:
     """Run the recipes, print the table, write JSON."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__, "learning_recipes")
     parser.add_argument("--scenarios", type=Path, help="a directory of scenario files (instead of a suite)")
     parser.add_argument("--count", type=int, default=8, help="generated scenarios (default 8)")
     parser.add_argument("--seed", type=int, default=100, help="the generated suite's seed (default 100, dev)")
@@ -182,8 +179,7 @@ def main(argv: list[str] | None = None) -> None:
         default=",".join(DEFAULT_RECIPES),
         help=f"comma-separated, of: {', '.join(RECIPES)} (default: the search's)",
     )
-    parser.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)), help="worker processes")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "learning_recipes.json")
+    parser.add_argument("--jobs", type=int, default=harness.cpus(), help="worker processes")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.recipes.split(",") if n.strip()]
     unknown = [n for n in names if n not in RECIPES]
@@ -206,8 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     for crash in crashes:
         console.print(f"[red]crash[/red] {crash['scenario']}: {crash['error']}")
     report = {
-        "machine": platform.platform(),
-        "cpus": len(os.sched_getaffinity(0)),
+        **harness.machine_keys(),
         "jobs": args.jobs,
         "generator": None if args.scenarios else {"count": args.count, "seed": args.seed},
         "scenarios_dir": str(args.scenarios) if args.scenarios else None,
@@ -216,9 +211,7 @@ def main(argv: list[str] | None = None) -> None:
         "crashes": crashes,
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    console.print(f"written to {args.out}")
+    harness.write_results(report, args.out, console)
 
 
 if __name__ == "__main__":

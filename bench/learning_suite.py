@@ -7,10 +7,6 @@ row and the summary to bench/results/learning_suite.json and a plot of gap_close
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
 import re
 import time
 from collections import Counter
@@ -23,14 +19,12 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
+from bench import harness
 from cloud.exceptions import ScenarioError
 from cloud.ml.scenario import Scenario, load_scenario, parse_scenario
 from cloud.sim.generate import KINDS, generate_scenarios, preference_kind
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
 DEFAULT_COUNT = 10
 DEFAULT_SEED = 1
 MIN_GAIN_FOR_GAP = 0.02  # as cloud.sim.run: a gap is only measured where the oracle gains this much
@@ -265,15 +259,15 @@ def _points(value: float | None) -> str:
 
 def print_summary(summary: dict[str, Any], crashes: Sequence[dict[str, Any]], console: Console) -> None:
     """The benchmark's tables: gap per preference kind, the gate's outcomes, timing, crashes."""
-    table = Table(
-        title=f"gap_closed per preference kind (targets, all: median ≥ {TARGET_MEDIAN_GAP}, "
-        f"p10 ≥ {TARGET_P10_GAP}, none below v1); changes in points"
-    )
-    for col in (
-        "kind", "users", "with gap", "gap min", "p10", "median", "DP gap min", "DP p10", "DP median",
-        "untouched min", "below v1", "DP below v1 −1pt",
-    ):  # fmt: skip
-        table.add_column(col, justify="left" if col == "kind" else "right")
+    table = harness.table(
+        f"gap_closed per preference kind (targets, all: median ≥ {TARGET_MEDIAN_GAP}, "
+        f"p10 ≥ {TARGET_P10_GAP}, none below v1); changes in points",
+        (
+            "kind", "users", "with gap", "gap min", "p10", "median", "DP gap min", "DP p10", "DP median",
+            "untouched min", "below v1", "DP below v1 −1pt",
+        ),
+        left=1,
+    )  # fmt: skip
     for kind, s in summary["kinds"].items():
         table.add_row(
             kind,
@@ -292,15 +286,17 @@ def print_summary(summary: dict[str, Any], crashes: Sequence[dict[str, Any]], co
         )
     console.print(table)
 
-    gates = Table(title="Gate outcomes (users; figures in the reasons replaced by N)")
-    for col in ("outcome", "reason", "DiReDi", "DiReDi+DP"):
-        gates.add_column(col, justify="right" if col in ("DiReDi", "DiReDi+DP") else "left")
+    gates = harness.table(
+        "Gate outcomes (users; figures in the reasons replaced by N)",
+        ("outcome", "reason", "DiReDi", "DiReDi+DP"),
+        left=2,
+    )
     for g in summary["gates"]:
         gates.add_row(str(g["outcome"]), str(g["reason"]), str(g["diredi"]), str(g["dp"]))
     console.print(gates)
-    recipes = Table(title="Approved models by the recipe that made them")
-    for col in ("recipe", "DiReDi", "DiReDi+DP"):
-        recipes.add_column(col, justify="left" if col == "recipe" else "right")
+    recipes = harness.table(
+        "Approved models by the recipe that made them", ("recipe", "DiReDi", "DiReDi+DP"), left=1
+    )
     for r in summary.get("approved_by_recipe", []):
         recipes.add_row(str(r["recipe"]), str(r["diredi"]), str(r["dp"]))
     console.print(recipes)
@@ -392,14 +388,13 @@ def _load_dir(directory: Path) -> list[Scenario]:
 
 def main(argv: list[str] | None = None) -> None:
     """Run the suite, print the tables, write JSON and the plot."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__, "learning_suite")
     parser.add_argument("--scenarios", type=Path, help="a directory of scenario files (instead of a suite)")
     parser.add_argument("--count", type=int, help=f"generated scenarios (default {DEFAULT_COUNT})")
     parser.add_argument("--seed", type=int, help=f"the generated suite's seed (default {DEFAULT_SEED})")
     parser.add_argument("--dataset", default="digits", choices=["digits", "mnist-5k"], help="a suite's data")
-    parser.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)), help="worker processes")
-    parser.add_argument("--out", type=Path, default=RESULTS / "learning_suite.json")
-    parser.add_argument("--plot", type=Path, default=RESULTS / "learning_suite.png")
+    parser.add_argument("--jobs", type=int, default=harness.cpus(), help="worker processes")
+    parser.add_argument("--plot", type=Path, default=harness.RESULTS / "learning_suite.png")
     args = parser.parse_args(argv)
     if args.scenarios and (args.count is not None or args.seed is not None):
         parser.error("--scenarios or --count/--seed, not both")
@@ -423,8 +418,7 @@ def main(argv: list[str] | None = None) -> None:
     summary = summarize(rows, crashes)
     print_summary(summary, crashes, console)
     report = {
-        "machine": platform.platform(),
-        "cpus": len(os.sched_getaffinity(0)),
+        **harness.machine_keys(),
         "jobs": args.jobs,
         "generator": None if args.scenarios else {"count": count, "seed": seed, "dataset": args.dataset},
         "scenarios_dir": str(args.scenarios) if args.scenarios else None,
@@ -434,12 +428,11 @@ def main(argv: list[str] | None = None) -> None:
         "rows": rows,
         "runs": runs,
     }
-    for path in (args.out, args.plot):
-        path.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    write_plot(rows, args.plot)
     console.print(f"{len(scenarios)} scenarios, {len(rows)} users in {wall:.0f} s with {args.jobs} processes")
-    console.print(f"written to {args.out} and {args.plot}")
+    harness.write_results(report, args.out, console)
+    args.plot.parent.mkdir(parents=True, exist_ok=True)
+    write_plot(rows, args.plot)
+    console.print(f"plotted to {args.plot}")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import psutil
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from bench import harness
 from broker.acl import provision_commands
 from broker.client import BrokerTarget
 from broker.dynsec import DynsecAdmin
@@ -35,9 +36,39 @@ from cloud.registry.tables import Telemetry
 from testsupport.mosquitto import MosquittoProcess
 from testsupport.postgres import scratch_database
 
-ROOT = Path(__file__).resolve().parent.parent
-CERTS_SCRIPT = ROOT / "broker" / "certs.sh"
+CERTS_SCRIPT = harness.ROOT / "broker" / "certs.sh"
 CLOUD_USER = "diredi-cloud"
+
+
+@dataclass
+class Broker:
+    """A running mosquitto and the accounts a benchmark reaches it with."""
+
+    process: MosquittoProcess
+    target: BrokerTarget  # plain, no credentials
+    tls_target: BrokerTarget  # TLS verified against the lab CA, no credentials
+    admin: BrokerTarget
+    cloud: BrokerTarget
+
+
+@contextmanager
+def running_broker(workdir: Path) -> Iterator[Broker]:
+    """mosquitto with the production configuration and lab certificates (in `workdir`) on free
+    loopback ports, its dynamic security bootstrapped with an admin and the cloud's account."""
+    certs = workdir / "certs"
+    subprocess.run([str(CERTS_SCRIPT), str(certs)], check=True, capture_output=True, timeout=60)  # noqa: S603
+    port, tls_port = free_ports(2)
+    state = workdir / "broker"
+    render_config(state, port=port, tls_port=tls_port, cert_dir=certs, tls_bind="127.0.0.1")
+    admin_password = secrets.token_urlsafe(24)
+    init_dynsec(state, admin_user="admin", admin_password=admin_password)
+    with MosquittoProcess(state, port=port) as process:
+        target = BrokerTarget(host="127.0.0.1", port=port)
+        tls_target = BrokerTarget(host="127.0.0.1", port=tls_port, tls=True, ca_file=certs / "ca.crt")
+        admin = target.with_credentials("admin", admin_password)
+        cloud = target.with_credentials(CLOUD_USER, secrets.token_urlsafe(24))
+        bootstrap(admin, cloud_user=CLOUD_USER, cloud_password=str(cloud.password))
+        yield Broker(process, target, tls_target, admin, cloud)
 
 
 @dataclass
@@ -55,26 +86,17 @@ class Lab:
 
 @contextmanager
 def lab(admin_database_url: str) -> Iterator[Lab]:
-    """mosquitto (production configuration, lab certificates) and a migrated scratch registry."""
+    """mosquitto (`running_broker`) and a migrated scratch registry."""
     with ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="diredi-bench-")))
-        certs = workdir / "certs"
-        subprocess.run([str(CERTS_SCRIPT), str(certs)], check=True, capture_output=True, timeout=60)  # noqa: S603
-        port, tls_port = free_ports(2)
-        state = workdir / "broker"
-        render_config(state, port=port, tls_port=tls_port, cert_dir=certs, tls_bind="127.0.0.1")
-        admin_password = secrets.token_urlsafe(24)
-        init_dynsec(state, admin_user="admin", admin_password=admin_password)
-        broker = stack.enter_context(MosquittoProcess(state, port=port))
-        target = BrokerTarget(host="127.0.0.1", port=port)
-        admin = target.with_credentials("admin", admin_password)
-        cloud = target.with_credentials(CLOUD_USER, secrets.token_urlsafe(24))
-        bootstrap(admin, cloud_user=CLOUD_USER, cloud_password=str(cloud.password))
+        broker = stack.enter_context(running_broker(workdir))
         url = stack.enter_context(scratch_database(admin_database_url, prefix="diredi_bench"))
         engine = make_engine(url)
         migrate.upgrade(engine)
         stack.callback(engine.dispose)
-        yield Lab(broker, target, admin, cloud, url, session_factory(engine), workdir)
+        yield Lab(
+            broker.process, broker.target, broker.admin, broker.cloud, url, session_factory(engine), workdir
+        )
 
 
 def provision(

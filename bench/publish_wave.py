@@ -11,22 +11,16 @@ PostgreSQL comes from DIREDI_TEST_POSTGRES_URL (the lab's registry; this benchma
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
-import os
-import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from rich.console import Console
-from rich.table import Table
 
+from bench import harness
 from bench.mqtt_lab import lab
 from cloud.publisher import CloudPublisher
 from cloud.signing import Desired, KeyRing
@@ -34,8 +28,6 @@ from wire.arrays import EncodedArray
 from wire.manifest import ArtifactManifest, ProbeOutput, TensorSpec
 from wire.messages import encode
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
 NUM_CLASSES, FEATURE_DIM, SIDE = 10, 64, 8  # cloud.ml.nets.NetSpec's defaults
 
 
@@ -81,13 +73,10 @@ WAYS: dict[str, Callable[[CloudPublisher, list[Desired]], None]] = {
 }
 
 
-def run(sizes: list[int], repeats: int) -> dict[str, Any]:
-    url = os.environ.get("DIREDI_TEST_POSTGRES_URL")
-    if not url:
-        raise SystemExit("set DIREDI_TEST_POSTGRES_URL (scripts/services.sh postgres prints it)")
+def run(admin_url: str, sizes: list[int], repeats: int) -> dict[str, Any]:
     model = manifest(2)
     rows = []
-    with lab(url) as running:
+    with lab(admin_url) as running:
         ring = KeyRing.open(running.workdir / "keys")
         document_bytes = len(encode(ring.sign_desired(device_id="dev-00000", manifest=model)))
         with CloudPublisher(running.cloud, ring) as publisher:
@@ -104,24 +93,19 @@ def run(sizes: list[int], repeats: int) -> dict[str, Any]:
                 rows.append({"devices": size, "seconds": seconds, "median_s": medians})
     return {
         "benchmark": "publish_wave",
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": sys.version.split()[0],
-            "platform": platform.platform(),
-        },
+        "machine": harness.machine(),
         "document_bytes": document_bytes,
         "repeats": repeats,
         "rows": rows,
     }
 
 
-def show(report: dict[str, Any]) -> None:
-    table = Table(
-        title=f"A wave's signed desired models published to mosquitto (~{report['document_bytes']:,} B each; "
-        f"median of {report['repeats']})"
+def show(report: dict[str, Any], console: Console) -> None:
+    table = harness.table(
+        f"A wave's signed desired models published to mosquitto (~{report['document_bytes']:,} B each; "
+        f"median of {report['repeats']})",
+        ("devices", "one by one", "together", "speed-up", "docs/s together"),
     )
-    for column in ("devices", "one by one", "together", "speed-up", "docs/s together"):
-        table.add_column(column, justify="right")
     for row in report["rows"]:
         slow, fast = row["median_s"]["one by one"], row["median_s"]["together"]
         table.add_row(
@@ -131,11 +115,11 @@ def show(report: dict[str, Any]) -> None:
             f"{slow / fast:.1f}×",
             f"{row['devices'] / fast:,.0f}",
         )
-    Console().print(table)
+    console.print(table)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__, "publish_wave")
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 495, 2000])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
@@ -143,12 +127,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--sizes: wave sizes between 1 and 100,000")
     if not 1 <= args.repeats <= 20:
         parser.error("--repeats: between 1 and 20")
-    report = run(args.sizes, args.repeats)
-    show(report)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "publish_wave.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"written to {out}")
+    report = run(harness.postgres_url(), args.sizes, args.repeats)
+    console = Console()
+    show(report, console)
+    harness.write_results(report, args.out, console)
 
 
 if __name__ == "__main__":

@@ -26,21 +26,16 @@ of each process. Writes bench/results/rollout_fleet.json.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
 import os
-import platform
 import queue
 import re
-import tempfile
 import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -50,12 +45,12 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from rich.console import Console
 from rich.progress import Progress
-from rich.table import Table
 from sqlalchemy import func, select, update
 
+from bench import harness
 from bench.device_swarm import SimDevice, Swarm
-from bench.mqtt_lab import Lab, lab, provision, raise_open_files
-from bench.system_lab import local_system, processes, tree_cpu_seconds
+from bench.mqtt_lab import Lab, provision, raise_open_files
+from bench.system_lab import lab_and_redis, local_system, processes, tree_cpu_seconds
 from broker.client import BrokerTarget
 from cloud.artifacts import LocalArtifactStore
 from cloud.children import http_ok
@@ -71,7 +66,6 @@ from cloud.registry.db import transaction
 from cloud.registry.tables import Device, Role, Rollout, RolloutState, RolloutTarget, TargetState
 from cloud.signing import KeyRing
 from device_firmware_py.download import download
-from testsupport.redis import scratch_redis
 from wire.common import utcnow
 from wire.desired import DesiredModel, verify_raw
 from wire.errors import ContractError
@@ -79,9 +73,8 @@ from wire.manifest import edge_model_id
 from wire.messages import AckResult, ModelAck, encode
 from wire.topics import MessageKind, device_topic
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
-SCENARIO = ROOT / "scenarios" / "digits-two-users.json"  # its presumed data calibrates the int8 export
+# its presumed data calibrates the int8 export
+SCENARIO = harness.ROOT / "scenarios" / "digits-two-users.json"
 COHORT = "rollout-fleet"
 MAX_ARTIFACT_BYTES = 64 * 2**20
 DOWNLOAD_TIMEOUT_S = 60.0
@@ -391,12 +384,7 @@ def run(
     admin_url: str, *, count: int, concurrency: int, plan: dict[str, Any], timeout: float
 ) -> dict[str, Any]:
     raise_open_files(count + 1024)
-    with (
-        tempfile.TemporaryDirectory(prefix="diredi-bench-redis-") as redis_dir,
-        lab(admin_url) as bench_lab,
-        scratch_redis(Path(redis_dir)) as redis_url,
-        Progress(transient=True) as progress,
-    ):
+    with lab_and_redis(admin_url) as (bench_lab, redis_url), Progress(transient=True) as progress:
         task = progress.add_task(f"provision {count:,} devices", total=None)
         started = time.monotonic()
         secrets_by_id = provision(bench_lab, device_ids(count), cohort=COHORT, broker_stopped=True)
@@ -459,8 +447,7 @@ def run(
         "download_ms_max": 1000 * max(downloads, default=0.0),
         "downloads_in_flight_peak": swarm.downloads_peak,
         "ok": ok,
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
+        **harness.machine_keys(),
     }
 
 
@@ -580,24 +567,15 @@ def _s(value: float | None, digits: int = 1) -> str:
 
 def print_table(report: dict[str, Any], console: Console) -> None:
     n = report["devices"]
-    waves = Table(
-        title=f"Rollout of {report['model']} ({report['artifact_bytes']:,} B) to {n:,} simulated devices: "
+    waves = harness.table(
+        f"Rollout of {report['model']} ({report['artifact_bytes']:,} B) to {n:,} simulated devices: "
         f"worker + mosquitto + API + ingest, {report['download_concurrency']} downloads at a time "
-        f"({report['cpus']} CPUs); seconds after the POST"
-    )
-    for column in (
-        "wave",
-        "devices",
-        "offered",
-        "all desired received",
-        "all downloaded",
-        "all acked",
-        "all installed (registry)",
-        "settled",
-        "desired/s",
-        "downloads/s",
-    ):
-        waves.add_column(column, justify="right")
+        f"({report['cpus']} CPUs); seconds after the POST",
+        (
+            "wave", "devices", "offered", "all desired received", "all downloaded", "all acked",
+            "all installed (registry)", "settled", "desired/s", "downloads/s",
+        ),
+    )  # fmt: skip
     for w in report["waves"]:
         waves.add_row(
             "canary" if w["wave"] == 0 else str(w["wave"]),
@@ -612,9 +590,7 @@ def print_table(report: dict[str, Any], console: Console) -> None:
             _s(w["downloads_per_s"], 0),
         )
     console.print(waves)
-    table = Table(title="Rollout totals")
-    table.add_column("figure")
-    table.add_column("value", justify="right")
+    table = harness.table("Rollout totals", ("figure", "value"), left=1)
     cpu = report["cpu_percent"]
     rows = [
         ("POST /api/v1/rollouts", f"{report['post_ms']:.0f} ms"),
@@ -652,7 +628,7 @@ def print_table(report: dict[str, Any], console: Console) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__, "rollout_fleet")
     parser.add_argument("--devices", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=32, help="artifact downloads at a time")
     parser.add_argument("--canary", type=int, default=10)
@@ -665,18 +641,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds the rollout may take")
     args = parser.parse_args(argv)
-    admin_url = os.environ.get("DIREDI_TEST_POSTGRES_URL")
-    if not admin_url:
-        raise SystemExit("set DIREDI_TEST_POSTGRES_URL (scripts/services.sh postgres prints it)")
+    admin_url = harness.postgres_url()
     # Nothing to judge but the installs: no telemetry is sent, and a settled wave is not watched.
     plan = {"canary": args.canary, "waves": args.waves, "observe_s": 0.0, "min_status": 1}
     console = Console(width=160)
     report = run(admin_url, count=args.devices, concurrency=args.concurrency, plan=plan, timeout=args.timeout)
     print_table(report, console)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "rollout_fleet.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    console.print(f"written to {out}")
+    harness.write_results(report, args.out, console)
     if not report["ok"]:
         raise SystemExit("rollout benchmark: not every device installed the model (see the table)")
 

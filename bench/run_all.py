@@ -14,7 +14,7 @@ from bench import (
 
 if __name__ == "__main__":
     api_listing.main([])
-    learning_loop.main()
+    learning_loop.main([])
     pipeline_cycle.main([])
     ingest_throughput.main([])
     ingest_memory.main([])

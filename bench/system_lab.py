@@ -1,6 +1,6 @@
 """What the pipeline benchmarks share: the whole system (`LocalSystem`:
 `diredi ingest`, `diredi worker --beat` and `diredi api` as child processes) configured on a lab's
-mosquitto and PostgreSQL registry (bench/mqtt_lab.py)."""
+mosquitto and PostgreSQL registry (bench/mqtt_lab.py) and a redis-server of its own."""
 
 from __future__ import annotations
 
@@ -11,10 +11,19 @@ from typing import Any
 import psutil
 from pydantic import SecretStr
 
-from bench.mqtt_lab import Lab
+from bench.mqtt_lab import Lab, lab
 from cloud.children import free_ports
 from cloud.localsystem import LocalSystem
 from cloud.settings import Settings
+from testsupport.redis import scratch_redis
+
+
+@contextmanager
+def lab_and_redis(admin_database_url: str) -> Iterator[tuple[Lab, str]]:
+    """A lab (bench/mqtt_lab.py) and a redis-server in its directory, what `local_system` runs on;
+    yields the lab and redis's URL."""
+    with lab(admin_database_url) as bench_lab, scratch_redis(bench_lab.workdir / "redis") as redis_url:
+        yield bench_lab, redis_url
 
 
 @contextmanager
