@@ -28,7 +28,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -37,16 +36,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import paho.mqtt.client as mqtt
 import psutil
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 from rich.console import Console
 from rich.progress import Progress, TaskID
 from rich.table import Table
 
 from broker.acl import provision_commands
-from broker.client import BrokerTarget
+from broker.client import BrokerTarget, ClientOptions
+from broker.connection import BrokerConnection
 from broker.dynsec import DynsecAdmin
 from broker.mosquitto import bootstrap, init_dynsec, render_config
 from cloud.children import free_ports
@@ -196,23 +193,20 @@ class CloudSide:
     statuses: list[tuple[float, Status]] = field(default_factory=list)  # (received, monotonic)
     reports: set[str] = field(default_factory=set)
     inbox: queue.Queue[tuple[str, bytes]] = field(default_factory=queue.Queue)
-    subscribed: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
-        self.client = self.cloud.client(f"bench-cloud-{secrets.token_hex(4)}")
-        self.client.on_connect = self._on_connect
-        self.client.on_subscribe = self._on_subscribe
-        self.client.on_message = lambda _c, _u, m: self.inbox.put((m.topic, bytes(m.payload)))
+        options = ClientOptions(f"bench-cloud-{secrets.token_hex(4)}")
+        self.connection = BrokerConnection(self.cloud, options, timeout=10.0)
+        self.connection.client.on_message = lambda _c, _u, m: self.inbox.put((m.topic, bytes(m.payload)))
 
     def start(self) -> None:
-        self.cloud.connect(self.client)
-        self.client.loop_start()
-        if not self.subscribed.wait(10):
-            raise RuntimeError("the cloud-side subscriber did not subscribe within 10 s")
+        self.connection.connect()
+        self.connection.subscribe(
+            [device_topic(DEVICE_ID, kind) for kind in (MessageKind.STATUS, MessageKind.KNOWLEDGE)]
+        )
 
     def stop(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+        self.connection.close()
 
     def drain(self) -> None:
         """Take what arrived; answer knowledge reports with receipts."""
@@ -227,17 +221,7 @@ class CloudSide:
             elif isinstance(message, KnowledgeReport):
                 self.reports.add(str(message.msg_id))
                 receipt = Receipt(device_id=DEVICE_ID, ack_of=message.msg_id)
-                self.client.publish(device_topic(DEVICE_ID, MessageKind.RECEIPT), encode(receipt), qos=1)
-
-    def _on_connect(
-        self, client: mqtt.Client, _u: object, _f: object, reason: ReasonCode, _p: Properties | None
-    ) -> None:
-        if not reason.is_failure:
-            kinds = (MessageKind.STATUS, MessageKind.KNOWLEDGE)
-            client.subscribe([(device_topic(DEVICE_ID, kind), 1) for kind in kinds])
-
-    def _on_subscribe(self, _c: mqtt.Client, _u: object, _m: int, _r: list[ReasonCode], _p: object) -> None:
-        self.subscribed.set()
+                self.connection.send(device_topic(DEVICE_ID, MessageKind.RECEIPT), encode(receipt), qos=1)
 
 
 @dataclass

@@ -23,7 +23,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from broker.client import BrokerTarget
+from broker.client import BrokerTarget, ClientOptions, build_client, connect_async
 from wire.common import utcnow
 from wire.messages import Presence, PresenceState, Status, encode
 from wire.topics import MessageKind, device_topic
@@ -39,6 +39,7 @@ class SimDevice:
 
     device_id: str
     client: mqtt.Client
+    options: ClientOptions
     conn: str = ""
     connect_started: float = 0.0
     connack_at: float | None = None
@@ -92,8 +93,9 @@ class Swarm:
     # Set-up ---------------------------------------------------------------------------------------
 
     def _make(self, device_id: str, secret: str) -> SimDevice:
-        client = self.target.with_credentials(device_id, secret).client(device_id)
-        device = SimDevice(device_id, client)
+        options = ClientOptions(device_id, keepalive=self.keepalive)
+        client = build_client(self.target.with_credentials(device_id, secret), options)
+        device = SimDevice(device_id, client, options)
         client.user_data_set(device)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -135,7 +137,8 @@ class Swarm:
             device_id=device.device_id, state=PresenceState.online, conn=device.conn, sent_at=at
         )
         try:
-            device.client.connect(self.target.host, self.target.port, self.keepalive, clean_start=True)
+            connect_async(device.client, self.target, device.options)
+            device.client.reconnect()  # opens the socket now: `_on_socket_open` registers it
         except OSError as exc:
             device.refused = f"connect: {exc}"
 

@@ -37,8 +37,6 @@ from typing import Any
 
 import numpy as np
 import paho.mqtt.client as mqtt
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
@@ -47,7 +45,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from bench.mqtt_lab import Lab, lab, provision
 from bench.system_lab import local_system, processes, tree_cpu_seconds
-from broker.client import BrokerTarget
+from broker.client import BrokerTarget, ClientOptions
+from broker.connection import BrokerConnection
 from cloud.artifacts import LocalArtifactStore
 from cloud.localsystem import LocalSystem
 from cloud.ml.data import ScenarioData, build_scenario_data
@@ -130,39 +129,17 @@ class DeviceLink:
 
     def __init__(self, target: BrokerTarget, device_id: str) -> None:
         self.device_id = device_id
-        self.connected = threading.Event()
         self.receipts: dict[uuid.UUID, datetime] = {}
         self.receipt_arrived = threading.Condition()
-        self.client = target.client(device_id)
-        self.client.on_connect = self._on_connect
-        self.client.on_message = self._on_message
-        self.target = target
+        self.connection = BrokerConnection(target, ClientOptions(device_id), timeout=15.0)
+        self.connection.client.on_message = self._on_message
 
     @contextmanager
-    def open(self, timeout: float = 15.0) -> Iterator[DeviceLink]:
-        self.target.connect(self.client)
-        self.client.loop_start()
-        try:
-            if not self.connected.wait(timeout):
-                raise RuntimeError(f"{self.device_id} could not connect to the broker")
+    def open(self) -> Iterator[DeviceLink]:
+        """Connected and subscribed to this device's receipts, until the block ends."""
+        with self.connection:
+            self.connection.subscribe(device_topic(self.device_id, MessageKind.RECEIPT), qos=1)
             yield self
-        finally:
-            self.client.disconnect()
-            self.client.loop_stop()
-
-    def _on_connect(
-        self,
-        client: mqtt.Client,
-        userdata: object,
-        flags: mqtt.ConnectFlags,
-        reason: ReasonCode,
-        properties: Properties | None,
-    ) -> None:
-        if reason.is_failure:
-            return
-        result, _ = client.subscribe(device_topic(self.device_id, MessageKind.RECEIPT), qos=1)
-        if result == mqtt.MQTT_ERR_SUCCESS:
-            self.connected.set()
 
     def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
         _, receipt = decode(message.topic, bytes(message.payload))
@@ -171,12 +148,9 @@ class DeviceLink:
                 self.receipts[receipt.ack_of] = utcnow()
                 self.receipt_arrived.notify_all()
 
-    def publish(self, kind: MessageKind, payload: bytes, timeout: float = 15.0) -> None:
+    def publish(self, kind: MessageKind, payload: bytes) -> None:
         """Publish at QoS 1 and wait for the broker's PUBACK."""
-        info = self.client.publish(device_topic(self.device_id, kind), payload, qos=1)
-        info.wait_for_publish(timeout)
-        if not info.is_published():
-            raise RuntimeError(f"the broker did not acknowledge {self.device_id}'s {kind} message")
+        self.connection.publish(device_topic(self.device_id, kind), payload, qos=1)
 
     def receipt(self, msg_id: uuid.UUID, timeout: float) -> datetime | None:
         with self.receipt_arrived:

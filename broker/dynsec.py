@@ -15,11 +15,17 @@ from types import TracebackType
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.reasoncodes import ReasonCode
 
 from broker.acl import CONTROL_TOPIC, RESPONSE_TOPIC, Command
-from broker.client import BrokerTarget
-from broker.exceptions import BrokerAdminError, Failure
+from broker.client import BrokerTarget, ClientOptions
+from broker.connection import BrokerConnection
+from broker.exceptions import (
+    BrokerAdminError,
+    BrokerConnectError,
+    BrokerPublishError,
+    BrokerSubscribeError,
+    Failure,
+)
 
 log = logging.getLogger(__name__)
 
@@ -29,17 +35,6 @@ _SUBJECT_FIELDS = ("username", "rolename", "groupname")
 
 def _subject(command: Command) -> str:
     return next((str(command[f]) for f in _SUBJECT_FIELDS if f in command), "")
-
-
-def _describe(reason: ReasonCode | int | str) -> str:
-    return str(reason) if not isinstance(reason, int) else mqtt.error_string(reason)
-
-
-def _stay_down(client: mqtt.Client) -> None:
-    """End paho's network thread from its own callback, so it does not reconnect in the background
-    (it would neither subscribe again nor tell a waiting execute); the next execute connects anew."""
-    client.disconnect()
-    client.loop_stop()  # from paho's own thread this only flags the loop to end
 
 
 class DynsecAdmin:
@@ -53,10 +48,10 @@ class DynsecAdmin:
         self._client_id = client_id or f"diredi-admin-{os.getpid()}-{secrets.token_hex(4)}"
         self._lock = threading.Lock()  # one execute at a time
         self._state = threading.Condition()  # guards everything below; paho's thread notifies
-        self._client: mqtt.Client | None = None
-        self._ready = False  # connected and subscribed to the responses
-        self._failure: str | None = None  # why the last connection attempt failed
-        self._subscribe_mid: int | None = None
+        # Connected and subscribed to the responses. It stays down after a drop (it would not
+        # subscribe again by itself): the next execute connects anew.
+        self._connection: BrokerConnection | None = None
+        self._ready = False
         self._pending: dict[str, dict[str, Any] | None] = {}  # correlation id -> its response
         self._sequence = 0
 
@@ -83,17 +78,18 @@ class DynsecAdmin:
             return []
         wait = self.timeout if timeout is None else timeout
         with self._lock:
-            client = self._ensure_connected()
+            connection = self._ensure_connected()
             tokens = self._new_tokens(len(commands))
             payload = [
                 {**command, "correlationData": token} for command, token in zip(commands, tokens, strict=True)
             ]
             with self._state:
                 self._pending = dict.fromkeys(tokens)
-            info = client.publish(CONTROL_TOPIC, json.dumps({"commands": payload}), qos=1)
-            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            try:
+                connection.send(CONTROL_TOPIC, json.dumps({"commands": payload}), qos=1)
+            except BrokerPublishError as exc:
                 self._drop()
-                raise BrokerAdminError(f"cannot send to {self.target}: {mqtt.error_string(info.rc)}")
+                raise BrokerAdminError(f"cannot send to {self.target}: {exc}") from None
             with self._state:
                 self._state.wait_for(lambda: not self._ready or None not in self._pending.values(), wait)
                 answers, self._pending = self._pending, {}
@@ -124,110 +120,44 @@ class DynsecAdmin:
         self._sequence += 1
         return [f"{self._client_id}:{self._sequence}:{i}" for i in range(count)]
 
-    def _ensure_connected(self) -> mqtt.Client:
+    def _ensure_connected(self) -> BrokerConnection:
         with self._state:
-            if self._ready and self._client is not None:
-                return self._client
+            if self._ready and self._connection is not None:
+                return self._connection
         self._drop()
         try:
-            client = self.target.client(self._client_id)  # reads the CA file
-        except (OSError, ValueError) as exc:
+            connection = BrokerConnection(self.target, ClientOptions(self._client_id), timeout=self.timeout)
+            connection.client.on_message = self._on_message
+            connection.on_disconnect = lambda _reason: self._on_disconnect(connection)
+            with self._state:
+                self._connection = connection
+            connection.connect()
+            connection.subscribe(RESPONSE_TOPIC, qos=1)
+        except BrokerConnectError as exc:
+            self._drop()
+            why = exc.why if exc.reason is None else f"the broker refused the admin login ({exc.reason})"
+            raise BrokerAdminError(f"cannot connect to {self.target}: {why}") from None
+        except BrokerSubscribeError as exc:
+            self._drop()
+            if not exc.reasons:
+                raise BrokerAdminError(str(exc)) from None
             raise BrokerAdminError(
-                f"cannot connect to {self.target}: the CA file {self.target.ca_file} is unusable "
-                f"({type(exc).__name__})"
+                f"cannot connect to {self.target}: the admin may not read the responses ({exc.reasons[0]})"
             ) from None
-        client.on_connect = self._on_connect
-        client.on_connect_fail = self._on_connect_fail
-        client.on_subscribe = self._on_subscribe
-        client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message
         with self._state:
-            self._client, self._failure = client, None
-        try:
-            self.target.connect(client)
-        except (OSError, ValueError) as exc:
-            self._drop()
-            raise BrokerAdminError(f"cannot connect to {self.target}: {type(exc).__name__}") from None
-        client.loop_start()
-        with self._state:
-            self._state.wait_for(lambda: self._ready or self._failure is not None, self.timeout)
-            ready, failure = self._ready, self._failure
-        if not ready:
-            self._drop()
-            raise BrokerAdminError(
-                f"cannot connect to {self.target}: {failure or f'no answer within {self.timeout:g} s'}"
-            )
-        return client
+            self._ready = True
+        return connection
 
     def _drop(self) -> None:
         with self._state:
-            client, self._client, self._ready = self._client, None, False
-        if client is not None:
-            client.disconnect()
-            client.loop_stop()
+            connection, self._connection, self._ready = self._connection, None, False
+        if connection is not None:
+            connection.close()
 
-    def _on_connect(
-        self,
-        client: mqtt.Client,
-        userdata: object,
-        flags: mqtt.ConnectFlags,
-        reason: ReasonCode,
-        properties: object,
-    ) -> None:
+    def _on_disconnect(self, connection: BrokerConnection) -> None:
         with self._state:
-            if client is not self._client:
-                return
-            if reason.is_failure:
-                self._failure = f"the broker refused the admin login ({_describe(reason)})"
-                self._state.notify_all()
-        if reason.is_failure:
-            _stay_down(client)
-            return
-        result, mid = client.subscribe(RESPONSE_TOPIC, qos=1)
-        with self._state:
-            self._subscribe_mid = mid
-            if result != mqtt.MQTT_ERR_SUCCESS:
-                self._failure = f"cannot subscribe to the responses ({mqtt.error_string(result)})"
-                self._state.notify_all()
-
-    def _on_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
-        _stay_down(client)
-        with self._state:
-            if client is self._client:
-                self._failure = "the broker is not reachable"
-                self._state.notify_all()
-
-    def _on_subscribe(
-        self,
-        client: mqtt.Client,
-        userdata: object,
-        mid: int,
-        reasons: list[ReasonCode],
-        properties: object,
-    ) -> None:
-        with self._state:
-            if client is not self._client or mid != self._subscribe_mid:
-                return
-            if any(r.is_failure for r in reasons):
-                self._failure = f"the admin may not read the responses ({_describe(reasons[0])})"
-            else:
-                self._ready = True
-            self._state.notify_all()
-
-    def _on_disconnect(
-        self,
-        client: mqtt.Client,
-        userdata: object,
-        flags: mqtt.DisconnectFlags,
-        reason: ReasonCode,
-        properties: object,
-    ) -> None:
-        _stay_down(client)
-        with self._state:
-            if client is self._client:
+            if connection is self._connection:
                 self._ready = False
-                if self._failure is None and reason.is_failure:
-                    self._failure = f"disconnected ({_describe(reason)})"
                 self._state.notify_all()
 
     def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:

@@ -4,6 +4,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from paho.mqtt.reasoncodes import ReasonCode
+
 from wire.errors import ContractError
 
 
@@ -60,3 +62,36 @@ class CommandError(BrokerError, ValueError):
 
 class EmbeddedBrokerError(BrokerError):
     """The embedded broker cannot start (port taken, unreadable state file, no admin password)."""
+
+
+class ClientOptionsError(BrokerError, ValueError):
+    """MQTT client options that cannot work (a negative keepalive, QoS 3, an empty client id...)."""
+
+
+class BrokerConnectError(BrokerError):
+    """No MQTT connection: the broker was not reached, refused the login, or did not answer in time.
+    The message names the broker (never its password) and why; `reason` is the CONNACK's reason code
+    when the broker answered, None when it was not reached."""
+
+    def __init__(self, target: object, why: str, *, reason: ReasonCode | None = None) -> None:
+        super().__init__(f"cannot connect to {target}: {why}")
+        self.why = why
+        self.reason = reason
+
+
+class BrokerPublishError(BrokerError):
+    """A checked publish failed: not connected, the connection dropped, the broker refused it
+    (`reason`, MQTT 5 only) or left it unacknowledged past the deadline. It may still be delivered
+    later when the connection dropped: paho keeps it and sends it again after a reconnect."""
+
+    def __init__(self, message: str, *, reason: ReasonCode | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class BrokerSubscribeError(BrokerError):
+    """A checked subscribe failed: `reasons` holds the SUBACK's reason codes when the broker answered."""
+
+    def __init__(self, message: str, *, reasons: Sequence[ReasonCode] = ()) -> None:
+        super().__init__(message)
+        self.reasons = list(reasons)

@@ -2,15 +2,12 @@
 later still gets its latest one) and `cmd` messages, published as the cloud's service account."""
 
 import secrets
-import threading
 from collections.abc import Sequence
 from types import TracebackType
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
-
-from broker.client import BrokerTarget
+from broker.client import BrokerTarget, ClientOptions, ReconnectPolicy
+from broker.connection import BrokerConnection
+from broker.exceptions import BrokerConnectError, BrokerPublishError
 from cloud.exceptions import PublishError
 from cloud.signing import Desired, KeyRing
 from wire.desired import DesiredModel
@@ -31,54 +28,29 @@ class CloudPublisher:
     def __init__(
         self, target: BrokerTarget, keyring: KeyRing, *, timeout: float = 10.0, client_id: str | None = None
     ) -> None:
-        """`client_id`: the one the broker binds this account to, if it does."""
+        """`client_id`: the one the broker binds this account to, if it does. BrokerConnectError when
+        the target's CA file cannot be read."""
         self.target = target
         self.keyring = keyring
         self.timeout = timeout
-        self._connected = threading.Event()
-        self._refusal: str | None = None
-        self._client = target.client(client_id or f"diredi-publisher-{secrets.token_hex(4)}")
-        self._client.max_inflight_messages_set(MAX_INFLIGHT)
-        self._client.on_connect = self._on_connect
-        self._client.on_disconnect = self._on_disconnect
+        options = ClientOptions(
+            client_id or f"diredi-publisher-{secrets.token_hex(4)}",
+            max_inflight=MAX_INFLIGHT,
+            reconnect=ReconnectPolicy(),  # a long-lived worker's publisher comes back after a drop
+        )
+        self._connection = BrokerConnection(target, options, timeout=timeout)
 
     def __enter__(self) -> "CloudPublisher":
-        self.target.connect(self._client)
-        self._client.loop_start()
-        if not self._connected.wait(self.timeout):
-            self._client.loop_stop()
-            why = self._refusal or "no answer"
-            raise PublishError(f"could not connect to the broker {self.target}: {why}")
+        try:
+            self._connection.connect()
+        except BrokerConnectError as exc:
+            raise PublishError(f"could not connect to the broker {self.target}: {exc.why}") from None
         return self
 
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
-        self._client.disconnect()
-        self._client.loop_stop()
-
-    def _on_connect(
-        self,
-        client: mqtt.Client,
-        userdata: object,
-        flags: mqtt.ConnectFlags,
-        reason: ReasonCode,
-        properties: Properties | None,
-    ) -> None:
-        if reason.is_failure:
-            self._refusal = str(reason)
-        else:
-            self._connected.set()
-
-    def _on_disconnect(
-        self,
-        client: mqtt.Client,
-        userdata: object,
-        flags: mqtt.DisconnectFlags,
-        reason: ReasonCode,
-        properties: Properties | None,
-    ) -> None:
-        self._connected.clear()
+        self._connection.close()
 
     def publish_desired(
         self, device_id: str, manifest: ArtifactManifest, *, rollback_of: str | None = None
@@ -91,17 +63,23 @@ class CloudPublisher:
         acknowledged them all: they go out together, so a wave costs a few round trips, not one per
         device (a caller holding locks holds them that much shorter).
 
-        PublishError when the connection is gone, or the broker leaves one unacknowledged for
-        `timeout` seconds (each is waited for in turn). Some devices may have theirs by then, and
-        others are still queued in this publisher: a caller that rolls back drops the publisher, as
-        the worker does."""
-        sent = []
-        for document in self.keyring.sign_desired_many(wanted):
-            topic = device_topic(document.device_id, MessageKind.MODEL_DESIRED)
-            sent.append((document, topic, self._client.publish(topic, encode(document), qos=1, retain=True)))
-        for _, topic, info in sent:
-            self._wait(topic, info)
-        return [document for document, _, _ in sent]
+        PublishError when the connection is gone or drops, or the broker refuses one or leaves it
+        unacknowledged for `timeout` seconds (each is waited for in turn). Some devices may have
+        theirs by then, and others are still queued in this publisher: a caller that rolls back
+        drops the publisher, as the worker does."""
+        documents = self.keyring.sign_desired_many(wanted)
+        try:
+            sent = [
+                self._connection.send(
+                    device_topic(d.device_id, MessageKind.MODEL_DESIRED), encode(d), retain=True
+                )
+                for d in documents
+            ]
+            for message in sent:
+                self._connection.wait(message)
+        except BrokerPublishError as exc:
+            raise PublishError(str(exc)) from None
+        return documents
 
     def publish_trust(self, chain: TrustChain) -> None:
         """Publish (retained) the fleet's trust chain: every device, connected now or later, gets it."""
@@ -118,15 +96,7 @@ class CloudPublisher:
         return message
 
     def _publish(self, topic: str, payload: bytes, *, retain: bool) -> None:
-        self._wait(topic, self._client.publish(topic, payload, qos=1, retain=retain))
-
-    def _wait(self, topic: str, info: mqtt.MQTTMessageInfo) -> None:
-        """Until the broker acknowledged `info`; PublishError after `timeout` seconds without it."""
         try:
-            info.wait_for_publish(self.timeout)
-        except (RuntimeError, ValueError) as exc:
-            raise PublishError(f"the broker did not take the message for {topic}: {exc}") from None
-        if not info.is_published():
-            raise PublishError(
-                f"the broker did not acknowledge the message for {topic} within {self.timeout} s"
-            )
+            self._connection.publish(topic, payload, retain=retain)
+        except BrokerPublishError as exc:
+            raise PublishError(str(exc)) from None

@@ -17,11 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from broker.client import PROTOCOLS, BrokerTarget
+from broker.client import BrokerTarget, ClientOptions, build_client, connect_async
 from wire.common import utcnow
 from wire.messages import Presence, PresenceState, encode
 from wire.topics import DEVICE_SUBSCRIBES, TRUST_TOPIC, MessageKind, device_topic
@@ -67,6 +65,10 @@ class DeviceLink:
         self._presence_at = utcnow()
         self._lock = threading.Lock()
         self._was_up = False  # whether the current connection got as far as CONNACK
+        # The will changes with every connection (`_run`); the reconnects are this class's own.
+        self._options = ClientOptions(
+            device_id, persistent=True, session_expiry=SESSION_EXPIRY_S, keepalive=keepalive
+        )
         self._client = self._new_client()
 
     # Lifecycle -------------------------------------------------------------------------------------
@@ -114,7 +116,7 @@ class DeviceLink:
     # The network thread ----------------------------------------------------------------------------
 
     def _new_client(self) -> mqtt.Client:
-        client = self.target.client(self.device_id, persistent=True)
+        client = build_client(self.target, self._options)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -169,14 +171,8 @@ class DeviceLink:
 
     def _connect(self) -> None:
         self._was_up = False
-        if PROTOCOLS[self.target.protocol] == mqtt.MQTTv5:
-            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            properties.SessionExpiryInterval = SESSION_EXPIRY_S
-            self._client.connect(
-                self.target.host, self.target.port, self.keepalive, clean_start=False, properties=properties
-            )
-        else:
-            self._client.connect(self.target.host, self.target.port, self.keepalive)
+        connect_async(self._client, self.target, self._options)
+        self._client.reconnect()  # at once, on this thread: an error is this attempt's failure
 
     def _on_connect(
         self, client: mqtt.Client, _userdata: object, _flags: Any, reason: ReasonCode, _props: Any

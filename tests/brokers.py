@@ -7,7 +7,7 @@
   with the same credentials and ACL.
 
 Helpers: `provisioned_device(broker, device_id)` registers a device and returns its secret;
-`Probe` drives one paho client synchronously (connect, subscribe, publish, wait for messages).
+`Probe` drives one `BrokerConnection` synchronously (connect, subscribe, publish, wait for messages).
 """
 
 from __future__ import annotations
@@ -27,8 +27,10 @@ import pytest
 from paho.mqtt.reasoncodes import ReasonCode
 
 from broker.acl import provision_commands
-from broker.client import BrokerTarget
+from broker.client import BrokerTarget, ClientOptions
+from broker.connection import BrokerConnection
 from broker.dynsec import DynsecAdmin
+from broker.exceptions import BrokerConnectError, BrokerPublishError, BrokerSubscribeError
 from cloud.children import free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,33 +121,22 @@ def new_device_id(prefix: str = "dev") -> str:
     return f"{prefix}-{secrets.token_hex(5)}"
 
 
-def stay_down(client: mqtt.Client) -> None:
-    """From a paho callback: end the network thread instead of letting it reconnect."""
-    client.disconnect()
-    client.loop_stop()  # on paho's own thread this only flags the loop to end
-
-
 class Probe:
-    """One paho client for tests, driven synchronously: each call waits for the broker's answer.
+    """One paho client for tests, driven synchronously: each call waits for the broker's answer and
+    returns its reason code, a refusal included. A refused or lost connection is not retried."""
 
-    Answers arrive on paho's thread and are handed over through queues; a refused or lost connection
-    is not retried."""
-
-    def __init__(self, target: BrokerTarget, client_id: str, *, persistent: bool = False) -> None:
+    def __init__(
+        self, target: BrokerTarget, client_id: str, *, persistent: bool = False, keepalive: int = 30
+    ) -> None:
         self.target = target
-        self.persistent = persistent
-        self.client = target.client(client_id, persistent=persistent)
+        options = ClientOptions(client_id, persistent=persistent, keepalive=keepalive)
+        self.connection = BrokerConnection(target, options, timeout=5.0)
+        self.client = self.connection.client
         self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
         self.disconnects: queue.Queue[ReasonCode] = queue.Queue()
-        self._connacks: queue.Queue[ReasonCode | None] = queue.Queue()  # None: not reachable
-        self._acks: dict[int, queue.Queue[list[ReasonCode] | ReasonCode]] = {}
-        self._acks_lock = threading.Lock()
-        self.client.on_connect = self._on_connect
-        self.client.on_connect_fail = self._on_connect_fail
-        self.client.on_disconnect = self._on_disconnect
-        self.client.on_subscribe = self._on_subscribe
-        self.client.on_publish = self._on_publish
+        self.disconnected = threading.Event()
         self.client.on_message = lambda _c, _u, message: self.messages.put(message)
+        self.connection.on_disconnect = self._on_disconnect
 
     def __enter__(self) -> Probe:
         return self
@@ -157,21 +148,20 @@ class Probe:
 
     def connect(self, timeout: float = 5.0) -> ReasonCode | None:
         """Connect; the CONNACK's reason code, or None if no MQTT connection was made (TLS refused,
-        nothing listening). A refused probe is stopped."""
-        self.target.connect(self.client, persistent=self.persistent)
-        self.client.loop_start()
-        reason = self._connacks.get(timeout=timeout)
-        if reason is None or reason.is_failure:
-            self.close()
-        return reason
+        nothing listening, no answer). A refused probe is stopped."""
+        try:
+            return self.connection.connect(timeout)
+        except BrokerConnectError as exc:
+            return exc.reason
 
     def subscribe(self, topic: str, qos: int = 1, timeout: float = 5.0) -> ReasonCode:
         """Subscribe; the SUBACK's reason code for `topic` (≥ 0x80: refused)."""
-        result, mid = self.client.subscribe(topic, qos)
-        assert result == mqtt.MQTT_ERR_SUCCESS and mid is not None, mqtt.error_string(result)
-        codes = self._ack(mid).get(timeout=timeout)
-        assert isinstance(codes, list)
-        return codes[0]
+        try:
+            return self.connection.subscribe(topic, qos=qos, timeout=timeout)[0]
+        except BrokerSubscribeError as exc:
+            if not exc.reasons:
+                raise
+            return exc.reasons[0]
 
     def publish(
         self,
@@ -181,12 +171,15 @@ class Probe:
         retain: bool = False,
         timeout: float = 5.0,
     ) -> ReasonCode | None:
-        """Publish; for QoS 1 the PUBACK's reason code, else None once the packet is written."""
-        info = self.client.publish(topic, payload, qos=qos, retain=retain)
-        ack = self._ack(info.mid)  # the same queue whether paho's callback came first or not
-        assert info.rc == mqtt.MQTT_ERR_SUCCESS, mqtt.error_string(info.rc)
-        reason = ack.get(timeout=timeout)
-        assert not isinstance(reason, list)
+        """Publish; for QoS 1 the PUBACK's reason code, else None once the packet is written. None
+        too when the broker hung up instead of answering (`wait_disconnect` tells why)."""
+        reason: ReasonCode | None
+        try:
+            reason = self.connection.publish(topic, payload, qos=qos, retain=retain, timeout=timeout)
+        except BrokerPublishError as exc:
+            if exc.reason is None and self.connection.connected:
+                raise  # no answer in time
+            reason = exc.reason
         return reason if qos else None
 
     def expect_message(self, timeout: float = EXPECTED) -> mqtt.MQTTMessage | None:
@@ -205,34 +198,8 @@ class Probe:
 
     def close(self) -> None:
         """Disconnect and stop paho's thread."""
-        self.client.disconnect()
-        self.client.loop_stop()
+        self.connection.close()
 
-    def _ack(self, mid: int) -> queue.Queue[list[ReasonCode] | ReasonCode]:
-        with self._acks_lock:
-            return self._acks.setdefault(mid, queue.Queue())
-
-    def _on_connect(
-        self, client: mqtt.Client, _u: object, _f: object, reason: ReasonCode, _p: object
-    ) -> None:
-        if reason.is_failure:
-            stay_down(client)
-        self._connacks.put(reason)
-
-    def _on_connect_fail(self, client: mqtt.Client, _u: object) -> None:
-        stay_down(client)
-        self._connacks.put(None)
-
-    def _on_disconnect(
-        self, client: mqtt.Client, _u: object, _f: object, reason: ReasonCode, _p: object
-    ) -> None:
-        stay_down(client)  # a probe that lost its connection stays down (tests make a new one)
+    def _on_disconnect(self, reason: ReasonCode) -> None:
         self.disconnects.put(reason)
-
-    def _on_subscribe(
-        self, _c: mqtt.Client, _u: object, mid: int, reasons: list[ReasonCode], _p: object
-    ) -> None:
-        self._ack(mid).put(reasons)
-
-    def _on_publish(self, _c: mqtt.Client, _u: object, mid: int, reason: ReasonCode, _p: object) -> None:
-        self._ack(mid).put(reason)
+        self.disconnected.set()

@@ -27,7 +27,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.reasoncodes import ReasonCode
 from sqlalchemy.orm import Session, sessionmaker
 
-from broker.client import BrokerTarget
+from broker.client import BrokerTarget, ClientOptions, build_client, connect_async
 from cloud.artifacts import ArtifactStore
 from cloud.registry import models
 from tests.brokers import Probe, RunningBroker, provisioned_device
@@ -136,8 +136,8 @@ class ScriptedDevice:
         self._linked = False  # a TCP connection exists (paho's network loop may run)
         self._online_at: datetime = utcnow()
         self._receipt_topic = device_topic(device_id, MessageKind.RECEIPT)
-        self._client = target.client(device_id, persistent=True)
-        self._client.max_queued_messages_set(0)
+        self._options = ClientOptions(device_id, persistent=True, keepalive=keepalive)
+        self._client = build_client(target, self._options)
         self._client.on_connect = self._on_connect
         self._client.on_subscribe = self._on_subscribe
         self._client.on_message = self._on_message
@@ -155,7 +155,7 @@ class ScriptedDevice:
     def connect(self, timeout: float = 10.0) -> ScriptedDevice:
         """Connect (presence `online`, retained), subscribe to the receipt topic, and return once both
         are done; from then on the device keeps itself connected until `close` or `drop`."""
-        self.target.connect(self._client, persistent=True, keepalive=self.keepalive)
+        connect_async(self._client, self.target, self._options)
         self._network.start()
         if not self._ready.wait(timeout):
             raise AssertionError(
