@@ -7,6 +7,7 @@ anything else, an invalid status or a valid one in a form it does not read (a nu
 UUID in braces, a time without seconds), gets None, and `decode` gives the verdict and its reason.
 """
 
+import functools
 import re
 import uuid
 from datetime import UTC, datetime
@@ -52,6 +53,11 @@ class StatusRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True, rena
 
 
 _DECODER = msgspec.json.Decoder(StatusRecord)
+
+
+@functools.lru_cache(maxsize=4096)  # a fleet runs a few models: their ids recur with every status
+def _valid_model_id(model_id: str) -> bool:
+    return _MODEL_ID.fullmatch(model_id) is not None
 _STATUS_LIMIT = 8 * 1024  # wire/limits.py's for a status
 
 
@@ -66,7 +72,7 @@ def fast_status(device_id: str, payload: bytes) -> StatusRecord | None:
         return None
     if record.device_id != device_id:
         return None
-    if record.model_id is not None and not _MODEL_ID.fullmatch(record.model_id):
+    if record.model_id is not None and not _valid_model_id(record.model_id):
         return None
     if not _CLASS_KEYS.issuperset(record.class_histogram):
         return None
