@@ -118,16 +118,37 @@ def _device_only_accuracy(v1: Int8Model, payloads: list[bytes], world: Split) ->
 
 
 def _raw_upload_line(
-    base: EdgeLine, data: ScenarioData, raw: Split, plan: TrainingPlan, line: str
+    base: EdgeLine,
+    data: ScenarioData,
+    raw: Split,
+    plan: TrainingPlan,
+    line: str,
+    progress: StageProgress,
 ) -> EdgeLine:
     """The reference that gives up privacy: the same cloud training fed the raw private samples.
 
     The raw samples make up half of every batch, in the teacher update and in the KD.
     """
     teacher = copy.deepcopy(base.teacher)
-    train_classifier(teacher, data.train, plan.teacher_finetune, seed=plan.seed + 2, extra=raw)
+    train_classifier(
+        teacher,
+        data.train,
+        plan.teacher_finetune,
+        seed=plan.seed + 2,
+        extra=raw,
+        progress=lambda done, total: progress("teacher", done, total),
+    )
     student = copy.deepcopy(base.student)
-    distill(student, teacher.eval(), data.train, plan.rekd, plan.kd, seed=plan.seed + 3, extra=raw)
+    distill(
+        student,
+        teacher.eval(),
+        data.train,
+        plan.rekd,
+        plan.kd,
+        seed=plan.seed + 3,
+        extra=raw,
+        progress=lambda done, total: progress("distill", done, total),
+    )
     artifact = export_int8(
         student.eval(),
         data.train.x,
@@ -195,7 +216,7 @@ def _simulate_user(
             x=np.concatenate([p.x for p in user_data.device_train]),
             y=np.concatenate([p.y for p in user_data.device_train]),
         )
-        raw_line = _raw_upload_line(base, data, raw, plan, f"{user.id}-raw")
+        raw_line = _raw_upload_line(base, data, raw, plan, f"{user.id}-raw", stage("raw upload"))
         acc_raw = accuracy(raw_line.artifact.load(), world)
         timings["raw_upload"] = time.perf_counter() - clock
 
