@@ -85,7 +85,8 @@ def _copy_line(s: Status | StatusRecord) -> str:
     digits. A float's str() reads back as the same float8."""
     h = s.class_histogram
     return (
-        f"{s.msg_id.hex}\t{s.device_id}\t{s.sent_at.isoformat()}\t{NULL if s.model_id is None else s.model_id}\t"
+        f"{s.msg_id.hex}\t{s.device_id}\t{s.sent_at.isoformat()}\t"
+        f"{NULL if s.model_id is None else s.model_id}\t"
         f"{s.uptime_s}\t{s.inference_count}\t"
         f"{NULL if s.latency_p50_ms is None else s.latency_p50_ms}\t"
         f"{NULL if s.latency_p95_ms is None else s.latency_p95_ms}\t"
