@@ -1,5 +1,6 @@
 """Cohorts and devices: provisioning with one-time credentials, revocation, lookup, artifact offers."""
 
+import functools
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -9,7 +10,7 @@ from sqlalchemy import Integer, Select, Table, Update, and_, bindparam, exists, 
 from sqlalchemy.orm import Session
 
 from cloud.exceptions import ConflictError, NotFoundError, RegistryError
-from cloud.registry.common import hash_secret, new_secret, paginate, paginate_rows, secret_matches
+from cloud.registry.common import RowPages, hash_secret, new_secret, paginate, secret_matches
 from cloud.registry.tables import (
     BrokerSync,
     Cohort,
@@ -134,6 +135,24 @@ LISTED = (
 )
 
 
+# The filters a listing takes, by name, and the column each compares for equality.
+LISTING_FILTERS = {
+    "cohort_id": Device.cohort_id,
+    "status": Device.status,
+    "presence": Device.presence,
+    "model_id": Device.reported_model_id,
+}
+
+
+@functools.cache
+def _listing(filters: tuple[str, ...]) -> RowPages:
+    """The listing's pages for this combination of filters (each a bound parameter), built once."""
+    statement: Select[Any] = select(*LISTED).order_by(Device.id)
+    for name in filters:
+        statement = statement.where(LISTING_FILTERS[name] == bindparam(f"filter_{name}"))
+    return RowPages(statement)
+
+
 def list_devices(
     session: Session,
     *,
@@ -145,16 +164,10 @@ def list_devices(
     model_id: str | None = None,
 ) -> tuple[list[dict[str, Any]], int]:
     """A page of devices by id (each a dict of the `LISTED` columns), filtered, with the total."""
-    statement: Select[Any] = select(*LISTED).order_by(Device.id)
-    if cohort_id is not None:
-        statement = statement.where(Device.cohort_id == cohort_id)
-    if status is not None:
-        statement = statement.where(Device.status == status)
-    if presence is not None:
-        statement = statement.where(Device.presence == presence)
-    if model_id is not None:
-        statement = statement.where(Device.reported_model_id == model_id)
-    return paginate_rows(session, statement, limit=limit, offset=offset)
+    given = {"cohort_id": cohort_id, "status": status, "presence": presence, "model_id": model_id}
+    filters = {name: value for name, value in given.items() if value is not None}
+    params = {f"filter_{name}": value for name, value in filters.items()}
+    return _listing(tuple(filters)).read(session, limit=limit, offset=offset, params=params)
 
 
 def authenticate_device(session: Session, device_id: str, secret: str) -> Device | None:

@@ -191,6 +191,51 @@ def test_list_devices_filters_and_pages_with_totals(session: Session, store: Loc
     assert list(past_end) == [] and past_end_total == 6
 
 
+def test_listings_of_the_same_shape_each_follow_their_own_filter_values(session: Session) -> None:
+    # The listing's statement is built once per combination of filters; the values are bound per call.
+    # Prepare
+    make_cohort(session)
+    make_cohort(session, "hall")
+    for name, cohort in (("cam-a", "kitchen"), ("hall-1", "hall"), ("hall-2", "hall")):
+        make_device(session, name, cohort)
+    devices.get_device(session, "hall-2").presence = Presence.online
+    session.commit()
+
+    # Execute
+    kitchen, kitchen_total = devices.list_devices(session, limit=10, offset=0, cohort_id="kitchen")
+    hall, hall_total = devices.list_devices(session, limit=10, offset=0, cohort_id="hall")
+    hall_online, _ = devices.list_devices(
+        session, limit=10, offset=0, cohort_id="hall", presence=Presence.online
+    )
+    kitchen_online, _ = devices.list_devices(
+        session, limit=10, offset=0, cohort_id="kitchen", presence=Presence.online
+    )
+    past_end, past_end_total = devices.list_devices(session, limit=10, offset=50, cohort_id="hall")
+
+    # Assert
+    assert [d["id"] for d in kitchen] == ["cam-a"] and kitchen_total == 1
+    assert [d["id"] for d in hall] == ["hall-1", "hall-2"] and hall_total == 2
+    assert [d["id"] for d in hall_online] == ["hall-2"]
+    assert kitchen_online == []
+    assert past_end == [] and past_end_total == 2
+    assert "credential_hash" not in hall[0]
+    assert hall[1]["presence"] is Presence.online and hall[1]["status"] is DeviceStatus.active
+
+
+def test_a_listing_sees_what_the_session_has_not_flushed_yet(session: Session) -> None:
+    # Prepare
+    make_cohort(session)
+    make_device(session, "cam-a")
+    session.commit()
+    devices.get_device(session, "cam-a").presence = Presence.online  # pending in the session
+
+    # Execute
+    online, total = devices.list_devices(session, limit=10, offset=0, presence=Presence.online)
+
+    # Assert
+    assert [d["id"] for d in online] == ["cam-a"] and total == 1
+
+
 def test_list_cohorts_pages_with_totals(session: Session) -> None:
     # Prepare
     for name in ("porch", "hall", "kitchen"):
