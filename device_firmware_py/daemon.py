@@ -29,7 +29,7 @@ from device_firmware_py.exceptions import (
     PrivacyBudgetExhaustedError,
     SpoolError,
 )
-from device_firmware_py.feedback import FeedbackServer, FeedbackStore
+from device_firmware_py.feedback import FeedbackServer, FeedbackStore, check_socket_path
 from device_firmware_py.files import write_atomically
 from device_firmware_py.images import ImageInput
 from device_firmware_py.link import DeviceLink, Inbound
@@ -79,6 +79,7 @@ class Daemon:
         self.stopping = stopping or threading.Event()  # set by SIGTERM/SIGINT (`stop_on_signals`)
         self.inbox: queue.Queue[Inbound] = queue.Queue()
         files = {name: self.state_dir / path for name, path in STATE_FILES.items()}
+        self.socket_path = check_socket_path(files["socket"])  # before anything is opened
         self.spool = Spool(files["spool"], max_bytes=config.spool.max_mb * 1024 * 1024)
         self.slots = ModelSlots(files["models"])
         fetch = http_fetcher(
@@ -106,7 +107,6 @@ class Daemon:
         self.feedback_dir = files["feedback"]
         self.feedback: FeedbackStore | None = None
         self.feedback_server: FeedbackServer | None = None
-        self.socket_path = files["socket"]
         self.source: InputSource | None = None
         self.accountant: PrivacyAccountant | None = None
         if config.rd.epsilon is not None and config.rd.budget_epsilon is not None:

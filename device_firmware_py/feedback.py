@@ -26,7 +26,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from device_firmware_py.exceptions import FeedbackError, FeedbackFullError, FeedbackStoreError, ImageError
+from device_firmware_py.exceptions import (
+    ConfigError,
+    FeedbackError,
+    FeedbackFullError,
+    FeedbackStoreError,
+    ImageError,
+)
 from device_firmware_py.images import ImageInput, is_image_file
 from device_firmware_py.sqlite_file import PrivateSQLiteFile
 
@@ -42,6 +48,19 @@ MAX_REQUEST_BYTES = 1024 * 1024
 REQUEST_TIMEOUT = 5.0
 MAX_CLIENTS = 4
 LISTEN_BACKLOG = 64  # clients waiting for a slot; a timed-out AF_UNIX connect fails when it is full
+UNIX_PATH_MAX = 107  # bytes of a Unix socket's path (sun_path holds 108, the final NUL included)
+
+
+def check_socket_path(path: Path) -> Path:
+    """`path` if the feedback socket can be bound there, else ConfigError: said when the daemon
+    starts, not when its first model arrives and the server cannot listen."""
+    length = len(os.fsencode(path))
+    if length > UNIX_PATH_MAX:
+        raise ConfigError(
+            f"the feedback socket {path} is {length} bytes long; a Unix socket's path may have at most "
+            f"{UNIX_PATH_MAX}: give the device a shorter state_dir"
+        )
+    return path
 _SCHEMA = (
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     "CREATE TABLE samples ("

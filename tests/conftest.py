@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,15 @@ SCENARIOS = ROOT / "scenarios"
 # The learning loop's fixtures are seeded from this, so the suite can be run on other seeds to show
 # that what the tests assert holds across data splits and numerics, not only on one lucky split.
 FIXTURE_SEED = int(os.environ.get("DIREDI_TEST_FIXTURE_SEED", "3"))
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A directory under /tmp whose paths fit in a Unix socket's address (107 bytes), where a test's
+    own directory may not (pytest-xdist's workers nest it one level deeper)."""
+    directory = Path(tempfile.mkdtemp(dir="/tmp", prefix="diredi-"))
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

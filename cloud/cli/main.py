@@ -41,6 +41,13 @@ def sim(
     scenario: Annotated[Path, typer.Option(help="Scenario JSON file (DESIGN §3 format).")],
     out: Annotated[Path | None, typer.Option(help="Write the results as JSON here.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write a PNG plot of the accuracies here.")] = None,
+    raw_upload: Annotated[
+        bool,
+        typer.Option(
+            "--raw-upload/--no-raw-upload",
+            help="Train the raw-upload baseline (the privacy-giving reference; about half the run's time).",
+        ),
+    ] = True,
 ) -> None:
     """Run the DiReDi learning loop in-process for every user of a scenario and print the table."""
     logging.getLogger().setLevel(logging.ERROR)  # the converters log chattily at INFO/WARNING
@@ -50,12 +57,12 @@ def sim(
     from cloud.cli.progress import stage_bars
     from cloud.ml.scenario import load_simulation
     from cloud.sim.report import print_report, write_json, write_plot
-    from cloud.sim.run import run_simulation
+    from cloud.sim.run import SimConfig, run_simulation
 
     try:
         spec = load_simulation(scenario)
         with stage_bars(console) as progress:
-            result = run_simulation(spec, progress=progress)
+            result = run_simulation(spec, SimConfig(raw_upload=raw_upload), progress=progress)
     except (CloudError, DeviceError, ContractError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None

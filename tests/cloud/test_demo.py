@@ -28,7 +28,7 @@ TWO_USERS = SCENARIOS / "digits-two-users.json"
 
 
 @pytest.mark.slow
-def test_the_whole_loop_on_mosquitto_redis_and_postgresql(tmp_path: Path) -> None:
+def test_the_whole_loop_on_mosquitto_redis_and_postgresql(tmp_path: Path, short_dir: Path) -> None:
     # Prepare
     with (
         running_mosquitto(tmp_path / "mosquitto") as broker,
@@ -45,7 +45,7 @@ def test_the_whole_loop_on_mosquitto_redis_and_postgresql(tmp_path: Path) -> Non
 
         # Execute
         result = run_demo(
-            demo_settings(tmp_path / "data", configured),
+            demo_settings(short_dir / "data", configured),  # the devices' sockets are under it
             TWO_USERS,
             api_port=api_port,
             mqtt_port=broker.target.port,

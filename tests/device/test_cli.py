@@ -93,3 +93,20 @@ def test_feedback_before_any_model_is_installed_is_refused(tmp_path: Path, small
 
     # Assert
     assert result.returncode == ExitCode.CONFIG and "no model is installed yet" in result.stderr
+
+
+def test_a_state_dir_too_long_for_the_feedback_socket_stops_the_daemon_at_start(
+    tmp_path: Path, small_data: Any
+) -> None:
+    # Prepare: a device whose state directory leaves no room for a Unix socket's path
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    config = device(deep, small_data)
+
+    # Execute
+    command = [sys.executable, "-m", "device_firmware_py", "run", "--config", str(config)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)  # noqa: S603
+
+    # Assert: a configuration error that says what to change, before the daemon connects or serves
+    assert result.returncode == ExitCode.CONFIG
+    assert "feedback socket" in result.stderr and "shorter state_dir" in result.stderr

@@ -8,10 +8,8 @@ import logging
 import os
 import pickle
 import re
-import shutil
 import socket
 import stat
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -45,14 +43,6 @@ def open_store(directory: Path, **kwargs: Any) -> FeedbackStore:
 def store(tmp_path: Path) -> Iterator[FeedbackStore]:
     with open_store(tmp_path / "feedback") as opened:
         yield opened
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """A directory under /tmp whose paths fit in an AF_UNIX address (about 107 bytes)."""
-    directory = Path(tempfile.mkdtemp(dir="/tmp", prefix="fb-"))
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 # The store ---------------------------------------------------------------------------------------

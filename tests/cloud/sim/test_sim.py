@@ -138,21 +138,26 @@ def test_int8_edge_model(result: dict[str, Any]) -> None:
 
 
 def test_cli_writes_json_and_plot_and_is_deterministic(result: dict[str, Any], tmp_path: Path) -> None:
-    # Prepare: the same scenario, run again through the command line
+    # Prepare: the same scenario, run again through the command line, without the raw-upload baseline
+    # (half the run's time; the in-process run has it)
     scenario_file = tmp_path / "small.json"
     scenario_file.write_text(SMALL)
     out, plot = tmp_path / "result.json", tmp_path / "result.png"
 
     # Execute
     run = CliRunner().invoke(
-        app, ["sim", "--scenario", str(scenario_file), "--out", str(out), "--plot", str(plot)]
+        app,
+        ["sim", "--scenario", str(scenario_file), "--out", str(out), "--plot", str(plot), "--no-raw-upload"],
     )
 
-    # Assert: same figures as the in-process run (only timings differ), a table, a PNG
+    # Assert: same figures as the in-process run (only timings and the skipped baseline differ), a
+    # table, a PNG
     assert run.exit_code == 0, run.output
     assert "DiReDi v2" in run.output
     again = json.loads(out.read_text())
-    assert without_timings(again["users"]) == without_timings(json.loads(json.dumps(result["users"])))
+    assert all(u["acc_raw"] is None for u in again["users"])
+    expected = [u | {"acc_raw": None} for u in json.loads(json.dumps(result["users"]))]
+    assert without_timings(again["users"]) == without_timings(expected)
     assert without_timings(again["int8"]) == without_timings(result["int8"])
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
