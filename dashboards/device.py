@@ -141,11 +141,11 @@ def device_telemetry() -> db.Dashboard:
                     SELECT h.key AS "class", (h.value #>> '{}')::float AS "count"
                     FROM (
                         SELECT class_histogram FROM telemetry
-                        WHERE device_id = '$device' AND jsonb_typeof(class_histogram) = 'object'
+                        WHERE device_id = '$device' AND json_typeof(class_histogram) = 'object'
                               AND at <= $__timeTo()
                         ORDER BY at DESC LIMIT 1
-                    ) AS latest, jsonb_each(latest.class_histogram) AS h
-                    WHERE jsonb_typeof(h.value) = 'number'
+                    ) AS latest, json_each(latest.class_histogram) AS h
+                    WHERE json_typeof(h.value) = 'number'
                     ORDER BY length(h.key), h.key
                 """),
                 description="Predictions per class in the device's latest status message.",

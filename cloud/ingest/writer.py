@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import NamedTuple
 
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -38,8 +39,7 @@ from wire.topics import MessageKind
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Accepted:
+class Accepted(NamedTuple):  # a tuple: made for every message, in half a frozen dataclass's time
     """A message that satisfied the contract, with the bytes it arrived as."""
 
     kind: MessageKind
