@@ -272,8 +272,11 @@ class IngestLink:
                 (packet_id,) = struct.unpack_from("!H", body, offset)
                 offset += 2
             if self.v5:
-                props, offset = varint_at(body, offset)
-                offset += props
+                if body[offset] < 0x80:  # (a property length under 128: one byte)
+                    offset += 1 + body[offset]
+                else:
+                    props, offset = varint_at(body, offset)
+                    offset += props
         except (struct.error, IndexError):
             raise LinkError("malformed PUBLISH") from None
         if offset > len(body):
@@ -282,14 +285,20 @@ class IngestLink:
 
     def _next_packet(self) -> tuple[int, int, bytes] | None:
         buffer = self._buffer
-        if len(buffer) < 2:
+        size = len(buffer)
+        if size < 2:
             return None
-        try:
-            length, offset = varint_at(buffer, 1)
-        except IndexError:
-            return None  # the length's bytes are not all here yet
+        if buffer[1] < 0x80:  # the common lengths inline: one byte up to 127, two up to 16,383
+            length, offset = buffer[1], 2
+        elif size > 2 and buffer[2] < 0x80:
+            length, offset = (buffer[1] & 0x7F) | buffer[2] << 7, 3
+        else:
+            try:
+                length, offset = varint_at(buffer, 1)
+            except IndexError:
+                return None  # the length's bytes are not all here yet
         end = offset + length
-        if len(buffer) < end:
+        if size < end:
             return None
         header = buffer[0]
         body = bytes(buffer[offset:end])

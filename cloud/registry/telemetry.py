@@ -5,6 +5,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
+import msgspec
 import orjson
 from sqlalchemy import Select, delete, select
 from sqlalchemy.exc import DBAPIError
@@ -75,17 +76,19 @@ STATUS_COLUMNS = (
 COPY_COLUMNS = ("msg_id", "device_id", "at", *STATUS_COLUMNS, "class_histogram")
 INCOMING = "telemetry_incoming"
 NULL = "\\N"  # COPY's text format
+_json = msgspec.json.Encoder().encode
 
 
 def _copy_line(s: Status | StatusRecord) -> str:
     """`s` as a line of COPY's text format, in the order of `COPY_COLUMNS`, written out field by field
     (this runs a thousand times a batch). No value needs escaping: the contract's patterns keep
     backslashes, tabs and line ends out of device and model ids; the rest are numbers, a time, a
-    UUID (as 32 hex digits, which PostgreSQL reads too, in a third of str()'s time) and JSON of
-    digits. A float's str() reads back as the same float8."""
+    UUID (as 32 hex digits, which PostgreSQL reads too, in a third of str()'s time), a time (RFC 3339
+    as msgspec writes it, in an eighth of isoformat()'s) and JSON of digits. A float's str() reads
+    back as the same float8."""
     h = s.class_histogram
     return (
-        f"{s.msg_id.hex}\t{s.device_id}\t{s.sent_at.isoformat()}\t"
+        f"{s.msg_id.hex}\t{s.device_id}\t{_json(s.sent_at)[1:-1].decode()}\t"
         f"{NULL if s.model_id is None else s.model_id}\t"
         f"{s.uptime_s}\t{s.inference_count}\t"
         f"{NULL if s.latency_p50_ms is None else s.latency_p50_ms}\t"
