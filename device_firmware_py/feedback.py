@@ -61,6 +61,8 @@ def check_socket_path(path: Path) -> Path:
             f"{UNIX_PATH_MAX}: give the device a shorter state_dir"
         )
     return path
+
+
 _SCHEMA = (
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     "CREATE TABLE samples ("

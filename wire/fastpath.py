@@ -58,6 +58,8 @@ _DECODER = msgspec.json.Decoder(StatusRecord)
 @functools.lru_cache(maxsize=4096)  # a fleet runs a few models: their ids recur with every status
 def _valid_model_id(model_id: str) -> bool:
     return _MODEL_ID.fullmatch(model_id) is not None
+
+
 _STATUS_LIMIT = 8 * 1024  # wire/limits.py's for a status
 
 

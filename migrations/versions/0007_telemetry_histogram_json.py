@@ -26,4 +26,6 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
-        op.execute("ALTER TABLE telemetry ALTER COLUMN class_histogram TYPE jsonb USING class_histogram::jsonb")
+        op.execute(
+            "ALTER TABLE telemetry ALTER COLUMN class_histogram TYPE jsonb USING class_histogram::jsonb"
+        )
