@@ -13,6 +13,7 @@ postgres`; pgbench comes with it); the benchmark uses a database of its own and 
 
 from __future__ import annotations
 
+import asyncio
 import glob
 import math
 import os
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 from rich.console import Console
 from rich.progress import Progress
 from sqlalchemy import event, insert, make_url, text
@@ -37,8 +39,8 @@ from sqlalchemy import event, insert, make_url, text
 from bench import harness
 from cloud.registry import apikeys, migrate
 from cloud.registry.common import OFFSET, hash_secret
-from cloud.registry.db import make_engine, session_factory, transaction
-from cloud.registry.devices import list_devices
+from cloud.registry.db import async_reader_factory, make_engine, session_factory, transaction
+from cloud.registry.devices import list_devices_async
 from cloud.registry.tables import Cohort, Device, Presence, Role
 from testsupport.postgres import scratch_database
 
@@ -82,19 +84,9 @@ def api_server(database_url: str, workers: int, extra_env: dict[str, str] | None
     with tempfile.TemporaryDirectory() as data_dir:
         env = {**os.environ, "DIREDI_DATABASE_URL": database_url, "DIREDI_DATA_DIR": data_dir}
         env |= extra_env or {}
-        command = [
-            str(Path(sys.executable).parent / "diredi"),
-            "api",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            str(workers),
-        ]
-        log = (
-            Path(data_dir) / "api.log"
-        )  # a file, not a pipe: a pipe nobody reads could fill and stall the server
+        diredi = str(Path(sys.executable).parent / "diredi")
+        command = [diredi, "api", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
+        log = Path(data_dir) / "api.log"  # a file, not a pipe: a pipe nobody reads could stall it
         with log.open("wb") as sink:  # the server keeps its own copy of the descriptor
             process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=sink)  # noqa: S603
         base = f"http://127.0.0.1:{port}"
@@ -223,21 +215,28 @@ def processes(*, port: int, database: str) -> dict[str, list[int]]:
 
 
 def listing_statements(url: str) -> list[tuple[str, dict[str, Any]]]:
-    """The SQL and parameters the registry sends for one page of the unfiltered listing, as the API
-    asks for it (`list_devices`), captured at the driver: what pgbench is to run. (Authentication adds
-    nothing per request: each API process checks a key once and caches it for seconds.)"""
-    engine = make_engine(url)
+    """The SQL and parameters the API sends for a page of the unfiltered listing (`list_devices_async`),
+    captured at psycopg's cursor: what pgbench runs. (Each API process caches a checked key for seconds.)"""
     sent: list[tuple[str, dict[str, Any]]] = []
 
-    def record(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
-        sent.append((statement, dict(parameters or {})))
+    class Recording(psycopg.AsyncCursor[Any]):
+        async def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
+            sent.append((str(query), dict(params or {})))
+            return await super().execute(query, params, **kwargs)
 
-    event.listen(engine, "before_cursor_execute", record)
-    try:
-        with session_factory(engine)() as session:
-            list_devices(session, limit=PAGE, offset=PAGE)
-    finally:
-        engine.dispose()
+    def record(_dbapi_connection: Any, entry: Any) -> None:
+        entry.driver_connection.cursor_factory = Recording
+
+    engine = async_reader_factory(url).kw["bind"]  # as the API makes its readers
+    event.listen(engine.sync_engine, "connect", record)
+
+    async def one_page() -> None:
+        try:
+            await list_devices_async(engine, limit=PAGE, offset=PAGE)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(one_page())
     return sent
 
 

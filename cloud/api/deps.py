@@ -1,7 +1,8 @@
 """FastAPI dependencies: the request's session, the services on the app, and who is calling.
 
 Reads (every GET, and authentication) run on the event loop through an asynchronous autocommit
-session that calls the sync registry functions with `run_sync`; writes run in the thread pool in one
+session that calls the sync registry functions with `run_sync` (the device listing, the busiest, on a
+connection of the same engine: `list_devices_async`); writes run in the thread pool in one
 transaction (`SessionDep`) that the route commits.
 """
 
@@ -20,7 +21,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 
 from cloud.api.guard import AuthGuard
@@ -103,6 +104,20 @@ class Services:
             self.settings.resolved_database_url, pool_size=self.settings.api_db_connections
         )
 
+    def reader(self) -> AsyncSession:
+        """A new asynchronous autocommit session for reads on the event loop (use it in `async with`)."""
+        return self._readers()()
+
+    def reader_engine(self) -> AsyncEngine:
+        """The engine of the reader sessions (autocommit, on the event loop)."""
+        engine: AsyncEngine = self._readers().kw["bind"]
+        return engine
+
+    def _readers(self) -> async_sessionmaker[AsyncSession]:
+        if self.readers is None:
+            raise RuntimeError("the API's services are not started (run the app with its lifespan)")
+        return self.readers
+
     async def close(self) -> None:
         """Close every pooled database connection."""
         if self.readers is not None:
@@ -126,11 +141,10 @@ async def get_session(services: Annotated[Services, Depends(get_services)]) -> A
         await run_in_threadpool(session.close)
 
 
-async def get_reader(services: Annotated[Services, Depends(get_services)]) -> AsyncIterator[AsyncSession]:
-    """An asynchronous autocommit session for reads on the event loop."""
-    if services.readers is None:
-        raise RuntimeError("the API's services are not started (run the app with its lifespan)")
-    async with services.readers() as session:
+async def get_reader(request: Request) -> AsyncIterator[AsyncSession]:
+    """An asynchronous autocommit session for reads on the event loop. (It takes the request rather than
+    `ServicesDep`: each dependency costs every request its resolution.)"""
+    async with (await get_services(request)).reader() as session:
         yield session
 
 
@@ -191,8 +205,10 @@ def _source(request: Request) -> str:
     return request.client.host if request.client is not None else "unknown"
 
 
-async def authenticate(request: Request, reader: AsyncSession) -> Caller:
-    """Who is calling, or a 401 problem (429 for a source with too many failed authentications)."""
+async def authenticate(request: Request) -> Caller:
+    """Who is calling, or a 401 problem (429 for a source with too many failed authentications). A key
+    this process checked within seconds is not looked up again; otherwise the lookup has a reader
+    session of its own, closed before the route runs."""
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     services = await get_services(request)
@@ -209,7 +225,8 @@ async def authenticate(request: Request, reader: AsyncSession) -> Caller:
             headers={"Retry-After": str(wait)},
         )
     try:
-        caller = await reader.run_sync(_authenticate, header)
+        async with services.reader() as reader:
+            caller = await reader.run_sync(_authenticate, header)
     except Problem:
         if header:  # a request without credentials guesses nothing
             guard.failed(source)
@@ -223,14 +240,12 @@ async def authenticate(request: Request, reader: AsyncSession) -> Caller:
 async def authentication_problem(request: Request) -> Problem | None:
     """None when the request carries valid credentials, else the problem to answer (401 or 429); for
     error paths that run before the route's own guard."""
-    services = await get_services(request)
-    if services.readers is None:
+    if (await get_services(request)).readers is None:
         return unauthorized()
-    async with services.readers() as reader:
-        try:
-            await authenticate(request, reader)
-        except Problem as problem:
-            return problem
+    try:
+        await authenticate(request)
+    except Problem as problem:
+        return problem
     return None
 
 
@@ -240,8 +255,8 @@ class RequireRole:
     def __init__(self, role: Role) -> None:
         self.role = role
 
-    async def __call__(self, request: Request, reader: ReaderDep) -> Caller:
-        caller = await authenticate(request, reader)
+    async def __call__(self, request: Request) -> Caller:
+        caller = await authenticate(request)
         if caller.role is None or caller.role.rank < self.role.rank:
             raise Problem(403, "Forbidden", f"this needs an API key with role {self.role.value} or higher")
         return caller
@@ -250,8 +265,8 @@ class RequireRole:
 class RequireDeviceOrRole(RequireRole):
     """Lets through any authenticated device (the route checks what it may see), or operators with `role`."""
 
-    async def __call__(self, request: Request, reader: ReaderDep) -> Caller:
-        caller = await authenticate(request, reader)
+    async def __call__(self, request: Request) -> Caller:
+        caller = await authenticate(request)
         if caller.device is None and (caller.role is None or caller.role.rank < self.role.rank):
             raise Problem(
                 403, "Forbidden", f"this needs device credentials or role {self.role.value} or higher"
@@ -265,11 +280,10 @@ Admin = Annotated[Caller, Depends(RequireRole(Role.admin))]
 DeviceOrOperator = Annotated[Caller, Depends(RequireDeviceOrRole(Role.operator))]
 
 
-async def single_valued_query(request: Request) -> None:
+def single_valued_query(request: Request) -> None:
     """Refuse a query parameter given more than once: every parameter of this API takes one value,
     and keeping one of them silently would hide the caller's mistake. (A validation error: an
-    unauthenticated caller still gets the 401.) Asynchronous because it does no I/O: a plain function
-    would cost every request a hop to the thread pool and back."""
+    unauthenticated caller still gets the 401.)"""
     seen: set[str] = set()
     for key, _ in request.query_params.multi_items():
         if key in seen:
@@ -362,6 +376,14 @@ async def strict_json_body(request: Request) -> None:
             }
         ]
     )
+
+
+async def well_formed_request(request: Request) -> None:
+    """The checks every request passes, as the app's one dependency of its own: no query parameter
+    given twice, no JSON object key given twice. (FastAPI resolves each dependency on every request,
+    and runs a plain function in its thread pool: one asynchronous dependency costs the least.)"""
+    single_valued_query(request)
+    await strict_json_body(request)
 
 
 class PageQuery(BaseModel):

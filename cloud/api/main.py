@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 
 from cloud.api import handlers
-from cloud.api.deps import KeyCache, Services, single_valued_query, strict_json_body
+from cloud.api.deps import KeyCache, Services, well_formed_request
 from cloud.api.guard import AuthGuard
 from cloud.api.limits import BodyLimit
 from cloud.api.metrics import RequestMetrics
@@ -75,7 +75,7 @@ def create_app(settings: Settings | None = None, *, hooks: Sequence[CredentialHo
         version="1",
         description=DESCRIPTION,
         openapi_tags=[{"name": "health", "description": "liveness and readiness"}],
-        dependencies=[Depends(single_valued_query), Depends(strict_json_body)],
+        dependencies=[Depends(well_formed_request)],
     )
     app.state.services = services
     handlers.install(app)

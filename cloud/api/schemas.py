@@ -81,7 +81,7 @@ def page_response(items: list[dict[str, Any]], total: int, *, limit: int, offset
 
     The rows come from the registry's own columns, so validating them again buys nothing; reading a
     page of 100 devices into models and serialising them was a third of the request's CPU. The route
-    still declares `Page[...]` as its response model (OpenAPI), and a test holds the bytes equal to
+    still declares `Page[...]` as its response model (OpenAPI), and a test holds the document equal to
     what that model would produce.
     """
     page = {"items": items, "total": total, "limit": limit, "offset": offset}

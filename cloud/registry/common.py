@@ -1,14 +1,19 @@
-"""Helpers every registry module uses: pagination with totals, secrets and their hashes."""
+"""Helpers every registry module uses: pagination with totals, secrets and their hashes, driver errors."""
 
 import hashlib
 import hmac
 import secrets
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC
 from typing import Any, TypeVar
 
-from sqlalchemy import Integer, Row, Select, bindparam, func, select
+from sqlalchemy import Dialect, Integer, PoolProxiedConnection, Row, Select, bindparam, func, select
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
+from sqlalchemy.util import greenlet_spawn
 
 T = TypeVar("T")
 
@@ -46,9 +51,10 @@ class RowPages:
     """Pages of a statement of columns, each row a dict by column name, with the total matching rows.
 
     Made once per statement shape, its filters as bound parameters, and kept: the page query (its total
-    as in `paginate`) keeps its SQLAlchemy cache key and compiled form across calls, and each page runs
-    on the session's connection (Core), without the ORM's per-execution steps. For the lists a fleet
-    makes long, where building and running the statement anew cost more CPU than reading its rows.
+    as in `paginate`) keeps its SQLAlchemy cache key and compiled form across calls. `read` runs a page
+    on a session's connection (Core, without the ORM's per-execution steps); `read_async`, for the API's
+    event loop, runs it on psycopg's own cursor when it can. For the lists a fleet makes long, where
+    SQLAlchemy's execution of the statement cost more CPU than the database's work.
     """
 
     def __init__(self, statement: Select[Any]) -> None:
@@ -60,6 +66,7 @@ class RowPages:
             .offset(bindparam(OFFSET, type_=Integer()))
         )
         self.total = select(total)
+        self._compiled: dict[type[Dialect], _DriverStatement] = {}
 
     def read(
         self, session: Session, *, limit: int, offset: int, params: dict[str, Any] | None = None
@@ -69,11 +76,106 @@ class RowPages:
         connection = session.connection()
         rows = connection.execute(self.page, {**(params or {}), LIMIT: limit, OFFSET: offset}).all()
         if rows:
-            # zip stops at the last listed column, before the total
-            return [dict(zip(self.names, row, strict=False)) for row in rows], int(rows[0][-1])
+            return self._dicts(rows), int(rows[0][-1])
         if offset == 0:
             return [], 0
         return [], int(connection.scalar(self.total, params or {}) or 0)
+
+    async def read_async(
+        self, engine: AsyncEngine, *, limit: int, offset: int, params: dict[str, Any] | None = None
+    ) -> tuple[list[dict[str, Any]], int]:
+        """`read` on an asynchronous engine, on the event loop.
+
+        On PostgreSQL the page runs on psycopg's asynchronous cursor, on a connection from the engine's
+        pool, and its rows are psycopg's values: no session, no greenlet hop, no SQLAlchemy type
+        conversion (select columns whose driver value is what the caller wants: `devices.LISTED` reads
+        enums as text). Errors are SQLAlchemy's all the same (`sqlalchemy_errors`). A connection whose time
+        zone is not UTC (psycopg gives times in it), another database, or a page past the end (its total
+        needs a second query) goes through `read` in a session.
+        """
+        if engine.dialect.driver == "psycopg":
+            pooled = await engine.raw_connection()  # a Connection around it cost 0.05 ms a page
+            try:
+                psycopg = pooled.driver_connection  # a psycopg.AsyncConnection
+                if psycopg is not None and _speaks_utc(psycopg):
+                    bound = {**(params or {}), LIMIT: limit, OFFSET: offset}
+                    rows = await self._on_psycopg(engine.dialect, pooled, psycopg, bound)
+                    if rows:
+                        return self._dicts(rows), int(rows[0][-1])
+                    if offset == 0:
+                        return [], 0
+            finally:
+                await greenlet_spawn(pooled.close)  # back to the pool, whose reset awaits the driver
+        async with AsyncSession(engine) as session:
+            return await session.run_sync(lambda s: self.read(s, limit=limit, offset=offset, params=params))
+
+    def _dicts(self, rows: Sequence[Sequence[Any]]) -> list[dict[str, Any]]:
+        # zip stops at the last listed column, before the total
+        return [dict(zip(self.names, row, strict=False)) for row in rows]
+
+    async def _on_psycopg(
+        self, dialect: Dialect, pooled: PoolProxiedConnection, psycopg: Any, bound: dict[str, Any]
+    ) -> list[Any]:
+        compiled = self._compiled.get(type(dialect))
+        if compiled is None:
+            compiled = self._compiled[type(dialect)] = _DriverStatement(self.page, dialect)
+        parameters = compiled.parameters(bound)
+        async with sqlalchemy_errors(dialect, pooled, compiled.sql, parameters):
+            async with psycopg.cursor() as cursor:
+                await cursor.execute(compiled.sql, parameters)
+                rows: list[Any] = await cursor.fetchall()
+                return rows
+
+
+class _DriverStatement:
+    """A statement compiled for `dialect`, with its parameters' conversions (the bind processors
+    SQLAlchemy would apply: an enum to its value, a time to UTC), to run on the driver's cursor."""
+
+    def __init__(self, statement: Select[Any], dialect: Dialect) -> None:
+        compiled = statement.compile(dialect=dialect)
+        self.sql = compiled.string
+        self.processors: dict[str, Callable[[Any], Any]] = {}
+        for name, bind in compiled.binds.items():
+            processor = bind.type.dialect_impl(dialect).bind_processor(dialect)
+            if processor is not None:
+                self.processors[name] = processor
+
+    def parameters(self, bound: dict[str, Any]) -> dict[str, Any]:
+        """`bound` as the driver is to receive them."""
+        processors = self.processors
+        return {
+            name: processors[name](value) if name in processors else value for name, value in bound.items()
+        }
+
+
+def _speaks_utc(psycopg: Any) -> bool:
+    # psycopg gives timestamps with time zone in the connection's time zone: its values are those of
+    # SQLAlchemy's UTC type only when that zone is UTC (PostgreSQL's default in most setups).
+    zone = psycopg.info.timezone
+    return zone is UTC or getattr(zone, "key", None) in UTC_ZONES
+
+
+UTC_ZONES = frozenset({"UTC", "Etc/UTC", "Etc/UCT", "Etc/Universal", "Etc/Zulu", "UCT", "Universal", "Zulu"})
+
+
+@asynccontextmanager
+async def sqlalchemy_errors(
+    dialect: Dialect, pooled: PoolProxiedConnection, statement: str, parameters: Any = None
+) -> AsyncIterator[None]:
+    """Raise what SQLAlchemy would have for a driver error in the block (IntegrityError, DataError,
+    OperationalError...), for work done on the driver's own connection below SQLAlchemy: callers, and
+    the API's problem responses, handle one kind of exception on every path. A connection the error
+    shows lost is invalidated, as SQLAlchemy does, so the pool does not hand it out again."""
+    error = dialect.loaded_dbapi.Error
+    try:
+        yield
+    except error as exc:
+        lost = dialect.is_disconnect(exc, pooled, None)
+        if lost:
+            await greenlet_spawn(pooled.invalidate, exc)  # closing it awaits the driver
+        raise DBAPIError.instance(
+            statement, parameters, exc, error, connection_invalidated=lost, dialect=dialect
+        ) from exc
 
 
 def insert_new(session: Session, table: type[Any], rows: Sequence[dict[str, Any]], *, key: str) -> set[Any]:

@@ -6,7 +6,22 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple, cast
 
-from sqlalchemy import Integer, Select, Table, Update, and_, bindparam, exists, func, or_, select, update
+from sqlalchemy import (
+    Integer,
+    Select,
+    String,
+    Table,
+    Update,
+    and_,
+    bindparam,
+    exists,
+    func,
+    or_,
+    select,
+    type_coerce,
+    update,
+)
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session
 
 from cloud.exceptions import ConflictError, NotFoundError, RegistryError
@@ -117,20 +132,26 @@ def broker_pending(session: Session, *, limit: int = 500) -> list[tuple[str, Dev
 
 
 # What a device listing reads: these columns as plain rows (never the credential hash). Rows, not ORM
-# objects: a page of 100 devices read into objects cost the API more than the query itself.
+# objects: a page of 100 devices read into objects cost the API more than the query itself. Enums are
+# read as their text on every backend alike: what the driver gives, with no conversion per value (the
+# SQL is unchanged: no CAST, which the database would compute for every row the OFFSET skips too).
+def _text(column: Any) -> Any:
+    return type_coerce(column, String()).label(column.key)
+
+
 LISTED = (
     Device.id,
     Device.cohort_id,
-    Device.status,
+    _text(Device.status),
     Device.labels,
     Device.desired_model_id,
     Device.reported_model_id,
-    Device.presence,
+    _text(Device.presence),
     Device.last_seen,
     Device.created_at,
     Device.revoked_at,
     Device.trust_version,
-    Device.broker_sync,
+    _text(Device.broker_sync),
     Device.broker_error,
 )
 
@@ -153,6 +174,12 @@ def _listing(filters: tuple[str, ...]) -> RowPages:
     return RowPages(statement)
 
 
+def _listing_for(**given: Any) -> tuple[RowPages, dict[str, Any]]:
+    # The listing's pages for the filters given (None: not filtered), and the values to bind.
+    filters = {name: value for name, value in given.items() if value is not None}
+    return _listing(tuple(filters)), {f"filter_{name}": value for name, value in filters.items()}
+
+
 def list_devices(
     session: Session,
     *,
@@ -163,11 +190,26 @@ def list_devices(
     presence: Presence | None = None,
     model_id: str | None = None,
 ) -> tuple[list[dict[str, Any]], int]:
-    """A page of devices by id (each a dict of the `LISTED` columns), filtered, with the total."""
-    given = {"cohort_id": cohort_id, "status": status, "presence": presence, "model_id": model_id}
-    filters = {name: value for name, value in given.items() if value is not None}
-    params = {f"filter_{name}": value for name, value in filters.items()}
-    return _listing(tuple(filters)).read(session, limit=limit, offset=offset, params=params)
+    """A page of devices by id (each a dict of the `LISTED` columns, enums as text), filtered, with the
+    total."""
+    pages, params = _listing_for(cohort_id=cohort_id, status=status, presence=presence, model_id=model_id)
+    return pages.read(session, limit=limit, offset=offset, params=params)
+
+
+async def list_devices_async(
+    engine: AsyncEngine,
+    *,
+    limit: int,
+    offset: int,
+    cohort_id: str | None = None,
+    status: DeviceStatus | None = None,
+    presence: Presence | None = None,
+    model_id: str | None = None,
+) -> tuple[list[dict[str, Any]], int]:
+    """`list_devices` on an asynchronous engine, for the API's event loop: the fleet's busiest read, run
+    on the driver's own cursor where it can be (`RowPages.read_async`)."""
+    pages, params = _listing_for(cohort_id=cohort_id, status=status, presence=presence, model_id=model_id)
+    return await pages.read_async(engine, limit=limit, offset=offset, params=params)
 
 
 def authenticate_device(session: Session, device_id: str, secret: str) -> Device | None:

@@ -7,7 +7,9 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from cloud.api.main import create_app
@@ -252,6 +254,38 @@ def test_an_unreachable_database_is_503_not_500(tmp_path: Path) -> None:
     # Assert
     assert ready.status_code == 503, ready.text
     assert ready.headers["content-type"] == "application/problem+json"
+
+
+def test_a_listing_on_a_lost_database_connection_is_503_and_the_next_one_reconnects(
+    client: TestClient, session: Session, viewer: dict[str, str]
+) -> None:
+    # The listing runs on the driver's cursor on PostgreSQL, below SQLAlchemy: its errors must still be
+    # SQLAlchemy's (a 503 problem), and the dead connection must leave the pool.
+    # Prepare
+    if session.get_bind().dialect.name != "postgresql":
+        pytest.skip("a PostgreSQL backend is what can be terminated")
+    make_cohort(session)
+    make_device(session, "cam-0001")
+    session.commit()
+    assert client.get("/api/v1/devices", headers=viewer).status_code == 200  # the key is cached now
+    session.execute(
+        text(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND query LIKE '%total_matching_rows%'"
+            " AND pid <> pg_backend_pid()"
+        )
+    )
+    session.commit()
+
+    # Execute
+    lost = client.get("/api/v1/devices", headers=viewer)
+    again = client.get("/api/v1/devices", headers=viewer)
+
+    # Assert
+    assert lost.status_code == 503, lost.text
+    assert lost.headers["content-type"] == "application/problem+json"
+    assert again.status_code == 200
+    assert [d["id"] for d in again.json()["items"]] == ["cam-0001"]
 
 
 def test_metrics_count_requests_by_route_template(

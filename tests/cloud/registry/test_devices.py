@@ -219,7 +219,8 @@ def test_listings_of_the_same_shape_each_follow_their_own_filter_values(session:
     assert kitchen_online == []
     assert past_end == [] and past_end_total == 2
     assert "credential_hash" not in hall[0]
-    assert hall[1]["presence"] is Presence.online and hall[1]["status"] is DeviceStatus.active
+    assert (hall[1]["presence"], hall[1]["status"]) == ("online", "active")  # enums as text, on any backend
+    assert type(hall[1]["presence"]) is str and type(hall[1]["status"]) is str
 
 
 def test_a_listing_sees_what_the_session_has_not_flushed_yet(session: Session) -> None:
