@@ -41,12 +41,11 @@ from rich.console import Console
 from rich.progress import Progress, TaskID
 from rich.table import Table
 
+from bench import mqtt_lab
 from broker.acl import provision_commands
 from broker.client import BrokerTarget, ClientOptions
 from broker.connection import BrokerConnection
 from broker.dynsec import DynsecAdmin
-from broker.mosquitto import bootstrap, init_dynsec, render_config
-from cloud.children import free_ports
 from cloud.ml.data import build_scenario_data
 from cloud.ml.export import EdgeArtifact
 from cloud.ml.families import NetSpec
@@ -62,9 +61,7 @@ from wire.topics import MessageKind, device_topic
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-CERTS_SCRIPT = ROOT / "broker" / "certs.sh"
 SCENARIO = ROOT / "scenarios" / "digits-two-users.json"
-CLOUD_USER = "diredi-cloud"
 DEVICE_ID = "bench-cam-1"
 TORCH_STUB = 'raise ImportError("torch is not installed on the device")\n'
 SAMPLE_EVERY = 0.5  # seconds between two psutil readings
@@ -82,21 +79,10 @@ class Broker:
 
 @contextmanager
 def running_broker(workdir: Path, *, tls: bool) -> Iterator[Broker]:
-    """mosquitto with the production configuration and lab certificates on free loopback ports."""
-    certs = workdir / "certs"
-    subprocess.run([str(CERTS_SCRIPT), str(certs)], check=True, capture_output=True, timeout=60)  # noqa: S603
-    port, tls_port = free_ports(2)
-    state = workdir / "broker"
-    render_config(state, port=port, tls_port=tls_port, cert_dir=certs, tls_bind="127.0.0.1")
-    admin_password = secrets.token_urlsafe(24)
-    init_dynsec(state, admin_user="admin", admin_password=admin_password)
-    with MosquittoProcess(state, port=port) as process:
-        target = BrokerTarget(host="127.0.0.1", port=port)
-        admin = target.with_credentials("admin", admin_password)
-        cloud = target.with_credentials(CLOUD_USER, secrets.token_urlsafe(24))
-        bootstrap(admin, cloud_user=CLOUD_USER, cloud_password=str(cloud.password))
-        device = BrokerTarget(host="127.0.0.1", port=tls_port, tls=True, ca_file=certs / "ca.crt")
-        yield Broker(process, device if tls else target, cloud, admin)
+    """The benchmarks' mosquitto (bench/mqtt_lab.py), with the listener a device connects to."""
+    with mqtt_lab.running_broker(workdir) as broker:
+        device = broker.tls_target if tls else broker.target
+        yield Broker(broker.process, device, broker.cloud, broker.admin)
 
 
 def train_model(progress: Progress) -> tuple[EdgeArtifact, np.ndarray, np.ndarray]:

@@ -12,6 +12,13 @@ import pytest
 
 pytest_plugins = ["tests.databases", "tests.brokers", "tests.embedded_broker"]
 
+# Under pytest-xdist two workers share the machine's cores: torch's (OpenMP) thread pool in each, sized
+# for every core, would spin against the other's (one training test took 7x as long). One thread per
+# worker, set before anything imports torch; the processes the tests start inherit it.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(name, "1")
+
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = ROOT / "scenarios"
 # The learning loop's fixtures are seeded from this, so the suite can be run on other seeds to show
@@ -82,3 +89,29 @@ def base_line(small_data, fast_plan):  # type: ignore[no-untyped-def]
 def base_model(base_line):  # type: ignore[no-untyped-def]
     """The base artifact loaded in the device's int8 runtime."""
     return base_line.artifact.load()
+
+
+# The modules that take minutes, started first: pytest-xdist hands whole modules (--dist loadfile) to its
+# two workers in collection order, and one of these started last would run alone at the end.
+LONGEST_FIRST = (
+    "tests/cloud/sim/test_sim.py",
+    "tests/cloud/ml/test_cycle.py",
+    "tests/cloud/test_demo.py",
+    "tests/cloud/worker/test_worker.py",
+    "tests/cloud/test_localsystem.py",
+    "tests/cloud/api/test_schemathesis.py",
+    "tests/cloud/pipeline/test_own_data.py",
+    "tests/device/test_daemon_images.py",
+    "tests/cloud/test_cli_ops.py",
+    "tests/bench/test_learning_suite_run.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {path: n for n, path in enumerate(LONGEST_FIRST)}
+
+    def place(item: pytest.Item) -> int:
+        path = item.path.relative_to(ROOT).as_posix()
+        return rank.get(path, len(LONGEST_FIRST))
+
+    items.sort(key=place)  # stable: every module keeps its own order, the rest keep theirs
