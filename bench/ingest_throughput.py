@@ -3,15 +3,20 @@ real mosquitto, against the broker's own pass-through measured in the same run.
 
 One publisher (`mosquitto_pub -l`, the cloud's account, one process per device topic of 10 provisioned
 devices) sends N QoS 1 messages of ~512 B, as fast as the broker takes them. Pass-through:
-`mosquitto_sub` (C) as a
-subscriber that only counts, until it has all N. Ingest: 1, then 2 `diredi ingest` processes on one
-shared subscription; the rate is distinct msg_ids committed per second, from the first publish to
-the commit of the last, and every message must be stored exactly once (zero loss at QoS 1).
-Targets: ≥ 5,000 msg/s and ≥ 0.5× the pass-through. Writes bench/results/ingest_throughput.json.
+`mosquitto_sub` (C) as a subscriber that only counts, until it has all N. Ingest: 1, then 2
+`diredi ingest` processes on one shared subscription; the rate is distinct msg_ids committed per
+second, from the first publish to the commit of the last, and every message must be stored exactly
+once (zero loss at QoS 1). Targets: ≥ 5,000 msg/s and ≥ 0.5× the pass-through.
+
+A second table splits each path's CPU per message by part (broker, receiver, PostgreSQL, the rest).
+Publishers, broker and receiver share the machine's cores: where the machine is saturated, the ratio
+of two paths is the inverse ratio of their totals, which says what a cheaper part could win.
+Writes bench/results/ingest_throughput.json.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from typing import Any
@@ -21,7 +26,17 @@ from rich.console import Console
 from rich.progress import Progress
 
 from bench import harness
-from bench.mqtt_lab import Lab, UsageMeter, ingests, lab, last_telemetry_id, provision, stored_telemetry
+from bench.mqtt_lab import (
+    CpuSplit,
+    Lab,
+    UsageMeter,
+    database_backends,
+    ingests,
+    lab,
+    last_telemetry_id,
+    provision,
+    stored_telemetry,
+)
 from broker.mosquitto import find_binary
 from wire.messages import Status, encode
 from wire.topics import MessageKind, device_filter, device_topic
@@ -90,7 +105,7 @@ def publish(lab: Lab, messages: list[tuple[str, bytes]]) -> float:
     return started
 
 
-def passthrough(lab: Lab, messages: list[tuple[str, bytes]]) -> dict[str, float]:
+def passthrough(lab: Lab, messages: list[tuple[str, bytes]]) -> dict[str, Any]:
     """mosquitto_sub counting N messages at QoS 1: the broker's own rate."""
     password = str(lab.cloud.password)
     command = [
@@ -101,23 +116,41 @@ def passthrough(lab: Lab, messages: list[tuple[str, bytes]]) -> dict[str, float]
     ]  # fmt: skip
     counter = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # noqa: S603
     time.sleep(1.0)  # subscribed
-    meter = UsageMeter([psutil.Process(lab.broker.pid or 0)])
+    broker = psutil.Process(lab.broker.pid or 0)
+    meter, split = UsageMeter([broker]), CpuSplit({"broker": [broker]})
     started = publish(lab, messages)
-    try:
-        counter.wait(300)
-    except subprocess.TimeoutExpired:
-        counter.kill()
-        raise RuntimeError("mosquitto_sub did not receive every message") from None
+    status, counter_cpu = reap(counter.pid, time.monotonic() + 300)
     elapsed = time.monotonic() - started
     usage = meter.done()
-    if counter.returncode != 0:
+    cpu = split.done(len(messages), receiver=counter_cpu)
+    if status is None:
+        counter.kill()
+        raise RuntimeError("mosquitto_sub did not receive every message")
+    counter.returncode = status
+    if status != 0:
         raise RuntimeError(f"mosquitto_sub failed: {counter.stderr.read() if counter.stderr else b''!r}")
-    return {"msg_per_s": len(messages) / elapsed, "seconds": elapsed, "broker_cpu_percent": usage.cpu_percent}
+    return {
+        "msg_per_s": len(messages) / elapsed,
+        "seconds": elapsed,
+        "broker_cpu_percent": usage.cpu_percent,
+        "cpu_us_per_message": cpu,
+    }
+
+
+def reap(pid: int, deadline: float) -> tuple[int | None, float]:
+    """Wait for child `pid` to exit (until the deadline): its exit code (None if it has not) and the
+    CPU seconds it used, which only its exit status still holds."""
+    while time.monotonic() < deadline:
+        done, status, usage = os.wait4(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status), usage.ru_utime + usage.ru_stime
+        time.sleep(0.005)
+    return None, 0.0
 
 
 def ingest_run(
     lab: Lab, messages: list[tuple[str, bytes]], processes: int, *, batch_size: int
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """N messages through `processes` ingests into PostgreSQL; every one stored exactly once. The
     ingests are warmed first, as the broker is for the pass-through: their first batch pays for
     connecting to the database and preparing statements (near a second here), which a running
@@ -126,11 +159,14 @@ def ingest_run(
         warm, mark = status_messages(WARM_UP), telemetry_mark(lab)
         publish(lab, warm)
         until_stored(lab, mark, len(warm), time.monotonic() + 120)
-        meter, mark = UsageMeter([psutil.Process(lab.broker.pid or 0), *workers]), telemetry_mark(lab)
+        broker = psutil.Process(lab.broker.pid or 0)
+        meter, mark = UsageMeter([broker, *workers]), telemetry_mark(lab)
+        split = CpuSplit({"broker": [broker], "receiver": workers, "PostgreSQL": database_backends(lab)})
         started = publish(lab, messages)
         stored = until_stored(lab, mark, len(messages), started + 600, meter)
         elapsed = time.monotonic() - started
         usage = meter.done()
+        cpu = split.done(len(messages))
     if stored != len(messages):
         raise RuntimeError(f"{processes} ingest(s) stored {stored} of {len(messages)} messages")
     return {
@@ -139,6 +175,7 @@ def ingest_run(
         "stored": stored,
         "cpu_percent_broker_and_ingests": usage.cpu_percent,
         "rss_mb_broker_and_ingests": usage.rss_mb,
+        "cpu_us_per_message": cpu,
     }
 
 
@@ -220,6 +257,23 @@ def print_table(report: dict[str, Any], console: Console) -> None:
             f"{r['cpu_percent_broker_and_ingests']:.0f}",
         )
     console.print(table)
+    split = harness.table(
+        "CPU per message, µs of one core (rest: the publishers, this benchmark, the kernel)",
+        ("path", "broker", "receiver", "PostgreSQL", "rest", "total", "machine busy %"),
+    )
+    paths = [("pass-through (receiver: mosquitto_sub)", p)] + [
+        (f"{r['ingest_processes']} ingest process(es)", r) for r in report["runs"]
+    ]
+    for label, figures in paths:
+        cpu = figures["cpu_us_per_message"]
+        split.add_row(
+            label,
+            *(f"{cpu[part]:.1f}" if part in cpu else "" for part in ("broker", "receiver", "PostgreSQL")),
+            f"{cpu['rest']:.1f}",
+            f"{cpu['total']:.1f}",
+            f"{cpu['busy_percent']:.0f}",
+        )
+    console.print(split)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from bench import harness
@@ -245,3 +245,45 @@ class UsageMeter:
         elapsed = time.monotonic() - self._t0
         used = sum(self._cpu(p) - c0 for p, c0 in zip(self.processes, self._cpu0, strict=True))
         return Usage(cpu_percent=100 * used / elapsed if elapsed else 0.0, rss_mb=self.rss_peak)
+
+
+def database_backends(lab: Lab) -> list[psutil.Process]:
+    """The PostgreSQL server processes serving the lab's database now (other than this query's)."""
+    database = lab.database_url.rsplit("/", 1)[1].split("?")[0]
+    with lab.sessions() as session:
+        pids = session.scalars(
+            text("SELECT pid FROM pg_stat_activity WHERE datname = :db AND pid <> pg_backend_pid()"),
+            {"db": database},
+        ).all()
+    return [psutil.Process(pid) for pid in pids if psutil.pid_exists(pid)]
+
+
+class CpuSplit:
+    """CPU time by part over a measured span, per message: each part is a set of processes, and
+    `rest` is what the whole machine spent besides (publishers, the benchmark itself, the kernel).
+    On a saturated machine (`busy_percent` near 100) the rate is the cores over the total."""
+
+    def __init__(self, parts: dict[str, Sequence[psutil.Process]]) -> None:
+        self.meters = {name: UsageMeter(processes) for name, processes in parts.items()}
+        self._machine0 = self._busy()
+        self._t0 = time.monotonic()
+
+    @staticmethod
+    def _busy() -> float:
+        times = psutil.cpu_times()  # Linux's fields: guest time is counted in user already
+        return float(times.user + times.nice + times.system + times.irq + times.softirq)
+
+    def done(self, messages: int, **exited: float) -> dict[str, float]:
+        """Microseconds of one core per message for each part, `rest` and `total`, and `busy_percent`:
+        the share of all cores that was busy. `exited`: CPU seconds of parts whose processes have
+        ended (read from their exit status), by name."""
+        elapsed = time.monotonic() - self._t0
+        machine = self._busy() - self._machine0
+        split = {name: meter.done().cpu_percent * elapsed / 100 for name, meter in self.meters.items()}
+        split.update(exited)
+        split["rest"] = max(machine - sum(split.values()), 0.0)
+        split["total"] = machine
+        per_message = {name: 1e6 * seconds / messages for name, seconds in split.items()}
+        cores = psutil.cpu_count() or 1
+        per_message["busy_percent"] = 100 * machine / (elapsed * cores) if elapsed else 0.0
+        return per_message
