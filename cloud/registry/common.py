@@ -3,14 +3,14 @@
 import hashlib
 import hmac
 import secrets
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC
 from typing import Any, TypeVar
 
 from sqlalchemy import Dialect, Integer, PoolProxiedConnection, Row, Select, bindparam, func, select
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, StatementError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 from sqlalchemy.util import greenlet_spawn
@@ -158,10 +158,10 @@ def _speaks_utc(psycopg: Any) -> bool:
 UTC_ZONES = frozenset({"UTC", "Etc/UTC", "Etc/UCT", "Etc/Universal", "Etc/Zulu", "UCT", "Universal", "Zulu"})
 
 
-@asynccontextmanager
-async def sqlalchemy_errors(
+@contextmanager
+def driver_errors(
     dialect: Dialect, pooled: PoolProxiedConnection, statement: str, parameters: Any = None
-) -> AsyncIterator[None]:
+) -> Iterator[None]:
     """Raise what SQLAlchemy would have for a driver error in the block (IntegrityError, DataError,
     OperationalError...), for work done on the driver's own connection below SQLAlchemy: callers, and
     the API's problem responses, handle one kind of exception on every path. A connection the error
@@ -172,10 +172,36 @@ async def sqlalchemy_errors(
     except error as exc:
         lost = dialect.is_disconnect(exc, pooled, None)
         if lost:
+            pooled.invalidate(exc)
+        raise _translated(dialect, statement, parameters, exc, lost) from exc
+
+
+@asynccontextmanager
+async def sqlalchemy_errors(
+    dialect: Dialect, pooled: PoolProxiedConnection, statement: str, parameters: Any = None
+) -> AsyncIterator[None]:
+    """`driver_errors` for an async driver connection."""
+    error = dialect.loaded_dbapi.Error
+    try:
+        yield
+    except error as exc:
+        lost = dialect.is_disconnect(exc, pooled, None)
+        if lost:
             await greenlet_spawn(pooled.invalidate, exc)  # closing it awaits the driver
-        raise DBAPIError.instance(
-            statement, parameters, exc, error, connection_invalidated=lost, dialect=dialect
-        ) from exc
+        raise _translated(dialect, statement, parameters, exc, lost) from exc
+
+
+def _translated(
+    dialect: Dialect, statement: str, parameters: Any, exc: Exception, lost: bool
+) -> StatementError:
+    return DBAPIError.instance(
+        statement,
+        parameters,
+        exc,
+        dialect.loaded_dbapi.Error,
+        connection_invalidated=lost,
+        dialect=dialect,
+    )
 
 
 def insert_new(session: Session, table: type[Any], rows: Sequence[dict[str, Any]], *, key: str) -> set[Any]:

@@ -7,11 +7,10 @@ from typing import Any
 
 import msgspec
 import orjson
-from sqlalchemy import Select, delete, select
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import PoolProxiedConnection, Select, delete, select
 from sqlalchemy.orm import Session
 
-from cloud.registry.common import insert_new
+from cloud.registry.common import driver_errors, insert_new
 from cloud.registry.tables import Telemetry, utcnow
 from wire.fastpath import StatusRecord
 from wire.messages import Status
@@ -47,15 +46,12 @@ def add_statuses(session: Session, statuses: Sequence[Status | StatusRecord]) ->
     dialect = session.get_bind().dialect
     if not statuses or dialect.name != "postgresql":
         return add_samples(session, [sample_of(s) for s in statuses])
-    import psycopg
-
     lines = "".join(map(_copy_line, statuses)).encode()
-    try:
-        return _copy(session, lines, {s.msg_id for s in statuses})
-    except psycopg.Error as exc:
-        # The driver's own cursor bypasses SQLAlchemy: raise what SQLAlchemy would have (IntegrityError,
-        # DataError, OperationalError...), so callers handle a bad row or a lost database on both backends.
-        raise DBAPIError.instance("COPY telemetry", None, exc, psycopg.Error, dialect=dialect) from exc
+    # The driver's own cursor bypasses SQLAlchemy: its errors come out as SQLAlchemy's, so callers
+    # handle a bad row or a lost database alike on both backends.
+    pooled = session.connection().connection
+    with driver_errors(dialect, pooled, "COPY telemetry"):
+        return _copy(pooled, lines, {s.msg_id for s in statuses})
 
 
 # Status fields stored in a column of the same name; the others are msg_id, device_id, sent_at (→ at)
@@ -103,7 +99,7 @@ def _copy_line(s: Status | StatusRecord) -> str:
     )
 
 
-def _copy(session: Session, lines: bytes, msg_ids: set[uuid.UUID]) -> set[uuid.UUID]:
+def _copy(pooled: PoolProxiedConnection, lines: bytes, msg_ids: set[uuid.UUID]) -> set[uuid.UUID]:
     import psycopg
     from psycopg import sql
 
@@ -111,7 +107,7 @@ def _copy(session: Session, lines: bytes, msg_ids: set[uuid.UUID]) -> set[uuid.U
         "columns": sql.SQL(", ").join(map(sql.Identifier, COPY_COLUMNS)),
         "incoming": sql.Identifier(INCOMING),
     }
-    connection = session.connection().connection.driver_connection
+    connection = pooled.driver_connection
     if not isinstance(connection, psycopg.Connection):
         raise TypeError(f"PostgreSQL through psycopg 3 expected, not {type(connection).__name__}")
     with connection.cursor() as cursor:

@@ -7,8 +7,8 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
-from sqlalchemy.exc import StatementError
+from sqlalchemy import Engine, func, select, text
+from sqlalchemy.exc import OperationalError, StatementError
 from sqlalchemy.orm import Session
 
 from cloud.registry import telemetry
@@ -284,3 +284,29 @@ def test_utc_datetime_converts_on_the_way_in_and_out(session: Session) -> None:
     assert column.process_result_value(None, dialect) is None
     with pytest.raises(ValueError, match="naive"):
         column.process_bind_param(datetime(2026, 3, 1), dialect)
+
+
+def test_a_lost_database_during_the_copy_is_an_invalidated_operational_error(engine: Engine) -> None:
+    # The ingest retries a batch on OperationalError; the pool must not hand the dead connection out.
+    # Prepare: a session holding its connection; another session ends that connection's backend
+    if engine.dialect.name != "postgresql":
+        pytest.skip("the batch is copied on PostgreSQL only")
+    with Session(engine) as setup:
+        two_devices(setup)
+        setup.commit()
+    doomed = Session(engine)
+    pid = doomed.execute(text("SELECT pg_backend_pid()")).scalar_one()
+    with Session(engine) as other:
+        other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        other.commit()
+
+    # Execute
+    with pytest.raises(OperationalError) as lost:
+        telemetry.add_statuses(doomed, [status("cam-a", NOW)])
+    doomed.close()
+
+    # Assert: the error is SQLAlchemy's, its connection discarded; a new session stores the batch
+    assert lost.value.connection_invalidated
+    with Session(engine) as again:
+        assert again.execute(text("SELECT pg_backend_pid()")).scalar_one() != pid
+        assert len(telemetry.add_statuses(again, [status("cam-a", NOW)])) == 1
