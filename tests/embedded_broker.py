@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import queue
 import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -118,3 +118,18 @@ def embedded_broker(tmp_path: Path) -> Iterator[RunningBroker]:
     """A fresh embedded broker for one test."""
     with running_embedded_broker(tmp_path / "embedded-broker") as broker:
         yield broker
+
+
+@pytest.fixture
+def peers() -> Iterator[Callable[..., Peer]]:
+    """Make paho clients (`peers(target, client_id, ...)`); all closed after the test."""
+    made: list[Peer] = []
+
+    def make(target: BrokerTarget, client_id: str, **options: object) -> Peer:
+        peer = Peer(target, client_id, **options)  # type: ignore[arg-type]
+        made.append(peer)
+        return peer
+
+    yield make
+    for peer in made:
+        peer.close()

@@ -46,21 +46,6 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningBroker]:
 
 
 @pytest.fixture
-def peers() -> Iterator[Callable[..., Peer]]:
-    """Make paho clients (`peers(target, client_id, ...)`); all closed after the test."""
-    made: list[Peer] = []
-
-    def make(target: BrokerTarget, client_id: str, **options: object) -> Peer:
-        peer = Peer(target, client_id, **options)  # type: ignore[arg-type]
-        made.append(peer)
-        return peer
-
-    yield make
-    for peer in made:
-        peer.close()
-
-
-@pytest.fixture
 def online(peers: Callable[..., Peer]) -> Connect:
     """Connect a paho client and check the broker accepted it."""
 

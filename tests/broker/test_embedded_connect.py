@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import secrets
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given
@@ -51,20 +51,6 @@ def send(target: BrokerTarget, packet: bytes) -> bytes:
 def device(embedded_broker: RunningBroker) -> BrokerTarget:
     control(embedded_broker.admin, provision_commands(DEVICE, SECRET))
     return embedded_broker.as_device(DEVICE, SECRET)
-
-
-@pytest.fixture
-def peers() -> Iterator[Callable[..., Peer]]:
-    made: list[Peer] = []
-
-    def make(target: BrokerTarget, client_id: str, **options: object) -> Peer:
-        peer = Peer(target, client_id, **options)  # type: ignore[arg-type]
-        made.append(peer)
-        return peer
-
-    yield make
-    for peer in made:
-        peer.close()
 
 
 def test_hello_reads_what_the_login_needs() -> None:
