@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from cloud.cli.common import MetricsPort
 from cloud.cli.ops import _check_name, _fail, _migrated_engine, _settings
 from cloud.exceptions import CloudError
 
@@ -32,12 +33,7 @@ def ingest(
             "share of the group's messages the broker would otherwise keep queueing.",
         ),
     ] = False,
-    metrics_port: Annotated[
-        int | None,
-        typer.Option(
-            min=0, max=65535, help="Prometheus metrics on 127.0.0.1 (0: none; default from settings)."
-        ),
-    ] = None,
+    metrics_port: MetricsPort = None,
 ) -> None:
     """Store device messages from the broker in the registry (DIREDI_MQTT_URL, the cloud's account)."""
     from prometheus_client import start_http_server

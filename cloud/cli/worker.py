@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from cloud.cli.common import MetricsPort
 from cloud.cli.ops import _check_name, _fail, _migrated_engine, _settings
 from cloud.exceptions import CloudError
 from cloud.filemodes import private_dir
@@ -33,12 +34,7 @@ def worker(
             "worker died, advance rollouts, prune telemetry). Exactly one worker of a fleet does.",
         ),
     ] = False,
-    metrics_port: Annotated[
-        int | None,
-        typer.Option(
-            min=0, max=65535, help="Prometheus metrics on 127.0.0.1 (0: none; default from settings)."
-        ),
-    ] = None,
+    metrics_port: MetricsPort = None,
 ) -> None:
     """Run pipeline jobs from the queue (DIREDI_REDIS_URL, or the embedded queue in the data dir)."""
     from prometheus_client import start_http_server

@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal
 
 import numpy as np
@@ -126,7 +127,7 @@ def _train_candidate(
         KDConfig(alpha=recipe.teacher_alpha, tau=1.0),
         seed=plan.seed + 2,
         weights=weights,
-        progress=lambda d, t: progress("teacher", d, t),
+        progress=partial(progress, "teacher"),
     )
     teacher.eval()
     class_map = knowledge.class_map()
@@ -193,7 +194,7 @@ def _train_candidate(
         version=version,
         max_drop=plan.max_int8_drop,
         pixel_scale=parent.artifact.manifest.pixel_scale,
-        progress=lambda d, t: progress("export", d, t),
+        progress=partial(progress, "export"),
     )
     trained = EdgeLine(line, version, teacher, student, artifact, attempts)
     return _Trained(trained, attempts, artifact.load().predict(selection.x))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -132,7 +133,7 @@ def train_line(
         plan.teacher,
         seed=plan.seed,
         extra=extra,
-        progress=lambda d, t: progress("teacher", d, t),
+        progress=partial(progress, "teacher"),
     )
     seed_everything(plan.seed + 1)
     for module in student.modules():  # the student's initial weights drawn from this seed alone
@@ -146,7 +147,7 @@ def train_line(
         plan.kd,
         seed=plan.seed + 1,
         extra=extra,
-        progress=lambda d, t: progress("distill", d, t),
+        progress=partial(progress, "distill"),
     )
     model_id = edge_model_id(line, 1)
     if val is None:
@@ -163,6 +164,6 @@ def train_line(
         version=1,
         max_drop=plan.max_int8_drop,
         pixel_scale=pixel_scale,
-        progress=lambda d, t: progress("export", d, t),
+        progress=partial(progress, "export"),
     )
     return EdgeLine(line, 1, teacher.eval(), student, artifact, attempts)

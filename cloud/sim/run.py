@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -136,7 +137,7 @@ def _raw_upload_line(
         plan.teacher_finetune,
         seed=plan.seed + 2,
         extra=raw,
-        progress=lambda done, total: progress("teacher", done, total),
+        progress=partial(progress, "teacher"),
     )
     student = copy.deepcopy(base.student)
     distill(
@@ -147,7 +148,7 @@ def _raw_upload_line(
         plan.kd,
         seed=plan.seed + 3,
         extra=raw,
-        progress=lambda done, total: progress("distill", done, total),
+        progress=partial(progress, "distill"),
     )
     artifact = export_int8(
         student.eval(),
