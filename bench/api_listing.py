@@ -155,7 +155,7 @@ def wrk(
     with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
         script.write(WRK_SCRIPT % {"pages": max(1, devices // PAGE), "page": PAGE, "key": key})
         script.flush()
-        command = ["wrk", "-t2", f"-c{clients}", f"-d{seconds}s", "--latency", "-s", script.name, base]
+        command = [wrk_binary(), "-t2", f"-c{clients}", f"-d{seconds}s", "--latency", "-s", script.name, base]
         output = _timed(command, seconds, progress, f"API (wrk, {clients} clients)")
     if "Non-2xx" in output:
         raise RuntimeError(f"wrk saw errors:\n{output}")
@@ -265,6 +265,14 @@ def pgbench_binary() -> str:
     )
     if found is None:
         raise SystemExit("pgbench not found: it comes with PostgreSQL (scripts/services.sh postgres)")
+    return found
+
+
+def wrk_binary() -> str:
+    """wrk from PATH."""
+    found = shutil.which("wrk")
+    if found is None:
+        raise SystemExit("wrk not found: scripts/services.sh wrk installs it (make bench does)")
     return found
 
 
@@ -426,6 +434,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=2, help="API server worker processes")
     parser.add_argument("--runs", type=int, default=3, help="API and pgbench pairs; the median ratio counts")
     args = parser.parse_args(argv)
+    wrk_binary(), pgbench_binary()  # both before anything starts
     report = run(
         harness.postgres_url(),
         devices=args.devices,
