@@ -80,6 +80,10 @@ class ConflictError(RegistryError):
     """The operation conflicts with the current state (a duplicate id, a wrong status)."""
 
 
+class InvalidValueError(RegistryError):
+    """A value the caller gave breaks a rule the registry keeps (a label selector, too many labels)."""
+
+
 class ArtifactStoreError(CloudError):
     """An artifact is missing, corrupt, or its address is not a sha256."""
 

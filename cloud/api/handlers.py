@@ -15,7 +15,14 @@ from starlette.routing import Match
 from cloud.api import schemas
 from cloud.api.deps import authentication_problem
 from cloud.api.problems import MEDIA_TYPE, TITLES, Problem, problem
-from cloud.exceptions import ArtifactStoreError, CloudError, ConflictError, NotFoundError, SigningError
+from cloud.exceptions import (
+    ArtifactStoreError,
+    CloudError,
+    ConflictError,
+    InvalidValueError,
+    NotFoundError,
+    SigningError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +80,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(ConflictError)
     async def _conflict(_: Request, exc: ConflictError) -> JSONResponse:
         return problem(409, TITLES[409], str(exc))
+
+    @app.exception_handler(InvalidValueError)
+    async def _invalid_value(_: Request, exc: InvalidValueError) -> JSONResponse:
+        return problem(422, TITLES[422], str(exc))
 
     @app.exception_handler(ArtifactStoreError)
     async def _artifact(_: Request, exc: ArtifactStoreError) -> JSONResponse:

@@ -132,6 +132,14 @@ class DeviceCreate(Input):
     labels: dict[Label, Label] = Field(default_factory=dict, max_length=32, examples=[{"site": "lab-2"}])
 
 
+class DeviceUpdate(Input):
+    labels: dict[Label, Label | None] = Field(
+        max_length=32,
+        description="labels to set (a value) or remove (null); the device's other labels stay",
+        examples=[{"site": "lab-3", "tier": None}],
+    )
+
+
 class DevicePublic(Output):
     id: str
     cohort_id: str

@@ -18,8 +18,20 @@ app = typer.Typer(
 )
 
 
+def _version(shown: bool) -> None:
+    if shown:
+        from importlib.metadata import version
+
+        console.print(f"diredi {version('diredi')}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _main() -> None:
+def _main(
+    _: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
     """DiReDi fleet."""
 
 
@@ -105,6 +117,15 @@ def _register_ops() -> None:
     from cloud.cli.broker import broker_app
 
     app.add_typer(broker_app, name="broker")
+    from cloud.cli.devices import devices_app, telemetry_show
+    from cloud.cli.models import models_app
+    from cloud.cli.rollouts import jobs_app, rollouts_app
+
+    app.add_typer(devices_app, name="devices")
+    app.add_typer(models_app, name="models")
+    app.add_typer(rollouts_app, name="rollouts")
+    app.add_typer(jobs_app, name="jobs")
+    ops.telemetry_app.command("show")(telemetry_show)
 
 
 _register_ops()

@@ -1,7 +1,7 @@
 """Cohorts and devices: provisioning with one-time credentials, revocation, lookup, artifact offers."""
 
 import functools
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple, cast
@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session
 
 from cloud.exceptions import ConflictError, NotFoundError, RegistryError
+from cloud.registry import labels
 from cloud.registry.common import RowPages, hash_secret, new_secret, paginate, secret_matches
 from cloud.registry.tables import (
     BrokerSync,
@@ -165,19 +166,24 @@ LISTING_FILTERS = {
 }
 
 
-@functools.cache
-def _listing(filters: tuple[str, ...]) -> RowPages:
-    """The listing's pages for this combination of filters (each a bound parameter), built once."""
+@functools.lru_cache(maxsize=256)
+def _listing(filters: tuple[str, ...], selector: tuple[labels.Op, ...], dialect: str) -> RowPages:
+    """The listing's pages for this combination of filters and shape of label selector (each value a
+    bound parameter), built once."""
     statement: Select[Any] = select(*LISTED).order_by(Device.id)
     for name in filters:
         statement = statement.where(LISTING_FILTERS[name] == bindparam(f"filter_{name}"))
+    for condition in labels.where(selector, dialect):
+        statement = statement.where(condition)
     return RowPages(statement)
 
 
-def _listing_for(**given: Any) -> tuple[RowPages, dict[str, Any]]:
+def _listing_for(dialect: str, selector: str | None, **given: Any) -> tuple[RowPages, dict[str, Any]]:
     # The listing's pages for the filters given (None: not filtered), and the values to bind.
     filters = {name: value for name, value in given.items() if value is not None}
-    return _listing(tuple(filters)), {f"filter_{name}": value for name, value in filters.items()}
+    terms = labels.parse_selector(selector) if selector is not None else ()
+    params = {f"filter_{name}": value for name, value in filters.items()} | labels.bound(terms, dialect)
+    return _listing(tuple(filters), labels.shape(terms), dialect), params
 
 
 def list_devices(
@@ -189,10 +195,14 @@ def list_devices(
     status: DeviceStatus | None = None,
     presence: Presence | None = None,
     model_id: str | None = None,
+    selector: str | None = None,
 ) -> tuple[list[dict[str, Any]], int]:
-    """A page of devices by id (each a dict of the `LISTED` columns, enums as text), filtered, with the
-    total."""
-    pages, params = _listing_for(cohort_id=cohort_id, status=status, presence=presence, model_id=model_id)
+    """A page of devices by id (each a dict of the `LISTED` columns, enums as text), filtered (by
+    equality, and `selector` over labels: `labels.parse_selector`), with the total."""
+    dialect = session.get_bind().dialect.name
+    pages, params = _listing_for(
+        dialect, selector, cohort_id=cohort_id, status=status, presence=presence, model_id=model_id
+    )
     return pages.read(session, limit=limit, offset=offset, params=params)
 
 
@@ -205,11 +215,27 @@ async def list_devices_async(
     status: DeviceStatus | None = None,
     presence: Presence | None = None,
     model_id: str | None = None,
+    selector: str | None = None,
 ) -> tuple[list[dict[str, Any]], int]:
     """`list_devices` on an asynchronous engine, for the API's event loop: the fleet's busiest read, run
     on the driver's own cursor where it can be (`RowPages.read_async`)."""
-    pages, params = _listing_for(cohort_id=cohort_id, status=status, presence=presence, model_id=model_id)
+    pages, params = _listing_for(
+        engine.dialect.name,
+        selector,
+        cohort_id=cohort_id,
+        status=status,
+        presence=presence,
+        model_id=model_id,
+    )
     return await pages.read_async(engine, limit=limit, offset=offset, params=params)
+
+
+def set_labels(session: Session, device_id: str, changes: Mapping[str, str | None]) -> Device:
+    """Set (a value) or remove (None) labels of a device; the others stay. NotFoundError, or
+    InvalidValueError past `labels.MAX_LABELS`."""
+    device = get_device(session, device_id)
+    device.labels = labels.merged(device.labels, changes)  # a new dict: the JSON column sees the change
+    return device
 
 
 def authenticate_device(session: Session, device_id: str, secret: str) -> Device | None:

@@ -10,7 +10,7 @@ import orjson
 from sqlalchemy import PoolProxiedConnection, Select, delete, select
 from sqlalchemy.orm import Session
 
-from cloud.registry.common import driver_errors, insert_new
+from cloud.registry.common import driver_errors, insert_new, paginate
 from cloud.registry.tables import Telemetry, utcnow
 from wire.fastpath import StatusRecord
 from wire.messages import Status
@@ -151,7 +151,29 @@ def query(
     offset: int = 0,
 ) -> Sequence[Telemetry]:
     """Samples in a time range, newest first."""
-    statement: Select[Telemetry] = select(Telemetry).order_by(Telemetry.at.desc(), Telemetry.id.desc())
+    statement = _selected(device_id=device_id, model_id=model_id, since=since, until=until)
+    return session.scalars(statement.limit(limit).offset(offset)).all()
+
+
+def query_page(
+    session: Session,
+    *,
+    device_id: str | None = None,
+    model_id: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: int,
+    offset: int = 0,
+) -> tuple[Sequence[Telemetry], int]:
+    """`query`'s page and the number of samples that match in all."""
+    statement = _selected(device_id=device_id, model_id=model_id, since=since, until=until)
+    return paginate(session, statement, limit=limit, offset=offset)
+
+
+def _selected(
+    *, device_id: str | None, model_id: str | None, since: datetime | None, until: datetime | None
+) -> Select[Telemetry]:
+    statement = select(Telemetry).order_by(Telemetry.at.desc(), Telemetry.id.desc())
     if device_id is not None:
         statement = statement.where(Telemetry.device_id == device_id)
     if model_id is not None:
@@ -160,7 +182,7 @@ def query(
         statement = statement.where(Telemetry.at >= since)
     if until is not None:
         statement = statement.where(Telemetry.at < until)
-    return session.scalars(statement.limit(limit).offset(offset)).all()
+    return statement
 
 
 def prune(session: Session, *, retention: timedelta, now: datetime | None = None) -> int:

@@ -1,4 +1,4 @@
-"""Devices: provisioning with one-time credentials, revocation, listing."""
+"""Devices: provisioning with one-time credentials, labels, revocation, listing."""
 
 import logging
 from typing import Annotated
@@ -12,6 +12,7 @@ from cloud.api.schemas import (
     DeviceCreate,
     DeviceProvisioned,
     DevicePublic,
+    DeviceUpdate,
     Page,
     TrustedKey,
     errors,
@@ -26,6 +27,7 @@ from cloud.registry.devices import (
     list_devices_async,
     provision_device,
     revoke_device,
+    set_labels,
 )
 from cloud.registry.tables import BrokerSync, DeviceStatus, Presence
 
@@ -38,11 +40,18 @@ class DeviceFilter(PageQuery):
     status: DeviceStatus | None = None
     presence: Presence | None = None
     model_id: str | None = Field(None, max_length=128, description="devices reporting this model")
+    selector: str | None = Field(
+        None,
+        max_length=1200,
+        description="labels, all of which must match: `key=value`, `key!=value`, `key` (has it), `!key`, "
+        "comma-separated",
+        examples=["site=lab-2,tier!=beta"],
+    )
 
 
 @router.get("", response_model=Page[DevicePublic])
 async def list_(services: ServicesDep, _: Viewer, query: Annotated[DeviceFilter, Query()]) -> Response:
-    """List devices by id, filtered by cohort, status, presence or the model they run."""
+    """List devices by id, filtered by cohort, status, presence, the model they run or a label selector."""
     # On the reader engine rather than a ReaderDep session: the fleet's busiest read runs on the
     # driver's cursor (list_devices_async), without a session or FastAPI's cost for a dependency
     # that cleans up.
@@ -54,6 +63,7 @@ async def list_(services: ServicesDep, _: Viewer, query: Annotated[DeviceFilter,
         status=query.status,
         presence=query.presence,
         model_id=query.model_id,
+        selector=query.selector,
     )
     return page_response(rows, total, limit=query.limit, offset=query.offset)
 
@@ -110,6 +120,15 @@ def provision(
 async def get(device_id: str, reader: ReaderDep, _: Viewer) -> DevicePublic:
     """One device."""
     return DevicePublic.model_validate(await reader.run_sync(get_device, device_id))
+
+
+@router.patch("/{device_id}", responses=errors({404: "no such device", 422: "more than 32 labels"}))
+def update(device_id: str, body: DeviceUpdate, session: SessionDep, caller: Operator) -> DevicePublic:
+    """Change a device's labels: set some, remove others (null); lists and rollouts select by them."""
+    device = set_labels(session, device_id, body.labels)
+    audit.record(session, actor=caller.actor, action="device.label", target=device_id, labels=body.labels)
+    session.commit()
+    return DevicePublic.model_validate(device)
 
 
 @router.post(

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from cloud.api.deps import ReaderDep, Viewer
-from cloud.api.schemas import TelemetryPublic
+from cloud.api.schemas import Page, TelemetryPublic
 from cloud.registry import telemetry
 
 router = APIRouter(prefix="/api/v1/telemetry", tags=["telemetry"])
@@ -56,10 +56,11 @@ class TelemetryQuery(BaseModel):
 @router.get("")
 async def query(
     reader: ReaderDep, _: Viewer, params: Annotated[TelemetryQuery, Query()]
-) -> list[TelemetryPublic]:
-    """Status samples, newest first, of one device or model (or all) within [since, until)."""
-    rows = await reader.run_sync(
-        telemetry.query,
+) -> Page[TelemetryPublic]:
+    """Status samples, newest first, of one device or model (or all) within [since, until), a page
+    with the number that match in all."""
+    rows, total = await reader.run_sync(
+        telemetry.query_page,
         device_id=params.device_id,
         model_id=params.model_id,
         since=params.since,
@@ -67,4 +68,4 @@ async def query(
         limit=params.limit,
         offset=params.offset,
     )
-    return [TelemetryPublic.model_validate(r) for r in rows]
+    return Page.of(TelemetryPublic, rows, total, limit=params.limit, offset=params.offset)

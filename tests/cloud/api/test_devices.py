@@ -408,3 +408,100 @@ def test_labels_are_kept(
     # Assert
     assert created.json()["device"]["labels"] == labels
     assert shown.json()["labels"] == labels
+
+
+def test_labels_are_changed_and_devices_selected_by_them(
+    client: TestClient, session: Session, operator: dict[str, str], viewer: dict[str, str]
+) -> None:
+    # Prepare: three devices labelled site=lab (the factory's); two moved to other sites
+    make_cohort(session)
+    for n in range(3):
+        make_device(session, f"cam-{n:04}")
+    session.commit()
+
+    # Execute
+    moved = client.patch(
+        f"{DEVICES}/cam-0001", json={"labels": {"site": "roof", "tier": "beta"}}, headers=operator
+    )
+    client.patch(f"{DEVICES}/cam-0002", json={"labels": {"site": None, "tier": "ga"}}, headers=operator)
+
+    def ids(selector: str) -> list[str]:
+        response = client.get(DEVICES, params={"selector": selector}, headers=viewer)
+        assert response.status_code == 200, response.text
+        return [d["id"] for d in response.json()["items"]]
+
+    # Assert: a null removes a label, a value sets one, the others stay; selectors combine with AND
+    assert moved.status_code == 200 and moved.json()["labels"] == {"site": "roof", "tier": "beta"}
+    assert ids("site=lab") == ["cam-0000"]
+    assert ids("site==roof") == ["cam-0001"]
+    assert ids("site!=lab") == ["cam-0001", "cam-0002"]  # a device without the label differs too
+    assert ids("tier") == ["cam-0001", "cam-0002"]
+    assert ids("!site") == ["cam-0002"]
+    assert ids("tier, site=roof") == ["cam-0001"]
+    assert ids("tier=ga,!site") == ["cam-0002"]
+    assert ids("site=nowhere") == []
+    audit = session.scalars(select(AuditLog).where(AuditLog.action == "device.label")).all()
+    assert [a.target for a in audit] == ["cam-0001", "cam-0002"]
+
+
+@pytest.mark.parametrize(
+    ("selector", "why"),
+    [
+        ("", "empty term"),
+        ("site=lab,", "empty term"),
+        ("-site=lab", "label key"),
+        ("si te=lab", "label key"),
+        ("site=a=b", "no = or !"),
+        (",".join(f"k{n}" for n in range(9)), "at most 8 terms"),
+        ("x" * 1201, "at most 1200"),
+    ],
+)
+def test_a_selector_that_is_not_one_is_422_with_the_reason(
+    client: TestClient, viewer: dict[str, str], selector: str, why: str
+) -> None:
+    response = client.get(DEVICES, params={"selector": selector}, headers=viewer)
+
+    assert response.status_code == 422
+    assert why in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {},
+        {"labels": "site=lab"},
+        {"labels": {"site": 3}},
+        {"labels": {"site": "x" * 129}},
+        {"labels": {f"k{n}": "v" for n in range(33)}},
+        {"labels": {}, "cohort_id": "garden"},
+    ],
+)
+def test_a_label_change_that_is_not_one_is_422_and_changes_nothing(
+    client: TestClient, session: Session, operator: dict[str, str], body: dict[str, object]
+) -> None:
+    make_cohort(session)
+    make_device(session, "cam-0000")
+    session.commit()
+
+    response = client.patch(f"{DEVICES}/cam-0000", json=body, headers=operator)
+
+    assert response.status_code == 422
+    session.expire_all()
+    assert session.get(Device, "cam-0000").labels == {"site": "lab"}  # type: ignore[union-attr]
+
+
+def test_labels_past_the_limit_are_refused_and_need_an_operator(
+    client: TestClient, session: Session, operator: dict[str, str], viewer: dict[str, str]
+) -> None:
+    make_cohort(session)
+    make_device(session, "cam-0000")
+    session.commit()
+    many = {f"k{n}": "v" for n in range(32)}  # 32 new ones beside site: 33 in all
+
+    too_many = client.patch(f"{DEVICES}/cam-0000", json={"labels": many}, headers=operator)
+    as_viewer = client.patch(f"{DEVICES}/cam-0000", json={"labels": {"a": "b"}}, headers=viewer)
+    unknown = client.patch(f"{DEVICES}/cam-9999", json={"labels": {"a": "b"}}, headers=operator)
+
+    assert too_many.status_code == 422 and "at most 32 labels" in too_many.json()["detail"]
+    assert as_viewer.status_code == 403
+    assert unknown.status_code == 404

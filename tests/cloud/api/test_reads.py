@@ -199,7 +199,9 @@ def test_telemetry_is_queried_by_device_model_and_time(
     def minutes(**params: str | int) -> list[float]:
         response = client.get("/api/v1/telemetry", params=params, headers=viewer)
         assert response.status_code == 200, response.text
-        return [(T0 - datetime.fromisoformat(s["at"])) / timedelta(minutes=1) for s in response.json()]
+        page = response.json()
+        assert page["limit"] == params.get("limit", 1000) and page["offset"] == params.get("offset", 0)
+        return [(T0 - datetime.fromisoformat(s["at"])) / timedelta(minutes=1) for s in page["items"]]
 
     window = {
         "since": (T0 - timedelta(minutes=5)).isoformat(),
@@ -209,6 +211,8 @@ def test_telemetry_is_queried_by_device_model_and_time(
     # Execute and Assert: since inclusive, until exclusive, newest first
     assert minutes(device_id="cam-0001", **window) == [2, 3, 4, 5]
     assert minutes(device_id="cam-0001", limit=3, offset=1) == [1, 2, 3]
+    counted = client.get("/api/v1/telemetry", params={"device_id": "cam-0001", "limit": 3}, headers=viewer)
+    assert counted.json()["total"] == 10
     assert minutes(model_id="kitchen.v2") == [0]
     assert len(minutes()) == 11
     assert minutes(since="2026-01-01T13:00:00+01:00", device_id="cam-0001") == [0]  # the same instant as T0

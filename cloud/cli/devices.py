@@ -1,0 +1,216 @@
+"""`diredi devices` and `diredi telemetry show`: the fleet's devices and their status, over the REST API."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cloud.cli.common import ExitCode, console, fail
+from cloud.cli.remote import (
+    Column,
+    JsonOut,
+    Limit,
+    Offset,
+    Profile,
+    api,
+    emit,
+    paged,
+)
+from cloud.exceptions import CloudError
+
+devices_app = typer.Typer(help="Devices: list (filters, label selectors), show, provision, label, revoke.")
+
+
+DEVICE_COLUMNS: list[Column] = [
+    ("id", lambda d: d.id),
+    ("cohort", lambda d: d.cohort_id),
+    ("status", lambda d: d.status),
+    ("presence", lambda d: d.presence),
+    ("model", lambda d: d.reported_model_id),
+    ("desired", lambda d: d.desired_model_id),
+    ("labels", lambda d: d.labels),
+    ("last seen", lambda d: d.last_seen),
+]
+
+
+@devices_app.command("list")
+def devices_list(
+    cohort: Annotated[str | None, typer.Option(help="Only this cohort.")] = None,
+    status: Annotated[str | None, typer.Option(help="active or revoked.")] = None,
+    presence: Annotated[str | None, typer.Option(help="online or offline.")] = None,
+    model: Annotated[str | None, typer.Option(help="Only devices reporting this model.")] = None,
+    selector: Annotated[
+        str | None, typer.Option("--selector", "-l", help="Labels: 'site=lab-2,tier!=beta,!retired'.")
+    ] = None,
+    every: Annotated[bool, typer.Option("--all", help="Every page, not only the first.")] = False,
+    limit: Limit = 100,
+    offset: Offset = 0,
+    as_json: JsonOut = False,
+    profile: Profile = None,
+) -> None:
+    """List devices by id."""
+    filters = {
+        "cohort_id": cohort,
+        "status": status,
+        "presence": presence,
+        "model_id": model,
+        "selector": selector,
+    }
+    with api(profile) as client:
+        if every:
+            rows = list(client.all_devices(**filters))
+            title = f"devices: {len(rows)}"
+        else:
+            page = client.devices(**filters, limit=limit, offset=offset)
+            rows, title = page.items, paged("devices", page.total, len(page.items), offset)
+    emit(rows, DEVICE_COLUMNS, as_json=as_json, title=title)
+
+
+@devices_app.command("show")
+def devices_show(device_id: str, as_json: JsonOut = False, profile: Profile = None) -> None:
+    """One device."""
+    with api(profile) as client:
+        device = client.device(device_id)
+    emit(device, [*DEVICE_COLUMNS, ("trust", lambda d: d.trust_version), ("broker", lambda d: d.broker_sync)],
+         as_json=as_json)  # fmt: skip
+
+
+def _labels(pairs: Sequence[str], *, removals: bool) -> dict[str, str | None]:
+    """`key=value` pairs (and `key-` removals where allowed) as a label change."""
+    changes: dict[str, str | None] = {}
+    for pair in pairs:
+        if removals and pair.endswith("-") and "=" not in pair:
+            changes[pair[:-1]] = None
+        elif "=" in pair and pair.split("=", 1)[0]:
+            key, value = pair.split("=", 1)
+            changes[key] = value
+        else:
+            hint = "key=value or key- (to remove)" if removals else "key=value"
+            raise fail(CloudError(f"not a label: {pair!r} (write {hint})"), ExitCode.ERROR)
+    return changes
+
+
+@devices_app.command("provision")
+def devices_provision(
+    device_id: str,
+    cohort: Annotated[str, typer.Option(help="The cohort it joins.")],
+    label: Annotated[list[str] | None, typer.Option("--label", help="key=value (repeatable).")] = None,
+    secret_file: Annotated[
+        Path | None,
+        typer.Option(help="Write the device's secret to this new file (mode 0600), not the terminal."),
+    ] = None,
+    as_json: JsonOut = False,
+    profile: Profile = None,
+) -> None:
+    """Provision a device. Its secret is shown this once."""
+    labels = {k: v for k, v in _labels(label or [], removals=False).items() if v is not None}
+    # The file is made before the device: a secret the API shows once must have somewhere to go.
+    sink = _secret_sink(secret_file) if secret_file is not None else None
+    try:
+        with api(profile) as client:
+            made = client.provision(device_id, cohort, labels)
+    except BaseException:
+        if sink is not None and secret_file is not None:
+            os.close(sink)
+            secret_file.unlink()
+        raise
+    if sink is not None:
+        with os.fdopen(sink, "w", encoding="utf-8") as out:
+            out.write(made.secret + "\n")
+    if as_json:
+        console.print_json(made.model_dump_json(exclude={"secret"} if secret_file else set()))
+        return
+    emit(made.device, DEVICE_COLUMNS, as_json=False, title="provisioned")
+    if secret_file is None:
+        console.print(f"secret (shown once): {made.secret}")
+    else:
+        console.print(f"secret written to {secret_file}")
+
+
+def _secret_sink(path: Path) -> int:
+    """A new file at `path` that only its owner may read, open for writing."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        raise fail(
+            CloudError(f"cannot create the secret file {path}: {exc.strerror}"), ExitCode.ERROR
+        ) from None
+
+
+@devices_app.command("label")
+def devices_label(
+    device_id: str,
+    changes: Annotated[list[str], typer.Argument(help="key=value to set, key- to remove.")],
+    as_json: JsonOut = False,
+    profile: Profile = None,
+) -> None:
+    """Set or remove labels of a device; the others stay."""
+    change = _labels(changes, removals=True)
+    with api(profile) as client:
+        device = client.label(device_id, change)
+    emit(device, DEVICE_COLUMNS, as_json=as_json)
+
+
+@devices_app.command("revoke")
+def devices_revoke(device_id: str, as_json: JsonOut = False, profile: Profile = None) -> None:
+    """Revoke a device: its credentials stop working and its broker session ends."""
+    with api(profile) as client:
+        device = client.revoke(device_id)
+    emit(device, DEVICE_COLUMNS, as_json=as_json)
+
+
+TELEMETRY_COLUMNS: list[Column] = [
+    ("at", lambda s: s.at),
+    ("device", lambda s: s.device_id),
+    ("model", lambda s: s.model_id),
+    ("accuracy", lambda s: s.accuracy),
+    ("confidence", lambda s: s.mean_confidence),
+    ("p95 ms", lambda s: s.latency_p95_ms),
+    ("inferences", lambda s: s.inference_count),
+    ("cpu %", lambda s: s.cpu_percent),
+    ("temp °C", lambda s: s.temp_c),
+]
+
+
+def telemetry_show(
+    device: Annotated[str | None, typer.Option(help="One device's samples.")] = None,
+    model: Annotated[str | None, typer.Option(help="The samples of devices running this model.")] = None,
+    since: Annotated[
+        datetime | None, typer.Option(help="From (inclusive), ISO 8601; UTC if no zone.")
+    ] = None,
+    until: Annotated[
+        datetime | None, typer.Option(help="Until (exclusive), ISO 8601; UTC if no zone.")
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, max=10_000, help="Samples.")] = 20,
+    as_json: JsonOut = False,
+    profile: Profile = None,
+) -> None:
+    """Recent status samples, newest first, with a summary (mean accuracy and p95 latency)."""
+    from datetime import UTC
+
+    since, until = (
+        t.replace(tzinfo=UTC) if t is not None and t.tzinfo is None else t for t in (since, until)
+    )
+    with api(profile) as client:
+        page = client.telemetry(device_id=device, model_id=model, since=since, until=until, limit=limit)
+    emit(
+        page.items,
+        TELEMETRY_COLUMNS,
+        as_json=as_json,
+        title=paged("samples", page.total, len(page.items), 0),
+    )
+    if not as_json and page.items:
+        accuracies = [s.accuracy for s in page.items if s.accuracy is not None]
+        latencies = [s.latency_p95_ms for s in page.items if s.latency_p95_ms is not None]
+        console.print(
+            f"mean accuracy {_mean(accuracies)}, mean p95 latency {_mean(latencies)} ms over these samples"
+        )
+
+
+def _mean(values: Sequence[float]) -> str:
+    return f"{sum(values) / len(values):.3g}" if values else "—"
