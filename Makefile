@@ -6,8 +6,8 @@ STAMP := $(VENV)/.installed
 SCENARIO ?= scenarios/digits-two-users.json
 RESULTS ?= results
 
-# The integration tests use a real PostgreSQL on loopback and start their own mosquitto, redis-server and
-# nginx processes; scripts/services.sh installs (apt) all four and starts PostgreSQL.
+# The integration tests use a real PostgreSQL on loopback and start their own mosquitto, redis-server,
+# nginx and prometheus processes; scripts/services.sh installs (apt) them all and starts PostgreSQL.
 TEST_POSTGRES_URL := postgresql://diredi:diredi-test-only@127.0.0.1:5432/diredi
 export DIREDI_TEST_POSTGRES_URL ?= $(TEST_POSTGRES_URL)
 
@@ -35,7 +35,7 @@ sim: setup
 
 services:
 	scripts/services.sh postgres >/dev/null
-	scripts/services.sh mosquitto systemd redis nginx
+	scripts/services.sh mosquitto systemd redis nginx prometheus
 
 test: setup services
 	$(BIN)/python -m pytest -q

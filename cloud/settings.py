@@ -1,5 +1,6 @@
 """The cloud's settings (DESIGN §5): one object, read from `DIREDI_*` environment variables or `.env`."""
 
+import ipaddress
 from functools import cached_property
 from pathlib import Path
 
@@ -56,6 +57,11 @@ class Settings(BaseSettings):
         50.0, gt=0, le=10_000, description="the longest a received message waits for its commit"
     )
     ingest_metrics_port: int = Field(9102, ge=0, le=65535, description="Prometheus metrics (0: none)")
+    metrics_host: str = Field(
+        "127.0.0.1",
+        description="the IP address the ingest's and the worker's Prometheus metrics listen on; 0.0.0.0 "
+        "(or ::) lets a Prometheus on another host scrape them (docs/monitoring.md)",
+    )
     redis_url: str | None = Field(
         None,
         pattern=r"^rediss?://",
@@ -123,6 +129,15 @@ class Settings(BaseSettings):
         if url is not None and not url.startswith(("sqlite", "postgresql")):
             raise ValueError("database_url must be a sqlite:// or postgresql:// URL")
         return url
+
+    @field_validator("metrics_host")
+    @classmethod
+    def _ip_address(cls, host: str) -> str:
+        # An address, not a name: what the metrics are exposed on should not depend on DNS at start-up.
+        try:
+            return str(ipaddress.ip_address(host))
+        except ValueError:
+            raise ValueError(f"metrics_host must be an IPv4 or IPv6 address, not {host!r}") from None
 
     @cached_property
     def resolved_database_url(self) -> str:

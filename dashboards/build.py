@@ -1,4 +1,4 @@
-"""Write the dashboards' JSON from dashboards/boards.py: `python -m dashboards.build [--check]`."""
+"""Write the dashboards' JSON from their modules: `python -m dashboards.build [--check]`."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from grafana_foundation_sdk.models import dashboard as dm
 from dashboards.accuracy import model_accuracy
 from dashboards.device import device_telemetry
 from dashboards.fleet import fleet_overview
+from dashboards.health import service_health
 from dashboards.knowledge import knowledge_and_jobs
 
 JSON_DIR = Path(__file__).resolve().parent / "json"
@@ -22,6 +23,7 @@ DASHBOARDS = {
     "knowledge-jobs.json": knowledge_and_jobs,
     "model-accuracy.json": model_accuracy,
     "device-telemetry.json": device_telemetry,
+    "service-health.json": service_health,
 }
 
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from grafana_foundation_sdk.builders import dashboard as db
+from grafana_foundation_sdk.models import dashboard as dm
 
 from cloud.registry.tables import Presence, RolloutState
 from dashboards.panels import (
@@ -18,8 +19,11 @@ from dashboards.panels import (
     table_panel,
     timeseries_panel,
 )
+from dashboards.sqlquery import datasource
 
-ACTIVE = "status = 'active'"
+# The `cohort` variable (several, or All) filters every panel: Grafana quotes each value ('a','b').
+COHORT = "cohort_id IN ($cohort)"
+ACTIVE = f"status = 'active' AND {COHORT}"
 PROGRESS = "count(*) FILTER (WHERE t.state = 'installed')::float / nullif(count(t.device_id), 0)"
 
 
@@ -27,10 +31,21 @@ def fleet_overview() -> db.Dashboard:
     """The fleet at a glance (uid diredi-fleet)."""
     return (
         board("DiReDi · Fleet overview", "diredi-fleet", "Devices, the models they run, and rollouts.")
+        .with_variable(
+            db.QueryVariable("cohort")
+            .label("Cohort")
+            .datasource(datasource())
+            .query("SELECT id FROM cohort ORDER BY id")
+            .refresh(dm.VariableRefresh.ON_DASHBOARD_LOAD)
+            .sort(dm.VariableSort.DISABLED)
+            .multi(True)
+            .include_all(True)
+            .current(dm.VariableOption(selected=True, text="All", value="$__all"))
+        )
         .with_panel(stat_panel("Devices", count_of("devices", ACTIVE), w=4))
         .with_panel(stat_panel("Online", count_of("online", f"{ACTIVE} AND presence = 'online'"), w=4))
         .with_panel(stat_panel("Offline", count_of("offline", f"{ACTIVE} AND presence = 'offline'"), w=4))
-        .with_panel(stat_panel("Revoked", count_of("revoked", "status = 'revoked'"), w=4))
+        .with_panel(stat_panel("Revoked", count_of("revoked", f"status = 'revoked' AND {COHORT}"), w=4))
         .with_panel(
             stat_panel(
                 "Out of sync",
@@ -46,16 +61,16 @@ def fleet_overview() -> db.Dashboard:
         .with_panel(
             stat_panel(
                 "Active rollouts",
-                count_of("rollouts", "state IN ('pending', 'running', 'paused')", "rollout"),
+                count_of("rollouts", f"state IN ('pending', 'running', 'paused') AND {COHORT}", "rollout"),
                 w=4,
             )
         )
         .with_panel(
             pie_panel(
                 "Devices by presence",
-                sql("""
+                sql(f"""
                     SELECT presence AS "presence", count(*) AS "devices"
-                    FROM device WHERE status = 'active'
+                    FROM device WHERE {ACTIVE}
                     GROUP BY presence ORDER BY presence
                 """),
                 states=Presence,
@@ -64,10 +79,11 @@ def fleet_overview() -> db.Dashboard:
         .with_panel(
             timeseries_panel(
                 "Devices reporting",
-                sql("""
+                sql(f"""
                     SELECT $__timeGroupAlias(at, $__interval),
                            count(DISTINCT device_id) AS "devices reporting"
-                    FROM telemetry WHERE $__timeFilter(at)
+                    FROM telemetry
+                    WHERE $__timeFilter(at) AND device_id IN (SELECT id FROM device WHERE {COHORT})
                     GROUP BY 1 ORDER BY 1
                 """),
                 w=10,
@@ -77,9 +93,9 @@ def fleet_overview() -> db.Dashboard:
         .with_panel(
             bars_panel(
                 "Devices per reported model",
-                sql("""
+                sql(f"""
                     SELECT coalesce(reported_model_id, '(none)') AS "model", count(*) AS "devices"
-                    FROM device WHERE status = 'active'
+                    FROM device WHERE {ACTIVE}
                     GROUP BY 1 ORDER BY 2 DESC, 1
                 """),
                 w=8,
@@ -93,7 +109,7 @@ def fleet_overview() -> db.Dashboard:
                            m.version AS "version", m.status AS "status", count(*) AS "devices",
                            count(*) FILTER (WHERE d.presence = 'online') AS "online"
                     FROM device d LEFT JOIN model m ON m.id = d.reported_model_id
-                    WHERE d.status = 'active'
+                    WHERE d.status = 'active' AND d.cohort_id IN ($cohort)
                     GROUP BY 1, 2, 3, 4 ORDER BY "devices" DESC, 1
                 """),
             )
@@ -101,12 +117,12 @@ def fleet_overview() -> db.Dashboard:
         .with_panel(
             table_panel(
                 "Desired vs reported model",
-                sql("""
+                sql(f"""
                     SELECT coalesce(desired_model_id, '(none)') AS "desired",
                            coalesce(reported_model_id, '(none)') AS "reported",
                            desired_model_id IS NOT DISTINCT FROM reported_model_id AS "in sync",
                            count(*) AS "devices"
-                    FROM device WHERE status = 'active'
+                    FROM device WHERE {ACTIVE}
                     GROUP BY 1, 2, 3 ORDER BY 1, 2
                 """),
             )
@@ -121,6 +137,7 @@ def fleet_overview() -> db.Dashboard:
                            count(*) FILTER (WHERE t.state = 'failed') AS "failed",
                            {PROGRESS} AS "progress"
                     FROM rollout r LEFT JOIN rollout_target t ON t.rollout_id = r.id
+                    WHERE r.cohort_id IN ($cohort)
                     GROUP BY r.id ORDER BY r.created_at DESC LIMIT 20
                 """),
                 w=16,
@@ -135,6 +152,7 @@ def fleet_overview() -> db.Dashboard:
                 sql(f"""
                     SELECT r.model_id || ' (' || r.state || ')' AS "rollout", {PROGRESS} AS "installed"
                     FROM rollout r LEFT JOIN rollout_target t ON t.rollout_id = r.id
+                    WHERE r.cohort_id IN ($cohort)
                     GROUP BY r.id ORDER BY r.created_at DESC LIMIT 10
                 """),
                 w=8,

@@ -8,8 +8,9 @@ and exits 1 if there are any. Three layers:
    of the file missing from the round trip is misspelt or unknown.
 2. Walk the decoded objects against the SDK's type annotations: `gridPos.h` must be an int, an enum
    field one of its values, a `Literal` one of its choices, and so on.
-3. What Grafana needs beyond the types: known panel types, the registry datasource on every panel and
-   target, raw SQL in every target, unique ids and refIds, grid positions inside the 24 columns and
+3. What Grafana needs beyond the types: known panel types, a provisioned datasource on every panel and
+   the panel's own on each of its targets, raw SQL (registry) or PromQL (Prometheus) in every target,
+   unique ids and refIds, grid positions inside the 24 columns and
    not overlapping, no panels hidden in an expanded row, template variables that exist.
 """
 
@@ -29,10 +30,13 @@ from grafana_foundation_sdk.cog import runtime as cogruntime
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import dashboard as dm
 
+from dashboards.promql import PROMETHEUS_TYPE, PROMETHEUS_UID
 from dashboards.sqlquery import DATASOURCE_TYPE, DATASOURCE_UID, register
 
 GRID_COLUMNS = 24
 DATASOURCE = {"type": DATASOURCE_TYPE, "uid": DATASOURCE_UID}
+PROMETHEUS = {"type": PROMETHEUS_TYPE, "uid": PROMETHEUS_UID}
+QUERY_FIELD = {"grafana-postgresql-datasource": "rawSql", "prometheus": "expr"}  # by datasource type
 UID = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
 # Grafana's template variable syntaxes: $name, ${name}, ${name:format}, [[name]].
 VARIABLE = re.compile(r"\$(\w+)|\$\{(\w+)(?:[.:][^}]*)?\}|\[\[(\w+)(?::\w+)?\]\]")
@@ -193,8 +197,10 @@ def _panel_errors(panel: dict[str, Any], variables: set[Any]) -> list[str]:
         return errors
     if kind not in cogruntime.Runtime().panelcfg_variants:
         errors.append(f"unknown panel type {kind!r}")
-    if panel.get("datasource") != DATASOURCE:
-        errors.append(f"the panel's datasource must be {DATASOURCE}")
+    source = panel.get("datasource")
+    if source not in (DATASOURCE, PROMETHEUS):
+        errors.append(f"the panel's datasource must be {DATASOURCE} or {PROMETHEUS}")
+        source = DATASOURCE
     targets = panel.get("targets")
     if not isinstance(targets, list) or not targets:
         return [*errors, "a panel needs at least one target"]
@@ -205,19 +211,26 @@ def _panel_errors(panel: dict[str, Any], variables: set[Any]) -> list[str]:
         if not isinstance(target, dict):
             errors.append("a target is an object")
             continue
-        ref = target.get("refId")
-        if target.get("datasource") != DATASOURCE:
-            errors.append(f"target {ref}: its datasource must be {DATASOURCE}")
-        raw_sql = target.get("rawSql")
-        if not isinstance(raw_sql, str) or not raw_sql.strip():
-            errors.append(f"target {ref}: rawSql is empty")
-            continue
-        if target.get("rawQuery") is not True or target.get("editorMode") != "code":
-            errors.append(f"target {ref}: raw SQL needs rawQuery true and editorMode 'code'")
-        for match in VARIABLE.finditer(raw_sql):
-            name = next(g for g in match.groups() if g)
-            if not name.startswith("__") and name not in variables:
-                errors.append(f"target {ref}: ${name} is not a template variable of this dashboard")
+        errors.extend(_target_errors(target, source, variables))
+    return errors
+
+
+def _target_errors(target: dict[str, Any], source: dict[str, str], variables: set[Any]) -> list[str]:
+    ref, errors = target.get("refId"), []
+    if target.get("datasource") != source:
+        errors.append(f"target {ref}: its datasource must be the panel's, {source}")
+    field = QUERY_FIELD[source["type"]]
+    text = target.get(field)
+    if not isinstance(text, str) or not text.strip():
+        return [*errors, f"target {ref}: {field} is empty"]
+    if field == "rawSql" and (target.get("rawQuery") is not True or target.get("editorMode") != "code"):
+        errors.append(f"target {ref}: raw SQL needs rawQuery true and editorMode 'code'")
+    if field == "expr" and (target.get("range") is not True or target.get("editorMode") != "code"):
+        errors.append(f"target {ref}: PromQL needs range true and editorMode 'code'")
+    for match in VARIABLE.finditer(text):
+        name = next(g for g in match.groups() if g)
+        if not name.startswith("__") and name not in variables:
+            errors.append(f"target {ref}: ${name} is not a template variable of this dashboard")
     return errors
 
 

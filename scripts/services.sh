@@ -11,6 +11,8 @@
 #   scripts/services.sh nginx      -> nginx, the API's front (deploy/nginx/nginx.conf); nothing is started:
 #                                     the tests run their own on free ports (tests/front/), and the system
 #                                     service the package starts on port 80 is stopped and disabled
+#   scripts/services.sh prometheus -> prometheus and promtool (tests/deploy/); nothing is started, not even
+#                                     while installing: the tests run their own on free ports
 # Prints the environment the tests read (DIREDI_TEST_POSTGRES_URL=...).
 set -euo pipefail
 
@@ -85,6 +87,26 @@ install_nginx() {
     fi
 }
 
+install_prometheus() {
+    # A prometheus already installed is left as its owner set it up (the tests use their own port).
+    command -v promtool >/dev/null && command -v prometheus >/dev/null && return
+    [[ $(id -u) == 0 ]] || { echo "install as root: apt-get install prometheus" >&2; exit 1; }
+    # policy-rc.d exiting 101 keeps the package's maintainer scripts from starting the service at all
+    # (invoke-rc.d and deb-systemd-invoke both obey it); a policy already there is put back afterwards.
+    local policy=/usr/sbin/policy-rc.d
+    [[ -e $policy ]] && mv "$policy" "$policy.diredi-saved"
+    trap 'rm -f /usr/sbin/policy-rc.d; [[ -e /usr/sbin/policy-rc.d.diredi-saved ]] && mv /usr/sbin/policy-rc.d.diredi-saved /usr/sbin/policy-rc.d; trap - EXIT' EXIT
+    printf '#!/bin/sh\nexit 101\n' >"$policy"
+    chmod 755 "$policy"
+    need_apt prometheus
+    if [[ -d /run/systemd/system ]]; then
+        systemctl disable --now prometheus >/dev/null 2>&1 || true
+    else  # sysvinit, or a container
+        service prometheus stop >/dev/null 2>&1 || true
+        command -v update-rc.d >/dev/null && update-rc.d prometheus disable >/dev/null 2>&1 || true
+    fi
+}
+
 for service in "$@"; do
     case "$service" in
         postgres) start_postgres ;;
@@ -93,6 +115,7 @@ for service in "$@"; do
         systemd) command -v systemd-analyze >/dev/null || need_apt systemd ;;
         redis) install_redis ;;
         nginx) install_nginx ;;
+        prometheus) install_prometheus ;;
         *) echo "unknown service: $service" >&2; exit 2 ;;
     esac
 done

@@ -53,9 +53,11 @@ def worker(
     port = settings.worker_metrics_port if metrics_port is None else metrics_port
     if port:
         try:
-            start_http_server(port, addr="127.0.0.1", registry=tasks.METRICS)
+            start_http_server(port, addr=settings.metrics_host, registry=tasks.METRICS)
         except OSError as exc:
-            raise _fail(CloudError(f"metrics port {port}: {exc.strerror}")) from None
+            raise _fail(
+                CloudError(f"metrics on {settings.metrics_host} port {port}: {exc.strerror}")
+            ) from None
     argv = [
         "worker",
         "--pool=threads",

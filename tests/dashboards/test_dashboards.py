@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from cloud.registry import migrate
 from cloud.registry.db import make_engine
 from dashboards.build import DASHBOARDS, JSON_DIR
+from dashboards.sqlquery import DATASOURCE_UID
 from dashboards.validate import walk
 from tests.dashboards.grafana_macros import TimeRange, Variable, interpolate
 from tests.dashboards.seed import seed
@@ -54,8 +55,17 @@ def load(name: str) -> dict[str, Any]:
     return data
 
 
+def sql_panels(name: str) -> list[dict[str, Any]]:
+    """The panels of one dashboard on the registry datasource (rows' nested ones included)."""
+    return [
+        panel
+        for panel in walk(load(name)["panels"])
+        if panel.get("type") != "row" and (panel.get("datasource") or {}).get("uid") == DATASOURCE_UID
+    ]
+
+
 def panel_queries() -> list[Query]:
-    """Every target of every non-row panel of every dashboard."""
+    """Every target of every registry panel of every dashboard (PromQL: tests/deploy/test_scrape.py)."""
     return [
         Query(
             name,
@@ -65,25 +75,32 @@ def panel_queries() -> list[Query]:
             target.get("format"),
         )
         for name in sorted(DASHBOARDS)
-        for panel in walk(load(name)["panels"])
-        if panel.get("type") != "row"
+        for panel in sql_panels(name)
         for target in panel.get("targets") or []
     ]
 
 
-def variable_queries(name: str) -> list[Query]:
+def query_variables(name: str) -> list[dict[str, Any]]:
     """The query variables of one dashboard, in their order (Grafana resolves them in that order)."""
-    variables = load(name).get("templating", {}).get("list", [])
-    return [
-        Query(name, f"${v['name']}", v["name"], v["query"], "table")
-        for v in variables
-        if v["type"] == "query"
-    ]
+    return [v for v in load(name).get("templating", {}).get("list", []) if v["type"] == "query"]
 
 
-def test_every_panel_has_a_target_with_sql() -> None:
+def variable_queries(name: str) -> list[Query]:
+    """The SQL of each query variable of one dashboard."""
+    return [Query(name, f"${v['name']}", v["name"], v["query"], "table") for v in query_variables(name)]
+
+
+def loaded(variable: dict[str, Any], values: list[str]) -> Variable:
+    """The variable as Grafana sets it on load: All (every value) when it offers All, else the first."""
+    multi, include_all = bool(variable.get("multi")), bool(variable.get("includeAll"))
+    if include_all:
+        return Variable(values, multi=multi, include_all=True)
+    return Variable([values[0]] if multi else values[0], multi=multi)
+
+
+def test_every_registry_panel_has_a_target_with_sql() -> None:
     # Execute
-    panels = [p for name in DASHBOARDS for p in walk(load(name)["panels"]) if p.get("type") != "row"]
+    panels = [p for name in DASHBOARDS for p in sql_panels(name)]
 
     # Assert
     assert len(panels) >= 40
@@ -128,10 +145,10 @@ def variables(database: Engine) -> dict[str, dict[str, Variable]]:
     values: dict[str, dict[str, Variable]] = {}
     for name in DASHBOARDS:
         values[name] = {}
-        for query in variable_queries(name):
+        for variable, query in zip(query_variables(name), variable_queries(name), strict=True):
             _, rows = run(database, interpolate(query.sql, time_range(), INTERVAL, values[name]))
             assert rows, f"{query.name} has no values"
-            values[name][query.ref_id] = Variable(str(rows[0][0]))
+            values[name][query.ref_id] = loaded(variable, [str(row[0]) for row in rows])
     return values
 
 
@@ -141,6 +158,27 @@ def test_the_device_variable_lists_every_device(database: Engine) -> None:
     _, rows = run(database, interpolate(query.sql, time_range(), INTERVAL))
 
     assert [r[0] for r in rows] == ["cam-01", "cam-02", "cam-03", "cam-04", "cam-99"]
+
+
+def test_the_cohort_variable_filters_the_fleet_panels(database: Engine) -> None:
+    # Prepare
+    [devices] = [q for q in panel_queries() if q.dashboard == "fleet-overview.json" and q.panel == "Devices"]
+    [cohort] = query_variables("fleet-overview.json")
+    everything = loaded(cohort, ["kitchen"])
+    elsewhere = Variable(["nowhere"], multi=True)
+
+    # Execute
+    counts = [
+        run(database, interpolate(devices.sql, time_range(), INTERVAL, {"cohort": chosen}))[1][0][0]
+        for chosen in (everything, elsewhere)
+    ]
+
+    # Assert
+    assert cohort["multi"] is True and cohort["includeAll"] is True
+    assert counts[0] > 0
+    assert counts[1] == 0
+    fleet = [q for q in panel_queries() if q.dashboard == "fleet-overview.json"]
+    assert all("$cohort" in q.sql for q in fleet), [q.panel for q in fleet if "$cohort" not in q.sql]
 
 
 def _is_number(value: Any) -> bool:

@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 
+from dashboards.promql import PROMETHEUS_TYPE, PROMETHEUS_UID
 from dashboards.sqlquery import DATASOURCE_TYPE, DATASOURCE_UID
 
 DASHBOARDS_DIR = Path(__file__).resolve().parents[2] / "dashboards"
@@ -67,6 +68,20 @@ def test_every_environment_variable_is_documented() -> None:
 
     assert names == {f"DIREDI_PG_{n}" for n in ("HOST", "PORT", "USER", "PASSWORD", "DATABASE", "SSLMODE")}
     assert all(name in readme for name in names)
+
+
+def test_prometheus_datasource_is_the_one_the_promql_panels_name() -> None:
+    # Execute
+    document = load("datasources/prometheus.yaml")
+
+    # Assert
+    assert document["apiVersion"] == 1
+    [source] = document["datasources"]
+    assert (source["type"], source["uid"], source["access"]) == (PROMETHEUS_TYPE, PROMETHEUS_UID, "proxy")
+    assert env_names(source["url"]) == ["DIREDI_PROMETHEUS_URL"]
+    assert source["isDefault"] is False  # the registry stays the default
+    readme = (DASHBOARDS_DIR / "README.md").read_text(encoding="utf-8")
+    assert "DIREDI_PROMETHEUS_URL" in readme
 
 
 def test_dashboard_provider_reads_the_mounted_folder() -> None:

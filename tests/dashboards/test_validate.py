@@ -154,6 +154,40 @@ def test_a_broken_dashboard_is_rejected(breakage: str) -> None:
     assert any(expected in e for e in errors), errors
 
 
+PROMQL_TARGET: list[str | int] = ["panels", 0, "targets", 0]
+BROKEN_PROMQL: dict[str, tuple[Breakage, str]] = {
+    "empty PromQL": (_set([*PROMQL_TARGET, "expr"], " "), "target A: expr is empty"),
+    "PromQL target on the registry": (
+        _set([*PROMQL_TARGET, "datasource"], {"type": "grafana-postgresql-datasource", "uid": "diredi-pg"}),
+        "target A: its datasource must be the panel's",
+    ),
+    "instant PromQL": (_set([*PROMQL_TARGET, "range"], False), "PromQL needs range true"),
+    "undefined variable in PromQL": (
+        _set([*PROMQL_TARGET, "expr"], 'up{job="$jbo"}'),
+        "$jbo is not a template variable",
+    ),
+    "another Prometheus": (
+        _set(["panels", 0, "datasource"], {"type": "prometheus", "uid": "prom"}),
+        "the panel's datasource must be",
+    ),
+}
+
+
+@pytest.mark.parametrize("breakage", sorted(BROKEN_PROMQL))
+def test_a_broken_promql_panel_is_rejected(breakage: str) -> None:
+    # Prepare
+    data = load("service-health.json")
+    assert validate(data) == []
+    mutate, expected = BROKEN_PROMQL[breakage]
+    mutate(data)
+
+    # Execute
+    errors = validate(data)
+
+    # Assert
+    assert any(expected in e for e in errors), errors
+
+
 def test_the_command_line_fails_on_a_broken_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # Prepare
     good, bad = tmp_path / "good.json", tmp_path / "bad.json"
