@@ -2,12 +2,20 @@
 default ACL and the cloud's accounts (docs/broker.md). Tests run the process with
 `testsupport.mosquitto.MosquittoProcess`."""
 
+import json
 import logging
 import os
 import pwd
+import re
 import shutil
+import socket
 import subprocess  # noqa: S404 (mosquitto and mosquitto_ctrl, fixed argument lists)
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from broker.acl import (
     CLOUD_ROLE,
@@ -18,6 +26,7 @@ from broker.acl import (
 )
 from broker.client import BrokerTarget
 from broker.dynsec import DynsecAdmin
+from broker.dynsec_state import PasswordHash
 from broker.exceptions import BrokerAdminError, MosquittoError
 
 log = logging.getLogger(__name__)
@@ -53,7 +62,7 @@ def find_plugin() -> Path:
     raise MosquittoError(f"{PLUGIN_NAME} not found in {', '.join(map(str, PLUGIN_DIRS))}")
 
 
-def render_config(
+def config_text(
     state_dir: Path,
     *,
     port: int = 1883,
@@ -62,16 +71,14 @@ def render_config(
     tls_bind: str | None = None,
     plugin: Path | None = None,
     user: str | None = None,
-) -> Path:
-    """Fill broker/mosquitto.conf in for one broker and write it to `<state_dir>/mosquitto.conf`.
+) -> str:
+    """broker/mosquitto.conf filled in for one broker (what `render_config` writes).
 
     `tls_bind`: the TLS listener's address (default: every interface). `user`: whom mosquitto
     becomes when started as root (default: the user running this, so it can write `state_dir`).
     """
-    state_dir = state_dir.resolve()
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     values = {
-        "STATE_DIR": str(state_dir),
+        "STATE_DIR": str(state_dir.resolve()),
         "PORT": str(port),
         "TLS_PORT": str(tls_port),
         "TLS_BIND": tls_bind or "",
@@ -85,8 +92,34 @@ def render_config(
     text = TEMPLATE.read_text()
     for name, value in values.items():
         text = text.replace(f"@{name}@", value)
+    return "\n".join(line.rstrip() for line in text.splitlines()) + "\n"
+
+
+def render_config(
+    state_dir: Path,
+    *,
+    port: int = 1883,
+    tls_port: int = 8883,
+    cert_dir: Path,
+    tls_bind: str | None = None,
+    plugin: Path | None = None,
+    user: str | None = None,
+) -> Path:
+    """Fill broker/mosquitto.conf in for one broker (`config_text`) and write it to
+    `<state_dir>/mosquitto.conf`."""
+    text = config_text(
+        state_dir,
+        port=port,
+        tls_port=tls_port,
+        cert_dir=cert_dir,
+        tls_bind=tls_bind,
+        plugin=plugin,
+        user=user,
+    )
+    state_dir = state_dir.resolve()
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     config = state_dir / CONFIG_NAME
-    config.write_text("\n".join(line.rstrip() for line in text.splitlines()) + "\n")
+    config.write_text(text)
     return config
 
 
@@ -157,3 +190,127 @@ def _create(admin: DynsecAdmin, command: Command) -> bool:
             return False
         raise
     return True
+
+
+def _dynsec_document(state_dir: Path) -> dict[str, Any]:
+    path = state_dir / DYNSEC_NAME
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise MosquittoError(f"{path}: cannot be read as dynamic security's JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise MosquittoError(f"{path}: not dynamic security's JSON (no object at the top)")
+    return document
+
+
+def _client(document: dict[str, Any], username: str) -> dict[str, Any] | None:
+    for client in document.get("clients") or []:
+        if isinstance(client, dict) and client.get("username") == username:
+            return client
+    return None
+
+
+def password_matches(state_dir: Path, username: str, password: str) -> bool:
+    """Whether `<state_dir>/dynamic-security.json` has the account `username` with `password`, read from
+    the file (mosquitto need not run)."""
+    client = _client(_dynsec_document(state_dir), username)
+    if client is None:
+        return False
+    try:
+        return PasswordHash.from_json(client).verify(password)
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
+def bootstrap_missing(state_dir: Path, *, cloud_user: str, cloud_password: str) -> list[str]:
+    """What `bootstrap` would still change in `<state_dir>/dynamic-security.json` (read from the file):
+    empty once the default access denies and the cloud's account has its role and `cloud_password`."""
+    document = _dynsec_document(state_dir)
+    missing = []
+    wanted = {acl["acltype"]: acl["allow"] for acl in default_access_commands()[0]["acls"]}
+    if document.get("defaultACLAccess") != wanted:
+        missing.append("the default access (deny)")
+    if not any(isinstance(r, dict) and r.get("rolename") == CLOUD_ROLE for r in document.get("roles") or []):
+        missing.append(f"the role {CLOUD_ROLE}")
+    client = _client(document, cloud_user)
+    if client is None:
+        missing.append(f"the account {cloud_user}")
+    else:
+        if CLOUD_ROLE not in {r.get("rolename") for r in client.get("roles") or [] if isinstance(r, dict)}:
+            missing.append(f"the role of {cloud_user}")
+        if not password_matches(state_dir, cloud_user, cloud_password):
+            missing.append(f"the password of {cloud_user}")
+    return missing
+
+
+@contextmanager
+def temporary_broker(state_dir: Path, *, port: int, timeout: float = 15.0) -> Iterator[BrokerTarget]:
+    """mosquitto on `<state_dir>/dynamic-security.json` alone (one plain listener on 127.0.0.1:`port`,
+    no persistence, no TLS) while the block runs: how accounts are made before the broker's own service
+    first starts. Nothing else may use that file meanwhile: mosquitto rewrites it whole on each change."""
+    state_dir = state_dir.resolve()
+    dynsec = state_dir / DYNSEC_NAME
+    for value in (str(dynsec), str(find_plugin())):
+        if any(c.isspace() for c in value):
+            raise MosquittoError(f"a path in mosquitto's configuration may not hold spaces: {value!r}")
+    with tempfile.TemporaryDirectory(prefix="diredi-broker-init-") as work:
+        config = Path(work) / CONFIG_NAME
+        config.write_text(
+            "\n".join(
+                (
+                    "per_listener_settings false",
+                    "allow_anonymous false",
+                    "allow_zero_length_clientid false",
+                    f"plugin {find_plugin()}",
+                    f"plugin_opt_config_file {dynsec}",
+                    f"user {pwd.getpwuid(os.getuid()).pw_name}",  # stays who runs this: it owns the file
+                    "persistence false",
+                    "log_dest stderr",
+                    "log_type error",
+                    "log_type warning",
+                    "log_type notice",
+                    "log_type information",  # where "running" is logged
+                    f"listener {port} 127.0.0.1",
+                    "",
+                )
+            )
+        )
+        log_path = Path(work) / LOG_NAME
+        with log_path.open("wb") as output:
+            process = subprocess.Popen(  # noqa: S603
+                [str(find_binary("mosquitto")), "-c", str(config)],
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        try:
+            _wait_running(process, port, log_path, timeout)
+            yield BrokerTarget(host="127.0.0.1", port=port)
+        finally:
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            # mosquitto writes the file anew on every change, with its umask's mode: owner-only again.
+            if dynsec.exists():
+                dynsec.chmod(0o600)
+
+
+def _wait_running(process: subprocess.Popen[bytes], port: int, log_path: Path, timeout: float) -> None:
+    """Return once mosquitto logged that it runs and its listener accepts; raise if it exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
+            raise MosquittoError(f"mosquitto exited with code {process.returncode}: {' | '.join(tail)}")
+        if re.search(rb"mosquitto version \S+ running", log_path.read_bytes()):
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    return
+            except OSError:
+                pass
+        time.sleep(0.02)
+    raise MosquittoError(f"mosquitto did not start on 127.0.0.1:{port} within {timeout:g} s")

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from cloud.cli.common import MetricsPort
+from cloud.cli.common import ExitCode, MetricsPort, fail
 from cloud.cli.ops import _check_name, _fail, _migrated_engine, _settings
 from cloud.exceptions import CloudError
 
@@ -68,16 +68,19 @@ def ingest(
         return
     port = settings.ingest_metrics_port if metrics_port is None else metrics_port
     if port:
-        start_http_server(port, addr="127.0.0.1", registry=service.metrics.registry)
+        start_http_server(port, addr=settings.metrics_host, registry=service.metrics.registry)
     log = logging.getLogger(__name__)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     service.start()
-    log.info("ingest %s started; metrics on port %s", name, port or "none")
+    log.info(
+        "ingest %s started; metrics on %s", name, f"{settings.metrics_host} port {port}" if port else "none"
+    )
     while not stop.wait(1.0):
         if not service.running:
-            raise _fail(CloudError("the ingest's writer stopped unexpectedly (see the log)"))
+            # Exit 1, not the configuration error's 2: systemd restarts the unit on this one.
+            raise fail(CloudError("the ingest's writer stopped unexpectedly (see the log)"), ExitCode.FAILED)
     log.info("ingest %s stopping", name)
     # Nothing may hold the process once it was told to stop (a thread stuck on the network or the
     # database): past the deadline every thread's stack goes to stderr (the log under `diredi up`
