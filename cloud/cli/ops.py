@@ -394,5 +394,6 @@ def line_create(
     console.print(
         f"registered {cloud_id} (cloud) and {edge_id} (edge, {edge.size:,} B, "
         f"int8 val acc {edge.metrics['val_int8_acc']:.3f}) as candidates; approve with "
-        f"POST /api/v1/models/{edge_id}/approve"
+        f"`diredi models approve {edge_id}` (or POST /api/v1/models/{edge_id}/approve with a JSON body, "
+        "{} or a reason)"
     )

@@ -360,6 +360,10 @@ def _roll_back(session: Session, publisher: DesiredPublisher, rollout: Rollout) 
         devices[target.device_id].desired_model_id = target.previous_model_id
         to_publish.append(Desired(target.device_id, manifest, rollback_of=rollout.model_id))
     rollout.state = RolloutState.rolled_back
+    if not to_publish:  # say so: "rolled back" alone reads as if devices had changed
+        kept = sum(t.state is not TargetState.pending for t in targets)
+        why = f"{kept} reached, none with an earlier edge model recorded" if kept else "none was offered it"
+        rollout.reason = f"{rollout.reason}; no device changed ({why})"[:1000]
     session.flush()
     if to_publish:
         publisher.publish_desired_many(to_publish)

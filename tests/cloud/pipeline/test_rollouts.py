@@ -431,6 +431,38 @@ def test_an_operator_rollback_sends_every_device_the_rollout_reached_back(
         request_rollback(session, rollout_id, requested_by="key:ops")
 
 
+def test_a_rollback_that_changes_no_device_says_so(
+    session: Session,
+    sessions: sessionmaker[Session],
+    store: LocalArtifactStore,
+    publisher: RecordingPublisher,
+) -> None:
+    # Prepare: the cohort's first rollout, to new devices that ran no model before; the canary installs
+    fleet = kitchen_fleet(session, store, [])
+    for device_id in ("new-0", "new-1"):
+        make_device(session, device_id)
+    session.commit()
+    rollout = start_rollout(session, model_id=fleet.v1, plan=FAST, created_by="key:ops")
+    session.commit()
+    advance_rollouts(sessions, publisher, now=T0)
+    send_acks(sessions, fleet.v1, AckResult.installed, "new-0")
+    publisher.take()
+
+    # Execute
+    request_rollback(session, rollout.id, requested_by="key:ops", reason="wrong model")
+    session.commit()
+    advance_rollouts(sessions, publisher, now=T0 + timedelta(seconds=1))
+
+    # Assert: rolled back, and the reason says nothing changed on any device
+    row = rollout_row(sessions, rollout.id)
+    assert row.state is RolloutState.rolled_back
+    assert row.reason == (
+        "rollback requested by key:ops: wrong model; "
+        "no device changed (1 reached, none with an earlier edge model recorded)"
+    )
+    assert publisher.take() == []
+
+
 def test_the_cohorts_latest_completed_rollout_can_be_rolled_back_and_its_model_is_no_longer_current(
     session: Session, sessions: sessionmaker[Session], fleet: Fleet, publisher: RecordingPublisher
 ) -> None:
