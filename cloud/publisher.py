@@ -2,7 +2,9 @@
 later still gets its latest one) and `cmd` messages, published as the cloud's service account."""
 
 import secrets
+import uuid
 from collections.abc import Sequence
+from datetime import datetime
 from types import TracebackType
 
 from broker.client import BrokerTarget, ClientOptions, ReconnectPolicy
@@ -89,9 +91,19 @@ class CloudPublisher:
         """Remove the retained desired model of a device (it was revoked)."""
         self._publish(device_topic(device_id, MessageKind.MODEL_DESIRED), b"", retain=True)
 
-    def send_command(self, device_id: str, command: CommandName) -> Command:
-        """Ask one device to run `command` (delivered when it is connected, or when its session resumes)."""
-        message = Command(device_id=device_id, command=command)
+    def send_command(
+        self,
+        device_id: str,
+        command: CommandName,
+        *,
+        msg_id: uuid.UUID | None = None,
+        expires_at: datetime | None = None,
+    ) -> Command:
+        """Ask one device to run `command` (delivered when it is connected, or when its session resumes).
+        `msg_id`: the stored command's id, the same on every send, so the device answers it once."""
+        message = Command(
+            device_id=device_id, command=command, expires_at=expires_at, msg_id=msg_id or uuid.uuid4()
+        )
         self._publish(device_topic(device_id, MessageKind.CMD), encode(message), retain=False)
         return message
 

@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 
+from device_firmware_py.commands import Answer, CommandAnswers, Value
 from device_firmware_py.config import DeviceConfig, prepare_state_dir, read_secret
 from device_firmware_py.download import http_fetcher
 from device_firmware_py.exceptions import (
@@ -44,7 +45,7 @@ from device_firmware_py.telemetry import Window, cpu_seconds
 from device_firmware_py.trust import TrustStore
 from wire.desired import DesiredModel
 from wire.errors import ContractError
-from wire.messages import Command, CommandName, ModelAck, Receipt, decode, encode
+from wire.messages import Command, CommandName, CommandOutcome, ModelAck, Receipt, decode, encode
 from wire.topics import TRUST_TOPIC, MessageKind, device_topic
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ STATE_FILES = {
     "trust": "trust.json",
     "socket": "feedback.sock",
     "stream": "stream-position.json",
+    "commands": "command-answers.json",
 }
 
 
@@ -119,7 +121,12 @@ class Daemon:
         self.started = time.monotonic()
         self._connections_seen = 0
         self._rd_mark = 0  # the feedback id RD last ran up to
-        self._rd_requested = False
+        self.commands = CommandAnswers(
+            self.device_id,
+            files["commands"],
+            {CommandName.report_now: self._report_now, CommandName.run_rd: self._rd_now},
+            lambda payload: self.link.publish(MessageKind.CMD_RESULT, payload),
+        )
         self._last_rd = time.monotonic()
         self._last_status = 0.0
         self._cpu_at_status = (time.monotonic(), cpu_seconds())
@@ -279,17 +286,15 @@ class Daemon:
         if self.model is None or self.feedback is None:
             return False
         rd = self.config.rd
-        if self._rd_requested:
-            return True
         if rd.new_samples and self.feedback.labelled_since(self._rd_mark) >= rd.new_samples:
             return True
         return bool(rd.schedule_s) and now - self._last_rd >= rd.schedule_s
 
-    def _run_rd(self) -> None:
+    def _run_rd(self) -> Answer:
         """Extract the knowledge of the labelled samples and spool the report; below `min_samples` or
-        beyond the privacy budget nothing is reported."""
-        assert self.model is not None and self.feedback is not None  # noqa: S101 (checked by _rd_due)
-        self._rd_requested, self._last_rd = False, time.monotonic()
+        beyond the privacy budget nothing is reported. The answer says which (for a `run_rd` command)."""
+        assert self.model is not None and self.feedback is not None  # noqa: S101 (checked by callers)
+        self._last_rd = time.monotonic()
         mark = self.feedback.last_id()
         inputs, labels = self.feedback.samples()
         rd = self.config.rd
@@ -306,25 +311,45 @@ class Daemon:
             )
         except NotEnoughSamplesError as exc:
             log.info("RD not run: %s", exc)
-            return
+            return Answer(CommandOutcome.refused, str(exc))
         except PrivacyBudgetExhaustedError as exc:
             log.warning("RD not reported: %s", exc)
             self._rd_mark = mark
-            return
+            return Answer(CommandOutcome.refused, str(exc))
         except DeviceError as exc:  # samples that no longer fit the model, an unreadable privacy ledger
             log.error("RD failed: %s", exc)
             self._rd_mark = mark  # not again until new samples come
-            return
+            return Answer(CommandOutcome.failed, str(exc))
         self._rd_mark = mark
         payload = encode(report)
         if not self._spool(report.msg_id, MessageKind.KNOWLEDGE, payload):
-            return
+            return Answer(CommandOutcome.failed, "the spool could not keep the knowledge report")
         log.info(
             "knowledge report %s from %d labelled samples (%d bytes) spooled",
             report.msg_id,
             len(labels),
             len(payload),
         )
+        values: dict[str, Value] = {
+            "knowledge_msg_id": str(report.msg_id),
+            "samples": len(labels),
+            "bytes": len(payload),
+        }
+        return Answer(CommandOutcome.done, f"knowledge report from {len(labels)} labelled samples", values)
+
+    # Commands -------------------------------------------------------------------------------------
+
+    def _report_now(self) -> Answer:
+        self._publish_status()
+        self._last_status = time.monotonic()
+        return Answer(CommandOutcome.done, "status published")
+
+    def _rd_now(self) -> Answer:
+        if self.model is None or self.feedback is None:
+            return Answer(CommandOutcome.refused, "no model installed: RD needs one")
+        if self.feedback.count() == 0:
+            return Answer(CommandOutcome.refused, "no private feedback: the user has labelled nothing")
+        return self._run_rd()
 
     # Messages from the cloud ----------------------------------------------------------------------
 
@@ -358,17 +383,10 @@ class Daemon:
             if self.spool.receipt(message.ack_of):
                 log.info("receipt for %s: delivered", message.ack_of)
         elif kind is MessageKind.CMD and isinstance(message, Command):
-            self._command(message)
+            self.commands.handle(message)
         elif kind is MessageKind.MODEL_DESIRED:
             if inbound.payload:  # an empty retained message clears the document: nothing to do
                 self._desired(inbound.payload, message if isinstance(message, DesiredModel) else None)
-
-    def _command(self, command: Command) -> None:
-        log.info("command %s (%s)", command.command, command.msg_id)
-        if command.command is CommandName.run_rd:
-            self._rd_requested = True
-        elif command.command is CommandName.report_now:
-            self._last_status = 0.0
 
     def _trust(self, payload: bytes) -> None:
         try:

@@ -7,6 +7,8 @@ DEFAULT_MAX_PAYLOAD_BYTES = 16 * KIB
 MAX_PAYLOAD_BYTES: dict[MessageKind, int] = {
     MessageKind.STATUS: 8 * KIB,
     MessageKind.KNOWLEDGE: 256 * KIB,
+    # The longest detail escaped (6 KiB) and 16 values of 256 characters fit.
+    MessageKind.CMD_RESULT: 16 * KIB,
 }
 
 

@@ -7,9 +7,9 @@ import re
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import AfterValidator, AwareDatetime, BaseModel, Field, ValidationError
 
-from wire.common import Envelope, ModelId
+from wire.common import Envelope, ModelId, _in_utc
 from wire.desired import DesiredModel
 from wire.errors import ContractError, Rejection, describe, shown
 from wire.knowledge import KnowledgeReport
@@ -92,14 +92,48 @@ class CommandName(enum.StrEnum):
     report_now = "report_now"
 
 
+UTCTime = Annotated[AwareDatetime, AfterValidator(_in_utc)]
+
+
 class Command(Envelope):
-    """An operator's request to one device."""
+    """An operator's request to one device; a device refuses it once `expires_at` has passed."""
 
     schema_: Literal["diredi.cmd/1"] = Field("diredi.cmd/1", alias="schema")
     command: CommandName
+    expires_at: UTCTime | None = None  # optional: older clouds send none
 
 
-Message = Presence | Status | KnowledgeReport | ModelAck | DesiredModel | Receipt | Command
+class CommandOutcome(enum.StrEnum):
+    done = "done"
+    failed = "failed"
+    refused = "refused"  # the device would not run it now (no model, no feedback, no budget)
+    expired = "expired"  # it arrived after its `expires_at`
+
+
+MAX_RESULT_VALUES = 16
+ResultKey = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
+ResultValue = (
+    Annotated[str, Field(max_length=256, pattern=r"^[^\x00]*$")]
+    | Annotated[int, Field(ge=-(1 << 63), le=(1 << 63) - 1)]
+    | Finite
+    | bool
+    | None
+)
+
+
+class CommandResult(Envelope):
+    """A device's answer to the command `ack_of`: its outcome, why, and a few values (for `run_rd`,
+    the knowledge report's msg_id). A device answers each command once; the cloud receipts it."""
+
+    schema_: Literal["diredi.cmd_result/1"] = Field("diredi.cmd_result/1", alias="schema")
+    ack_of: uuid.UUID
+    command: CommandName
+    outcome: CommandOutcome
+    detail: str = Field("", max_length=1024, pattern=r"^[^\x00]*$")  # no NUL: PostgreSQL text cannot hold it
+    values: dict[ResultKey, ResultValue] = Field(default_factory=dict, max_length=MAX_RESULT_VALUES)
+
+
+Message = Presence | Status | KnowledgeReport | ModelAck | DesiredModel | Receipt | Command | CommandResult
 
 PAYLOADS: dict[MessageKind, type[BaseModel]] = {
     MessageKind.PRESENCE: Presence,
@@ -109,6 +143,7 @@ PAYLOADS: dict[MessageKind, type[BaseModel]] = {
     MessageKind.MODEL_DESIRED: DesiredModel,
     MessageKind.RECEIPT: Receipt,
     MessageKind.CMD: Command,
+    MessageKind.CMD_RESULT: CommandResult,
 }
 SCHEMAS: dict[MessageKind, str] = {
     kind: str(model.model_fields["schema_"].default) for kind, model in PAYLOADS.items()

@@ -25,6 +25,7 @@ class MessageKind(enum.StrEnum):
     MODEL_DESIRED = "model/desired"
     RECEIPT = "receipt"
     CMD = "cmd"
+    CMD_RESULT = "cmd/result"
 
 
 def check_device_id(device_id: str) -> str:
@@ -60,7 +61,13 @@ def parse_device_topic(topic: str) -> tuple[str, MessageKind]:
 
 
 # Who sends what (DESIGN §2): the ACL of a device and the ingest's subscriptions follow from these.
-DEVICE_PUBLISHES = (MessageKind.PRESENCE, MessageKind.STATUS, MessageKind.KNOWLEDGE, MessageKind.MODEL_ACK)
+DEVICE_PUBLISHES = (
+    MessageKind.PRESENCE,
+    MessageKind.STATUS,
+    MessageKind.KNOWLEDGE,
+    MessageKind.MODEL_ACK,
+    MessageKind.CMD_RESULT,
+)
 DEVICE_SUBSCRIBES = (MessageKind.MODEL_DESIRED, MessageKind.RECEIPT, MessageKind.CMD)
 # The fleet's trust chain (wire/trust.py), retained; every device subscribes to it.
 TRUST_TOPIC = "diredi/v1/trust"

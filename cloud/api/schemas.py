@@ -12,6 +12,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 from cloud.pipeline.rollout_checks import RolloutPlan
 from cloud.registry.tables import (
     BrokerSync,
+    CommandState,
     DeviceStatus,
     JobState,
     KnowledgeStatus,
@@ -23,6 +24,7 @@ from cloud.registry.tables import (
     TargetState,
 )
 from wire.common import ModelId
+from wire.messages import CommandName
 from wire.topics import DEVICE_ID_PATTERN, reserved_device_id
 
 T = TypeVar("T")
@@ -333,3 +335,29 @@ class Health(BaseModel):
 def errors(described: dict[int, str]) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` for error statuses, each a problem+json with its description."""
     return {status: {"model": Problem, "description": text} for status, text in described.items()}
+
+
+class CommandCreate(Input):
+    command: CommandName = Field(
+        description="report_now: publish a status now; run_rd: run RD on the device's private feedback "
+        "now and send its knowledge report"
+    )
+    ttl_s: Annotated[int, Field(strict=True, ge=10, le=86_400)] = Field(
+        3600, description="seconds the command may wait for its device to be online before it expires"
+    )
+
+
+class CommandPublic(Output):
+    id: uuid.UUID = Field(description="the command message's msg_id; the device's result names it")
+    device_id: str
+    command: CommandName
+    state: CommandState = Field(description="pending → sent → done, failed, refused or expired")
+    requested_by: str
+    created_at: datetime
+    sent_at: datetime | None = Field(description="when it was last published to the device")
+    send_count: int
+    expires_at: datetime
+    finished_at: datetime | None
+    detail: str = Field(description="the device's reason or note, or why it expired")
+    values: dict[str, Any] = Field(description="what the device reported, e.g. knowledge_msg_id for run_rd")
+    result_msg_id: uuid.UUID | None

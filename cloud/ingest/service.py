@@ -39,7 +39,7 @@ from wire.topics import MessageKind, device_filter, device_topic
 
 log = logging.getLogger(__name__)
 
-SHARED_KINDS = (MessageKind.STATUS, MessageKind.KNOWLEDGE, MessageKind.MODEL_ACK)
+SHARED_KINDS = (MessageKind.STATUS, MessageKind.KNOWLEDGE, MessageKind.MODEL_ACK, MessageKind.CMD_RESULT)
 LOG_BURST = 10  # rejections logged per reason and minute; the rest are counted
 RETRY_SECONDS = (0.5, 1, 2, 5, 10)  # back-off while the database is unreachable
 

@@ -1,5 +1,5 @@
 """One ingest batch into the registry, in one transaction: telemetry, knowledge reports, model acks,
-presence and `last_seen` — each message stored once by its msg_id.
+command results, presence and `last_seen` — each message stored once by its msg_id.
 
 What may not be stored (a device the registry does not know or has revoked, a report whose base model
 is not its cohort's) is refused with the reason, and the rest of the batch is still written. The
@@ -18,7 +18,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from cloud.exceptions import CloudError
-from cloud.registry import acks, knowledge, telemetry
+from cloud.registry import acks, commands, knowledge, telemetry
 from cloud.registry.devices import (
     KnownDevice,
     PresenceUpdate,
@@ -33,7 +33,7 @@ from cloud.registry.tables import DeviceStatus, utcnow
 from wire.errors import ContractError, Rejection
 from wire.fastpath import StatusRecord
 from wire.knowledge import KnowledgeReport
-from wire.messages import Message, ModelAck, Presence, PresenceState, Status
+from wire.messages import CommandResult, Message, ModelAck, Presence, PresenceState, Status
 from wire.topics import MessageKind
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,8 @@ class BatchWriter:
             self._statuses(session, [a for a in admitted if a.kind is MessageKind.STATUS], devices, written)
             self._knowledge(session, [a for a in admitted if a.kind is MessageKind.KNOWLEDGE], now, written)
             self._acks(session, [a for a in admitted if a.kind is MessageKind.MODEL_ACK], now, written)
+            results = [a for a in admitted if a.kind is MessageKind.CMD_RESULT]
+            self._command_results(session, results, now, written)
             presences = [
                 PresenceUpdate(p.device_id, p.state is PresenceState.online, p.conn, p.sent_at)
                 for p in (a.message for a in admitted)
@@ -171,3 +173,21 @@ class BatchWriter:
         written.stored[MessageKind.MODEL_ACK] += len(new)
         written.duplicates[MessageKind.MODEL_ACK] += len(messages) - len(new)
         written.receipts.extend((ack.device_id, ack.msg_id) for ack in messages)
+
+    @staticmethod
+    def _command_results(session: Session, batch: list[Accepted], now: datetime, written: Written) -> None:
+        for accepted in batch:
+            result = accepted.message
+            if not isinstance(result, CommandResult):
+                continue
+            try:
+                recorded = commands.record_result(session, result, received_at=now)
+            except CloudError as exc:  # not this device's command, or not the command it names
+                written.refused.append((accepted, ContractError(str(exc), Rejection.refused)))
+                continue
+            # No receipt: a device does not spool its answers; the cloud sends an unanswered command
+            # again and gets the same answer (cloud/worker/tasks.py: deliver_commands).
+            if recorded is commands.Recorded.stored:
+                written.stored[MessageKind.CMD_RESULT] += 1
+            else:
+                written.duplicates[MessageKind.CMD_RESULT] += 1

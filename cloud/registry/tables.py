@@ -27,7 +27,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from wire.messages import AckResult  # stored as the device sent it
+from wire.messages import AckResult, CommandName  # stored as the device sent it
 
 # Named constraints, so migrations can drop and alter them on both SQLite and PostgreSQL.
 NAMING = {
@@ -157,6 +157,15 @@ class TargetState(enum.StrEnum):
     installed = "installed"
     failed = "failed"
     rolled_back = "rolled_back"
+
+
+class CommandState(enum.StrEnum):
+    pending = "pending"  # stored; sent when its device is online
+    sent = "sent"  # published to the device; no result yet
+    done = "done"
+    failed = "failed"
+    refused = "refused"
+    expired = "expired"  # not answered before `expires_at` (or the device found it stale)
 
 
 class Cohort(Base):
@@ -375,3 +384,28 @@ class AuditLog(Base):
     action: Mapped[str] = mapped_column(String(64), index=True)
     target: Mapped[str] = mapped_column(String(160), default="")
     detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class DeviceCommand(Base):
+    """An operator's command to one device (its id is the command message's msg_id) and its result."""
+
+    __tablename__ = "device_command"
+    __table_args__ = (
+        Index("ix_device_command_device_created", "device_id", "created_at"),  # a device's, newest first
+        Index("ix_device_command_state_expires", "state", "expires_at"),  # what to send, what expired
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    device_id: Mapped[str] = mapped_column(ForeignKey("device.id"))
+    command: Mapped[CommandName] = mapped_column(_enum(CommandName))
+    state: Mapped[CommandState] = mapped_column(_enum(CommandState), default=CommandState.pending)
+    requested_by: Mapped[str] = mapped_column(String(160), default="")  # the audit log's actor
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    sent_at: Mapped[datetime | None]  # last published
+    send_count: Mapped[int] = mapped_column(Integer, default=0)
+    expires_at: Mapped[datetime]
+    finished_at: Mapped[datetime | None]
+    detail: Mapped[str] = mapped_column(Text, default="")
+    values: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # The device's result message: stored once; a second result for the command changes nothing.
+    result_msg_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, unique=True)

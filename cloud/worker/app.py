@@ -24,6 +24,7 @@ BEAT = {
     "schedule-cycles": ("diredi.schedule_cycles", 5.0),
     "reap-jobs": ("diredi.reap_jobs", 15.0),
     "advance-rollouts": ("diredi.advance_rollouts", 2.0),  # it sets the pace of the waves
+    "send-commands": ("diredi.send_commands", 3.0),  # how long a device back online waits for its commands
     "reconcile-desired": ("diredi.reconcile_desired", 30.0),
     "distribute-trust": ("diredi.distribute_trust", 15.0),
     "reconcile-broker": ("diredi.reconcile_broker", 15.0),

@@ -2,8 +2,9 @@
 
 `run_job` runs a job under its lease (a second delivery finds it finished or leased and does nothing);
 the periodic tasks (see `cloud.worker.app.BEAT`) start jobs for cohorts with knowledge waiting, send
-again the jobs whose worker died, advance rollouts, give devices their cohort's model, distribute the
-trust chain of the signing keys, make the broker reflect the registry, and prune telemetry.
+again the jobs whose worker died, advance rollouts, send online devices their pending commands, give
+devices their cohort's model, distribute the trust chain of the signing keys, make the broker reflect the
+registry, and prune telemetry.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from functools import cache
-from typing import Any
+from typing import Any, Protocol
 
 from celery import Task
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -30,13 +31,14 @@ from cloud.broker_hook import BrokerCredentialHook, hook_from_settings, reconcil
 from cloud.exceptions import ConflictError, HookError, LeaseLost, NotFoundError, PublishError
 from cloud.pipeline import cycle, scheduling
 from cloud.publisher import CloudPublisher
-from cloud.registry import jobs, telemetry
+from cloud.registry import commands, jobs, telemetry
 from cloud.registry.db import make_engine, session_factory, transaction
 from cloud.registry.devices import behind_on_trust
-from cloud.registry.tables import JobState
+from cloud.registry.tables import JobState, utcnow
 from cloud.settings import Settings
 from cloud.signing import Desired, KeyRing
 from cloud.worker.app import app
+from wire.messages import CommandName
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +114,7 @@ def context() -> _Context:
 
 
 class _Publisher:
-    """The engine's DesiredPublisher, counting what it publishes."""
+    """The engine's DesiredPublisher (counting what it publishes) and `send_commands`' CommandPublisher."""
 
     def __init__(self, ctx: _Context, reason: str) -> None:
         self.ctx, self.reason = ctx, reason
@@ -123,6 +125,11 @@ class _Publisher:
         PUBLISHED.labels("rollback").inc(rollbacks)
         PUBLISHED.labels(self.reason).inc(len(wanted) - rollbacks)
         return documents
+
+    def send_command(
+        self, device_id: str, command: CommandName, *, msg_id: uuid.UUID | None, expires_at: datetime | None
+    ) -> object:
+        return self.ctx.publish().send_command(device_id, command, msg_id=msg_id, expires_at=expires_at)
 
 
 _ML = threading.Lock()  # one training at a time per worker process: they would fight for the cores
@@ -290,6 +297,48 @@ def reconcile_desired() -> int:
     from cloud.pipeline.rollouts import reconcile_desired as reconcile
 
     return _with_publisher("reconcile", reconcile)
+
+
+class CommandPublisher(Protocol):
+    """What `send_commands` needs of a publisher; `cloud.publisher.CloudPublisher` is one."""
+
+    def send_command(
+        self, device_id: str, command: CommandName, *, msg_id: uuid.UUID | None, expires_at: datetime | None
+    ) -> object: ...
+
+
+COMMAND_RESEND = timedelta(minutes=1)  # a sent command not answered by then is sent again (same msg_id)
+
+
+def deliver_commands(
+    sessions: sessionmaker[Session], publisher: CommandPublisher, *, now: datetime | None = None
+) -> tuple[int, int]:
+    """Expire the commands whose time ran out and publish the due ones of online devices (marked sent
+    as they go); returns (sent, expired). Published outside the transaction: no row is locked while
+    the broker answers. A PublishError leaves the rest for the next pass."""
+    now = now or utcnow()
+    with transaction(sessions) as session:
+        expired = commands.expire_due(session, now=now)
+        due = [
+            (c.id, c.device_id, c.command, c.expires_at)
+            for c in commands.pending_for(session, now=now, resend_after=COMMAND_RESEND)
+        ]
+    sent: list[uuid.UUID] = []
+    try:
+        for command_id, device_id, name, expires_at in due:
+            publisher.send_command(device_id, name, msg_id=command_id, expires_at=expires_at)
+            sent.append(command_id)
+    finally:
+        with transaction(sessions) as session:
+            commands.mark_sent(session, command_ids=sent, now=now)
+    return len(sent), expired
+
+
+@app.task(name="diredi.send_commands")
+def send_commands() -> int:
+    """Publish pending commands of devices that are online and expire stale ones; returns how many
+    were sent."""
+    return _with_publisher("command", lambda sessions, publisher: deliver_commands(sessions, publisher)[0])
 
 
 @app.task(name="diredi.distribute_trust")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from datetime import UTC, datetime
 from functools import cache
 from typing import Any
 
@@ -19,6 +20,8 @@ from wire import (
     AckResult,
     Command,
     CommandName,
+    CommandOutcome,
+    CommandResult,
     ContractError,
     DesiredModel,
     KnowledgeReport,
@@ -46,6 +49,7 @@ LIMITS = {
     MessageKind.MODEL_DESIRED: 16 * KIB,
     MessageKind.RECEIPT: 16 * KIB,
     MessageKind.CMD: 16 * KIB,
+    MessageKind.CMD_RESULT: 16 * KIB,
 }
 SCHEMAS = {
     MessageKind.PRESENCE: "diredi.presence/1",
@@ -55,6 +59,7 @@ SCHEMAS = {
     MessageKind.MODEL_DESIRED: "diredi.desired/1",
     MessageKind.RECEIPT: "diredi.receipt/1",
     MessageKind.CMD: "diredi.cmd/1",
+    MessageKind.CMD_RESULT: "diredi.cmd_result/1",
 }
 TYPES: dict[MessageKind, type[Message]] = {
     MessageKind.PRESENCE: Presence,
@@ -64,6 +69,7 @@ TYPES: dict[MessageKind, type[Message]] = {
     MessageKind.MODEL_DESIRED: DesiredModel,
     MessageKind.RECEIPT: Receipt,
     MessageKind.CMD: Command,
+    MessageKind.CMD_RESULT: CommandResult,
 }
 MARK = "Z" * 5000  # attacker input: no error may quote more than ~120 characters of it
 ECHO = "Z" * 121
@@ -105,7 +111,16 @@ def make_message(kind: MessageKind) -> Message:
         return sign(KEY, device_id=DEVICE, rollback_of="kitchen.v3")
     if kind is MessageKind.RECEIPT:
         return Receipt(device_id=DEVICE, ack_of=uuid.uuid4())
-    return Command(device_id=DEVICE, command=CommandName.run_rd)
+    if kind is MessageKind.CMD_RESULT:
+        return CommandResult(
+            device_id=DEVICE,
+            ack_of=uuid.uuid4(),
+            command=CommandName.run_rd,
+            outcome=CommandOutcome.done,
+            detail="knowledge report spooled",
+            values={"knowledge_msg_id": str(uuid.uuid4()), "samples": 120, "accuracy": 0.5, "dp": False},
+        )
+    return Command(device_id=DEVICE, command=CommandName.run_rd, expires_at=datetime(2030, 1, 1, tzinfo=UTC))
 
 
 @cache

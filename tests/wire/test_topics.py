@@ -174,6 +174,7 @@ def test_device_publishes_and_subscribes_partition_the_kinds() -> None:
         MessageKind.STATUS,
         MessageKind.KNOWLEDGE,
         MessageKind.MODEL_ACK,
+        MessageKind.CMD_RESULT,
     }
     assert subscribes == {MessageKind.MODEL_DESIRED, MessageKind.RECEIPT, MessageKind.CMD}
 

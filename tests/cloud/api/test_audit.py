@@ -77,6 +77,21 @@ def create_key(client: TestClient, headers: dict[str, str], world: World) -> Exp
     return Expected(response, "apikey.create", response.json()["key"]["id"])
 
 
+def label_device(client: TestClient, headers: dict[str, str], world: World) -> Expected:
+    response = client.patch(
+        f"/api/v1/devices/{world.device_id}", json={"labels": {"tier": "beta"}}, headers=headers
+    )
+    return Expected(response, "device.label", world.device_id)
+
+
+def command_device(client: TestClient, headers: dict[str, str], world: World) -> Expected:
+    # cam-0002, which provision_device made: world.device_id may be revoked by now, and takes no commands
+    response = client.post(
+        "/api/v1/devices/cam-0002/commands", json={"command": "report_now"}, headers=headers
+    )
+    return Expected(response, "device.command", "cam-0002")
+
+
 def revoke_key(client: TestClient, headers: dict[str, str], world: World) -> Expected:
     response = client.post(f"/api/v1/api-keys/{world.spare_key}/revoke", headers=headers)
     return Expected(response, "apikey.revoke", world.spare_key)
@@ -106,6 +121,8 @@ CALLS: dict[tuple[str, str], Call] = {
     ("POST", "/api/v1/cohorts"): create_cohort,
     ("POST", "/api/v1/devices"): provision_device,
     ("POST", "/api/v1/devices/{device_id}/revoke"): revoke_device,
+    ("PATCH", "/api/v1/devices/{device_id}"): label_device,
+    ("POST", "/api/v1/devices/{device_id}/commands"): command_device,
     ("POST", "/api/v1/models/{model_id}/approve"): decide_model("approve", lambda w: w.candidates[0]),
     ("POST", "/api/v1/models/{model_id}/reject"): decide_model("reject", lambda w: w.candidates[1]),
     ("POST", "/api/v1/models/{model_id}/retire"): decide_model("retire", lambda w: w.approved),

@@ -46,7 +46,9 @@ CASES: dict[str, Error] = {
     ),
     "method not allowed": Error("DELETE", "/api/v1/devices", 405, allow="GET, POST"),
     "method not allowed, no credentials": Error("PUT", "/api/v1/cohorts", 405, role=None, allow="GET, POST"),
-    "method not allowed on a path parameter": Error("DELETE", "/api/v1/devices/cam-0001", 405, allow="GET"),
+    "method not allowed on a path parameter": Error(
+        "DELETE", "/api/v1/devices/cam-0001", 405, allow="GET, PATCH"
+    ),
     "method not allowed on healthz": Error("POST", "/healthz", 405, role=None, allow="GET"),
     "OPTIONS": Error("OPTIONS", "/api/v1/cohorts", 405, allow="GET, POST"),
     "HEAD of a GET route": Error("HEAD", "/api/v1/devices", 405, allow="GET, POST"),

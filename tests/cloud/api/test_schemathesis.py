@@ -24,11 +24,12 @@ from schemathesis.core.result import Ok
 from sqlalchemy.orm import Session
 
 from cloud.artifacts import LocalArtifactStore
-from cloud.registry import apikeys, jobs, knowledge, telemetry
+from cloud.registry import apikeys, commands, jobs, knowledge, telemetry
 from cloud.registry.models import decide
 from cloud.registry.rollouts import create_rollout
 from cloud.registry.tables import Role, utcnow
 from tests.cloud.factories import make_cloud_model, make_cohort, make_device, make_edge_model, make_report
+from wire.messages import CommandName
 
 PROBLEM = "application/problem+json"
 EXAMPLES = 25  # per operation and variant; about a minute for both backends on two cores
@@ -72,6 +73,9 @@ def seed(session: Session, store: LocalArtifactStore) -> dict[str, str]:
         ],
     )
     spare, _ = apikeys.create_key(session, role=Role.viewer, name="spare")
+    command = commands.create(
+        session, device_id="cam-0002", command=CommandName.report_now, ttl=timedelta(hours=1)
+    )
     session.commit()
     return {
         "cohort_id": "kitchen",
@@ -82,6 +86,7 @@ def seed(session: Session, store: LocalArtifactStore) -> dict[str, str]:
         "job_id": str(job.id),
         "rollout_id": str(rollout.id),
         "key_id": spare.id,
+        "command_id": str(command.id),
     }
 
 
