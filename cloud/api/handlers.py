@@ -83,7 +83,9 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(InvalidValueError)
     async def _invalid_value(_: Request, exc: InvalidValueError) -> JSONResponse:
-        return problem(422, TITLES[422], str(exc))
+        # A rule only the registry can check (the labels a device would end up with): a validation
+        # problem like the others, its one error about the request as a whole.
+        return problem(422, TITLES[422], str(exc), errors=[{"location": "request", "message": str(exc)}])
 
     @app.exception_handler(ArtifactStoreError)
     async def _artifact(_: Request, exc: ArtifactStoreError) -> JSONResponse:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from cloud.cli.common import console
+from cloud.cli.common import console, fail, infrastructure_failure
 from cloud.exceptions import CloudError
 from device_firmware_py.exceptions import DeviceError
 from wire import ContractError
@@ -129,3 +130,16 @@ def _register_ops() -> None:
 
 
 _register_ops()
+
+
+def main() -> None:
+    """The `diredi` entry point: the app, with what its dependencies' failures raise said in one line."""
+    try:
+        app()
+    except Exception as exc:
+        described = infrastructure_failure(exc)
+        if described is None:
+            raise
+        message, code = described
+        fail(CloudError(message), code)  # says it; the exit it returns is click's, out of its reach here
+        sys.exit(code)

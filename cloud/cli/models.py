@@ -30,7 +30,7 @@ MODEL_COLUMNS: list[Column] = [
     ("version", lambda m: m.version),
     ("status", lambda m: m.status),
     ("parent", lambda m: m.parent_id),
-    ("accuracy", lambda m: m.metrics.get("accuracy", m.metrics.get("val_accuracy"))),
+    ("int8 val acc", lambda m: m.metrics.get("val_int8_acc")),
     ("created", lambda m: m.created_at),
 ]
 

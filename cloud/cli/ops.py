@@ -13,6 +13,7 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 
+from cloud.cli.common import fail, infrastructure_failure
 from cloud.exceptions import CloudError, ExportGaveUp
 from cloud.registry.tables import Role
 from cloud.settings import Settings
@@ -36,13 +37,15 @@ def _settings() -> Settings:
     try:
         return Settings()
     except ValidationError as exc:
-        err.print(f"[red]error:[/red] invalid setting: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}")
-        raise typer.Exit(2) from None
+        first = exc.errors()[0]
+        name = f"DIREDI_{str(first['loc'][0]).upper()}" if first["loc"] else "a setting"
+        raise fail(
+            CloudError(f"invalid setting {name}: {first['msg'].removeprefix('Value error, ')}")
+        ) from None
 
 
 def _fail(exc: Exception) -> typer.Exit:
-    err.print(f"[red]error:[/red] {exc}", soft_wrap=True)  # one line, however long, for logs and grep
-    return typer.Exit(2)
+    return fail(exc)
 
 
 def _migrated_engine(settings: Settings) -> Engine:
@@ -84,7 +87,12 @@ def _migrate(revision: str, *, up: bool) -> None:
             f"registry at revision {migrate.current(engine) or 'base (empty)'} "
             f"({engine.url.render_as_string()})"
         )
-    except (SQLAlchemyError, CommandError, CloudError) as exc:
+    except SQLAlchemyError as exc:
+        if (described := infrastructure_failure(exc)) is None:
+            raise
+        message, code = described
+        raise fail(CloudError(message), code) from None
+    except (CommandError, CloudError) as exc:
         raise _fail(exc) from None
 
 
@@ -353,13 +361,14 @@ def line_create(
     from cloud.pipeline.lines import bootstrap_line
     from cloud.registry import audit
     from cloud.registry.db import session_factory, transaction
-    from cloud.registry.devices import create_cohort
+    from cloud.registry.devices import check_cohort_id, create_cohort
     from cloud.registry.models import get_model
     from cloud.registry.tables import Cohort
 
     logging.getLogger().setLevel(logging.ERROR)  # the converters log chattily
     settings = _settings()
     try:
+        check_cohort_id(cohort)
         spec = line_scenario(
             cohort, scenario, data=data, family=family, image_size=image_size, channels=channels, seed=seed
         )

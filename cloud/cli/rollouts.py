@@ -40,7 +40,7 @@ ROLLOUT_COLUMNS: list[Column] = [
     ("state", lambda r: r.state),
     ("wave", lambda r: r.current_wave),
     ("progress", lambda r: f"{r.progress:.0%}"),
-    ("targets", lambda r: r.targets),
+    ("targets", lambda r: {state: n for state, n in r.targets.items() if n}),
     ("reason", lambda r: r.reason),
 ]
 

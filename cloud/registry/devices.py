@@ -1,6 +1,7 @@
 """Cohorts and devices: provisioning with one-time credentials, revocation, lookup, artifact offers."""
 
 import functools
+import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -24,7 +25,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session
 
-from cloud.exceptions import ConflictError, NotFoundError, RegistryError
+from cloud.exceptions import ConflictError, InvalidValueError, NotFoundError, RegistryError
 from cloud.registry import labels
 from cloud.registry.common import RowPages, hash_secret, new_secret, paginate, secret_matches
 from cloud.registry.tables import (
@@ -41,11 +42,20 @@ from cloud.registry.tables import (
     TargetState,
     utcnow,
 )
-from wire.topics import reserved_device_id
+from wire.topics import DEVICE_ID_PATTERN, reserved_device_id
+
+
+def check_cohort_id(cohort_id: str) -> str:
+    """`cohort_id` if the API would take it (a device id's pattern: it names topics and files too),
+    else InvalidValueError."""
+    if not re.fullmatch(DEVICE_ID_PATTERN, cohort_id):
+        raise InvalidValueError(f"cohort id {cohort_id!r} must match {DEVICE_ID_PATTERN}")
+    return cohort_id
 
 
 def create_cohort(session: Session, *, cohort_id: str, description: str = "") -> Cohort:
-    """A new cohort (model line); its id must be new."""
+    """A new cohort (model line); its id must be new, and one `check_cohort_id` takes."""
+    check_cohort_id(cohort_id)
     if session.get(Cohort, cohort_id) is not None:
         raise ConflictError(f"cohort {cohort_id} already exists")
     cohort = Cohort(id=cohort_id, description=description)
