@@ -27,6 +27,7 @@ from pydantic import BaseModel, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cloud.api.schemas import (
+    CommandPublic,
     DeviceProvisioned,
     DevicePublic,
     JobPublic,
@@ -252,6 +253,24 @@ class FleetClient:
         """Set labels (a value) or remove them (None); the others stay."""
         body = {"labels": dict(changes)}
         return self._read(DevicePublic, "PATCH", f"/devices/{_segment(device_id)}", json=body)
+
+    def send_command(self, device_id: str, command: str, *, ttl_s: int | None = None) -> CommandPublic:
+        """Ask a device to run `command` (report_now, run_rd): delivered now if it is online, else when
+        it comes back within `ttl_s` seconds."""
+        body: dict[str, Any] = {"command": command}
+        if ttl_s is not None:
+            body["ttl_s"] = ttl_s
+        return self._read(CommandPublic, "POST", f"/devices/{_segment(device_id)}/commands", json=body)
+
+    def command(self, device_id: str, command_id: uuid.UUID) -> CommandPublic:
+        return self._read(CommandPublic, "GET", f"/devices/{_segment(device_id)}/commands/{command_id}")
+
+    def commands(self, device_id: str, *, limit: int = 100, offset: int = 0) -> Page[CommandPublic]:
+        """A device's commands, newest first."""
+        params = _params(limit=limit, offset=offset)
+        return self._read(
+            Page[CommandPublic], "GET", f"/devices/{_segment(device_id)}/commands", params=params
+        )
 
     # models
 

@@ -13,17 +13,22 @@ import typer
 from cloud.cli.common import ExitCode, console, fail
 from cloud.cli.remote import (
     Column,
+    Interval,
     JsonOut,
     Limit,
     Offset,
     Profile,
+    Timeout,
     api,
     emit,
     paged,
+    watch,
 )
 from cloud.exceptions import CloudError
 
-devices_app = typer.Typer(help="Devices: list (filters, label selectors), show, provision, label, revoke.")
+devices_app = typer.Typer(
+    help="Devices: list (filters, label selectors), show, provision, label, revoke, send commands."
+)
 
 
 DEVICE_COLUMNS: list[Column] = [
@@ -162,6 +167,70 @@ def devices_revoke(device_id: str, as_json: JsonOut = False, profile: Profile = 
     with api(profile) as client:
         device = client.revoke(device_id)
     emit(device, DEVICE_COLUMNS, as_json=as_json)
+
+
+COMMAND_COLUMNS: list[Column] = [
+    ("id", lambda c: c.id),
+    ("device", lambda c: c.device_id),
+    ("command", lambda c: c.command),
+    ("state", lambda c: c.state),
+    ("sent", lambda c: c.sent_at),
+    ("finished", lambda c: c.finished_at),
+    ("detail", lambda c: c.detail),
+    ("values", lambda c: c.values),
+]
+FINISHED = {"done", "failed", "refused", "expired"}
+
+
+@devices_app.command("command")
+def devices_command(
+    device_id: str,
+    command: Annotated[str, typer.Argument(help="report_now or run_rd.")],
+    ttl: Annotated[
+        int | None,
+        typer.Option(min=10, max=86_400, help="Seconds it may wait for the device (default 3600)."),
+    ] = None,
+    wait: Annotated[
+        bool, typer.Option("--wait/--no-wait", help="Follow it until the device answers.")
+    ] = True,
+    interval: Interval = 1.0,
+    timeout: Timeout = 300,
+    as_json: JsonOut = False,
+    profile: Profile = None,
+) -> None:
+    """Send a device a command and, by default, wait for its answer: exit 0 when it is done, 1 when the
+    device failed or refused it or it expired, 3 when no answer came within --timeout."""
+    with api(profile) as client:
+        sent = client.send_command(device_id, command, ttl_s=ttl)
+        final = sent
+        if wait:
+            final = watch(
+                lambda: client.command(device_id, sent.id),
+                describe=lambda c: c.state.value,
+                done=lambda c: c.state.value in FINISHED,
+                fraction=lambda c: 1.0 if c.state.value in FINISHED else 0.0,
+                interval=interval,
+                timeout=timeout,
+                label=f"{command} on {device_id}",
+            )
+    emit(final, COMMAND_COLUMNS, as_json=as_json)
+    if wait and final.state.value != "done":
+        raise typer.Exit(ExitCode.FAILED)
+
+
+@devices_app.command("commands")
+def devices_commands(
+    device_id: str, limit: Limit = 20, offset: Offset = 0, as_json: JsonOut = False, profile: Profile = None
+) -> None:
+    """A device's commands, newest first, with their answers."""
+    with api(profile) as client:
+        page = client.commands(device_id, limit=limit, offset=offset)
+    emit(
+        page.items,
+        COMMAND_COLUMNS,
+        as_json=as_json,
+        title=paged("commands", page.total, len(page.items), offset),
+    )
 
 
 TELEMETRY_COLUMNS: list[Column] = [

@@ -285,3 +285,26 @@ def test_a_secret_file_that_exists_is_refused_before_anything_is_provisioned(
 
     assert result.exit_code == 2 and "cannot create the secret file" in result.stderr
     assert taken.read_text() == "keep me\n" and listed == []
+
+
+def test_a_command_to_an_offline_device_waits_and_is_listed(
+    env: dict[str, str], session: Session, store: LocalArtifactStore
+) -> None:
+    # Prepare: a device that has never connected
+    kitchen_fleet(session, store, ["cam-0000"])
+
+    # Execute
+    queued = as_json(diredi(env, "devices", "command", "cam-0000", "report_now", "--no-wait", "--json"))
+    waited = diredi(
+        env, "devices", "command", "cam-0000", "run_rd", "--ttl", "60", "--interval", "0.2", "--timeout", "1"
+    )
+    listed = as_json(diredi(env, "devices", "commands", "cam-0000", "--json"))
+    unknown = diredi(env, "devices", "command", "cam-0000", "reboot", "--no-wait")
+    too_short = diredi(env, "devices", "command", "cam-0000", "report_now", "--ttl", "5")
+
+    # Assert: nothing answers, so both wait; the newest first
+    assert (queued["command"], queued["state"]) == ("report_now", "pending")
+    assert waited.exit_code == 3 and "run_rd on cam-0000 still pending after 1 s" in waited.stderr
+    assert [(c["command"], c["state"]) for c in listed] == [("run_rd", "pending"), ("report_now", "pending")]
+    assert unknown.exit_code == 2 and unknown.stderr.startswith("error: 422 Unprocessable")
+    assert too_short.exit_code == 2 and "Traceback" not in too_short.output
