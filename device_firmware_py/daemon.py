@@ -7,11 +7,13 @@ MQTT link and the feedback socket run on threads of their own and only queue wha
 
 The user's private samples stay in the feedback store: they reach RD, and RD's aggregates (the
 knowledge report) are the only thing derived from them that is ever published.
+
+A little over the house's 450 lines: it is the loop that ties the parts together, each of which (the
+link, the stores, RD, the updater, the commands' answers) lives in a module of its own.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
@@ -31,14 +33,20 @@ from device_firmware_py.exceptions import (
     SpoolError,
 )
 from device_firmware_py.feedback import FeedbackServer, FeedbackStore, check_socket_path
-from device_firmware_py.files import write_atomically
 from device_firmware_py.images import ImageInput
 from device_firmware_py.link import DeviceLink, Inbound
 from device_firmware_py.ota import ModelSlots, UpdateOutcome, Updater
 from device_firmware_py.privacy import DPConfig, PrivacyAccountant
 from device_firmware_py.rd import RDPolicy, extract_knowledge
 from device_firmware_py.runtime import MAX_ARTIFACT_BYTES, Int8Model
-from device_firmware_py.sources import DirectorySource, InputSource, Sample, SimulatedSource
+from device_firmware_py.sources import (
+    DirectorySource,
+    InputSource,
+    Sample,
+    SimulatedSource,
+    load_position,
+    save_position,
+)
 from device_firmware_py.spool import Spool
 from device_firmware_py.systemd import Notifier, stop_on_signals
 from device_firmware_py.telemetry import Window, cpu_seconds
@@ -131,7 +139,7 @@ class Daemon:
         self._last_status = 0.0
         self._cpu_at_status = (time.monotonic(), cpu_seconds())
         self.stream_state = files["stream"]
-        self._stream_consumed = self._load_stream_position()
+        self._stream_consumed = load_position(self.stream_state)
         if self.model is not None:
             self._open_model_inputs(self.model)
 
@@ -246,21 +254,8 @@ class Daemon:
                 log.warning("the feedback store is full; the simulated user's label is not kept")
 
     def _save_stream_position(self) -> None:
-        """Where the simulated stream is, so a restart goes on from there (and labels nothing twice)."""
         if isinstance(self.source, SimulatedSource):
-            write_atomically(self.stream_state, json.dumps({"consumed": self._stream_consumed}).encode())
-
-    def _load_stream_position(self) -> int:
-        try:
-            consumed = json.loads(self.stream_state.read_bytes())["consumed"]
-        except FileNotFoundError:
-            return 0
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.warning(
-                "stream position %s unreadable (%s): starting the stream over", self.stream_state, exc
-            )
-            return 0
-        return consumed if isinstance(consumed, int) and consumed >= 0 else 0
+            save_position(self.stream_state, self._stream_consumed)
 
     # Status ---------------------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ model."""
 
 from __future__ import annotations
 
+import json
 import logging
 import zipfile
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from device_firmware_py.exceptions import SourceError
+from device_firmware_py.files import write_atomically
 from device_firmware_py.images import ImageInput, is_image_file
 
 log = logging.getLogger(__name__)
@@ -147,3 +149,21 @@ class DirectorySource:
         except OSError as exc:
             log.error("could not remove input %s: %s", path.name, exc)
         return sample
+
+
+def save_position(path: Path, consumed: int) -> None:
+    """How far a simulated stream has been read, so a restart goes on from there (and labels nothing
+    twice)."""
+    write_atomically(path, json.dumps({"consumed": consumed}).encode())
+
+
+def load_position(path: Path) -> int:
+    """The position `save_position` kept; 0 when there is none or it cannot be read."""
+    try:
+        consumed = json.loads(path.read_bytes())["consumed"]
+    except FileNotFoundError:
+        return 0
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("stream position %s unreadable (%s): starting the stream over", path, exc)
+        return 0
+    return consumed if isinstance(consumed, int) and consumed >= 0 else 0

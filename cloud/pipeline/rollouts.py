@@ -8,6 +8,9 @@ transaction that holds its row lock: the targets and devices are written (and so
 desired models are published, then it commits. A crash between a publish and the commit leaves the
 registry as it was, and the next pass publishes the same decision again (a retained desired model
 published twice is harmless: the device already running it does nothing).
+
+A little over the house's 450 lines: the session functions and the pass share the row locking and the
+wave logic, which split across modules would have to be exported to each other.
 """
 
 import logging
@@ -361,7 +364,7 @@ def _roll_back(session: Session, publisher: DesiredPublisher, rollout: Rollout) 
         to_publish.append(Desired(target.device_id, manifest, rollback_of=rollout.model_id))
     rollout.state = RolloutState.rolled_back
     if not to_publish:  # say so: "rolled back" alone reads as if devices had changed
-        kept = sum(t.state is not TargetState.pending for t in targets)
+        kept = len(reached)  # no state changed: none was rolled back
         why = f"{kept} reached, none with an earlier edge model recorded" if kept else "none was offered it"
         rollout.reason = f"{rollout.reason}; no device changed ({why})"[:1000]
     session.flush()

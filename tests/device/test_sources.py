@@ -11,7 +11,7 @@ import pytest
 
 from device_firmware_py.exceptions import SourceError
 from device_firmware_py.link import BACKOFF_MAX_S, backoff_delay
-from device_firmware_py.sources import DirectorySource, SimulatedSource
+from device_firmware_py.sources import DirectorySource, SimulatedSource, load_position, save_position
 
 SHAPE = (8, 8, 1)
 
@@ -117,3 +117,32 @@ def test_reconnect_back_off_doubles_to_a_minute_with_jitter() -> None:
         ceiling = min(BACKOFF_MAX_S, 2.0**attempt)
         assert ceiling / 2 <= delay <= ceiling
     assert len(many) > 40
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (None, 0),
+        (b'{"consumed": 12}', 12),
+        (b"garbage", 0),
+        (b'{"consumed": -3}', 0),
+        (b'{"consumed": "7"}', 0),
+        (b"[]", 0),
+    ],
+)
+def test_a_stream_position_reads_back_or_starts_over(
+    tmp_path: Path, content: bytes | None, expected: int
+) -> None:
+    path = tmp_path / "stream-position.json"
+    if content is not None:
+        path.write_bytes(content)
+
+    assert load_position(path) == expected
+
+
+def test_a_saved_stream_position_is_read_back(tmp_path: Path) -> None:
+    path = tmp_path / "stream-position.json"
+
+    save_position(path, 41)
+
+    assert load_position(path) == 41
