@@ -357,6 +357,13 @@ class FleetClient:
     def job(self, job_id: uuid.UUID) -> JobPublic:
         return self._read(JobPublic, "GET", f"/jobs/{job_id}")
 
+    def cancel_job(self, job_id: uuid.UUID, reason: str = "") -> JobPublic:
+        return self._read(JobPublic, "POST", f"/jobs/{job_id}/cancel", json={"reason": reason})
+
+    def retry_job(self, job_id: uuid.UUID) -> JobPublic:
+        """A failed or cancelled RD cycle again, as a new job (returned)."""
+        return self._read(JobPublic, "POST", f"/jobs/{job_id}/retry")
+
     # telemetry
 
     def telemetry(

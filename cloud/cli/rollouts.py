@@ -28,7 +28,7 @@ from cloud.cli.remote import (
 from cloud.exceptions import CloudError
 
 rollouts_app = typer.Typer(help="Rollouts: start, list, show, pause, resume, roll back, watch.")
-jobs_app = typer.Typer(help="Pipeline jobs: list, show, watch.")
+jobs_app = typer.Typer(help="Pipeline jobs: list, show, cancel, retry, watch.")
 TERMINAL_ROLLOUT = {"completed", "halted", "rolled_back"}
 TERMINAL_JOB = {"succeeded", "failed", "cancelled"}
 
@@ -222,6 +222,24 @@ def jobs_show(job_id: str, as_json: JsonOut = False, profile: Profile = None) ->
     with api(profile) as client:
         job = client.job(uuid_argument(job_id, "job"))
     emit(job, [*JOB_COLUMNS, ("result", lambda j: j.result)], as_json=as_json)
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: str, reason: Reason = "", as_json: JsonOut = False, profile: Profile = None) -> None:
+    """Cancel a pending or running job; a cycle's knowledge waits for the next one."""
+    key = uuid_argument(job_id, "job")
+    with api(profile) as client:
+        job = client.cancel_job(key, reason)
+    emit(job, JOB_COLUMNS, as_json=as_json)
+
+
+@jobs_app.command("retry")
+def jobs_retry(job_id: str, as_json: JsonOut = False, profile: Profile = None) -> None:
+    """Run a failed or cancelled RD cycle again, as a new job."""
+    key = uuid_argument(job_id, "job")
+    with api(profile) as client:
+        job = client.retry_job(key)
+    emit(job, JOB_COLUMNS, as_json=as_json, title=f"retry of {key}")
 
 
 @jobs_app.command("watch")

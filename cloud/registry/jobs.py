@@ -191,6 +191,21 @@ def finish(
     return job
 
 
+def cancel(session: Session, job_id: uuid.UUID, *, reason: str, now: datetime | None = None) -> Job:
+    """Cancel a pending or running job (ConflictError for a finished one). A running job's worker
+    finds out when it next renews its lease, and registers nothing: a cycle's knowledge stays
+    received, for the next one."""
+    job = get_job(session, job_id, for_update=True)
+    if job.state in FINISHED:
+        raise ConflictError(f"job {job_id} is already {job.state.value}")
+    job.state = JobState.cancelled
+    job.lease_owner = None
+    job.lease_until = None
+    job.error = reason[:2000]
+    job.finished_at = now or utcnow()
+    return job
+
+
 def list_jobs(
     session: Session,
     *,

@@ -31,6 +31,7 @@ class World:
     spare_key: str  # the id of a key to revoke
     to_roll_out: str = ""  # an approved model no call retires
     rollout_id: str = ""  # the rollout the create call started
+    job_id: str = ""  # the job the trigger call started
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,18 @@ def steer_rollout(action: str) -> Call:
 def trigger_job(client: TestClient, headers: dict[str, str], world: World) -> Expected:
     body = {"type": "rd_cycle", "cohort_id": "kitchen"}
     response = client.post("/api/v1/jobs", json=body, headers=headers)
-    return Expected(response, "job.trigger", response.json().get("id", ""))
+    world.job_id = response.json().get("id", "")
+    return Expected(response, "job.trigger", world.job_id)
+
+
+def cancel_job(client: TestClient, headers: dict[str, str], world: World) -> Expected:
+    response = client.post(f"/api/v1/jobs/{world.job_id}/cancel", headers=headers)
+    return Expected(response, "job.cancel", world.job_id)
+
+
+def retry_job(client: TestClient, headers: dict[str, str], world: World) -> Expected:
+    response = client.post(f"/api/v1/jobs/{world.job_id}/retry", headers=headers)
+    return Expected(response, "job.retry", response.json().get("id", ""))
 
 
 CALLS: dict[tuple[str, str], Call] = {
@@ -129,6 +141,8 @@ CALLS: dict[tuple[str, str], Call] = {
     ("POST", "/api/v1/api-keys"): create_key,
     ("POST", "/api/v1/api-keys/{key_id}/revoke"): revoke_key,
     ("POST", "/api/v1/jobs"): trigger_job,
+    ("POST", "/api/v1/jobs/{job_id}/cancel"): cancel_job,
+    ("POST", "/api/v1/jobs/{job_id}/retry"): retry_job,
     ("POST", "/api/v1/rollouts"): start_rollout,
     ("POST", "/api/v1/rollouts/{rollout_id}/pause"): steer_rollout("pause"),
     ("POST", "/api/v1/rollouts/{rollout_id}/resume"): steer_rollout("resume"),

@@ -163,3 +163,58 @@ def test_a_finished_cycle_job_shows_every_candidate_it_tried(
     assert one.json()["result"] == result
     assert listed.status_code == 200, listed.text
     assert [j["result"]["candidates"] for j in listed.json()["items"]] == [candidates]
+
+
+def test_a_running_cycle_is_cancelled_and_retried_as_a_new_queued_job(
+    client: TestClient, session: Session, settings: Settings, operator: dict[str, str]
+) -> None:
+    # Prepare: a cycle some worker runs, with a rollout plan
+    make_cohort(session)
+    running = jobs.create_job(
+        session, type="rd_cycle", cohort_id="kitchen", params={"rollout": {"canary": 2}}
+    )
+    jobs.claim(session, running.id, owner="worker-a", lease_s=60)
+    session.commit()
+
+    # Execute
+    cancelled = client.post(
+        f"/api/v1/jobs/{running.id}/cancel", json={"reason": "wrong data"}, headers=operator
+    )
+    again = client.post(f"/api/v1/jobs/{running.id}/cancel", headers=operator)
+    retried = client.post(f"/api/v1/jobs/{running.id}/retry", headers=operator)
+    twice = client.post(f"/api/v1/jobs/{running.id}/retry", headers=operator)
+
+    # Assert: the worker can no longer renew or finish it; the retry is a new job with the same plan
+    assert cancelled.status_code == 200, cancelled.text
+    assert cancelled.json()["state"] == "cancelled" and cancelled.json()["error"].endswith(": wrong data")
+    assert again.status_code == 409
+    session.expire_all()
+    assert not jobs.renew(session, running.id, owner="worker-a", lease_s=60)
+    assert retried.status_code == 202, retried.text
+    new = jobs.get_job(session, uuid.UUID(retried.json()["id"]))
+    assert new.params["retry_of"] == str(running.id) and new.params["rollout"] == {"canary": 2}
+    assert queued_jobs(settings) == [str(new.id)]
+    assert twice.status_code == 409 and str(new.id) in twice.json()["detail"]  # the cohort's open job
+    actions = {a.action for a in session.query(AuditLog).filter(AuditLog.action.like("job.%"))}
+    assert actions == {"job.cancel", "job.retry"}
+
+
+@pytest.mark.parametrize("state", [JobState.pending, JobState.succeeded])
+def test_only_a_failed_or_cancelled_cycle_is_retried(
+    client: TestClient, session: Session, operator: dict[str, str], viewer: dict[str, str], state: JobState
+) -> None:
+    make_cohort(session)
+    job = jobs.create_job(session, type="rd_cycle", cohort_id="kitchen")
+    if state is JobState.succeeded:
+        jobs.finish(session, job.id, state=state)
+    session.commit()
+
+    refused = client.post(f"/api/v1/jobs/{job.id}/retry", headers=operator)
+    as_viewer = client.post(f"/api/v1/jobs/{job.id}/cancel", headers=viewer)
+    unknown = client.post(f"/api/v1/jobs/{uuid.uuid4()}/cancel", headers=operator)
+
+    assert (
+        refused.status_code == 409 and "only a failed or cancelled rd_cycle job" in refused.json()["detail"]
+    )
+    assert as_viewer.status_code == 403
+    assert unknown.status_code == 404

@@ -22,7 +22,7 @@ from typer.testing import CliRunner, Result
 from cloud.artifacts import LocalArtifactStore
 from cloud.children import free_ports
 from cloud.cli.main import app as cli
-from cloud.registry import telemetry
+from cloud.registry import jobs, telemetry
 from cloud.registry.tables import Role
 from tests.cloud.factories import make_cloud_model, make_edge_model
 from tests.cloud.pipeline.rollout_fleet import kitchen_fleet
@@ -308,3 +308,23 @@ def test_a_command_to_an_offline_device_waits_and_is_listed(
     assert [(c["command"], c["state"]) for c in listed] == [("run_rd", "pending"), ("report_now", "pending")]
     assert unknown.exit_code == 2 and unknown.stderr.startswith("error: 422 Unprocessable")
     assert too_short.exit_code == 2 and "Traceback" not in too_short.output
+
+
+def test_a_job_is_cancelled_and_retried(
+    env: dict[str, str], session: Session, store: LocalArtifactStore
+) -> None:
+    # Prepare: an RD cycle a worker runs
+    kitchen_fleet(session, store, [])
+    running = jobs.create_job(session, type="rd_cycle", cohort_id="kitchen")
+    jobs.claim(session, running.id, owner="worker-a", lease_s=60)
+    session.commit()
+
+    # Execute
+    cancelled = as_json(diredi(env, "jobs", "cancel", str(running.id), "--reason", "wrong data", "--json"))
+    retried = as_json(diredi(env, "jobs", "retry", str(running.id), "--json"))
+    refused = diredi(env, "jobs", "retry", str(running.id))
+
+    # Assert
+    assert cancelled["state"] == "cancelled" and cancelled["error"].endswith("wrong data")
+    assert retried["state"] == "pending" and retried["params"]["retry_of"] == str(running.id)
+    assert refused.exit_code == 2 and refused.stderr.startswith("error: 409 Conflict: ")
