@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -55,19 +56,20 @@ def export_line(attempts: list[dict[str, Any]]) -> str:
 
 
 def accuracy_table(result: SimResult) -> Table:
-    """Accuracy of every model on each user's world, int8 as deployed."""
-    table = Table(title=f"DiReDi on {result.scenario}: accuracy (%) on each user's world, int8 models")
-    for col in (
-        "user",
-        "edge v1",
-        "device-only",
-        "DiReDi v2",
-        "raw upload",
-        "oracle",
-        "DiReDi+DP (ε)",
-        "gap closed",
-    ):
-        table.add_column(col, justify="right" if col != "user" else "left")
+    """Accuracy of every model on each user's world, int8 as deployed (fits 80 columns)."""
+    epsilons = sorted({u["dp_epsilon"] for u in result.users})
+    table = Table(
+        title=f"DiReDi on {result.scenario}: accuracy (%) on each user's world, int8",
+        caption="v1: the manufacturer's edge model; device: fine-tuned on the device alone; v2: DiReDi's; "
+        "raw: the cloud fed the raw private data; DP: DiReDi with local DP, ε = "
+        + ", ".join(f"{e:g}" for e in epsilons)
+        + " per report; gap: the share of the gap from v1 to the oracle that v2 closed",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
+    table.add_column("user", no_wrap=True, max_width=18, overflow="ellipsis")
+    for col in ("v1", "device", "v2", "raw", "oracle", "DP", "gap"):
+        table.add_column(col, justify="right", no_wrap=True)
     for u in result.users:
         table.add_row(
             u["id"],
@@ -76,33 +78,34 @@ def accuracy_table(result: SimResult) -> Table:
             _pct(u["acc_v2"]),
             _pct(u["acc_raw"]),
             _pct(u["acc_oracle"]),
-            f"{_pct(u['acc_dp'])} ({u['dp_epsilon']:g})",
+            _pct(u["acc_dp"]),
             _gap(u),
         )
     return table
 
 
 def detail_table(result: SimResult) -> Table:
-    """Untouched classes, bytes uploaded, cycle time and the gate's verdict per user."""
-    table = Table(title="Untouched classes, upload size and the gate")
-    for col in (
-        "user",
-        "untouched v1→v2",
-        "knowledge B",
-        "edge weights B",
-        "raw data B",
-        "knowledge→approved",
-        "gate",
-    ):
-        table.add_column(col)
+    """Untouched classes, bytes uploaded, cycle time and the gate's verdict per user (fits 80 columns)."""
+    table = Table(
+        title="Untouched classes, upload size and the gate",
+        caption="untouched: accuracy (%) on the classes the user did not change, v1→v2; report B: the "
+        "knowledge report's size; weights ×, raw ×: the edge model's weights and the user's raw private "
+        "data, in multiples of it; approval: seconds from the report's arrival to the approved model",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
+    table.add_column("user", no_wrap=True, max_width=14, overflow="ellipsis")
+    for col in ("untouched", "report B", "weights ×", "raw ×", "approval", "gate"):
+        table.add_column(col, justify="right" if col != "gate" else "left", no_wrap=True)
     for u in result.users:
         seconds = u["knowledge_to_approved_s"]
+        knowledge = max(u["knowledge_bytes"], 1)
         table.add_row(
             u["id"],
-            f"{_pct(u['untouched_acc_v1'])} → {_pct(u['untouched_acc_v2'])}",
+            f"{_pct(u['untouched_acc_v1'])}→{_pct(u['untouched_acc_v2'])}",
             f"{u['knowledge_bytes']:,}",
-            f"{u['edge_weights_bytes']:,} (1/{u['edge_weights_bytes'] / max(u['knowledge_bytes'], 1):.0f})",
-            f"{u['raw_private_bytes']:,} (1/{u['raw_private_bytes'] / max(u['knowledge_bytes'], 1):.1f})",
+            f"{u['edge_weights_bytes'] / knowledge:.0f}",
+            f"{u['raw_private_bytes'] / knowledge:.0f}",
             "—" if seconds is None else f"{seconds:.1f} s",
             u["gate"]["outcome"],
         )
@@ -112,7 +115,9 @@ def detail_table(result: SimResult) -> Table:
 def int8_table(result: SimResult) -> Table:
     """The base edge model, float vs int8."""
     q = result.int8
-    table = Table(title="Edge model: float32 vs int8 (presumed test split)")
+    table = Table(
+        title="Edge model: float32 vs int8 (presumed test split)", box=box.SIMPLE_HEAD, pad_edge=False
+    )
     for col in ("", "accuracy %", "weight tensors B", "file B"):
         table.add_column(col, justify="right")
     table.add_row(
@@ -165,25 +170,33 @@ def write_plot(result: SimResult, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    epsilons = ", ".join(f"{e:g}" for e in sorted({u["dp_epsilon"] for u in result.users}))
     series: list[tuple[str, str]] = [
         ("edge v1", "acc_v1"),
         ("device-only", "acc_local"),
         ("DiReDi v2", "acc_v2"),
         ("raw upload", "acc_raw"),
         ("oracle", "acc_oracle"),
-        ("DiReDi + DP", "acc_dp"),
+        (f"DiReDi + DP (ε = {epsilons})", "acc_dp"),
     ]
     users = result.users
     width = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(max(6, 2.5 * len(users)), 4))
+    measured = [100 * u[key] for u in users for _, key in series if u[key] is not None]
+    # The axis starts a little below the lowest bar, so the differences the plot is about show.
+    low = max(0.0, 10 * (min(measured, default=50.0) // 10) - 10)
+    fig, ax = plt.subplots(figsize=(max(7, 3 * len(users)), 4.8))
     for i, (label, key) in enumerate(series):
         values: list[Any] = [100 * (u[key] or 0.0) for u in users]
-        ax.bar([j + i * width for j in range(len(users))], values, width, label=label)
+        bars = ax.bar([j + i * width for j in range(len(users))], values, width, label=label)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7, rotation=90, padding=2)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(users))], [u["id"] for u in users])
     ax.set_ylabel("accuracy on the user's world (%)")
-    ax.set_ylim(50, 100)
-    ax.set_title(f"DiReDi on {result.scenario}")
-    ax.legend(fontsize="small", ncol=3, loc="lower center")
+    ax.set_ylim(low, 104)  # room above 100 for the labels
+    ax.set_yticks(range(int(low), 101, 5 if 100 - low <= 30 else 10))
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title(f"DiReDi on {result.scenario} (int8 models)")
+    # Below the axes, never over the bars.
+    ax.legend(fontsize="small", ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
