@@ -254,6 +254,8 @@ def test_a_checked_publish_is_an_error_within_the_deadline_when_the_broker_is_go
                 connection.publish(device_topic(device_id, MessageKind.STATUS), b"{}", timeout=3)
                 time.sleep(0.05)
         elapsed = time.monotonic() - started
+        # paho marks the link down before its network thread calls on_disconnect: wait for that call
+        wait_until(lambda: drops, 10, "on_disconnect was not called")
     finally:
         connection.close()
         broker.start()
