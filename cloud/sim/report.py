@@ -180,14 +180,16 @@ def write_plot(result: SimResult, path: Path) -> None:
         (f"DiReDi + DP (ε = {epsilons})", "acc_dp"),
     ]
     users = result.users
+    series = [(label, key) for label, key in series if any(u[key] is not None for u in users)]  # run
     width = 0.8 / len(series)
     measured = [100 * u[key] for u in users for _, key in series if u[key] is not None]
     # The axis starts a little below the lowest bar, so the differences the plot is about show.
     low = max(0.0, 10 * (min(measured, default=50.0) // 10) - 10)
     fig, ax = plt.subplots(figsize=(max(7, 3 * len(users)), 4.8))
     for i, (label, key) in enumerate(series):
-        values: list[Any] = [100 * (u[key] or 0.0) for u in users]
-        bars = ax.bar([j + i * width for j in range(len(users))], values, width, label=label)
+        shown = [(j, 100 * u[key]) for j, u in enumerate(users) if u[key] is not None]  # None: not run
+        positions: list[Any] = [j + i * width for j, _ in shown]
+        bars = ax.bar(positions, [value for _, value in shown], width, label=label)
         ax.bar_label(bars, fmt="%.1f", fontsize=7, rotation=90, padding=2)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(users))], [u["id"] for u in users])
     ax.set_ylabel("accuracy on the user's world (%)")

@@ -153,7 +153,7 @@ def test_cli_writes_json_and_plot_and_is_deterministic(result: dict[str, Any], t
     # Assert: same figures as the in-process run (only timings and the skipped baseline differ), a
     # table, a PNG
     assert run.exit_code == 0, run.output
-    assert "DiReDi v2" in run.output
+    assert "accuracy (%) on each user's world" in run.output and "oracle" in run.output
     again = json.loads(out.read_text())
     assert all(u["acc_raw"] is None for u in again["users"])
     expected = [u | {"acc_raw": None} for u in json.loads(json.dumps(result["users"]))]
