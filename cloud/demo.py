@@ -303,7 +303,7 @@ class Demo:
         api, uid = self.api, device.user
         status = api.call("GET", f"/api/v1/devices/{device.device_id}")
         running = status.get("reported_model_id")
-        telemetry = api.call("GET", f"/api/v1/telemetry?device_id={device.device_id}&limit=10000")
+        telemetry = api.call("GET", f"/api/v1/telemetry?device_id={device.device_id}&limit=10000")["items"]
         device.acc_v1, device.windows_v1 = _mean_accuracy(telemetry, device.v1)
         if running is None:
             self.progress(uid, 2, f"installing {device.v1}")

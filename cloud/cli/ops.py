@@ -38,10 +38,9 @@ def _settings() -> Settings:
         return Settings()
     except ValidationError as exc:
         first = exc.errors()[0]
-        name = f"DIREDI_{str(first['loc'][0]).upper()}" if first["loc"] else "a setting"
-        raise fail(
-            CloudError(f"invalid setting {name}: {first['msg'].removeprefix('Value error, ')}")
-        ) from None
+        field = str(first["loc"][0]) if first["loc"] else "?"
+        why = first["msg"].removeprefix("Value error, ")
+        raise fail(CloudError(f"invalid setting {field} (DIREDI_{field.upper()}): {why}")) from None
 
 
 def _fail(exc: Exception) -> typer.Exit:
