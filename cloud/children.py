@@ -24,8 +24,9 @@ from cloud.settings import Settings
 
 TAIL_LINES = 20
 
-# A child runs `diredi <args>`; it asks the kernel for SIGTERM when the thread that started it ends, and
-# exits if that already happened (between fork and prctl). No preexec_fn: the parent has threads.
+# A child runs `diredi <args>` (through its entry point: its errors are one line too); it asks the kernel
+# for SIGTERM when the thread that started it ends, and exits if that already happened (between fork
+# and prctl). No preexec_fn: the parent has threads.
 _CHILD = """\
 import os, signal, sys
 parent = int(sys.argv.pop(1))
@@ -34,8 +35,8 @@ if sys.platform == "linux":
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 if os.getppid() != parent:
     sys.exit(0)
-from cloud.cli.main import app
-app()
+from cloud.cli.main import main
+main()
 """
 
 
