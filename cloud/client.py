@@ -325,11 +325,13 @@ class FleetClient:
         *,
         plan: Mapping[str, Any] | None = None,
         device_ids: list[str] | None = None,
+        selector: str | None = None,
     ) -> RolloutPublic:
-        """Start a staged rollout of an approved edge model to its cohort (or to `device_ids`, the
-        first of them the canary)."""
+        """Start a staged rollout of an approved edge model to its cohort, to `device_ids` (the first
+        of them the canary), or to the devices whose labels `selector` matches, resolved again before
+        each wave."""
         body: dict[str, Any] = {"model_id": model_id}
-        for name, value in (("plan", plan), ("device_ids", device_ids)):
+        for name, value in (("plan", plan), ("device_ids", device_ids), ("selector", selector)):
             if value is not None:
                 body[name] = value
         return self._read(RolloutPublic, "POST", "/rollouts", json=body)

@@ -9,7 +9,9 @@ import orjson
 from fastapi import Response
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+from cloud.exceptions import InvalidValueError
 from cloud.pipeline.rollout_checks import RolloutPlan
+from cloud.registry import labels
 from cloud.registry.tables import (
     BrokerSync,
     CommandState,
@@ -20,6 +22,7 @@ from cloud.registry.tables import (
     ModelStatus,
     Presence,
     Role,
+    RolloutScope,
     RolloutState,
     TargetState,
 )
@@ -31,6 +34,18 @@ T = TypeVar("T")
 Slug = Annotated[str, StringConstraints(pattern=DEVICE_ID_PATTERN)]
 Label = Annotated[str, StringConstraints(max_length=128)]
 Reason = Annotated[str, StringConstraints(max_length=1000)]
+
+
+def _parses_as_selector(text: str) -> str:
+    try:
+        labels.parse_selector(text)
+    except InvalidValueError as exc:
+        raise ValueError(str(exc)) from None
+    return text
+
+
+# A label selector: `key=value`, `key!=value`, `key` (has it), `!key`, comma-separated, all must match.
+Selector = Annotated[str, StringConstraints(max_length=1200), AfterValidator(_parses_as_selector)]
 
 
 def _has_nul(value: Any) -> bool:
@@ -262,6 +277,8 @@ class RolloutPublic(Output):
     cohort_id: str
     model_id: str
     state: RolloutState
+    scope: RolloutScope = Field(description="cohort, devices (a list) or selector (labels)")
+    selector: str | None = Field(description="the label selector of a selector rollout")
     waves: dict[str, Any]
     current_wave: int
     reason: str
@@ -282,6 +299,18 @@ class RolloutCreate(Input):
         description="these devices, in this order (the first are the canary); default: the cohort's "
         "active devices, those online first",
     )
+    selector: Selector | None = Field(
+        None,
+        examples=["site=lab-2,tier!=beta"],
+        description="the cohort's active devices whose labels match (resolved again before each wave, "
+        "so devices that join the group while it runs get the model too); not with device_ids",
+    )
+
+    @model_validator(mode="after")
+    def _one_scope(self) -> "RolloutCreate":
+        if self.device_ids is not None and self.selector is not None:
+            raise ValueError("a rollout is for a list of devices or for a label selector, not both")
+        return self
 
 
 class RolloutTargetPublic(Output):

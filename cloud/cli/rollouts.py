@@ -37,6 +37,7 @@ ROLLOUT_COLUMNS: list[Column] = [
     ("id", lambda r: r.id),
     ("cohort", lambda r: r.cohort_id),
     ("model", lambda r: r.model_id),
+    ("for", lambda r: r.selector or r.scope),
     ("state", lambda r: r.state),
     ("wave", lambda r: r.current_wave),
     ("progress", lambda r: f"{r.progress:.0%}"),
@@ -53,7 +54,11 @@ def rollouts_create(
     ] = None,
     selector: Annotated[
         str | None,
-        typer.Option("--selector", "-l", help="The devices of the model's cohort these labels select."),
+        typer.Option(
+            "--selector",
+            "-l",
+            help="The devices of the model's cohort these labels select, resolved again before each wave.",
+        ),
     ] = None,
     plan: Annotated[Path | None, typer.Option(help="A JSON file of waves and halt thresholds.")] = None,
     as_json: JsonOut = False,
@@ -65,17 +70,9 @@ def rollouts_create(
         raise fail(CloudError("--device and --selector exclude each other"), ExitCode.ERROR)
     waves = _plan(plan) if plan is not None else None
     with api(profile) as client:
-        device_ids = list(device) if device else None
-        if selector is not None:
-            cohort = client.model(model_id).cohort_id
-            device_ids = [
-                d.id for d in client.all_devices(cohort_id=cohort, status="active", selector=selector)
-            ]
-            if not device_ids:
-                raise fail(
-                    CloudError(f"no active device of cohort {cohort} matches {selector!r}"), ExitCode.ERROR
-                )
-        rollout = client.start_rollout(model_id, plan=waves, device_ids=device_ids)
+        rollout = client.start_rollout(
+            model_id, plan=waves, device_ids=list(device) if device else None, selector=selector
+        )
     emit(rollout, ROLLOUT_COLUMNS, as_json=as_json, title="rollout started")
 
 

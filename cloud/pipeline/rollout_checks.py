@@ -181,3 +181,36 @@ def _paired(
 
 def _float(value: Any) -> float | None:
     return None if value is None else float(value)
+
+
+# --- the plan document stored in `Rollout.waves`: {"plan": RolloutPlan, "stages": [one per wave]} ------
+
+
+def plan_of(rollout: Rollout) -> RolloutPlan:
+    """The rollout's plan; one stored without a plan (made by the registry alone) has the defaults."""
+    return RolloutPlan.model_validate(rollout.waves.get("plan") or {})
+
+
+def new_stage(size: int) -> dict[str, Any]:
+    """A wave's stage before it is offered: its size, and when it was offered and settled, and its health."""
+    return {"size": size, "offered_at": None, "settled_at": None, "health": None}
+
+
+def stage_of(rollout: Rollout, wave: int) -> dict[str, Any]:
+    """A copy of the wave's stage ({} for a wave with none)."""
+    stages = rollout.waves.get("stages") or []
+    return dict(stages[wave]) if wave < len(stages) else {}
+
+
+def set_stage(rollout: Rollout, wave: int, **values: Any) -> None:
+    """Set values of the wave's stage."""
+    # A new dict for the JSON column: changing it in place would not be noticed by the ORM.
+    stages = [dict(s) for s in rollout.waves.get("stages") or []]
+    stages += [{} for _ in range(wave + 1 - len(stages))]
+    stages[wave] = {**stages[wave], **values}
+    rollout.waves = {**rollout.waves, "stages": stages}
+
+
+def parse_time(value: Any) -> datetime | None:
+    """A time stored in a stage (ISO 8601), or None."""
+    return datetime.fromisoformat(value) if isinstance(value, str) else None

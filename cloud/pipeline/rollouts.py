@@ -9,6 +9,10 @@ desired models are published, then it commits. A crash between a publish and the
 registry as it was, and the next pass publishes the same decision again (a retained desired model
 published twice is harmless: the device already running it does nothing).
 
+Which devices a rollout is for (`RolloutScope`): the cohort's, a list, or those a label selector
+matches, resolved again before each wave. Only a completed cohort-wide rollout sets the cohort's
+current model, which `reconcile_desired` gives the devices outside later rollouts.
+
 A little over the house's 450 lines: the session functions and the pass share the row locking and the
 wave logic, which split across modules would have to be exported to each other.
 """
@@ -18,13 +22,21 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Protocol
+from typing import Protocol
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from cloud.exceptions import ConflictError, RegistryError
-from cloud.pipeline.rollout_checks import RolloutPlan, wave_health
-from cloud.registry.models import edge_manifest, get_model
+from cloud.exceptions import ConflictError, InvalidValueError, RegistryError
+from cloud.pipeline.rollout_checks import (
+    RolloutPlan,
+    new_stage,
+    parse_time,
+    plan_of,
+    set_stage,
+    stage_of,
+    wave_health,
+)
+from cloud.registry.models import ModelCache, edge_manifest, get_model
 from cloud.registry.rollouts import (
     active_device_of,
     canaries_first,
@@ -33,6 +45,7 @@ from cloud.registry.rollouts import (
     current_rollout,
     devices_by_id,
     devices_to_reconcile,
+    latest_completed,
     lock_cohort,
     lock_rollout,
     offered_count,
@@ -42,17 +55,16 @@ from cloud.registry.rollouts import (
 )
 from cloud.registry.tables import (
     DeviceStatus,
-    Model,
     ModelKind,
     ModelStatus,
     Rollout,
+    RolloutScope,
     RolloutState,
     RolloutTarget,
     TargetState,
     utcnow,
 )
 from cloud.signing import Desired
-from wire.manifest import ArtifactManifest
 
 __all__ = [
     "DesiredPublisher",
@@ -103,10 +115,16 @@ def start_rollout(
     plan: RolloutPlan | None = None,
     created_by: str,
     device_ids: Sequence[str] | None = None,
+    selector: str | None = None,
 ) -> Rollout:
-    """Plan a rollout of an approved edge model to its cohort's active devices (or to `device_ids`, in
-    that order), canary first; devices already running the model are left out. One open rollout per
-    cohort at a time. The next pass of `advance_rollouts` offers the first wave."""
+    """Plan a rollout of an approved edge model to its cohort's active devices, or to `device_ids` (in
+    that order), or to those whose labels `selector` matches (resolved again before each later wave,
+    so that devices that join the group while it runs get the model too); canary first, and devices
+    already running the model are left out. One open rollout per cohort at a time. Only a cohort-wide
+    rollout, once completed, makes its model the cohort's current one. The next pass of
+    `advance_rollouts` offers the first wave."""
+    if device_ids is not None and selector is not None:
+        raise InvalidValueError("a rollout is for a list of devices or for a label selector, not both")
     plan = plan or RolloutPlan()
     model = get_model(session, model_id)
     if model.kind is not ModelKind.edge or model.status is not ModelStatus.approved:
@@ -117,17 +135,35 @@ def start_rollout(
         raise ConflictError(
             f"cohort {model.cohort_id} already has an open rollout {busy}; let it finish or roll it back"
         )
-    if device_ids is None:
-        devices = canaries_first(session, model.cohort_id)
-    else:
+    if selector is not None:
+        scope, devices = RolloutScope.selector, canaries_first(session, model.cohort_id, selector=selector)
+        if not devices:
+            raise ConflictError(f"no active device of cohort {model.cohort_id} matches {selector!r}")
+    elif device_ids is not None:
+        scope = RolloutScope.devices
         devices = [active_device_of(session, d, model.cohort_id) for d in dict.fromkeys(device_ids)]
+    else:
+        scope, devices = RolloutScope.cohort, canaries_first(session, model.cohort_id)
     eligible = [d.id for d in devices if d.reported_model_id != model_id]
     waves = plan.split(eligible)
-    stages = [{"size": len(w), "offered_at": None, "settled_at": None, "health": None} for w in waves]
+    stages = [new_stage(len(w)) for w in waves]
     document = {"plan": plan.model_dump(mode="json"), "stages": stages}
-    rollout = create_rollout(session, model_id=model_id, waves=waves, created_by=created_by, plan=document)
+    rollout = create_rollout(
+        session,
+        model_id=model_id,
+        waves=waves,
+        created_by=created_by,
+        plan=document,
+        scope=scope,
+        selector=selector,
+    )
     log.info(
-        "rollout %s of %s planned: %s devices in %s waves", rollout.id, model_id, len(eligible), len(waves)
+        "rollout %s of %s planned (%s): %s devices in %s waves",
+        rollout.id,
+        model_id,
+        scope.value if selector is None else f"selector {selector!r}",
+        len(eligible),
+        len(waves),
     )
     return rollout
 
@@ -159,12 +195,16 @@ def request_rollback(
     session: Session, rollout_id: uuid.UUID, *, requested_by: str, reason: str = ""
 ) -> Rollout:
     """Halt the rollout; the next pass sends every device it reached back to its previous model. A
-    completed rollout can be rolled back while it is its cohort's current one and nothing newer is open."""
+    completed rollout can be rolled back while it is its cohort's latest completed one and nothing newer
+    is open."""
     rollout = lock_rollout(session, rollout_id)
     if rollout.state is RolloutState.completed:
         lock_cohort(session, rollout.cohort_id)
-        if current_rollout(session, rollout.cohort_id) != rollout.id:
-            raise ConflictError(f"rollout {rollout_id} is no longer its cohort's current rollout")
+        if latest_completed(session, rollout.cohort_id) != rollout.id:
+            raise ConflictError(
+                f"rollout {rollout_id} is no longer its cohort's latest completed rollout; "
+                "roll back the later ones first"
+            )
         other = open_rollout(session, rollout.cohort_id)
         if other is not None:
             raise ConflictError(
@@ -178,9 +218,10 @@ def request_rollback(
 
 
 def current_model(session: Session, cohort_id: str) -> str | None:
-    """The cohort's approved model: that of its latest completed rollout (None before the first)."""
-    rollout_id = current_rollout(session, cohort_id)
-    return None if rollout_id is None else session.get_one(Rollout, rollout_id).model_id
+    """The cohort's current model: that of its latest completed cohort-wide rollout (None before the
+    first)."""
+    rollout = current_rollout(session, cohort_id)
+    return None if rollout is None else rollout.model_id
 
 
 # --- the worker's side: one pass -------------------------------------------------------------------
@@ -229,7 +270,7 @@ def _advance(
         return _roll_back(session, publisher, rollout)
     if rollout.state not in ADVANCED:  # paused or finished since the list was read
         return None
-    plan = _plan(rollout)
+    plan = plan_of(rollout)
     targets = targets_of(session, rollout.id, by="wave")
     if not targets:  # every device already ran the model: it is the cohort's approved model now
         rollout.state, rollout.reason = RolloutState.completed, "no device needed the model"
@@ -249,11 +290,14 @@ def _advance(
             return _roll_back(session, publisher, rollout)
         if not verdict.ready:
             return None
-        if wave_no >= last_wave:
+        joined = _join(session, rollout, targets, wave_no + 1)
+        if wave_no >= last_wave and not joined:
             rollout.state = RolloutState.completed
             rollout.reason = ""
             log.info("rollout %s of %s completed", rollout.id, rollout.model_id)
             return Step(rollout.id, rollout.state, wave_no, note="completed")
+        targets += joined
+        last_wave = max(last_wave, wave_no + 1)
         rollout.current_wave = wave_no + 1
         log.info("rollout %s: wave %s done, wave %s next", rollout.id, wave_no, wave_no + 1)
 
@@ -270,12 +314,17 @@ def _offer(
     manifest = edge_manifest(model)
     pending = [t for t in wave if t.state is TargetState.pending]
     devices = devices_by_id(session, [t.device_id for t in pending])
-    models = _ModelCache(session)
+    in_group = _in_group(session, rollout)
+    models = ModelCache(session)
     to_publish: list[Desired] = []
     for target in pending:
         device = devices[target.device_id]
         if device.status is not DeviceStatus.active:  # revoked since the rollout was planned
             log.info("rollout %s: %s is revoked, left out", rollout.id, device.id)
+            session.delete(target)
+            continue
+        if in_group is not None and device.id not in in_group:  # its labels changed since
+            log.info("rollout %s: %s no longer matches %r, left out", rollout.id, device.id, rollout.selector)
             session.delete(target)
             continue
         if device.reported_model_id == model.id:  # it got the model some other way: it would not ack
@@ -287,10 +336,10 @@ def _offer(
         device.desired_model_id = model.id
         to_publish.append(Desired(device.id, manifest, models.rollback_of(model, device.reported_model_id)))
     rollout.state = RolloutState.running
-    _set_stage(
+    set_stage(
         rollout,
         rollout.current_wave,
-        offered_at=_stage(rollout, rollout.current_wave).get("offered_at") or now.isoformat(),
+        offered_at=stage_of(rollout, rollout.current_wave).get("offered_at") or now.isoformat(),
     )
     session.flush()  # the rows are locked before any device hears of them (its ack waits for the commit)
     if to_publish:
@@ -311,8 +360,8 @@ def _judge(
     session: Session, rollout: Rollout, plan: RolloutPlan, wave: Sequence[RolloutTarget], now: datetime
 ) -> _Verdict:
     wave_no = rollout.current_wave
-    stage = _stage(rollout, wave_no)
-    offered_at = _time(stage.get("offered_at")) or now
+    stage = stage_of(rollout, wave_no)
+    offered_at = parse_time(stage.get("offered_at")) or now
     failed = [t for t in wave if t.state in FAILED]
     if len(failed) > plan.max_failed_fraction * len(wave):
         reasons = "; ".join(f"{t.device_id}: {t.reason or t.state.value}" for t in failed[:5])
@@ -322,16 +371,16 @@ def _judge(
         )
     health = wave_health(session, rollout, plan, offered_at)
     if health.as_json() != stage.get("health"):
-        _set_stage(rollout, wave_no, health=health.as_json())
+        set_stage(rollout, wave_no, health=health.as_json())
     if health.degraded:
         return _Verdict(halt=f"wave {wave_no}: {health.degraded}")
     answered = all(t.state is not TargetState.offered for t in wave)
     if not answered and now < offered_at + timedelta(seconds=plan.wave_timeout_s):
         return _Verdict()
-    settled_at = _time(stage.get("settled_at"))
+    settled_at = parse_time(stage.get("settled_at"))
     if settled_at is None:
         settled_at = now
-        _set_stage(rollout, wave_no, settled_at=now.isoformat())
+        set_stage(rollout, wave_no, settled_at=now.isoformat())
     observed = settled_at + timedelta(seconds=plan.observe_s)
     if now < observed:
         return _Verdict()
@@ -347,7 +396,7 @@ def _roll_back(session: Session, publisher: DesiredPublisher, rollout: Rollout) 
     targets = targets_of(session, rollout.id, by="device")
     reached = [t for t in targets if t.state is not TargetState.pending]
     devices = devices_by_id(session, [t.device_id for t in reached])
-    models = _ModelCache(session)
+    models = ModelCache(session)
     to_publish: list[Desired] = []
     for target in targets:
         if target.state is TargetState.pending:
@@ -381,13 +430,14 @@ def _roll_back(session: Session, publisher: DesiredPublisher, rollout: Rollout) 
 
 
 def _reconcile_cohort(session: Session, publisher: DesiredPublisher, cohort_id: str) -> int:
-    model_id = current_model(session, cohort_id)
-    if model_id is None:
+    current = current_rollout(session, cohort_id)
+    if current is None:
         return 0
-    devices = devices_to_reconcile(session, cohort_id, model_id)
+    model_id = current.model_id
+    devices = devices_to_reconcile(session, current)
     if not devices:
         return 0
-    models = _ModelCache(session)
+    models = ModelCache(session)
     model = models.get(model_id)
     assert model is not None  # noqa: S101 - a rollout's model is a foreign key
     manifest = edge_manifest(model)
@@ -404,53 +454,37 @@ def _reconcile_cohort(session: Session, publisher: DesiredPublisher, cohort_id: 
 # --- helpers -------------------------------------------------------------------------------------
 
 
-class _ModelCache:
-    """Models by id, each read once per transaction."""
-
-    def __init__(self, session: Session) -> None:
-        self.session = session
-        self._models: dict[str, Model | None] = {}
-
-    def get(self, model_id: str | None) -> Model | None:
-        if model_id is None:
-            return None
-        if model_id not in self._models:
-            self._models[model_id] = self.session.get(Model, model_id)
-        return self._models[model_id]
-
-    def manifest(self, model_id: str | None) -> ArtifactManifest | None:
-        """The manifest of an edge model, or None (no model, or not an edge model)."""
-        model = self.get(model_id)
-        if model is None or model.kind is not ModelKind.edge or model.manifest is None:
-            return None
-        return edge_manifest(model)
-
-    def rollback_of(self, target: Model, running_id: str | None) -> str | None:
-        """The running model when `target` is an older version of its line (a device refuses a
-        downgrade that does not say which model it rolls back), else None."""
-        running = self.get(running_id)
-        if running is None or running.cohort_id != target.cohort_id or running.kind is not target.kind:
-            return None
-        return running.id if running.version > target.version else None
+def _in_group(session: Session, rollout: Rollout) -> set[str] | None:
+    """The ids of the devices a selector rollout's selector matches now (None for other rollouts)."""
+    if rollout.scope is not RolloutScope.selector or rollout.selector is None:
+        return None
+    return {d.id for d in canaries_first(session, rollout.cohort_id, selector=rollout.selector)}
 
 
-def _plan(rollout: Rollout) -> RolloutPlan:
-    """The rollout's plan; one stored without a plan (made by the registry alone) has the defaults."""
-    return RolloutPlan.model_validate(rollout.waves.get("plan") or {})
-
-
-def _stage(rollout: Rollout, wave: int) -> dict[str, Any]:
-    stages = rollout.waves.get("stages") or []
-    return dict(stages[wave]) if wave < len(stages) else {}
-
-
-def _set_stage(rollout: Rollout, wave: int, **values: Any) -> None:
-    # A new dict for the JSON column: changing it in place would not be noticed by the ORM.
-    stages = [dict(s) for s in rollout.waves.get("stages") or []]
-    stages += [{} for _ in range(wave + 1 - len(stages))]
-    stages[wave] = {**stages[wave], **values}
-    rollout.waves = {**rollout.waves, "stages": stages}
-
-
-def _time(value: Any) -> datetime | None:
-    return datetime.fromisoformat(value) if isinstance(value, str) else None
+def _join(
+    session: Session, rollout: Rollout, targets: Sequence[RolloutTarget], wave: int
+) -> list[RolloutTarget]:
+    """The devices that joined a selector rollout's group since it was resolved, as new targets of
+    `wave` (the next one to be offered); none for other rollouts."""
+    if rollout.scope is not RolloutScope.selector or rollout.selector is None:
+        return []
+    known = {t.device_id for t in targets}
+    devices = canaries_first(session, rollout.cohort_id, selector=rollout.selector)
+    joined = [
+        RolloutTarget(
+            rollout_id=rollout.id,
+            device_id=d.id,
+            wave=wave,
+            state=TargetState.pending,
+            reason="",
+            previous_model_id=d.reported_model_id,
+        )
+        for d in devices
+        if d.id not in known and d.reported_model_id != rollout.model_id
+    ]
+    if joined:
+        session.add_all(joined)
+        size = sum(1 for t in targets if t.wave == wave) + len(joined)
+        set_stage(rollout, wave, **{**new_stage(size), **stage_of(rollout, wave), "size": size})
+        log.info("rollout %s: %s devices joined %r", rollout.id, len(joined), rollout.selector)
+    return joined

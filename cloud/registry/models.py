@@ -176,3 +176,33 @@ def edge_manifest(model: Model) -> ArtifactManifest:
     if model.kind is not ModelKind.edge or model.manifest is None:
         raise ConflictError(f"model {model.id} is not an edge model with a manifest")
     return ArtifactManifest.model_validate(model.manifest)
+
+
+class ModelCache:
+    """Models by id, each read once per session (a rollout pass reads the same few many times)."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self._models: dict[str, Model | None] = {}
+
+    def get(self, model_id: str | None) -> Model | None:
+        if model_id is None:
+            return None
+        if model_id not in self._models:
+            self._models[model_id] = self.session.get(Model, model_id)
+        return self._models[model_id]
+
+    def manifest(self, model_id: str | None) -> ArtifactManifest | None:
+        """The manifest of an edge model, or None (no model, or not an edge model)."""
+        model = self.get(model_id)
+        if model is None or model.kind is not ModelKind.edge or model.manifest is None:
+            return None
+        return edge_manifest(model)
+
+    def rollback_of(self, target: Model, running_id: str | None) -> str | None:
+        """The running model when `target` is an older version of its line (a device refuses a
+        downgrade that does not say which model it rolls back), else None."""
+        running = self.get(running_id)
+        if running is None or running.cohort_id != target.cohort_id or running.kind is not target.kind:
+            return None
+        return running.id if running.version > target.version else None

@@ -8,6 +8,7 @@ from sqlalchemy import Select, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from cloud.exceptions import ConflictError, NotFoundError
+from cloud.registry import labels
 from cloud.registry.common import paginate
 from cloud.registry.devices import get_device
 from cloud.registry.models import get_model
@@ -19,6 +20,7 @@ from cloud.registry.tables import (
     ModelStatus,
     Presence,
     Rollout,
+    RolloutScope,
     RolloutState,
     RolloutTarget,
     TargetState,
@@ -35,8 +37,11 @@ def create_rollout(
     waves: Sequence[Sequence[str]],
     created_by: str,
     plan: dict[str, Any] | None = None,
+    scope: RolloutScope = RolloutScope.cohort,
+    selector: str | None = None,
 ) -> Rollout:
-    """A pending rollout of an approved edge model to the given waves of devices (wave 0 is the canary)."""
+    """A pending rollout of an approved edge model to the given waves of devices (wave 0 is the canary);
+    `scope` says which devices it is for (with the `selector` of a selector rollout)."""
     model = get_model(session, model_id)
     if model.kind is not ModelKind.edge or model.status is not ModelStatus.approved:
         raise ConflictError(f"model {model_id} is not an approved edge model")
@@ -49,7 +54,14 @@ def create_rollout(
             if device_id in previous:
                 raise ConflictError(f"device {device_id} is in two waves")
             previous[device_id] = device.reported_model_id
-    rollout = Rollout(cohort_id=model.cohort_id, model_id=model_id, created_by=created_by, waves=plan or {})
+    rollout = Rollout(
+        cohort_id=model.cohort_id,
+        model_id=model_id,
+        created_by=created_by,
+        waves=plan or {},
+        scope=scope,
+        selector=selector,
+    )
     session.add(rollout)
     session.flush()
     for wave, device_ids in enumerate(waves):
@@ -154,8 +166,24 @@ def open_rollout(session: Session, cohort_id: str) -> uuid.UUID | None:
     )
 
 
-def current_rollout(session: Session, cohort_id: str) -> uuid.UUID | None:
-    """The cohort's latest completed rollout: its model is the cohort's approved one."""
+def current_rollout(session: Session, cohort_id: str) -> Rollout | None:
+    """The cohort's latest completed cohort-wide rollout: its model is the cohort's current one, which
+    devices outside later targeted rollouts are given (see `devices_to_reconcile`)."""
+    return session.scalar(
+        select(Rollout)
+        .where(
+            Rollout.cohort_id == cohort_id,
+            Rollout.state == RolloutState.completed,
+            Rollout.scope == RolloutScope.cohort,
+        )
+        .order_by(Rollout.created_at.desc(), Rollout.id.desc())
+        .limit(1)
+    )
+
+
+def latest_completed(session: Session, cohort_id: str) -> uuid.UUID | None:
+    """The cohort's latest completed rollout of any scope: the only one that may still be rolled back
+    (an earlier one's targets may have moved on since)."""
     return session.scalar(
         select(Rollout.id)
         .where(Rollout.cohort_id == cohort_id, Rollout.state == RolloutState.completed)
@@ -173,9 +201,11 @@ def rollouts_in(session: Session, states: Collection[RolloutState]) -> list[uuid
 
 
 def cohorts_with_completed_rollouts(session: Session) -> list[str]:
-    """Cohorts with at least one completed rollout (they have a current model)."""
+    """Cohorts with at least one completed cohort-wide rollout (they have a current model)."""
     rows = session.scalars(
-        select(Rollout.cohort_id).where(Rollout.state == RolloutState.completed).distinct()
+        select(Rollout.cohort_id)
+        .where(Rollout.state == RolloutState.completed, Rollout.scope == RolloutScope.cohort)
+        .distinct()
     )
     return list(rows)
 
@@ -200,10 +230,11 @@ def targets_of(
     )
 
 
-def canaries_first(session: Session, cohort_id: str) -> list[Device]:
-    """The cohort's active devices, those online now first (they make the better canaries: they answer
-    at once), then by when they were last seen."""
-    rows = session.scalars(
+def canaries_first(session: Session, cohort_id: str, *, selector: str | None = None) -> list[Device]:
+    """The cohort's active devices (those `selector` matches, if given: `labels.parse_selector`), those
+    online now first (they make the better canaries: they answer at once), then by when they were last
+    seen."""
+    statement = (
         select(Device)
         .where(Device.cohort_id == cohort_id, Device.status == DeviceStatus.active)
         .order_by(
@@ -212,7 +243,12 @@ def canaries_first(session: Session, cohort_id: str) -> list[Device]:
             Device.id,
         )
     )
-    return list(rows)
+    if selector is not None:
+        terms, dialect = labels.parse_selector(selector), session.get_bind().dialect.name
+        statement = statement.where(*labels.where(labels.shape(terms), dialect)).params(
+            labels.bound(terms, dialect)
+        )
+    return list(session.scalars(statement))
 
 
 def active_device_of(session: Session, device_id: str, cohort_id: str) -> Device:
@@ -235,13 +271,27 @@ def devices_by_id(session: Session, device_ids: Sequence[str]) -> dict[str, Devi
     return {d.id: d for d in rows}
 
 
-def devices_to_reconcile(session: Session, cohort_id: str, model_id: str) -> list[Device]:
-    """The cohort's active devices outside its open rollouts whose desired model is not `model_id`,
-    locked (key share) for the transaction that gives them it."""
+def devices_to_reconcile(session: Session, current: Rollout) -> list[Device]:
+    """The active devices of the cohort of `current` (its latest completed cohort-wide rollout) whose
+    desired model is not its model, locked (key share) for the transaction that gives them it. Left
+    out: the devices of open rollouts, and those a later targeted rollout gave another model (they keep
+    it until a rollout replaces it or it is rolled back)."""
+    cohort_id, model_id = current.cohort_id, current.model_id
     in_open_rollout = (
         select(RolloutTarget.device_id)
         .join(Rollout, Rollout.id == RolloutTarget.rollout_id)
         .where(Rollout.cohort_id == cohort_id, Rollout.state.in_(OPEN_ROLLOUTS))
+    )
+    kept_by_later_rollout = (
+        select(RolloutTarget.device_id)
+        .join(Rollout, Rollout.id == RolloutTarget.rollout_id)
+        .where(
+            Rollout.cohort_id == cohort_id,
+            Rollout.state == RolloutState.completed,
+            Rollout.scope != RolloutScope.cohort,
+            Rollout.created_at > current.created_at,
+            RolloutTarget.state.in_((TargetState.offered, TargetState.installed)),
+        )
     )
     rows = session.scalars(
         select(Device)
@@ -250,6 +300,7 @@ def devices_to_reconcile(session: Session, cohort_id: str, model_id: str) -> lis
             Device.status == DeviceStatus.active,
             or_(Device.desired_model_id.is_(None), Device.desired_model_id != model_id),
             Device.id.not_in(in_open_rollout),
+            Device.id.not_in(kept_by_later_rollout),
         )
         .order_by(Device.id)
         .with_for_update(key_share=True)

@@ -151,6 +151,14 @@ class RolloutState(enum.StrEnum):
     rolled_back = "rolled_back"
 
 
+class RolloutScope(enum.StrEnum):
+    """Which devices a rollout is for."""
+
+    cohort = "cohort"  # the cohort's active devices; once completed, its model is the cohort's current one
+    devices = "devices"  # a list of devices, fixed when it starts
+    selector = "selector"  # the devices whose labels match, resolved again at each wave
+
+
 class TargetState(enum.StrEnum):
     pending = "pending"  # not yet offered
     offered = "offered"  # DesiredModel published
@@ -281,6 +289,11 @@ class Rollout(Base):
     cohort_id: Mapped[str] = mapped_column(ForeignKey("cohort.id"), index=True)
     model_id: Mapped[str] = mapped_column(ForeignKey("model.id"), index=True)
     state: Mapped[RolloutState] = mapped_column(_enum(RolloutState), default=RolloutState.pending, index=True)
+    # Which devices it is for (migration 0009; rollouts from before are cohort-wide).
+    scope: Mapped[RolloutScope] = mapped_column(
+        _enum(RolloutScope), default=RolloutScope.cohort, server_default=RolloutScope.cohort.value
+    )
+    selector: Mapped[str | None] = mapped_column(Text)  # the label selector of a `selector` rollout
     waves: Mapped[dict[str, Any]] = mapped_column(default=dict)  # the wave plan and halt thresholds
     current_wave: Mapped[int] = mapped_column(Integer, default=0)
     reason: Mapped[str] = mapped_column(Text, default="")

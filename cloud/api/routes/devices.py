@@ -4,7 +4,7 @@ import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
-from pydantic import AfterValidator, Field
+from pydantic import Field
 
 from cloud.api.deps import Operator, PageQuery, ReaderDep, ServicesDep, SessionDep, Viewer
 from cloud.api.problems import Problem
@@ -14,13 +14,13 @@ from cloud.api.schemas import (
     DevicePublic,
     DeviceUpdate,
     Page,
+    Selector,
     TrustedKey,
     errors,
     page_response,
 )
-from cloud.exceptions import InvalidValueError
 from cloud.provisioning import describe_failure
-from cloud.registry import audit, labels
+from cloud.registry import audit
 from cloud.registry.devices import (
     broker_applied,
     broker_failed,
@@ -36,23 +36,13 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1/devices", tags=["devices"])
 
 
-def _selector(text: str | None) -> str | None:
-    if text is not None:
-        try:
-            labels.parse_selector(text)
-        except InvalidValueError as exc:
-            raise ValueError(str(exc)) from None
-    return text
-
-
 class DeviceFilter(PageQuery):
     cohort_id: str | None = Field(None, max_length=63)
     status: DeviceStatus | None = None
     presence: Presence | None = None
     model_id: str | None = Field(None, max_length=128, description="devices reporting this model")
-    selector: Annotated[str | None, AfterValidator(_selector)] = Field(
+    selector: Selector | None = Field(
         None,
-        max_length=1200,
         description="labels, all of which must match: `key=value`, `key!=value`, `key` (has it), `!key`, "
         "comma-separated",
         examples=["site=lab-2,tier!=beta"],

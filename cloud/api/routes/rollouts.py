@@ -75,16 +75,24 @@ async def targets(
         {
             404: "no such model or device",
             409: "the model is not an approved edge model, a device is not an active one of its cohort, "
-            "or the cohort has an open rollout",
+            "no device matches the selector, or the cohort has an open rollout",
+            422: "a bad selector, or both a selector and a device list",
         }
     ),
 )
 def create(body: RolloutCreate, session: SessionDep, caller: Operator) -> RolloutPublic:
-    """Start a staged rollout of an approved edge model to its cohort: the canary first, then the
-    waves of the plan, each watched before the next; failed installs or worse telemetry halt it and
-    send its devices back to their previous model. Devices already running the model are left out."""
+    """Start a staged rollout of an approved edge model to its cohort, to a list of its devices, or to
+    those a label selector matches (resolved again before each wave): the canary first, then the waves
+    of the plan, each watched before the next; failed installs or worse telemetry halt it and send its
+    devices back to their previous model. Devices already running the model are left out. Only a
+    cohort-wide rollout makes its model the one the cohort's other and future devices are given."""
     rollout = engine.start_rollout(
-        session, model_id=body.model_id, plan=body.plan, created_by=caller.actor, device_ids=body.device_ids
+        session,
+        model_id=body.model_id,
+        plan=body.plan,
+        created_by=caller.actor,
+        device_ids=body.device_ids,
+        selector=body.selector,
     )
     audit.record(
         session,
@@ -93,6 +101,8 @@ def create(body: RolloutCreate, session: SessionDep, caller: Operator) -> Rollou
         target=str(rollout.id),
         model_id=body.model_id,
         plan=rollout.waves["plan"],
+        scope=rollout.scope.value,
+        selector=rollout.selector,
         devices=sum(stage["size"] for stage in rollout.waves["stages"]),
     )
     session.commit()
@@ -143,5 +153,5 @@ def rollback(
 ) -> RolloutPublic:
     """Roll a rollout back: it halts at once, and the engine sends every device it reached a signed
     desired model of the model that device ran before (answered `halted` until that is done, then
-    `rolled_back`). A completed rollout can be rolled back while it is its cohort's latest."""
+    `rolled_back`). A completed rollout can be rolled back while it is its cohort's latest completed one."""
     return _steer(session, caller, rollout_id, "rollback", body.reason if body else "")

@@ -74,6 +74,36 @@ def test_a_rollout_to_chosen_devices_takes_them_in_order_with_the_default_plan(
     assert [(t["device_id"], t["wave"]) for t in targets["items"]] == [("cam-c", 0), ("cam-a", 1)]
 
 
+def test_a_rollout_to_a_label_selector_says_so_and_takes_the_matching_devices(
+    client: TestClient, operator: dict[str, str], viewer: dict[str, str], fleet: Fleet
+) -> None:
+    # Prepare: cam-b and cam-c are on the roof
+    for device_id in ("cam-b", "cam-c"):
+        labelled = client.patch(
+            f"/api/v1/devices/{device_id}", json={"labels": {"site": "roof"}}, headers=operator
+        )
+        assert labelled.status_code == 200, labelled.text
+
+    # Execute
+    response = client.post(ROLLOUTS, json={"model_id": fleet.v2, "selector": "site=roof"}, headers=operator)
+    targets = client.get(f"{ROLLOUTS}/{response.json()['id']}/targets", headers=viewer).json()
+    second = client.post(ROLLOUTS, json={"model_id": fleet.v2, "selector": "site=lab"}, headers=operator)
+
+    # Assert
+    assert response.status_code == 201, response.text
+    assert (response.json()["scope"], response.json()["selector"]) == ("selector", "site=roof")
+    assert sorted(t["device_id"] for t in targets["items"]) == ["cam-b", "cam-c"]
+    assert second.status_code == 409 and "already has an open rollout" in second.json()["detail"]
+
+
+def test_a_selector_that_matches_no_device_is_409(
+    client: TestClient, operator: dict[str, str], fleet: Fleet
+) -> None:
+    response = client.post(ROLLOUTS, json={"model_id": fleet.v2, "selector": "site=moon"}, headers=operator)
+    assert response.status_code == 409
+    assert response.json()["detail"] == "no active device of cohort kitchen matches 'site=moon'"
+
+
 def test_pause_resume_and_rollback_are_audited_and_carried_out_by_the_engine(
     client: TestClient, operator: dict[str, str], sessions: sessionmaker[Session], fleet: Fleet
 ) -> None:
@@ -194,6 +224,14 @@ GARBAGE: dict[str, tuple[Any, str]] = {
     "bad device id": ({"model_id": "kitchen.v2", "device_ids": ["cam a"]}, "body.device_ids.0"),
     "device NUL": ({"model_id": "kitchen.v2", "device_ids": ["cam\x00"]}, "body"),
     "devices not a list": ({"model_id": "kitchen.v2", "device_ids": "cam-a"}, "body.device_ids"),
+    "selector not one": ({"model_id": "kitchen.v2", "selector": "site=a=b"}, "body.selector"),
+    "selector empty term": ({"model_id": "kitchen.v2", "selector": "site=a,,b"}, "body.selector"),
+    "selector not a string": ({"model_id": "kitchen.v2", "selector": ["site=a"]}, "body.selector"),
+    "selector too long": ({"model_id": "kitchen.v2", "selector": "k" * 5000}, "body.selector"),
+    "selector and devices": (
+        {"model_id": "kitchen.v2", "selector": "site=lab", "device_ids": ["cam-a"]},
+        "body",
+    ),
 }
 
 

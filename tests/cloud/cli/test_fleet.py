@@ -135,6 +135,7 @@ def test_a_rollout_to_a_selector_is_started_steered_and_shown(
         assert diredi(env, "devices", "label", device_id, "site=roof").exit_code == 0
 
     # Execute
+    nobody = diredi(env, "rollouts", "create", fleet.v2, "--selector", "site=moon")
     started = as_json(diredi(env, "rollouts", "create", fleet.v2, "--selector", "site=roof", "--json"))
     rollout_id = started["id"]
     paused = as_json(diredi(env, "rollouts", "pause", rollout_id, "--reason", "lunch", "--json"))
@@ -144,10 +145,10 @@ def test_a_rollout_to_a_selector_is_started_steered_and_shown(
     waited = diredi(env, "rollouts", "watch", rollout_id, "--interval", "0.2", "--timeout", "1")
     rolled = as_json(diredi(env, "rollouts", "rollback", rollout_id, "--reason", "changed my mind", "--json"))
     watched = diredi(env, "rollouts", "watch", rollout_id, "--interval", "0.2", "--timeout", "1")
-    nobody = diredi(env, "rollouts", "create", fleet.v2, "--selector", "site=moon")
 
     # Assert: only the selected devices are targets; with no worker to advance it, a watch gives up
     assert sorted(t["device_id"] for t in shown["target_list"]) == ["cam-0001", "cam-0002"]
+    assert (started["scope"], started["selector"]) == ("selector", "site=roof")
     assert paused["state"] == "paused" and resumed["state"] in ("pending", "running")
     assert rollout_id in listed.stdout
     assert rolled["state"] in ("halted", "rolled_back")

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from cloud.artifacts import LocalArtifactStore
-from cloud.exceptions import ConflictError, NotFoundError
+from cloud.exceptions import ConflictError, InvalidValueError, NotFoundError
 from cloud.pipeline.rollouts import (
     RolloutPlan,
     advance_rollouts,
@@ -25,7 +26,15 @@ from cloud.pipeline.rollouts import (
     start_rollout,
 )
 from cloud.registry import devices, models
-from cloud.registry.tables import Device, Presence, RolloutState, RolloutTarget, TargetState
+from cloud.registry.tables import (
+    Device,
+    Presence,
+    Rollout,
+    RolloutScope,
+    RolloutState,
+    RolloutTarget,
+    TargetState,
+)
 from tests.cloud.factories import make_cohort, make_device, make_edge_model
 from tests.cloud.pipeline.rollout_fleet import (
     T0,
@@ -524,26 +533,171 @@ def test_devices_outside_an_open_rollout_get_the_cohorts_current_model(
 
 
 def test_devices_of_an_open_rollout_are_left_to_it(
-    session: Session, sessions: sessionmaker[Session], fleet: Fleet, publisher: RecordingPublisher
+    session: Session,
+    sessions: sessionmaker[Session],
+    store: LocalArtifactStore,
+    fleet: Fleet,
+    publisher: RecordingPublisher,
 ) -> None:
-    # Prepare: v2 is current for cam-0 only (a rollout of one device); a rollout to the rest is open
-    started(session, fleet, RolloutPlan(canary=0, waves=1, observe_s=0), device_ids=["cam-0"])
-    advance_rollouts(sessions, publisher, now=T0)
-    send_acks(sessions, fleet.v2, AckResult.installed, "cam-0")
-    advance_rollouts(sessions, publisher, now=T0 + timedelta(seconds=1))
+    # Prepare: v2 is the cohort's model; v3 is being offered to cam-1 and cam-2; cam-new joins
+    v3 = completed_v2_then_approved_v3(session, sessions, store, fleet, publisher)
+    start_rollout(session, model_id=v3, plan=ALL_AT_ONCE, created_by="ops", device_ids=["cam-1", "cam-2"])
+    session.commit()
+    advance_rollouts(sessions, publisher, now=T0 + timedelta(seconds=2))
     publisher.take()
     make_device(session, "cam-new")
-    session.commit()
-    start_rollout(session, model_id=fleet.v2, created_by="ops", device_ids=["cam-1", "cam-2"])
     session.commit()
 
     # Execute
     published = reconcile_desired(sessions, publisher)
 
-    # Assert: the devices outside it (cam-3, cam-4 on v1, cam-new on nothing) get v2
-    assert published == 3
-    assert sorted(s.device_id for s in publisher.take()) == ["cam-3", "cam-4", "cam-new"]
-    assert (desired(sessions, "cam-1"), desired(sessions, "cam-2")) == (fleet.v1, fleet.v1)
+    # Assert: only cam-new is given v2; the rollout keeps its devices on v3
+    assert published == 1
+    assert publisher.take() == [Sent("cam-new", fleet.v2, None)]
+    assert (desired(sessions, "cam-1"), desired(sessions, "cam-2")) == (v3, v3)
+
+
+# --- rollouts to some devices: a list, or a label selector --------------------------------------------
+
+ALL_AT_ONCE = RolloutPlan(canary=0, waves=1, observe_s=0)
+
+
+def completed_v2_then_approved_v3(
+    session: Session,
+    sessions: sessionmaker[Session],
+    store: LocalArtifactStore,
+    fleet: Fleet,
+    publisher: RecordingPublisher,
+) -> str:
+    """v2 rolled out to the whole cohort (its current model), then v3 approved; returns v3's id."""
+    started(session, fleet, ALL_AT_ONCE)
+    advance_rollouts(sessions, publisher, now=T0)
+    send_acks(sessions, fleet.v2, AckResult.installed, *CAMS)
+    advance_rollouts(sessions, publisher, now=T0 + timedelta(seconds=1))
+    publisher.take()
+    teacher = models.get_model(session, fleet.v2).teacher_id
+    assert teacher is not None
+    v3 = make_edge_model(session, store, teacher_id=teacher, parent_id=fleet.v2)
+    models.decide(session, v3.id, approve=True)
+    session.commit()
+    return v3.id
+
+
+def test_a_completed_rollout_to_some_devices_changes_only_them(
+    session: Session,
+    sessions: sessionmaker[Session],
+    store: LocalArtifactStore,
+    fleet: Fleet,
+    publisher: RecordingPublisher,
+) -> None:
+    # Prepare: v3 rolled out to cam-1 alone, completed; then cam-new joins the cohort
+    v3 = completed_v2_then_approved_v3(session, sessions, store, fleet, publisher)
+    trial = start_rollout(session, model_id=v3, plan=ALL_AT_ONCE, created_by="ops", device_ids=["cam-1"])
+    session.commit()
+    advance_rollouts(sessions, publisher, now=T0 + timedelta(seconds=2))
+    send_acks(sessions, v3, AckResult.installed, "cam-1")
+    advance_rollouts(sessions, publisher, now=T0 + timedelta(seconds=3))
+    assert rollout_row(sessions, trial.id).state is RolloutState.completed
+    publisher.take()
+    make_device(session, "cam-new")
+    session.commit()
+
+    # Execute
+    published = reconcile_desired(sessions, publisher)
+
+    # Assert: v2 stays the cohort's model, which cam-new gets; cam-1 keeps v3, the others v2
+    assert current_model(session, "kitchen") == fleet.v2
+    assert published == 1
+    assert publisher.take() == [Sent("cam-new", fleet.v2, None)]
+    assert [desired(sessions, d) for d in CAMS] == [fleet.v2, v3, fleet.v2, fleet.v2, fleet.v2]
+    assert reconcile_desired(sessions, publisher) == 0
+
+
+def test_only_the_latest_completed_rollout_rolls_back_and_the_cohort_model_then_returns(
+    session: Session,
+    sessions: sessionmaker[Session],
+    store: LocalArtifactStore,
+    fleet: Fleet,
+    publisher: RecordingPublisher,
+) -> None:
+    # Prepare: v2 cohort-wide (completed), then v3 to cam-1 (completed)
+    v3 = completed_v2_then_approved_v3(session, sessions, store, fleet, publisher)
+    cohort_wide = session.scalars(select(Rollout.id).where(Rollout.model_id == fleet.v2)).one()
+    trial = start_rollout(session, model_id=v3, plan=ALL_AT_ONCE, created_by="ops", device_ids=["cam-1"])
+    session.commit()
+    advance_rollouts(sessions, publisher, now=T0 + timedelta(seconds=2))
+    send_acks(sessions, v3, AckResult.installed, "cam-1")
+    advance_rollouts(sessions, publisher, now=T0 + timedelta(seconds=3))
+    publisher.take()
+
+    # Execute / Assert: the earlier rollout cannot be rolled back past the later one
+    with pytest.raises(ConflictError, match="no longer its cohort's latest completed rollout"):
+        request_rollback(session, cohort_wide, requested_by="key:ops")
+    session.rollback()
+    request_rollback(session, trial.id, requested_by="key:ops")
+    session.commit()
+    advance_rollouts(sessions, publisher, now=T0 + timedelta(seconds=4))
+    assert publisher.take() == [Sent("cam-1", fleet.v2, v3)]
+    assert reconcile_desired(sessions, publisher) == 0
+    request_rollback(session, cohort_wide, requested_by="key:ops")  # now it is the latest again
+    session.commit()
+
+
+def test_a_selector_rollout_is_resolved_again_before_each_wave(
+    session: Session, sessions: sessionmaker[Session], fleet: Fleet, publisher: RecordingPublisher
+) -> None:
+    # Prepare: cam-0 and cam-1 are in the beta group
+    for device_id in ("cam-0", "cam-1"):
+        devices.set_labels(session, device_id, {"tier": "beta"})
+    session.commit()
+    rollout_id = started(session, fleet, RolloutPlan(canary=1, waves=1, observe_s=0), selector="tier=beta")
+    assert targets(sessions, rollout_id) == {
+        "cam-0": (0, TargetState.pending),
+        "cam-1": (1, TargetState.pending),
+    }
+    advance_rollouts(sessions, publisher, now=T0)
+    assert publisher.take() == [Sent("cam-0", fleet.v2, None)]
+
+    # Execute / Assert: cam-2 joins the group and cam-1 leaves it before the next wave is offered
+    devices.set_labels(session, "cam-2", {"tier": "beta"})
+    devices.set_labels(session, "cam-1", {"tier": None})
+    session.commit()
+    send_acks(sessions, fleet.v2, AckResult.installed, "cam-0")
+    advance_rollouts(sessions, publisher, now=T0 + timedelta(seconds=1))
+    assert publisher.take() == [Sent("cam-2", fleet.v2, None)]
+
+    # Execute / Assert: cam-3 joins after the last wave: a wave of its own, then the rollout completes
+    devices.set_labels(session, "cam-3", {"tier": "beta"})
+    session.commit()
+    send_acks(sessions, fleet.v2, AckResult.installed, "cam-2")
+    advance_rollouts(sessions, publisher, now=T0 + timedelta(seconds=2))
+    assert publisher.take() == [Sent("cam-3", fleet.v2, None)]
+    send_acks(sessions, fleet.v2, AckResult.installed, "cam-3")
+    steps = advance_rollouts(sessions, publisher, now=T0 + timedelta(seconds=3))
+
+    rollout = rollout_row(sessions, rollout_id)
+    assert [s.state for s in steps] == [RolloutState.completed]
+    assert (rollout.scope, rollout.selector, rollout.current_wave) == (RolloutScope.selector, "tier=beta", 2)
+    assert [stage["size"] for stage in rollout.waves["stages"]] == [1, 2, 1]
+    assert targets(sessions, rollout_id) == {
+        "cam-0": (0, TargetState.installed),
+        "cam-2": (1, TargetState.installed),
+        "cam-3": (2, TargetState.installed),
+    }
+    # the group's model is not the cohort's: cam-1 and cam-4 are left alone
+    assert current_model(session, "kitchen") is None
+    assert reconcile_desired(sessions, publisher) == 0
+    assert (desired(sessions, "cam-1"), desired(sessions, "cam-4")) == (fleet.v1, fleet.v1)
+
+
+def test_a_selector_rollout_refuses_a_bad_or_empty_selector(session: Session, fleet: Fleet) -> None:
+    # Execute / Assert
+    with pytest.raises(InvalidValueError, match="label key"):
+        start_rollout(session, model_id=fleet.v2, created_by="ops", selector="=beta")
+    with pytest.raises(InvalidValueError, match="not both"):
+        start_rollout(session, model_id=fleet.v2, created_by="ops", selector="tier", device_ids=["cam-0"])
+    with pytest.raises(ConflictError, match="no active device of cohort kitchen matches 'tier=beta'"):
+        start_rollout(session, model_id=fleet.v2, created_by="ops", selector="tier=beta")
 
 
 # --- passes that race or crash ----------------------------------------------------------------------
