@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from cloud.cli.common import ExitCode, console, fail
+from cloud.cli.device_kit import Kit
 from cloud.cli.remote import (
     Column,
     Interval,
@@ -109,32 +110,63 @@ def devices_provision(
         Path | None,
         typer.Option(help="Write the device's secret to this new file (mode 0600), not the terminal."),
     ] = None,
+    device_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write the device's kit here: device.toml (for `diredi-device run --config`), its "
+            "secret, and an inbox/ for its inputs. Needs --broker-url.",
+        ),
+    ] = None,
+    broker_url: Annotated[
+        str | None, typer.Option(help="The broker the device connects to (with --device-dir).")
+    ] = None,
     as_json: JsonOut = False,
     profile: Profile = None,
 ) -> None:
-    """Provision a device. Its secret is shown this once."""
+    """Provision a device. Its secret is shown this once (or written to --secret-file or the kit)."""
     labels = {k: v for k, v in _labels(label or [], removals=False).items() if v is not None}
-    # The file is made before the device: a secret the API shows once must have somewhere to go.
-    sink = _secret_sink(secret_file) if secret_file is not None else None
-    try:
-        with api(profile) as client:
+    if device_dir is not None and secret_file is not None:
+        raise fail(
+            CloudError("--device-dir writes the secret itself; leave out --secret-file"), ExitCode.ERROR
+        )
+    if (device_dir is None) != (broker_url is None):
+        raise fail(CloudError("--device-dir and --broker-url go together"), ExitCode.ERROR)
+    with api(profile) as client:
+        # The file is made before the device: a secret the API shows once must have somewhere to go.
+        kit = (
+            _kit(device_dir, device_id, broker_url, client.config.url) if device_dir and broker_url else None
+        )
+        sink = _secret_sink(secret_file) if secret_file is not None else None
+        try:
             made = client.provision(device_id, cohort, labels)
-    except BaseException:
-        if sink is not None and secret_file is not None:
-            os.close(sink)
-            secret_file.unlink()
-        raise
+        except BaseException:
+            if sink is not None and secret_file is not None:
+                os.close(sink)
+                secret_file.unlink()
+            if kit is not None:
+                kit.abandon()
+            raise
     if sink is not None:
         with os.fdopen(sink, "w", encoding="utf-8") as out:
             out.write(made.secret + "\n")
+    config = kit.fill(made) if kit is not None else None
     if as_json:
-        console.print_json(made.model_dump_json(exclude={"secret"} if secret_file else set()))
+        console.print_json(made.model_dump_json(exclude={"secret"} if secret_file or kit else set()))
         return
     emit(made.device, DEVICE_COLUMNS, as_json=False, title="provisioned")
-    if secret_file is None:
+    if config is not None:
+        console.print(f"device kit written: run it with `diredi-device run --config {config}`")
+    elif secret_file is None:
         console.print(f"secret (shown once): {made.secret}")
     else:
         console.print(f"secret written to {secret_file}")
+
+
+def _kit(directory: Path, device_id: str, broker_url: str, api_url: str) -> Kit:
+    try:
+        return Kit(directory, device_id=device_id, broker_url=broker_url, api_url=api_url)
+    except CloudError as exc:
+        raise fail(exc, ExitCode.ERROR) from None
 
 
 def _secret_sink(path: Path) -> int:

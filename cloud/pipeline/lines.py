@@ -12,7 +12,7 @@ import torch
 from sqlalchemy.orm import Session, sessionmaker
 
 from cloud.artifacts import ArtifactStore
-from cloud.exceptions import ExportGaveUp, FamilyError, RegistryError
+from cloud.exceptions import ConflictError, ExportGaveUp, FamilyError, RegistryError
 from cloud.ml.export import MAX_INT8_DROP, EdgeArtifact
 from cloud.ml.families import NetSpec
 from cloud.ml.line import EdgeLine, StageProgress
@@ -142,6 +142,11 @@ def bootstrap_line(
 
     with transaction(sessions) as session:
         get_cohort(session, cohort_id)
+        if models.next_version(session, cohort_id=cohort_id, kind=ModelKind.edge) != 1:
+            raise ConflictError(
+                f"cohort {cohort_id} already has a model line; its next versions come from RD cycles "
+                "(a line of other data or another family starts in a cohort of its own)"
+            )
         job_id = jobs.create_job(
             session,
             type="bootstrap",

@@ -13,12 +13,13 @@ import pytest
 from sqlalchemy import func, select
 from typer.testing import CliRunner
 
+from cloud.artifacts import LocalArtifactStore
 from cloud.cli.main import app
 from cloud.ml.scenario import Scenario
 from cloud.registry import apikeys, migrate, telemetry
 from cloud.registry.db import make_engine, session_factory, transaction
 from cloud.registry.tables import ApiKey, AuditLog, Cohort, Job, JobState, Model, Role, utcnow
-from tests.cloud.factories import make_cohort, make_device
+from tests.cloud.factories import make_cloud_model, make_cohort, make_device, make_edge_model
 
 WIDE = {"COLUMNS": "300", "NO_COLOR": "1", "TERM": "dumb"}
 
@@ -251,6 +252,29 @@ def test_line_create_refuses_a_missing_scenario(env: Path, tmp_path: Path) -> No
 
     assert code == 2
     assert "none.json" in output
+
+
+def test_line_create_refuses_a_cohort_that_has_a_line_before_training(env: Path, tmp_path: Path) -> None:
+    # Prepare: home-cams has its v1
+    invoke("db", "upgrade")
+    store = LocalArtifactStore(tmp_path / "artifacts")
+    sessions = session_factory(make_engine(f"sqlite:///{env / 'registry.db'}"))
+    with transaction(sessions) as session:
+        make_cohort(session, "home-cams")
+        teacher = make_cloud_model(session, store, "home-cams")
+        make_edge_model(session, store, teacher_id=teacher.id, cohort_id="home-cams")
+
+    # Execute
+    code, output = invoke("line", "create", "--cohort", "home-cams", "--data", "digits")
+
+    # Assert: refused at once, with no job left behind
+    assert code == 2
+    assert output == (
+        "error: cohort home-cams already has a model line; its next versions come from RD cycles "
+        "(a line of other data or another family starts in a cohort of its own)"
+    )
+    with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Job)) == 0
 
 
 @pytest.mark.slow

@@ -24,6 +24,7 @@ from cloud.children import free_ports
 from cloud.cli.main import app as cli
 from cloud.registry import jobs, telemetry
 from cloud.registry.tables import Role
+from device_firmware_py.config import load_config, read_secret
 from tests.cloud.factories import make_cloud_model, make_edge_model
 from tests.cloud.pipeline.rollout_fleet import kitchen_fleet
 
@@ -286,6 +287,69 @@ def test_a_secret_file_that_exists_is_refused_before_anything_is_provisioned(
 
     assert result.exit_code == 2 and "cannot create the secret file" in result.stderr
     assert taken.read_text() == "keep me\n" and listed == []
+
+
+def test_a_device_kit_is_a_configuration_the_daemon_loads(
+    env: dict[str, str], session: Session, store: LocalArtifactStore, tmp_path: Path
+) -> None:
+    # Prepare
+    kitchen_fleet(session, store, [])
+    kit = tmp_path / "kits" / "cam-0000"
+
+    # Execute
+    result = diredi(
+        env, "devices", "provision", "cam-0000", "--cohort", "kitchen", "--device-dir", str(kit),
+        "--broker-url", "mqtt://127.0.0.1:1883?protocol=3.1.1",
+    )  # fmt: skip
+
+    # Assert: the daemon's own loader takes it, with the secret and the keys provisioning returned
+    assert result.exit_code == 0, result.output
+    assert "diredi-device run --config" in result.stdout and "secret (shown once)" not in result.stdout
+    config = load_config(kit / "device.toml")
+    assert (config.device_id, config.broker.url) == ("cam-0000", "mqtt://127.0.0.1:1883?protocol=3.1.1")
+    assert config.api.url == env["DIREDI_API_URL"] and config.input.path == kit / "inbox"
+    assert config.trust and "0" * 16 not in config.trust
+    assert len(read_secret(config)) >= 32
+    assert stat.S_IMODE((kit / "secret").stat().st_mode) == 0o600
+    assert stat.S_IMODE(kit.stat().st_mode) == 0o700
+
+
+@pytest.mark.parametrize(
+    ("options", "why"),
+    [
+        (["--broker-url", "http://127.0.0.1:1883"], "broker.url"),
+        (["--broker-url", "mqtt://broker.example:1883"], "would send the secret unencrypted"),
+        ([], "--device-dir and --broker-url go together"),
+        (["--broker-url", "mqtts://b:8883", "--secret-file", "s"], "leave out --secret-file"),
+        (["--broker-url", "mqtts://b:8883", "taken"], "exists; a kit never overwrites one"),
+    ],
+    ids=["not mqtt", "plaintext off loopback", "no broker", "two secrets", "kit exists"],
+)
+def test_a_device_kit_that_cannot_be_is_refused_before_anything_is_provisioned(
+    env: dict[str, str],
+    session: Session,
+    store: LocalArtifactStore,
+    tmp_path: Path,
+    options: list[str],
+    why: str,
+) -> None:
+    # Prepare: a kit directory that already holds a device.toml, for "kit exists"
+    kitchen_fleet(session, store, [])
+    kit = tmp_path / "kit"
+    if "taken" in options:
+        options = options[:-1]
+        kit.mkdir()
+        (kit / "device.toml").write_text("keep me\n")
+
+    # Execute
+    result = diredi(
+        env, "devices", "provision", "cam-0000", "--cohort", "kitchen", "--device-dir", str(kit), *options
+    )
+    listed = as_json(diredi(env, "devices", "list", "--json"))
+
+    # Assert: one line, nothing provisioned, no secret left behind
+    assert result.exit_code == 2 and why in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    assert listed == [] and not (kit / "secret").exists()
 
 
 def test_a_command_to_an_offline_device_waits_and_is_listed(
