@@ -20,8 +20,15 @@ export DIREDI_API_URL="http://127.0.0.1:$API_PORT"
 export DIREDI_PIPELINE_AUTO_ROLLOUT=false  # this operator approves and rolls out each model by hand
 mkdir -p "$WORK" && cd "$WORK" || exit 2
 
+shown() {  # the command as one would type it
+    local arg line="\$"
+    for arg in "$@"; do
+        case $arg in *[[:space:]?*]*) line+=" '$arg'" ;; *) line+=" $arg" ;; esac
+    done
+    echo "$line"
+}
 run() {  # print the command, run it, show a non-zero exit
-    echo "\$ $*"
+    shown "$@"
     "$@"
     local status=$?
     [ "$status" -eq 0 ] || echo "[exit $status]"
@@ -109,8 +116,9 @@ done
 run diredi jobs list
 run diredi models show porch.v2
 echo '{"canary": 1, "waves": 1, "observe_s": 30}' > canary.json
-run diredi rollouts create porch.v2 --selector site=lab --plan canary.json
-rollout=$(diredi rollouts list --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["items"][0]["id"])')
+rollout=$(diredi rollouts create porch.v2 --selector site=lab --plan canary.json --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+echo "\$ diredi rollouts create porch.v2 --selector site=lab --plan canary.json   # -> $rollout"
+echo
 sleep 8
 run diredi rollouts show "$rollout"
 run diredi rollouts pause "$rollout" --reason "checking the canary"

@@ -29,7 +29,8 @@ from cloud.exceptions import CloudError
 
 rollouts_app = typer.Typer(help="Rollouts: start, list, show, pause, resume, roll back, watch.")
 jobs_app = typer.Typer(help="Pipeline jobs: list, show, cancel, retry, watch.")
-TERMINAL_ROLLOUT = {"completed", "halted", "rolled_back"}
+# A halted rollout is being rolled back (the engine's next pass finishes it): a watch waits for that.
+TERMINAL_ROLLOUT = {"completed", "rolled_back"}
 TERMINAL_JOB = {"succeeded", "failed", "cancelled"}
 
 
@@ -162,10 +163,10 @@ def rollouts_rollback(
 
 
 @rollouts_app.command("watch")
-def rolloutswatch(
+def rollouts_watch(
     rollout_id: str, interval: Interval = 2.0, timeout: Timeout = 3600, profile: Profile = None
 ) -> None:
-    """Follow a rollout until it completes (exit 0), halts or is rolled back (exit 1)."""
+    """Follow a rollout until it completes (exit 0) or is rolled back, by an operator or a halt (exit 1)."""
     key = uuid_argument(rollout_id, "rollout")
     with api(profile) as client:
         final = watch(
