@@ -10,13 +10,16 @@ from __future__ import annotations
 import base64
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from cloud.api.schemas import DeviceProvisioned
 from cloud.exceptions import CloudError
 from device_firmware_py.config import DeviceConfig, write_config
 from wire.errors import describe
+
+if TYPE_CHECKING:  # the API's schemas (FastAPI) are not worth importing at every CLI start
+    from cloud.api.schemas import DeviceProvisioned
 
 CONFIG = "device.toml"
 CREDENTIALS = "secret"  # the file the device reads its secret from

@@ -140,21 +140,6 @@ def _copy(pooled: PoolProxiedConnection, lines: bytes, msg_ids: set[uuid.UUID]) 
     return new
 
 
-def query(
-    session: Session,
-    *,
-    device_id: str | None = None,
-    model_id: str | None = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    limit: int,
-    offset: int = 0,
-) -> Sequence[Telemetry]:
-    """Samples in a time range, newest first."""
-    statement = _selected(device_id=device_id, model_id=model_id, since=since, until=until)
-    return session.scalars(statement.limit(limit).offset(offset)).all()
-
-
 def query_page(
     session: Session,
     *,
@@ -165,7 +150,7 @@ def query_page(
     limit: int,
     offset: int = 0,
 ) -> tuple[Sequence[Telemetry], int]:
-    """`query`'s page and the number of samples that match in all."""
+    """A page of samples in a time range, newest first, and the number of samples that match in all."""
     statement = _selected(device_id=device_id, model_id=model_id, since=since, until=until)
     return paginate(session, statement, limit=limit, offset=offset)
 

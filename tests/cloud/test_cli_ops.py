@@ -218,7 +218,7 @@ def test_telemetry_prune_keeps_what_is_within_the_retention(env: Path) -> None:
     # Assert
     assert code == 0 and "deleted 2 telemetry rows" in output
     with sessions() as session:
-        assert len(telemetry.query(session, device_id="cam-0001", limit=10)) == 2
+        assert len(telemetry.query_page(session, device_id="cam-0001", limit=10)[0]) == 2
 
 
 def test_telemetry_prune_refuses_a_negative_retention(env: Path) -> None:

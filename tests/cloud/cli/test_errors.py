@@ -8,12 +8,11 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-from cloud.children import free_ports
 
 DIREDI = str(Path(sys.executable).parent / "diredi")
 SCENARIO = str(Path(__file__).parents[3] / "scenarios" / "digits-two-users.json")
@@ -53,20 +52,20 @@ class Outcome:
     stdout: str
 
 
-def closed_port() -> int:
-    """A loopback port nothing listens on."""
-    (port,) = free_ports(1)
-    with socket.socket() as probe:
-        assert probe.connect_ex(("127.0.0.1", port)) != 0
-    return port
+@contextmanager
+def closed_port() -> Iterator[int]:
+    """A loopback port nothing listens on, held (bound, never listening) so that no other test takes it
+    meanwhile: connecting to it is refused."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        yield held.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[tuple[str, str], Outcome]]:
     """Every command through every failure, four at a time (each is a fresh `diredi` process)."""
-    closed = closed_port()
 
-    def run(command: str, failure: str) -> Outcome:
+    def run(command: str, failure: str, closed: int) -> Outcome:
         settings, _, _ = FAILURES[failure]
         data_dir = tmp_path_factory.mktemp("data")
         env = {
@@ -87,8 +86,8 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[tuple[st
         return Outcome(done.returncode, done.stderr, done.stdout)
 
     cases = [(command, failure) for command in COMMANDS for failure in FAILURES]
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        results = dict(zip(cases, pool.map(lambda case: run(*case), cases), strict=True))
+    with closed_port() as closed, ThreadPoolExecutor(max_workers=4) as pool:
+        results = dict(zip(cases, pool.map(lambda case: run(case[0], case[1], closed), cases), strict=True))
     yield results
 
 

@@ -35,7 +35,7 @@ def two_devices(session: Session) -> None:
 def ages(session: Session) -> list[timedelta]:
     """How old each stored sample is relative to NOW, newest first."""
     session.expire_all()
-    return [NOW - row.at for row in telemetry.query(session, limit=100)]
+    return [NOW - row.at for row in telemetry.query_page(session, limit=100)[0]]
 
 
 def test_add_samples_inserts_them_all(session: Session) -> None:
@@ -79,7 +79,7 @@ def test_timestamps_come_back_aware_utc_and_equal(session: Session) -> None:
     session.expire_all()
 
     # Execute
-    (row,) = telemetry.query(session, device_id="cam-a", limit=10)
+    (row,), _ = telemetry.query_page(session, device_id="cam-a", limit=10)
 
     # Assert
     assert row.at == at
@@ -168,20 +168,21 @@ def test_query_filters_by_device_model_and_window(session: Session) -> None:
     session.commit()
 
     # Execute
-    window = telemetry.query(
+    window, window_total = telemetry.query_page(
         session,
         device_id="cam-a",
         since=(NOW - timedelta(minutes=4)).astimezone(PLUS_TWO),  # same instant, another zone
         until=NOW - timedelta(minutes=1),
         limit=100,
     )
-    by_model = telemetry.query(session, model_id="kitchen.v2", limit=100)
-    page = telemetry.query(session, device_id="cam-a", limit=2, offset=1)
+    by_model, _ = telemetry.query_page(session, model_id="kitchen.v2", limit=100)
+    page, page_total = telemetry.query_page(session, device_id="cam-a", limit=2, offset=1)
 
     # Assert
     assert [NOW - r.at for r in window] == [timedelta(minutes=m) for m in (2, 3, 4)]  # since ≤ at < until
     assert {r.device_id for r in by_model} == {"cam-b"} and len(by_model) == 3
     assert [NOW - r.at for r in page] == [timedelta(minutes=1), timedelta(minutes=2)]
+    assert (window_total, page_total) == (3, 6)
 
 
 def test_prune_deletes_only_samples_older_than_the_retention(session: Session) -> None:

@@ -138,7 +138,7 @@ def test_prune_telemetry_deletes_what_is_older_than_the_retention(
 
     # Assert
     assert deleted == 1
-    assert len(telemetry.query(session, device_id="cam-1", limit=10, offset=0)) == 1
+    assert len(telemetry.query_page(session, device_id="cam-1", limit=10)[0]) == 1
 
 
 def test_a_job_the_database_keeps_failing_is_retried_by_celery_then_failed(
