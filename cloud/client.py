@@ -337,8 +337,8 @@ class FleetClient:
         return self._read(RolloutPublic, "POST", "/rollouts", json=body)
 
     def steer(self, rollout_id: uuid.UUID, action: str, reason: str = "") -> RolloutPublic:
-        """`action` one of pause, resume, rollback."""
-        if action not in ("pause", "resume", "rollback"):
+        """`action` one of pause, resume, halt, rollback."""
+        if action not in ("pause", "resume", "halt", "rollback"):
             raise ValueError(f"no rollout action {action!r}")
         return self._read(RolloutPublic, "POST", f"/rollouts/{rollout_id}/{action}", json={"reason": reason})
 

@@ -39,6 +39,7 @@ COLOURS = {
     "cancelled": "orange",
     "rolled_back": "orange",
     "paused": "yellow",
+    "stopped": "yellow",
 }
 
 

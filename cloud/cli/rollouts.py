@@ -27,10 +27,10 @@ from cloud.cli.remote import (
 )
 from cloud.exceptions import CloudError
 
-rollouts_app = typer.Typer(help="Rollouts: start, list, show, pause, resume, roll back, watch.")
+rollouts_app = typer.Typer(help="Rollouts: start, list, show, pause, resume, halt, roll back, watch.")
 jobs_app = typer.Typer(help="Pipeline jobs: list, show, cancel, retry, watch.")
 # A halted rollout is being rolled back (the engine's next pass finishes it): a watch waits for that.
-TERMINAL_ROLLOUT = {"completed", "rolled_back"}
+TERMINAL_ROLLOUT = {"completed", "rolled_back", "stopped"}
 TERMINAL_JOB = {"succeeded", "failed", "cancelled"}
 
 
@@ -154,6 +154,15 @@ def rollouts_resume(
     _steer("resume", rollout_id, reason, as_json, profile)
 
 
+@rollouts_app.command("halt")
+def rollouts_halt(
+    rollout_id: str, reason: Reason = "", as_json: JsonOut = False, profile: Profile = None
+) -> None:
+    """Halt a rollout without rolling it back: no further device is offered the model; the devices keep
+    what they run. `rollback` afterwards undoes it."""
+    _steer("halt", rollout_id, reason, as_json, profile)
+
+
 @rollouts_app.command("rollback")
 def rollouts_rollback(
     rollout_id: str, reason: Reason = "", as_json: JsonOut = False, profile: Profile = None
@@ -166,7 +175,7 @@ def rollouts_rollback(
 def rollouts_watch(
     rollout_id: str, interval: Interval = 2.0, timeout: Timeout = 3600, profile: Profile = None
 ) -> None:
-    """Follow a rollout until it completes (exit 0) or is rolled back, by an operator or a halt (exit 1)."""
+    """Follow a rollout until it completes (exit 0), or is rolled back or halted (exit 1)."""
     key = uuid_argument(rollout_id, "rollout")
     with api(profile) as client:
         final = watch(

@@ -38,6 +38,7 @@ from cloud.pipeline.rollout_checks import (
 )
 from cloud.registry.models import ModelCache, edge_manifest, get_model
 from cloud.registry.rollouts import (
+    KEPT_ROLLOUTS,
     active_device_of,
     canaries_first,
     cohorts_with_completed_rollouts,
@@ -45,7 +46,7 @@ from cloud.registry.rollouts import (
     current_rollout,
     devices_by_id,
     devices_to_reconcile,
-    latest_completed,
+    latest_finished,
     lock_cohort,
     lock_rollout,
     offered_count,
@@ -77,6 +78,7 @@ __all__ = [
     "request_rollback",
     "resume",
     "start_rollout",
+    "stop",
 ]
 
 log = logging.getLogger(__name__)
@@ -195,14 +197,14 @@ def request_rollback(
     session: Session, rollout_id: uuid.UUID, *, requested_by: str, reason: str = ""
 ) -> Rollout:
     """Halt the rollout; the next pass sends every device it reached back to its previous model. A
-    completed rollout can be rolled back while it is its cohort's latest completed one and nothing newer
-    is open."""
+    completed or stopped rollout can be rolled back while it is its cohort's latest finished one and
+    nothing newer is open."""
     rollout = lock_rollout(session, rollout_id)
-    if rollout.state is RolloutState.completed:
+    if rollout.state in KEPT_ROLLOUTS:
         lock_cohort(session, rollout.cohort_id)
-        if latest_completed(session, rollout.cohort_id) != rollout.id:
+        if latest_finished(session, rollout.cohort_id) != rollout.id:
             raise ConflictError(
-                f"rollout {rollout_id} is no longer its cohort's latest completed rollout; "
+                f"rollout {rollout_id} is no longer its cohort's latest finished rollout; "
                 "roll back the later ones first"
             )
         other = open_rollout(session, rollout.cohort_id)
@@ -214,6 +216,23 @@ def request_rollback(
         raise ConflictError(f"rollout {rollout_id} is {rollout.state.value}; it cannot be rolled back now")
     rollout.state = RolloutState.halted
     rollout.reason = f"rollback requested by {requested_by}" + (f": {reason}" if reason else "")
+    return rollout
+
+
+def stop(session: Session, rollout_id: uuid.UUID, *, requested_by: str, reason: str = "") -> Rollout:
+    """Halt a pending, running or paused rollout without a rollback: no further device is offered the
+    model, and the devices keep what they run (one already offered may still install it, as its
+    retained document says). The cohort's current model stays what it was, and `reconcile_desired`
+    leaves the rollout's devices alone; a rollback of the stopped rollout undoes it."""
+    rollout = lock_rollout(session, rollout_id)
+    if rollout.state not in (RolloutState.pending, RolloutState.running, RolloutState.paused):
+        raise ConflictError(f"rollout {rollout_id} is {rollout.state.value}; only an open one is halted")
+    for target in targets_of(session, rollout_id, by="device"):
+        if target.state is TargetState.pending:
+            target.reason = "not offered: the rollout was halted"
+    rollout.state = RolloutState.stopped
+    rollout.reason = f"halted by {requested_by}" + (f": {reason}" if reason else "")
+    log.warning("rollout %s stopped: %s", rollout.id, rollout.reason)
     return rollout
 
 

@@ -21,9 +21,9 @@ from cloud.registry.tables import (
 from wire.messages import AckResult
 from wire.messages import ModelAck as AckMessage
 
-# A completed rollout still waits for the devices that were offline when it was offered to them: they
-# get the retained desired model when they come back, and their late ack ends their target.
-ACKED_ROLLOUTS = (*OPEN_ROLLOUTS, RolloutState.completed)
+# A completed (or stopped) rollout still waits for the devices that were offline when it was offered to
+# them: they get the retained desired model when they come back, and their late ack ends their target.
+ACKED_ROLLOUTS = (*OPEN_ROLLOUTS, RolloutState.completed, RolloutState.stopped)
 
 
 def record_acks(session: Session, acks: Sequence[AckMessage], *, received_at: datetime) -> set[uuid.UUID]:

@@ -4,7 +4,7 @@ import uuid
 from collections.abc import Collection, Sequence
 from typing import Any, Literal
 
-from sqlalchemy import Select, case, func, or_, select, update
+from sqlalchemy import Select, and_, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from cloud.exceptions import ConflictError, NotFoundError
@@ -28,6 +28,8 @@ from cloud.registry.tables import (
 
 # Rollouts still under way: pending, running, paused, or halted (a rollback decided, not yet carried out).
 OPEN_ROLLOUTS = (RolloutState.pending, RolloutState.running, RolloutState.paused, RolloutState.halted)
+# Finished rollouts whose devices keep the model (until a later rollout or a rollback).
+KEPT_ROLLOUTS = (RolloutState.completed, RolloutState.stopped)
 
 
 def create_rollout(
@@ -181,12 +183,12 @@ def current_rollout(session: Session, cohort_id: str) -> Rollout | None:
     )
 
 
-def latest_completed(session: Session, cohort_id: str) -> uuid.UUID | None:
-    """The cohort's latest completed rollout of any scope: the only one that may still be rolled back
-    (an earlier one's targets may have moved on since)."""
+def latest_finished(session: Session, cohort_id: str) -> uuid.UUID | None:
+    """The cohort's latest completed or stopped rollout, of any scope: the only one that may still be
+    rolled back (an earlier one's devices may have moved on since)."""
     return session.scalar(
         select(Rollout.id)
-        .where(Rollout.cohort_id == cohort_id, Rollout.state == RolloutState.completed)
+        .where(Rollout.cohort_id == cohort_id, Rollout.state.in_(KEPT_ROLLOUTS))
         .order_by(Rollout.created_at.desc(), Rollout.id.desc())
         .limit(1)
     )
@@ -274,8 +276,9 @@ def devices_by_id(session: Session, device_ids: Sequence[str]) -> dict[str, Devi
 def devices_to_reconcile(session: Session, current: Rollout) -> list[Device]:
     """The active devices of the cohort of `current` (its latest completed cohort-wide rollout) whose
     desired model is not its model, locked (key share) for the transaction that gives them it. Left
-    out: the devices of open rollouts, and those a later targeted rollout gave another model (they keep
-    it until a rollout replaces it or it is rolled back)."""
+    out: the devices of open rollouts, and those a later rollout to some devices, or a later rollout an
+    operator stopped, gave another model (they keep it until a rollout replaces it or it is rolled
+    back)."""
     cohort_id, model_id = current.cohort_id, current.model_id
     in_open_rollout = (
         select(RolloutTarget.device_id)
@@ -287,8 +290,10 @@ def devices_to_reconcile(session: Session, current: Rollout) -> list[Device]:
         .join(Rollout, Rollout.id == RolloutTarget.rollout_id)
         .where(
             Rollout.cohort_id == cohort_id,
-            Rollout.state == RolloutState.completed,
-            Rollout.scope != RolloutScope.cohort,
+            or_(
+                and_(Rollout.state == RolloutState.completed, Rollout.scope != RolloutScope.cohort),
+                Rollout.state == RolloutState.stopped,
+            ),
             Rollout.created_at > current.created_at,
             RolloutTarget.state.in_((TargetState.offered, TargetState.installed)),
         )

@@ -146,9 +146,10 @@ class RolloutState(enum.StrEnum):
     pending = "pending"
     running = "running"
     paused = "paused"
-    halted = "halted"
+    halted = "halted"  # being rolled back (the engine's next pass does it)
     completed = "completed"
     rolled_back = "rolled_back"
+    stopped = "stopped"  # halted by an operator without a rollback (migration 0010)
 
 
 class RolloutScope(enum.StrEnum):

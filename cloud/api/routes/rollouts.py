@@ -119,6 +119,8 @@ def _steer(
         rollout = engine.pause(session, rollout_id, reason=reason)
     elif action == "resume":
         rollout = engine.resume(session, rollout_id)
+    elif action == "halt":
+        rollout = engine.stop(session, rollout_id, requested_by=caller.actor, reason=reason)
     else:
         rollout = engine.request_rollback(session, rollout_id, requested_by=caller.actor, reason=reason)
     audit.record(
@@ -147,11 +149,22 @@ def resume(
     return _steer(session, caller, rollout_id, "resume", body.reason if body else "")
 
 
+@router.post("/{rollout_id}/halt", responses=STEER)
+def halt(
+    rollout_id: uuid.UUID, session: SessionDep, caller: Operator, body: OptionalDecision = None
+) -> RolloutPublic:
+    """Halt a pending, running or paused rollout without rolling it back (`stopped`): no further
+    device is offered the model; the devices keep what they run (one already offered may still
+    install it). The cohort's current model is unchanged. A rollback of it afterwards undoes it."""
+    return _steer(session, caller, rollout_id, "halt", body.reason if body else "")
+
+
 @router.post("/{rollout_id}/rollback", responses=STEER)
 def rollback(
     rollout_id: uuid.UUID, session: SessionDep, caller: Operator, body: OptionalDecision = None
 ) -> RolloutPublic:
     """Roll a rollout back: it halts at once, and the engine sends every device it reached a signed
     desired model of the model that device ran before (answered `halted` until that is done, then
-    `rolled_back`). A completed rollout can be rolled back while it is its cohort's latest completed one."""
+    `rolled_back`). A completed or stopped rollout can be rolled back while it is its cohort's latest
+    finished one."""
     return _steer(session, caller, rollout_id, "rollback", body.reason if body else "")

@@ -147,7 +147,31 @@ def test_pause_resume_and_rollback_are_audited_and_carried_out_by_the_engine(
     ]
 
 
-@pytest.mark.parametrize("action", ["pause", "resume", "rollback"])
+def test_a_halt_stops_offering_is_audited_and_a_second_one_is_409(
+    client: TestClient, operator: dict[str, str], sessions: sessionmaker[Session], fleet: Fleet
+) -> None:
+    # Prepare: the canary offered
+    rollout_id = client.post(ROLLOUTS, json={"model_id": fleet.v2}, headers=operator).json()["id"]
+    publisher = RecordingPublisher()
+    advance_rollouts(sessions, publisher, now=T0)
+    publisher.take()
+
+    # Execute
+    halted = client.post(f"{ROLLOUTS}/{rollout_id}/halt", json={"reason": "enough"}, headers=operator)
+    advance_rollouts(sessions, publisher, now=T0 + timedelta(hours=1))
+    again = client.post(f"{ROLLOUTS}/{rollout_id}/halt", headers=operator)
+    listed = client.get(ROLLOUTS, params={"state": "stopped"}, headers=operator).json()
+
+    # Assert
+    assert (halted.status_code, halted.json()["state"]) == (200, "stopped")
+    assert halted.json()["reason"].endswith(": enough")
+    assert publisher.take() == []
+    assert again.status_code == 409 and "only an open one is halted" in again.json()["detail"]
+    assert [r["id"] for r in listed["items"]] == [rollout_id]
+    assert audits(sessions)[-1] == ("key", "rollout.halt", rollout_id)
+
+
+@pytest.mark.parametrize("action", ["pause", "resume", "halt", "rollback"])
 def test_steering_a_rollout_that_does_not_exist_is_404(
     client: TestClient, operator: dict[str, str], action: str
 ) -> None:
@@ -197,6 +221,7 @@ def test_a_viewer_cannot_start_or_steer_rollouts(
     rollout_id = client.post(ROLLOUTS, json={"model_id": fleet.v2}, headers=operator).json()["id"]
     assert client.post(ROLLOUTS, json={"model_id": fleet.v2}, headers=viewer).status_code == 403
     assert client.post(f"{ROLLOUTS}/{rollout_id}/pause", headers=viewer).status_code == 403
+    assert client.post(f"{ROLLOUTS}/{rollout_id}/halt", headers=viewer).status_code == 403
     assert client.post(f"{ROLLOUTS}/{rollout_id}/rollback", headers=viewer).status_code == 403
     assert client.post(ROLLOUTS, json={"model_id": fleet.v2}).status_code == 401
 

@@ -158,6 +158,25 @@ def test_a_rollout_to_a_selector_is_started_steered_and_shown(
     assert nobody.exit_code == 2 and "no active device of cohort kitchen matches" in nobody.stderr
 
 
+def test_a_halted_rollout_is_stopped_and_a_watch_says_so(
+    env: dict[str, str], session: Session, store: LocalArtifactStore
+) -> None:
+    # Prepare
+    fleet = kitchen_fleet(session, store, ["cam-0000"])
+    rollout_id = as_json(diredi(env, "rollouts", "create", fleet.v2, "--json"))["id"]
+
+    # Execute
+    halted = as_json(diredi(env, "rollouts", "halt", rollout_id, "--reason", "not today", "--json"))
+    watched = diredi(env, "rollouts", "watch", rollout_id, "--interval", "0.2", "--timeout", "5")
+
+    # Assert
+    assert halted["state"] == "stopped"
+    assert watched.exit_code == 1
+    assert watched.stdout.strip().endswith(
+        f"rollout {rollout_id}: stopped (halted by {halted['created_by']}: not today)"
+    )
+
+
 def test_jobs_and_telemetry_are_read(
     env: dict[str, str], session: Session, store: LocalArtifactStore
 ) -> None:

@@ -24,6 +24,7 @@ from cloud.pipeline.rollouts import (
     request_rollback,
     resume,
     start_rollout,
+    stop,
 )
 from cloud.registry import devices, models
 from cloud.registry.tables import (
@@ -613,7 +614,7 @@ def test_a_completed_rollout_to_some_devices_changes_only_them(
     assert reconcile_desired(sessions, publisher) == 0
 
 
-def test_only_the_latest_completed_rollout_rolls_back_and_the_cohort_model_then_returns(
+def test_only_the_latest_finished_rollout_rolls_back_and_the_cohort_model_then_returns(
     session: Session,
     sessions: sessionmaker[Session],
     store: LocalArtifactStore,
@@ -631,7 +632,7 @@ def test_only_the_latest_completed_rollout_rolls_back_and_the_cohort_model_then_
     publisher.take()
 
     # Execute / Assert: the earlier rollout cannot be rolled back past the later one
-    with pytest.raises(ConflictError, match="no longer its cohort's latest completed rollout"):
+    with pytest.raises(ConflictError, match="no longer its cohort's latest finished rollout"):
         request_rollback(session, cohort_wide, requested_by="key:ops")
     session.rollback()
     request_rollback(session, trial.id, requested_by="key:ops")
@@ -641,6 +642,59 @@ def test_only_the_latest_completed_rollout_rolls_back_and_the_cohort_model_then_
     assert reconcile_desired(sessions, publisher) == 0
     request_rollback(session, cohort_wide, requested_by="key:ops")  # now it is the latest again
     session.commit()
+
+
+def test_a_halted_rollout_offers_no_more_keeps_its_devices_and_can_still_be_rolled_back(
+    session: Session,
+    sessions: sessionmaker[Session],
+    store: LocalArtifactStore,
+    fleet: Fleet,
+    publisher: RecordingPublisher,
+) -> None:
+    # Prepare: v2 is the cohort's model; v3's canary cam-0 installed, its next wave offered (cam-1
+    # installs, cam-2 is offline), the last wave (cam-3, cam-4) not offered yet
+    v3 = completed_v2_then_approved_v3(session, sessions, store, fleet, publisher)
+    plan = RolloutPlan(canary=1, waves=[0.5, 1.0], observe_s=0)
+    rollout_id = start_rollout(session, model_id=v3, plan=plan, created_by="ops").id
+    session.commit()
+    advance_rollouts(sessions, publisher, now=T0 + timedelta(seconds=2))
+    send_acks(sessions, v3, AckResult.installed, "cam-0")
+    advance_rollouts(sessions, publisher, now=T0 + timedelta(seconds=3))
+    send_acks(sessions, v3, AckResult.installed, "cam-1")
+    publisher.take()
+
+    # Execute: halted; cam-2 comes back and installs what it was offered
+    rollout = stop(session, rollout_id, requested_by="key:ops", reason="enough for today")
+    session.commit()
+    stopped = (rollout.state, rollout.reason)
+    passes = advance_rollouts(sessions, publisher, now=T0 + timedelta(hours=1))
+    send_acks(sessions, v3, AckResult.installed, "cam-2")
+    reconciled = reconcile_desired(sessions, publisher)
+
+    # Assert: nothing more offered; the devices keep what they run; v2 stays the cohort's model
+    assert stopped == (RolloutState.stopped, "halted by key:ops: enough for today")
+    assert (passes, reconciled, publisher.take()) == ([], 0, [])
+    assert targets(sessions, rollout_id) == {
+        "cam-0": (0, TargetState.installed),
+        "cam-1": (1, TargetState.installed),
+        "cam-2": (1, TargetState.installed),
+        "cam-3": (2, TargetState.pending),
+        "cam-4": (2, TargetState.pending),
+    }
+    assert current_model(session, "kitchen") == fleet.v2
+    assert [desired(sessions, d) for d in CAMS] == [v3, v3, v3, fleet.v2, fleet.v2]
+    with pytest.raises(ConflictError, match="only an open one is halted"):
+        stop(session, rollout_id, requested_by="key:ops")
+    session.rollback()
+
+    # Execute / Assert: a rollback of the stopped rollout sends its devices back to v2
+    request_rollback(session, rollout_id, requested_by="key:ops")
+    session.commit()
+    advance_rollouts(sessions, publisher, now=T0 + timedelta(hours=2))
+    assert sorted(publisher.take(), key=lambda s: s.device_id) == [
+        Sent(d, fleet.v2, v3) for d in ("cam-0", "cam-1", "cam-2")
+    ]
+    assert rollout_row(sessions, rollout_id).state is RolloutState.rolled_back
 
 
 def test_a_selector_rollout_is_resolved_again_before_each_wave(
