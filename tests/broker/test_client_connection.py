@@ -4,6 +4,7 @@ when the broker is closed, silent or gone."""
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import socket
 import threading
@@ -65,18 +66,24 @@ def deaf_broker() -> Iterator[BrokerTarget]:
         except OSError:
             return  # closed unused
         peers.append(peer)
-        peer.recv(1024)  # the CONNECT
-        peer.sendall(b"\x20\x02\x00\x00")  # CONNACK: accepted
-        while peer.recv(65_536):
-            pass
+        try:
+            peer.recv(1024)  # the CONNECT
+            peer.sendall(b"\x20\x02\x00\x00")  # CONNACK: accepted
+            while peer.recv(65_536):
+                pass
+        except OSError:
+            return  # the fixture closed it under us
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     yield BrokerTarget("127.0.0.1", listener.getsockname()[1], protocol="3.1.1")
     listener.close()
     for peer in peers:
-        peer.close()
+        with contextlib.suppress(OSError):
+            peer.shutdown(socket.SHUT_RDWR)  # ends the thread's recv before the socket goes
     thread.join(5)
+    for peer in peers:
+        peer.close()
 
 
 # --- connecting ------------------------------------------------------------------------------------
