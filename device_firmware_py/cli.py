@@ -4,6 +4,7 @@
     diredi-device check --config /etc/diredi-device/device.toml
     diredi-device feedback add --config /etc/diredi-device/device.toml --label 8 sample.npy
     diredi-device feedback add --config /etc/diredi-device/device.toml --label 8 photo.png
+    diredi-device csr --config /etc/diredi-device/device.toml > cam-1.csr
 
 Exit codes follow sysexits.h (`config.ExitCode`): 78 for a wrong configuration, which systemd does
 not restart on; 70 for an unexpected failure, which it does.
@@ -42,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--config", type=Path, required=True, help="the device's TOML configuration")
     check = commands.add_parser("check", help="validate a configuration and its files, then exit")
     check.add_argument("--config", type=Path, required=True)
+    csr = commands.add_parser(
+        "csr",
+        help="print the certificate signing request of the device's own key (made on first use, kept in "
+        "the state directory; it never leaves the device)",
+    )
+    csr.add_argument("--config", type=Path, required=True)
     feedback = commands.add_parser("feedback", help="the user's private labelled samples")
     actions = feedback.add_subparsers(dest="action", required=True, parser_class=_Parser)
     add = actions.add_parser("add", help="label one input (.npy, or an image); it never leaves the device")
@@ -74,6 +81,8 @@ def main(argv: list[str] | None = None) -> None:
             _run(config, stopping)
         elif args.command == "check":
             _check(config)
+        elif args.command == "csr":
+            _csr(config)
         else:
             _feedback_add(config, args.label, args.file)
     except ConfigError as exc:
@@ -101,6 +110,14 @@ def _run(config: DeviceConfig, stopping: threading.Event) -> None:
     except Exception:  # systemd restarts it (Restart=on-failure); the log says why
         log.exception("the daemon failed")
         raise SystemExit(ExitCode.SOFTWARE) from None
+
+
+def _csr(config: DeviceConfig) -> None:
+    from device_firmware_py.config import prepare_state_dir
+    from device_firmware_py.identity import device_key, signing_request
+
+    key = device_key(prepare_state_dir(config))
+    sys.stdout.write(signing_request(key, config.device_id))
 
 
 def _check(config: DeviceConfig) -> None:

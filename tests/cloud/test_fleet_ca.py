@@ -19,6 +19,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from cloud.exceptions import InvalidValueError, SigningError
 from cloud.fleet_ca import FleetCA
+from device_firmware_py import identity as device_identity
 
 NOW = datetime(2030, 6, 1, 12, 0, tzinfo=UTC)
 
@@ -94,6 +95,14 @@ def test_a_device_certificate_certifies_the_devices_own_key_for_client_authentic
     assert issued.not_after == NOW + timedelta(days=365)
     assert len(issued.sha256) == 64 and issued.serial != unnamed.serial
     assert x509.load_pem_x509_certificate(unnamed.pem.encode()).subject.rfc4514_string() == "CN=cam-0002"
+
+
+def test_the_request_a_device_makes_is_certified(ca: FleetCA, tmp_path: Path) -> None:
+    key = device_identity.device_key(tmp_path)
+
+    issued = ca.issue(device_identity.signing_request(key, "cam-0001"), "cam-0001")
+
+    assert x509.load_pem_x509_certificate(issued.pem.encode()).public_key() == key.public_key()
 
 
 def tampered(csr: bytes) -> bytes:
