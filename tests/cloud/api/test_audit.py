@@ -146,6 +146,7 @@ CALLS: dict[tuple[str, str], Call] = {
     ("POST", "/api/v1/rollouts"): start_rollout,
     ("POST", "/api/v1/rollouts/{rollout_id}/pause"): steer_rollout("pause"),
     ("POST", "/api/v1/rollouts/{rollout_id}/resume"): steer_rollout("resume"),
+    ("POST", "/api/v1/rollouts/{rollout_id}/halt"): steer_rollout("halt"),  # stopped: still rolled back below
     ("POST", "/api/v1/rollouts/{rollout_id}/rollback"): steer_rollout("rollback"),
 }
 
