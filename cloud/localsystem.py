@@ -415,7 +415,15 @@ class LocalSystem:
         if name == "api":
             return f"{self.api_url} (docs {self.docs_url})"
         port = self.metrics_ports.get(name)
-        return f"metrics http://127.0.0.1:{port}/metrics" if port else "running"
+        return f"metrics {self.metrics_url(port)}" if port else "running"
+
+    def metrics_url(self, port: int) -> str:
+        """Where a client on this machine reads a child's metrics: on `metrics_host`, or on loopback when
+        they listen on every interface."""
+        host = self.settings.metrics_host
+        if host in ("0.0.0.0", "::"):  # noqa: S104 (a comparison)
+            host = "127.0.0.1" if host == "0.0.0.0" else "::1"  # noqa: S104
+        return f"http://[{host}]:{port}/metrics" if ":" in host else f"http://{host}:{port}/metrics"
 
     def _api_ready(self, child: Child) -> bool:
         return http_ok(f"{self.api_url}/healthz") is not None
@@ -423,7 +431,7 @@ class LocalSystem:
     def _ingest_ready(self, child: Child) -> bool:
         port = self.metrics_ports.get("ingest")
         if port:  # the gauge is 1 once connected and subscribed
-            return "diredi_ingest_connected 1.0" in (http_ok(f"http://127.0.0.1:{port}/metrics") or "")
+            return "diredi_ingest_connected 1.0" in (http_ok(self.metrics_url(port)) or "")
         return "subscribed to" in child.output()
 
 

@@ -32,7 +32,9 @@ def fail(exc: Exception, code: ExitCode = ExitCode.ERROR) -> typer.Exit:
 # The option of every long-running service: where it serves its Prometheus metrics.
 MetricsPort = Annotated[
     int | None,
-    typer.Option(min=0, max=65535, help="Prometheus metrics on 127.0.0.1 (0: none; default from settings)."),
+    typer.Option(
+        min=0, max=65535, help="Prometheus metrics on DIREDI_METRICS_HOST (0: none; default from settings)."
+    ),
 ]
 
 

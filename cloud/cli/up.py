@@ -129,7 +129,7 @@ def _died(exc: ChildExited) -> typer.Exit:
 def _print_summary(system: LocalSystem) -> None:
     table = Table.grid(padding=(0, 2))
     table.add_row("API", system.api_url, f"docs {system.docs_url}")
-    others = [f"{name} http://127.0.0.1:{port}/metrics" for name, port in system.metrics_ports.items()]
+    others = [f"{name} {system.metrics_url(port)}" for name, port in system.metrics_ports.items()]
     table.add_row("metrics", f"api {system.api_url}/metrics (a viewer key)", " · ".join(others))
     elsewhere = " (from other machines: this one's address)" if system.host != system.local_host else ""
     table.add_row(

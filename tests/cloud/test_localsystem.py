@@ -314,6 +314,22 @@ def test_a_port_in_use_is_named(tmp_path: Path, which: str) -> None:
 # --- LocalSystem ------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("metrics_host", "url"),
+    [
+        ("127.0.0.1", "http://127.0.0.1:9102/metrics"),
+        ("0.0.0.0", "http://127.0.0.1:9102/metrics"),  # noqa: S104 (the setting under test)
+        ("::", "http://[::1]:9102/metrics"),
+        ("::1", "http://[::1]:9102/metrics"),
+        ("10.1.2.3", "http://10.1.2.3:9102/metrics"),
+    ],
+)
+def test_the_childrens_metrics_are_read_where_they_listen(metrics_host: str, url: str) -> None:
+    system = LocalSystem(Settings(data_dir=Path("unused"), metrics_host=metrics_host))
+
+    assert system.metrics_url(9102) == url
+
+
 def test_half_a_broker_configuration_is_refused() -> None:
     settings = Settings(data_dir=Path("unused"), mqtt_url=SecretStr("mqtt://cloud:pw@127.0.0.1:1"))
     with pytest.raises(LocalSystemConfigError, match="DIREDI_MQTT_ADMIN_URL"):
