@@ -15,6 +15,7 @@ from wire.topics import (
     DEVICE_SUBSCRIBES,
     SERVICE_ID_PREFIX,
     TRUST_TOPIC,
+    device_pattern,
     device_topic,
     reserved_device_id,
 )
@@ -140,3 +141,16 @@ def cloud_account_commands(username: str, password: str) -> list[Command]:
             "roles": [{"rolename": CLOUD_ROLE, "priority": 0}],
         },
     ]
+
+
+def device_pattern_acl() -> str:
+    """The ACL file of the certificate listener: every device's topics, for whichever device the
+    certificate's CN (`%u`) names; nothing else (mosquitto denies what no line allows)."""
+    lines = [
+        "# Devices on the certificate listener: %u is the CN of their certificate, the device id.",
+        "# Written by broker/mosquitto.py (render_config); see docs/certificate-identity.md.",
+    ]
+    lines += [f"pattern write {device_pattern(kind, '%u')}" for kind in DEVICE_PUBLISHES]
+    lines += [f"pattern read {device_pattern(kind, '%u')}" for kind in DEVICE_SUBSCRIBES]
+    lines.append(f"pattern read {TRUST_TOPIC}")  # a pattern: plain `topic` lines bind anonymous clients only
+    return "\n".join(lines) + "\n"

@@ -15,13 +15,14 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypedDict, Unpack
 
 from broker.acl import (
     CLOUD_ROLE,
     Command,
     cloud_account_commands,
     default_access_commands,
+    device_pattern_acl,
     service_account_commands,
 )
 from broker.client import BrokerTarget
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 TEMPLATE = Path(__file__).with_name("mosquitto.conf")
 CONFIG_NAME = "mosquitto.conf"
 DYNSEC_NAME = "dynamic-security.json"
+DEVICE_ACL_NAME = "devices.acl"  # certificate mode
 LOG_NAME = "mosquitto.log"
 PLUGIN_NAME = "mosquitto_dynamic_security.so"
 PLUGIN_DIRS = (  # Debian/Ubuntu (multiarch), then source and other distributions' installs
@@ -62,62 +64,73 @@ def find_plugin() -> Path:
     raise MosquittoError(f"{PLUGIN_NAME} not found in {', '.join(map(str, PLUGIN_DIRS))}")
 
 
-def config_text(
-    state_dir: Path,
-    *,
-    port: int = 1883,
-    tls_port: int = 8883,
-    cert_dir: Path,
-    tls_bind: str | None = None,
-    plugin: Path | None = None,
-    user: str | None = None,
-) -> str:
-    """broker/mosquitto.conf filled in for one broker (what `render_config` writes).
+class ConfigOptions(TypedDict, total=False):
+    """What `config_text` and `render_config` take beside the state directory."""
 
-    `tls_bind`: the TLS listener's address (default: every interface). `user`: whom mosquitto
+    cert_dir: Path  # required: ca.crt, server.crt, server.key
+    port: int  # password mode: the plain loopback listener; certificate mode: the services' TLS listener
+    tls_port: int  # the devices' TLS listener
+    tls_bind: str | None  # the devices' listener's address (default: every interface)
+    plugin: Path | None
+    user: str | None
+    devices: Literal["password", "certificate"]
+    fleet_ca: Path | None  # certificate mode: the fleet CA's certificate (cloud/fleet_ca.py)
+    crl_file: Path | None  # certificate mode: its CRL
+    service_bind: str  # certificate mode: the services' listener's address (default 127.0.0.1)
+
+
+def config_text(state_dir: Path, **options: Unpack[ConfigOptions]) -> str:
+    """broker/mosquitto.conf filled in for one broker (what `render_config` writes), with devices that
+    log in by password (a dynamic-security client each) or by a certificate of the fleet CA (one
+    pattern ACL, nothing per device).
+
+    `tls_bind`: the devices' listener's address (default: every interface). `user`: whom mosquitto
     becomes when started as root (default: the user running this, so it can write `state_dir`).
     """
+    mode = options.get("devices", "password")
     values = {
         "STATE_DIR": str(state_dir.resolve()),
-        "PORT": str(port),
-        "TLS_PORT": str(tls_port),
-        "TLS_BIND": tls_bind or "",
-        "CERT_DIR": str(cert_dir.resolve()),
-        "PLUGIN": str(plugin or find_plugin()),
-        "USER": user or pwd.getpwuid(os.getuid()).pw_name,
+        "PORT": str(options.get("port", 1883)),
+        "TLS_PORT": str(options.get("tls_port", 8883)),
+        "TLS_BIND": options.get("tls_bind") or "",
+        "CERT_DIR": str(options["cert_dir"].resolve()),
+        "PLUGIN": str(options.get("plugin") or find_plugin()),
+        "USER": options.get("user") or pwd.getpwuid(os.getuid()).pw_name,
     }
+    if mode == "certificate":
+        fleet_ca, crl_file = options.get("fleet_ca"), options.get("crl_file")
+        if fleet_ca is None or crl_file is None:
+            raise MosquittoError("devices by certificate need the fleet CA's certificate and its CRL")
+        values |= {
+            "FLEET_CA": str(fleet_ca.resolve()),
+            "CRL_FILE": str(crl_file.resolve()),
+            "SERVICE_BIND": options.get("service_bind", "127.0.0.1"),
+        }
     for name, value in values.items():
         if any(c.isspace() for c in value) or "@" in value:
             raise MosquittoError(f"{name} may not hold spaces or '@' in mosquitto.conf: {value!r}")
-    text = TEMPLATE.read_text()
+    security, listeners = _sections(TEMPLATE.with_name(f"mosquitto-{mode}.conf").read_text())
+    text = TEMPLATE.read_text().replace("@SECURITY@", security).replace("@LISTENERS@", listeners)
     for name, value in values.items():
         text = text.replace(f"@{name}@", value)
     return "\n".join(line.rstrip() for line in text.splitlines()) + "\n"
 
 
-def render_config(
-    state_dir: Path,
-    *,
-    port: int = 1883,
-    tls_port: int = 8883,
-    cert_dir: Path,
-    tls_bind: str | None = None,
-    plugin: Path | None = None,
-    user: str | None = None,
-) -> Path:
+def _sections(fragment: str) -> tuple[str, str]:
+    """The SECURITY and LISTENERS sections of a mode's fragment (broker/mosquitto-<mode>.conf)."""
+    _, _, rest = fragment.partition("# @@SECURITY\n")
+    security, _, listeners = rest.partition("# @@LISTENERS\n")
+    return security.strip("\n"), listeners.strip("\n")
+
+
+def render_config(state_dir: Path, **options: Unpack[ConfigOptions]) -> Path:
     """Fill broker/mosquitto.conf in for one broker (`config_text`) and write it to
-    `<state_dir>/mosquitto.conf`."""
-    text = config_text(
-        state_dir,
-        port=port,
-        tls_port=tls_port,
-        cert_dir=cert_dir,
-        tls_bind=tls_bind,
-        plugin=plugin,
-        user=user,
-    )
+    `<state_dir>/mosquitto.conf`, with the devices' ACL file beside it in certificate mode."""
+    text = config_text(state_dir, **options)
     state_dir = state_dir.resolve()
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if options.get("devices") == "certificate":
+        (state_dir / DEVICE_ACL_NAME).write_text(device_pattern_acl())
     config = state_dir / CONFIG_NAME
     config.write_text(text)
     return config

@@ -74,6 +74,11 @@ TRUST_TOPIC = "diredi/v1/trust"
 CLOUD_TOPICS = "diredi/v1/#"  # the cloud's service account may publish and subscribe under it
 
 
+def device_pattern(kind: MessageKind, placeholder: str) -> str:
+    """The topic of message `kind` with `placeholder` for the device id (a broker ACL's `%u`)."""
+    return f"{_PREFIX}{placeholder}/{kind.value}"
+
+
 def device_filter(kind: MessageKind, *, shared_group: str | None = None) -> str:
     """The filter matching message `kind` of every device, optionally as an MQTT 5 shared subscription."""
     topic_filter = f"{_PREFIX}+/{kind.value}"
