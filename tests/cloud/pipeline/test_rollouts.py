@@ -5,6 +5,7 @@ current model for devices that join later, and passes that race or crash."""
 from __future__ import annotations
 
 import threading
+import uuid
 from datetime import timedelta
 from pathlib import Path
 
@@ -584,6 +585,25 @@ def completed_v2_then_approved_v3(
     return v3.id
 
 
+def v3_completed_on_cam_1(
+    session: Session,
+    sessions: sessionmaker[Session],
+    store: LocalArtifactStore,
+    fleet: Fleet,
+    publisher: RecordingPublisher,
+) -> tuple[str, uuid.UUID]:
+    """`completed_v2_then_approved_v3`, then v3 rolled out to cam-1 alone and installed there (the
+    rollout run to its end); returns v3's id and that rollout's."""
+    v3 = completed_v2_then_approved_v3(session, sessions, store, fleet, publisher)
+    trial = start_rollout(session, model_id=v3, plan=ALL_AT_ONCE, created_by="ops", device_ids=["cam-1"])
+    session.commit()
+    advance_rollouts(sessions, publisher, now=T0 + timedelta(seconds=2))
+    send_acks(sessions, v3, AckResult.installed, "cam-1")
+    advance_rollouts(sessions, publisher, now=T0 + timedelta(seconds=3))
+    publisher.take()
+    return v3, trial.id
+
+
 def test_a_completed_rollout_to_some_devices_changes_only_them(
     session: Session,
     sessions: sessionmaker[Session],
@@ -592,14 +612,8 @@ def test_a_completed_rollout_to_some_devices_changes_only_them(
     publisher: RecordingPublisher,
 ) -> None:
     # Prepare: v3 rolled out to cam-1 alone, completed; then cam-new joins the cohort
-    v3 = completed_v2_then_approved_v3(session, sessions, store, fleet, publisher)
-    trial = start_rollout(session, model_id=v3, plan=ALL_AT_ONCE, created_by="ops", device_ids=["cam-1"])
-    session.commit()
-    advance_rollouts(sessions, publisher, now=T0 + timedelta(seconds=2))
-    send_acks(sessions, v3, AckResult.installed, "cam-1")
-    advance_rollouts(sessions, publisher, now=T0 + timedelta(seconds=3))
-    assert rollout_row(sessions, trial.id).state is RolloutState.completed
-    publisher.take()
+    v3, trial_id = v3_completed_on_cam_1(session, sessions, store, fleet, publisher)
+    assert rollout_row(sessions, trial_id).state is RolloutState.completed
     make_device(session, "cam-new")
     session.commit()
 
@@ -622,20 +636,14 @@ def test_only_the_latest_finished_rollout_rolls_back_and_the_cohort_model_then_r
     publisher: RecordingPublisher,
 ) -> None:
     # Prepare: v2 cohort-wide (completed), then v3 to cam-1 (completed)
-    v3 = completed_v2_then_approved_v3(session, sessions, store, fleet, publisher)
+    v3, trial_id = v3_completed_on_cam_1(session, sessions, store, fleet, publisher)
     cohort_wide = session.scalars(select(Rollout.id).where(Rollout.model_id == fleet.v2)).one()
-    trial = start_rollout(session, model_id=v3, plan=ALL_AT_ONCE, created_by="ops", device_ids=["cam-1"])
-    session.commit()
-    advance_rollouts(sessions, publisher, now=T0 + timedelta(seconds=2))
-    send_acks(sessions, v3, AckResult.installed, "cam-1")
-    advance_rollouts(sessions, publisher, now=T0 + timedelta(seconds=3))
-    publisher.take()
 
     # Execute / Assert: the earlier rollout cannot be rolled back past the later one
     with pytest.raises(ConflictError, match="no longer its cohort's latest finished rollout"):
         request_rollback(session, cohort_wide, requested_by="key:ops")
     session.rollback()
-    request_rollback(session, trial.id, requested_by="key:ops")
+    request_rollback(session, trial_id, requested_by="key:ops")
     session.commit()
     advance_rollouts(sessions, publisher, now=T0 + timedelta(seconds=4))
     assert publisher.take() == [Sent("cam-1", fleet.v2, v3)]
