@@ -2,8 +2,11 @@
 others can read (like ssh with a private key). The registry holds credential hashes, knowledge reports
 and the audit log; the key directory the signing keys."""
 
+import contextlib
+import fcntl
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 from cloud.exceptions import InsecureFileError
@@ -23,6 +26,26 @@ def private_file(path: Path) -> Path:
     except FileExistsError:
         pass
     return path
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write `data` to the new file `path`, owner-only (0600) from its creation; FileExistsError if it
+    exists (a key is never overwritten)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+
+
+@contextlib.contextmanager
+def directory_lock(directory: Path) -> Iterator[None]:
+    """Hold the exclusive lock of `directory` (its `.lock` file): several processes starting on a fresh
+    key directory make its keys once."""
+    with (directory / ".lock").open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def check_private(path: Path, what: str) -> None:

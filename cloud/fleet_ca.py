@@ -13,12 +13,9 @@ latest revocation list. The key is kept as carefully as the signing keys (docs/s
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
-import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -30,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from cloud.exceptions import InsecureFileError, InvalidValueError, SigningError
-from cloud.filemodes import check_private, private_dir
+from cloud.filemodes import check_private, directory_lock, private_dir, write_private
 from wire.topics import DEVICE_ID_PATTERN, reserved_device_id
 
 MAX_CSR_BYTES = 8 * 1024  # a P-256 CSR is ~500 B, an RSA-4096 one ~1.7 KB
@@ -67,7 +64,7 @@ class FleetCA:
         """The CA in `directory`, made (key and self-signed certificate) if it holds none; SigningError
         if its files are unreadable or open to others."""
         private_dir(directory)
-        with _locked(directory):  # several API workers may start on a fresh directory at once
+        with directory_lock(directory):  # several API workers may start on a fresh directory at once
             if not (directory / "ca.key").exists():
                 _create(directory)
         try:
@@ -198,16 +195,7 @@ def _create(directory: Path) -> None:
     )
     # The certificate first: a directory with a key always has its certificate.
     (directory / "ca.pem").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    fd = os.open(directory / "ca.key", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(pem)
-
-
-@contextlib.contextmanager
-def _locked(directory: Path) -> Iterator[None]:
-    with (directory / ".lock").open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
+    write_private(directory / "ca.key", pem)
 
 
 def _parse_csr(csr_pem: str | bytes) -> x509.CertificateSigningRequest:

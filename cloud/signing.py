@@ -8,12 +8,10 @@ a revoked key leaves the trust set, so devices refuse what it signs (docs/securi
 """
 
 import base64
-import contextlib
-import fcntl
 import logging
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -24,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
 
 from cloud.exceptions import InsecureFileError, SigningError
-from cloud.filemodes import check_private
+from cloud.filemodes import check_private, directory_lock, write_private
 from wire.common import utcnow
 from wire.desired import KEY_ID_PATTERN, DesiredModel, canonical_json, signing_bytes
 from wire.errors import ContractError
@@ -38,12 +36,6 @@ TRUST_DIR = "trust"
 
 def _public_raw(key: Ed25519PrivateKey) -> bytes:
     return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
 
 
 def _replace(path: Path, text: str) -> None:
@@ -86,7 +78,7 @@ class KeyRing:
         ring = cls(directory)
         directory.mkdir(parents=True, exist_ok=True)
         os.chmod(directory, 0o700)
-        with ring._locked():  # several API workers may start on a fresh directory at once
+        with directory_lock(directory):  # several API workers may start on a fresh directory at once
             if not (directory / "active").exists():
                 ring._set_active(ring._new_key())
             if not ring._trust_files():
@@ -105,21 +97,12 @@ class KeyRing:
                 raise SigningError(str(exc)) from None
         return ring
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        with (self.directory / ".lock").open("a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
     # --- keys --------------------------------------------------------------------------------------
 
     def stage(self) -> str:
         """Create a new key and add it to the trust set without making it active; return its key_id.
         Devices learn it from the trust chain; `activate` makes it sign once they have."""
-        with self._locked():
+        with directory_lock(self.directory):
             key_id = self._new_key()
             latest = self.trust()
             try:
@@ -139,7 +122,7 @@ class KeyRing:
 
     def activate(self, key_id: str) -> None:
         """Make a trusted key the one that signs."""
-        with self._locked():
+        with directory_lock(self.directory):
             if key_id not in self.trust().keys:
                 raise SigningError(f"no trusted key {key_id[:40]!r} to activate")
             self._private(key_id)  # held, and the file holds that key
@@ -148,7 +131,7 @@ class KeyRing:
     def revoke(self, key_id: str) -> None:
         """Remove a key from the trust set, so devices refuse what it signs, and delete it here. A
         revoked active key hands signing to the newest other trusted key."""
-        with self._locked():
+        with directory_lock(self.directory):
             latest = self.trust()
             if not _valid_key_id(key_id) or key_id not in latest.keys:
                 raise SigningError(f"no trusted key {key_id[:40]!r} to revoke")
@@ -271,7 +254,7 @@ class KeyRing:
         pem = key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
-        _write_private(self.directory / f"{key_id}.key", pem)
+        write_private(self.directory / f"{key_id}.key", pem)
         (self.directory / f"{key_id}.pub").write_text(base64.b64encode(public_raw).decode() + "\n")
         return key_id
 
