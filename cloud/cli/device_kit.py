@@ -27,6 +27,27 @@ INBOX = "inbox"  # the `directory` input source: where a camera (or app) drops t
 _PLACEHOLDER_KEYS = {"0" * 16: base64.b64encode(bytes(32)).decode()}  # the real ones come with provisioning
 
 
+class SecretFile:
+    """A new owner-only file for a device's one-time secret, made before the device is provisioned (the
+    secret the API shows once must have somewhere to go), written or removed after."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            raise CloudError(f"cannot create the secret file {path}: {exc.strerror}") from None
+
+    def write(self, secret: str) -> None:
+        with os.fdopen(self._fd, "w", encoding="utf-8") as out:
+            out.write(secret + "\n")
+
+    def abandon(self) -> None:
+        """Provisioning failed: remove the empty file."""
+        os.close(self._fd)
+        self.path.unlink(missing_ok=True)
+
+
 class Kit:
     """The kit's directory, made and checked before provisioning, filled after it."""
 
@@ -41,20 +62,14 @@ class Kit:
                 raise CloudError(f"{self.directory / name} exists; a kit never overwrites one")
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self._secret = os.open(self.directory / CREDENTIALS, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError as exc:
             raise CloudError(f"cannot write the device kit to {self.directory}: {exc.strerror}") from None
-
-    def abandon(self) -> None:
-        """Provisioning failed: remove the empty secret file."""
-        os.close(self._secret)
-        (self.directory / CREDENTIALS).unlink(missing_ok=True)
+        self.secret = SecretFile(self.directory / CREDENTIALS)
 
     def fill(self, made: DeviceProvisioned) -> Path:
         """Write the secret and the configuration (with the trusted keys provisioning returned); return
         the configuration's path."""
-        with os.fdopen(self._secret, "w", encoding="utf-8") as out:
-            out.write(made.secret + "\n")
+        self.secret.write(made.secret)
         config = self._config(
             {k.key_id: k.public_key for k in made.trusted_keys},
             trust_version=made.trust_version,

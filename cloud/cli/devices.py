@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Annotated
 import typer
 
 from cloud.cli.common import ExitCode, console, fail
-from cloud.cli.device_kit import Kit
+from cloud.cli.device_kit import Kit, SecretFile
 from cloud.cli.remote import (
     Column,
     Interval,
@@ -132,23 +131,15 @@ def devices_provision(
     if (device_dir is None) != (broker_url is None):
         raise fail(CloudError("--device-dir and --broker-url go together"), ExitCode.ERROR)
     with api(profile) as client:
-        # The file is made before the device: a secret the API shows once must have somewhere to go.
-        kit = (
-            _kit(device_dir, device_id, broker_url, client.config.url) if device_dir and broker_url else None
-        )
-        sink = _secret_sink(secret_file) if secret_file is not None else None
+        kit, sink = _sinks(device_dir, broker_url, secret_file, device_id, client.config.url)
         try:
             made = client.provision(device_id, cohort, labels)
         except BaseException:
-            if sink is not None and secret_file is not None:
-                os.close(sink)
-                secret_file.unlink()
-            if kit is not None:
-                kit.abandon()
+            if sink is not None:
+                sink.abandon()
             raise
-    if sink is not None:
-        with os.fdopen(sink, "w", encoding="utf-8") as out:
-            out.write(made.secret + "\n")
+    if sink is not None and kit is None:
+        sink.write(made.secret)
     config = kit.fill(made) if kit is not None else None
     if as_json:
         console.print_json(made.model_dump_json(exclude={"secret"} if secret_file or kit else set()))
@@ -162,21 +153,18 @@ def devices_provision(
         console.print(f"secret written to {secret_file}")
 
 
-def _kit(directory: Path, device_id: str, broker_url: str, api_url: str) -> Kit:
+def _sinks(
+    device_dir: Path | None, broker_url: str | None, secret_file: Path | None, device_id: str, api_url: str
+) -> tuple[Kit | None, SecretFile | None]:
+    """The kit or the secret file, made before the device is: a secret the API shows once must have
+    somewhere to go."""
     try:
-        return Kit(directory, device_id=device_id, broker_url=broker_url, api_url=api_url)
+        if device_dir is not None and broker_url is not None:
+            kit = Kit(device_dir, device_id=device_id, broker_url=broker_url, api_url=api_url)
+            return kit, kit.secret
+        return None, SecretFile(secret_file) if secret_file is not None else None
     except CloudError as exc:
         raise fail(exc, ExitCode.ERROR) from None
-
-
-def _secret_sink(path: Path) -> int:
-    """A new file at `path` that only its owner may read, open for writing."""
-    try:
-        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except OSError as exc:
-        raise fail(
-            CloudError(f"cannot create the secret file {path}: {exc.strerror}"), ExitCode.ERROR
-        ) from None
 
 
 @devices_app.command("label")

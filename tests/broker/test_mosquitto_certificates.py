@@ -29,6 +29,7 @@ from cloud.fleet_ca import FleetCA
 from device_firmware_py.identity import device_key, signing_request
 from tests.brokers import CERTS_SCRIPT, CLOUD_USER
 from tests.polling import wait_until
+from testsupport.mosquitto import MosquittoProcess
 from wire.topics import MessageKind, device_topic
 
 NOT_AUTHORIZED = 0x87
@@ -40,14 +41,13 @@ class Broker:
     ca_file: Path  # the server's (lab) CA, which clients trust
     device_port: int
     service: BrokerTarget  # the cloud's account, on the services' listener
-    process: object
+    process: MosquittoProcess
     work: Path
 
 
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     from broker.mosquitto import bootstrap, find_binary, find_plugin, init_dynsec, render_config
-    from testsupport.mosquitto import MosquittoProcess
 
     try:
         find_binary("mosquitto")
@@ -195,7 +195,8 @@ def refusals(broker: Broker) -> Counter[str]:
 
 def reload(broker: Broker) -> None:
     """SIGHUP: mosquitto re-reads its CRL."""
-    pid = broker.process.pid  # type: ignore[attr-defined]
+    pid = broker.process.pid
+    assert pid is not None
     log = broker.work / "state" / "mosquitto.log"
     before = log.read_text().count("Reloading config")
     os.kill(pid, signal.SIGHUP)
