@@ -194,7 +194,7 @@ class Device(Base):
 
     id: Mapped[str] = mapped_column(String(63), primary_key=True)
     cohort_id: Mapped[str] = mapped_column(ForeignKey("cohort.id"), index=True)
-    credential_hash: Mapped[str] = mapped_column(String(64))
+    credential_hash: Mapped[str | None] = mapped_column(String(64))  # a password device's; else None
     status: Mapped[DeviceStatus] = mapped_column(_enum(DeviceStatus), default=DeviceStatus.active)
     labels: Mapped[dict[str, Any]] = mapped_column(default=dict)
     desired_model_id: Mapped[str | None] = mapped_column(ForeignKey("model.id"), index=True)
@@ -208,6 +208,10 @@ class Device(Base):
     trust_version: Mapped[int | None] = mapped_column(Integer)  # of the signing keys, as it reports
     broker_sync: Mapped[BrokerSync | None] = mapped_column(_enum(BrokerSync), index=True)
     broker_error: Mapped[str | None] = mapped_column(Text)  # why the last attempt to apply it failed
+    # A certificate device's certificate, from the fleet CA (hex serial: the CRL names it by this).
+    cert_serial: Mapped[str | None] = mapped_column(String(40), unique=True)
+    cert_sha256: Mapped[str | None] = mapped_column(String(64))
+    cert_not_after: Mapped[datetime | None]
 
     cohort: Mapped[Cohort] = relationship()
 
