@@ -1,8 +1,13 @@
 """The broker as the registry says it should be: the credential hook that registers and removes devices
 in the running broker (mosquitto's dynamic security), and the reconciler that retries what the hook
-could not do and repairs what drifted."""
+could not do and repairs what drifted.
+
+A certificate device has no client in the broker (one pattern rule over the certificate's name admits
+every device): revoking it publishes the fleet CA's CRL, reloads the broker and then ends the device's
+live session, which the reload does not (`cloud.crl`)."""
 
 import logging
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,8 +18,11 @@ from broker.acl import Command, device_acls, device_role, provision_commands, re
 from broker.client import BrokerTarget
 from broker.dynsec import DynsecAdmin
 from broker.exceptions import BrokerAdminError
+from cloud.crl import CrlPublisher
 from cloud.exceptions import HookError
+from cloud.fleet_ca import FleetCA
 from cloud.provisioning import CredentialHook
+from cloud.registry.db import make_engine, session_factory
 from cloud.registry.devices import broker_applied, broker_failed, broker_pending
 from cloud.registry.tables import Device, DeviceStatus
 from cloud.settings import Settings
@@ -26,11 +34,13 @@ _UNDO = {"createRole": ("deleteRole", "rolename"), "createClient": ("deleteClien
 
 
 class BrokerCredentialHook:
-    """Creates a device's client and role in the broker when it is provisioned, deletes them (which
-    ends its live session) when it is revoked."""
+    """Creates a password device's client and role in the broker when it is provisioned, deletes them
+    (which ends its live session) when it is revoked; a revoked certificate device is put on the CRL
+    (`crl`) and its session ended."""
 
-    def __init__(self, admin: DynsecAdmin) -> None:
+    def __init__(self, admin: DynsecAdmin, crl: CrlPublisher | None = None) -> None:
         self.admin = admin
+        self.crl = crl
 
     def provisioned(self, device_id: str, secret: str) -> None:
         """Create the device's role and client; on failure, leave nothing of them behind."""
@@ -48,14 +58,33 @@ class BrokerCredentialHook:
                 self._undo(commands, device_id)
             raise HookError(f"broker: {exc}") from None
 
-    def revoked(self, device_id: str) -> None:
-        """Delete the device's client and role; already gone counts as done."""
+    def revoked(self, device_id: str, *, certificate: bool = False) -> None:
+        """Delete the device's client and role; already gone counts as done. For a certificate device:
+        publish the CRL and reload the broker, then end its session."""
+        if certificate:
+            if self.crl is None:
+                raise HookError("no fleet CA is configured to revoke a certificate device with")
+            self.crl.publish()
+            self.kick(device_id)
+            return
         try:
             self.admin.execute(revoke_commands(device_id))
         except BrokerAdminError as exc:
             if _only_not_found(exc):
                 return
             raise HookError(f"broker: {exc}") from None
+
+    def kick(self, username: str) -> None:
+        """End every session of `username` on every listener, certificate ones included: deleting a
+        dynamic-security client disconnects its username, so one is made (with a password no one
+        knows, and no role) and deleted at once."""
+        password = secrets.token_urlsafe(32)
+        self._execute(
+            [
+                {"command": "createClient", "username": username, "password": password},
+                {"command": "deleteClient", "username": username},
+            ]
+        )
 
     def device_clients(self, page: int = 1000) -> set[str]:
         """The usernames of the broker's device clients (those in their own device role)."""
@@ -162,10 +191,10 @@ def reconcile(
     done = Reconciliation()
     with sessions() as session:
         pending = broker_pending(session)
-    for device_id, status in pending:
+    for device_id, status, certificate in pending:
         try:
             if status is DeviceStatus.revoked:
-                hook.revoked(device_id)
+                hook.revoked(device_id, certificate=certificate)
             elif not hook.has_client(device_id):
                 raise HookError(MISSING)
             else:
@@ -215,15 +244,22 @@ def _only_not_found(exc: BrokerAdminError) -> bool:
     return bool(exc.failures) and all(f.error.endswith("not found") for f in exc.failures)
 
 
-def hook_from_settings(settings: Settings) -> BrokerCredentialHook | None:
-    """The broker hook when the admin URL is set (it connects on first use), else None."""
+def hook_from_settings(
+    settings: Settings, sessions: sessionmaker[Session] | None = None
+) -> BrokerCredentialHook | None:
+    """The broker hook when the admin URL is set (it connects on first use), else None. Its CRL lists
+    the revoked certificate devices of the registry that `sessions` (default: the settings') open."""
     if settings.mqtt_admin_url is None:
         return None
     target = BrokerTarget.parse(settings.mqtt_admin_url.get_secret_value(), ca_file=settings.mqtt_ca_file)
-    return BrokerCredentialHook(DynsecAdmin(target))
+    sessions = sessions or session_factory(make_engine(settings.resolved_database_url))
+    crl = CrlPublisher(FleetCA.open(settings.resolved_fleet_ca_dir), sessions, settings.broker_pid_file)
+    return BrokerCredentialHook(DynsecAdmin(target), crl)
 
 
-def hooks_from_settings(settings: Settings) -> list[CredentialHook]:
+def hooks_from_settings(
+    settings: Settings, sessions: sessionmaker[Session] | None = None
+) -> list[CredentialHook]:
     """The hooks the API tells of device credentials: the broker's, when it is managed."""
-    hook = hook_from_settings(settings)
+    hook = hook_from_settings(settings, sessions)
     return [] if hook is None else [hook]

@@ -240,10 +240,18 @@ class FleetClient:
         return self._read(DevicePublic, "GET", f"/devices/{_segment(device_id)}")
 
     def provision(
-        self, device_id: str, cohort_id: str, labels: Mapping[str, str] | None = None
+        self,
+        device_id: str,
+        cohort_id: str,
+        labels: Mapping[str, str] | None = None,
+        *,
+        csr: str | None = None,
     ) -> DeviceProvisioned:
-        """Provision a device; the answer holds its secret, shown this once."""
-        body = {"id": device_id, "cohort_id": cohort_id, "labels": dict(labels or {})}
+        """Provision a device; the answer holds its secret, shown this once, or with `csr` (PEM) the
+        certificate the fleet CA issued for the device's key."""
+        body: dict[str, object] = {"id": device_id, "cohort_id": cohort_id, "labels": dict(labels or {})}
+        if csr is not None:
+            body["csr"] = csr
         return self._read(DeviceProvisioned, "POST", "/devices", json=body)
 
     def revoke(self, device_id: str) -> DevicePublic:

@@ -152,12 +152,28 @@ class FleetCA:
             builder = builder.add_revoked_certificate(
                 x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(at).build()
             )
-        crl = builder.sign(self._key, hashes.SHA256())
+        pem = builder.sign(self._key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+        # A broker that reads a bad CRL may run on without revocation (mosquitto 2.0 does): what is
+        # written is read back and checked first.
+        self.check_crl(pem, now=now)
         path = self.directory / "crl.pem"
         tmp = path.with_name(".crl.pem.tmp")
-        tmp.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+        tmp.write_bytes(pem)
         tmp.replace(path)
         return path
+
+    def check_crl(self, pem: bytes, *, now: datetime | None = None) -> datetime:
+        """The next update of the CRL in `pem` if this CA signed it and it is current, else SigningError."""
+        now = now or datetime.now(UTC)
+        try:
+            crl = x509.load_pem_x509_crl(pem)
+        except ValueError as exc:
+            raise SigningError(f"not a CRL: {exc}") from None
+        if crl.issuer != self.certificate.subject or not crl.is_signature_valid(self._key.public_key()):
+            raise SigningError("the CRL is not signed by the fleet CA")
+        if crl.next_update_utc is None or crl.next_update_utc <= now:
+            raise SigningError("the CRL's next update has passed: every device would be refused")
+        return crl.next_update_utc
 
 
 def _create(directory: Path) -> None:

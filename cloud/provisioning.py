@@ -15,7 +15,8 @@ class CredentialHook(Protocol):
 
     `provisioned` runs inside the registry transaction: if it raises, the device is not created.
     `revoked` runs after the revocation is committed and must also end the device's live session;
-    it is idempotent (revoking again re-runs it).
+    it is idempotent (revoking again re-runs it). A certificate device (`certificate`) was never
+    `provisioned` here: its certificate names it, and revoking it means refusing that certificate.
 
     A hook raises HookError with a message safe to log and to show; the message of any other error
     is never shown or logged (it could hold the secret, say a failed command line), only its type.
@@ -23,4 +24,4 @@ class CredentialHook(Protocol):
 
     def provisioned(self, device_id: str, secret: str) -> None: ...
 
-    def revoked(self, device_id: str) -> None: ...
+    def revoked(self, device_id: str, *, certificate: bool = False) -> None: ...

@@ -23,6 +23,16 @@ class Settings(BaseSettings):
     signing_key_dir: Path | None = Field(
         None, description="the cloud's Ed25519 keys; default <data_dir>/keys (owner-only)"
     )
+    fleet_ca_dir: Path | None = Field(
+        None,
+        description="the fleet CA that certifies devices' keys (made on first use, owner-only); "
+        "default <signing key dir>/ca",
+    )
+    broker_pid_file: Path | None = Field(
+        None,
+        description="mosquitto's pid file: the cloud sends it SIGHUP to reload the CRL after a "
+        "certificate device is revoked (unset: reloading is the deployment's)",
+    )
     mqtt_url: SecretStr = Field(
         SecretStr("mqtt://127.0.0.1:1883"),
         description="the broker, as the cloud's service account: mqtt[s]://user:password@host:port"
@@ -162,3 +172,8 @@ class Settings(BaseSettings):
     def resolved_signing_key_dir(self) -> Path:
         """Where the cloud's signing keys live."""
         return self.signing_key_dir or self.data_dir / "keys"
+
+    @cached_property
+    def resolved_fleet_ca_dir(self) -> Path:
+        """Where the fleet CA lives."""
+        return self.fleet_ca_dir or self.resolved_signing_key_dir / "ca"

@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from cloud.api.guard import AuthGuard
 from cloud.api.problems import Problem
 from cloud.artifacts import LocalArtifactStore
+from cloud.fleet_ca import FleetCA
 from cloud.provisioning import CredentialHook
 from cloud.registry import apikeys
 from cloud.registry.common import hash_secret
@@ -97,6 +98,13 @@ class Services:
     guard: AuthGuard
     # Bound to the event loop, so made when the app starts (the lifespan) and closed when it stops.
     readers: async_sessionmaker[AsyncSession] | None = None
+    ca: FleetCA | None = None  # opened (made, the first time) when a device first asks for a certificate
+
+    def fleet_ca(self) -> FleetCA:
+        """The fleet CA that certifies devices' keys."""
+        if self.ca is None:
+            self.ca = FleetCA.open(self.settings.resolved_fleet_ca_dir)
+        return self.ca
 
     async def start(self) -> None:
         """Open the asynchronous reader engine on the running event loop."""

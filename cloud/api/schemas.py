@@ -10,6 +10,7 @@ from fastapi import Response
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from cloud.exceptions import InvalidValueError
+from cloud.fleet_ca import MAX_CSR_BYTES
 from cloud.pipeline.rollout_checks import RolloutPlan
 from cloud.registry import labels
 from cloud.registry.tables import (
@@ -147,6 +148,11 @@ class DeviceCreate(Input):
     id: Annotated[Slug, AfterValidator(_not_reserved)] = Field(examples=["cam-0042"])
     cohort_id: Slug = Field(examples=["kitchen-cams"])
     labels: dict[Label, Label] = Field(default_factory=dict, max_length=32, examples=[{"site": "lab-2"}])
+    csr: Annotated[str, StringConstraints(max_length=MAX_CSR_BYTES)] | None = Field(
+        None,
+        description="the device's certificate signing request (PEM; `diredi-device csr`): the device is "
+        "given a certificate for its own key instead of a password",
+    )
 
 
 class DeviceUpdate(Input):
@@ -174,6 +180,12 @@ class DevicePublic(Output):
         "still applying a provisioning or a revocation); null when no broker is managed"
     )
     broker_error: str | None = Field(description="why the broker could not be updated yet, if it could not")
+    cert_sha256: str | None = Field(
+        None, description="a certificate device's certificate (SHA-256 of its DER); null: a password device"
+    )
+    cert_not_after: datetime | None = Field(
+        None, description="when a certificate device's certificate expires"
+    )
 
 
 class TrustedKey(Output):
@@ -183,10 +195,17 @@ class TrustedKey(Output):
 
 
 class DeviceProvisioned(Output):
-    """The device and its credentials. The secret is shown this once; only its hash is stored."""
+    """The device and its credentials: a password shown this once (only its hash is stored), or the
+    certificate the fleet CA issued for the device's own key."""
 
     device: DevicePublic
-    secret: str = Field(description="the device's password for MQTT and artifact downloads; shown once")
+    secret: str | None = Field(
+        description="a password device's password for MQTT and artifact downloads; shown once"
+    )
+    certificate: str | None = Field(None, description="a certificate device's certificate (PEM)")
+    ca_certificate: str | None = Field(
+        None, description="the fleet CA's certificate (PEM), which the broker trusts for devices"
+    )
     trusted_keys: list[TrustedKey]
     trust_version: int = Field(description="the trust chain's version those keys are (the device's root)")
     trust_threshold: int = Field(description="how many of those keys must sign the chain's next version")

@@ -69,6 +69,8 @@ class Kit:
     def fill(self, made: DeviceProvisioned) -> Path:
         """Write the secret and the configuration (with the trusted keys provisioning returned); return
         the configuration's path."""
+        if made.secret is None:
+            raise CloudError("the API answered without the device's secret")
         self.secret.write(made.secret)
         config = self._config(
             {k.key_id: k.public_key for k in made.trusted_keys},

@@ -25,6 +25,7 @@ from cloud.cli.remote import (
     watch,
 )
 from cloud.exceptions import CloudError
+from cloud.fleet_ca import MAX_CSR_BYTES
 
 devices_app = typer.Typer(
     help="Devices: list (filters, label selectors), show, provision, label, revoke, send commands."
@@ -119,11 +120,32 @@ def devices_provision(
     broker_url: Annotated[
         str | None, typer.Option(help="The broker the device connects to (with --device-dir).")
     ] = None,
+    csr: Annotated[
+        Path | None,
+        typer.Option(
+            help="The device's certificate signing request (`diredi-device csr`): the device gets a "
+            "certificate for its own key instead of a password.",
+        ),
+    ] = None,
+    certificate_file: Annotated[
+        Path | None, typer.Option(help="Write the certificate (with --csr) to this new file.")
+    ] = None,
     as_json: JsonOut = False,
     profile: Profile = None,
 ) -> None:
-    """Provision a device. Its secret is shown this once (or written to --secret-file or the kit)."""
+    """Provision a device. Its secret is shown this once (or written to --secret-file or the kit); with
+    --csr it is given a certificate instead, printed or written to --certificate-file."""
     labels = {k: v for k, v in _labels(label or [], removals=False).items() if v is not None}
+    if csr is not None:
+        if device_dir or secret_file or broker_url:
+            raise fail(
+                CloudError("--csr gives the device a certificate: leave out --device-dir and --secret-file"),
+                ExitCode.ERROR,
+            )
+        _provision_certificate(device_id, cohort, labels, csr, certificate_file, as_json, profile)
+        return
+    if certificate_file is not None:
+        raise fail(CloudError("--certificate-file goes with --csr"), ExitCode.ERROR)
     if device_dir is not None and secret_file is not None:
         raise fail(
             CloudError("--device-dir writes the secret itself; leave out --secret-file"), ExitCode.ERROR
@@ -138,6 +160,8 @@ def devices_provision(
             if sink is not None:
                 sink.abandon()
             raise
+    if made.secret is None:
+        raise fail(CloudError("the API answered without the device's secret"), ExitCode.ERROR)
     if sink is not None and kit is None:
         sink.write(made.secret)
     config = kit.fill(made) if kit is not None else None
@@ -151,6 +175,50 @@ def devices_provision(
         console.print(f"secret (shown once): {made.secret}")
     else:
         console.print(f"secret written to {secret_file}")
+
+
+def _provision_certificate(
+    device_id: str,
+    cohort: str,
+    labels: dict[str, str],
+    csr_file: Path,
+    certificate_file: Path | None,
+    as_json: bool,
+    profile: str | None,
+) -> None:
+    request = _read_csr(csr_file)
+    if certificate_file is not None and certificate_file.exists():
+        raise fail(CloudError(f"{certificate_file} exists; it is never overwritten"), ExitCode.ERROR)
+    with api(profile) as client:
+        made = client.provision(device_id, cohort, labels, csr=request)
+    if certificate_file is not None and made.certificate is not None:
+        try:
+            certificate_file.write_text(made.certificate)
+        except OSError as exc:
+            problem = CloudError(f"the device is provisioned, but {certificate_file}: {exc.strerror}")
+            raise fail(problem, ExitCode.ERROR) from None
+    if as_json:
+        console.print_json(made.model_dump_json())
+        return
+    emit(made.device, DEVICE_COLUMNS, as_json=False, title="provisioned")
+    if certificate_file is not None:
+        console.print(f"certificate written to {certificate_file}")
+    else:
+        console.print(made.certificate or "", end="", markup=False, highlight=False)
+
+
+def _read_csr(path: Path) -> str:
+    """The CSR in `path` as text, or a one-line error: the API checks what it says."""
+    try:
+        data = path.read_bytes()[: MAX_CSR_BYTES + 1]
+    except OSError as exc:
+        raise fail(CloudError(f"cannot read the CSR {path}: {exc.strerror}"), ExitCode.ERROR) from None
+    if len(data) > MAX_CSR_BYTES or b"-----BEGIN CERTIFICATE REQUEST-----" not in data:
+        raise fail(CloudError(f"{path} is not a PEM certificate signing request"), ExitCode.ERROR)
+    try:
+        return data.decode("ascii")
+    except UnicodeDecodeError:
+        raise fail(CloudError(f"{path} is not a PEM certificate signing request"), ExitCode.ERROR) from None
 
 
 def _sinks(

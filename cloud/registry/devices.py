@@ -1,4 +1,5 @@
-"""Cohorts and devices: provisioning with one-time credentials, revocation, lookup, artifact offers."""
+"""Cohorts and devices: provisioning (a one-time password, or a certificate for the device's own key),
+revocation, lookup, artifact offers."""
 
 import functools
 import re
@@ -77,16 +78,30 @@ def list_cohorts(session: Session, *, limit: int, offset: int) -> tuple[Sequence
     return paginate(session, select(Cohort).order_by(Cohort.id), limit=limit, offset=offset)
 
 
-def provision_device(
-    session: Session, *, device_id: str, cohort_id: str, labels: dict[str, str] | None = None
-) -> tuple[Device, str]:
-    """Register a device; return it and its one-time secret (only the secret's hash is stored)."""
+class Certificate(NamedTuple):
+    """What the registry keeps of a device's certificate (the fleet CA issues it)."""
+
+    serial: int
+    sha256: str
+    not_after: datetime
+
+
+def check_new_device(session: Session, *, device_id: str, cohort_id: str) -> None:
+    """RegistryError, NotFoundError or ConflictError unless `device_id` may be provisioned in the cohort
+    (checked before a certificate is issued for it)."""
     if (reason := reserved_device_id(device_id)) is not None:
         raise RegistryError(reason)
     get_cohort(session, cohort_id)
     if session.get(Device, device_id) is not None:
         # A revoked id stays taken: its history (reports, telemetry) belongs to the old device.
         raise ConflictError(f"device {device_id} already exists")
+
+
+def provision_device(
+    session: Session, *, device_id: str, cohort_id: str, labels: dict[str, str] | None = None
+) -> tuple[Device, str]:
+    """Register a password device; return it and its one-time secret (only the secret's hash is stored)."""
+    check_new_device(session, device_id=device_id, cohort_id=cohort_id)
     secret = new_secret()
     device = Device(
         id=device_id, cohort_id=cohort_id, credential_hash=hash_secret(secret), labels=labels or {}
@@ -94,6 +109,39 @@ def provision_device(
     session.add(device)
     session.flush()
     return device, secret
+
+
+def provision_certificate_device(
+    session: Session,
+    *,
+    device_id: str,
+    cohort_id: str,
+    certificate: Certificate,
+    labels: dict[str, str] | None = None,
+) -> Device:
+    """Register a device that authenticates by `certificate` (no password: it has no secret here)."""
+    check_new_device(session, device_id=device_id, cohort_id=cohort_id)
+    device = Device(
+        id=device_id,
+        cohort_id=cohort_id,
+        labels=labels or {},
+        cert_serial=f"{certificate.serial:x}",
+        cert_sha256=certificate.sha256,
+        cert_not_after=certificate.not_after,
+    )
+    session.add(device)
+    session.flush()
+    return device
+
+
+def revoked_certificates(session: Session) -> list[tuple[int, datetime]]:
+    """(serial, revoked at) of every revoked certificate device: what the fleet CA's CRL lists."""
+    rows = session.execute(
+        select(Device.cert_serial, Device.revoked_at).where(
+            Device.status == DeviceStatus.revoked, Device.cert_serial.is_not(None)
+        )
+    )
+    return [(int(serial or "0", 16), at or utcnow()) for serial, at in rows]
 
 
 def get_device(session: Session, device_id: str) -> Device:
@@ -131,15 +179,21 @@ def broker_failed(session: Session, device_id: str, error: str) -> None:
     )
 
 
-def broker_pending(session: Session, *, limit: int = 500) -> list[tuple[str, DeviceStatus]]:
-    """Devices whose state the broker does not reflect yet (id, status), oldest change first."""
+class PendingDevice(NamedTuple):
+    id: str
+    status: DeviceStatus
+    certificate: bool  # a certificate device: the broker learns of it by the CRL, not by a client
+
+
+def broker_pending(session: Session, *, limit: int = 500) -> list[PendingDevice]:
+    """Devices whose state the broker does not reflect yet, oldest change first."""
     rows = session.execute(
-        select(Device.id, Device.status)
+        select(Device.id, Device.status, Device.cert_serial.is_not(None))
         .where(Device.broker_sync == BrokerSync.pending)
         .order_by(Device.revoked_at, Device.id)
         .limit(limit)
     )
-    return [(row.id, row.status) for row in rows]
+    return [PendingDevice(*row) for row in rows]
 
 
 # What a device listing reads: these columns as plain rows (never the credential hash). Rows, not ORM
@@ -164,6 +218,8 @@ LISTED = (
     Device.trust_version,
     _text(Device.broker_sync),
     Device.broker_error,
+    Device.cert_sha256,
+    Device.cert_not_after,
 )
 
 
@@ -253,6 +309,8 @@ def authenticate_device(session: Session, device_id: str, secret: str) -> Device
     device = session.get(Device, device_id)
     if device is None or device.status is not DeviceStatus.active:
         return None
+    if device.credential_hash is None:
+        return None  # a certificate device has no password
     return device if secret_matches(secret, device.credential_hash) else None
 
 

@@ -379,7 +379,7 @@ def reconcile_broker() -> int:
     it was down), and sweep the whole broker every `BROKER_SWEEP_S`; returns the devices applied."""
     ctx = context()
     if ctx.broker_hook is None:
-        ctx.broker_hook = hook_from_settings(ctx.settings)
+        ctx.broker_hook = hook_from_settings(ctx.settings, ctx.sessions)
         if ctx.broker_hook is None:
             return 0  # no broker is managed
     sweep = ctx.last_sweep is None or time.monotonic() - ctx.last_sweep >= BROKER_SWEEP_S

@@ -1,4 +1,5 @@
-"""Devices: provisioning with one-time credentials, labels, revocation, listing."""
+"""Devices: provisioning (a one-time password, or a certificate for the device's own key), labels,
+revocation, listing."""
 
 import logging
 from typing import Annotated
@@ -22,10 +23,13 @@ from cloud.api.schemas import (
 from cloud.provisioning import describe_failure
 from cloud.registry import audit
 from cloud.registry.devices import (
+    Certificate,
     broker_applied,
     broker_failed,
+    check_new_device,
     get_device,
     list_devices_async,
+    provision_certificate_device,
     provision_device,
     revoke_device,
     set_labels,
@@ -75,7 +79,8 @@ async def list_(services: ServicesDep, _: Viewer, query: Annotated[DeviceFilter,
         {
             404: "no such cohort",
             409: "a device with this id exists",
-            422: "the id is invalid, or in the namespace of the cloud's own services",
+            422: "the id is invalid, or in the namespace of the cloud's own services; or the CSR is "
+            "refused (not a CSR, a bad signature, a weak key, a subject naming another device)",
             502: "the broker refused the credentials (nothing was created)",
         }
     ),
@@ -83,10 +88,14 @@ async def list_(services: ServicesDep, _: Viewer, query: Annotated[DeviceFilter,
 def provision(
     body: DeviceCreate, session: SessionDep, services: ServicesDep, caller: Operator
 ) -> DeviceProvisioned:
-    """Provision a device. The response holds its secret, shown this once (only a hash is stored),
-    and the cloud's trusted signing keys with their trust version, which the device needs to verify
-    its desired models. The broker learns the credentials before the registry commits: the secret is
-    never stored, so a device the broker refused is not created."""
+    """Provision a device. With a CSR the fleet CA certifies the device's own key (CN = the device id)
+    and the response holds the certificate: the broker admits it by that name, and learns nothing of
+    it now. Without one the response holds a password, shown this once (only a hash is stored), which
+    the broker learns before the registry commits: a device the broker refused is not created. Either
+    way the response holds the cloud's trusted signing keys with their trust version, which the device
+    needs to verify its desired models."""
+    if body.csr is not None:
+        return _provision_certificate(body, body.csr, session, services, caller.actor)
     device, secret = provision_device(
         session, device_id=body.id, cohort_id=body.cohort_id, labels=body.labels
     )
@@ -105,12 +114,47 @@ def provision(
     if services.hooks:
         device.broker_sync = BrokerSync.synced
     session.commit()
+    return _provisioned(services, DevicePublic.model_validate(device), secret=secret)
+
+
+def _provision_certificate(
+    body: DeviceCreate, csr: str, session: SessionDep, services: ServicesDep, actor: str
+) -> DeviceProvisioned:
+    check_new_device(session, device_id=body.id, cohort_id=body.cohort_id)  # before the CA signs
+    ca = services.fleet_ca()
+    issued = ca.issue(csr, body.id)
+    device = provision_certificate_device(
+        session,
+        device_id=body.id,
+        cohort_id=body.cohort_id,
+        labels=body.labels,
+        certificate=Certificate(issued.serial, issued.sha256, issued.not_after),
+    )
+    audit.record(
+        session,
+        actor=actor,
+        action="device.provision",
+        target=body.id,
+        cohort=body.cohort_id,
+        certificate=issued.sha256,
+    )
+    session.commit()
+    return _provisioned(
+        services,
+        DevicePublic.model_validate(device),
+        certificate=issued.pem,
+        ca_certificate=ca.certificate_pem,
+    )
+
+
+def _provisioned(services: ServicesDep, device: DevicePublic, **credentials: str) -> DeviceProvisioned:
     trust = services.keyring.trust()
-    keys = [TrustedKey.model_validate(k) for k in services.keyring.public_keys()]
     return DeviceProvisioned(
-        device=DevicePublic.model_validate(device),
-        secret=secret,
-        trusted_keys=keys,
+        device=device,
+        secret=credentials.get("secret"),
+        certificate=credentials.get("certificate"),
+        ca_certificate=credentials.get("ca_certificate"),
+        trusted_keys=[TrustedKey.model_validate(k) for k in services.keyring.public_keys()],
         trust_version=trust.version,
         trust_threshold=trust.threshold,
     )
@@ -159,7 +203,7 @@ def revoke(
     if services.hooks:
         try:
             for hook in services.hooks:
-                hook.revoked(device_id)
+                hook.revoked(device_id, certificate=device.cert_serial is not None)
         except Exception as exc:
             reason = describe_failure(exc)
             log.error("revocation of %s not yet applied to the broker: %s", device_id, reason)

@@ -40,7 +40,7 @@ class RecordingHook:
         if self.fail == "leaky":  # an unexpected error whose text holds the secret, like a command line
             raise RuntimeError(f"mosquitto_ctrl createClient {device_id} -p {secret} failed")
 
-    def revoked(self, device_id: str) -> None:
+    def revoked(self, device_id: str, *, certificate: bool = False) -> None:
         self.calls.append(("revoked", device_id))
         if self.fail == "revoked":
             raise RuntimeError("broker unreachable")
