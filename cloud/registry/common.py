@@ -204,14 +204,23 @@ def _translated(
     )
 
 
-def insert_new(session: Session, table: type[Any], rows: Sequence[dict[str, Any]], *, key: str) -> set[Any]:
-    """Insert `rows`, skipping any whose unique `key` column is already stored (a redelivered message,
-    or another ingest's); return the keys that were new. One statement, safe against racing writers."""
+def insert_new(
+    session: Session,
+    table: type[Any],
+    rows: Sequence[dict[str, Any]],
+    *,
+    key: str,
+    unique: Sequence[str] | None = None,
+) -> set[Any]:
+    """Insert `rows`, skipping any whose unique columns (`unique`, by default `key` alone) are already
+    stored (a redelivered message, or another ingest's); return the `key`s that were new. One
+    statement, safe against racing writers."""
     if not rows:
         return set()
     insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
     column = getattr(table, key)
-    statement = insert(table).on_conflict_do_nothing(index_elements=[key]).returning(column)
+    conflict = list(unique or [key])
+    statement = insert(table).on_conflict_do_nothing(index_elements=conflict).returning(column)
     return set(session.scalars(statement, list(rows)).all())
 
 

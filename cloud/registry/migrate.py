@@ -1,10 +1,13 @@
 """Alembic, driven from code: `diredi db upgrade|downgrade|current` and the tests use these functions."""
 
+from collections.abc import Mapping
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine
+
+from cloud.registry.partitions import is_partition
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 
@@ -42,3 +45,9 @@ def head() -> str | None:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     return ScriptDirectory.from_config(config).get_current_head()
+
+
+def include_name(name: str | None, type_: str, _parents: Mapping[str, str | None]) -> bool:
+    """Autogenerate's filter: telemetry's partitions are the database's upkeep, not the models' tables
+    (`cloud.registry.partitions`), so comparing the schema with the models skips them."""
+    return not (type_ == "table" and name is not None and is_partition(name))

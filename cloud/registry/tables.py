@@ -327,24 +327,33 @@ class RolloutTarget(Base):
 
 
 class Telemetry(Base):
-    """One status message of a device; a fast-growing time series, indexed by time and pruned."""
+    """One status message of a device; a fast-growing time series, indexed by time and pruned.
+
+    On PostgreSQL the table is partitioned by day on `at` (`cloud.registry.partitions`, migration
+    0012); on SQLite it is one plain table. PostgreSQL's unique keys on a partitioned table must hold
+    the partition key, hence the primary key (id, at) and the unique (msg_id, at).
+    """
 
     __tablename__ = "telemetry"
     __table_args__ = (
+        # A redelivered message carries the same sent_at, so (msg_id, at) stores it once, as msg_id did.
+        UniqueConstraint("msg_id", "at"),
         Index("ix_telemetry_device_at", "device_id", "at"),
         Index("ix_telemetry_model_at", "model_id", "at"),  # accuracy per model version over time
         # Samples arrive in time order: a BRIN index serves pruning by time for little upkeep.
         Index("ix_telemetry_at", "at", postgresql_using="brin"),
+        {"postgresql_partition_by": "RANGE (at)"},
     )
 
+    # SQLite's primary key stays id alone (its row id, which numbers new rows); id is unique on both.
     id: Mapped[int] = mapped_column(
         BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
     )
-    msg_id: Mapped[uuid.UUID] = mapped_column(Uuid, unique=True)
+    msg_id: Mapped[uuid.UUID] = mapped_column(Uuid)
     # No foreign key: the ingest checks the device in the same transaction, devices are never deleted,
     # and the key's per-row trigger cost PostgreSQL a fifth of its time per sample (migration 0004).
     device_id: Mapped[str] = mapped_column(String(63))
-    at: Mapped[datetime]
+    at: Mapped[datetime] = mapped_column(primary_key=True)
     model_id: Mapped[str | None] = mapped_column(String(128))
     uptime_s: Mapped[float | None] = mapped_column(Float)
     inference_count: Mapped[int | None] = mapped_column(BigInteger)

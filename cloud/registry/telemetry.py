@@ -2,7 +2,8 @@
 
 import uuid
 from collections.abc import Iterable, Sequence
-from datetime import datetime, timedelta
+from dataclasses import dataclass
+from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
 import msgspec
@@ -10,18 +11,23 @@ import orjson
 from sqlalchemy import PoolProxiedConnection, Select, delete, select
 from sqlalchemy.orm import Session
 
+from cloud.registry import partitions
 from cloud.registry.common import driver_errors, insert_new, paginate
 from cloud.registry.tables import Telemetry, utcnow
 from wire.fastpath import StatusRecord
 from wire.messages import Status
 
 PRUNE_BATCH = 10_000  # rows deleted per statement, so pruning never holds a long lock
+# The unique key a stored sample is known by. PostgreSQL's unique keys on a table partitioned by `at`
+# must hold `at`; a redelivered message carries the same sent_at (→ at), so (msg_id, at) stores each
+# message once, as msg_id alone did.
+UNIQUE = ("msg_id", "at")
 
 
 def add_samples(session: Session, samples: Iterable[dict[str, Any]]) -> set[uuid.UUID]:
     """Insert status samples (column → value, `msg_id` included), each msg_id once; return the msg_ids
     that were new."""
-    return insert_new(session, Telemetry, list(samples), key="msg_id")
+    return insert_new(session, Telemetry, list(samples), key="msg_id", unique=UNIQUE)
 
 
 def sample_of(status: Status | StatusRecord) -> dict[str, Any]:
@@ -131,7 +137,7 @@ def _copy(pooled: PoolProxiedConnection, lines: bytes, msg_ids: set[uuid.UUID]) 
         cursor.execute(
             sql.SQL(
                 "INSERT INTO telemetry ({columns}) SELECT {columns} FROM {incoming} "
-                "ON CONFLICT (msg_id) DO NOTHING RETURNING msg_id"
+                "ON CONFLICT (msg_id, at) DO NOTHING RETURNING msg_id"  # as UNIQUE
             ).format(**names)
         )
         new = {row[0] for row in cursor.fetchall()}
@@ -170,16 +176,50 @@ def _selected(
     return statement
 
 
-def prune(session: Session, *, retention: timedelta, now: datetime | None = None) -> int:
-    """Delete samples older than the retention, committing each batch; return how many were deleted.
+@dataclass(frozen=True)
+class Pruned:
+    """What pruning removed: samples deleted row by row, and daily partitions dropped whole."""
 
-    Each batch is its own transaction, so pruning a day of a large fleet never holds a long lock.
+    deleted: int
+    dropped: tuple[partitions.Dropped, ...] = ()
+
+    @property
+    def rows(self) -> int:
+        """Every sample removed, the dropped partitions' included."""
+        return self.deleted + sum(d.rows for d in self.dropped)
+
+
+def prune(session: Session, *, retention: timedelta, now: datetime | None = None) -> int:
+    """Remove samples older than the retention (`remove_expired`); return how many were removed."""
+    return remove_expired(session, retention=retention, now=now).rows
+
+
+def remove_expired(session: Session, *, retention: timedelta, now: datetime | None = None) -> Pruned:
+    """Remove samples older than the retention, committing as it goes; return what was removed.
+
+    A plain table (SQLite) loses every sample older than the cutoff (now - retention), deleted in
+    batches, each its own transaction, so pruning never holds a long lock. A partitioned one
+    (PostgreSQL) loses whole days: each daily partition of a day before the cutoff's is detached and
+    dropped, and the default partition's samples from before the cutoff's day are deleted in batches.
+    The cutoff's own day stays until it is wholly past: a sample is kept at least the retention and
+    less than a day longer. Deleting that day's older rows every hour instead would be the row-by-row
+    DELETE, its WAL and its vacuum that partitions are there to spare.
     """
     cutoff = (now or utcnow()) - retention
+    if not partitions.is_partitioned(session):
+        return Pruned(deleted=_delete_before(session, cutoff))
+    day = cutoff.astimezone(UTC).date()
+    dropped = partitions.drop_before(session, day)
+    return Pruned(deleted=_delete_before(session, datetime.combine(day, time(), UTC)), dropped=tuple(dropped))
+
+
+def _delete_before(session: Session, cutoff: datetime) -> int:
     deleted = 0
     while True:
         ids = select(Telemetry.id).where(Telemetry.at < cutoff).limit(PRUNE_BATCH).scalar_subquery()
-        count = session.execute(delete(Telemetry).where(Telemetry.id.in_(ids))).rowcount  # type: ignore[attr-defined]
+        # `at` in both conditions lets PostgreSQL skip the partitions of later days.
+        statement = delete(Telemetry).where(Telemetry.at < cutoff, Telemetry.id.in_(ids))
+        count = session.execute(statement).rowcount  # type: ignore[attr-defined]
         session.commit()
         deleted += int(count)
         if count < PRUNE_BATCH:

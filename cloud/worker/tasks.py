@@ -31,7 +31,7 @@ from cloud.broker_hook import BrokerCredentialHook, hook_from_settings, reconcil
 from cloud.exceptions import ConflictError, HookError, LeaseLost, NotFoundError, PublishError
 from cloud.pipeline import cycle, scheduling
 from cloud.publisher import CloudPublisher
-from cloud.registry import commands, jobs, telemetry
+from cloud.registry import commands, jobs, partitions, telemetry
 from cloud.registry.db import make_engine, session_factory, transaction
 from cloud.registry.devices import behind_on_trust
 from cloud.registry.tables import JobState, utcnow
@@ -395,9 +395,17 @@ def reconcile_broker() -> int:
 
 @app.task(name="diredi.prune_telemetry")
 def prune_telemetry() -> int:
-    """Delete telemetry older than the retention setting."""
+    """Make telemetry's daily partitions ahead (PostgreSQL), then remove what is older than the
+    retention setting; returns the samples removed."""
     ctx = context()
+    retention = timedelta(days=ctx.settings.telemetry_retention_days)
     with ctx.sessions() as session:
-        deleted = telemetry.prune(session, retention=timedelta(days=ctx.settings.telemetry_retention_days))
-    log.info("pruned %d telemetry rows", deleted)
-    return deleted
+        made = partitions.create_ahead(session)
+        pruned = telemetry.remove_expired(session, retention=retention)
+    if made:
+        log.info("made telemetry partitions %s", ", ".join(made))
+    dropped = ", ".join(f"{d.name} ({d.rows} rows)" for d in pruned.dropped) or "none"
+    log.info(
+        "pruned %d telemetry rows: %d deleted, partitions dropped: %s", pruned.rows, pruned.deleted, dropped
+    )
+    return pruned.rows

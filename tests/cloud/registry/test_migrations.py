@@ -1,8 +1,11 @@
-"""Alembic migrations on fresh SQLite and PostgreSQL databases: up, down, up again, and no drift."""
+"""Alembic migrations on fresh SQLite and PostgreSQL databases: up, down, up again, no drift, and
+telemetry's rows through its partitioning (0012)."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +14,12 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, inspect
+from sqlalchemy import Engine, String, insert, inspect, literal_column, select
+from sqlalchemy.orm import Session
 
-from cloud.registry import migrate
+from cloud.registry import migrate, partitions, telemetry
 from cloud.registry.db import make_engine
-from cloud.registry.tables import Base
+from cloud.registry.tables import Base, Telemetry
 from tests.databases import BACKENDS, postgres_admin_url
 from testsupport.postgres import scratch_database
 
@@ -39,14 +43,15 @@ def fresh_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Eng
 
 
 def table_names(engine: Engine) -> set[str]:
-    """The tables the database holds now."""
-    return set(inspect(engine).get_table_names())
+    """The tables the database holds now, telemetry's partitions aside (`partitions.is_partition`)."""
+    return {name for name in inspect(engine).get_table_names() if not partitions.is_partition(name)}
 
 
 def drift(engine: Engine) -> list[Any]:
     """What autogenerate would change to make the database match the models (empty: no drift)."""
     with engine.connect() as connection:
-        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        opts = {"compare_type": True, "include_name": migrate.include_name}  # as migrations/env.py
+        context = MigrationContext.configure(connection, opts=opts)
         return list(compare_metadata(context, Base.metadata))
 
 
@@ -129,4 +134,45 @@ def test_each_revision_upgrades_from_the_one_below(fresh_engine: Engine) -> None
 
     # Assert
     assert reached == oldest_first
+    assert drift(fresh_engine) == []
+
+
+def partition_of_each_row(engine: Engine) -> dict[int, str]:
+    """The partition each telemetry row is in, by id (PostgreSQL; none on SQLite)."""
+    if engine.dialect.name != "postgresql":
+        return {}
+    with engine.connect() as connection:
+        home = literal_column("tableoid::regclass::text", String)
+        return dict(connection.execute(select(Telemetry.id, home)).tuples().all())
+
+
+def test_telemetry_keeps_its_rows_through_partitioning_and_back(fresh_engine: Engine) -> None:
+    # Prepare: rows of today, three days ago and a clock far behind, stored before 0012
+    migrate.upgrade(fresh_engine, "0011")
+    now = datetime.now(UTC)
+    times = [now, now - timedelta(days=3), now - timedelta(days=500)]
+    rows = [{"msg_id": uuid.uuid4(), "device_id": "cam-1", "at": at} for at in times]
+    with fresh_engine.begin() as connection:
+        connection.execute(insert(Telemetry), rows)
+        ids = connection.execute(select(Telemetry.id).order_by(Telemetry.id)).scalars().all()
+
+    # Execute
+    migrate.upgrade(fresh_engine)
+    homes = partition_of_each_row(fresh_engine)
+    with Session(fresh_engine) as session:
+        added = telemetry.add_samples(session, [{**rows[0], "msg_id": uuid.uuid4()}])
+        session.commit()
+        at_head = session.execute(select(Telemetry.id, Telemetry.msg_id).order_by(Telemetry.id)).all()
+    migrate.downgrade(fresh_engine, "0011")
+    with fresh_engine.connect() as connection:
+        after_down = connection.execute(select(Telemetry.msg_id).order_by(Telemetry.id)).scalars().all()
+    migrate.upgrade(fresh_engine)
+
+    # Assert: ids kept and carried on; on PostgreSQL each row in its day's partition, the old one in the
+    # default partition
+    assert [i for i, _ in at_head][:3] == ids and at_head[3][0] > ids[-1] and len(added) == 1
+    if fresh_engine.dialect.name == "postgresql":
+        days = [partitions.partition_name(at.date()) for at in times[:2]]
+        assert homes == dict(zip(ids, [*days, partitions.DEFAULT], strict=True))
+    assert after_down == [m for _, m in at_head]
     assert drift(fresh_engine) == []

@@ -9,12 +9,13 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from cloud.artifacts import LocalArtifactStore
 from cloud.pipeline import cycle
-from cloud.registry import jobs, knowledge, telemetry
+from cloud.registry import jobs, knowledge, partitions, telemetry
 from cloud.registry.tables import JobState, KnowledgeStatus, Telemetry, utcnow
 from cloud.settings import Settings
 from cloud.worker import tasks
@@ -139,6 +140,23 @@ def test_prune_telemetry_deletes_what_is_older_than_the_retention(
     # Assert
     assert deleted == 1
     assert len(telemetry.query_page(session, device_id="cam-1", limit=10)[0]) == 1
+
+
+def test_prune_telemetry_makes_the_partitions_of_the_days_ahead(
+    sent: list[uuid.UUID], session: Session
+) -> None:
+    # Prepare: tomorrow's partition is missing (the beat did not run)
+    if session.get_bind().dialect.name != "postgresql":
+        pytest.skip("telemetry is partitioned on PostgreSQL only")
+    tomorrow = partitions.partition_name(utcnow().date() + timedelta(days=1))
+    session.execute(text(f"DROP TABLE IF EXISTS {tomorrow}"))
+    session.commit()
+
+    # Execute
+    tasks.prune_telemetry.run()
+
+    # Assert
+    assert tomorrow in partitions.attached(session)
 
 
 def test_a_job_the_database_keeps_failing_is_retried_by_celery_then_failed(
