@@ -65,6 +65,7 @@ from cloud.registry import models
 from cloud.registry.db import transaction
 from cloud.registry.tables import Device, Role, Rollout, RolloutState, RolloutTarget, TargetState
 from cloud.signing import KeyRing
+from device_firmware_py.config import Identity
 from device_firmware_py.download import download
 from wire.common import utcnow
 from wire.desired import DesiredModel, verify_raw
@@ -242,7 +243,7 @@ class RolloutSwarm(Swarm):
                 self.api_url,
                 document.download_path,
                 device_id=device.device_id,
-                secret=self.secrets_by_id[device.device_id],
+                identity=Identity(secret=self.secrets_by_id[device.device_id]),
                 expected_size=document.manifest.size,
                 max_bytes=MAX_ARTIFACT_BYTES,
                 ca_file=None,

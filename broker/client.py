@@ -8,6 +8,7 @@ verified against `ca_file` or the system's CAs). The protocol is MQTT 5 unless t
 paho's network thread with checked calls is `broker.connection.BrokerConnection`.
 """
 
+import dataclasses
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ class BrokerTarget:
     tls: bool = False
     protocol: str = "5"  # "5" or "3.1.1"
     ca_file: Path | None = None
+    client_cert: tuple[Path, Path] | None = None  # (certificate, key): mutual TLS, the identity in its CN
 
     @classmethod
     def parse(cls, url: str, *, ca_file: Path | None = None) -> "BrokerTarget":
@@ -68,7 +70,11 @@ class BrokerTarget:
 
     def with_credentials(self, username: str, password: str) -> "BrokerTarget":
         """The same broker, as another account."""
-        return BrokerTarget(self.host, self.port, username, password, self.tls, self.protocol, self.ca_file)
+        return dataclasses.replace(self, username=username, password=password)
+
+    def with_certificate(self, certificate: Path, key: Path) -> "BrokerTarget":
+        """The same broker, as the identity that `certificate` (with its `key`) names; no password."""
+        return dataclasses.replace(self, username=None, password=None, client_cert=(certificate, key))
 
     def url(self) -> str:
         """The URL of this target, password included (for configuration, never for logs)."""
@@ -84,6 +90,8 @@ class BrokerTarget:
 
     def __str__(self) -> str:  # safe to log
         who = f"{self.username}@" if self.username else ""
+        if self.client_cert is not None:
+            who = f"[certificate {self.client_cert[0].name}]@"
         return f"{'mqtts' if self.tls else 'mqtt'}://{who}{self.host}:{self.port} (MQTT {self.protocol})"
 
     def client(self, client_id: str, *, persistent: bool = False) -> mqtt.Client:
@@ -199,6 +207,14 @@ def build_client(target: BrokerTarget, options: ClientOptions) -> mqtt.Client:
             raise BrokerConnectError(
                 target, f"the CA file {target.ca_file} is unusable ({type(exc).__name__})"
             ) from None
+        if target.client_cert is not None:
+            try:
+                context.load_cert_chain(*target.client_cert)
+            except (OSError, ssl.SSLError) as exc:
+                raise BrokerConnectError(
+                    target,
+                    f"the client certificate {target.client_cert[0]} is unusable ({type(exc).__name__})",
+                ) from None
         client.tls_set_context(context)
     if options.will is not None:
         will = options.will

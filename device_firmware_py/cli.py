@@ -121,10 +121,10 @@ def _csr(config: DeviceConfig) -> None:
 
 
 def _check(config: DeviceConfig) -> None:
-    from device_firmware_py.config import prepare_state_dir, read_secret
+    from device_firmware_py.config import prepare_state_dir, read_identity
 
     prepare_state_dir(config)
-    read_secret(config)
+    read_identity(config)
     sys.stdout.write(f"configuration of {config.device_id} is valid\n")
 
 

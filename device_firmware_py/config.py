@@ -14,6 +14,8 @@ keepalive_s = 30
 
 [credentials]
 file = "/etc/diredi-device/secret"           # the one-time secret from provisioning; owner-only
+# or, a certificate device: the fleet CA's certificate for the key in state_dir (`diredi-device csr`)
+# certificate = "/etc/diredi-device/device.pem"
 
 [api]
 url = "https://fleet.example"                # artifact downloads, with the device's credentials
@@ -49,6 +51,7 @@ import os
 import re
 import stat
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -67,8 +70,10 @@ __all__ = [
     "ConfigError",
     "DeviceConfig",
     "ExitCode",
+    "Identity",
     "load_config",
     "prepare_state_dir",
+    "read_identity",
     "read_secret",
     "to_toml",
     "write_config",
@@ -100,7 +105,14 @@ class BrokerConfig(_Section):
 
 
 class CredentialsConfig(_Section):
-    file: Path
+    file: Path | None = None  # a password device's secret
+    certificate: Path | None = None  # a certificate device's certificate (its key: state_dir/identity.key)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> CredentialsConfig:
+        if (self.file is None) == (self.certificate is None):
+            raise ValueError("give file (a password device) or certificate (a certificate device), not both")
+        return self
 
 
 class ApiConfig(_Section):
@@ -190,6 +202,8 @@ class DeviceConfig(_Section):
 
     @model_validator(mode="after")
     def _encrypted_unless_loopback(self) -> DeviceConfig:
+        if self.credentials.certificate is not None and not self.broker.url.startswith("mqtts://"):
+            raise ValueError("broker.url: a certificate device proves who it is by TLS: use mqtts://")
         if self.allow_plaintext:
             return self
         broker = urlsplit(self.broker.url)
@@ -210,10 +224,12 @@ class DeviceConfig(_Section):
         """The cloud's public keys, raw, by key_id."""
         return {key_id: base64.b64decode(encoded) for key_id, encoded in self.trust.items()}
 
-    def broker_target(self, secret: str) -> BrokerTarget:
+    def broker_target(self, identity: Identity) -> BrokerTarget:
         """The broker, as this device."""
         target = BrokerTarget.parse(self.broker.url, ca_file=self.broker.ca_file)
-        return target.with_credentials(self.device_id, secret)
+        if identity.certificate is not None:
+            return target.with_certificate(*identity.certificate)
+        return target.with_credentials(self.device_id, identity.secret or "")
 
 
 def _loopback(host: str | None) -> bool:
@@ -278,10 +294,42 @@ def load_config(path: Path) -> DeviceConfig:
         raise ConfigError(f"{path}: {describe(exc)}") from None
 
 
+@dataclass(frozen=True)
+class Identity:
+    """How the device proves who it is: its password, or its certificate and key (mutual TLS)."""
+
+    secret: str | None = None
+    certificate: tuple[Path, Path] | None = None
+
+
+def read_identity(config: DeviceConfig) -> Identity:
+    """The device's credentials as its configuration names them, checked: ConfigError says what is wrong."""
+    if config.credentials.certificate is not None:
+        return Identity(certificate=check_certificate(config))
+    return Identity(secret=read_secret(config))
+
+
+def check_certificate(config: DeviceConfig) -> tuple[Path, Path]:
+    """The device's certificate and key, if the certificate names this device, is current and certifies
+    the key in the state directory (the one `diredi-device csr` made); else ConfigError."""
+    from device_firmware_py.identity import KEY_FILE, certificate_problem
+
+    path = config.credentials.certificate
+    if path is None:
+        raise ConfigError("credentials.certificate: not set (a password device has no certificate)")
+    key = config.state_dir / KEY_FILE
+    problem = certificate_problem(path, key, config.device_id)
+    if problem is not None:
+        raise ConfigError(f"credentials.certificate: {problem}")
+    return path, key
+
+
 def read_secret(config: DeviceConfig) -> str:
     """The device's secret, from a file only its owner may read (like ssh with a private key, a
     secret that others can read is refused rather than used)."""
     path = config.credentials.file
+    if path is None:
+        raise ConfigError("credentials.file: not set (a certificate device has no secret)")
     try:
         info = path.stat()
         if not stat.S_ISREG(info.st_mode):

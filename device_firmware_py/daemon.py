@@ -21,7 +21,7 @@ import time
 import uuid
 
 from device_firmware_py.commands import Answer, CommandAnswers, Value
-from device_firmware_py.config import DeviceConfig, prepare_state_dir, read_secret
+from device_firmware_py.config import DeviceConfig, prepare_state_dir, read_identity
 from device_firmware_py.download import http_fetcher
 from device_firmware_py.exceptions import (
     ClockNotSetError,
@@ -84,7 +84,7 @@ class Daemon:
         self.config = config
         self.device_id = config.device_id
         self.state_dir = prepare_state_dir(config)
-        self.secret = read_secret(config)
+        self.identity = read_identity(config)
         self.notifier = notifier or Notifier()
         self.stopping = stopping or threading.Event()  # set by SIGTERM/SIGINT (`stop_on_signals`)
         self.inbox: queue.Queue[Inbound] = queue.Queue()
@@ -95,7 +95,7 @@ class Daemon:
         fetch = http_fetcher(
             config.api.url,
             device_id=self.device_id,
-            secret=self.secret,
+            identity=self.identity,
             max_bytes=MAX_ARTIFACT_BYTES,
             ca_file=config.api.ca_file or config.broker.ca_file,
             timeout=config.api.timeout_s,
@@ -122,7 +122,10 @@ class Daemon:
         if config.rd.epsilon is not None and config.rd.budget_epsilon is not None:
             self.accountant = PrivacyAccountant(config.rd.budget_epsilon, config.rd.delta, files["privacy"])
         self.link = DeviceLink(
-            config.broker_target(self.secret), self.device_id, self.inbox, keepalive=config.broker.keepalive_s
+            config.broker_target(self.identity),
+            self.device_id,
+            self.inbox,
+            keepalive=config.broker.keepalive_s,
         )
         self.window = Window()
         self.inference_count = 0

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from device_firmware_py.config import Identity
 from device_firmware_py.exceptions import DownloadBusy, DownloadCancelled, DownloadError
 from wire import DesiredModel
 from wire.errors import shown
@@ -49,7 +50,9 @@ def _cancel_watch(sock: socket.socket | None, cancelled: threading.Event) -> Ite
         watcher.join()
 
 
-def _connection(api_url: str, ca_file: Path | None, timeout: float) -> tuple[http.client.HTTPConnection, str]:
+def _connection(
+    api_url: str, ca_file: Path | None, timeout: float, client_cert: tuple[Path, Path] | None = None
+) -> tuple[http.client.HTTPConnection, str]:
     parts = urlsplit(api_url)
     try:
         port = parts.port
@@ -58,11 +61,18 @@ def _connection(api_url: str, ca_file: Path | None, timeout: float) -> tuple[htt
     if parts.scheme not in ("http", "https") or not parts.hostname or port == -1:
         raise DownloadError(f"api_url {shown(api_url)!r} is not an http(s) URL")
     if parts.scheme == "http":
+        if client_cert is not None:
+            raise DownloadError("a certificate device downloads over https:// only")
         return http.client.HTTPConnection(parts.hostname, port, timeout=timeout), parts.path
     try:
         context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
     except (OSError, ssl.SSLError) as exc:
         raise DownloadError(f"CA file {ca_file} is unusable: {exc}") from None
+    if client_cert is not None:
+        try:
+            context.load_cert_chain(*client_cert)
+        except (OSError, ssl.SSLError) as exc:
+            raise DownloadError(f"the device certificate {client_cert[0]} is unusable: {exc}") from None
     connection = http.client.HTTPSConnection(parts.hostname, port, timeout=timeout, context=context)
     return connection, parts.path
 
@@ -81,14 +91,15 @@ def download(
     download_path: str,
     *,
     device_id: str,
-    secret: str,
+    identity: Identity,
     expected_size: int,
     max_bytes: int,
     ca_file: Path | None,
     timeout: float,
     cancelled: threading.Event,
 ) -> bytes:
-    """GET `{api_url}{download_path}` with the device's Basic credentials and return the body.
+    """GET `{api_url}{download_path}` as the device (Basic credentials, or its certificate over mutual
+    TLS) and return the body.
 
     Streams in chunks and refuses a body over `min(expected_size, max_bytes)` (by Content-Length or as
     it arrives) or shorter than `expected_size`; HTTP and network errors become DownloadError with the
@@ -100,9 +111,11 @@ def download(
         raise DownloadError(f"oversized: the artifact has {expected_size} bytes, the limit is {max_bytes}")
     if cancelled.is_set():
         raise DownloadCancelled("download cancelled before it started")
-    conn, prefix = _connection(api_url, ca_file, timeout)
-    token = base64.b64encode(f"{device_id}:{secret}".encode()).decode()
-    headers = {"Authorization": f"Basic {token}", "Accept": "application/octet-stream"}
+    conn, prefix = _connection(api_url, ca_file, timeout, identity.certificate)
+    headers = {"Accept": "application/octet-stream"}
+    if identity.secret is not None:
+        token = base64.b64encode(f"{device_id}:{identity.secret}".encode()).decode()
+        headers["Authorization"] = f"Basic {token}"
     try:
         conn.connect()
         with _cancel_watch(conn.sock, cancelled):
@@ -164,7 +177,7 @@ def http_fetcher(
     api_url: str,
     *,
     device_id: str,
-    secret: str,
+    identity: Identity,
     max_bytes: int,
     ca_file: Path | None,
     timeout: float,
@@ -181,7 +194,7 @@ def http_fetcher(
                     api_url,
                     desired.download_path,
                     device_id=device_id,
-                    secret=secret,
+                    identity=identity,
                     expected_size=desired.manifest.size,
                     max_bytes=max_bytes,
                     ca_file=ca_file,

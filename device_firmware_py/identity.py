@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import stat
+from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography import x509
@@ -19,6 +20,7 @@ from cryptography.x509.oid import NameOID
 from device_firmware_py.exceptions import ConfigError
 
 KEY_FILE = "identity.key"  # in the state directory
+MAX_CERTIFICATE_BYTES = 16 * 1024
 
 
 def device_key(state_dir: Path) -> ec.EllipticCurvePrivateKey:
@@ -62,3 +64,36 @@ def _load(path: Path) -> ec.EllipticCurvePrivateKey:
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise ConfigError(f"the device key {path} is not an EC key")
     return key
+
+
+def certificate_problem(certificate: Path, key_file: Path, device_id: str) -> str | None:
+    """Why the device cannot log in with `certificate` and the key in `key_file`, or None: it must
+    certify that key, name `device_id` and be current."""
+    try:
+        data = certificate.read_bytes()[: MAX_CERTIFICATE_BYTES + 1]
+    except OSError as exc:
+        return f"{certificate} cannot be read: {exc.strerror or exc}"
+    try:
+        if len(data) > MAX_CERTIFICATE_BYTES:
+            raise ValueError("too large")
+        cert = x509.load_pem_x509_certificate(data)
+    except ValueError:
+        return f"{certificate} is not a PEM certificate"
+    if not key_file.exists():
+        return f"there is no device key {key_file}: make it with `diredi-device csr`"
+    try:
+        key = _load(key_file)
+    except ConfigError as exc:
+        return str(exc)
+    if cert.public_key() != key.public_key():
+        return f"{certificate} certifies another key than the device's ({key_file})"
+    names = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    if names != [device_id]:
+        return f"{certificate} names {', '.join(map(str, names)) or 'no one'}, not {device_id}"
+    now = datetime.now(UTC)
+    if now >= cert.not_valid_after_utc:
+        return f"{certificate} expired on {cert.not_valid_after_utc:%Y-%m-%d}"
+    if now < cert.not_valid_before_utc:
+        since = f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC"
+        return f"{certificate} is not valid before {since} (is the clock set?)"
+    return None

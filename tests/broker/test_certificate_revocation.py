@@ -8,12 +8,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from broker.client import BrokerTarget
 from broker.dynsec import DynsecAdmin
 from cloud.broker_hook import hook_from_settings, hooks_from_settings, reconcile
 from cloud.registry import apikeys
@@ -29,10 +31,13 @@ from tests.broker.certificates import (
     close,
     connect,
     refusals,
+    subscribe,
 )
-from tests.brokers import new_device_id
+from tests.brokers import CLOUD_USER, new_device_id
 from tests.cloud.factories import make_cohort
+from tests.device.daemons import DaemonProcess, write_config, write_stream
 from tests.polling import wait_until
+from wire.topics import MessageKind, device_topic
 
 KICKED_WITHIN_S = 5.0  # the bound for a revoked device to be disconnected and refused
 
@@ -184,3 +189,52 @@ def test_a_csr_the_ca_must_not_sign_is_refused_and_no_device_is_made(fleet: Flee
     assert {name: a.status_code for name, a in answers.items()} == {"garbage": 422, "another device": 422}
     assert all(a.headers["content-type"] == "application/problem+json" for a in answers.values())
     assert listed["total"] == 0
+
+
+def test_a_certificate_device_daemon_is_heard_until_it_is_revoked(
+    broker: Broker, fleet: Fleet, tmp_path: Path
+) -> None:
+    # Prepare: a device provisioned by CSR, its daemon configured with the certificate; the cloud listens
+    device_id = new_device_id()
+    directory = tmp_path / "device"
+    directory.mkdir()
+    (directory / "state").mkdir(mode=0o700)
+    key = device_key(directory / "state")
+    body = {"id": device_id, "cohort_id": "kitchen", "csr": signing_request(key, device_id)}
+    made = fleet.api.post("/api/v1/devices", json=body, headers=fleet.operator).json()
+    (directory / "device.pem").write_text(made["certificate"])
+    stream = write_stream(directory / "stream.npz", np.zeros((8, 64), np.float32), np.zeros(8, np.int64))
+    target = BrokerTarget("127.0.0.1", broker.device_port, tls=True, ca_file=broker.ca_file)
+    trust = {k["key_id"]: k["public_key"] for k in made["trusted_keys"]}
+    config = write_config(
+        directory, target, device_id, "unused", stream, trust=trust, certificate=directory / "device.pem"
+    )
+    cloud = connect(
+        broker.service.port,
+        broker.ca_file,
+        client_id=CLOUD_USER,
+        login=(str(broker.service.username), str(broker.service.password)),
+    )
+    subscribe(cloud, device_topic(device_id, MessageKind.STATUS))
+    daemon = DaemonProcess(config, directory)
+    try:
+        # Execute: it runs and reports; then it is revoked
+        daemon.start()
+        wait_until(
+            lambda: bool(cloud.received), timeout=30, missing=f"a status of {device_id}\n{daemon.tail()}"
+        )
+        fleet.api.post(f"/api/v1/devices/{device_id}/revoke", headers=fleet.operator)
+        heard = len(cloud.received)
+        before = refusals(broker)[VERIFY_FAILED]
+        wait_until(
+            lambda: refusals(broker)[VERIFY_FAILED] > before,
+            timeout=KICKED_WITHIN_S * 2,
+            missing=f"the daemon refused on reconnecting\n{daemon.tail()}",
+        )
+        after = len(cloud.received)
+
+        # Assert: heard while it was a device of the fleet, refused once it was revoked, still running
+        assert heard >= 1 and after <= heard + 1 and daemon.alive()
+    finally:
+        daemon.terminate()
+        close(cloud)

@@ -44,13 +44,16 @@ def write_config(
     name: str = "device.toml",
     rd: dict[str, float] | None = None,
     source: str = "simulated",
+    certificate: Path | None = None,
 ) -> Path:
     """A device configuration `directory/name` (its state under `directory/state`), with its secret
-    file; `rd` adds settings to its [rd] section (epsilon, budget_epsilon, schedule_s...); with
-    `source="directory"`, `stream` is the directory its inputs are dropped into."""
+    file, or with `certificate` a certificate device's; `rd` adds settings to its [rd] section (epsilon,
+    budget_epsilon, schedule_s...); with `source="directory"`, `stream` is the directory its inputs are
+    dropped into."""
     secret_file = directory / "secret"
     secret_file.write_text(secret + "\n")
     secret_file.chmod(0o600)
+    credentials = {"file": secret_file} if certificate is None else {"certificate": certificate}
     broker_settings: dict[str, Any] = {
         "url": f"{'mqtts' if broker.tls else 'mqtt'}://{broker.host}:{broker.port}",
         "keepalive_s": 10,
@@ -64,7 +67,7 @@ def write_config(
             "trust_version": trust_version,
             "trust_threshold": trust_threshold,
             "broker": broker_settings,
-            "credentials": {"file": secret_file},
+            "credentials": credentials,
             "api": {"url": api_url, "timeout_s": 10},
             "trust": trust,
             "input": {"source": source, "path": stream, "rate_hz": rate_hz, "feedback_every": feedback_every},

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cloud.signing import KeyRing
+from device_firmware_py.config import Identity
 from device_firmware_py.download import http_fetcher
 from device_firmware_py.ota import ModelSlots, UpdateOutcome, Updater
 from tests.device.artifacts import DEVICE, MAX_BYTES, SECRET, T0, ArtifactServer, signed
@@ -57,7 +58,7 @@ def server_fetch(server: ArtifactServer) -> Callable[[DesiredModel], bytes]:
     return http_fetcher(
         server.url,
         device_id=DEVICE,
-        secret=SECRET,
+        identity=Identity(secret=SECRET),
         max_bytes=MAX_BYTES,
         ca_file=None,
         timeout=10.0,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from device_firmware_py.config import ExitCode, load_config, prepare_state_dir, read_secret, to_toml
+from device_firmware_py.config import ExitCode, Identity, load_config, prepare_state_dir, read_secret, to_toml
 from device_firmware_py.config import write_config as write_device_config
 from device_firmware_py.exceptions import ConfigError
 
@@ -57,7 +57,7 @@ def test_a_valid_configuration_loads_with_defaults(tmp_path: Path) -> None:
     assert config.device_id == "cam-kitchen-1"
     assert config.trusted_keys() == {"0123456789abcdef": bytes(range(32))}
     assert config.rd.min_samples == 20 and config.status.interval_s == 10
-    assert config.broker_target("s3cret").username == "cam-kitchen-1"
+    assert config.broker_target(Identity(secret="s3cret")).username == "cam-kitchen-1"  # noqa: S106
 
 
 @pytest.mark.parametrize(
@@ -153,19 +153,23 @@ def test_plaintext_to_loopback_is_allowed(tmp_path: Path, host: str) -> None:
 def test_a_secret_others_can_read_is_refused(tmp_path: Path) -> None:
     # Prepare
     config = load_config(write_config(tmp_path))
-    config.credentials.file.chmod(0o644)
+    secret = config.credentials.file
+    assert secret is not None
+    secret.chmod(0o644)
 
     # Execute / Assert
     with pytest.raises(ConfigError, match="chmod 600"):
         read_secret(config)
-    config.credentials.file.chmod(0o600)
+    secret.chmod(0o600)
     assert read_secret(config) == "s3cret-token"
 
 
 def test_a_secret_file_with_more_than_the_secret_is_refused(tmp_path: Path) -> None:
     # Prepare
     config = load_config(write_config(tmp_path))
-    config.credentials.file.write_text("two words\n")
+    secret = config.credentials.file
+    assert secret is not None
+    secret.write_text("two words\n")
 
     # Execute / Assert
     with pytest.raises(ConfigError, match="alone, on one line"):

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from device_firmware_py.config import Identity
 from device_firmware_py.download import download, http_fetcher
 from device_firmware_py.exceptions import DownloadCancelled, DownloadError
 from tests.device.artifacts import DEVICE, MAX_BYTES, SECRET, ArtifactServer, Route
@@ -31,7 +32,7 @@ def fetch_bytes(
         server.url,
         f"/api/v1/artifacts/{artifact.manifest.sha256}",
         device_id=DEVICE,
-        secret=SECRET,
+        identity=Identity(secret=SECRET),
         expected_size=artifact.manifest.size,
         max_bytes=MAX_BYTES,
         ca_file=ca_file,
@@ -100,7 +101,7 @@ def test_download_refuses_an_artifact_larger_than_max_bytes(
             artifact_server.url,
             f"/api/v1/artifacts/{v2.manifest.sha256}",
             device_id=DEVICE,
-            secret=SECRET,
+            identity=Identity(secret=SECRET),
             expected_size=v2.manifest.size,
             max_bytes=v2.manifest.size - 1,
             ca_file=None,
@@ -137,7 +138,7 @@ def fetcher(server: ArtifactServer, cancelled: threading.Event) -> Callable[[Des
     return http_fetcher(
         server.url,
         device_id=DEVICE,
-        secret=SECRET,
+        identity=Identity(secret=SECRET),
         max_bytes=MAX_BYTES,
         ca_file=None,
         timeout=10.0,
@@ -202,7 +203,7 @@ def test_download_with_wrong_credentials_is_unauthorized(
             artifact_server.url,
             f"/api/v1/artifacts/{v2.manifest.sha256}",
             device_id=DEVICE,
-            secret="wrong-secret",  # noqa: S106 - deliberately not the device's
+            identity=Identity(secret="wrong-secret"),  # noqa: S106 - deliberately not the device's
             expected_size=v2.manifest.size,
             max_bytes=MAX_BYTES,
             ca_file=None,

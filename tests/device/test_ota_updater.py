@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from cloud.signing import KeyRing
+from device_firmware_py.config import Identity
 from device_firmware_py.download import http_fetcher
 from device_firmware_py.exceptions import DownloadCancelled
 from device_firmware_py.ota import UpdateOutcome
@@ -308,7 +309,7 @@ def test_a_cancelled_download_propagates_and_keeps_the_old_model(
     device.updater.fetch = http_fetcher(
         artifact_server.url,
         device_id=DEVICE,
-        secret=SECRET,
+        identity=Identity(secret=SECRET),
         max_bytes=MAX_BYTES,
         ca_file=None,
         timeout=10.0,
