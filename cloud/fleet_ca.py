@@ -31,6 +31,7 @@ from cloud.filemodes import check_private, directory_lock, private_dir, write_pr
 from wire.topics import DEVICE_ID_PATTERN, reserved_device_id
 
 MAX_CSR_BYTES = 8 * 1024  # a P-256 CSR is ~500 B, an RSA-4096 one ~1.7 KB
+MAX_CERTIFICATE_BYTES = 16 * 1024
 DEVICE_DAYS = 365  # how long a device certificate is valid
 CA_DAYS = 20 * 365
 CRL_DAYS = 30  # a CRL is re-issued well before its next update: a broker refuses every client after it
@@ -174,6 +175,18 @@ class FleetCA:
         if crl.next_update_utc is None or crl.next_update_utc <= now:
             raise SigningError("the CRL's next update has passed: every device would be refused")
         return crl.next_update_utc
+
+
+def certificate_sha256(pem: bytes) -> str:
+    """The SHA-256 of the DER of the certificate in `pem` (what the registry names a device's
+    certificate by); InvalidValueError if it is not one."""
+    if len(pem) > MAX_CERTIFICATE_BYTES:
+        raise InvalidValueError("the certificate is too large")
+    try:
+        certificate = x509.load_pem_x509_certificate(pem)
+    except ValueError:
+        raise InvalidValueError("not a PEM certificate") from None
+    return hashlib.sha256(certificate.public_bytes(serialization.Encoding.DER)).hexdigest()
 
 
 def _create(directory: Path) -> None:

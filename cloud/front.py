@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from cloud.exceptions import FrontConfigError
+from cloud.filemodes import write_private
 from cloud.settings import Settings
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "deploy" / "nginx" / "nginx.conf"
@@ -29,6 +30,7 @@ _EVERY_INTERFACE = {"*", "0.0.0.0", "[::]"}  # noqa: S104 (recognised, to be ref
 _LOOPBACK_HINT = "a loopback address (127.0.0.1, [::1])"
 _USER = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 _LEFT = re.compile(r"@[A-Z_]+@")
+_SECRET = re.compile(r"[A-Za-z0-9_-]{32,128}")
 _COMPLAINT = re.compile(r"\[(?:emerg|alert|crit)\] (?:\d+#\d+: )?(.*)")
 
 
@@ -122,6 +124,8 @@ def render_config(
     user: str | None,
     plain_listen: str | None = None,
     limits: FrontLimits | None = None,
+    device_ca: Path | None = None,
+    front_secret: str | None = None,
 ) -> Path:
     """Fill deploy/nginx/nginx.conf in for one front and write it to `<prefix>/nginx.conf`, with the
     directories nginx writes to (`logs/`, `temp/`).
@@ -129,11 +133,19 @@ def render_config(
     `listen` serves TLS with `cert` and `key`; without them it serves plain HTTP and must be a loopback
     address. `plain_listen`: a second, plain listener on a loopback address. `upstream`: uvicorn's
     host:port. `user`: whom the workers become when nginx starts as root (default: whoever renders).
-    Raises FrontConfigError, one line, for a value that cannot be used."""
+    `device_ca` (with `front_secret`, the API's DIREDI_FRONT_SECRET): certificate devices present their
+    certificate of that CA, which the front passes on with the secret. The file holds the secret, so it
+    is written owner-only. Raises FrontConfigError, one line, for a value that cannot be used."""
     limits = limits or FrontLimits()
     if (cert is None) != (key is None):
         raise FrontConfigError("give a certificate and its key for TLS, or neither (plain HTTP on loopback)")
     tls = cert is not None and key is not None
+    if (device_ca is None) != (front_secret is None):
+        raise FrontConfigError("the device CA and the front secret go together (certificate devices)")
+    if device_ca is not None and not tls:
+        raise FrontConfigError("certificate devices need TLS: give the front's certificate and key")
+    if front_secret is not None and not _SECRET.fullmatch(front_secret):
+        raise FrontConfigError("the front secret must be 32 to 128 characters of A-Z a-z 0-9 _ -")
     listen = _address(listen, "listen", loopback=not tls)
     if plain_listen is not None:
         plain_listen = _address(plain_listen, "plain listen", loopback=True)
@@ -156,6 +168,9 @@ def render_config(
         "PLAIN": "" if plain_listen is not None else "#",
         "PLAIN_LISTEN": plain_listen or "",
         "UPSTREAM": upstream,
+        "CLIENT_CERT": "" if device_ca is not None else "#",
+        "DEVICE_CA": _path(device_ca, "device CA", must_exist=True) if device_ca is not None else "",
+        "FRONT_SECRET": front_secret or "",
         "HEADER_TIMEOUT": str(limits.header_timeout_s),
         "BODY_TIMEOUT": str(limits.body_timeout_s),
         "SEND_TIMEOUT": str(limits.send_timeout_s),
@@ -175,7 +190,10 @@ def render_config(
     for path in (directory, directory / "logs", directory / "temp"):
         path.mkdir(mode=0o755, parents=True, exist_ok=True)
     config = directory / CONFIG_NAME
-    config.write_text("\n".join(line.rstrip() for line in text.splitlines()) + "\n")
+    fresh = config.with_name(f".{CONFIG_NAME}.tmp")  # replaces a config rendered before, atomically
+    fresh.unlink(missing_ok=True)
+    write_private(fresh, ("\n".join(line.rstrip() for line in text.splitlines()) + "\n").encode())
+    fresh.replace(config)
     return config
 
 

@@ -28,6 +28,12 @@ class Settings(BaseSettings):
         description="the fleet CA that certifies devices' keys (made on first use, owner-only); "
         "default <signing key dir>/ca",
     )
+    front_secret: SecretStr | None = Field(
+        None,
+        description="shared with the nginx front (`diredi front render --device-ca`): the front sends it "
+        "with the device certificate it verified, and only then does the API take that certificate as "
+        "the device's credentials (downloads of certificate devices)",
+    )
     broker_pid_file: Path | None = Field(
         None,
         description="mosquitto's pid file: the cloud sends it SIGHUP to reload the CRL after a "

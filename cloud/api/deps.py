@@ -9,12 +9,14 @@ transaction (`SessionDep`) that the route commits.
 import base64
 import binascii
 import email.message
+import hmac
 import json
 import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
+from urllib.parse import unquote
 
 from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
@@ -27,12 +29,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from cloud.api.guard import AuthGuard
 from cloud.api.problems import Problem
 from cloud.artifacts import LocalArtifactStore
-from cloud.fleet_ca import FleetCA
+from cloud.exceptions import InvalidValueError
+from cloud.fleet_ca import FleetCA, certificate_sha256
 from cloud.provisioning import CredentialHook
 from cloud.registry import apikeys
 from cloud.registry.common import hash_secret
 from cloud.registry.db import async_reader_factory
-from cloud.registry.devices import authenticate_device
+from cloud.registry.devices import authenticate_device, device_by_certificate
 from cloud.registry.tables import Device, Role
 from cloud.settings import Settings
 from cloud.signing import KeyRing
@@ -213,10 +216,39 @@ def _source(request: Request) -> str:
     return request.client.host if request.client is not None else "unknown"
 
 
+# Set by the nginx front only (deploy/nginx/nginx.conf): the client certificate it verified against the
+# fleet CA (URL-escaped PEM), and the secret it shares with the API, without which the first is ignored.
+DEVICE_CERTIFICATE = "x-device-certificate"
+FRONT_HEADER = "x-diredi-front"
+
+
+def _front_certificate(request: Request, settings: Settings) -> str | None:
+    """The fingerprint of the device certificate the front verified, or None when it sent none; a 401
+    problem for a certificate that did not come from the front, or is not one."""
+    escaped = request.headers.get(DEVICE_CERTIFICATE)
+    if not escaped:
+        return None
+    secret = settings.front_secret.get_secret_value().encode() if settings.front_secret else b""
+    if not secret or not hmac.compare_digest(request.headers.get(FRONT_HEADER, "").encode(), secret):
+        raise unauthorized()  # a device certificate is taken from the front alone
+    try:
+        return certificate_sha256(unquote(escaped).encode())
+    except (InvalidValueError, UnicodeEncodeError):
+        raise unauthorized() from None
+
+
+def _authenticate_certificate(session: Session, sha256: str) -> Caller:
+    device = device_by_certificate(session, sha256)
+    if device is None:
+        raise unauthorized()
+    return Caller(actor=f"device:{device.id}", device=device)
+
+
 async def authenticate(request: Request) -> Caller:
     """Who is calling, or a 401 problem (429 for a source with too many failed authentications). A key
     this process checked within seconds is not looked up again; otherwise the lookup has a reader
-    session of its own, closed before the route runs."""
+    session of its own, closed before the route runs. A device may also be known by the certificate the
+    front verified (`_front_certificate`)."""
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     services = await get_services(request)
@@ -233,10 +265,13 @@ async def authenticate(request: Request) -> Caller:
             headers={"Retry-After": str(wait)},
         )
     try:
+        certificate = _front_certificate(request, services.settings)
         async with services.reader() as reader:
+            if certificate is not None:
+                return await reader.run_sync(_authenticate_certificate, certificate)
             caller = await reader.run_sync(_authenticate, header)
     except Problem:
-        if header:  # a request without credentials guesses nothing
+        if header or DEVICE_CERTIFICATE in request.headers:  # a request without credentials guesses nothing
             guard.failed(source)
         raise
     guard.remember(header)

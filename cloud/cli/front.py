@@ -44,14 +44,30 @@ def render(
     plain_listen: Annotated[
         str | None, typer.Option(help="A second, plain-HTTP listener on loopback (health checks).")
     ] = None,
+    device_ca: Annotated[
+        Path | None,
+        typer.Option(
+            help="The fleet CA's certificate: certificate devices download with their certificate. Needs "
+            "DIREDI_FRONT_SECRET, the same as the API's.",
+        ),
+    ] = None,
 ) -> None:
-    """Write PREFIX/nginx.conf, check it with `nginx -t` when nginx is installed, and print how to run it.
+    """Write PREFIX/nginx.conf (owner-only), check it with `nginx -t` when nginx is installed, and print
+    how to run it.
 
     The body limit is the API's (DIREDI_API_MAX_BODY_BYTES)."""
     try:
-        max_body = Settings().api_max_body_bytes
+        settings = Settings()
     except ValidationError as exc:
         raise _fail(f"invalid setting: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}") from None
+    max_body = settings.api_max_body_bytes
+    front_secret = None
+    if device_ca is not None:
+        if settings.front_secret is None:
+            raise _fail(
+                "--device-ca needs DIREDI_FRONT_SECRET (the API's, which believes what the front verified)"
+            )
+        front_secret = settings.front_secret.get_secret_value()
     try:
         config = render_config(
             prefix,
@@ -62,6 +78,8 @@ def render(
             user=user,
             plain_listen=plain_listen,
             limits=FrontLimits(max_body_bytes=max_body),
+            device_ca=device_ca,
+            front_secret=front_secret,
         )
         nginx = find_nginx()
         if nginx is not None:

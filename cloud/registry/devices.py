@@ -304,6 +304,12 @@ def set_labels(session: Session, device_id: str, changes: Mapping[str, str | Non
     return device
 
 
+def device_by_certificate(session: Session, sha256: str) -> Device | None:
+    """The active device whose certificate has this fingerprint, or None."""
+    device = session.scalar(select(Device).where(Device.cert_sha256 == sha256))
+    return device if device is not None and device.status is DeviceStatus.active else None
+
+
 def authenticate_device(session: Session, device_id: str, secret: str) -> Device | None:
     """The active device with these credentials, or None."""
     device = session.get(Device, device_id)

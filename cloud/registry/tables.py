@@ -210,7 +210,7 @@ class Device(Base):
     broker_error: Mapped[str | None] = mapped_column(Text)  # why the last attempt to apply it failed
     # A certificate device's certificate, from the fleet CA (hex serial: the CRL names it by this).
     cert_serial: Mapped[str | None] = mapped_column(String(40), unique=True)
-    cert_sha256: Mapped[str | None] = mapped_column(String(64))
+    cert_sha256: Mapped[str | None] = mapped_column(String(64), unique=True)
     cert_not_after: Mapped[datetime | None]
 
     cohort: Mapped[Cohort] = relationship()

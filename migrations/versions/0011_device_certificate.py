@@ -26,6 +26,8 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("cert_sha256", sa.String(length=64), nullable=True))
         batch_op.add_column(sa.Column("cert_not_after", UTCDateTime(timezone=True), nullable=True))
         batch_op.create_unique_constraint(batch_op.f("uq_device_cert_serial"), ["cert_serial"])
+        # The API finds a device by the certificate the front verified (downloads).
+        batch_op.create_unique_constraint(batch_op.f("uq_device_cert_sha256"), ["cert_sha256"])
 
 
 def downgrade() -> None:
@@ -34,6 +36,7 @@ def downgrade() -> None:
     if bind.execute(sa.text("SELECT count(*) FROM device WHERE credential_hash IS NULL")).scalar():
         raise RuntimeError("certificate devices exist: revoke and remove them before downgrading past 0011")
     with op.batch_alter_table("device", schema=None) as batch_op:
+        batch_op.drop_constraint(batch_op.f("uq_device_cert_sha256"), type_="unique")
         batch_op.drop_constraint(batch_op.f("uq_device_cert_serial"), type_="unique")
         batch_op.drop_column("cert_not_after")
         batch_op.drop_column("cert_sha256")

@@ -152,8 +152,9 @@ def _environment() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("DIREDI_") and k != "FORWARDED_ALLOW_IPS"}
 
 
-def api_process(directory: Path, port: int) -> UvicornProcess:
-    """`diredi api` on 127.0.0.1:`port`, on a migrated SQLite registry and a data directory in `directory`."""
+def api_process(directory: Path, port: int, env: dict[str, str] | None = None) -> UvicornProcess:
+    """`diredi api` on 127.0.0.1:`port`, on a migrated SQLite registry and a data directory in `directory`
+    (`env`: more settings)."""
     from cloud.registry import migrate
     from cloud.registry.db import make_engine
 
@@ -162,10 +163,14 @@ def api_process(directory: Path, port: int) -> UvicornProcess:
     engine = make_engine(url)
     migrate.upgrade(engine)
     engine.dispose()
-    env = _environment() | {
-        "DIREDI_DATABASE_URL": url,
-        "DIREDI_DATA_DIR": str(directory / "data"),
-    }
+    env = (
+        _environment()
+        | {
+            "DIREDI_DATABASE_URL": url,
+            "DIREDI_DATA_DIR": str(directory / "data"),
+        }
+        | (env or {})
+    )
     argv = [str(DIREDI), "api", "--host", "127.0.0.1", "--port", str(port)]
     return UvicornProcess(argv, port=port, log_path=directory / "api.log", env=env)
 
@@ -197,9 +202,16 @@ class Front:
 
 @contextmanager
 def running_front(
-    prefix: Path, *, upstream_port: int, certs: Path, limits: FrontLimits = TEST_LIMITS
+    prefix: Path,
+    *,
+    upstream_port: int,
+    certs: Path,
+    limits: FrontLimits = TEST_LIMITS,
+    device_ca: Path | None = None,
+    front_secret: str | None = None,
 ) -> Iterator[Front]:
-    """nginx rendered into `prefix` in front of 127.0.0.1:`upstream_port`, started, stopped afterwards."""
+    """nginx rendered into `prefix` in front of 127.0.0.1:`upstream_port`, started, stopped afterwards
+    (with `device_ca` and `front_secret`: asking clients for a device certificate)."""
     tls_port, plain_port = free_ports(2)
     config = render_config(
         prefix,
@@ -210,6 +222,8 @@ def running_front(
         key=certs / "server.key",
         user=None,
         limits=limits,
+        device_ca=device_ca,
+        front_secret=front_secret,
     )
     nginx = NginxProcess(config)
     nginx.start([tls_port, plain_port], timeout=20)

@@ -114,6 +114,18 @@ def test_without_a_certificate_the_front_is_plain_http_on_loopback(tmp_path: Pat
         ({"prefix": "with space"}, "prefix may not hold spaces"),
         ({"prefix": "a;b"}, "prefix may not hold spaces"),
         ({"prefix": "a{b}"}, "prefix may not hold spaces"),
+        ({"device_ca": Path("/nonexistent/ca.pem")}, "the device CA and the front secret go together"),
+        ({"front_secret": "s" * 32}, "the device CA and the front secret go together"),
+        (
+            {"device_ca": Path("/nonexistent/ca.pem"), "front_secret": "s" * 32},
+            "device CA /nonexistent/ca.pem is not a file",
+        ),
+        ({"device_ca": Path("/x"), "front_secret": "short"}, "the front secret must be 32 to 128"),
+        ({"device_ca": Path("/x"), "front_secret": "s" * 31 + '"'}, "the front secret must be 32 to 128"),
+        (
+            {"device_ca": Path("/x"), "front_secret": "s" * 32, "cert": None, "key": None},
+            "certificate devices need TLS",
+        ),
     ],
 )
 def test_a_value_that_cannot_be_written_is_refused_in_one_line(
@@ -149,7 +161,7 @@ def test_the_template_holds_no_placeholder_the_renderer_does_not_know() -> None:
     known = {
         "PREFIX", "USER", "GROUP", "LISTEN", "LISTEN_TLS", "TLS", "CERT", "KEY", "PLAIN", "PLAIN_LISTEN",
         "UPSTREAM", "HEADER_TIMEOUT", "BODY_TIMEOUT", "SEND_TIMEOUT", "KEEPALIVE_TIMEOUT",
-        "CONNECTIONS_PER_ADDRESS", "RATE", "BURST", "MAX_BODY",
+        "CONNECTIONS_PER_ADDRESS", "RATE", "BURST", "MAX_BODY", "CLIENT_CERT", "DEVICE_CA", "FRONT_SECRET",
     }  # fmt: skip
 
     assert set(re.findall(r"@([A-Z_]+)@", TEMPLATE.read_text())) == known

@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
 from sqlalchemy.orm import Session
 
 from cloud.api.deps import Caller, KeyCache
+from cloud.api.main import create_app
+from cloud.fleet_ca import FleetCA
 from cloud.registry import apikeys
-from cloud.registry.devices import revoke_device
+from cloud.registry.devices import Certificate, provision_certificate_device, revoke_device
 from cloud.registry.tables import Role
+from cloud.settings import Settings
+from device_firmware_py.identity import device_key, signing_request
 from tests.cloud.api.conftest import basic, bearer
 from tests.cloud.api.inventory import PUBLIC, Endpoint, Reply, endpoints, key_id
 from tests.cloud.factories import make_cohort, make_device
@@ -30,6 +38,9 @@ BAD_CREDENTIALS: dict[str, dict[str, str]] = {
     "basic not utf-8": {"Authorization": "Basic " + base64.b64encode(b"\xff\xfe:\xff").decode()},
     "unknown device": basic("cam-nobody", "secret"),
     "other scheme": {"Authorization": "Token abc"},
+    # A device certificate is public: the API takes it from the front alone (which sends the secret).
+    "certificate not from the front": {"X-Device-Certificate": "-----BEGIN%20CERTIFICATE-----"},
+    "certificate with a guessed secret": {"X-Device-Certificate": "x", "X-Diredi-Front": "guess"},
 }
 
 
@@ -306,3 +317,46 @@ def test_the_key_cache_expires_is_bounded_and_can_be_off() -> None:
     assert off.get("token-a") is None
     assert len(cache._entries) == 1 and cache.get("token-c") == caller
     assert "token-c" not in cache._entries  # keyed by hash, never the plaintext
+
+
+@pytest.mark.parametrize("case", ["garbage", "not utf-8", "unknown certificate", "revoked device"])
+def test_a_certificate_from_the_front_that_names_no_active_device_gets_401(
+    settings: Settings, session: Session, tmp_path: Path, case: str
+) -> None:
+    # Prepare: the API shares a secret with its front; a certificate device, revoked in one case
+    secret = "s" * 32
+    ca = FleetCA.open(tmp_path / "ca")
+    issued = ca.issue(signing_request(device_key(tmp_path), "cam-0001"), "cam-0001")
+    make_cohort(session)
+    provision_certificate_device(
+        session,
+        device_id="cam-0001",
+        cohort_id="kitchen",
+        certificate=Certificate(issued.serial, issued.sha256, issued.not_after),
+    )
+    if case == "revoked device":
+        revoke_device(session, "cam-0001")
+    session.commit()
+    other = ca.issue(signing_request(ec.generate_private_key(ec.SECP256R1()), "cam-0002"), "cam-0002")
+    header = {
+        "garbage": "not-a-certificate",
+        "not utf-8": "%FF%FE",
+        "unknown certificate": quote(other.pem, safe=""),
+        "revoked device": quote(issued.pem, safe=""),
+    }[case]
+    app = create_app(settings.model_copy(update={"front_secret": SecretStr(secret)}))
+
+    # Execute
+    with TestClient(app) as client:
+        refused = client.get(
+            "/api/v1/artifacts/" + "ab" * 32,
+            headers={"X-Device-Certificate": header, "X-Diredi-Front": secret},
+        )
+        known = client.get(
+            "/api/v1/artifacts/" + "ab" * 32,
+            headers={"X-Device-Certificate": quote(issued.pem, safe=""), "X-Diredi-Front": secret},
+        )
+
+    # Assert: refused; the device's own certificate gets through (404: nothing is offered to it)
+    assert is_unauthorized(refused)
+    assert known.status_code == (401 if case == "revoked device" else 404)
