@@ -10,6 +10,7 @@ from bench import (
     pipeline_cycle,
     publish_wave,
     rollout_fleet,
+    telemetry_partitions,
 )
 
 if __name__ == "__main__":
@@ -20,6 +21,7 @@ if __name__ == "__main__":
     ingest_memory.main([])
     device_daemon.main([])
     publish_wave.main([])
+    telemetry_partitions.main([])
     # These exit non-zero when one of their checks fails; each runs whatever the other found.
     failed = []
     for checked in (rollout_fleet, fleet_connections):
