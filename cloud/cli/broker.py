@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 import os
 import pwd
@@ -21,6 +22,12 @@ from cloud.exceptions import CloudError
 
 if TYPE_CHECKING:
     from broker.client import BrokerTarget
+
+
+class DeviceLogin(enum.StrEnum):
+    password = "password"  # noqa: S105 (a mode's name)
+    certificate = "certificate"
+
 
 broker_app = typer.Typer(
     help="The broker: its production set-up, service accounts, and reconciling it with the registry."
@@ -123,15 +130,33 @@ def init(
     force: Annotated[
         bool, typer.Option("--force", help="Overwrite a configuration or credentials file that differs.")
     ] = False,
+    devices: Annotated[
+        DeviceLogin,
+        typer.Option(
+            help="How devices log in: a password each (a dynamic-security client per device), or a "
+            "certificate of the fleet CA (one pattern rule, nothing per device; the services' listener "
+            "becomes TLS on --port).",
+        ),
+    ] = DeviceLogin.password,
+    fleet_ca: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --devices certificate: the fleet CA's directory (made if missing; default "
+            "DIREDI_FLEET_CA_DIR or <signing key dir>/ca). mosquitto must be able to read it: run it as "
+            "the cloud's account (--user), which may then also send it SIGHUP to reload the CRL.",
+        ),
+    ] = None,
 ) -> None:
     """Render mosquitto's production configuration into STATE_DIR, initialise dynamic security with
     an admin account, and create the cloud's account (deny by default). Safe to run again: what exists
     is kept, a file that differs is overwritten only with --force, and dynamic-security.json (every
     device's credentials) never is. mosquitto must not be running on STATE_DIR while accounts are made."""
+    from broker.acl import device_pattern_acl
     from broker.client import BrokerTarget
     from broker.exceptions import BrokerError
     from broker.mosquitto import (
         CONFIG_NAME,
+        DEVICE_ACL_NAME,
         DYNSEC_NAME,
         bootstrap,
         bootstrap_missing,
@@ -144,18 +169,31 @@ def init(
     from cloud.children import free_ports
 
     _check_init_args(state_dir, cert_dir, credentials, port, tls_port, tls_bind, user)
+    if fleet_ca is not None and devices is not DeviceLogin.certificate:
+        raise _fail(CloudError("--fleet-ca goes with --devices certificate"))
     state_dir, credentials = state_dir.resolve(), credentials.resolve()
     config_path, dynsec = state_dir / CONFIG_NAME, state_dir / DYNSEC_NAME
     try:
         find_binary("mosquitto_ctrl")
+        certificates = _fleet_ca_files(fleet_ca) if devices is DeviceLogin.certificate else None
         config = config_text(
-            state_dir, port=port, tls_port=tls_port, cert_dir=cert_dir, tls_bind=tls_bind, user=user
+            state_dir,
+            port=port,
+            tls_port=tls_port,
+            cert_dir=cert_dir,
+            tls_bind=tls_bind,
+            user=user,
+            devices=devices.value,
+            fleet_ca=certificates[0] if certificates else None,
+            crl_file=certificates[1] if certificates else None,
         )
         admin_password, cloud_password = _passwords(credentials, dynsec)
-        local = BrokerTarget(host="127.0.0.1", port=port)
+        # Certificate mode: the services' listener is TLS too (the lab or your PKI's server certificate).
+        tls = devices is DeviceLogin.certificate
+        local = BrokerTarget(host="127.0.0.1", port=port, tls=tls, ca_file=cert_dir.resolve() / "ca.crt")
         admin = local.with_credentials(ADMIN_USER, admin_password)
         cloud = local.with_credentials(CLOUD_USER, cloud_password)
-        wanted = _credentials_text(cloud, admin)
+        wanted = _credentials_text(cloud, admin, local.ca_file if tls else None)
         if dynsec.exists() and not password_matches(state_dir, ADMIN_USER, admin_password):
             raise _fail(CloudError(f"{credentials}: its admin password does not open {dynsec}"))
         missing = (
@@ -165,7 +203,10 @@ def init(
         )
     except BrokerError as exc:
         raise _fail(exc) from None
-    plan = {path: _plan(path, text, force) for path, text in ((config_path, config), (credentials, wanted))}
+    files = [(config_path, config), (credentials, wanted)]
+    if certificates:
+        files.append((state_dir / DEVICE_ACL_NAME, device_pattern_acl()))
+    plan = {path: _plan(path, text, force) for path, text in files}
     if missing and _listening(port):
         raise _fail(
             CloudError(
@@ -175,7 +216,7 @@ def init(
         )
     created = not dynsec.exists()
     # The credentials first: once dynamic security exists, its admin password is known nowhere else.
-    for path, text in ((credentials, wanted), (config_path, config)):
+    for path, text in sorted(files, key=lambda file: file[0] != credentials):
         if plan[path] != "unchanged":
             _write_private(path, text)
     try:
@@ -193,6 +234,30 @@ def init(
     except (BrokerError, OSError) as exc:
         raise _fail(exc) from None
     _report(plan, dynsec, created=created, missing=missing, port=port, tls_port=tls_port)
+    if certificates:
+        console.print(
+            f"devices log in with certificates of the fleet CA in {escape(str(certificates[0].parent))}: "
+            "set DIREDI_FLEET_CA_DIR to it, and DIREDI_BROKER_PID_FILE to mosquitto's pid file so that a "
+            "revocation reloads its CRL at once (docs/certificate-identity.md)",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+def _fleet_ca_files(directory: Path | None) -> tuple[Path, Path]:
+    """The fleet CA's certificate and CRL for mosquitto, the CA made and a first (empty) CRL written if
+    there is none yet: the beat re-issues it from the registry."""
+    from cloud.exceptions import SigningError
+    from cloud.fleet_ca import FleetCA
+
+    try:
+        ca = FleetCA.open(directory or _settings().resolved_fleet_ca_dir)
+        crl = ca.directory / "crl.pem"
+        if not crl.exists():
+            ca.write_crl([])
+    except (SigningError, OSError) as exc:
+        raise _fail(CloudError(f"the fleet CA: {exc}")) from None
+    return ca.directory / "ca.pem", crl
 
 
 def _check_init_args(
@@ -294,12 +359,14 @@ def _passwords(credentials: Path, dynsec: Path) -> tuple[str, str]:
     return admin.password, cloud.password
 
 
-def _credentials_text(cloud: BrokerTarget, admin: BrokerTarget) -> str:
+def _credentials_text(cloud: BrokerTarget, admin: BrokerTarget, ca_file: Path | None) -> str:
     return (
         "# The broker's accounts for the cloud, written by `diredi broker init`; keep it owner-only.\n"
-        "# Copy both lines into /etc/diredi/diredi.env. The admin's password is kept nowhere else.\n"
+        f"# Copy {'these' if ca_file else 'both'} lines into /etc/diredi/diredi.env. The admin's password is "
+        "kept nowhere else.\n"
         f"DIREDI_MQTT_URL={cloud.url()}\n"
         f"DIREDI_MQTT_ADMIN_URL={admin.url()}\n"
+        + (f"DIREDI_MQTT_CA_FILE={ca_file}\n" if ca_file is not None else "")
     )
 
 
@@ -359,7 +426,7 @@ def _report(
         console.print(f"{'applied':11} {', '.join(missing)}", highlight=False, soft_wrap=True)
     if not missing and all(done == "unchanged" for done in plan.values()):
         console.print("nothing changed: the broker was initialised already")
-    config, credentials = list(plan)
+    config, credentials = list(plan)[:2]
     console.print(
         f"next: run mosquitto with `mosquitto -c {escape(str(config))}` (plain 127.0.0.1:{port} for the "
         f"cloud, TLS port {tls_port} for devices); copy DIREDI_MQTT_URL and DIREDI_MQTT_ADMIN_URL from "

@@ -9,7 +9,7 @@ import stat
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -19,6 +19,9 @@ from broker.dynsec import DynsecAdmin
 from broker.exceptions import MosquittoError
 from broker.mosquitto import find_binary, find_plugin
 from cloud.children import free_ports
+from cloud.fleet_ca import FleetCA
+from device_firmware_py.identity import device_key, signing_request
+from tests.broker.certificates import close, connect
 from tests.brokers import CERTS_SCRIPT, Probe
 from testsupport.mosquitto import MosquittoProcess
 
@@ -69,7 +72,9 @@ class Install:
 
     def urls(self) -> dict[str, BrokerTarget]:
         """The URLs the credentials file gives the operator, by variable."""
-        found = re.findall(r"^(DIREDI_MQTT_\w+)=(\S+)$", self.credentials.read_text(), re.MULTILINE)
+        found = re.findall(
+            r"^(DIREDI_MQTT_\w+_URL|DIREDI_MQTT_URL)=(\S+)$", self.credentials.read_text(), re.M
+        )
         return {name: BrokerTarget.parse(url) for name, url in found}
 
 
@@ -143,6 +148,45 @@ def test_init_makes_a_broker_the_cloud_logs_into_and_strangers_do_not(
     for secret in (install.credentials, install.state / "dynamic-security.json"):
         assert stat.S_IMODE(secret.stat().st_mode) == 0o600
     assert f"listener {install.port} 127.0.0.1" in (install.state / "mosquitto.conf").read_text()
+
+
+def test_init_with_certificate_devices_admits_the_fleet_cas_devices_and_the_cloud_over_tls(
+    install: Install, tmp_path: Path
+) -> None:
+    # Prepare
+    install.credentials.parent.mkdir()
+    fleet_ca = tmp_path / "fleet-ca"
+    args = install.args(devices="certificate", fleet_ca=fleet_ca)
+
+    # Execute: set up, started, run again
+    done = broker_init(*args)
+    assert done.returncode == 0, done.stderr
+    ca = FleetCA.open(fleet_ca)
+    (tmp_path / "device").mkdir()
+    issued = ca.issue(signing_request(device_key(tmp_path / "device"), "cam-0001"), "cam-0001")
+    (tmp_path / "device" / "cert.pem").write_text(issued.pem)
+    with MosquittoProcess(install.state, port=install.port):
+        cloud = install.urls()["DIREDI_MQTT_URL"]
+        ca_file = re.search(r"^DIREDI_MQTT_CA_FILE=(\S+)$", install.credentials.read_text(), re.M)
+        assert ca_file is not None
+        with Probe(replace(cloud, ca_file=Path(ca_file[1])), "diredi-ingest-test") as service:
+            connected = service.connect()
+        device = connect(
+            install.tls_port,
+            install.certs / "ca.crt",
+            cert=(tmp_path / "device" / "cert.pem", tmp_path / "device" / "identity.key"),
+            client_id="cam-0001",
+        )
+        stranger = connect(install.tls_port, install.certs / "ca.crt", client_id="cam-0002")
+        admitted, refused = device.connected.is_set() and device.refused, stranger.refused
+        close(device, stranger)
+    again = broker_init(*args)
+
+    # Assert: the cloud over TLS on the services' listener, the device by its certificate, no one without
+    assert cloud.tls and connected == 0
+    assert admitted == "" and refused
+    assert (install.state / "devices.acl").read_text().startswith("#")
+    assert again.returncode == 0 and "nothing changed" in again.stdout, again.stdout + again.stderr
 
 
 def test_a_second_run_changes_nothing_and_says_so(install: Install, running: MosquittoProcess) -> None:
