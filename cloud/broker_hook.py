@@ -20,7 +20,6 @@ from broker.dynsec import DynsecAdmin
 from broker.exceptions import BrokerAdminError
 from cloud.crl import CrlPublisher
 from cloud.exceptions import HookError
-from cloud.fleet_ca import FleetCA
 from cloud.provisioning import CredentialHook
 from cloud.registry.db import make_engine, session_factory
 from cloud.registry.devices import broker_applied, broker_failed, broker_pending
@@ -253,8 +252,12 @@ def hook_from_settings(
         return None
     target = BrokerTarget.parse(settings.mqtt_admin_url.get_secret_value(), ca_file=settings.mqtt_ca_file)
     sessions = sessions or session_factory(make_engine(settings.resolved_database_url))
-    crl = CrlPublisher(FleetCA.open(settings.resolved_fleet_ca_dir), sessions, settings.broker_pid_file)
-    return BrokerCredentialHook(DynsecAdmin(target), crl)
+    return BrokerCredentialHook(DynsecAdmin(target), crl_from_settings(settings, sessions))
+
+
+def crl_from_settings(settings: Settings, sessions: sessionmaker[Session]) -> CrlPublisher:
+    """The fleet CA's CRL of the registry `sessions` open, and how the broker reloads it."""
+    return CrlPublisher(settings.resolved_fleet_ca_dir, sessions, settings.broker_pid_file)
 
 
 def hooks_from_settings(

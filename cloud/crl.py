@@ -36,10 +36,15 @@ class CrlPublisher:
     """Writes the CRL from the registry and reloads the broker that reads it (when `pid_file` is set;
     else reloading is the deployment's, say a systemd path unit on the file)."""
 
-    def __init__(self, ca: FleetCA, sessions: sessionmaker[Session], pid_file: Path | None = None) -> None:
-        self.ca = ca
+    def __init__(self, ca_dir: Path, sessions: sessionmaker[Session], pid_file: Path | None = None) -> None:
+        self.ca_dir = ca_dir  # the CA is opened when a CRL is first published: most fleets have none
         self.sessions = sessions
         self.pid_file = pid_file
+
+    @property
+    def exists(self) -> bool:
+        """Whether the fleet CA has been made (by the first certificate device)."""
+        return (self.ca_dir / "ca.key").exists()
 
     def publish(self) -> PublishedCrl:
         """Issue the CRL of the registry's revoked certificates and reload the broker; HookError (safe
@@ -48,8 +53,9 @@ class CrlPublisher:
         with self.sessions() as session:
             revoked = revoked_certificates(session)
         try:
-            path = self.ca.write_crl(revoked)
-            next_update = self.ca.check_crl(path.read_bytes())
+            ca = FleetCA.open(self.ca_dir)
+            path = ca.write_crl(revoked)
+            next_update = ca.check_crl(path.read_bytes())
         except (SigningError, OSError) as exc:
             raise HookError(f"the CRL could not be written: {exc}") from None
         if self.pid_file is not None:

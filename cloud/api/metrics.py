@@ -4,7 +4,9 @@ the registry at scrape time; served at /metrics."""
 import logging
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
+from cryptography import x509
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -40,6 +42,7 @@ def metrics(_: Viewer, services: ServicesDep) -> Response:
     the process's own metrics are served all the same."""
     fleet = CollectorRegistry(auto_describe=False)
     fleet.register(FleetCollector(services.sessions))
+    fleet.register(CrlCollector(services.settings.resolved_fleet_ca_dir / "crl.pem"))
     return Response(generate_latest() + generate_latest(fleet), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -90,6 +93,26 @@ def _fleet_families(health: FleetHealth) -> Iterator[Metric]:
         "How long the oldest pending job has waited (0: none waits)",
         value=health.oldest_pending_s,
     )
+
+
+class CrlCollector(Collector):
+    """When the fleet CA's CRL is next due, read from its file when scraped: the broker refuses every
+    certificate device once that time passes (the beat re-issues it daily). Nothing without a CRL."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            next_update = x509.load_pem_x509_crl(self.path.read_bytes()).next_update_utc
+        except (OSError, ValueError):
+            return  # no certificate devices (no CRL yet), or an unreadable file: the alert's absence rule
+        if next_update is not None:
+            yield GaugeMetricFamily(
+                "diredi_crl_next_update_timestamp_seconds",
+                "When the fleet CA's CRL must have been re-issued (Unix time)",
+                value=next_update.timestamp(),
+            )
 
 
 class RequestMetrics:

@@ -79,15 +79,17 @@ def reconcile(
     down); with --sweep also delete device clients without an active device and repair device roles.
     The worker's beat does this every 15 s (sweeping every 10 minutes)."""
     from broker.dynsec import DynsecAdmin
-    from cloud.broker_hook import BrokerCredentialHook
+    from cloud.broker_hook import BrokerCredentialHook, crl_from_settings
     from cloud.broker_hook import reconcile as run
     from cloud.registry.db import session_factory
 
     target = _admin_target()
-    sessions = session_factory(_migrated_engine(_settings()))
+    settings = _settings()
+    sessions = session_factory(_migrated_engine(settings))
     with DynsecAdmin(target) as admin:
         try:
-            done = run(sessions, BrokerCredentialHook(admin), sweep=sweep)
+            hook = BrokerCredentialHook(admin, crl_from_settings(settings, sessions))
+            done = run(sessions, hook, sweep=sweep)
         except CloudError as exc:
             raise _fail(exc) from None
     console.print(
@@ -104,6 +106,29 @@ ADMIN_USER = "admin"
 CLOUD_USER = "diredi-cloud"
 CERT_FILES = ("ca.crt", "server.crt", "server.key")
 _CREDENTIAL = re.compile(r"^(DIREDI_MQTT_URL|DIREDI_MQTT_ADMIN_URL)=(\S+)$", re.MULTILINE)
+
+
+@broker_app.command("crl")
+def crl() -> None:
+    """Re-issue the fleet CA's CRL from the registry's revoked certificate devices and reload the broker
+    (DIREDI_BROKER_PID_FILE). The worker's beat does this daily; a CRL past its next update makes the
+    broker refuse every certificate device."""
+    from cloud.broker_hook import crl_from_settings
+    from cloud.registry.db import session_factory
+
+    settings = _settings()
+    publisher = crl_from_settings(settings, session_factory(_migrated_engine(settings)))
+    try:
+        published = publisher.publish()
+    except CloudError as exc:
+        raise _fail(exc) from None
+    reloaded = "the broker reloaded it" if settings.broker_pid_file else "reloading it is the deployment's"
+    console.print(
+        f"wrote {escape(str(published.path))}: {published.revoked} revoked, next update "
+        f"{published.next_update:%Y-%m-%d %H:%M} UTC; {reloaded}",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @broker_app.command("init")

@@ -28,6 +28,7 @@ BEAT = {
     "reconcile-desired": ("diredi.reconcile_desired", 30.0),
     "distribute-trust": ("diredi.distribute_trust", 15.0),
     "reconcile-broker": ("diredi.reconcile_broker", 15.0),
+    "reissue-crl": ("diredi.reissue_crl", 86400.0),  # its next update is 30 days out
     "prune-telemetry": ("diredi.prune_telemetry", 3600.0),
 }
 

@@ -27,7 +27,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from cloud.artifacts import LocalArtifactStore
-from cloud.broker_hook import BrokerCredentialHook, hook_from_settings, reconcile
+from cloud.broker_hook import BrokerCredentialHook, crl_from_settings, hook_from_settings, reconcile
 from cloud.exceptions import ConflictError, HookError, LeaseLost, NotFoundError, PublishError
 from cloud.pipeline import cycle, scheduling
 from cloud.publisher import CloudPublisher
@@ -391,6 +391,23 @@ def reconcile_broker() -> int:
     if sweep and not done.failed:
         ctx.last_sweep = time.monotonic()
     return len(done.applied)
+
+
+@app.task(name="diredi.reissue_crl")
+def reissue_crl() -> int:
+    """Re-issue the fleet CA's CRL from the registry (and reload the broker), well before its next update:
+    past it, the broker refuses every certificate device. Nothing while no fleet CA exists; returns
+    the certificates it lists."""
+    ctx = context()
+    publisher = crl_from_settings(ctx.settings, ctx.sessions)
+    if not publisher.exists:
+        return 0
+    try:
+        published = publisher.publish()
+    except HookError as exc:
+        log.error("the CRL was not re-issued: %s", exc)
+        return 0
+    return published.revoked
 
 
 @app.task(name="diredi.prune_telemetry")

@@ -221,6 +221,24 @@ def test_telemetry_prune_keeps_what_is_within_the_retention(env: Path) -> None:
         assert len(telemetry.query_page(session, device_id="cam-0001", limit=10)[0]) == 2
 
 
+def test_broker_crl_writes_the_crl_and_says_what_a_pid_file_it_cannot_use_is(
+    env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare
+    unmigrated = invoke("broker", "crl")
+    invoke("db", "upgrade")
+
+    # Execute
+    written = invoke("broker", "crl")
+    monkeypatch.setenv("DIREDI_BROKER_PID_FILE", str(tmp_path / "no-such.pid"))
+    no_broker = invoke("broker", "crl")
+
+    # Assert: one line each; the CRL is written even when the broker cannot be reloaded
+    assert unmigrated[0] != 0 and "diredi db upgrade" in unmigrated[1]
+    assert written[0] == 0 and "0 revoked" in written[1] and (env / "keys" / "ca" / "crl.pem").exists()
+    assert no_broker[0] != 0 and "cannot reload it" in no_broker[1] and "Traceback" not in no_broker[1]
+
+
 def test_telemetry_prune_refuses_a_negative_retention(env: Path) -> None:
     code, output = invoke("telemetry", "prune", "--days", "-1")
 

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
+import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.orm import Session
 
 from cloud.artifacts import LocalArtifactStore
+from cloud.fleet_ca import CRL_DAYS, FleetCA
 from cloud.registry import jobs
 from cloud.registry.db import make_engine, session_factory
 from cloud.registry.tables import JobState, Presence, Rollout, RolloutState, utcnow
+from cloud.settings import Settings
 from tests.cloud.factories import make_cloud_model, make_cohort, make_device, make_edge_model
 
 UNREACHABLE = "postgresql://nobody:nothing@127.0.0.1:1/none"  # a closed port: refused at once
@@ -110,3 +113,21 @@ def test_a_registry_outage_leaves_the_process_metrics_served(
 
 def test_metrics_need_a_key(client: TestClient) -> None:
     assert client.get("/metrics").status_code == 401
+
+
+def test_the_crls_next_update_is_a_gauge_once_the_fleet_ca_has_one(
+    client: TestClient, viewer: dict[str, str], settings: Settings
+) -> None:
+    # Prepare
+    before = samples(client.get("/metrics", headers=viewer).text)
+    ca = FleetCA.open(settings.resolved_fleet_ca_dir)
+    now = datetime.now(UTC)
+    ca.write_crl([], now=now)
+
+    # Execute
+    after = samples(client.get("/metrics", headers=viewer).text)
+
+    # Assert: none without a CRL; 30 days out with one
+    name = ("diredi_crl_next_update_timestamp_seconds", ())
+    assert name not in before
+    assert after[name] == pytest.approx((now + timedelta(days=CRL_DAYS)).timestamp(), abs=1)

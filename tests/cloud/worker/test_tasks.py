@@ -9,16 +9,20 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from cloud.artifacts import LocalArtifactStore
+from cloud.fleet_ca import FleetCA
 from cloud.pipeline import cycle
 from cloud.registry import jobs, knowledge, partitions, telemetry
+from cloud.registry.devices import Certificate, provision_certificate_device, revoke_device
 from cloud.registry.tables import JobState, KnowledgeStatus, Telemetry, utcnow
 from cloud.settings import Settings
 from cloud.worker import tasks
+from device_firmware_py.identity import device_key, signing_request
 from tests.cloud.factories import make_cloud_model, make_cohort, make_device, make_edge_model, make_report
 
 
@@ -183,3 +187,27 @@ def test_a_job_the_database_keeps_failing_is_retried_by_celery_then_failed(
     assert len(runs) == tasks.MAX_ATTEMPTS + 1
     assert isinstance(result.result, OperationalError)
     assert len(failed) == 1 and failed[0].startswith("database unavailable")
+
+
+def test_reissue_crl_writes_the_registrys_revoked_certificates_once_a_fleet_ca_exists(
+    sent: list[uuid.UUID], session: Session, tmp_path: Path
+) -> None:
+    # Prepare: a certificate device, revoked
+    make_cohort(session)
+    settings = tasks.context().settings
+    none_yet = tasks.reissue_crl.run()
+    ca = FleetCA.open(settings.resolved_fleet_ca_dir)
+    (tmp_path / "device").mkdir()
+    issued = ca.issue(signing_request(device_key(tmp_path / "device"), "cam-1"), "cam-1")
+    certificate = Certificate(issued.serial, issued.sha256, issued.not_after)
+    provision_certificate_device(session, device_id="cam-1", cohort_id="kitchen", certificate=certificate)
+    revoke_device(session, "cam-1")
+    session.commit()
+
+    # Execute
+    listed = tasks.reissue_crl.run()
+
+    # Assert: nothing made without a CA; the CRL lists the revoked certificate
+    crl = x509.load_pem_x509_crl((settings.resolved_fleet_ca_dir / "crl.pem").read_bytes())
+    assert none_yet == 0 and listed == 1
+    assert crl.get_revoked_certificate_by_serial_number(issued.serial) is not None
