@@ -1,10 +1,10 @@
 """Alembic, driven from code: `diredi db upgrade|downgrade|current` and the tests use these functions."""
 
-from collections.abc import Mapping
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.environment import NameFilterParentNames, NameFilterType
 from sqlalchemy import Engine
 
 from cloud.registry.partitions import is_partition
@@ -47,7 +47,7 @@ def head() -> str | None:
     return ScriptDirectory.from_config(config).get_current_head()
 
 
-def include_name(name: str | None, type_: str, _parents: Mapping[str, str | None]) -> bool:
+def include_name(name: str | None, type_: NameFilterType, _parents: NameFilterParentNames) -> bool:
     """Autogenerate's filter: telemetry's partitions are the database's upkeep, not the models' tables
     (`cloud.registry.partitions`), so comparing the schema with the models skips them."""
     return not (type_ == "table" and name is not None and is_partition(name))
