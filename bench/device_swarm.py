@@ -1,22 +1,29 @@
 """Thousands of simulated devices in one process: paho clients driven by one selector loop (paho's
 external-loop API: `socket()`, `loop_read()`, `loop_write()` and `loop_misc()`), no thread per device.
 
-Each device logs in with its own id and secret, leaves a retained `offline` will, announces itself
-`online` (retained, QoS 1, the will's `conn` and `sent_at`) and sends a status heartbeat every
-`heartbeat_s` seconds with ±10 % jitter. `drop` closes connections without a DISCONNECT, as a
-device whose process dies does: the broker then publishes their wills.
+Each device logs in with its own id and secret (or, a certificate device, with its certificate and key
+on a mutual-TLS listener), leaves a retained `offline` will, announces itself `online` (retained,
+QoS 1, the will's `conn` and `sent_at`) and sends a status heartbeat every `heartbeat_s` seconds with
+±10 % jitter. `drop` closes connections without a DISCONNECT, as a device whose process dies does:
+the broker then publishes their wills.
+
+On a TLS listener the loop drives every device's handshake itself, without blocking, so that many are
+under way at once: paho 2.2 completes it inside `reconnect()`, blocking, one device at a time.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 import random
 import secrets
 import selectors
+import ssl
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -42,6 +49,8 @@ class SimDevice:
     options: ClientOptions
     conn: str = ""
     connect_started: float = 0.0
+    handshaking: bool = False  # its TLS handshake is under way (the loop drives it, not paho)
+    handshake_at: float | None = None  # when its TLS handshake completed
     connack_at: float | None = None
     refused: str | None = None  # why the broker refused the connection, or it failed
     online: bool = False
@@ -59,6 +68,27 @@ class Counters:
     presence_acked: int = 0
     refused_publishes: int = 0  # QoS 1 publishes the broker answered with a failure (e.g. not authorised)
     lost: int = 0  # connections that ended without `drop` asking for it
+    # TLS handshakes that failed, and TLS connections the broker closed before its CONNACK: under TLS 1.3
+    # the broker refuses a client certificate after the client has finished its half of the handshake.
+    handshake_failures: int = 0
+
+
+class _HandshakeInLoop(ssl.SSLSocket):
+    """A TLS socket on which paho's own call to `do_handshake` (blocking, inside `reconnect()`) does
+    nothing: the swarm's loop completes the handshake with `ssl.SSLSocket.do_handshake`."""
+
+    def do_handshake(self, block: bool = False) -> None:
+        """Nothing here: see the class."""
+
+
+def tls_context(target: BrokerTarget) -> ssl.SSLContext:
+    """What `broker.client.build_client` makes for a TLS target (the broker verified against its CA,
+    the device's certificate chain if it has one), with the handshake left to the swarm's loop."""
+    context = ssl.create_default_context(cafile=str(target.ca_file) if target.ca_file else None)
+    if target.client_cert is not None:
+        context.load_cert_chain(*target.client_cert)
+    context.sslsocket_class = _HandshakeInLoop
+    return context
 
 
 class Swarm:
@@ -67,8 +97,9 @@ class Swarm:
     def __init__(
         self,
         target: BrokerTarget,
-        secrets_by_id: dict[str, str],
+        secrets_by_id: Mapping[str, str],
         *,
+        certificates: Mapping[str, tuple[Path, Path]] | None = None,
         heartbeat_s: float = 10.0,
         qos: int = 1,
         keepalive: int = 60,
@@ -88,13 +119,23 @@ class Swarm:
         self._sequence = itertools.count()
         self._next_misc = 0.0
         self._online: dict[str, Presence] = {}  # the online message of each connection being made
+        # Password devices log in with their secret, certificate devices with their (certificate, key).
         self.devices = [self._make(device_id, secret) for device_id, secret in secrets_by_id.items()]
+        self.devices += [
+            self._device(device_id, target.with_certificate(*files))
+            for device_id, files in (certificates or {}).items()
+        ]
 
     # Set-up ---------------------------------------------------------------------------------------
 
     def _make(self, device_id: str, secret: str) -> SimDevice:
+        return self._device(device_id, self.target.with_credentials(device_id, secret))
+
+    def _device(self, device_id: str, target: BrokerTarget) -> SimDevice:
         options = ClientOptions(device_id, keepalive=self.keepalive)
-        client = build_client(self.target.with_credentials(device_id, secret), options)
+        client = build_client(dataclasses.replace(target, tls=False), options)
+        if target.tls:
+            client.tls_set_context(tls_context(target))
         device = SimDevice(device_id, client, options)
         client.user_data_set(device)
         client.on_connect = self._on_connect
@@ -133,6 +174,7 @@ class Swarm:
         will = Presence(device_id=device.device_id, state=PresenceState.offline, conn=device.conn, sent_at=at)
         device.client.will_set(self._topic(device, MessageKind.PRESENCE), encode(will), qos=1, retain=True)
         device.connect_started = time.monotonic()
+        device.handshaking = self.target.tls
         self._online[device.device_id] = Presence(
             device_id=device.device_id, state=PresenceState.online, conn=device.conn, sent_at=at
         )
@@ -164,10 +206,42 @@ class Swarm:
             wait = min(end, self._next_misc, self._due[0][0] if self._due else end) - now
             for key, events in self._selector.select(max(wait, 0.0)):
                 device = key.data
-                if events & selectors.EVENT_READ and not device.dropped:
-                    device.client.loop_read()
-                if events & selectors.EVENT_WRITE and not device.dropped:
+                if device.dropped:
+                    continue
+                if device.handshaking:
+                    self._handshake(device, key.fileobj)
+                    continue
+                if events & selectors.EVENT_READ:
+                    self._read(device, key.fileobj)
+                if events & selectors.EVENT_WRITE:
                     device.client.loop_write()
+
+    def _handshake(self, device: SimDevice, sock: Any) -> None:
+        """One step of a device's TLS handshake; once done, paho writes its CONNECT."""
+        try:
+            ssl.SSLSocket.do_handshake(sock)
+        except ssl.SSLWantReadError:
+            self._selector.modify(sock, selectors.EVENT_READ, device)
+            return
+        except ssl.SSLWantWriteError:
+            self._selector.modify(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, device)
+            return
+        except OSError as exc:  # ssl.SSLError among them: the broker refused the certificate
+            self.counters.handshake_failures += 1
+            device.handshaking = False
+            device.refused = f"TLS handshake: {exc}"
+            self._unregister(sock)
+            sock.close()
+            return
+        device.handshaking = False
+        device.handshake_at = time.monotonic()
+        self._selector.modify(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, device)
+
+    def _read(self, device: SimDevice, sock: Any) -> None:
+        device.client.loop_read()
+        # A TLS record read in part stays in the socket's buffer, where select would not see it.
+        while isinstance(sock, ssl.SSLSocket) and sock.fileno() >= 0 and sock.pending() > 0:
+            device.client.loop_read()
 
     def _send_due(self, now: float) -> None:
         while self._due and self._due[0][0] <= now:
@@ -262,6 +336,10 @@ class Swarm:
         if device.online and not device.dropped:
             self.counters.lost += 1
             device.refused = device.refused or f"disconnected: {reason}"
+        elif device.connack_at is None and device.refused is None:  # no CONNACK at all
+            if device.handshake_at is not None:
+                self.counters.handshake_failures += 1
+            device.refused = f"disconnected before its CONNACK: {reason}"
         device.online = False
 
     def _on_publish(
@@ -276,12 +354,16 @@ class Swarm:
             self.counters.presence_acked += 1
 
     def _on_socket_open(self, client: mqtt.Client, device: SimDevice, sock: Any) -> None:
-        self._selector.register(sock, selectors.EVENT_READ, device)
+        # A handshake starts by writing the ClientHello.
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if device.handshaking else 0)
+        self._selector.register(sock, events, device)
 
     def _on_socket_close(self, client: mqtt.Client, device: SimDevice, sock: Any) -> None:
         self._unregister(sock)
 
     def _on_register_write(self, client: mqtt.Client, device: SimDevice, sock: Any) -> None:
+        if device.handshaking:
+            return  # the handshake decides what to wait for; when done, it lets paho write
         self._selector.modify(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, device)
 
     def _on_unregister_write(self, client: mqtt.Client, device: SimDevice, sock: Any) -> None:

@@ -1,6 +1,7 @@
 """What the MQTT benchmarks share: a mosquitto with the production configuration in a scratch
-directory, a migrated scratch PostgreSQL registry with provisioned devices, ingest processes, and
-CPU/memory readings of the processes under test."""
+directory (password devices, or certificate devices of a fleet CA), a migrated scratch PostgreSQL
+registry with provisioned devices, ingest processes, and CPU/memory readings of the processes under
+test."""
 
 from __future__ import annotations
 
@@ -16,10 +17,13 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import psutil
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -29,15 +33,18 @@ from broker.client import BrokerTarget
 from broker.dynsec import DynsecAdmin
 from broker.mosquitto import DYNSEC_NAME, bootstrap, init_dynsec, render_config
 from cloud.children import free_ports
+from cloud.fleet_ca import FleetCA
 from cloud.registry import migrate
 from cloud.registry.db import make_engine, session_factory, transaction
-from cloud.registry.devices import create_cohort, provision_device
+from cloud.registry.devices import Certificate, create_cohort, provision_certificate_device, provision_device
 from cloud.registry.tables import Telemetry
+from device_firmware_py.identity import signing_request
 from testsupport.mosquitto import MosquittoProcess
 from testsupport.postgres import scratch_database
 
 CERTS_SCRIPT = harness.ROOT / "broker" / "certs.sh"
 CLOUD_USER = "diredi-cloud"
+DeviceIdentity = Literal["password", "certificate"]
 
 
 @dataclass
@@ -45,10 +52,11 @@ class Broker:
     """A running mosquitto and the accounts a benchmark reaches it with."""
 
     process: MosquittoProcess
-    target: BrokerTarget  # plain, no credentials
-    tls_target: BrokerTarget  # TLS verified against the lab CA, no credentials
+    target: BrokerTarget  # plain, no credentials (certificate mode: the services' listener, TLS)
+    tls_target: BrokerTarget  # TLS verified against the lab CA, no credentials: the devices' listener
     admin: BrokerTarget
     cloud: BrokerTarget
+    fleet_ca: FleetCA | None = None  # certificate mode: the CA whose certificates the devices show
 
 
 @contextmanager
@@ -71,31 +79,74 @@ def running_broker(workdir: Path) -> Iterator[Broker]:
         yield Broker(process, target, tls_target, admin, cloud)
 
 
+@contextmanager
+def running_certificate_broker(workdir: Path) -> Iterator[Broker]:
+    """mosquitto in certificate mode (docs/certificate-identity.md) on free loopback ports: devices on
+    the mutual-TLS listener (`tls_target`, certificates of the fleet CA made in `workdir`, an empty
+    CRL), the admin and the cloud's account on the services' listener (`target`, TLS)."""
+    certs = workdir / "certs"
+    subprocess.run([str(CERTS_SCRIPT), str(certs)], check=True, capture_output=True, timeout=60)  # noqa: S603
+    fleet_ca = FleetCA.open(workdir / "fleet-ca")
+    port, tls_port = free_ports(2)
+    state = workdir / "broker"
+    render_config(
+        state,
+        port=port,
+        tls_port=tls_port,
+        cert_dir=certs,
+        tls_bind="127.0.0.1",
+        devices="certificate",
+        fleet_ca=fleet_ca.directory / "ca.pem",
+        crl_file=fleet_ca.write_crl([]),
+    )
+    admin_password = secrets.token_urlsafe(24)
+    init_dynsec(state, admin_user="admin", admin_password=admin_password)
+    with MosquittoProcess(state, port=port) as process:
+        target = BrokerTarget(host="127.0.0.1", port=port, tls=True, ca_file=certs / "ca.crt")
+        tls_target = BrokerTarget(host="127.0.0.1", port=tls_port, tls=True, ca_file=certs / "ca.crt")
+        admin = target.with_credentials("admin", admin_password)
+        cloud = target.with_credentials(CLOUD_USER, secrets.token_urlsafe(24))
+        bootstrap(admin, cloud_user=CLOUD_USER, cloud_password=str(cloud.password))
+        yield Broker(process, target, tls_target, admin, cloud, fleet_ca)
+
+
 @dataclass
 class Lab:
     """A running broker and registry for one benchmark."""
 
     broker: MosquittoProcess
-    target: BrokerTarget  # no credentials
+    target: BrokerTarget  # no credentials (certificate mode: the services' listener)
     admin: BrokerTarget
     cloud: BrokerTarget
     database_url: str
     sessions: sessionmaker[Session]
     workdir: Path
+    tls_target: BrokerTarget | None = None  # the devices' TLS listener (certificate mode: mutual TLS)
+    fleet_ca: FleetCA | None = None  # certificate mode only
 
 
 @contextmanager
-def lab(admin_database_url: str) -> Iterator[Lab]:
-    """mosquitto (`running_broker`) and a migrated scratch registry."""
+def lab(admin_database_url: str, *, devices: DeviceIdentity = "password") -> Iterator[Lab]:
+    """mosquitto (`running_broker`, or `running_certificate_broker` for certificate devices) and a
+    migrated scratch registry."""
     with ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="diredi-bench-")))
-        broker = stack.enter_context(running_broker(workdir))
+        starts = running_certificate_broker if devices == "certificate" else running_broker
+        broker = stack.enter_context(starts(workdir))
         url = stack.enter_context(scratch_database(admin_database_url, prefix="diredi_bench"))
         engine = make_engine(url)
         migrate.upgrade(engine)
         stack.callback(engine.dispose)
         yield Lab(
-            broker.process, broker.target, broker.admin, broker.cloud, url, session_factory(engine), workdir
+            broker.process,
+            broker.target,
+            broker.admin,
+            broker.cloud,
+            url,
+            session_factory(engine),
+            workdir,
+            broker.tls_target,
+            broker.fleet_ca,
         )
 
 
@@ -152,6 +203,56 @@ def write_dynsec(path: Path, secrets_by_id: dict[str, str]) -> None:
     path.write_text(json.dumps(document, indent="\t"))
 
 
+@dataclass
+class CertifiedDevices:
+    """Certificate devices made for a benchmark: each one's (certificate, key) files, and the seconds
+    each step took for all of them."""
+
+    files: dict[str, tuple[Path, Path]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # keys, certificates, files, registry
+
+
+def provision_certificates(lab: Lab, device_ids: Sequence[str], *, cohort: str = "bench") -> CertifiedDevices:
+    """Certificate devices as a fleet makes them: each an EC P-256 key of its own and a CSR
+    (`device_firmware_py.identity.signing_request`), certified by the lab's fleet CA, registered in
+    the registry by its certificate. The broker is not told: its pattern ACL admits any CN the CA
+    certified. Keys and certificates are written to `<workdir>/devices/`."""
+    if lab.fleet_ca is None:
+        raise ValueError("certificate devices need a lab made by lab(..., devices='certificate')")
+    made = CertifiedDevices()
+    started = time.monotonic()
+    keys = {device_id: ec.generate_private_key(ec.SECP256R1()) for device_id in device_ids}
+    made.seconds["keys"] = time.monotonic() - started
+    started = time.monotonic()
+    issued = {d: lab.fleet_ca.issue(signing_request(key, d), d) for d, key in keys.items()}
+    made.seconds["certificates"] = time.monotonic() - started
+    started = time.monotonic()
+    directory = lab.workdir / "devices"
+    directory.mkdir(mode=0o700, exist_ok=True)
+    for device_id, key in keys.items():
+        certificate, key_file = directory / f"{device_id}.crt", directory / f"{device_id}.key"
+        certificate.write_text(issued[device_id].pem)
+        pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        with os.fdopen(os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as sink:
+            sink.write(pem)
+        made.files[device_id] = (certificate, key_file)
+    made.seconds["files"] = time.monotonic() - started
+    started = time.monotonic()
+    with transaction(lab.sessions) as session:
+        create_cohort(session, cohort_id=cohort)
+        for device_id, made_for in issued.items():
+            provision_certificate_device(
+                session,
+                device_id=device_id,
+                cohort_id=cohort,
+                certificate=Certificate(made_for.serial, made_for.sha256, made_for.not_after),
+            )
+    made.seconds["registry"] = time.monotonic() - started
+    return made
+
+
 def raise_open_files(needed: int) -> int:
     """Raise this process's soft open-file limit to at least `needed` descriptors (up to the hard
     limit); return the new soft limit."""
@@ -189,6 +290,8 @@ def ingests(lab: Lab, count: int, *, batch_size: int = 1000) -> Iterator[list[ps
         # hold their shares of the group's messages, queued until they come back.
         "DIREDI_INGEST_GROUP": f"bench-{count}-{secrets.token_hex(3)}",
     }
+    if lab.cloud.ca_file is not None:  # certificate mode: the services' listener is TLS
+        env["DIREDI_MQTT_CA_FILE"] = str(lab.cloud.ca_file)
     binary = str(Path(sys.executable).parent / "diredi")
     processes: list[subprocess.Popen[bytes]] = []
     logs = [lab.workdir / f"ingest-{count}-{n}.log" for n in range(count)]
@@ -220,6 +323,7 @@ class Usage:
 
     cpu_percent: float
     rss_mb: float
+    cpu_s: float = 0.0  # CPU seconds (user + system) over the span
 
 
 class UsageMeter:
@@ -244,7 +348,7 @@ class UsageMeter:
         self.sample()
         elapsed = time.monotonic() - self._t0
         used = sum(self._cpu(p) - c0 for p, c0 in zip(self.processes, self._cpu0, strict=True))
-        return Usage(cpu_percent=100 * used / elapsed if elapsed else 0.0, rss_mb=self.rss_peak)
+        return Usage(cpu_percent=100 * used / elapsed if elapsed else 0.0, rss_mb=self.rss_peak, cpu_s=used)
 
 
 def database_backends(lab: Lab) -> list[psutil.Process]:
