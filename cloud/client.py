@@ -30,6 +30,7 @@ from cloud.api.schemas import (
     CommandPublic,
     DeviceProvisioned,
     DevicePublic,
+    EnrolmentPublic,
     JobPublic,
     LineagePublic,
     ModelDetail,
@@ -238,6 +239,29 @@ class FleetClient:
 
     def device(self, device_id: str) -> DevicePublic:
         return self._read(DevicePublic, "GET", f"/devices/{_segment(device_id)}")
+
+    # enrolment by claim
+
+    def enrolments(
+        self, *, state: str | None = None, limit: int = 100, offset: int = 0
+    ) -> Page[EnrolmentPublic]:
+        """One page of enrolments, newest first (`state="pending"`: waiting for an operator)."""
+        params = _params(state=state, limit=limit, offset=offset)
+        return self._read(Page[EnrolmentPublic], "GET", "/enrolments", params=params)
+
+    def preregister(
+        self, serial: str, cohort_id: str, labels: Mapping[str, str] | None = None
+    ) -> EnrolmentPublic:
+        """Approve a serial number before its device asks."""
+        body = {"serial": serial, "cohort_id": cohort_id, "labels": dict(labels or {})}
+        return self._read(EnrolmentPublic, "POST", "/enrolments", json=body)
+
+    def decide_enrolment(
+        self, serial: str, *, approve: bool, cohort_id: str | None = None
+    ) -> EnrolmentPublic:
+        """Approve a request (into `cohort_id`) or refuse it."""
+        path = f"/enrolments/{_segment(serial)}/{'approve' if approve else 'refuse'}"
+        return self._read(EnrolmentPublic, "POST", path, json={"cohort_id": cohort_id} if approve else None)
 
     def provision(
         self,

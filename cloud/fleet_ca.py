@@ -21,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -37,6 +37,11 @@ CA_DAYS = 20 * 365
 CRL_DAYS = 30  # a CRL is re-issued well before its next update: a broker refuses every client after it
 CLOCK_SKEW = timedelta(minutes=5)  # a certificate is valid from a little before it was issued
 _EC_CURVES = (ec.SECP256R1, ec.SECP384R1)
+FLEET_CA_NAME = "DiReDi fleet CA"
+# Claim certificates (enrolment by claim) come from a CA of their own, which the broker never trusts:
+# a claim can reach the enrolment route and nothing else.
+CLAIM_CA_NAME = "DiReDi claim CA"
+CLAIM_PREFIX = "claim-"
 _MIN_RSA_BITS = 2048
 
 
@@ -61,13 +66,13 @@ class FleetCA:
         self.certificate = certificate
 
     @classmethod
-    def open(cls, directory: Path) -> FleetCA:
-        """The CA in `directory`, made (key and self-signed certificate) if it holds none; SigningError
-        if its files are unreadable or open to others."""
+    def open(cls, directory: Path, *, name: str = FLEET_CA_NAME) -> FleetCA:
+        """The CA in `directory`, made (key and self-signed certificate named `name`) if it holds none;
+        SigningError if its files are unreadable or open to others."""
         private_dir(directory)
         with directory_lock(directory):  # several API workers may start on a fresh directory at once
             if not (directory / "ca.key").exists():
-                _create(directory)
+                _create(directory, name)
         try:
             check_private(directory, "the fleet CA's directory")
             check_private(directory / "ca.key", "the fleet CA's key")
@@ -92,8 +97,7 @@ class FleetCA:
         """Certify the key of `csr_pem` as device `device_id` (CN = the id, for TLS client authentication
         only). InvalidValueError says why a request is refused: not a CSR, a bad signature, a weak key,
         or a subject that names another device."""
-        csr = _parse_csr(csr_pem)
-        _check_request(csr, device_id)
+        csr = check_signing_request(csr_pem, device_id)
         now = now or datetime.now(UTC)
         public_key = csr.public_key()
         certificate = (
@@ -133,6 +137,32 @@ class FleetCA:
             not_after=certificate.not_valid_after_utc,
             sha256=hashlib.sha256(der).hexdigest(),
         )
+
+    def issue_claim(self, batch: str, *, days: int = DEVICE_DAYS) -> tuple[bytes, IssuedCertificate]:
+        """A claim credential for a batch of device images: a new key (PKCS#8 PEM) and its certificate,
+        CN = `claim-<batch>`. The key is made here, not on a device: every image of the batch holds it."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = f"{CLAIM_PREFIX}{batch}"
+        request = (
+            x509.CertificateSigningRequestBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .sign(key, hashes.SHA256())
+        )
+        issued = self.issue(request.public_bytes(serialization.Encoding.PEM), name, days=days)
+        pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        return pem, issued
+
+    def signed(self, certificate: x509.Certificate) -> bool:
+        """Whether this CA issued `certificate` (its issuer and signature), current or not."""
+        if certificate.issuer != self.certificate.subject:
+            return False
+        try:
+            certificate.verify_directly_issued_by(self.certificate)
+        except (ValueError, TypeError, InvalidSignature):
+            return False
+        return True
 
     def write_crl(
         self, revoked: Iterable[tuple[int, datetime]], *, now: datetime | None = None, days: int = CRL_DAYS
@@ -177,21 +207,30 @@ class FleetCA:
         return crl.next_update_utc
 
 
-def certificate_sha256(pem: bytes) -> str:
-    """The SHA-256 of the DER of the certificate in `pem` (what the registry names a device's
-    certificate by); InvalidValueError if it is not one."""
+def load_certificate(pem: bytes) -> x509.Certificate:
+    """The certificate in `pem`; InvalidValueError if it is not one."""
     if len(pem) > MAX_CERTIFICATE_BYTES:
         raise InvalidValueError("the certificate is too large")
     try:
-        certificate = x509.load_pem_x509_certificate(pem)
+        return x509.load_pem_x509_certificate(pem)
     except ValueError:
         raise InvalidValueError("not a PEM certificate") from None
+
+
+def certificate_sha256(certificate: x509.Certificate) -> str:
+    """The SHA-256 of the DER of `certificate`: what the registry names a device's certificate by."""
     return hashlib.sha256(certificate.public_bytes(serialization.Encoding.DER)).hexdigest()
 
 
-def _create(directory: Path) -> None:
+def common_name(certificate: x509.Certificate) -> str | None:
+    """The certificate's one subject CN, or None."""
+    names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if len(names) == 1 else None
+
+
+def _create(directory: Path, common_name: str) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "DiReDi fleet CA")])
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = datetime.now(UTC)
     certificate = (
         x509.CertificateBuilder()
@@ -225,6 +264,13 @@ def _create(directory: Path) -> None:
     # The certificate first: a directory with a key always has its certificate.
     (directory / "ca.pem").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
     write_private(directory / "ca.key", pem)
+
+
+def check_signing_request(csr_pem: str | bytes, device_id: str) -> x509.CertificateSigningRequest:
+    """The request in `csr_pem` if the CA would certify it as `device_id`, else InvalidValueError."""
+    csr = _parse_csr(csr_pem)
+    _check_request(csr, device_id)
+    return csr
 
 
 def _parse_csr(csr_pem: str | bytes) -> x509.CertificateSigningRequest:

@@ -126,6 +126,7 @@ def render_config(
     limits: FrontLimits | None = None,
     device_ca: Path | None = None,
     front_secret: str | None = None,
+    claim_ca: Path | None = None,
 ) -> Path:
     """Fill deploy/nginx/nginx.conf in for one front and write it to `<prefix>/nginx.conf`, with the
     directories nginx writes to (`logs/`, `temp/`).
@@ -134,14 +135,18 @@ def render_config(
     address. `plain_listen`: a second, plain listener on a loopback address. `upstream`: uvicorn's
     host:port. `user`: whom the workers become when nginx starts as root (default: whoever renders).
     `device_ca` (with `front_secret`, the API's DIREDI_FRONT_SECRET): certificate devices present their
-    certificate of that CA, which the front passes on with the secret. The file holds the secret, so it
-    is written owner-only. Raises FrontConfigError, one line, for a value that cannot be used."""
+    certificate of that CA, which the front passes on with the secret; with `claim_ca` also the claim
+    certificates of device images that enrol (the API lets those reach the enrolment route alone). The
+    file holds the secret, so it is written owner-only. Raises FrontConfigError, one line, for a value
+    that cannot be used."""
     limits = limits or FrontLimits()
     if (cert is None) != (key is None):
         raise FrontConfigError("give a certificate and its key for TLS, or neither (plain HTTP on loopback)")
     tls = cert is not None and key is not None
     if (device_ca is None) != (front_secret is None):
         raise FrontConfigError("the device CA and the front secret go together (certificate devices)")
+    if claim_ca is not None and device_ca is None:
+        raise FrontConfigError("the claim CA goes with the device CA (enrolment makes certificate devices)")
     if device_ca is not None and not tls:
         raise FrontConfigError("certificate devices need TLS: give the front's certificate and key")
     if front_secret is not None and not _SECRET.fullmatch(front_secret):
@@ -169,7 +174,7 @@ def render_config(
         "PLAIN_LISTEN": plain_listen or "",
         "UPSTREAM": upstream,
         "CLIENT_CERT": "" if device_ca is not None else "#",
-        "DEVICE_CA": _path(device_ca, "device CA", must_exist=True) if device_ca is not None else "",
+        "DEVICE_CA": _client_cas(root, device_ca, claim_ca) if device_ca is not None else "",
         "FRONT_SECRET": front_secret or "",
         "HEADER_TIMEOUT": str(limits.header_timeout_s),
         "BODY_TIMEOUT": str(limits.body_timeout_s),
@@ -195,6 +200,19 @@ def render_config(
     write_private(fresh, ("\n".join(line.rstrip() for line in text.splitlines()) + "\n").encode())
     fresh.replace(config)
     return config
+
+
+def _client_cas(root: str, device_ca: Path, claim_ca: Path | None) -> str:
+    """The CAs whose client certificates the front verifies: the fleet CA's file, or with claims a
+    bundle of both written into the prefix."""
+    device = _path(device_ca, "device CA", must_exist=True)
+    if claim_ca is None:
+        return device
+    claim = _path(claim_ca, "claim CA", must_exist=True)
+    bundle = Path(root) / "client-cas.pem"
+    bundle.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    bundle.write_text(Path(device).read_text() + Path(claim).read_text())
+    return str(bundle)
 
 
 def find_nginx() -> Path | None:

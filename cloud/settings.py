@@ -34,6 +34,11 @@ class Settings(BaseSettings):
         "with the device certificate it verified, and only then does the API take that certificate as "
         "the device's credentials (downloads of certificate devices)",
     )
+    claim_ca_dir: Path | None = Field(
+        None,
+        description="the CA of claim certificates (`diredi claims issue`), which may only enrol devices; "
+        "default <signing key dir>/claim-ca",
+    )
     broker_pid_file: Path | None = Field(
         None,
         description="mosquitto's pid file: the cloud sends it SIGHUP to reload the CRL after a "
@@ -178,6 +183,11 @@ class Settings(BaseSettings):
     def resolved_signing_key_dir(self) -> Path:
         """Where the cloud's signing keys live."""
         return self.signing_key_dir or self.data_dir / "keys"
+
+    @cached_property
+    def resolved_claim_ca_dir(self) -> Path:
+        """Where the claim CA lives."""
+        return self.claim_ca_dir or self.resolved_signing_key_dir / "claim-ca"
 
     @cached_property
     def resolved_fleet_ca_dir(self) -> Path:

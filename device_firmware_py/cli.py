@@ -49,6 +49,13 @@ def _parser() -> argparse.ArgumentParser:
         "the state directory; it never leaves the device)",
     )
     csr.add_argument("--config", type=Path, required=True)
+    enrol = commands.add_parser(
+        "enrol",
+        help="obtain the device's certificate with the claim certificate of its image ([enrolment]); "
+        "`run` does this first by itself while there is no certificate",
+    )
+    enrol.add_argument("--config", type=Path, required=True)
+    enrol.add_argument("--timeout", type=float, default=None, help="give up after so many seconds")
     feedback = commands.add_parser("feedback", help="the user's private labelled samples")
     actions = feedback.add_subparsers(dest="action", required=True, parser_class=_Parser)
     add = actions.add_parser("add", help="label one input (.npy, or an image); it never leaves the device")
@@ -83,6 +90,10 @@ def main(argv: list[str] | None = None) -> None:
             _check(config)
         elif args.command == "csr":
             _csr(config)
+        elif args.command == "enrol":
+            from device_firmware_py.enrol import enrol
+
+            sys.stdout.write(f"enrolled: {enrol(config, stopping, timeout_s=args.timeout)}\n")
         else:
             _feedback_add(config, args.label, args.file)
     except ConfigError as exc:
@@ -96,8 +107,18 @@ def main(argv: list[str] | None = None) -> None:
 
 def _run(config: DeviceConfig, stopping: threading.Event) -> None:
     from device_firmware_py.daemon import Daemon
-    from device_firmware_py.exceptions import ConfigError
+    from device_firmware_py.exceptions import ConfigError, DeviceError
 
+    certificate = config.credentials.certificate
+    if config.enrolment is not None and certificate is not None and not certificate.exists():
+        from device_firmware_py.enrol import enrol
+
+        try:
+            enrol(config, stopping)  # zero touch: the image's claim obtains the device's own certificate
+        except DeviceError:
+            if stopping.is_set():
+                return  # stopped while it waited: a clean stop
+            raise
     try:
         daemon = Daemon(config, stopping=stopping)
     except ConfigError:

@@ -38,6 +38,10 @@ budget_epsilon = 16.0                        # total ε the device may spend (wi
 
 [status]
 interval_s = 10
+
+[enrolment]                                  # optional: enrol by claim while there is no certificate
+claim_certificate = "/etc/diredi-device/claim.pem"
+claim_key = "/etc/diredi-device/claim.key"
 ```
 """
 
@@ -150,6 +154,15 @@ class RDConfig(_Section):
         return self
 
 
+class EnrolmentConfig(_Section):
+    """Enrolment by claim: the batch's claim certificate and key from the device image, with which the
+    device asks the cloud for its own certificate (its serial is its device id)."""
+
+    claim_certificate: Path
+    claim_key: Path
+    poll_s: float = Field(30.0, ge=1, le=3600)  # how often it asks again while an operator decides
+
+
 class StatusConfig(_Section):
     interval_s: float = Field(10.0, ge=1, le=3600)
 
@@ -179,6 +192,7 @@ class DeviceConfig(_Section):
     rd: RDConfig = RDConfig()
     status: StatusConfig = StatusConfig()
     spool: SpoolConfig = SpoolConfig()
+    enrolment: EnrolmentConfig | None = None
 
     @field_validator("trust")
     @classmethod
@@ -202,6 +216,14 @@ class DeviceConfig(_Section):
 
     @model_validator(mode="after")
     def _encrypted_unless_loopback(self) -> DeviceConfig:
+        if self.enrolment is not None and self.credentials.certificate is None:
+            raise ValueError(
+                "enrolment: it obtains a certificate: set credentials.certificate, where it goes"
+            )
+        if self.enrolment is not None and not self.api.url.startswith("https://"):
+            raise ValueError(
+                "enrolment: the claim certificate is presented over TLS: api.url must be https://"
+            )
         if self.credentials.certificate is not None and not self.broker.url.startswith("mqtts://"):
             raise ValueError("broker.url: a certificate device proves who it is by TLS: use mqtts://")
         if self.allow_plaintext:

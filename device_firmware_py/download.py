@@ -50,7 +50,7 @@ def _cancel_watch(sock: socket.socket | None, cancelled: threading.Event) -> Ite
         watcher.join()
 
 
-def _connection(
+def open_connection(
     api_url: str, ca_file: Path | None, timeout: float, client_cert: tuple[Path, Path] | None = None
 ) -> tuple[http.client.HTTPConnection, str]:
     parts = urlsplit(api_url)
@@ -111,7 +111,7 @@ def download(
         raise DownloadError(f"oversized: the artifact has {expected_size} bytes, the limit is {max_bytes}")
     if cancelled.is_set():
         raise DownloadCancelled("download cancelled before it started")
-    conn, prefix = _connection(api_url, ca_file, timeout, identity.certificate)
+    conn, prefix = open_connection(api_url, ca_file, timeout, identity.certificate)
     headers = {"Accept": "application/octet-stream"}
     if identity.secret is not None:
         token = base64.b64encode(f"{device_id}:{identity.secret}".encode()).decode()

@@ -84,3 +84,7 @@ class ConfigError(DeviceError):
 
 class SourceError(DeviceError):
     """An input source cannot be opened (its file or directory is missing or malformed)."""
+
+
+class EnrolmentError(DeviceError):
+    """The cloud refused the device's enrolment for good (refused, enrolled already, a bad request)."""

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 from urllib.parse import unquote
 
+from cryptography import x509
 from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
@@ -30,7 +31,14 @@ from cloud.api.guard import AuthGuard
 from cloud.api.problems import Problem
 from cloud.artifacts import LocalArtifactStore
 from cloud.exceptions import InvalidValueError
-from cloud.fleet_ca import FleetCA, certificate_sha256
+from cloud.fleet_ca import (
+    CLAIM_CA_NAME,
+    CLAIM_PREFIX,
+    FleetCA,
+    certificate_sha256,
+    common_name,
+    load_certificate,
+)
 from cloud.provisioning import CredentialHook
 from cloud.registry import apikeys
 from cloud.registry.common import hash_secret
@@ -46,9 +54,10 @@ from wire.topics import DEVICE_ID_PATTERN
 class Caller:
     """Who made the request: an operator's API key (with a role) or a device."""
 
-    actor: str  # for the audit log: `key:<id>` or `device:<id>`
+    actor: str  # for the audit log: `key:<id>`, `device:<id>` or `claim:<batch>`
     role: Role | None = None
     device: Device | None = None
+    claim: str | None = None  # a claim certificate's batch: it may only enrol devices
 
 
 class KeyCache:
@@ -102,12 +111,19 @@ class Services:
     # Bound to the event loop, so made when the app starts (the lifespan) and closed when it stops.
     readers: async_sessionmaker[AsyncSession] | None = None
     ca: FleetCA | None = None  # opened (made, the first time) when a device first asks for a certificate
+    claims: FleetCA | None = None
 
     def fleet_ca(self) -> FleetCA:
         """The fleet CA that certifies devices' keys."""
         if self.ca is None:
             self.ca = FleetCA.open(self.settings.resolved_fleet_ca_dir)
         return self.ca
+
+    def claim_ca(self) -> FleetCA | None:
+        """The CA of claim certificates, once `diredi claims issue` made it; None before."""
+        if self.claims is None and (self.settings.resolved_claim_ca_dir / "ca.key").exists():
+            self.claims = FleetCA.open(self.settings.resolved_claim_ca_dir, name=CLAIM_CA_NAME)
+        return self.claims
 
     async def start(self) -> None:
         """Open the asynchronous reader engine on the running event loop."""
@@ -222,9 +238,9 @@ DEVICE_CERTIFICATE = "x-device-certificate"
 FRONT_HEADER = "x-diredi-front"
 
 
-def _front_certificate(request: Request, settings: Settings) -> str | None:
-    """The fingerprint of the device certificate the front verified, or None when it sent none; a 401
-    problem for a certificate that did not come from the front, or is not one."""
+def _front_certificate(request: Request, settings: Settings) -> x509.Certificate | None:
+    """The client certificate the front verified, or None when it sent none; a 401 problem for a
+    certificate that did not come from the front, or is not one."""
     escaped = request.headers.get(DEVICE_CERTIFICATE)
     if not escaped:
         return None
@@ -232,9 +248,19 @@ def _front_certificate(request: Request, settings: Settings) -> str | None:
     if not secret or not hmac.compare_digest(request.headers.get(FRONT_HEADER, "").encode(), secret):
         raise unauthorized()  # a device certificate is taken from the front alone
     try:
-        return certificate_sha256(unquote(escaped).encode())
+        return load_certificate(unquote(escaped).encode())
     except (InvalidValueError, UnicodeEncodeError):
         raise unauthorized() from None
+
+
+def _claim(services: Services, certificate: x509.Certificate) -> Caller | None:
+    """A claim caller when the claim CA issued `certificate` (the front checked it is current)."""
+    claims = services.claim_ca()
+    name = common_name(certificate)
+    if claims is None or name is None or not name.startswith(CLAIM_PREFIX) or not claims.signed(certificate):
+        return None
+    batch = name.removeprefix(CLAIM_PREFIX)
+    return Caller(actor=f"claim:{batch}", claim=batch)
 
 
 def _authenticate_certificate(session: Session, sha256: str) -> Caller:
@@ -266,9 +292,11 @@ async def authenticate(request: Request) -> Caller:
         )
     try:
         certificate = _front_certificate(request, services.settings)
+        if certificate is not None and (claim := _claim(services, certificate)) is not None:
+            return claim
         async with services.reader() as reader:
             if certificate is not None:
-                return await reader.run_sync(_authenticate_certificate, certificate)
+                return await reader.run_sync(_authenticate_certificate, certificate_sha256(certificate))
             caller = await reader.run_sync(_authenticate, header)
     except Problem:
         if header or DEVICE_CERTIFICATE in request.headers:  # a request without credentials guesses nothing
@@ -317,10 +345,21 @@ class RequireDeviceOrRole(RequireRole):
         return caller
 
 
+class RequireClaim:
+    """Lets through the holders of a claim certificate alone (enrolment)."""
+
+    async def __call__(self, request: Request) -> Caller:
+        caller = await authenticate(request)
+        if caller.claim is None:
+            raise Problem(403, "Forbidden", "this needs a claim certificate, presented to the front")
+        return caller
+
+
 Viewer = Annotated[Caller, Depends(RequireRole(Role.viewer))]
 Operator = Annotated[Caller, Depends(RequireRole(Role.operator))]
 Admin = Annotated[Caller, Depends(RequireRole(Role.admin))]
 DeviceOrOperator = Annotated[Caller, Depends(RequireDeviceOrRole(Role.operator))]
+Claim = Annotated[Caller, Depends(RequireClaim())]
 
 
 def single_valued_query(request: Request) -> None:

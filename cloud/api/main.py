@@ -18,6 +18,7 @@ from cloud.api.routes import (
     cohorts,
     commands,
     devices,
+    enrolments,
     health,
     jobs,
     keys,
@@ -94,6 +95,7 @@ def create_app(settings: Settings | None = None, *, hooks: Sequence[CredentialHo
         telemetry,
         keys,
         audit,
+        enrolments,
     ):
         app.include_router(module.router)
     app.include_router(metrics_router)

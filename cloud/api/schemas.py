@@ -17,6 +17,7 @@ from cloud.registry.tables import (
     BrokerSync,
     CommandState,
     DeviceStatus,
+    EnrolmentState,
     JobState,
     KnowledgeStatus,
     ModelKind,
@@ -209,6 +210,38 @@ class DeviceProvisioned(Output):
     trusted_keys: list[TrustedKey]
     trust_version: int = Field(description="the trust chain's version those keys are (the device's root)")
     trust_threshold: int = Field(description="how many of those keys must sign the chain's next version")
+
+
+class EnrolmentCreate(Input):
+    serial: Annotated[Slug, AfterValidator(_not_reserved)] = Field(
+        description="the device's serial number, which becomes its device id", examples=["cam-0042"]
+    )
+    cohort_id: Slug = Field(examples=["kitchen-cams"])
+    labels: dict[Label, Label] = Field(default_factory=dict, max_length=32)
+
+
+class EnrolmentDecision(Input):
+    cohort_id: Slug | None = Field(None, description="the cohort it joins (needed unless pre-registered)")
+
+
+class EnrolmentRequest(Input):
+    serial: Slug = Field(examples=["cam-0042"])
+    csr: Annotated[str, StringConstraints(max_length=MAX_CSR_BYTES)] = Field(
+        description="the device's certificate signing request, CN = the serial (`diredi-device csr`)"
+    )
+
+
+class EnrolmentPublic(Output):
+    serial: str
+    state: EnrolmentState
+    cohort_id: str | None
+    labels: dict[str, str]
+    batch: str | None = Field(description="the claim batch the device asked with")
+    created_at: datetime
+    requested_at: datetime | None
+    decided_at: datetime | None
+    decided_by: str | None
+    enrolled_at: datetime | None
 
 
 class ModelPublic(Output):

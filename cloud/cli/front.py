@@ -51,6 +51,10 @@ def render(
             "DIREDI_FRONT_SECRET, the same as the API's.",
         ),
     ] = None,
+    claim_ca: Annotated[
+        Path | None,
+        typer.Option(help="The claim CA's certificate (`diredi claims issue`): device images enrol with it."),
+    ] = None,
 ) -> None:
     """Write PREFIX/nginx.conf (owner-only), check it with `nginx -t` when nginx is installed, and print
     how to run it.
@@ -80,6 +84,7 @@ def render(
             limits=FrontLimits(max_body_bytes=max_body),
             device_ca=device_ca,
             front_secret=front_secret,
+            claim_ca=claim_ca,
         )
         nginx = find_nginx()
         if nginx is not None:

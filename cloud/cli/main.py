@@ -126,6 +126,10 @@ def _register_ops() -> None:
     app.add_typer(models_app, name="models")
     app.add_typer(rollouts_app, name="rollouts")
     app.add_typer(jobs_app, name="jobs")
+    from cloud.cli.enrolments import claims_app, enrolments_app
+
+    app.add_typer(claims_app, name="claims")
+    app.add_typer(enrolments_app, name="enrolments")
     ops.telemetry_app.command("show")(telemetry_show)
 
 

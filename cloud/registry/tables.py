@@ -110,6 +110,13 @@ class BrokerSync(enum.StrEnum):
     synced = "synced"
 
 
+class EnrolmentState(enum.StrEnum):
+    pending = "pending"  # a device asked with its claim; an operator decides
+    approved = "approved"  # pre-registered or approved: the next request is granted
+    enrolled = "enrolled"  # granted: the device exists, with its certificate
+    refused = "refused"
+
+
 class Presence(enum.StrEnum):
     unknown = "unknown"
     online = "online"
@@ -382,6 +389,25 @@ class ModelAck(Base):
     running_model_id: Mapped[str | None] = mapped_column(String(128))
     sent_at: Mapped[datetime]
     received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class Enrolment(Base):
+    """A device's enrolment by claim, by its serial number (which becomes its device id): pre-registered
+    by an operator, or asked for by the device with its batch's claim certificate and approved."""
+
+    __tablename__ = "enrolment"
+
+    serial: Mapped[str] = mapped_column(String(63), primary_key=True)
+    state: Mapped[EnrolmentState] = mapped_column(_enum(EnrolmentState), index=True)
+    cohort_id: Mapped[str | None] = mapped_column(ForeignKey("cohort.id"))
+    labels: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    batch: Mapped[str | None] = mapped_column(String(63))  # the claim it came with
+    csr: Mapped[str | None] = mapped_column(Text)  # its latest request, kept while it waits
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    requested_at: Mapped[datetime | None]
+    decided_at: Mapped[datetime | None]
+    decided_by: Mapped[str | None] = mapped_column(String(160))
+    enrolled_at: Mapped[datetime | None]
 
 
 class ApiKey(Base):

@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from cloud.fleet_ca import FleetCA
+from cloud.fleet_ca import CLAIM_CA_NAME, FleetCA
 from tests.broker.certificates import (
     NO_CERTIFICATE,
     NOT_AUTHORIZED,
@@ -121,6 +121,27 @@ def test_no_certificate_another_cas_or_an_expired_one_is_refused(broker: Broker)
     # Assert: each refused by the TLS handshake, for the reason the broker logged
     assert all(client.refused for client in refused), [c.refused for c in refused]
     assert refusals(broker) - before == Counter({VERIFY_FAILED: 2, NO_CERTIFICATE: 2})
+
+
+def test_a_claim_certificate_cannot_log_in_let_alone_publish_as_a_device(broker: Broker) -> None:
+    # Prepare: a batch's claim (device images enrol with it, over HTTPS only), its CN a device id too
+    claims = FleetCA.open(broker.work / "claim-ca", name=CLAIM_CA_NAME)
+    key, issued = claims.issue_claim("cam-0010")
+    (broker.work / "claim.key").write_bytes(key)
+    (broker.work / "claim.pem").write_text(issued.pem)
+    before = refusals(broker)
+
+    # Execute
+    claim = connect(
+        broker.device_port,
+        broker.ca_file,
+        cert=(broker.work / "claim.pem", broker.work / "claim.key"),
+        client_id="claim-cam-0010",
+    )
+
+    # Assert: the broker does not trust the claim CA: refused by the handshake, nothing published
+    assert claim.refused and not claim.connected.is_set()
+    assert refusals(broker) - before == Counter({VERIFY_FAILED: 1})
 
 
 def test_a_revoked_certificate_is_refused_once_the_broker_reloads_its_crl(broker: Broker) -> None:

@@ -209,6 +209,7 @@ def running_front(
     limits: FrontLimits = TEST_LIMITS,
     device_ca: Path | None = None,
     front_secret: str | None = None,
+    claim_ca: Path | None = None,
 ) -> Iterator[Front]:
     """nginx rendered into `prefix` in front of 127.0.0.1:`upstream_port`, started, stopped afterwards
     (with `device_ca` and `front_secret`: asking clients for a device certificate)."""
@@ -224,6 +225,7 @@ def running_front(
         limits=limits,
         device_ca=device_ca,
         front_secret=front_secret,
+        claim_ca=claim_ca,
     )
     nginx = NginxProcess(config)
     nginx.start([tls_port, plain_port], timeout=20)

@@ -116,6 +116,7 @@ def test_without_a_certificate_the_front_is_plain_http_on_loopback(tmp_path: Pat
         ({"prefix": "a{b}"}, "prefix may not hold spaces"),
         ({"device_ca": Path("/nonexistent/ca.pem")}, "the device CA and the front secret go together"),
         ({"front_secret": "s" * 32}, "the device CA and the front secret go together"),
+        ({"claim_ca": Path("/x")}, "the claim CA goes with the device CA"),
         (
             {"device_ca": Path("/nonexistent/ca.pem"), "front_secret": "s" * 32},
             "device CA /nonexistent/ca.pem is not a file",

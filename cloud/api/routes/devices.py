@@ -114,7 +114,7 @@ def provision(
     if services.hooks:
         device.broker_sync = BrokerSync.synced
     session.commit()
-    return _provisioned(services, DevicePublic.model_validate(device), secret=secret)
+    return provisioned(services, DevicePublic.model_validate(device), secret=secret)
 
 
 def _provision_certificate(
@@ -139,7 +139,7 @@ def _provision_certificate(
         certificate=issued.sha256,
     )
     session.commit()
-    return _provisioned(
+    return provisioned(
         services,
         DevicePublic.model_validate(device),
         certificate=issued.pem,
@@ -147,7 +147,8 @@ def _provision_certificate(
     )
 
 
-def _provisioned(services: ServicesDep, device: DevicePublic, **credentials: str) -> DeviceProvisioned:
+def provisioned(services: ServicesDep, device: DevicePublic, **credentials: str) -> DeviceProvisioned:
+    """The answer to a provisioning: the device, its credentials and the trusted signing keys."""
     trust = services.keyring.trust()
     return DeviceProvisioned(
         device=device,

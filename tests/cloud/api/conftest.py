@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -18,6 +19,8 @@ from cloud.registry import apikeys
 from cloud.registry.tables import Role
 from cloud.settings import Settings
 
+FRONT_SECRET = "f" * 32
+
 
 @pytest.fixture
 def settings(engine: Engine, tmp_path: Path) -> Settings:
@@ -26,6 +29,7 @@ def settings(engine: Engine, tmp_path: Path) -> Settings:
         database_url=engine.url.render_as_string(hide_password=False),
         api_max_body_bytes=64 * 1024,
         api_tune_gc=False,  # a server setting; the test process makes many apps
+        front_secret=SecretStr(FRONT_SECRET),  # believed with a certificate header (tests of the front's)
     )
 
 

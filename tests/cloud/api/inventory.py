@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute, iter_route_contexts
 
-from cloud.api.deps import RequireDeviceOrRole, RequireRole
+from cloud.api.deps import RequireClaim, RequireDeviceOrRole, RequireRole
 from cloud.registry.tables import Role
 
 # FastAPI serves these itself, without credentials (see the report: they describe the API, no data).
@@ -44,6 +44,7 @@ class Endpoint:
     path: str
     role: Role | None
     devices: bool  # device credentials are let through (the route checks what the device may see)
+    claims: bool  # claim certificates alone are let through (enrolment)
     path_params: tuple[tuple[str, Any], ...]
 
     @property
@@ -62,10 +63,10 @@ class Endpoint:
         return path
 
 
-def find_guard(dependant: Dependant) -> RequireRole | None:
-    """The RequireRole (or RequireDeviceOrRole) among the dependencies, searched depth first."""
+def find_guard(dependant: Dependant) -> RequireRole | RequireClaim | None:
+    """The RequireRole (or RequireDeviceOrRole, or RequireClaim) among the dependencies, depth first."""
     for dependency in dependant.dependencies:
-        if isinstance(dependency.call, RequireRole):
+        if isinstance(dependency.call, RequireRole | RequireClaim):
             return dependency.call
         found = find_guard(dependency)
         if found is not None:
@@ -97,8 +98,9 @@ def endpoints(app: FastAPI) -> list[Endpoint]:
                 Endpoint(
                     method=method,
                     path=str(context.path),
-                    role=guard.role if guard else None,
+                    role=guard.role if isinstance(guard, RequireRole) else None,
                     devices=isinstance(guard, RequireDeviceOrRole),
+                    claims=isinstance(guard, RequireClaim),
                     path_params=params,
                 )
             )

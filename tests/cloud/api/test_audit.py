@@ -5,18 +5,23 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import quote
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from cloud.artifacts import LocalArtifactStore
+from cloud.fleet_ca import CLAIM_CA_NAME, FleetCA
 from cloud.registry import apikeys
 from cloud.registry.models import decide
 from cloud.registry.tables import AuditLog, Role
-from tests.cloud.api.conftest import bearer
+from cloud.settings import Settings
+from device_firmware_py.identity import signing_request
+from tests.cloud.api.conftest import FRONT_SECRET, bearer
 from tests.cloud.api.inventory import Endpoint, Reply, endpoints, key_id
 from tests.cloud.factories import make_cloud_model, make_cohort, make_device, make_edge_model
 
@@ -129,7 +134,40 @@ def retry_job(client: TestClient, headers: dict[str, str], world: World) -> Expe
     return Expected(response, "job.retry", response.json().get("id", ""))
 
 
+def preregister(client: TestClient, headers: dict[str, str], world: World) -> Expected:
+    body = {"serial": "cam-0100", "cohort_id": "kitchen"}
+    response = client.post("/api/v1/enrolments", json=body, headers=headers)
+    return Expected(response, "enrolment.preregister", "cam-0100")
+
+
+def request_enrolment(client: TestClient, headers: dict[str, str], world: World) -> Expected:
+    """cam-0101 asks with its batch's claim (as the front passes it on); an operator decides below."""
+    csr = signing_request(ec.generate_private_key(ec.SECP256R1()), "cam-0101")
+    response = client.post("/api/v1/enrol", json={"serial": "cam-0101", "csr": csr}, headers=headers)
+    return Expected(response, "enrolment.request", "cam-0101")
+
+
+def decide_enrolment(action: str) -> Call:
+    def call(client: TestClient, headers: dict[str, str], world: World) -> Expected:
+        body = {"cohort_id": "kitchen"} if action == "approve" else None
+        response = client.post(f"/api/v1/enrolments/cam-0101/{action}", json=body, headers=headers)
+        return Expected(response, f"enrolment.{action}", "cam-0101")
+
+    return call
+
+
+def claim_headers(settings: Settings) -> dict[str, str]:
+    """A claim certificate of batch b1, as the front passes it on."""
+    ca = FleetCA.open(settings.resolved_claim_ca_dir, name=CLAIM_CA_NAME)
+    _, issued = ca.issue_claim("b1")
+    return {"X-Device-Certificate": quote(issued.pem, safe=""), "X-Diredi-Front": FRONT_SECRET}
+
+
 CALLS: dict[tuple[str, str], Call] = {
+    ("POST", "/api/v1/enrolments"): preregister,
+    ("POST", "/api/v1/enrol"): request_enrolment,
+    ("POST", "/api/v1/enrolments/{serial}/approve"): decide_enrolment("approve"),
+    ("POST", "/api/v1/enrolments/{serial}/refuse"): decide_enrolment("refuse"),
     ("POST", "/api/v1/cohorts"): create_cohort,
     ("POST", "/api/v1/devices"): provision_device,
     ("POST", "/api/v1/devices/{device_id}/revoke"): revoke_device,
@@ -193,21 +231,27 @@ def test_every_mutating_call_writes_one_audit_entry(
     sessions: sessionmaker[Session],
     keys: dict[Role, str],
     world: World,
+    settings: Settings,
 ) -> None:
-    for endpoint in mutating(app):
-        # Prepare: the least role the route needs
-        assert endpoint.role is not None
-        plaintext = keys[endpoint.role]
+    claim = claim_headers(settings)
+    # The claim's request comes before the operator's decisions on it.
+    for endpoint in sorted(mutating(app), key=lambda e: not e.claims):
+        # Prepare: the least role the route needs, or the claim
+        assert endpoint.role is not None or endpoint.claims
+        plaintext = keys[endpoint.role] if endpoint.role is not None else ""
+        headers, actor = (
+            (claim, "claim:b1") if endpoint.claims else (bearer(plaintext), f"key:{key_id(plaintext)}")
+        )
         before = len(audit_rows(sessions))
 
         # Execute
-        expected = CALLS[(endpoint.method, endpoint.path)](client, bearer(plaintext), world)
+        expected = CALLS[(endpoint.method, endpoint.path)](client, headers, world)
 
         # Assert
         assert expected.response.status_code in (200, 201, 202), (endpoint.name, expected.response.text)
         added = audit_rows(sessions)[before:]
         assert [(a.actor, a.action, a.target) for a in added] == [
-            (f"key:{key_id(plaintext)}", expected.action, expected.target)
+            (actor, expected.action, expected.target)
         ], endpoint.name
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import hypothesis
 import schemathesis
+from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, Phase, given
@@ -24,10 +25,11 @@ from schemathesis.core.result import Ok
 from sqlalchemy.orm import Session
 
 from cloud.artifacts import LocalArtifactStore
-from cloud.registry import apikeys, commands, jobs, knowledge, telemetry
+from cloud.registry import apikeys, commands, enrolments, jobs, knowledge, telemetry
 from cloud.registry.models import decide
 from cloud.registry.rollouts import create_rollout
 from cloud.registry.tables import Role, utcnow
+from device_firmware_py.identity import signing_request
 from tests.cloud.factories import make_cloud_model, make_cohort, make_device, make_edge_model, make_report
 from wire.messages import CommandName
 
@@ -76,8 +78,11 @@ def seed(session: Session, store: LocalArtifactStore) -> dict[str, str]:
     command = commands.create(
         session, device_id="cam-0002", command=CommandName.report_now, ttl=timedelta(hours=1)
     )
+    csr = signing_request(ec.generate_private_key(ec.SECP256R1()), "cam-0100")
+    enrolments.request(session, serial="cam-0100", csr=csr, batch="b1")
     session.commit()
     return {
+        "serial": "cam-0100",
         "cohort_id": "kitchen",
         "device_id": "cam-0002",
         "model_id": second.id,
