@@ -218,7 +218,8 @@ def init(
         local = BrokerTarget(host="127.0.0.1", port=port, tls=tls, ca_file=cert_dir.resolve() / "ca.crt")
         admin = local.with_credentials(ADMIN_USER, admin_password)
         cloud = local.with_credentials(CLOUD_USER, cloud_password)
-        wanted = _credentials_text(cloud, admin, local.ca_file if tls else None)
+        group = _ingest_group(credentials) if tls else None
+        wanted = _credentials_text(cloud, admin, local.ca_file if tls else None, group)
         if dynsec.exists() and not password_matches(state_dir, ADMIN_USER, admin_password):
             raise _fail(CloudError(f"{credentials}: its admin password does not open {dynsec}"))
         missing = (
@@ -384,7 +385,9 @@ def _passwords(credentials: Path, dynsec: Path) -> tuple[str, str]:
     return admin.password, cloud.password
 
 
-def _credentials_text(cloud: BrokerTarget, admin: BrokerTarget, ca_file: Path | None) -> str:
+def _credentials_text(
+    cloud: BrokerTarget, admin: BrokerTarget, ca_file: Path | None, group: str | None
+) -> str:
     return (
         "# The broker's accounts for the cloud, written by `diredi broker init`; keep it owner-only.\n"
         f"# Copy {'these' if ca_file else 'both'} lines into /etc/diredi/diredi.env. The admin's password is "
@@ -392,7 +395,22 @@ def _credentials_text(cloud: BrokerTarget, admin: BrokerTarget, ca_file: Path | 
         f"DIREDI_MQTT_URL={cloud.url()}\n"
         f"DIREDI_MQTT_ADMIN_URL={admin.url()}\n"
         + (f"DIREDI_MQTT_CA_FILE={ca_file}\n" if ca_file is not None else "")
+        # mosquitto's acl_file does not check SUBSCRIBE: a device that named the ingests' shared group
+        # would be handed a share of the fleet's messages (and be denied them): a name it cannot guess.
+        + (f"DIREDI_INGEST_GROUP={group}\n" if group is not None else "")
     )
+
+
+_GROUP = re.compile(r"^DIREDI_INGEST_GROUP=(diredi-ingest-[0-9a-f]{32})$", re.MULTILINE)
+
+
+def _ingest_group(credentials: Path) -> str:
+    """The ingests' shared-subscription group: an earlier run's, or a new name no device can guess."""
+    try:
+        found = _GROUP.search(credentials.read_text())
+    except (OSError, UnicodeDecodeError):
+        found = None
+    return found[1] if found else f"diredi-ingest-{secrets.token_hex(16)}"
 
 
 def _plan(path: Path, text: str, force: bool) -> str:

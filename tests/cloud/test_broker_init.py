@@ -186,6 +186,9 @@ def test_init_with_certificate_devices_admits_the_fleet_cas_devices_and_the_clou
     assert cloud.tls and connected == 0
     assert admitted == "" and refused
     assert (install.state / "devices.acl").read_text().startswith("#")
+    assert re.search(
+        r"^DIREDI_INGEST_GROUP=diredi-ingest-[0-9a-f]{32}$", install.credentials.read_text(), re.M
+    )
     assert again.returncode == 0 and "nothing changed" in again.stdout, again.stdout + again.stderr
 
 
