@@ -120,23 +120,43 @@ def provision(
 def _provision_certificate(
     body: DeviceCreate, csr: str, session: SessionDep, services: ServicesDep, actor: str
 ) -> DeviceProvisioned:
-    check_new_device(session, device_id=body.id, cohort_id=body.cohort_id)  # before the CA signs
-    ca = services.fleet_ca()
-    issued = ca.issue(csr, body.id)
-    device = provision_certificate_device(
+    return certify(
         session,
+        services,
+        actor=actor,
+        action="device.provision",
         device_id=body.id,
         cohort_id=body.cohort_id,
         labels=body.labels,
+        csr=csr,
+    )
+
+
+def certify(
+    session: SessionDep,
+    services: ServicesDep,
+    *,
+    actor: str,
+    action: str,
+    device_id: str,
+    cohort_id: str,
+    labels: dict[str, str],
+    csr: str,
+) -> DeviceProvisioned:
+    """Provision a certificate device: the fleet CA certifies the key of `csr`, the registry records
+    the device with its certificate, the audit log `action`; committed. The answer to the device."""
+    check_new_device(session, device_id=device_id, cohort_id=cohort_id)  # before the CA signs
+    ca = services.fleet_ca()
+    issued = ca.issue(csr, device_id)
+    device = provision_certificate_device(
+        session,
+        device_id=device_id,
+        cohort_id=cohort_id,
+        labels=labels,
         certificate=Certificate(issued.serial, issued.sha256, issued.not_after),
     )
     audit.record(
-        session,
-        actor=actor,
-        action="device.provision",
-        target=body.id,
-        cohort=body.cohort_id,
-        certificate=issued.sha256,
+        session, actor=actor, action=action, target=device_id, cohort=cohort_id, certificate=issued.sha256
     )
     session.commit()
     return provisioned(

@@ -8,10 +8,9 @@ from pydantic import Field
 
 from cloud.api.deps import Claim, Operator, PageQuery, ReaderDep, ServicesDep, SessionDep, Viewer
 from cloud.api.problems import Problem
-from cloud.api.routes.devices import provisioned
+from cloud.api.routes.devices import certify
 from cloud.api.schemas import (
     DeviceProvisioned,
-    DevicePublic,
     EnrolmentCreate,
     EnrolmentDecision,
     EnrolmentPublic,
@@ -21,7 +20,6 @@ from cloud.api.schemas import (
 )
 from cloud.fleet_ca import check_signing_request
 from cloud.registry import audit, enrolments
-from cloud.registry.devices import Certificate, check_new_device, provision_certificate_device
 from cloud.registry.tables import EnrolmentState
 
 router = APIRouter(prefix="/api/v1", tags=["enrolment"])
@@ -113,29 +111,14 @@ def enrol(
         session.commit()
         response.status_code = 202
         return EnrolmentPublic.model_validate(enrolment)
-    check_new_device(session, device_id=body.serial, cohort_id=enrolment.cohort_id)
-    ca = services.fleet_ca()
-    issued = ca.issue(body.csr, body.serial)
-    device = provision_certificate_device(
+    enrolments.enrolled(session, enrolment)  # committed with the device, or not at all
+    return certify(
         session,
+        services,
+        actor=caller.actor,
+        action="device.enrol",
         device_id=body.serial,
         cohort_id=enrolment.cohort_id,
         labels=dict(enrolment.labels),
-        certificate=Certificate(issued.serial, issued.sha256, issued.not_after),
-    )
-    enrolments.enrolled(session, enrolment)
-    audit.record(
-        session,
-        actor=caller.actor,
-        action="device.enrol",
-        target=body.serial,
-        cohort=enrolment.cohort_id,
-        certificate=issued.sha256,
-    )
-    session.commit()
-    return provisioned(
-        services,
-        DevicePublic.model_validate(device),
-        certificate=issued.pem,
-        ca_certificate=ca.certificate_pem,
+        csr=body.csr,
     )
