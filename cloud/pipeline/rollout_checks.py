@@ -1,5 +1,6 @@
-"""What a rollout is planned and judged by: the plan (waves, thresholds, timings) and a wave's telemetry
-under the new model against the same devices' telemetry before it was offered."""
+"""What a rollout is planned and judged by: the plan (waves, thresholds, timings), a wave's telemetry
+under the new model against the same devices' telemetry before it was offered, and the verdict on a
+wave (halt, go on, or when to look again)."""
 
 import math
 from collections.abc import Iterable, Sequence
@@ -11,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
 
+from cloud.registry.rollouts import wave_targets
 from cloud.registry.tables import Rollout, RolloutTarget, TargetState, Telemetry
 
 DAY_S = 86_400.0
@@ -181,6 +183,66 @@ def _paired(
 
 def _float(value: Any) -> float | None:
     return None if value is None else float(value)
+
+
+# --- judging the current wave --------------------------------------------------------------------------
+
+FAILED = (TargetState.failed, TargetState.rolled_back)  # a device-side rollback is a failed install
+# While a wave has installed devices their telemetry may turn worse: a pass judges its health again this
+# often, though no ack came (status windows come every ~10 s, and `min_status` of them are needed).
+HEALTH_EVERY_S = 10.0
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the pass makes of the current wave."""
+
+    halt: str = ""  # why the rollout halts, or ""
+    ready: bool = False  # the wave is done: the next one may start
+    recheck_at: datetime | None = None  # not ready: when to judge again though no ack comes
+
+
+def judge(
+    session: Session, rollout: Rollout, plan: RolloutPlan, counts: dict[TargetState, int], now: datetime
+) -> Verdict:
+    """Judge the current wave (none of it pending) from its targets' states and its telemetry."""
+    wave_no = rollout.current_wave
+    stage = stage_of(rollout, wave_no)
+    offered_at = parse_time(stage.get("offered_at")) or now
+    size, failed = sum(counts.values()), sum(counts[s] for s in FAILED)
+    if failed > plan.max_failed_fraction * size:
+        first = wave_targets(session, rollout.id, wave_no, FAILED, limit=5)
+        reasons = "; ".join(f"{t.device_id}: {t.reason or t.state.value}" for t in first)
+        return Verdict(
+            halt=f"wave {wave_no}: {failed} of {size} installs failed "
+            f"(at most {plan.max_failed_fraction:.0%} allowed) — {reasons}"
+        )
+    health = wave_health(session, rollout, plan, offered_at)
+    if health.as_json() != stage.get("health"):
+        set_stage(rollout, wave_no, health=health.as_json())
+    if health.degraded:
+        return Verdict(halt=f"wave {wave_no}: {health.degraded}")
+    # Acks set the flags that bring the next pass; until one comes, only time or telemetry can change
+    # the verdict: the wave's next deadline, or its health's next check while it has installed devices.
+    health_at = now + timedelta(seconds=HEALTH_EVERY_S) if counts[TargetState.installed] else None
+
+    def wait(until: datetime) -> Verdict:
+        return Verdict(recheck_at=until if health_at is None else min(until, health_at))
+
+    answered = counts[TargetState.offered] == 0
+    timeout = offered_at + timedelta(seconds=plan.wave_timeout_s)
+    if not answered and now < timeout:
+        return wait(timeout)
+    settled_at = parse_time(stage.get("settled_at"))
+    if settled_at is None:
+        settled_at = now
+        set_stage(rollout, wave_no, settled_at=now.isoformat())
+    observed = settled_at + timedelta(seconds=plan.observe_s)
+    if now < observed:
+        return wait(observed)
+    if health.waiting and now < observed + timedelta(seconds=plan.wave_timeout_s):
+        return wait(observed + timedelta(seconds=plan.wave_timeout_s))
+    return Verdict(ready=True)
 
 
 # --- the plan document stored in `Rollout.waves`: {"plan": RolloutPlan, "stages": [one per wave]} ------

@@ -3,7 +3,10 @@ rolled back by signed desired models; and the cohort's approved model for the de
 
 The engine is plain functions over the registry. The API calls the session functions (`start_rollout`,
 `pause`, `resume`, `request_rollback`) and never talks to the broker; a worker calls `advance_rollouts`
-and `reconcile_desired` every few seconds, which decide and publish. Each rollout is advanced in one
+and `reconcile_desired` every few seconds, which decide and publish. A pass looks only at what changed
+(acks, finished rollouts, devices that joined) or is due (a wave's timeout, its watch, its next health
+check), through flags the writers set and the pass clears in one transaction (cloud/registry/rollouts.py);
+with `full` it looks at everything, as the worker does every few minutes. Each rollout is advanced in one
 transaction that holds its row lock: the targets and devices are written (and so locked) first, the
 desired models are published, then it commits. A crash between a publish and the commit leaves the
 registry as it was, and the next pass publishes the same decision again (a retained desired model
@@ -21,7 +24,7 @@ import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Protocol
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -29,30 +32,38 @@ from sqlalchemy.orm import Session, sessionmaker
 from cloud.exceptions import ConflictError, InvalidValueError, RegistryError
 from cloud.pipeline.rollout_checks import (
     RolloutPlan,
+    judge,
     new_stage,
-    parse_time,
     plan_of,
     set_stage,
     stage_of,
-    wave_health,
 )
 from cloud.registry.models import ModelCache, edge_manifest, get_model
 from cloud.registry.rollouts import (
     KEPT_ROLLOUTS,
     active_device_of,
     canaries_first,
-    cohorts_with_completed_rollouts,
+    cohorts_changed,
+    cohorts_to_reconcile,
     create_rollout,
     current_rollout,
     devices_by_id,
     devices_to_reconcile,
+    last_wave,
     latest_finished,
     lock_cohort,
     lock_rollout,
+    look_again,
     offered_count,
     open_rollout,
+    rollouts_due,
     rollouts_in,
+    take_acked,
+    take_changed,
+    target_device_ids,
     targets_of,
+    wave_counts,
+    wave_targets,
 )
 from cloud.registry.tables import (
     DeviceStatus,
@@ -85,7 +96,6 @@ log = logging.getLogger(__name__)
 
 # A pass advances these; paused rollouts wait for `resume`, and halted ones are rolled back.
 ADVANCED = (RolloutState.pending, RolloutState.running, RolloutState.halted)
-FAILED = (TargetState.failed, TargetState.rolled_back)  # a device-side rollback is a failed install
 
 
 class DesiredPublisher(Protocol):
@@ -190,6 +200,7 @@ def resume(session: Session, rollout_id: uuid.UUID) -> Rollout:
     offered = offered_count(session, rollout_id)
     rollout.state = RolloutState.running if offered else RolloutState.pending
     rollout.reason = ""
+    rollout.check_at = None  # the next pass looks at it
     return rollout
 
 
@@ -230,7 +241,7 @@ def stop(session: Session, rollout_id: uuid.UUID, *, requested_by: str, reason: 
     for target in targets_of(session, rollout_id, by="device"):
         if target.state is TargetState.pending:
             target.reason = "not offered: the rollout was halted"
-    rollout.state = RolloutState.stopped
+    _finish(rollout, RolloutState.stopped)
     rollout.reason = f"halted by {requested_by}" + (f": {reason}" if reason else "")
     log.warning("rollout %s stopped: %s", rollout.id, rollout.reason)
     return rollout
@@ -247,14 +258,20 @@ def current_model(session: Session, cohort_id: str) -> str | None:
 
 
 def advance_rollouts(
-    sessions: sessionmaker[Session], publisher: DesiredPublisher, *, now: datetime | None = None
+    sessions: sessionmaker[Session],
+    publisher: DesiredPublisher,
+    *,
+    now: datetime | None = None,
+    full: bool = False,
 ) -> list[Step]:
     """One idempotent pass over the open rollouts, oldest first: offer the current wave, judge it (failed
-    installs, telemetry), move on to the next wave or complete, and carry out rollbacks. Each rollout in
-    a transaction of its own; a publish error propagates (the worker retries the pass)."""
+    installs, telemetry), move on to the next wave or complete, and carry out rollbacks. Only the
+    rollouts with news (an ack, a rollback to carry out) or due (a time set by an earlier pass) are
+    looked at, unless `full`; nothing changed costs one statement. Each rollout in a transaction of its
+    own; a publish error propagates (the worker retries the pass)."""
     now = now or utcnow()
     with sessions() as session:
-        rollout_ids = rollouts_in(session, ADVANCED)
+        rollout_ids = rollouts_in(session, ADVANCED) if full else rollouts_due(session, ADVANCED, now=now)
     steps = []
     for rollout_id in rollout_ids:
         try:
@@ -268,12 +285,17 @@ def advance_rollouts(
     return steps
 
 
-def reconcile_desired(sessions: sessionmaker[Session], publisher: DesiredPublisher) -> int:
+def reconcile_desired(
+    sessions: sessionmaker[Session], publisher: DesiredPublisher, *, full: bool = False
+) -> int:
     """Give each active device outside an open rollout its cohort's current model when its desired model
     differs (a device that joined the cohort later, or one a rollback left elsewhere); return how many
-    desired models were published."""
+    desired models were published. Only the cohorts where something changed (`cohorts_changed`) are
+    looked at, unless `full`: then also those one statement over the fleet finds a device to give a model."""
     with sessions() as session:
-        cohorts = cohorts_with_completed_rollouts(session)
+        cohorts = cohorts_changed(session)
+        if full:
+            cohorts |= cohorts_to_reconcile(session)
     published = 0
     for cohort_id in sorted(cohorts):
         with sessions() as session, session.begin():
@@ -285,53 +307,64 @@ def _advance(
     session: Session, publisher: DesiredPublisher, rollout_id: uuid.UUID, now: datetime
 ) -> Step | None:
     rollout = lock_rollout(session, rollout_id)
+    if rollout.state not in ADVANCED:  # paused or finished since the list was read: its acks stay flagged
+        return None
+    take_acked(session, rollout.id)  # what follows reads at least every ack it cleared
     if rollout.state is RolloutState.halted:
         return _roll_back(session, publisher, rollout)
-    if rollout.state not in ADVANCED:  # paused or finished since the list was read
-        return None
+    step, recheck_at = _step(session, publisher, rollout, now)
+    if recheck_at != rollout.check_at:
+        look_again(session, rollout.id, recheck_at)
+    return step
+
+
+def _step(
+    session: Session, publisher: DesiredPublisher, rollout: Rollout, now: datetime
+) -> tuple[Step | None, datetime | None]:
+    """What the pass does to a pending or running rollout, and when it must look again though nothing
+    changes (None: at the next pass)."""
     plan = plan_of(rollout)
-    targets = targets_of(session, rollout.id, by="wave")
-    if not targets:  # every device already ran the model: it is the cohort's approved model now
-        rollout.state, rollout.reason = RolloutState.completed, "no device needed the model"
-        return Step(rollout.id, rollout.state, 0, note="completed")
-    last_wave = max(t.wave for t in targets)
+    last = last_wave(session, rollout.id)
+    if last is None:  # every device already ran the model: it is the cohort's approved model now
+        _finish(rollout, RolloutState.completed)
+        rollout.reason = "no device needed the model"
+        return Step(rollout.id, rollout.state, 0, note="completed"), None
     while True:
         wave_no = rollout.current_wave
-        wave = [t for t in targets if t.wave == wave_no]
-        if any(t.state is TargetState.pending for t in wave):
-            offered = _offer(session, publisher, rollout, wave, now)
-            return Step(rollout.id, rollout.state, wave_no, offered=offered)
-        verdict = _judge(session, rollout, plan, wave, now)
+        counts = wave_counts(session, rollout.id, wave_no)
+        if counts[TargetState.pending]:
+            offered = _offer(session, publisher, rollout, now)
+            return Step(rollout.id, rollout.state, wave_no, offered=offered), None
+        verdict = judge(session, rollout, plan, counts, now)
         if verdict.halt:
             rollout.state = RolloutState.halted
             rollout.reason = verdict.halt
             log.warning("rollout %s halted: %s", rollout.id, verdict.halt)
-            return _roll_back(session, publisher, rollout)
+            return _roll_back(session, publisher, rollout), None
         if not verdict.ready:
-            return None
-        joined = _join(session, rollout, targets, wave_no + 1)
-        if wave_no >= last_wave and not joined:
-            rollout.state = RolloutState.completed
+            return None, verdict.recheck_at
+        joined = _join(session, rollout, wave_no + 1)
+        if wave_no >= last and not joined:
+            _finish(rollout, RolloutState.completed)
             rollout.reason = ""
             log.info("rollout %s of %s completed", rollout.id, rollout.model_id)
-            return Step(rollout.id, rollout.state, wave_no, note="completed")
-        targets += joined
-        last_wave = max(last_wave, wave_no + 1)
+            return Step(rollout.id, rollout.state, wave_no, note="completed"), None
+        last = max(last, wave_no + 1)
         rollout.current_wave = wave_no + 1
         log.info("rollout %s: wave %s done, wave %s next", rollout.id, wave_no, wave_no + 1)
 
 
-def _offer(
-    session: Session,
-    publisher: DesiredPublisher,
-    rollout: Rollout,
-    wave: Sequence[RolloutTarget],
-    now: datetime,
-) -> list[str]:
-    """Offer the wave's pending targets: write the targets and devices, then publish."""
+def _finish(rollout: Rollout, state: RolloutState) -> None:
+    """Finish the rollout (completed, stopped, rolled back), flagged for reconcile_desired, which then
+    looks at its cohort."""
+    rollout.state, rollout.changed, rollout.check_at = state, True, None
+
+
+def _offer(session: Session, publisher: DesiredPublisher, rollout: Rollout, now: datetime) -> list[str]:
+    """Offer the current wave's pending targets: write the targets and devices, then publish."""
     model = get_model(session, rollout.model_id)
     manifest = edge_manifest(model)
-    pending = [t for t in wave if t.state is TargetState.pending]
+    pending = wave_targets(session, rollout.id, rollout.current_wave, [TargetState.pending])
     devices = devices_by_id(session, [t.device_id for t in pending])
     in_group = _in_group(session, rollout)
     models = ModelCache(session)
@@ -369,45 +402,6 @@ def _offer(
     return [desired.device_id for desired in to_publish]
 
 
-@dataclass(frozen=True)
-class _Verdict:
-    halt: str = ""  # why the rollout halts, or ""
-    ready: bool = False  # the wave is done: the next one may start
-
-
-def _judge(
-    session: Session, rollout: Rollout, plan: RolloutPlan, wave: Sequence[RolloutTarget], now: datetime
-) -> _Verdict:
-    wave_no = rollout.current_wave
-    stage = stage_of(rollout, wave_no)
-    offered_at = parse_time(stage.get("offered_at")) or now
-    failed = [t for t in wave if t.state in FAILED]
-    if len(failed) > plan.max_failed_fraction * len(wave):
-        reasons = "; ".join(f"{t.device_id}: {t.reason or t.state.value}" for t in failed[:5])
-        return _Verdict(
-            halt=f"wave {wave_no}: {len(failed)} of {len(wave)} installs failed "
-            f"(at most {plan.max_failed_fraction:.0%} allowed) — {reasons}"
-        )
-    health = wave_health(session, rollout, plan, offered_at)
-    if health.as_json() != stage.get("health"):
-        set_stage(rollout, wave_no, health=health.as_json())
-    if health.degraded:
-        return _Verdict(halt=f"wave {wave_no}: {health.degraded}")
-    answered = all(t.state is not TargetState.offered for t in wave)
-    if not answered and now < offered_at + timedelta(seconds=plan.wave_timeout_s):
-        return _Verdict()
-    settled_at = parse_time(stage.get("settled_at"))
-    if settled_at is None:
-        settled_at = now
-        set_stage(rollout, wave_no, settled_at=now.isoformat())
-    observed = settled_at + timedelta(seconds=plan.observe_s)
-    if now < observed:
-        return _Verdict()
-    if health.waiting and now < observed + timedelta(seconds=plan.wave_timeout_s):
-        return _Verdict()
-    return _Verdict(ready=True)
-
-
 def _roll_back(session: Session, publisher: DesiredPublisher, rollout: Rollout) -> Step:
     """Send every device the rollout reached back to the model it ran before, with a signed rollback
     (`rollback_of` = the rollout's model): installed, offered (the retained document would install it
@@ -430,7 +424,7 @@ def _roll_back(session: Session, publisher: DesiredPublisher, rollout: Rollout) 
         target.reason = f"{was}; rolled back to {target.previous_model_id}"[:1000]
         devices[target.device_id].desired_model_id = target.previous_model_id
         to_publish.append(Desired(target.device_id, manifest, rollback_of=rollout.model_id))
-    rollout.state = RolloutState.rolled_back
+    _finish(rollout, RolloutState.rolled_back)
     if not to_publish:  # say so: "rolled back" alone reads as if devices had changed
         kept = len(reached)  # no state changed: none was rolled back
         why = f"{kept} reached, none with an earlier edge model recorded" if kept else "none was offered it"
@@ -449,6 +443,7 @@ def _roll_back(session: Session, publisher: DesiredPublisher, rollout: Rollout) 
 
 
 def _reconcile_cohort(session: Session, publisher: DesiredPublisher, cohort_id: str) -> int:
+    take_changed(session, cohort_id)  # what follows reads at least every change it cleared
     current = current_rollout(session, cohort_id)
     if current is None:
         return 0
@@ -480,14 +475,12 @@ def _in_group(session: Session, rollout: Rollout) -> set[str] | None:
     return {d.id for d in canaries_first(session, rollout.cohort_id, selector=rollout.selector)}
 
 
-def _join(
-    session: Session, rollout: Rollout, targets: Sequence[RolloutTarget], wave: int
-) -> list[RolloutTarget]:
+def _join(session: Session, rollout: Rollout, wave: int) -> list[RolloutTarget]:
     """The devices that joined a selector rollout's group since it was resolved, as new targets of
     `wave` (the next one to be offered); none for other rollouts."""
     if rollout.scope is not RolloutScope.selector or rollout.selector is None:
         return []
-    known = {t.device_id for t in targets}
+    known = target_device_ids(session, rollout.id)
     devices = canaries_first(session, rollout.cohort_id, selector=rollout.selector)
     joined = [
         RolloutTarget(
@@ -502,8 +495,8 @@ def _join(
         if d.id not in known and d.reported_model_id != rollout.model_id
     ]
     if joined:
+        size = sum(wave_counts(session, rollout.id, wave).values()) + len(joined)
         session.add_all(joined)
-        size = sum(1 for t in targets if t.wave == wave) + len(joined)
         set_stage(rollout, wave, **{**new_stage(size), **stage_of(rollout, wave), "size": size})
         log.info("rollout %s: %s devices joined %r", rollout.id, len(joined), rollout.selector)
     return joined

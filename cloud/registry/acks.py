@@ -1,5 +1,5 @@
 """Model acks: what devices say of the desired models they were sent, stored once per msg_id, with the
-device's reported model and its rollout target brought up to date."""
+device's reported model and its rollout target brought up to date (and flagged for the beat)."""
 
 import uuid
 from collections.abc import Sequence
@@ -56,7 +56,8 @@ def record_acks(session: Session, acks: Sequence[AckMessage], *, received_at: da
                 RolloutTarget.rollout_id.in_(rollouts),
                 RolloutTarget.state.in_((TargetState.pending, TargetState.offered)),
             )
-            .values(state=TargetState(ack.result.value), reason=ack.reason)
+            # `changed` tells the beat's next pass there is news of this rollout (cloud/pipeline/rollouts.py).
+            .values(state=TargetState(ack.result.value), reason=ack.reason, changed=True)
         )
         running = ack.model_id if ack.result is AckResult.installed else ack.running_model_id
         if running is not None:

@@ -2,10 +2,11 @@
 
 import uuid
 from collections.abc import Collection, Sequence
+from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import Select, and_, case, func, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, Select, and_, case, exists, func, or_, select, union, update
+from sqlalchemy.orm import Session, aliased
 
 from cloud.exceptions import ConflictError, NotFoundError
 from cloud.registry import labels
@@ -202,16 +203,6 @@ def rollouts_in(session: Session, states: Collection[RolloutState]) -> list[uuid
     return list(rows)
 
 
-def cohorts_with_completed_rollouts(session: Session) -> list[str]:
-    """Cohorts with at least one completed cohort-wide rollout (they have a current model)."""
-    rows = session.scalars(
-        select(Rollout.cohort_id)
-        .where(Rollout.state == RolloutState.completed, Rollout.scope == RolloutScope.cohort)
-        .distinct()
-    )
-    return list(rows)
-
-
 def offered_count(session: Session, rollout_id: uuid.UUID) -> int:
     """How many of the rollout's targets have been offered the model (or got further)."""
     count = session.scalar(
@@ -278,36 +269,211 @@ def devices_to_reconcile(session: Session, current: Rollout) -> list[Device]:
     desired model is not its model, locked (key share) for the transaction that gives them it. Left
     out: the devices of open rollouts, and those a later rollout to some devices, or a later rollout an
     operator stopped, gave another model (they keep it until a rollout replaces it or it is rolled
-    back)."""
-    cohort_id, model_id = current.cohort_id, current.model_id
-    in_open_rollout = (
-        select(RolloutTarget.device_id)
-        .join(Rollout, Rollout.id == RolloutTarget.rollout_id)
-        .where(Rollout.cohort_id == cohort_id, Rollout.state.in_(OPEN_ROLLOUTS))
-    )
-    kept_by_later_rollout = (
-        select(RolloutTarget.device_id)
-        .join(Rollout, Rollout.id == RolloutTarget.rollout_id)
-        .where(
-            Rollout.cohort_id == cohort_id,
-            or_(
-                and_(Rollout.state == RolloutState.completed, Rollout.scope != RolloutScope.cohort),
-                Rollout.state == RolloutState.stopped,
-            ),
-            Rollout.created_at > current.created_at,
-            RolloutTarget.state.in_((TargetState.offered, TargetState.installed)),
-        )
-    )
+    back). Read through the cohort's devices whose desired model differs (`ix_device_cohort_desired`),
+    each then looked up in the rollouts: not the whole cohort."""
     rows = session.scalars(
         select(Device)
-        .where(
-            Device.cohort_id == cohort_id,
-            Device.status == DeviceStatus.active,
-            or_(Device.desired_model_id.is_(None), Device.desired_model_id != model_id),
-            Device.id.not_in(in_open_rollout),
-            Device.id.not_in(kept_by_later_rollout),
-        )
+        .where(*_left_behind(current.cohort_id, current.model_id, current.created_at))
         .order_by(Device.id)
         .with_for_update(key_share=True)
     )
     return list(rows)
+
+
+def cohorts_to_reconcile(session: Session) -> set[str]:
+    """The cohorts with a device `devices_to_reconcile` would give its cohort's current model, found by
+    one statement over the whole fleet (reconcile_desired's full pass) rather than one per cohort."""
+    ranked = (
+        select(
+            Rollout.cohort_id,
+            Rollout.model_id,
+            Rollout.created_at,
+            func.row_number()
+            .over(partition_by=Rollout.cohort_id, order_by=(Rollout.created_at.desc(), Rollout.id.desc()))
+            .label("n"),
+        )
+        .where(Rollout.state == RolloutState.completed, Rollout.scope == RolloutScope.cohort)
+        .subquery()
+    )
+    current = select(ranked).where(ranked.c.n == 1).subquery()
+    rows = session.scalars(
+        select(Device.cohort_id)
+        .join(current, current.c.cohort_id == Device.cohort_id)
+        .where(*_left_behind(current.c.cohort_id, current.c.model_id, current.c.created_at))
+        .distinct()
+    )
+    return set(rows)
+
+
+def _left_behind(cohort_id: Any, model_id: Any, since: Any) -> list[ColumnElement[bool]]:
+    """What makes a device one `devices_to_reconcile` gives `model_id`, that of its cohort's current
+    rollout, made at `since` (values, or columns of a query). A device's rollouts are its cohort's
+    (`create_rollout` checks), so they are looked up by the device alone: one index probe each."""
+    other = aliased(Rollout)
+    in_open_rollout = exists().where(
+        RolloutTarget.device_id == Device.id,
+        other.id == RolloutTarget.rollout_id,
+        other.state.in_(OPEN_ROLLOUTS),
+    )
+    kept_by_later_rollout = exists().where(
+        RolloutTarget.device_id == Device.id,
+        other.id == RolloutTarget.rollout_id,
+        or_(
+            and_(other.state == RolloutState.completed, other.scope != RolloutScope.cohort),
+            other.state == RolloutState.stopped,
+        ),
+        other.created_at > since,
+        RolloutTarget.state.in_((TargetState.offered, TargetState.installed)),
+    )
+    # `<` or `>`, not `!=`: each is a range of the index, where `!=` would read the cohort whole.
+    differs = or_(
+        Device.desired_model_id.is_(None),
+        Device.desired_model_id < model_id,
+        Device.desired_model_id > model_id,
+    )
+    return [
+        Device.cohort_id == cohort_id,
+        differs,
+        Device.status == DeviceStatus.active,
+        ~in_open_rollout,
+        ~kept_by_later_rollout,
+    ]
+
+
+# --- what the beat's passes read to skip what did not change (migration 0013) ---------------------------
+#
+# A writer flags what it changed in the transaction that changes it: an ack its rollout target
+# (`RolloutTarget.changed`, acks.record_acks), the engine a rollout it finished (`Rollout.changed`). A pass
+# clears a flag in the transaction that looks at what it flags, with one UPDATE whose rows are exactly
+# those cleared: a flag set by a transaction that commits later is left for the next pass, and a pass
+# that fails leaves its flags set. No clock is compared, so transactions that commit out of order lose
+# nothing. The open rollouts' target flags are advance_rollouts'; the finished rollouts' are
+# reconcile_desired's.
+
+
+def rollouts_due(session: Session, states: Collection[RolloutState], *, now: datetime) -> list[uuid.UUID]:
+    """The rollouts in `states` that a pass of the engine must look at, oldest first: halted ones (a
+    rollback to carry out), those whose time to be looked at again has come (or was never set), and
+    those with a target an ack moved since the engine last looked. One statement, whatever the fleet."""
+    acked = exists().where(RolloutTarget.rollout_id == Rollout.id, RolloutTarget.changed)
+    due = or_(
+        Rollout.state == RolloutState.halted, Rollout.check_at.is_(None), Rollout.check_at <= now, acked
+    )
+    rows = session.scalars(
+        select(Rollout.id).where(Rollout.state.in_(states), due).order_by(Rollout.created_at, Rollout.id)
+    )
+    return list(rows)
+
+
+def take_acked(session: Session, rollout_id: uuid.UUID) -> int:
+    """Clear the `changed` flags of the rollout's targets, for the transaction that now looks at them;
+    how many were set."""
+    result = session.execute(
+        update(RolloutTarget)
+        .where(RolloutTarget.rollout_id == rollout_id, RolloutTarget.changed)
+        .values(changed=False, updated_at=RolloutTarget.updated_at)  # bookkeeping: not a change of the target
+        .execution_options(synchronize_session=False)
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def look_again(session: Session, rollout_id: uuid.UUID, at: datetime | None) -> None:
+    """When the engine must look at the rollout again though nothing changed (None: at its next pass)."""
+    session.execute(
+        update(Rollout)
+        .where(Rollout.id == rollout_id)
+        .values(check_at=at, updated_at=Rollout.updated_at)  # bookkeeping: not a change of the rollout
+        .execution_options(synchronize_session=False)
+    )
+
+
+def last_wave(session: Session, rollout_id: uuid.UUID) -> int | None:
+    """The rollout's last wave (None: it has no target)."""
+    return session.scalar(select(func.max(RolloutTarget.wave)).where(RolloutTarget.rollout_id == rollout_id))
+
+
+def wave_counts(session: Session, rollout_id: uuid.UUID, wave: int) -> dict[TargetState, int]:
+    """How many of the wave's targets are in each state (counted in the index, no target read)."""
+    counts = dict.fromkeys(TargetState, 0)
+    rows = session.execute(
+        select(RolloutTarget.state, func.count())
+        .where(RolloutTarget.rollout_id == rollout_id, RolloutTarget.wave == wave)
+        .group_by(RolloutTarget.state)
+    )
+    for state, count in rows:
+        counts[TargetState(state)] = int(count)
+    return counts
+
+
+def wave_targets(
+    session: Session,
+    rollout_id: uuid.UUID,
+    wave: int,
+    states: Collection[TargetState],
+    *,
+    limit: int | None = None,
+) -> list[RolloutTarget]:
+    """The wave's targets in `states`, by device id (the first `limit` of them)."""
+    statement = (
+        select(RolloutTarget)
+        .where(
+            RolloutTarget.rollout_id == rollout_id,
+            RolloutTarget.wave == wave,
+            RolloutTarget.state.in_(states),
+        )
+        .order_by(RolloutTarget.device_id)
+        .limit(limit)
+    )
+    return list(session.scalars(statement))
+
+
+def target_device_ids(session: Session, rollout_id: uuid.UUID) -> set[str]:
+    """The ids of the rollout's devices."""
+    return set(session.scalars(select(RolloutTarget.device_id).where(RolloutTarget.rollout_id == rollout_id)))
+
+
+def cohorts_changed(session: Session) -> set[str]:
+    """The cohorts whose devices reconcile_desired may have to give a model now: those with a rollout
+    finished since it last looked (`Rollout.changed`), with a target of a finished rollout an ack moved
+    (a device a later rollout kept may have left it), and those with an active device that has no
+    desired model while the cohort has a current model and no open rollout holds the device (one that
+    joined). Each read through a small index; none reads a cohort whole."""
+    finished = select(Rollout.cohort_id).where(Rollout.changed)
+    acked = (
+        select(Rollout.cohort_id)
+        .join(RolloutTarget, RolloutTarget.rollout_id == Rollout.id)
+        .where(RolloutTarget.changed, Rollout.state.not_in(OPEN_ROLLOUTS))
+    )
+    current, holding = aliased(Rollout), aliased(Rollout)
+    has_current = exists().where(
+        current.cohort_id == Device.cohort_id,
+        current.state == RolloutState.completed,
+        current.scope == RolloutScope.cohort,
+    )
+    held = exists().where(
+        RolloutTarget.device_id == Device.id,
+        holding.id == RolloutTarget.rollout_id,
+        holding.state.in_(OPEN_ROLLOUTS),
+    )
+    joined = select(Device.cohort_id).where(
+        Device.desired_model_id.is_(None), Device.status == DeviceStatus.active, has_current, ~held
+    )
+    return set(session.scalars(union(finished, acked, joined)))
+
+
+def take_changed(session: Session, cohort_id: str) -> None:
+    """Clear the flags `cohorts_changed` found for the cohort, for the transaction that now looks at it:
+    its finished rollouts', and their targets'."""
+    finished = select(Rollout.id).where(Rollout.cohort_id == cohort_id, Rollout.state.not_in(OPEN_ROLLOUTS))
+    session.execute(
+        update(Rollout)
+        .where(Rollout.cohort_id == cohort_id, Rollout.changed)
+        .values(changed=False, updated_at=Rollout.updated_at)
+        .execution_options(synchronize_session=False)
+    )
+    session.execute(
+        update(RolloutTarget)
+        .where(RolloutTarget.changed, RolloutTarget.rollout_id.in_(finished))
+        .values(changed=False, updated_at=RolloutTarget.updated_at)
+        .execution_options(synchronize_session=False)
+    )

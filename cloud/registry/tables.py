@@ -23,6 +23,8 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
     Uuid,
+    false,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -198,6 +200,11 @@ class Device(Base):
     """One provisioned device: its credential hash, cohort, models and presence."""
 
     __tablename__ = "device"
+    __table_args__ = (
+        # The devices of a cohort whose desired model is not the cohort's (reconcile_desired), read
+        # without reading the others (migration 0013).
+        Index("ix_device_cohort_desired", "cohort_id", "desired_model_id"),
+    )
 
     id: Mapped[str] = mapped_column(String(63), primary_key=True)
     cohort_id: Mapped[str] = mapped_column(ForeignKey("cohort.id"), index=True)
@@ -251,6 +258,29 @@ class KnowledgeReport(Base):
     """A device's RD knowledge report; the payload is kept for the pipeline and never served."""
 
     __tablename__ = "knowledge_report"
+    __table_args__ = (
+        # What the scheduler reads each pass (migration 0013): the reports it has not looked at yet, and
+        # the received ones by base model (so by cohort) and by age.
+        Index(
+            "ix_knowledge_report_unnoticed",
+            "base_model_id",
+            postgresql_where=text("NOT noticed"),
+            sqlite_where=text("noticed = 0"),
+        ),
+        Index(
+            "ix_knowledge_report_waiting",
+            "base_model_id",
+            "received_at",
+            postgresql_where=text("status = 'received'"),
+            sqlite_where=text("status = 'received'"),
+        ),
+        Index(
+            "ix_knowledge_report_waiting_since",
+            "received_at",
+            postgresql_where=text("status = 'received'"),
+            sqlite_where=text("status = 'received'"),
+        ),
+    )
 
     msg_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
     device_id: Mapped[str] = mapped_column(ForeignKey("device.id"), index=True)
@@ -268,6 +298,8 @@ class KnowledgeReport(Base):
     sent_at: Mapped[datetime]
     received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     payload: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)
+    # False until the beat's scheduler has looked at the report (cloud/pipeline/scheduling.py).
+    noticed: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class Job(Base):
@@ -289,13 +321,21 @@ class Job(Base):
     lease_until: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     started_at: Mapped[datetime | None]
-    finished_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None] = mapped_column(index=True)  # the jobs finished lately (0013)
 
 
 class Rollout(Base):
     """The staged delivery of one approved edge model to a cohort's devices."""
 
     __tablename__ = "rollout"
+    __table_args__ = (
+        Index(
+            "ix_rollout_changed",
+            "cohort_id",
+            postgresql_where=text("changed"),
+            sqlite_where=text("changed = 1"),
+        ),
+    )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     cohort_id: Mapped[str] = mapped_column(ForeignKey("cohort.id"), index=True)
@@ -312,6 +352,11 @@ class Rollout(Base):
     created_by: Mapped[str] = mapped_column(String(128), default="")
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    # The beat's bookkeeping (migration 0013): finished (completed, stopped, rolled back) and not yet
+    # looked at by reconcile_desired; and when advance_rollouts must look at it again though nothing
+    # changed (None: at its next pass).
+    changed: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    check_at: Mapped[datetime | None]
 
     targets: Mapped[list["RolloutTarget"]] = relationship(back_populates="rollout")
 
@@ -320,6 +365,15 @@ class RolloutTarget(Base):
     """One device in a rollout: its wave and how far it got."""
 
     __tablename__ = "rollout_target"
+    __table_args__ = (
+        Index("ix_rollout_target_wave", "rollout_id", "wave", "state"),  # a wave's progress, counted
+        Index(
+            "ix_rollout_target_changed",
+            "rollout_id",
+            postgresql_where=text("changed"),
+            sqlite_where=text("changed = 1"),
+        ),
+    )
 
     rollout_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("rollout.id"), primary_key=True)
     device_id: Mapped[str] = mapped_column(ForeignKey("device.id"), primary_key=True, index=True)
@@ -329,6 +383,8 @@ class RolloutTarget(Base):
     # What the device ran when the rollout was planned: a rollback sends it back there (migration 0005).
     previous_model_id: Mapped[str | None] = mapped_column(ForeignKey("model.id"))
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    # An ack moved it since the beat last looked (set with the move: `acks.record_acks`; migration 0013).
+    changed: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     rollout: Mapped[Rollout] = relationship(back_populates="targets")
 

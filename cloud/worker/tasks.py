@@ -15,8 +15,8 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import cache
 from typing import Any, Protocol
@@ -45,6 +45,12 @@ log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 5  # a job claimed this many times without finishing is failed for good
 REQUEUE_HOLD_S = 120.0  # a job sent again is not sent again for this long while it waits in the queue
 BROKER_SWEEP_S = 600.0  # how often the broker is compared whole with the registry
+# The beat's passes look at what changed (cloud/pipeline); this often, and first in each process, one
+# looks at everything instead: a safety net for a change no flag or time recorded.
+FULL_PASS_S = 600.0
+# How far before its last pass schedule_cycles looks for finished jobs: a job's final transaction may
+# commit after a pass that began after its `finished_at` (and the workers' clocks may differ).
+JOBS_OVERLAP = timedelta(seconds=60)
 
 METRICS = CollectorRegistry()
 JOBS = Counter("diredi_worker_jobs", "Jobs run, by outcome.", ["type", "outcome"], registry=METRICS)
@@ -64,6 +70,25 @@ PUBLISHED = Counter(
 
 
 @dataclass
+class _Beat:
+    """What the beat's passes run by this process remember between passes: when each last looked at
+    everything, and when schedule_cycles' last pass began. Lost on a restart: the next passes then
+    look at everything."""
+
+    full_at: dict[str, float] = field(default_factory=dict)  # `clock` time, by task
+    scheduled_at: datetime | None = None
+    clock: Callable[[], float] = time.monotonic
+
+    def full_due(self, task: str) -> bool:
+        """Whether the task's next pass looks at everything."""
+        last = self.full_at.get(task)
+        return last is None or self.clock() - last >= FULL_PASS_S
+
+    def full_done(self, task: str, began: float) -> None:
+        self.full_at[task] = began
+
+
+@dataclass
 class _Context:
     """What the tasks of one worker process share: settings, registry, store and the broker link."""
 
@@ -76,6 +101,7 @@ class _Context:
     trust_published: int | None = None  # the trust version this process last published
     broker_hook: BrokerCredentialHook | None = None
     last_sweep: float | None = None  # monotonic time of the broker reconciler's last full sweep
+    beat: _Beat = field(default_factory=_Beat)
 
     def publish(self) -> CloudPublisher:
         """The worker's connection to the broker, opened on first use and again after an error."""
@@ -228,17 +254,28 @@ def enqueue(job_id: uuid.UUID) -> None:
 
 @app.task(name="diredi.schedule_cycles")
 def schedule_cycles() -> list[str]:
-    """Start an RD cycle job for each cohort whose received knowledge is due (count or age)."""
+    """Start an RD cycle job for each cohort whose received knowledge is due (count or age); only the
+    cohorts with news are looked at, all of them every FULL_PASS_S."""
     ctx = context()
+    began, now, last = ctx.beat.clock(), utcnow(), ctx.beat.scheduled_at
+    full = ctx.beat.full_due("schedule")
+    since = None if full or last is None else last - JOBS_OVERLAP
+    wait_s = ctx.settings.pipeline_max_wait_s
     started = []
     with transaction(ctx.sessions) as session:
+        news = scheduling.cohorts_with_news(session, max_wait_s=wait_s, jobs_finished_since=since, now=now)
         due = scheduling.cohorts_due(
             session,
             min_reports=ctx.settings.pipeline_min_reports,
-            max_wait_s=ctx.settings.pipeline_max_wait_s,
+            max_wait_s=wait_s,
+            among=None if full else news,
+            now=now,
         )
         for cohort_id in due:
             started.append(scheduling.create_cycle_job(session, cohort_id=cohort_id, trigger="knowledge").id)
+    ctx.beat.scheduled_at = now
+    if full:
+        ctx.beat.full_done("schedule", began)
     for job_id in started:  # after the commit, so the worker finds the job
         enqueue(job_id)
         log.info("job %s started for received knowledge", job_id)
@@ -283,12 +320,25 @@ def _with_publisher(reason: str, work: Any) -> int:
             raise
 
 
+def _beat_pass(task: str, reason: str, work: Any) -> int:
+    """A pass of the beat that looks at what changed, or at everything when FULL_PASS_S has gone by
+    since this process last did (or never did): `work(sessions, publisher, full)`."""
+    ctx = context()
+    began, full = ctx.beat.clock(), ctx.beat.full_due(task)
+    done = _with_publisher(reason, lambda sessions, publisher: work(sessions, publisher, full))
+    if full:  # not if it failed: the next pass looks at everything again
+        ctx.beat.full_done(task, began)
+    return done
+
+
 @app.task(name="diredi.advance_rollouts")
 def advance_rollouts() -> int:
     """One pass of the rollout engine; returns how many rollouts it moved."""
     from cloud.pipeline.rollouts import advance_rollouts as advance
 
-    return _with_publisher("rollout", lambda sessions, publisher: len(advance(sessions, publisher)))
+    return _beat_pass(
+        "advance", "rollout", lambda sessions, publisher, full: len(advance(sessions, publisher, full=full))
+    )
 
 
 @app.task(name="diredi.reconcile_desired")
@@ -296,7 +346,9 @@ def reconcile_desired() -> int:
     """Give devices outside a rollout their cohort's current model; returns how many got it."""
     from cloud.pipeline.rollouts import reconcile_desired as reconcile
 
-    return _with_publisher("reconcile", reconcile)
+    return _beat_pass(
+        "reconcile", "reconcile", lambda sessions, publisher, full: reconcile(sessions, publisher, full=full)
+    )
 
 
 class CommandPublisher(Protocol):

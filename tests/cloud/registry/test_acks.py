@@ -299,3 +299,27 @@ def test_recording_no_acks_does_nothing(session: Session) -> None:
     # Assert
     assert new == set()
     assert ack_count(session) == 0
+
+
+def test_an_ack_flags_the_target_it_moves_for_the_beat_and_a_pass_takes_exactly_those_flags(
+    session: Session, store: LocalArtifactStore
+) -> None:
+    # Prepare
+    fleet = kitchen_rolling_out_v2(session, store)
+    message = ack("cam-a", fleet.v2, AckResult.installed, fleet.now, running_model_id=fleet.v2)
+    cam_a = select(RolloutTarget.updated_at).where(RolloutTarget.device_id == "cam-a")
+
+    # Execute
+    acks.record_acks(session, [message], received_at=fleet.now)
+    session.commit()
+    flagged = sorted(session.scalars(select(RolloutTarget.device_id).where(RolloutTarget.changed)))
+    moved_at = session.scalar(cam_a)
+    taken = rollouts.take_acked(session, fleet.rollout)
+    again = rollouts.take_acked(session, fleet.rollout)
+    session.commit()
+
+    # Assert: the flag, then taken once; taking it is bookkeeping, not a change of the target
+    assert flagged == ["cam-a"]
+    assert (taken, again) == (1, 0)
+    assert session.scalars(select(RolloutTarget.device_id).where(RolloutTarget.changed)).all() == []
+    assert session.scalar(cam_a) == moved_at

@@ -14,12 +14,12 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, String, insert, inspect, literal_column, select
+from sqlalchemy import Engine, String, Uuid, bindparam, insert, inspect, literal_column, select, text
 from sqlalchemy.orm import Session
 
 from cloud.registry import migrate, partitions, telemetry
 from cloud.registry.db import make_engine
-from cloud.registry.tables import Base, Telemetry
+from cloud.registry.tables import Base, KnowledgeReport, Telemetry, UTCDateTime
 from tests.databases import BACKENDS, postgres_admin_url
 from testsupport.postgres import scratch_database
 
@@ -176,3 +176,51 @@ def test_telemetry_keeps_its_rows_through_partitioning_and_back(fresh_engine: En
         assert homes == dict(zip(ids, [*days, partitions.DEFAULT], strict=True))
     assert after_down == [m for _, m in at_head]
     assert drift(fresh_engine) == []
+
+
+def test_0013_leaves_noticed_the_reports_stored_before_but_those_waiting_for_a_job(
+    fresh_engine: Engine,
+) -> None:
+    # Prepare: a received and a consumed report, stored at the revision below 0013
+    newest_first = revisions_newest_first()
+    migrate.upgrade(fresh_engine, newest_first[newest_first.index("0013") + 1])
+    rows = {"received": uuid.uuid4(), "consumed": uuid.uuid4()}
+    now = datetime.now(UTC)
+    with fresh_engine.begin() as connection:
+        connection.execute(
+            text("INSERT INTO cohort (id, description, created_at) VALUES ('k', '', :at)"), {"at": now}
+        )
+        connection.execute(
+            text(
+                "INSERT INTO model (id, cohort_id, kind, version, format, sha256, size, metrics, status, "
+                "status_reason, created_at) VALUES ('k.v1', 'k', 'edge', 1, 'tflite-int8', :sha, 1, '{}', "
+                "'approved', '', :at)"
+            ),
+            {"sha": "0" * 64, "at": now},
+        )
+        connection.execute(
+            text(
+                "INSERT INTO device (id, cohort_id, status, labels, presence, created_at) "
+                "VALUES ('cam', 'k', 'active', '{}', 'unknown', :at)"
+            ),
+            {"at": now},
+        )
+        for status, msg_id in rows.items():
+            connection.execute(
+                text(
+                    "INSERT INTO knowledge_report (msg_id, device_id, base_model_id, schema, size_bytes, "
+                    "sample_count, metrics, status, status_reason, sent_at, received_at, payload) VALUES "
+                    "(:msg_id, 'cam', 'k.v1', 's', 1, 1, '{}', :status, '', :at, :at, :payload)"
+                ).bindparams(bindparam("msg_id", type_=Uuid()), bindparam("at", type_=UTCDateTime())),
+                {"msg_id": msg_id, "status": status, "at": now, "payload": b"x"},
+            )
+
+    # Execute
+    migrate.upgrade(fresh_engine)
+
+    # Assert
+    with Session(fresh_engine) as session:
+        noticed = dict(
+            session.execute(select(KnowledgeReport.msg_id, KnowledgeReport.noticed)).tuples().all()
+        )
+    assert noticed == {rows["received"]: False, rows["consumed"]: True}

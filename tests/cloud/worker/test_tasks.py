@@ -77,6 +77,69 @@ def test_schedule_cycles_starts_one_job_per_cohort_with_knowledge(
     )
 
 
+def test_schedule_cycles_starts_a_job_for_the_reports_a_finished_job_left_without_a_full_pass(
+    sent: list[uuid.UUID], session: Session, tmp_path: Path
+) -> None:
+    # Prepare: kitchen's job started (the first, full, pass); a report arrives while it runs
+    make_cohort(session, "kitchen")
+    make_device(session, "cam-1", "kitchen")
+    store = LocalArtifactStore(tmp_path / "a")
+    teacher = make_cloud_model(session, store, "kitchen")
+    base = make_edge_model(session, store, teacher_id=teacher.id, cohort_id="kitchen")
+    make_report(session, "cam-1", base.id)
+    session.commit()
+    (first,) = tasks.schedule_cycles.run()
+    make_report(session, "cam-1", base.id)
+    session.commit()
+    while_running = tasks.schedule_cycles.run()
+
+    # Execute: the job fails, keeping the reports
+    jobs.finish(session, uuid.UUID(first), state=JobState.failed, error="worker error")
+    session.commit()
+    after = tasks.schedule_cycles.run()
+
+    # Assert
+    assert while_running == [] and len(after) == 1 and after[0] != first
+    assert not tasks.context().beat.full_due("schedule")  # the passes after the first were not full
+
+
+@pytest.mark.parametrize("task", ["advance_rollouts", "reconcile_desired"])
+def test_a_beat_pass_looks_at_everything_first_and_then_every_full_pass_period(
+    sent: list[uuid.UUID], monkeypatch: pytest.MonkeyPatch, task: str
+) -> None:
+    # Prepare: the engine's pass records whether it was full; a clock the test moves
+    from cloud.pipeline import rollouts
+
+    clock = [1000.0]
+    tasks.context().beat.clock = lambda: clock[0]
+    passes: list[bool] = []
+    failing = [False]
+
+    def engine_pass(sessions: object, publisher: object, *, full: bool, **_: object) -> list[object] | int:
+        passes.append(full)
+        if failing[0]:
+            raise ConnectionError("the broker went away")
+        return [] if task == "advance_rollouts" else 0  # the steps, or the devices given a model
+
+    monkeypatch.setattr(rollouts, task, engine_pass)
+    run = getattr(tasks, task).run
+
+    # Execute
+    for at in (0, 10, tasks.FULL_PASS_S - 1, tasks.FULL_PASS_S, tasks.FULL_PASS_S + 1):
+        clock[0] = 1000.0 + at
+        run()
+    failing[0] = True
+    clock[0] += tasks.FULL_PASS_S
+    with pytest.raises(ConnectionError):
+        run()
+    failing[0] = False
+    run()
+    run()
+
+    # Assert: a full pass that failed is made again by the next one
+    assert passes == [True, False, False, True, False, True, True, False]
+
+
 def test_a_job_under_an_unknown_recipe_fails_naming_it_and_keeps_its_reports(
     sent: list[uuid.UUID], session: Session, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
