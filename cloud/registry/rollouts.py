@@ -340,7 +340,7 @@ def _left_behind(cohort_id: Any, model_id: Any, since: Any) -> list[ColumnElemen
     ]
 
 
-# --- what the beat's passes read to skip what did not change (migration 0013) ---------------------------
+# --- what the beat's passes read to skip what did not change (migration 0014) ---------------------------
 #
 # A writer flags what it changed in the transaction that changes it: an ack its rollout target
 # (`RolloutTarget.changed`, acks.record_acks), the engine a rollout it finished (`Rollout.changed`). A pass

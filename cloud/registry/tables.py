@@ -202,7 +202,7 @@ class Device(Base):
     __tablename__ = "device"
     __table_args__ = (
         # The devices of a cohort whose desired model is not the cohort's (reconcile_desired), read
-        # without reading the others (migration 0013).
+        # without reading the others (migration 0014).
         Index("ix_device_cohort_desired", "cohort_id", "desired_model_id"),
     )
 
@@ -259,7 +259,7 @@ class KnowledgeReport(Base):
 
     __tablename__ = "knowledge_report"
     __table_args__ = (
-        # What the scheduler reads each pass (migration 0013): the reports it has not looked at yet, and
+        # What the scheduler reads each pass (migration 0014): the reports it has not looked at yet, and
         # the received ones by base model (so by cohort) and by age.
         Index(
             "ix_knowledge_report_unnoticed",
@@ -321,7 +321,7 @@ class Job(Base):
     lease_until: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     started_at: Mapped[datetime | None]
-    finished_at: Mapped[datetime | None] = mapped_column(index=True)  # the jobs finished lately (0013)
+    finished_at: Mapped[datetime | None] = mapped_column(index=True)  # the jobs finished lately (0014)
 
 
 class Rollout(Base):
@@ -352,7 +352,7 @@ class Rollout(Base):
     created_by: Mapped[str] = mapped_column(String(128), default="")
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
-    # The beat's bookkeeping (migration 0013): finished (completed, stopped, rolled back) and not yet
+    # The beat's bookkeeping (migration 0014): finished (completed, stopped, rolled back) and not yet
     # looked at by reconcile_desired; and when advance_rollouts must look at it again though nothing
     # changed (None: at its next pass).
     changed: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
@@ -383,7 +383,7 @@ class RolloutTarget(Base):
     # What the device ran when the rollout was planned: a rollback sends it back there (migration 0005).
     previous_model_id: Mapped[str | None] = mapped_column(ForeignKey("model.id"))
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
-    # An ack moved it since the beat last looked (set with the move: `acks.record_acks`; migration 0013).
+    # An ack moved it since the beat last looked (set with the move: `acks.record_acks`; migration 0014).
     changed: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     rollout: Mapped[Rollout] = relationship(back_populates="targets")

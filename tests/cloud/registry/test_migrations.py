@@ -178,12 +178,12 @@ def test_telemetry_keeps_its_rows_through_partitioning_and_back(fresh_engine: En
     assert drift(fresh_engine) == []
 
 
-def test_0013_leaves_noticed_the_reports_stored_before_but_those_waiting_for_a_job(
+def test_0014_leaves_noticed_the_reports_stored_before_but_those_waiting_for_a_job(
     fresh_engine: Engine,
 ) -> None:
-    # Prepare: a received and a consumed report, stored at the revision below 0013
+    # Prepare: a received and a consumed report, stored at the revision below 0014
     newest_first = revisions_newest_first()
-    migrate.upgrade(fresh_engine, newest_first[newest_first.index("0013") + 1])
+    migrate.upgrade(fresh_engine, newest_first[newest_first.index("0014") + 1])
     rows = {"received": uuid.uuid4(), "consumed": uuid.uuid4()}
     now = datetime.now(UTC)
     with fresh_engine.begin() as connection:

@@ -1,6 +1,6 @@
 """enrolment: devices that enrol by claim (pre-registered, or asked for and approved)
 
-Revision ID: 0014
+Revision ID: 0013
 Revises: 0012
 Create Date: 2026-12-06 06:00:00
 """
@@ -12,7 +12,7 @@ from alembic import op
 
 from cloud.registry.tables import JSONType, UTCDateTime
 
-revision: str = "0014"
+revision: str = "0013"
 down_revision: str | None = "0012"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None

@@ -1,12 +1,9 @@
 """the beat's passes look at what changed: rollout targets an ack moved, finished rollouts, reports the
 scheduler has not seen, when a rollout is next due; and the indexes those passes read
 
-Revision ID: 0013
-Revises: 0014
+Revision ID: 0014
+Revises: 0013
 Create Date: 2026-12-06 07:00:00
-
-Written as 0013 but applied after 0014 (enrolment), which was committed first on top of 0012: one line
-of revisions, and a database already at 0014 upgrades to this one.
 """
 
 from collections.abc import Sequence
@@ -16,8 +13,8 @@ from alembic import op
 
 from cloud.registry.tables import UTCDateTime
 
-revision: str = "0013"
-down_revision: str | None = "0014"
+revision: str = "0014"
+down_revision: str | None = "0013"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
