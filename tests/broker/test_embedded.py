@@ -303,11 +303,13 @@ def test_a_knowledge_report_of_256_kib_passes_and_a_larger_packet_ends_the_conne
     largest = bytes(range(256)) * 1024  # 256 KiB
 
     # Execute
-    a.publish(knowledge, largest)
-    received = cloud.next_message()
+    accepted = a.publish(knowledge, largest, timeout=30)
+    received = cloud.expect_message()
     a.publish(knowledge, b"x" * MAX_PACKET_SIZE, qos=0)
 
-    # Assert
+    # Assert: the broker acknowledged it (None: it hung up instead), and delivered it to the cloud
+    assert accepted is not None and not accepted.is_failure, (accepted, a.wait_disconnect(0))
+    assert received is not None, "the broker acknowledged the report but did not deliver it"
     assert received.payload == largest
     assert a.disconnected.wait(30)
     assert_silent(cloud)
