@@ -10,14 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from cloud.children import free_ports
 from tests.front.nginx import (
     CERTS_SCRIPT,
     Front,
     UvicornProcess,
-    api_process,
     raise_open_files,
     running_front,
+    started_api,
 )
 
 # Descriptors this process (and so nginx, if it cannot raise its own limit) may hold: 1,100 half-open
@@ -44,9 +43,7 @@ def lab_certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="package")
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UvicornProcess]:
     """`diredi api` on a free loopback port (`.port`), on a migrated SQLite registry of its own."""
-    (port,) = free_ports(1)
-    process = api_process(tmp_path_factory.mktemp("front-api"), port)
-    process.start([port])
+    process = started_api(tmp_path_factory.mktemp("front-api"))
     try:
         yield process
     finally:

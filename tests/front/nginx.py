@@ -175,6 +175,27 @@ def api_process(directory: Path, port: int, env: dict[str, str] | None = None) -
     return UvicornProcess(argv, port=port, log_path=directory / "api.log", env=env)
 
 
+PORT_TAKEN = "address already in use"  # uvicorn's and nginx's words, lower-cased
+PORT_ATTEMPTS = 3
+
+
+def started_api(directory: Path, env: dict[str, str] | None = None) -> UvicornProcess:
+    """`api_process` started on a free port. A port is free when chosen and may be taken before the
+    server binds it (another worker's server, or any outgoing connection: they share the ephemeral
+    range), so a bind that fails for that reason is tried again on another port."""
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        (port,) = free_ports(1)
+        process = api_process(directory, port, env)
+        try:
+            process.start([port])
+        except AssertionError as exc:
+            if PORT_TAKEN not in str(exc).lower() or attempt == PORT_ATTEMPTS:
+                raise
+            continue
+        return process
+    raise AssertionError("unreachable")
+
+
 def echo_process(directory: Path, port: int) -> UvicornProcess:
     """uvicorn serving tests/front/echo.py on 127.0.0.1:`port` (its default proxy-header trust)."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -212,23 +233,31 @@ def running_front(
     claim_ca: Path | None = None,
 ) -> Iterator[Front]:
     """nginx rendered into `prefix` in front of 127.0.0.1:`upstream_port`, started, stopped afterwards
-    (with `device_ca` and `front_secret`: asking clients for a device certificate)."""
-    tls_port, plain_port = free_ports(2)
-    config = render_config(
-        prefix,
-        listen=f"127.0.0.1:{tls_port}",
-        plain_listen=f"127.0.0.1:{plain_port}",
-        upstream=f"127.0.0.1:{upstream_port}",
-        cert=certs / "server.crt",
-        key=certs / "server.key",
-        user=None,
-        limits=limits,
-        device_ca=device_ca,
-        front_secret=front_secret,
-        claim_ca=claim_ca,
-    )
-    nginx = NginxProcess(config)
-    nginx.start([tls_port, plain_port], timeout=20)
+    (with `device_ca` and `front_secret`: asking clients for a device certificate). Ports taken before
+    nginx binds them are chosen again (`started_api`)."""
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        tls_port, plain_port = free_ports(2)
+        config = render_config(
+            prefix,
+            listen=f"127.0.0.1:{tls_port}",
+            plain_listen=f"127.0.0.1:{plain_port}",
+            upstream=f"127.0.0.1:{upstream_port}",
+            cert=certs / "server.crt",
+            key=certs / "server.key",
+            user=None,
+            limits=limits,
+            device_ca=device_ca,
+            front_secret=front_secret,
+            claim_ca=claim_ca,
+        )
+        nginx = NginxProcess(config)
+        try:
+            nginx.start([tls_port, plain_port], timeout=20)
+        except AssertionError as exc:
+            if PORT_TAKEN not in str(exc).lower() or attempt == PORT_ATTEMPTS:
+                raise
+            continue
+        break
     try:
         yield Front(plain_port, tls_port, certs / "ca.crt", limits, upstream_port, nginx)
     finally:

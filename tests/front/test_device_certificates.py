@@ -17,7 +17,6 @@ import httpx
 import pytest
 
 from cloud.artifacts import LocalArtifactStore
-from cloud.children import free_ports
 from cloud.fleet_ca import FleetCA
 from cloud.registry import migrate
 from cloud.registry.db import make_engine, session_factory, transaction
@@ -27,7 +26,7 @@ from device_firmware_py.download import download
 from device_firmware_py.exceptions import DownloadError
 from device_firmware_py.identity import device_key, signing_request
 from tests.cloud.factories import make_cloud_model, make_cohort, make_edge_model
-from tests.front.nginx import Front, UvicornProcess, api_process, needs_nginx, running_front
+from tests.front.nginx import Front, UvicornProcess, needs_nginx, running_front, started_api
 
 pytestmark = needs_nginx
 
@@ -74,9 +73,8 @@ def fleet(open_files: int, lab_certs: Path, tmp_path_factory: pytest.TempPathFac
             devices[device_id] = (directory / device_id / "cert.pem", directory / device_id / "identity.key")
             certificates[device_id] = issued.pem
     engine.dispose()
-    (port,) = free_ports(1)
-    process: UvicornProcess = api_process(directory, port, env={"DIREDI_FRONT_SECRET": secret})
-    process.start([port])
+    process: UvicornProcess = started_api(directory, env={"DIREDI_FRONT_SECRET": secret})
+    port = process.port
     try:
         with running_front(
             directory / "front", upstream_port=port, certs=lab_certs, device_ca=ca.directory / "ca.pem",

@@ -14,7 +14,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cloud.children import free_ports
 from cloud.fleet_ca import CLAIM_CA_NAME, FleetCA
 from cloud.registry import apikeys, migrate
 from cloud.registry.db import make_engine, session_factory, transaction
@@ -23,7 +22,7 @@ from device_firmware_py.config import DeviceConfig, Identity
 from device_firmware_py.enrol import enrol
 from device_firmware_py.exceptions import EnrolmentError
 from tests.cloud.factories import make_cohort
-from tests.front.nginx import Front, api_process, needs_nginx, running_front
+from tests.front.nginx import Front, needs_nginx, running_front, started_api
 
 pytestmark = needs_nginx
 
@@ -86,9 +85,8 @@ def cloud(open_files: int, lab_certs: Path, tmp_path_factory: pytest.TempPathFac
         "DIREDI_FLEET_CA_DIR": str(fleet_ca.directory),
         "DIREDI_CLAIM_CA_DIR": str(claim_ca.directory),
     }
-    (port,) = free_ports(1)
-    process = api_process(directory, port, env=env)
-    process.start([port])
+    process = started_api(directory, env=env)
+    port = process.port
     try:
         with running_front(
             directory / "front",
