@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -84,6 +85,26 @@ def _batches(n: int, batch: int, gen: torch.Generator, mix: int = 0) -> list[tor
     return [torch.cat([c, e[: len(c)]]) for c, e in zip(chunks, extra, strict=True)]
 
 
+@contextmanager
+def channels_last(*modules: nn.Module) -> Iterator[None]:
+    """Convolution weights in channels-last order while training: the convolutions' outputs follow
+    it, and PyTorch's CPU max pooling is an order of magnitude faster on that layout than on NCHW (a
+    3×3 conv net's training step on 8×8 or 28×28 images took a quarter to a half less). The weights
+    go back to the default layout afterwards, for saving and export."""
+    _set_layout(modules, torch.channels_last)
+    try:
+        yield
+    finally:
+        _set_layout(modules, torch.contiguous_format)
+
+
+def _set_layout(modules: tuple[nn.Module, ...], layout: torch.memory_format) -> None:
+    for module in modules:
+        for weight in module.parameters():
+            if weight.dim() == 4:  # a 2-D convolution's kernels
+                weight.data = weight.data.to(memory_format=layout)
+
+
 def _fit(
     model: nn.Module,
     n: int,
@@ -93,7 +114,9 @@ def _fit(
     progress: Progress | None,
     mix: int = 0,
 ) -> None:
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    # fused: one kernel for every parameter's update; the per-tensor loop was a fifth of a small
+    # model's step on CPU.
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
     model.train()
     epochs = config.epochs_for(n, mix)
     for epoch in range(epochs):
@@ -123,7 +146,8 @@ def train_classifier(
     def step(idx: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(model(x[idx]), y[idx])
 
-    _fit(model, len(data), step, config, gen, progress, mix=len(extra) if extra else 0)
+    with channels_last(model):
+        _fit(model, len(data), step, config, gen, progress, mix=len(extra) if extra else 0)
     return model
 
 
@@ -159,8 +183,6 @@ def distill(
         w[: len(data)] = weights
     wt = torch.from_numpy(w)
     teacher.eval()
-    with torch.no_grad():
-        soft = F.softmax(teacher(x) / kd.tau, dim=1)
 
     def step(idx: torch.Tensor) -> torch.Tensor:
         xb, yb, pb, wb = x[idx], y[idx], soft[idx], wt[idx]
@@ -176,5 +198,8 @@ def distill(
         loss = kd.alpha * ce + (1 - kd.alpha) * kd.tau**2 * kl
         return (wb * loss).sum() / wb.sum()
 
-    _fit(student, len(data), step, config, gen, progress, mix=len(extra) if extra else 0)
+    with channels_last(student, teacher):
+        with torch.no_grad():
+            soft = F.softmax(teacher(x) / kd.tau, dim=1)
+        _fit(student, len(data), step, config, gen, progress, mix=len(extra) if extra else 0)
     return student

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,6 +32,16 @@ WITH_DELTA = RDConfig(delta_weight=0.3)
 PLAIN_SEARCH = SearchConfig(recipes=(PLAIN,))
 REKD_SEARCH = SearchConfig(recipes=(REKD,))
 MERGE_3_INTO_8 = [0, 1, 2, 8, 4, 5, 6, 7, 8, 9]
+
+
+def short(plan: TrainingPlan) -> TrainingPlan:
+    """`plan` with a short teacher update and re-KD, for the tests of the cycle's mechanics (what is
+    trained, how often, how repeatably), which hold at any number of epochs."""
+    return dataclasses.replace(
+        plan,
+        teacher_finetune=dataclasses.replace(plan.teacher_finetune, epochs=3),
+        rekd=dataclasses.replace(plan.rekd, epochs=15),
+    )
 
 
 def world_accuracy(model: Int8Model, world: Split) -> float:
@@ -184,7 +195,7 @@ def test_the_chosen_recipe_is_trained_again_on_the_whole_transfer_set_only_when_
             [payload],
             small_data.train,
             small_data.val,
-            fast_plan,
+            short(fast_plan),
             RDConfig(),
             line="dana",
             search=SearchConfig(recipes=(REKD, RELABEL_REKD), retrain=retrain),  # recipes that train
@@ -233,7 +244,7 @@ def test_same_inputs_give_the_same_model(
             [payload],
             small_data.train,
             small_data.val,
-            fast_plan,
+            short(fast_plan),
             RDConfig(),
             line="dana",
             search=REKD_SEARCH,

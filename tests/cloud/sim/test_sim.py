@@ -121,6 +121,7 @@ def test_a_user_without_preference_loses_nothing(result: dict[str, Any]) -> None
     hank = user(result, "hank")
     assert hank["gap_closed"] is None
     assert hank["acc_v2"] >= hank["acc_v1"] - 0.010
+    assert hank["acc_oracle"] == hank["acc_v1"]  # his world is the presumed one: v1 is his oracle
 
 
 def test_a_device_below_min_samples_sends_nothing(result: dict[str, Any]) -> None:
