@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import subprocess  # noqa: S404 (our own CLI, fixed argument lists)
 import sys
@@ -122,14 +123,45 @@ def http_ok(url: str, timeout: float = 1.0) -> str | None:
         return None
 
 
+# Where free_ports looks first: below the kernel's ephemeral range, which every outgoing connection
+# draws its local port from, so a port chosen there cannot be taken by one before its server binds it.
+PORTS_BELOW_EPHEMERAL = (20_000, 32_768)
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
 def free_ports(count: int) -> list[int]:
     """Loopback ports nobody listens on now (held open together, so they differ): for the parts of a
-    system started on free ports (the demo's), and for tests and benchmarks."""
-    sockets = [socket.socket() for _ in range(count)]
+    system started on free ports (the demo's), and for tests and benchmarks. Drawn from below the
+    ephemeral range where the kernel says what it is, else the kernel's choice."""
+    sockets: list[socket.socket] = []
     try:
-        for s in sockets:
+        for port in _candidate_ports(count):
+            s = socket.socket()
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                s.close()
+                continue
+            sockets.append(s)
+            if len(sockets) == count:
+                break
+        while len(sockets) < count:  # no range known, or every candidate taken
+            s = socket.socket()
+            sockets.append(s)
             s.bind(("127.0.0.1", 0))
         return [s.getsockname()[1] for s in sockets]
     finally:
         for s in sockets:
             s.close()
+
+
+def _candidate_ports(count: int) -> list[int]:
+    """Random ports below the ephemeral range, a few per port wanted; none when the range is unknown."""
+    try:
+        ephemeral_low = int(EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return []
+    low, high = PORTS_BELOW_EPHEMERAL[0], min(PORTS_BELOW_EPHEMERAL[1], ephemeral_low)
+    if high - low < 8 * count:
+        return []
+    return random.SystemRandom().sample(range(low, high), 8 * count)
