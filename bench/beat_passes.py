@@ -22,7 +22,6 @@ views) and the wall time. Writes bench/results/beat_passes.json; the database is
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 import threading
@@ -35,7 +34,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from rich.console import Console
 from sqlalchemy import Engine, event, inspect, make_url, text
 
@@ -49,15 +47,12 @@ from cloud.settings import Settings
 from cloud.signing import Desired
 from cloud.worker import tasks
 from testsupport.postgres import scratch_database
-from wire.arrays import EncodedArray
-from wire.knowledge import KnowledgeReport
-from wire.manifest import ArtifactManifest, ProbeOutput, TensorSpec
+from testsupport.registry import knowledge_report, make_manifest
 from wire.messages import AckResult, ModelAck
 
 MAX_DEVICES = 2_000_000
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 HOME_SIZE = 4
-NUM_CLASSES, FEATURE_DIM = 4, 3
 PLAN = RolloutPlan(canary=1, waves=[0.01, 0.1, 0.5, 1.0], observe_s=600, wave_timeout_s=900)
 CURRENT_WAVE = 2  # the 10 % wave: offered, a third of it installed
 TASKS = ("schedule_cycles", "advance_rollouts", "reconcile_desired")
@@ -94,29 +89,8 @@ class Fleet:
 
 def manifest(line: str, version: int) -> dict[str, Any]:
     """A valid manifest of a line's edge model (the passes publish it; no artifact is read)."""
-    rng = np.random.default_rng(version)
-    c, d = NUM_CLASSES, FEATURE_DIM
-    probe = ProbeOutput(
-        input=EncodedArray.from_numpy(rng.normal(size=(1, 8)), "float32"),
-        features=EncodedArray.from_numpy(rng.integers(-128, 127, size=(1, d)), "int8"),
-        logits=EncodedArray.from_numpy(rng.integers(-128, 127, size=(1, c)), "int8"),
-    )
-    return ArtifactManifest(
-        model_id=f"{line}.v{version}",
-        line=line,
-        version=version,
-        sha256=hashlib.sha256(f"{line}.v{version}".encode()).hexdigest(),
-        size=1000,
-        signature="serving_default",
-        input=TensorSpec(name="x", shape=[1, 8], scale=0.05, zero_point=-3),
-        features=TensorSpec(name="features", shape=[1, d], scale=0.1, zero_point=0),
-        logits=TensorSpec(name="logits", shape=[1, c], scale=0.2, zero_point=1),
-        num_classes=c,
-        feature_dim=d,
-        head_weight=EncodedArray.from_numpy(rng.normal(size=(c, d)), "float32"),
-        head_bias=EncodedArray.from_numpy(np.zeros(c), "float32"),
-        probes=[probe],
-    ).model_dump(mode="json", by_alias=True)
+    blob = f"{line}.v{version}".encode()
+    return make_manifest(blob, line=line, version=version).model_dump(mode="json", by_alias=True)
 
 
 def waves(fleet_size: int) -> list[tuple[int, int]]:
@@ -293,20 +267,7 @@ def change(engine: Engine, now_s: float) -> None:
 
 
 def _report(device_id: str, base_model_id: str) -> bytes:
-    c, d = NUM_CLASSES, FEATURE_DIM
-    counts = np.eye(c, dtype=np.int32) * 10
-    return KnowledgeReport(
-        device_id=device_id,
-        sent_at=utcnow() - timedelta(seconds=5),
-        base_model_id=base_model_id,
-        num_classes=c,
-        feature_dim=d,
-        sample_count=int(counts.sum()),
-        preference_map=EncodedArray.from_numpy(counts, "int32"),
-        delta_weight=EncodedArray.from_numpy(np.full((c, d), 0.01), "float16"),
-        delta_bias=EncodedArray.from_numpy(np.zeros(c), "float16"),
-        metrics=None,
-    ).to_bytes()
+    return knowledge_report(device_id, base_model_id, sent_at=utcnow() - timedelta(seconds=5), moves={})
 
 
 # --- the passes ---------------------------------------------------------------------------------------
