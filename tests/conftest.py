@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import pickle
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -71,18 +73,30 @@ def fast_plan():  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="session")
-def base_line(small_data, fast_plan):  # type: ignore[no-untyped-def]
-    """A real teacher, student and int8 artifact (line 'base', version 1)."""
+def base_line(small_data, fast_plan, tmp_path_factory, worker_id):  # type: ignore[no-untyped-def]
+    """A real teacher, student and int8 artifact (line 'base', version 1).
+
+    Trained once per run: the first pytest-xdist worker to ask trains it and leaves a pickle in the
+    run's shared temporary directory, the other loads it (training is deterministic per seed, so it is
+    the line that worker would have trained).
+    """
     from cloud.ml.families import NetSpec
     from cloud.ml.line import train_line
 
-    return train_line(
-        small_data.train,
-        NetSpec(num_classes=small_data.num_classes),
-        fast_plan,
-        line="base",
-        val=small_data.val,
-    )
+    def train():  # type: ignore[no-untyped-def]
+        spec = NetSpec(num_classes=small_data.num_classes)
+        return train_line(small_data.train, spec, fast_plan, line="base", val=small_data.val)
+
+    if worker_id == "master":
+        return train()
+    shared = tmp_path_factory.getbasetemp().parent / f"base-line-{FIXTURE_SEED}.pickle"
+    with open(shared.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if shared.is_file():
+            return pickle.loads(shared.read_bytes())  # noqa: S301 (written by this run's other worker)
+        line = train()
+        shared.write_bytes(pickle.dumps(line))
+        return line
 
 
 @pytest.fixture(scope="session")
