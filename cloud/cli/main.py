@@ -2,20 +2,77 @@
 
 from __future__ import annotations
 
+import functools
+import importlib
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+from typer.core import TyperGroup
 
 from cloud.cli.common import console, fail, infrastructure_failure
 from cloud.exceptions import CloudError
-from device_firmware_py.exceptions import DeviceError
-from wire import ContractError
+
+if TYPE_CHECKING:
+    from typer import _click as click  # typer's own click, whose types its groups are declared with
+
+# Every other command's module is imported when that command runs (and when `--help` lists them all):
+# a command starts with what it uses, so `diredi broker init` loads neither the API's schemas nor the
+# registry's tables it does not need. Name → "module:attribute", a Typer app or a command function;
+# `--help` lists them in this order, after `sim`.
+COMMANDS = {
+    "api": "cloud.cli.ops:api",
+    "ingest": "cloud.cli.ingest:ingest",
+    "worker": "cloud.cli.worker:worker",
+    "up": "cloud.cli.up:up",
+    "demo": "cloud.cli.demo:demo",
+    "db": "cloud.cli.ops:db_app",
+    "apikey": "cloud.cli.ops:apikey_app",
+    "keys": "cloud.cli.ops:keys_app",
+    "telemetry": "cloud.cli.telemetry:telemetry_app",
+    "line": "cloud.cli.ops:line_app",
+    "scenarios": "cloud.cli.scenarios:scenarios_app",
+    "front": "cloud.cli.front:front_app",
+    "broker": "cloud.cli.broker:broker_app",
+    "devices": "cloud.cli.devices:devices_app",
+    "models": "cloud.cli.models:models_app",
+    "rollouts": "cloud.cli.rollouts:rollouts_app",
+    "jobs": "cloud.cli.rollouts:jobs_app",
+    "claims": "cloud.cli.enrolments:claims_app",
+    "enrolments": "cloud.cli.enrolments:enrolments_app",
+}
+
+
+@functools.cache
+def _load(name: str) -> click.Command:
+    """The click command of `COMMANDS[name]`, its module imported now."""
+    module, attribute = COMMANDS[name].split(":")
+    target = getattr(importlib.import_module(module), attribute)
+    if isinstance(target, typer.Typer):
+        command: click.Command = typer.main.get_group(target)
+    else:  # a command function
+        target_app = typer.Typer(add_completion=False)
+        target_app.command(name)(target)
+        command = typer.main.get_command(target_app)
+    command.name = name
+    return command
+
+
+class _LazyGroup(TyperGroup):
+    """`diredi`'s own commands, then those of COMMANDS, each loaded when asked for."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [*super().list_commands(ctx), *COMMANDS]
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        return _load(cmd_name) if cmd_name in COMMANDS else super().get_command(ctx, cmd_name)
+
 
 app = typer.Typer(
-    help="DiReDi fleet: keep edge models fitting their users without their data leaving the device."
+    cls=_LazyGroup,
+    help="DiReDi fleet: keep edge models fitting their users without their data leaving the device.",
 )
 
 
@@ -71,6 +128,8 @@ def sim(
     from cloud.ml.scenario import load_simulation
     from cloud.sim.report import print_report, write_json, write_plot
     from cloud.sim.run import SimConfig, run_simulation
+    from device_firmware_py.exceptions import DeviceError
+    from wire import ContractError
 
     try:
         spec = load_simulation(scenario)
@@ -86,54 +145,6 @@ def sim(
     if plot:
         write_plot(result, plot)
         console.print(f"plot written to {plot}")
-
-
-def _register_ops() -> None:
-    from cloud.cli import ops
-
-    app.add_typer(ops.db_app, name="db")
-    app.add_typer(ops.apikey_app, name="apikey")
-    app.add_typer(ops.keys_app, name="keys")
-    app.add_typer(ops.telemetry_app, name="telemetry")
-    app.add_typer(ops.line_app, name="line")
-    app.command("api")(ops.api)
-    from cloud.cli.ingest import ingest
-
-    app.command("ingest")(ingest)
-    from cloud.cli.worker import worker
-
-    app.command("worker")(worker)
-    from cloud.cli.up import up
-
-    app.command("up")(up)
-    from cloud.cli.demo import demo
-
-    app.command("demo")(demo)
-    from cloud.cli.scenarios import scenarios_app
-
-    app.add_typer(scenarios_app, name="scenarios")
-    from cloud.cli.front import front_app
-
-    app.add_typer(front_app, name="front")
-    from cloud.cli.broker import broker_app
-
-    app.add_typer(broker_app, name="broker")
-    from cloud.cli.devices import devices_app, telemetry_show
-    from cloud.cli.models import models_app
-    from cloud.cli.rollouts import jobs_app, rollouts_app
-
-    app.add_typer(devices_app, name="devices")
-    app.add_typer(models_app, name="models")
-    app.add_typer(rollouts_app, name="rollouts")
-    app.add_typer(jobs_app, name="jobs")
-    from cloud.cli.enrolments import claims_app, enrolments_app
-
-    app.add_typer(claims_app, name="claims")
-    app.add_typer(enrolments_app, name="enrolments")
-    ops.telemetry_app.command("show")(telemetry_show)
-
-
-_register_ops()
 
 
 def main() -> None:
