@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from cloud.cli.ops import _fail, _migrated_engine, _settings
+from cloud.cli.common import fail, load_settings, migrated_engine
 from cloud.exceptions import CloudError
 
 if TYPE_CHECKING:
@@ -40,13 +40,13 @@ def _admin_target() -> BrokerTarget:
     from broker.client import BrokerTarget
     from broker.exceptions import BrokerURLError
 
-    settings = _settings()
+    settings = load_settings()
     if settings.mqtt_admin_url is None:
-        raise _fail(CloudError("DIREDI_MQTT_ADMIN_URL is not set: the broker's admin account is needed"))
+        raise fail(CloudError("DIREDI_MQTT_ADMIN_URL is not set: the broker's admin account is needed"))
     try:
         return BrokerTarget.parse(settings.mqtt_admin_url.get_secret_value(), ca_file=settings.mqtt_ca_file)
     except BrokerURLError as exc:
-        raise _fail(CloudError(f"DIREDI_MQTT_ADMIN_URL: {exc}")) from None
+        raise fail(CloudError(f"DIREDI_MQTT_ADMIN_URL: {exc}")) from None
 
 
 @broker_app.command("account")
@@ -64,7 +64,7 @@ def account(
     try:
         ensure_service_account(target, name, password)
     except (ValueError, BrokerAdminError) as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     err.print(f"account {name}, bound to client id {name}; its password is shown once, store it now:")
     console.print(password, soft_wrap=True, highlight=False)
 
@@ -84,14 +84,14 @@ def reconcile(
     from cloud.registry.db import session_factory
 
     target = _admin_target()
-    settings = _settings()
-    sessions = session_factory(_migrated_engine(settings))
+    settings = load_settings()
+    sessions = session_factory(migrated_engine(settings))
     with DynsecAdmin(target) as admin:
         try:
             hook = BrokerCredentialHook(admin, crl_from_settings(settings, sessions))
             done = run(sessions, hook, sweep=sweep)
         except CloudError as exc:
-            raise _fail(exc) from None
+            raise fail(exc) from None
     console.print(
         f"applied {len(done.applied)}, still pending {len(done.failed)}, removed {len(done.removed)}, "
         f"roles repaired {len(done.repaired)}, missing from the broker {len(done.missing)}"
@@ -116,12 +116,12 @@ def crl() -> None:
     from cloud.broker_hook import crl_from_settings
     from cloud.registry.db import session_factory
 
-    settings = _settings()
-    publisher = crl_from_settings(settings, session_factory(_migrated_engine(settings)))
+    settings = load_settings()
+    publisher = crl_from_settings(settings, session_factory(migrated_engine(settings)))
     try:
         published = publisher.publish()
     except CloudError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     reloaded = "the broker reloaded it" if settings.broker_pid_file else "reloading it is the deployment's"
     console.print(
         f"wrote {escape(str(published.path))}: {published.revoked} revoked, next update "
@@ -195,7 +195,7 @@ def init(
 
     _check_init_args(state_dir, cert_dir, credentials, port, tls_port, tls_bind, user)
     if fleet_ca is not None and devices is not DeviceLogin.certificate:
-        raise _fail(CloudError("--fleet-ca goes with --devices certificate"))
+        raise fail(CloudError("--fleet-ca goes with --devices certificate"))
     state_dir, credentials = state_dir.resolve(), credentials.resolve()
     config_path, dynsec = state_dir / CONFIG_NAME, state_dir / DYNSEC_NAME
     try:
@@ -221,20 +221,20 @@ def init(
         group = _ingest_group(credentials) if tls else None
         wanted = _credentials_text(cloud, admin, local.ca_file if tls else None, group)
         if dynsec.exists() and not password_matches(state_dir, ADMIN_USER, admin_password):
-            raise _fail(CloudError(f"{credentials}: its admin password does not open {dynsec}"))
+            raise fail(CloudError(f"{credentials}: its admin password does not open {dynsec}"))
         missing = (
             bootstrap_missing(state_dir, cloud_user=CLOUD_USER, cloud_password=cloud_password)
             if dynsec.exists()
             else ["the admin, the default access and the cloud's account"]
         )
     except BrokerError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     files = [(config_path, config), (credentials, wanted)]
     if certificates:
         files.append((state_dir / DEVICE_ACL_NAME, device_pattern_acl()))
     plan = {path: _plan(path, text, force) for path, text in files}
     if missing and _listening(port):
-        raise _fail(
+        raise fail(
             CloudError(
                 f"something listens on 127.0.0.1:{port}: stop the broker on {state_dir} first (it would "
                 f"overwrite the accounts made now), or add service accounts with `diredi broker account`"
@@ -258,7 +258,7 @@ def init(
         if user is not None and os.geteuid() == 0:
             _give(state_dir, user)  # mosquitto reads the plugin's file after it became `user`
     except (BrokerError, OSError) as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     _report(plan, dynsec, created=created, missing=missing, port=port, tls_port=tls_port)
     if certificates:
         console.print(
@@ -277,12 +277,12 @@ def _fleet_ca_files(directory: Path | None) -> tuple[Path, Path]:
     from cloud.fleet_ca import FleetCA
 
     try:
-        ca = FleetCA.open(directory or _settings().resolved_fleet_ca_dir)
+        ca = FleetCA.open(directory or load_settings().resolved_fleet_ca_dir)
         crl = ca.directory / "crl.pem"
         if not crl.exists():
             ca.write_crl([])
     except (SigningError, OSError) as exc:
-        raise _fail(CloudError(f"the fleet CA: {exc}")) from None
+        raise fail(CloudError(f"the fleet CA: {exc}")) from None
     return ca.directory / "ca.pem", crl
 
 
@@ -298,41 +298,41 @@ def _check_init_args(
     """Refuse, in one line, what `init` cannot use, before anything is written."""
     for option, number in (("--port", port), ("--tls-port", tls_port)):
         if not 1 <= number <= 65535:
-            raise _fail(CloudError(f"{option} must be between 1 and 65535, not {number}"))
+            raise fail(CloudError(f"{option} must be between 1 and 65535, not {number}"))
     if port == tls_port:
-        raise _fail(CloudError(f"--port and --tls-port must differ (both {port})"))
+        raise fail(CloudError(f"--port and --tls-port must differ (both {port})"))
     if tls_bind is not None:
         try:
             ipaddress.ip_address(tls_bind)
         except ValueError:
-            raise _fail(CloudError(f"--tls-bind must be an IP address, not {tls_bind!r}")) from None
+            raise fail(CloudError(f"--tls-bind must be an IP address, not {tls_bind!r}")) from None
     if user is not None:
         try:
             pwd.getpwnam(user)
         except KeyError:
-            raise _fail(CloudError(f"--user {user}: no such account on this host")) from None
+            raise fail(CloudError(f"--user {user}: no such account on this host")) from None
     for option, path in (
         ("--state-dir", state_dir),
         ("--cert-dir", cert_dir),
         ("--credentials", credentials),
     ):
         if any(c.isspace() for c in str(path.resolve())) or "@" in str(path):
-            raise _fail(CloudError(f"{option} {path}: mosquitto's configuration cannot hold spaces or '@'"))
+            raise fail(CloudError(f"{option} {path}: mosquitto's configuration cannot hold spaces or '@'"))
     if state_dir.exists() and not state_dir.is_dir():
-        raise _fail(CloudError(f"--state-dir {state_dir}: exists and is not a directory"))
+        raise fail(CloudError(f"--state-dir {state_dir}: exists and is not a directory"))
     _check_writable("--state-dir", state_dir)
     for name in CERT_FILES:
         if not (cert_dir / name).is_file():
-            raise _fail(
+            raise fail(
                 CloudError(
                     f"--cert-dir {cert_dir}: no {name} (your PKI's certificate and key; broker/certs.sh "
                     "makes lab ones, never for production)"
                 )
             )
     if credentials.is_dir():
-        raise _fail(CloudError(f"--credentials {credentials}: is a directory, give a file name"))
+        raise fail(CloudError(f"--credentials {credentials}: is a directory, give a file name"))
     if not credentials.parent.is_dir():
-        raise _fail(CloudError(f"--credentials {credentials}: directory {credentials.parent} does not exist"))
+        raise fail(CloudError(f"--credentials {credentials}: directory {credentials.parent} does not exist"))
     _check_writable("--credentials", credentials.parent)
 
 
@@ -348,7 +348,7 @@ def _check_writable(option: str, path: Path) -> None:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError:
-        raise _fail(CloudError(f"{option} {path}: {existing} is not a directory you may write in")) from None
+        raise fail(CloudError(f"{option} {path}: {existing} is not a directory you may write in")) from None
 
 
 def _passwords(credentials: Path, dynsec: Path) -> tuple[str, str]:
@@ -358,7 +358,7 @@ def _passwords(credentials: Path, dynsec: Path) -> tuple[str, str]:
 
     if not credentials.exists():
         if dynsec.exists():
-            raise _fail(
+            raise fail(
                 CloudError(
                     f"{dynsec} exists but {credentials} does not: the admin's password is unknown; give "
                     "the --credentials file its first run wrote"
@@ -370,7 +370,7 @@ def _passwords(credentials: Path, dynsec: Path) -> tuple[str, str]:
         admin = BrokerTarget.parse(found["DIREDI_MQTT_ADMIN_URL"])
         cloud = BrokerTarget.parse(found["DIREDI_MQTT_URL"])
     except (OSError, UnicodeDecodeError, KeyError, BrokerURLError):
-        raise _fail(
+        raise fail(
             CloudError(f"--credentials {credentials}: exists, and is not a file `diredi broker init` wrote")
         ) from None
     if (
@@ -379,7 +379,7 @@ def _passwords(credentials: Path, dynsec: Path) -> tuple[str, str]:
         or not admin.password
         or not cloud.password
     ):
-        raise _fail(
+        raise fail(
             CloudError(f"--credentials {credentials}: names other accounts than {ADMIN_USER}, {CLOUD_USER}")
         )
     return admin.password, cloud.password
@@ -423,9 +423,7 @@ def _plan(path: Path, text: str, force: bool) -> str:
     except (OSError, UnicodeDecodeError):
         pass
     if not force:
-        raise _fail(
-            CloudError(f"{path} exists and differs from what this run makes: --force to overwrite it")
-        )
+        raise fail(CloudError(f"{path} exists and differs from what this run makes: --force to overwrite it"))
     return "overwritten"
 
 
@@ -440,7 +438,7 @@ def _write_private(path: Path, text: str) -> None:
         temporary.replace(path)
     except OSError as exc:
         temporary.unlink(missing_ok=True)
-        raise _fail(CloudError(f"{path}: cannot write: {exc.strerror}")) from None
+        raise fail(CloudError(f"{path}: cannot write: {exc.strerror}")) from None
 
 
 def _listening(port: int) -> bool:

@@ -1,13 +1,23 @@
 """What every `diredi` command shares and imports from here, never from `main` (which imports them)."""
 
+from __future__ import annotations
+
 import enum
 import errno
+import re
 import sys
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+
+from cloud.exceptions import CloudError
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+    from cloud.settings import Settings
 
 # Off a terminal rich would wrap the tables at 80 columns; the sim table needs more.
 console = Console(width=None if sys.stdout.isatty() else 150)
@@ -27,6 +37,43 @@ def fail(exc: Exception, code: ExitCode = ExitCode.ERROR) -> typer.Exit:
     """Say what went wrong in one line (however long: for logs and grep); the exit to raise."""
     err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True, highlight=False)
     return typer.Exit(code)
+
+
+def load_settings() -> Settings:
+    """The settings (environment, then the defaults), or one line naming the first bad one."""
+    from pydantic import ValidationError
+
+    from cloud.settings import Settings
+
+    try:
+        return Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else "?"
+        why = first["msg"].removeprefix("Value error, ")
+        raise fail(CloudError(f"invalid setting {field} (DIREDI_{field.upper()}): {why}")) from None
+
+
+def migrated_engine(settings: Settings) -> Engine:
+    """An engine on the registry, which must be at the newest revision (services refuse to start on an
+    older schema)."""
+    from cloud.registry import migrate
+    from cloud.registry.db import make_engine
+
+    try:
+        engine = make_engine(settings.resolved_database_url)
+    except CloudError as exc:  # an SQLite registry that others can read
+        raise fail(exc) from None
+    if migrate.current(engine) != migrate.head():
+        engine.dispose()
+        raise fail(CloudError("the registry is not migrated to the newest revision: run `diredi db upgrade`"))
+    return engine
+
+
+def check_name(name: str) -> None:
+    """A service's name (its broker session or Celery node): letters, digits, - and _, at most 40."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,40}", name):
+        raise fail(CloudError("--name may hold only letters, digits, - and _ (at most 40)"))
 
 
 # The option of every long-running service: where it serves its Prometheus metrics.

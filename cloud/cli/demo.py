@@ -17,8 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from cloud.cli.common import console
-from cloud.cli.ops import _fail, _settings
+from cloud.cli.common import console, fail, load_settings
 from cloud.exceptions import CloudError
 
 if TYPE_CHECKING:  # the type only: cloud.demo loads the ML data code
@@ -51,16 +50,16 @@ def demo(
     try:
         users = [u.id for u in load_simulation(scenario).users]
     except CloudError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     if out is not None and (out.suffix != ".json" or not out.parent.is_dir()):
-        raise _fail(CloudError(f"{out}: must be a .json file in an existing directory"))
+        raise fail(CloudError(f"{out}: must be a .json file in an existing directory"))
     if data_dir is None:
         data_dir = Path(tempfile.mkdtemp(prefix="diredi-demo-"))
     elif data_dir.exists() and (not data_dir.is_dir() or any(data_dir.iterdir())):
-        raise _fail(CloudError(f"{data_dir}: the demo needs a new or empty directory"))
+        raise fail(CloudError(f"{data_dir}: the demo needs a new or empty directory"))
     free = iter(free_ports(2))
     api_port, mqtt_port = api_port or next(free), mqtt_port or next(free)
-    settings = demo_settings(data_dir, _settings())
+    settings = demo_settings(data_dir, load_settings())
     console.print(f"[bold]DiReDi demo[/bold] on {scenario} ({len(users)} users); state in {data_dir}")
 
     def keep_running(system: object) -> None:
@@ -99,7 +98,7 @@ def demo(
                 on_ready=keep_running if keep else None,
             )
         except (DemoError, CloudError) as exc:
-            raise _fail(exc) from None
+            raise fail(exc) from None
     _print(console, result)
     if out is not None:
         out.write_text(json.dumps(result.as_dict(), indent=2, default=str) + "\n")

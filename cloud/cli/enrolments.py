@@ -36,7 +36,7 @@ def claims_issue(
     """Issue a claim certificate and its key from the claim CA (made on first use, beside the signing
     keys). It can enrol devices through the front (POST /api/v1/enrol) and nothing else: the broker
     does not trust its CA. Put both files in the batch's device image."""
-    from cloud.cli.ops import _settings
+    from cloud.cli.common import load_settings
     from cloud.exceptions import InvalidValueError, SigningError
     from cloud.filemodes import write_private
     from cloud.fleet_ca import CLAIM_CA_NAME, FleetCA
@@ -48,7 +48,7 @@ def claims_issue(
             CloudError(f"--out {out}: {exc.strerror} (give a new directory)"), ExitCode.ERROR
         ) from None
     try:
-        ca = FleetCA.open(_settings().resolved_claim_ca_dir, name=CLAIM_CA_NAME)
+        ca = FleetCA.open(load_settings().resolved_claim_ca_dir, name=CLAIM_CA_NAME)
         key, issued = ca.issue_claim(batch, days=days)
     except (SigningError, InvalidValueError) as exc:
         out.rmdir()

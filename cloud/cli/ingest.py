@@ -10,8 +10,7 @@ from typing import Annotated
 
 import typer
 
-from cloud.cli.common import ExitCode, MetricsPort, fail
-from cloud.cli.ops import _check_name, _fail, _migrated_engine, _settings
+from cloud.cli.common import ExitCode, MetricsPort, check_name, fail, load_settings, migrated_engine
 from cloud.exceptions import CloudError
 
 STOP_DEADLINE_S = 20.0  # from SIGTERM to exit, at most (systemd's default stop timeout is 90 s)
@@ -43,13 +42,13 @@ def ingest(
     from cloud.registry.db import session_factory
     from wire.errors import ContractError
 
-    _check_name(name)
-    settings = _settings()
+    check_name(name)
+    settings = load_settings()
     try:
         target = BrokerTarget.parse(settings.mqtt_url.get_secret_value(), ca_file=settings.mqtt_ca_file)
     except ContractError as exc:
-        raise _fail(CloudError(f"DIREDI_MQTT_URL: {exc}")) from None
-    engine = _migrated_engine(settings)
+        raise fail(CloudError(f"DIREDI_MQTT_URL: {exc}")) from None
+    engine = migrated_engine(settings)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     service = Ingest(
         target,
@@ -63,7 +62,7 @@ def ingest(
     )
     if retire:
         if not service.retire():
-            raise _fail(CloudError(f"the broker {target} did not confirm; the session may remain"))
+            raise fail(CloudError(f"the broker {target} did not confirm; the session may remain"))
         logging.getLogger(__name__).info("ingest %s retired: its broker session is gone", name)
         return
     port = settings.ingest_metrics_port if metrics_port is None else metrics_port

@@ -4,23 +4,20 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 
-from cloud.cli.common import fail, infrastructure_failure
+from cloud.cli.common import fail, infrastructure_failure, load_settings, migrated_engine
 from cloud.exceptions import CloudError, ExportGaveUp
 from cloud.registry.tables import Role
 from cloud.settings import Settings
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
-    from sqlalchemy import Engine
 
     from cloud.signing import KeyRing
 
@@ -33,44 +30,6 @@ keys_app = typer.Typer(help="The cloud's Ed25519 signing keys.")
 telemetry_app = typer.Typer(help="The telemetry time series.")
 
 
-def _settings() -> Settings:
-    try:
-        return Settings()
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        field = str(first["loc"][0]) if first["loc"] else "?"
-        why = first["msg"].removeprefix("Value error, ")
-        raise fail(CloudError(f"invalid setting {field} (DIREDI_{field.upper()}): {why}")) from None
-
-
-def _fail(exc: Exception) -> typer.Exit:
-    return fail(exc)
-
-
-def _migrated_engine(settings: Settings) -> Engine:
-    """An engine on the registry, which must be at the newest revision (services refuse to start on an
-    older schema)."""
-    from cloud.registry import migrate
-    from cloud.registry.db import make_engine
-
-    try:
-        engine = make_engine(settings.resolved_database_url)
-    except CloudError as exc:  # an SQLite registry that others can read
-        raise _fail(exc) from None
-    if migrate.current(engine) != migrate.head():
-        engine.dispose()
-        raise _fail(
-            CloudError("the registry is not migrated to the newest revision: run `diredi db upgrade`")
-        )
-    return engine
-
-
-def _check_name(name: str) -> None:
-    """A service's name (its broker session or Celery node): letters, digits, - and _, at most 40."""
-    if not re.fullmatch(r"[A-Za-z0-9_-]{1,40}", name):
-        raise _fail(CloudError("--name may hold only letters, digits, - and _ (at most 40)"))
-
-
 def _migrate(revision: str, *, up: bool) -> None:
     from alembic.util import CommandError
     from sqlalchemy.exc import SQLAlchemyError
@@ -78,7 +37,7 @@ def _migrate(revision: str, *, up: bool) -> None:
     from cloud.registry import migrate
     from cloud.registry.db import make_engine
 
-    settings = _settings()
+    settings = load_settings()
     try:
         engine = make_engine(settings.resolved_database_url)
         (migrate.upgrade if up else migrate.downgrade)(engine, revision)
@@ -92,7 +51,7 @@ def _migrate(revision: str, *, up: bool) -> None:
         message, code = described
         raise fail(CloudError(message), code) from None
     except (CommandError, CloudError) as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
 
 
 @db_app.command("upgrade")
@@ -116,9 +75,9 @@ def db_current() -> None:
     from cloud.registry.db import make_engine
 
     try:
-        engine = make_engine(_settings().resolved_database_url)
+        engine = make_engine(load_settings().resolved_database_url)
     except CloudError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     console.print(migrate.current(engine) or "base (empty)")
 
 
@@ -131,7 +90,7 @@ def apikey_create(
     from cloud.registry import apikeys, audit
     from cloud.registry.db import session_factory, transaction
 
-    with transaction(session_factory(_migrated_engine(_settings()))) as session:
+    with transaction(session_factory(migrated_engine(load_settings()))) as session:
         row, secret = apikeys.create_key(session, role=role, name=name)
         audit.record(session, actor="cli", action="apikey.create", target=row.id, role=role.value)
     err.print(f"created {role.value} key {row.id}; it is shown once, store it now:")
@@ -141,7 +100,7 @@ def apikey_create(
 @keys_app.command("export")
 def keys_export() -> None:
     """Print the trusted public keys as JSON {key_id: base64 public key}, for provisioning devices."""
-    ring = _keyring(_settings())
+    ring = _keyring(load_settings())
     console.print_json(json.dumps({k.key_id: k.public_key for k in ring.public_keys()}))
 
 
@@ -151,11 +110,11 @@ def keys_status() -> None:
     from cloud.registry.db import session_factory
     from cloud.registry.devices import behind_on_trust
 
-    settings = _settings()
+    settings = load_settings()
     ring = _keyring(settings)
     trust = ring.trust()
     staged = ring.staged()
-    with session_factory(_migrated_engine(settings))() as session:
+    with session_factory(migrated_engine(settings))() as session:
         behind = behind_on_trust(session, trust.version)
     console.print(
         f"trust version {trust.version} (threshold {trust.threshold}); {behind} active devices behind it"
@@ -173,11 +132,11 @@ def keys_rotate(
 ) -> None:
     """Stage a new signing key: devices learn it from the trust chain, and it signs once every active
     device reports that version (the worker's beat checks), or at `keys activate --force`."""
-    ring = _keyring(_settings())
+    ring = _keyring(load_settings())
     try:
         key_id = ring.rotate() if now else ring.stage()
     except CloudError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     version = ring.trust().version
     if now:
         console.print(f"active signing key: {key_id} (trust version {version})")
@@ -197,12 +156,12 @@ def keys_activate(
     from cloud.registry.db import session_factory
     from cloud.registry.devices import behind_on_trust
 
-    settings = _settings()
+    settings = load_settings()
     ring = _keyring(settings)
-    with session_factory(_migrated_engine(settings))() as session:
+    with session_factory(migrated_engine(settings))() as session:
         behind = behind_on_trust(session, ring.trust().version)
     if behind and not force:
-        raise _fail(
+        raise fail(
             CloudError(
                 f"{behind} active devices do not report trust version {ring.trust().version} yet and would "
                 "refuse what this key signs until they do; --force to activate anyway"
@@ -211,7 +170,7 @@ def keys_activate(
     try:
         ring.activate(key_id)
     except CloudError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     console.print(f"active signing key: {key_id}")
 
 
@@ -219,22 +178,22 @@ def keys_activate(
 def keys_revoke(key_id: str) -> None:
     """Remove a key from the trust chain (a compromised or retired key): devices refuse what it signs
     once the chain reaches them. A revoked active key hands signing to the newest other trusted key."""
-    ring = _keyring(_settings())
+    ring = _keyring(load_settings())
     try:
         ring.revoke(key_id)
     except CloudError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     console.print(f"revoked {key_id}: trust version {ring.trust().version}, active key {ring.active_key_id}")
 
 
 @keys_app.command("retire")
 def keys_retire(key_id: str) -> None:
     """Revoke an old key that no longer signs."""
-    ring = _keyring(_settings())
+    ring = _keyring(load_settings())
     try:
         ring.retire(key_id)
     except CloudError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     console.print(f"retired {key_id}")
 
 
@@ -244,7 +203,7 @@ def _keyring(settings: Settings) -> KeyRing:
     try:
         return KeyRing.open(settings.resolved_signing_key_dir)
     except CloudError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
 
 
 @telemetry_app.command("prune")
@@ -257,9 +216,9 @@ def telemetry_prune(
     from cloud.registry import telemetry
     from cloud.registry.db import session_factory
 
-    settings = _settings()
+    settings = load_settings()
     retention = timedelta(days=settings.telemetry_retention_days if days is None else days)
-    with session_factory(_migrated_engine(settings))() as session:
+    with session_factory(migrated_engine(settings))() as session:
         deleted = telemetry.prune(session, retention=retention)
     console.print(f"deleted {deleted} telemetry rows older than {retention}")
 
@@ -272,8 +231,8 @@ def api(
     """Serve the operator REST API (docs at /docs). The registry must be migrated (`diredi db upgrade`)."""
     import uvicorn
 
-    settings = _settings()
-    _migrated_engine(settings).dispose()
+    settings = load_settings()
+    migrated_engine(settings).dispose()
     from cloud.signing import KeyRing
 
     KeyRing.open(settings.resolved_signing_key_dir)  # the first key, made once before the workers start
@@ -283,7 +242,7 @@ def api(
     try:
         hooks_from_settings(settings)  # a bad admin URL stops here, not in every worker
     except BrokerURLError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(
         "cloud.cli.ops:api_app",
@@ -365,7 +324,7 @@ def line_create(
     from cloud.registry.tables import Cohort
 
     logging.getLogger().setLevel(logging.ERROR)  # the converters log chattily
-    settings = _settings()
+    settings = load_settings()
     try:
         check_cohort_id(cohort)
         spec = line_scenario(
@@ -374,8 +333,8 @@ def line_create(
         if spec.family is not None:  # found before anything is stored; the contract is checked later
             resolve_family(spec.family)
     except CloudError as exc:
-        raise _fail(exc) from None
-    sessions = session_factory(_migrated_engine(settings))
+        raise fail(exc) from None
+    sessions = session_factory(migrated_engine(settings))
     try:
         with transaction(sessions) as session:
             if session.get(Cohort, cohort) is None:
@@ -394,11 +353,11 @@ def line_create(
             audit.record(session, actor="cli", action="line.create", target=edge_id, teacher=cloud_id)
             edge = get_model(session, edge_id)
     except ExportGaveUp as exc:
-        raise _fail(
+        raise fail(
             CloudError(f"{exc}; the bootstrap job is recorded as failed, with every attempt")
         ) from None
     except CloudError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     console.print(
         f"registered {cloud_id} (cloud) and {edge_id} (edge, {edge.size:,} B, "
         f"int8 val acc {edge.metrics['val_int8_acc']:.3f}) as candidates; approve with "

@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cloud.cli.ops import _fail, _settings
+from cloud.cli.common import fail, load_settings
 from cloud.exceptions import ChildExited, LocalSystemConfigError, LocalSystemError
 from cloud.localsystem import LocalSystem
 
@@ -44,7 +44,7 @@ def up(
     With no configuration: SQLite and the queue in DIREDI_DATA_DIR and the embedded broker. With
     DIREDI_MQTT_URL and DIREDI_MQTT_ADMIN_URL (a mosquitto), DIREDI_DATABASE_URL and DIREDI_REDIS_URL,
     those are used instead. Ctrl-C or SIGTERM stops everything."""
-    settings = _settings()
+    settings = load_settings()
     try:
         system = LocalSystem(
             settings,
@@ -59,18 +59,18 @@ def up(
                 "--mqtt-port is the embedded broker's; the broker is configured (DIREDI_MQTT_URL)"
             )
     except LocalSystemConfigError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     try:
         _log_to(system.log_dir / LOG_NAME)
     except OSError as exc:
-        raise _fail(LocalSystemConfigError(f"log directory {system.log_dir}: {exc.strerror}")) from None
+        raise fail(LocalSystemConfigError(f"log directory {system.log_dir}: {exc.strerror}")) from None
     _stop_on_signals()
     try:
         try:
             with console.status("starting…"):
                 system.start()
         except LocalSystemConfigError as exc:
-            raise _fail(exc) from None  # nothing was started
+            raise fail(exc) from None  # nothing was started
         except ChildExited as exc:
             raise _died(exc) from None
         except LocalSystemError as exc:

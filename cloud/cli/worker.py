@@ -10,8 +10,7 @@ from typing import Annotated
 
 import typer
 
-from cloud.cli.common import MetricsPort
-from cloud.cli.ops import _check_name, _fail, _migrated_engine, _settings
+from cloud.cli.common import MetricsPort, check_name, fail, load_settings, migrated_engine
 from cloud.exceptions import CloudError
 from cloud.filemodes import private_dir
 
@@ -39,9 +38,9 @@ def worker(
     """Run pipeline jobs from the queue (DIREDI_REDIS_URL, or the embedded queue in the data dir)."""
     from prometheus_client import start_http_server
 
-    _check_name(name)
-    settings = _settings()
-    _migrated_engine(settings).dispose()
+    check_name(name)
+    settings = load_settings()
+    migrated_engine(settings).dispose()
     private_dir(settings.data_dir)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Every periodic task would log three lines every few seconds; the tasks log what they did.
@@ -55,7 +54,7 @@ def worker(
         try:
             start_http_server(port, addr=settings.metrics_host, registry=tasks.METRICS)
         except OSError as exc:
-            raise _fail(
+            raise fail(
                 CloudError(f"metrics on {settings.metrics_host} port {port}: {exc.strerror}")
             ) from None
     argv = [
