@@ -9,8 +9,12 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from cloud.ml.line import EdgeLine
 
 pytest_plugins = ["tests.databases", "tests.brokers", "tests.embedded_broker"]
 
@@ -83,7 +87,7 @@ def base_line(small_data, fast_plan, tmp_path_factory, worker_id):  # type: igno
     from cloud.ml.families import NetSpec
     from cloud.ml.line import train_line
 
-    def train():  # type: ignore[no-untyped-def]
+    def train() -> EdgeLine:
         spec = NetSpec(num_classes=small_data.num_classes)
         return train_line(small_data.train, spec, fast_plan, line="base", val=small_data.val)
 
