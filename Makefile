@@ -13,7 +13,11 @@ export DIREDI_TEST_POSTGRES_URL ?= $(TEST_POSTGRES_URL)
 
 .PHONY: setup services demo sim test test-fast test-matrix bench lint format clean
 
+# The project's own modules compiled to bytecode (skipped when up to date): an editable install leaves
+# them as sources, and where PYTHONDONTWRITEBYTECODE is set every process would compile them afresh (the
+# suite starts a few hundred: `diredi` commands, services, device daemons).
 setup: $(STAMP)
+	@$(BIN)/python -m compileall -q -j 0 cloud wire broker device_firmware_py testsupport examples >/dev/null
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "DiReDi needs Python 3.11 or newer (set PYTHON=...)"; exit 1; }
