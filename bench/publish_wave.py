@@ -11,7 +11,6 @@ PostgreSQL comes from DIREDI_TEST_POSTGRES_URL (the lab's registry; this benchma
 
 from __future__ import annotations
 
-import hashlib
 import statistics
 import time
 from collections.abc import Callable
@@ -24,8 +23,8 @@ from bench import harness
 from bench.mqtt_lab import lab
 from cloud.publisher import CloudPublisher
 from cloud.signing import Desired, KeyRing
-from wire.arrays import EncodedArray
-from wire.manifest import ArtifactManifest, ProbeOutput, TensorSpec
+from testsupport.registry import make_manifest
+from wire.manifest import ArtifactManifest
 from wire.messages import encode
 
 NUM_CLASSES, FEATURE_DIM, SIDE = 10, 64, 8  # cloud.ml.nets.NetSpec's defaults
@@ -33,28 +32,15 @@ NUM_CLASSES, FEATURE_DIM, SIDE = 10, 64, 8  # cloud.ml.nets.NetSpec's defaults
 
 def manifest(version: int) -> ArtifactManifest:
     """A manifest of the production model's shape (the publisher does not look inside the artifact)."""
-    rng = np.random.default_rng(version)
-    blob = rng.bytes(25_000)
-    probe = ProbeOutput(
-        input=EncodedArray.from_numpy(rng.normal(size=(1, SIDE * SIDE)), "float32"),
-        features=EncodedArray.from_numpy(rng.integers(-128, 127, size=(1, FEATURE_DIM)), "int8"),
-        logits=EncodedArray.from_numpy(rng.integers(-128, 127, size=(1, NUM_CLASSES)), "int8"),
-    )
-    return ArtifactManifest(
-        model_id=f"bench.v{version}",
+    blob = np.random.default_rng(version).bytes(25_000)
+    return make_manifest(
+        blob,
         line="bench",
         version=version,
-        sha256=hashlib.sha256(blob).hexdigest(),
-        size=len(blob),
-        signature="serving_default",
-        input=TensorSpec(name="x", shape=[1, SIDE * SIDE], scale=0.05, zero_point=-3),
-        features=TensorSpec(name="features", shape=[1, FEATURE_DIM], scale=0.1, zero_point=0),
-        logits=TensorSpec(name="logits", shape=[1, NUM_CLASSES], scale=0.2, zero_point=1),
         num_classes=NUM_CLASSES,
         feature_dim=FEATURE_DIM,
-        head_weight=EncodedArray.from_numpy(rng.normal(size=(NUM_CLASSES, FEATURE_DIM)), "float32"),
-        head_bias=EncodedArray.from_numpy(np.zeros(NUM_CLASSES), "float32"),
-        probes=[probe] * 4,
+        input_width=SIDE * SIDE,
+        probes=4,
     )
 
 

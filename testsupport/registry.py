@@ -16,12 +16,22 @@ from wire.manifest import ArtifactManifest, ProbeOutput, TensorSpec
 NUM_CLASSES, FEATURE_DIM = 4, 3
 
 
-def make_manifest(blob: bytes, *, line: str, version: int) -> ArtifactManifest:
-    """A valid manifest for `blob` (the registry checks the manifest, not the flatbuffer inside)."""
+def make_manifest(
+    blob: bytes,
+    *,
+    line: str,
+    version: int,
+    num_classes: int = NUM_CLASSES,
+    feature_dim: int = FEATURE_DIM,
+    input_width: int = 8,
+    probes: int = 1,
+) -> ArtifactManifest:
+    """A valid manifest for `blob` (the registry checks the manifest, not the flatbuffer inside), small
+    by default; a benchmark gives it the production model's shape."""
     rng = np.random.default_rng(version)
-    c, d = NUM_CLASSES, FEATURE_DIM
+    c, d = num_classes, feature_dim
     probe = ProbeOutput(
-        input=EncodedArray.from_numpy(rng.normal(size=(1, 8)), "float32"),
+        input=EncodedArray.from_numpy(rng.normal(size=(1, input_width)), "float32"),
         features=EncodedArray.from_numpy(rng.integers(-128, 127, size=(1, d)), "int8"),
         logits=EncodedArray.from_numpy(rng.integers(-128, 127, size=(1, c)), "int8"),
     )
@@ -32,14 +42,14 @@ def make_manifest(blob: bytes, *, line: str, version: int) -> ArtifactManifest:
         sha256=hashlib.sha256(blob).hexdigest(),
         size=len(blob),
         signature="serving_default",
-        input=TensorSpec(name="x", shape=[1, 8], scale=0.05, zero_point=-3),
+        input=TensorSpec(name="x", shape=[1, input_width], scale=0.05, zero_point=-3),
         features=TensorSpec(name="features", shape=[1, d], scale=0.1, zero_point=0),
         logits=TensorSpec(name="logits", shape=[1, c], scale=0.2, zero_point=1),
         num_classes=c,
         feature_dim=d,
         head_weight=EncodedArray.from_numpy(rng.normal(size=(c, d)), "float32"),
         head_bias=EncodedArray.from_numpy(np.zeros(c), "float32"),
-        probes=[probe],
+        probes=[probe] * probes,
     )
 
 
