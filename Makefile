@@ -21,9 +21,7 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "DiReDi needs Python 3.11 or newer (set PYTHON=...)"; exit 1; }
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[cloud,device,dev]"
+	$(PYTHON) scripts/make_venv.py $(VENV) cloud,device,dev
 	touch $(STAMP)
 
 # The main job: the whole system (embedded: SQLite, the embedded broker, an ingest, a Celery worker, the
