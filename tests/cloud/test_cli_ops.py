@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import stat
 import uuid
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,6 +17,9 @@ from typer.testing import CliRunner
 
 from cloud.artifacts import LocalArtifactStore
 from cloud.cli.main import app
+from cloud.ml import line
+from cloud.ml.distill import TrainConfig
+from cloud.ml.line import TrainingPlan, plan_for
 from cloud.ml.scenario import Scenario
 from cloud.registry import apikeys, migrate, telemetry
 from cloud.registry.db import make_engine, session_factory, transaction
@@ -297,9 +302,15 @@ def test_line_create_refuses_a_cohort_that_has_a_line_before_training(env: Path,
 
 @pytest.mark.slow
 def test_line_create_whose_export_gives_up_exits_with_one_line_and_leaves_a_failed_job(
-    env: Path, tmp_path: Path, small_scenario: Scenario
+    env: Path, tmp_path: Path, small_scenario: Scenario, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Prepare: an export guard no int8 model can meet (int8 a whole point above float)
+    # Prepare: an export guard no int8 model can meet (int8 a whole point above float); how well the
+    # models learn does not matter here, so they train for two epochs
+    def short_plan(*args: Any, **kwargs: Any) -> TrainingPlan:
+        two = TrainConfig(epochs=2)
+        return dataclasses.replace(plan_for(*args, **kwargs), teacher=two, student=two)
+
+    monkeypatch.setattr(line, "plan_for", short_plan)
     invoke("db", "upgrade")
     scenario = tmp_path / "small.json"
     scenario.write_text(small_scenario.model_dump_json())

@@ -1,5 +1,6 @@
 """`diredi` imports a command's module only when that command runs: a registry-side command does not
-load the API's schemas, and no command but those that train loads PyTorch."""
+load the API's schemas, and no command but those that train loads PyTorch (a worker loads it with its
+first job)."""
 
 from __future__ import annotations
 
@@ -47,3 +48,17 @@ def test_a_command_loads_only_its_own_modules(args: list[str], not_loaded: list[
     loaded = set(json.loads(modules_file.read_text()))
     assert "cloud.cli.main" in loaded
     assert loaded.isdisjoint(not_loaded), sorted(loaded.intersection(not_loaded))
+
+
+def test_a_worker_loads_pytorch_with_its_first_job_not_at_start() -> None:
+    # Execute: what a worker process imports before its first job (its Celery app and tasks)
+    done = subprocess.run(  # noqa: S603
+        [sys.executable, "-c", "import sys, cloud.worker.tasks; print('torch' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    # Assert
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
