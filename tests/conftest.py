@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 pytest_plugins = ["tests.databases", "tests.brokers", "tests.embedded_broker"]
 
-# Under pytest-xdist two workers share the machine's cores: torch's (OpenMP) thread pool in each, sized
+# Under pytest-xdist the workers share the machine's cores: torch's (OpenMP) thread pool in each, sized
 # for every core, would spin against the other's (one training test took 7x as long). One thread per
 # worker, set before anything imports torch; the processes the tests start inherit it.
 if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -110,7 +110,7 @@ def base_model(base_line):  # type: ignore[no-untyped-def]
 
 
 # The modules that take minutes, started first: pytest-xdist hands whole modules (--dist loadfile) to its
-# two workers in collection order, and one of these started last would run alone at the end.
+# workers in collection order, and one of these started last would run alone at the end.
 LONGEST_FIRST = (
     "tests/cloud/sim/test_sim.py",
     "tests/cloud/ml/test_cycle.py",
