@@ -60,7 +60,6 @@ def install(target: Path, extras: str) -> None:
         venv.create(target, with_pip=True)
     python = target / "bin" / "python"
     quiet_pip = [str(python), "-m", "pip", "install", "--quiet"]
-    subprocess.run([*quiet_pip, "--upgrade", "pip"], check=True)
     requirement = f".[{extras}]"
     if subprocess.run([*quiet_pip, UV]).returncode == 0:
         args, env = uv_arguments(pip_config(python))
@@ -69,6 +68,7 @@ def install(target: Path, extras: str) -> None:
         if subprocess.run(command, env=os.environ | env).returncode == 0:
             return
         print("make_venv: uv could not install the project; pip installs it instead", file=sys.stderr)
+    subprocess.run([*quiet_pip, "--upgrade", "pip"], check=True)  # the venv's own may be too old
     subprocess.run([*quiet_pip, "--editable", requirement], check=True)
 
 

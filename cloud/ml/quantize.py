@@ -118,8 +118,8 @@ def _to_litert(
 ) -> bytes:
     """`trained`: the graph was switched to training mode (QAT), so its dropout and batch norm go back
     to their eval form here. A graph traced from an eval-mode module has them in that form already,
-    and torchao's switch would only re-trace its patterns to find nothing (a third of an export's
-    time, same bytes)."""
+    and torchao's switch would only re-trace its patterns to find nothing (~0.25 s of a digits
+    student's 1.6 s min-max export, same bytes)."""
     import litert_torch
     from litert_torch.quantize import quant_config
     from torchao.quantization.pt2e import move_exported_model_to_eval

@@ -184,7 +184,7 @@ def run_job(self: Task[Any, Any], job_id: str) -> str:
     ctx = context()
     with _ML, JOB_SECONDS.labels(scheduling.JOB_TYPE, "any").time():
         # Imported here, by the first job: a worker starts (and `diredi up` with it) without PyTorch,
-        # 1.6 s of CPU less per start, and the thread count is the running thread's (OpenMP).
+        # ~1.8 s of CPU less per start, and the thread count is the running thread's (OpenMP).
         import torch
 
         from cloud.pipeline import cycle
